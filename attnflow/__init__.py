@@ -1,0 +1,44 @@
+"""attnflow: attention rollout and attention flow for PyTorch and JAX/Flax models.
+
+Capture a model's attention into an :class:`AttentionTrace`, then compute :func:`raw`,
+:func:`rollout` and :func:`flow` (Abnar & Zuidema, ACL 2020) on a framework-free core.
+Importing attnflow imports no deep-learning framework; adapters load theirs when used.
+"""
+
+from ._adapter import Adapter as Adapter
+from ._adapter import Recorder as Recorder
+from ._adapter import import_optional as import_optional
+from ._capture import attach as attach
+from ._capture import capture as capture
+from ._errors import AdapterError as AdapterError
+from ._errors import AdapterRegistrationError as AdapterRegistrationError
+from ._errors import AttnflowError as AttnflowError
+from ._errors import ComparisonError as ComparisonError
+from ._errors import FlowTooLargeError as FlowTooLargeError
+from ._errors import HiddenAttentionError as HiddenAttentionError
+from ._errors import MissingDependencyError as MissingDependencyError
+from ._errors import OptionError as OptionError
+from ._errors import TraceError as TraceError
+from ._errors import TraceFileError as TraceFileError
+from ._flow import flow as flow
+from ._flow import flow_network as flow_network
+from ._fusion import fuse_heads as fuse_heads
+from ._io import load as load
+from ._registry import get_adapter as get_adapter
+from ._registry import list_adapters as list_adapters
+from ._registry import register_adapter as register_adapter
+from ._registry import unregister_adapter as unregister_adapter
+from ._rollout import raw as raw
+from ._rollout import rollout as rollout
+from ._trace import AttentionTrace as AttentionTrace
+from ._trace import LayerAttention as LayerAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "AdapterError", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
+    "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "MissingDependencyError", "OptionError",
+    "Recorder", "TraceError", "TraceFileError", "attach", "capture", "flow", "flow_network", "fuse_heads",
+    "get_adapter", "import_optional", "list_adapters", "load", "raw", "register_adapter", "rollout",
+    "unregister_adapter",
+]

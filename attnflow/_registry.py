@@ -1,0 +1,184 @@
+"""The adapter registry: built-ins and plugins, both found through the ``attnflow.adapters`` entry points."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+from importlib.metadata import entry_points
+from typing import Any
+
+from ._adapter import Adapter
+from ._errors import AdapterError, AdapterRegistrationError, MissingDependencyError
+
+ENTRY_POINT_GROUP = "attnflow.adapters"
+_DISTRIBUTION = "attnflow"
+
+_adapters: dict[str, Adapter] = {}
+_builtin: set[str] = set()
+_entry_points_loaded = False
+
+
+def register_adapter(adapter: Adapter | type[Adapter], *, replace: bool = False) -> Adapter:
+    """Add an adapter to the registry; returns the registered instance.
+
+    Args:
+        adapter: an :class:`attnflow.Adapter` subclass or instance.
+        replace: allow replacing an adapter registered under the same name (built-ins included).
+
+    Raises:
+        AdapterRegistrationError: the adapter breaks the contract (the message says which part), or
+            its name is taken and ``replace`` is False.
+    """
+    _load_entry_points()
+    instance = _validate(adapter, source=f"adapter {adapter!r}")
+    if instance.name in _adapters and not replace:
+        raise AdapterRegistrationError(
+            f"An adapter named {instance.name!r} is already registered ({_adapters[instance.name]!r}); "
+            "choose another name, or pass replace=True to override it on purpose."
+        )
+    _adapters[instance.name] = instance
+    _builtin.discard(instance.name)
+    return instance
+
+
+def unregister_adapter(name: str) -> None:
+    """Remove an adapter by name (built-ins too; they come back in a new process)."""
+    _load_entry_points()
+    if name not in _adapters:
+        raise AdapterError(f"No adapter named {name!r} is registered; registered: {sorted(_adapters)}.")
+    del _adapters[name]
+    _builtin.discard(name)
+
+
+def list_adapters() -> list[Adapter]:
+    """Registered adapters, in the order they are asked to claim a model (highest priority first)."""
+    _load_entry_points()
+    return sorted(_adapters.values(), key=lambda a: (-a.priority, a.name))
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter registered under ``name``."""
+    _load_entry_points()
+    if name not in _adapters:
+        raise AdapterError(f"No adapter named {name!r}. {_installed_text()}")
+    return _adapters[name]
+
+
+def find_adapter(model: Any, adapter: str | Adapter | None = None) -> Adapter:
+    """The adapter for ``model``: ``adapter`` if given (a name or instance), else the first that claims it.
+
+    Raises:
+        AdapterError: no registered adapter claims the model; the message lists them and how to add one.
+        MissingDependencyError: the named adapter's framework is not installed.
+    """
+    if isinstance(adapter, Adapter):
+        return adapter
+    if adapter is not None:
+        chosen = get_adapter(adapter)
+        if chosen.framework and chosen.framework not in sys.modules:
+            from ._adapter import import_optional
+
+            import_optional(chosen.framework, chosen.extra)
+        return chosen
+    for candidate in list_adapters():
+        # A model of a framework that was never imported cannot exist: skip without importing it.
+        if candidate.framework and candidate.framework not in sys.modules:
+            continue
+        try:
+            if candidate.claims(model):
+                return candidate
+        except MissingDependencyError:
+            continue
+    raise AdapterError(
+        f"No adapter recognises a model of type {type(model).__module__}.{type(model).__qualname__}. "
+        f"{_installed_text()} Pass adapter='NAME' to force one, or write an adapter: subclass "
+        "attnflow.Adapter and call attnflow.register_adapter(MyAdapter()), or publish it under the "
+        f"'{ENTRY_POINT_GROUP}' entry-point group."
+    )
+
+
+def _installed_text() -> str:
+    rows = ", ".join(f"{a.name} ({a.framework or 'any'})" for a in list_adapters()) or "none"
+    return f"Installed adapters: {rows}."
+
+
+def _validate(adapter: Any, *, source: str) -> Adapter:
+    if inspect.isclass(adapter):
+        if not issubclass(adapter, Adapter):
+            raise AdapterRegistrationError(f"{source}: {adapter.__qualname__} is not a subclass of attnflow.Adapter.")
+        if inspect.isabstract(adapter):
+            missing = sorted(getattr(adapter, "__abstractmethods__", ()))
+            raise AdapterRegistrationError(
+                f"{source}: {adapter.__qualname__} does not implement {missing}; an adapter needs claims() and hooks()."
+            )
+        try:
+            adapter = adapter()
+        except Exception as exc:
+            raise AdapterRegistrationError(
+                f"{source}: {adapter.__qualname__}() failed ({exc}); an adapter class must build with no arguments."
+            ) from exc
+    if not isinstance(adapter, Adapter):
+        raise AdapterRegistrationError(
+            f"{source}: expected an attnflow.Adapter subclass or instance, got {type(adapter).__name__}."
+        )
+    cls = type(adapter).__qualname__
+    if not isinstance(adapter.name, str) or not adapter.name.isidentifier():
+        raise AdapterRegistrationError(
+            f"{source}: {cls}.name must be a non-empty identifier-like string, got {adapter.name!r}."
+        )
+    if not isinstance(adapter.framework, str):
+        raise AdapterRegistrationError(f"{source}: {cls}.framework must be a module name string.")
+    if not isinstance(adapter.priority, int):
+        raise AdapterRegistrationError(f"{source}: {cls}.priority must be an int, got {adapter.priority!r}.")
+    hooks_params = inspect.signature(adapter.hooks).parameters
+    if len([p for p in hooks_params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) < 2:
+        raise AdapterRegistrationError(
+            f"{source}: {cls}.hooks must take (model, recorder, **options); got {inspect.signature(adapter.hooks)}."
+        )
+    return adapter
+
+
+def _load_entry_points() -> None:
+    """Read the entry-point group once. Broken plugins are warned about and skipped; a plugin cannot
+    silently replace a built-in adapter."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
+    for ep in found:
+        source = f"entry point {ep.name!r} ({ep.value}) of {_dist_name(ep) or 'an unknown distribution'}"
+        try:
+            instance = _validate(ep.load(), source=source)
+        except Exception as exc:  # a broken plugin must not break attnflow
+            warnings.warn(f"attnflow skipped {source}: {exc}", RuntimeWarning, stacklevel=3)
+            continue
+        if instance.name != ep.name:
+            warnings.warn(
+                f"attnflow skipped {source}: the entry point is named {ep.name!r} but the adapter's name is "
+                f"{instance.name!r}; make them equal.", RuntimeWarning, stacklevel=3,
+            )
+            continue
+        if instance.name in _adapters:
+            if instance.name in _builtin:
+                warnings.warn(
+                    f"attnflow skipped {source}: it tries to override the built-in adapter {instance.name!r}. "
+                    "Give the plugin another name, or call attnflow.register_adapter(..., replace=True).",
+                    RuntimeWarning, stacklevel=3,
+                )
+            else:
+                warnings.warn(f"attnflow skipped {source}: name {instance.name!r} is taken.", RuntimeWarning, stacklevel=3)
+            continue
+        _adapters[instance.name] = instance
+        if _is_builtin(ep):
+            _builtin.add(instance.name)
+
+
+def _dist_name(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return getattr(dist, "name", "") or ""
+
+
+def _is_builtin(ep: Any) -> bool:
+    return _dist_name(ep).replace("_", "-").lower() == _DISTRIBUTION
