@@ -24,6 +24,7 @@ from ._flow import flow as flow
 from ._flow import flow_network as flow_network
 from ._fusion import fuse_heads as fuse_heads
 from ._io import load as load
+from ._models import packaged_model_dir as packaged_model_dir
 from ._registry import get_adapter as get_adapter
 from ._registry import list_adapters as list_adapters
 from ._registry import register_adapter as register_adapter
@@ -39,6 +40,6 @@ __all__ = [
     "Adapter", "AdapterError", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
     "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "MissingDependencyError", "OptionError",
     "Recorder", "TraceError", "TraceFileError", "attach", "capture", "flow", "flow_network", "fuse_heads",
-    "get_adapter", "import_optional", "list_adapters", "load", "raw", "register_adapter", "rollout",
+    "get_adapter", "import_optional", "list_adapters", "load", "packaged_model_dir", "raw", "register_adapter", "rollout",
     "unregister_adapter",
 ]

@@ -1,0 +1,181 @@
+"""The adapter registry: validation, entry-point plugins (real distributions on sys.path), selection."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+
+import numpy as np
+import pytest
+
+import attnflow
+from attnflow import Adapter, AdapterError, AdapterRegistrationError, _registry
+
+
+@pytest.fixture
+def fresh_registry():
+    """Run with an empty registry that re-reads entry points, then put the real one back."""
+    saved = (dict(_registry._adapters), set(_registry._builtin), _registry._entry_points_loaded)
+    _registry._adapters.clear()
+    _registry._builtin.clear()
+    _registry._entry_points_loaded = False
+    yield
+    _registry._adapters.clear()
+    _registry._adapters.update(saved[0])
+    _registry._builtin.clear()
+    _registry._builtin.update(saved[1])
+    _registry._entry_points_loaded = saved[2]
+
+
+class ListModel:
+    """A 'model' that is a list of numpy attention arrays; its forward pass reports each one."""
+
+    def __init__(self, weights):
+        self.weights = weights
+        self.listeners = []
+
+    def __call__(self, scale=1.0):
+        for listener in self.listeners:
+            listener("start", None)
+        for i, w in enumerate(self.weights):
+            for listener in self.listeners:
+                listener(f"block.{i}", w)
+        for listener in self.listeners:
+            listener("end", None)
+        return scale
+
+
+class ListAdapter(Adapter):
+    name = "listmodel"
+    framework = ""  # plain Python: always consulted
+    priority = 5
+
+    def claims(self, model):
+        return isinstance(model, ListModel)
+
+    @contextlib.contextmanager
+    def hooks(self, model, recorder, **options):
+        def listener(name, w):
+            if name == "start":
+                recorder.start_call()
+            elif name == "end":
+                recorder.end_call()
+            else:
+                recorder.record(name, w)
+
+        model.listeners.append(listener)
+        try:
+            yield
+        finally:
+            model.listeners.remove(listener)
+
+
+def make_model(rng):
+    return ListModel([rng.dirichlet(np.ones(4), size=(1, 2, 4)) for _ in range(3)])
+
+
+def test_third_party_adapter_works_through_the_public_api(fresh_registry):
+    attnflow.register_adapter(ListAdapter)
+    model = make_model(np.random.default_rng(0))
+    trace = attnflow.capture(model, 2.0, tokens=list("abcd"))
+    assert trace.layer_names == ["block.0", "block.1", "block.2"]
+    assert trace.tokens == [list("abcd")]
+    np.testing.assert_array_equal(trace.layers[1].weights, model.weights[1])
+    with attnflow.attach(model) as rec:
+        model()
+        model()
+    assert len(rec.traces) == 2 and rec.trace.num_layers == 3
+    assert model.listeners == []  # hooks removed on exit
+
+
+def test_registration_is_validated_with_the_plugin_named(fresh_registry):
+    class NoHooks(Adapter):
+        name = "nohooks"
+
+        def claims(self, model):
+            return False
+
+    with pytest.raises(AdapterRegistrationError, match=r"NoHooks.*hooks"):
+        attnflow.register_adapter(NoHooks)
+
+    class BadName(ListAdapter):
+        name = "has space"
+
+    with pytest.raises(AdapterRegistrationError, match=r"BadName.name"):
+        attnflow.register_adapter(BadName)
+    with pytest.raises(AdapterRegistrationError, match="not a subclass"):
+        attnflow.register_adapter(dict)
+    attnflow.register_adapter(ListAdapter)
+    with pytest.raises(AdapterRegistrationError, match="already registered"):
+        attnflow.register_adapter(ListAdapter)
+    attnflow.register_adapter(ListAdapter, replace=True)
+
+
+def test_unknown_model_lists_adapters_and_how_to_add_one(fresh_registry):
+    attnflow.register_adapter(ListAdapter)
+    with pytest.raises(AdapterError) as info:
+        attnflow.capture(object())
+    text = str(info.value)
+    assert "listmodel" in text and "register_adapter" in text and "attnflow.adapters" in text
+    with pytest.raises(AdapterError, match="No adapter named 'nope'"):
+        attnflow.capture(object(), adapter="nope")
+
+
+def write_plugin(root, dist, module, entries, body):
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "\n".join(f"{name} = {value}" for name, value in entries.items())
+    (info / "entry_points.txt").write_text(f"[attnflow.adapters]\n{lines}\n")
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+
+
+PLUGIN = """
+import contextlib
+import attnflow
+
+class Good(attnflow.Adapter):
+    name = "good_plugin"
+    def claims(self, model):
+        return False
+    @contextlib.contextmanager
+    def hooks(self, model, recorder, **options):
+        yield
+
+class Shadow(Good):
+    name = "torch"
+
+class Broken(attnflow.Adapter):
+    name = "broken"
+"""
+
+
+def test_entry_point_plugins_are_loaded_warned_and_skipped(fresh_registry, tmp_path, monkeypatch):
+    write_plugin(
+        tmp_path, "attnflow_fake_plugin", "attnflow_fake_plugin_mod",
+        {
+            "good_plugin": "attnflow_fake_plugin_mod:Good",
+            "torch": "attnflow_fake_plugin_mod:Shadow",
+            "broken": "attnflow_fake_plugin_mod:Broken",
+            "missing": "attnflow_fake_plugin_no_such_module:Thing",
+        },
+        PLUGIN,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(RuntimeWarning) as caught:
+        names = [a.name for a in attnflow.list_adapters()]
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "good_plugin" in names
+    assert "override the built-in adapter 'torch'" in messages
+    assert "broken" not in names and "claims() and hooks()" in messages
+    assert "missing" not in names and "attnflow_fake_plugin_no_such_module" in messages
+    # the built-in torch adapter survived the shadowing attempt
+    assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters.torch_hooks"
+
+
+def test_builtin_adapters_come_from_entry_points():
+    adapters = {a.name: a for a in attnflow.list_adapters()}
+    assert {"torch", "transformers", "flax_linen", "flax_nnx"} <= set(adapters)
+    assert adapters["transformers"].priority > adapters["torch"].priority
+    for adapter in adapters.values():
+        assert type(adapter).__module__.startswith("attnflow.adapters.")
