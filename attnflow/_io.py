@@ -52,6 +52,9 @@ def save_trace(trace: AttentionTrace, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"attnflow": json.dumps(header)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # a normal file, as open() would make it
     os.replace(tmp, path)
 
 

@@ -59,7 +59,7 @@ def test_numbers_follow_the_definitions(explained):
 def test_local_model_directory(tmp_path):
     """--model DIR loads any local Hugging Face directory through the real loading path."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     torch.manual_seed(0)
     config = BertConfig(
@@ -69,8 +69,7 @@ def test_local_model_directory(tmp_path):
     model_dir = tmp_path / "tiny-bert"
     BertModel(config).save_pretrained(model_dir, safe_serialization=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(model_dir)
 
     out = tmp_path / "out"
     assert main(["explain", "a b c d", "--model", str(model_dir), "--out", str(out), "--top", "2"]) == 0
