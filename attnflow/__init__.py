@@ -10,6 +10,8 @@ from ._adapter import Recorder as Recorder
 from ._adapter import import_optional as import_optional
 from ._capture import attach as attach
 from ._capture import capture as capture
+from ._compare import ComparisonReport as ComparisonReport
+from ._compare import compare as compare
 from ._errors import AdapterError as AdapterError
 from ._errors import AdapterRegistrationError as AdapterRegistrationError
 from ._errors import AttnflowError as AttnflowError
@@ -38,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
+    "ComparisonReport", "compare",
     "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "MissingDependencyError", "OptionError",
     "Recorder", "TraceError", "TraceFileError", "attach", "capture", "flow", "flow_network", "fuse_heads",
     "get_adapter", "import_optional", "list_adapters", "load", "packaged_model_dir", "raw", "register_adapter", "rollout",

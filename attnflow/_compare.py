@@ -1,0 +1,609 @@
+"""compare(): is trace B a faithful copy of trace A, layer by layer and head by head?
+
+The question it answers is "is my JAX port faithful to the PyTorch model?" (or fp16 to fp32, or one
+attention implementation to another): per layer and head, the max and mean absolute difference of
+the attention probabilities; per layer, the max difference of the rollout up to that layer; the max
+difference of attention flow from a few source tokens; and the Spearman correlation of the per-token
+scores (rollout and flow rows of the source tokens). A verdict compares these with tolerances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._errors import ComparisonError, OptionError
+from ._trace import AttentionTrace, LayerAttention
+
+#: Default max-abs tolerance by the least precise dtype either trace was computed in.
+DEFAULT_ATOL = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+_PRECISION_ORDER = ("float64", "float32", "float16", "bfloat16")
+#: Default lowest acceptable Spearman correlation of per-token scores.
+DEFAULT_MIN_SPEARMAN = 0.95
+LAYER_ALIGNMENTS = ("index", "names", "numbers")
+ALIGN_HELP = (
+    "index (default: layer i with layer i; layer, head and token counts, masks and token labels must "
+    "match), names (pair layers whose names agree once '.', '/', '_' and '-' are treated alike and "
+    "letters are lowercased), numbers (pair layers by the numbers in their names, e.g. "
+    "'encoder.layer.3.attention.self' with 'encoder/layer_3/attention'); add '+tokens' (or use "
+    "'tokens' alone for index) to ignore token-label differences, e.g. ids against token strings"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadComparison:
+    """One head of one paired layer: absolute difference of attention over the real (unmasked) tokens."""
+
+    layer: int
+    head: int
+    max_abs: float
+    mean_abs: float
+    ok: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerComparison:
+    """One pair of layers. ``rollout_max_abs`` is the max difference of the rollout up to and including
+    this layer (None for cross-attention layers, which rollout does not use)."""
+
+    index: int
+    name_a: str
+    name_b: str
+    kind: str
+    heads: tuple[HeadComparison, ...]
+    rollout_max_abs: float | None
+
+    @property
+    def max_abs(self) -> float:
+        return max(h.max_abs for h in self.heads)
+
+    @property
+    def mean_abs(self) -> float:
+        return float(np.mean([h.mean_abs for h in self.heads]))
+
+    @property
+    def ok(self) -> bool:
+        """Whether every head of this layer is within the attention tolerances."""
+        return all(h.ok for h in self.heads)
+
+    @property
+    def failing_heads(self) -> list[int]:
+        return [h.head for h in self.heads if not h.ok]
+
+
+class ComparisonReport:
+    """What :func:`compare` found. ``ok`` is the verdict; ``str(report)`` / :meth:`to_table` a readable
+    table; :meth:`to_dict` a JSON-ready dict.
+
+    Attributes:
+        layers: one :class:`LayerComparison` per paired layer, in trace A's order.
+        rollout_max_abs: max difference of the rollout over all paired self-attention layers.
+        flow_max_abs: max difference of the flow from ``sources`` (None when flow was skipped).
+        spearman: lowest Spearman correlation over batch items and sources of the rollout row
+            (``"rollout"``) and flow row (``"flow"``, absent when flow was skipped).
+        sources: the source token positions of the flow and Spearman rows (negative: from the end).
+        tolerances: the tolerances the verdict used.
+        checks: each check's outcome (``attention``, ``rollout``, ``flow``, ``spearman``).
+        alignment: how layers were paired; ``unmatched_a`` / ``unmatched_b`` list layers left out.
+    """
+
+    def __init__(
+        self, *, layers: Sequence[LayerComparison], rollout_max_abs: float, flow_max_abs: float | None,
+        spearman: dict[str, float], sources: list[int], tolerances: dict[str, float | None], alignment: str,
+        ignore_tokens: bool, unmatched_a: Sequence[str], unmatched_b: Sequence[str], about_a: dict[str, Any],
+        about_b: dict[str, Any], batch: int, seq: int,
+    ):
+        self.layers = tuple(layers)
+        self.rollout_max_abs = rollout_max_abs
+        self.flow_max_abs = flow_max_abs
+        self.spearman = dict(spearman)
+        self.sources = list(sources)
+        self.tolerances = dict(tolerances)
+        self.alignment = alignment
+        self.ignore_tokens = ignore_tokens
+        self.unmatched_a = tuple(unmatched_a)
+        self.unmatched_b = tuple(unmatched_b)
+        self.about_a, self.about_b = dict(about_a), dict(about_b)
+        self.batch, self.seq = batch, seq
+        rollouts = [layer.rollout_max_abs for layer in self.layers if layer.rollout_max_abs is not None]
+        min_rho = self.tolerances.get("min_spearman")
+        self.checks: dict[str, bool] = {
+            "attention": all(layer.ok for layer in self.layers),
+            "rollout": all(r <= self.tolerances["rollout_atol"] for r in rollouts),
+        }
+        if self.flow_max_abs is not None:
+            self.checks["flow"] = self.flow_max_abs <= self.tolerances["flow_atol"]
+        if min_rho is not None:
+            self.checks["spearman"] = all(rho >= min_rho for rho in self.spearman.values())
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed: attention of every head, rollout, flow, Spearman."""
+        return all(self.checks.values())
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def failing_heads(self) -> list[tuple[int, int]]:
+        """``(layer, head)`` of every head beyond the attention tolerances (layer = report index)."""
+        return [(layer.index, h) for layer in self.layers for h in layer.failing_heads]
+
+    @property
+    def attention_max_abs(self) -> float:
+        return max(layer.max_abs for layer in self.layers)
+
+    @property
+    def first_rollout_failure(self) -> int | None:
+        """Index of the first layer whose rollout is beyond tolerance (rollout accumulates, so every
+        later layer usually fails too)."""
+        tol = self.tolerances["rollout_atol"]
+        for layer in self.layers:
+            if layer.rollout_max_abs is not None and layer.rollout_max_abs > tol:
+                return layer.index
+        return None
+
+    def head_matrix(self) -> np.ndarray:
+        """``(layers, max heads)`` max-abs attention difference per layer and head (NaN: no such head)."""
+        width = max(len(layer.heads) for layer in self.layers)
+        grid = np.full((len(self.layers), width), np.nan)
+        for i, layer in enumerate(self.layers):
+            for h in layer.heads:
+                grid[i, h.head] = h.max_abs
+        return grid
+
+    # -- output -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in the report as JSON-serialisable Python values (NaN becomes None)."""
+        return {
+            "ok": self.ok,
+            "checks": dict(self.checks),
+            "tolerances": dict(self.tolerances),
+            "a": self.about_a,
+            "b": self.about_b,
+            "batch": self.batch,
+            "seq": self.seq,
+            "alignment": self.alignment,
+            "ignore_tokens": self.ignore_tokens,
+            "unmatched_a": list(self.unmatched_a),
+            "unmatched_b": list(self.unmatched_b),
+            "attention_max_abs": _num(self.attention_max_abs),
+            "rollout_max_abs": _num(self.rollout_max_abs),
+            "flow_max_abs": _num(self.flow_max_abs),
+            "sources": list(self.sources),
+            "spearman": {k: _num(v) for k, v in self.spearman.items()},
+            "failing_heads": [list(x) for x in self.failing_heads],
+            "layers": [
+                {
+                    "index": layer.index, "name_a": layer.name_a, "name_b": layer.name_b, "kind": layer.kind,
+                    "ok": layer.ok, "max_abs": _num(layer.max_abs), "mean_abs": _num(layer.mean_abs),
+                    "rollout_max_abs": _num(layer.rollout_max_abs),
+                    "heads": [
+                        {"head": h.head, "max_abs": _num(h.max_abs), "mean_abs": _num(h.mean_abs), "ok": h.ok}
+                        for h in layer.heads
+                    ],
+                }
+                for layer in self.layers
+            ],
+        }
+
+    def to_table(self) -> str:
+        """A plain-text report: one row per layer, the per-head grid, the summary and the verdict."""
+        tol = self.tolerances
+        lines = [
+            f"A: {_about_text(self.about_a)}",
+            f"B: {_about_text(self.about_b)}",
+            f"{len(self.layers)} layer(s) paired by {self.alignment}"
+            + (" (token labels ignored)" if self.ignore_tokens else "")
+            + f"; batch {self.batch}, {self.seq} tokens",
+            "tolerances: attention max|diff| <= {}{}, rollout <= {}, flow <= {}, spearman >= {}".format(
+                _fmt(tol["atol"]),
+                f" (mean <= {_fmt(tol['mean_atol'])})" if tol.get("mean_atol") is not None else "",
+                _fmt(tol["rollout_atol"]), _fmt(tol["flow_atol"]),
+                "-" if tol.get("min_spearman") is None else f"{tol['min_spearman']:g}",
+            ),
+        ]
+        if self.unmatched_a or self.unmatched_b:
+            lines.append(f"unmatched layers: A {list(self.unmatched_a)}, B {list(self.unmatched_b)}")
+        name_a = max([len("layer A")] + [len(layer.name_a) for layer in self.layers])
+        name_b = max([len("layer B")] + [len(layer.name_b) for layer in self.layers])
+        lines.append("")
+        lines.append(
+            f"{'#':>3}  {'layer A':<{name_a}}  {'layer B':<{name_b}}  {'heads':>5}  {'max|diff|':>9}  "
+            f"{'mean|diff|':>10}  {'rollout':>9}  status"
+        )
+        rollout_tol = tol["rollout_atol"]
+        for layer in self.layers:
+            status = "ok" if layer.ok else f"FAIL heads {layer.failing_heads}"
+            if layer.rollout_max_abs is not None and layer.rollout_max_abs > rollout_tol:
+                status += " / rollout FAIL" if not layer.ok else " (rollout FAIL)"
+            lines.append(
+                f"{layer.index:>3}  {layer.name_a:<{name_a}}  {layer.name_b:<{name_b}}  {len(layer.heads):>5}  "
+                f"{_fmt(layer.max_abs):>9}  {_fmt(layer.mean_abs):>10}  {_fmt(layer.rollout_max_abs):>9}  {status}"
+            )
+        lines.append("(rollout: max|diff| of the rollout up to and including the layer)")
+        grid = self.head_matrix()
+        lines.append("")
+        lines.append("max|diff| per head (* = beyond tolerance):")
+        lines.append("  #  " + "".join(f"{'h' + str(h):>9}" for h in range(grid.shape[1])))
+        for i, layer in enumerate(self.layers):
+            cells = []
+            for h in range(grid.shape[1]):
+                value = grid[i, h]
+                bad = not math.isnan(value) and h in layer.failing_heads
+                cells.append(f"{'' if math.isnan(value) else _fmt(value) + ('*' if bad else ''):>9}")
+            lines.append(f"{layer.index:>3}  " + "".join(cells))
+        lines.append("")
+        summary = [f"rollout max|diff| {_fmt(self.rollout_max_abs)}"]
+        if self.flow_max_abs is not None:
+            summary.append(f"flow max|diff| {_fmt(self.flow_max_abs)} (sources {self.sources})")
+        else:
+            summary.append("flow skipped")
+        for key, value in self.spearman.items():
+            summary.append(f"spearman {key} {value:.4f}")
+        lines.append("; ".join(summary))
+        failed = [name for name, passed in self.checks.items() if not passed]
+        if self.ok:
+            lines.append("verdict: OK, the traces agree within tolerance")
+        else:
+            detail = []
+            if self.failing_heads:
+                detail.append("heads " + ", ".join(f"layer {li} head {h}" for li, h in self.failing_heads))
+            first = self.first_rollout_failure
+            if first is not None:
+                detail.append(f"rollout from layer {first}")
+            lines.append(f"verdict: DIFFERENT ({', '.join(failed)} beyond tolerance"
+                         + (f": {'; '.join(detail)}" if detail else "") + ")")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+    def __repr__(self) -> str:
+        return (
+            f"ComparisonReport(ok={self.ok}, layers={len(self.layers)}, attention_max_abs="
+            f"{_fmt(self.attention_max_abs)}, failing_heads={self.failing_heads})"
+        )
+
+
+def compare(
+    trace_a: AttentionTrace,
+    trace_b: AttentionTrace,
+    *,
+    atol: float | None = None,
+    mean_atol: float | None = None,
+    rollout_atol: float | None = None,
+    flow_atol: float | None = None,
+    min_spearman: float | None = DEFAULT_MIN_SPEARMAN,
+    spearman_tie_tol: float | None = None,
+    flow: bool = True,
+    flow_sources: Sequence[int] | None = None,
+    align: str = "index",
+    head_fusion: str = "mean",
+    residual: float = 0.5,
+    max_seconds: float = 120.0,
+) -> ComparisonReport:
+    """Compare two traces of the same input, layer by layer and head by head.
+
+    Attention differences are taken over the real tokens only (query and key both unmasked; padding
+    rows and columns are ignored); cross-attention layers over all positions.
+
+    Args:
+        trace_a, trace_b: the traces, e.g. the PyTorch model's and its JAX port's.
+        atol: max absolute attention difference allowed per head. Default: by the least precise dtype
+            either model computed in (``source_dtype``): float32 1e-5, float16 2e-3, bfloat16 1e-2,
+            float64 1e-9.
+        mean_atol: optional limit on each head's mean absolute difference (not checked when None).
+        rollout_atol: max difference of the rollout up to every layer (default: ``atol``).
+        flow_atol: max difference of the flow from ``flow_sources`` (default: ``atol``).
+        min_spearman: lowest Spearman correlation accepted between the two traces' per-token scores
+            (each source token's rollout row and flow row, per batch item); None: not checked.
+        spearman_tie_tol: scores closer than this count as tied when ranking, so rounding noise does
+            not reorder (nearly) equal scores; flow often gives several tokens exactly equal values.
+            Default: the dtype default of ``atol`` (1e-5 for float32), whatever ``atol`` is set to.
+        flow: compute attention flow (max-flow per source, the costly part); False skips it.
+        flow_sources: token positions whose rollout/flow rows are compared (negative: from each item's
+            last real token). Default ``[0]`` (the first token, e.g. [CLS]), ``[-1]`` for causal traces.
+        align: how to pair layers, and whether token labels must match: ``"index"`` (default),
+            ``"names"``, ``"numbers"``, optionally with ``"+tokens"``; ``"tokens"`` = index ignoring
+            labels. See :data:`ALIGN_HELP`.
+        head_fusion, residual: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
+        max_seconds: passed to :func:`attnflow.flow`.
+
+    Returns:
+        A :class:`ComparisonReport`; ``report.ok`` is the verdict.
+
+    Raises:
+        ComparisonError: the traces cannot be compared; the message names the first mismatch (batch
+            size, token count, layer count, layer kind, head count, shape, mask, token label).
+    """
+    from ._flow import flow as attention_flow
+    from ._rollout import rollout
+
+    for name, trace in (("trace_a", trace_a), ("trace_b", trace_b)):
+        if not isinstance(trace, AttentionTrace):
+            raise ComparisonError(f"{name} must be an AttentionTrace, got {type(trace).__name__}.")
+    layer_align, ignore_tokens = _parse_align(align)
+    if trace_a.batch_size != trace_b.batch_size:
+        raise ComparisonError(f"Batch sizes differ: A has {trace_a.batch_size} item(s), B has {trace_b.batch_size}.")
+    if trace_a.seq_len != trace_b.seq_len:
+        raise ComparisonError(
+            f"Token counts differ: A has {trace_a.seq_len} tokens, B has {trace_b.seq_len}. Capture both "
+            "on the same tokenised input (same padding)."
+        )
+    pairs, unmatched_a, unmatched_b = _pair_layers(trace_a, trace_b, layer_align)
+    for index, (i, j) in enumerate(pairs):
+        _check_pair(index, i, j, trace_a.layers[i], trace_b.layers[j])
+    if not np.array_equal(trace_a.mask, trace_b.mask):
+        b, p = (int(x) for x in np.argwhere(trace_a.mask != trace_b.mask)[0])
+        raise ComparisonError(
+            f"Masks differ: batch item {b}, position {p} is {'real' if trace_a.mask[b, p] else 'padding'} in A "
+            f"but {'real' if trace_b.mask[b, p] else 'padding'} in B. Both traces need the same padding."
+        )
+    if not ignore_tokens:
+        for b in range(trace_a.batch_size):
+            for p in trace_a.valid_index(b):
+                ta, tb = trace_a.tokens[b][p], trace_b.tokens[b][p]
+                if ta != tb:
+                    raise ComparisonError(
+                        f"Token labels differ: batch item {b}, position {int(p)} is {ta!r} in A but {tb!r} in B. "
+                        "Compare traces of the same input, or pass align='tokens' (or '...+tokens') to ignore "
+                        "label differences (e.g. token ids against token strings)."
+                    )
+
+    dtype_atol = _default_atol(trace_a, trace_b)
+    atol = _tolerance("atol", atol, dtype_atol)
+    tolerances: dict[str, float | None] = {
+        "atol": atol,
+        "mean_atol": None if mean_atol is None else _tolerance("mean_atol", mean_atol, atol),
+        "rollout_atol": _tolerance("rollout_atol", rollout_atol, atol),
+        "flow_atol": _tolerance("flow_atol", flow_atol, atol),
+        "min_spearman": None if min_spearman is None else float(min_spearman),
+        "spearman_tie_tol": _tolerance("spearman_tie_tol", spearman_tie_tol, dtype_atol),
+    }
+    if min_spearman is not None and not -1.0 <= float(min_spearman) <= 1.0:
+        raise OptionError(f"min_spearman must be in [-1, 1] or None, got {min_spearman!r}.")
+
+    mask = trace_a.mask
+    heads_rows = []
+    for index, (i, j) in enumerate(pairs):
+        la, lb = trace_a.layers[i], trace_b.layers[j]
+        diff = np.abs(la.weights.astype(np.float64) - lb.weights.astype(np.float64))
+        if la.kind == "self":
+            grid = mask[:, None, :, None] & mask[:, None, None, :]
+        else:
+            grid = np.ones((diff.shape[0], 1, diff.shape[2], diff.shape[3]), dtype=bool)
+        grid = np.broadcast_to(grid, diff.shape)
+        heads = []
+        for h in range(diff.shape[1]):
+            values = diff[:, h][grid[:, h]]
+            max_abs = float(values.max()) if values.size else 0.0
+            mean_abs = float(values.mean()) if values.size else 0.0
+            ok = max_abs <= atol and (tolerances["mean_atol"] is None or mean_abs <= tolerances["mean_atol"])
+            heads.append(HeadComparison(layer=index, head=h, max_abs=max_abs, mean_abs=mean_abs, ok=ok))
+        heads_rows.append(heads)
+
+    paired_a = _subtrace(trace_a, [i for i, _ in pairs])
+    paired_b = _subtrace(trace_b, [j for _, j in pairs])
+    self_pairs = [index for index, (i, _) in enumerate(pairs) if trace_a.layers[i].kind == "self"]
+    rollout_per_layer: dict[int, float] = {}
+    spearman: dict[str, float] = {}
+    causal = trace_a.causal and trace_b.causal
+    sources = list(flow_sources) if flow_sources is not None else ([-1] if causal else [0])
+    rollout_max = float("nan")
+    flow_max: float | None = None
+    if self_pairs:
+        options = {"head_fusion": head_fusion, "residual": residual}
+        ra = rollout(paired_a, all_layers=True, **options)
+        rb = rollout(paired_b, all_layers=True, **options)
+        for k, index in enumerate(self_pairs):
+            rollout_per_layer[index] = float(np.abs(ra[k] - rb[k]).max())
+        rollout_max = float(np.abs(ra[-1] - rb[-1]).max())
+        rows = _source_rows(paired_a, sources)
+        spearman["rollout"] = _min_spearman(ra[-1], rb[-1], rows, paired_a, tolerances["spearman_tie_tol"])
+        if flow:
+            fa = attention_flow(paired_a, sources=sources, max_seconds=max_seconds, progress=False, **options)
+            fb = attention_flow(paired_b, sources=sources, max_seconds=max_seconds, progress=False, **options)
+            flow_max = float(np.abs(fa - fb).max())
+            spearman["flow"] = _min_spearman(
+                fa, fb, _source_rows(paired_a, sources, flow_rows=True), paired_a, tolerances["spearman_tie_tol"]
+            )
+    layers = [
+        LayerComparison(
+            index=index, name_a=trace_a.layers[i].name, name_b=trace_b.layers[j].name, kind=trace_a.layers[i].kind,
+            heads=tuple(heads_rows[index]), rollout_max_abs=rollout_per_layer.get(index),
+        )
+        for index, (i, j) in enumerate(pairs)
+    ]
+    return ComparisonReport(
+        layers=layers, rollout_max_abs=rollout_max, flow_max_abs=flow_max, spearman=spearman, sources=sources,
+        tolerances=tolerances, alignment=layer_align, ignore_tokens=ignore_tokens, unmatched_a=unmatched_a,
+        unmatched_b=unmatched_b, about_a=_about(trace_a), about_b=_about(trace_b), batch=trace_a.batch_size,
+        seq=trace_a.seq_len,
+    )
+
+
+def spearman(x: np.ndarray, y: np.ndarray, *, tie_tol: float = 0.0) -> float:
+    """Spearman rank correlation of two 1-D arrays (ties get their average rank, as in scipy).
+
+    ``tie_tol``: values of one array closer than this to their sorted neighbour count as tied, so
+    that rounding noise between two frameworks does not reorder tokens whose scores are (nearly)
+    equal; attention flow often gives exactly equal values to several tokens. Two constant arrays
+    correlate 1.0 (they order the tokens alike); one constant array against another 0.0.
+    """
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise OptionError(f"spearman needs arrays of equal length, got {x.size} and {y.size}.")
+    rx, ry = _rankdata(x, tie_tol), _rankdata(y, tie_tol)
+    if np.array_equal(rx, ry):
+        return 1.0
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    sx, sy = float(np.sqrt((rx * rx).sum())), float(np.sqrt((ry * ry).sum()))
+    if sx == 0.0 or sy == 0.0:
+        return 1.0 if sx == sy else 0.0
+    return float(np.clip((rx * ry).sum() / (sx * sy), -1.0, 1.0))
+
+
+def _rankdata(x: np.ndarray, tie_tol: float = 0.0) -> np.ndarray:
+    """Average ranks (1-based); sorted neighbours within ``tie_tol`` of each other share a rank."""
+    order = np.argsort(x, kind="mergesort")
+    ordered = x[order]
+    group = np.concatenate([[0], np.cumsum(np.diff(ordered) > tie_tol)])  # tie group of each sorted value
+    positions = np.arange(1, x.size + 1, dtype=np.float64)
+    mean_rank = np.bincount(group, weights=positions) / np.bincount(group)
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _parse_align(align: str) -> tuple[str, bool]:
+    if not isinstance(align, str):
+        raise OptionError(f"align must be a string, got {align!r}. Options: {ALIGN_HELP}.")
+    parts = [p.strip().lower() for p in align.replace(",", "+").split("+") if p.strip()]
+    ignore_tokens = "tokens" in parts
+    layer_parts = [p for p in parts if p != "tokens"]
+    if len(layer_parts) > 1 or any(p not in LAYER_ALIGNMENTS for p in layer_parts) or not parts:
+        raise OptionError(f"align={align!r} is not understood. Options: {ALIGN_HELP}.")
+    return (layer_parts[0] if layer_parts else "index"), ignore_tokens
+
+
+def _normalise_name(name: str) -> str:
+    return ".".join(p for p in re.split(r"[^0-9a-z]+", name.lower()) if p)
+
+
+def _layer_key(layer: LayerAttention, how: str) -> Any:
+    if how == "names":
+        return _normalise_name(layer.name)
+    return (layer.kind, tuple(int(n) for n in re.findall(r"\d+", layer.name)))
+
+
+def _pair_layers(a: AttentionTrace, b: AttentionTrace, how: str) -> tuple[list[tuple[int, int]], list[str], list[str]]:
+    if how == "index":
+        if a.num_layers != b.num_layers:
+            raise ComparisonError(
+                f"Layer counts differ: A has {a.num_layers} attention layers, B has {b.num_layers}. Capture "
+                "the same layers, or pair them with align='names' or align='numbers'."
+            )
+        return [(i, i) for i in range(a.num_layers)], [], []
+    keys_a = [_layer_key(layer, how) for layer in a.layers]
+    keys_b = [_layer_key(layer, how) for layer in b.layers]
+    for label, keys, trace in (("A", keys_a, a), ("B", keys_b, b)):
+        seen: dict[Any, int] = {}
+        for i, key in enumerate(keys):
+            if key in seen:
+                raise ComparisonError(
+                    f"align={how!r} is ambiguous: layers {seen[key]} ({trace.layers[seen[key]].name!r}) and {i} "
+                    f"({trace.layers[i].name!r}) of {label} get the same key {key!r}."
+                )
+            seen[key] = i
+    index_b = {key: j for j, key in enumerate(keys_b)}
+    pairs = [(i, index_b[key]) for i, key in enumerate(keys_a) if key in index_b]
+    if not pairs:
+        raise ComparisonError(
+            f"align={how!r} pairs no layer: A's layers {a.layer_names[:3]}... and B's {b.layer_names[:3]}... "
+            "share no key."
+        )
+    js = [j for _, j in pairs]
+    if js != sorted(js):
+        raise ComparisonError(f"align={how!r} pairs layers in a different order in A and B; pairs {pairs}.")
+    unmatched_a = [a.layers[i].name for i in range(a.num_layers) if i not in {p for p, _ in pairs}]
+    unmatched_b = [b.layers[j].name for j in range(b.num_layers) if j not in set(js)]
+    return pairs, unmatched_a, unmatched_b
+
+
+def _check_pair(index: int, i: int, j: int, la: LayerAttention, lb: LayerAttention) -> None:
+    where = f"Layer {index} (A {la.name!r}, B {lb.name!r})"
+    if la.kind != lb.kind:
+        raise ComparisonError(f"{where}: kinds differ, {la.kind!r} in A and {lb.kind!r} in B.")
+    ha, hb = la.weights.shape[1], lb.weights.shape[1]
+    if ha != hb:
+        raise ComparisonError(f"{where}: head counts differ, {ha} in A and {hb} in B.")
+    if la.weights.shape != lb.weights.shape:
+        raise ComparisonError(
+            f"{where}: shapes differ, {la.weights.shape} in A and {lb.weights.shape} in B (batch, heads, query, key)."
+        )
+
+
+def _subtrace(trace: AttentionTrace, indices: list[int]) -> AttentionTrace:
+    if indices == list(range(trace.num_layers)):
+        return trace
+    return AttentionTrace(
+        [trace.layers[i] for i in indices], mask=trace.mask, tokens=trace.tokens, causal=trace.causal,
+        framework=trace.framework, model_name=trace.model_name, metadata=trace.metadata, check_rows=False,
+    )
+
+
+def _source_rows(trace: AttentionTrace, sources: list[int], flow_rows: bool = False) -> list[tuple[int, int, int]]:
+    """``(batch item, row in the result, position)`` for every source that is a real token."""
+    found = []
+    for b in range(trace.batch_size):
+        valid = trace.valid_index(b)
+        for row, s in enumerate(sources):
+            if not isinstance(s, (int, np.integer)):
+                raise OptionError(f"flow_sources must hold ints, got {s!r}.")
+            if s < 0:
+                if -s > valid.size:
+                    continue
+                position = int(valid[s])
+            elif s < trace.seq_len and trace.mask[b, s]:
+                position = int(s)
+            else:
+                continue
+            found.append((b, row if flow_rows else position, position))
+    return found
+
+
+def _min_spearman(
+    ma: np.ndarray, mb: np.ndarray, rows: list[tuple[int, int, int]], trace: AttentionTrace, tie_tol: float
+) -> float:
+    values = [
+        spearman(ma[b, row, trace.valid_index(b)], mb[b, row, trace.valid_index(b)], tie_tol=tie_tol)
+        for b, row, _ in rows
+    ]
+    return min(values, default=1.0)
+
+
+def _default_atol(a: AttentionTrace, b: AttentionTrace) -> float:
+    worst = 0
+    for layer in (*a.layers, *b.layers):
+        dtype = layer.source_dtype or str(layer.weights.dtype)
+        if dtype in _PRECISION_ORDER:
+            worst = max(worst, _PRECISION_ORDER.index(dtype))
+        else:
+            worst = max(worst, _PRECISION_ORDER.index("float32"))
+    return DEFAULT_ATOL[_PRECISION_ORDER[worst]]
+
+
+def _tolerance(name: str, value: float | None, default: float) -> float:
+    if value is None:
+        return float(default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise OptionError(f"{name} must be a non-negative number, got {value!r}.")
+    return float(value)
+
+
+def _about(trace: AttentionTrace) -> dict[str, Any]:
+    dtypes = sorted({layer.source_dtype or str(layer.weights.dtype) for layer in trace.layers})
+    return {"framework": trace.framework, "model": trace.model_name, "layers": trace.num_layers, "dtypes": dtypes}
+
+
+def _about_text(about: dict[str, Any]) -> str:
+    return f"{about['model'] or '?'} ({about['framework']}, {about['layers']} layers, {'/'.join(about['dtypes'])})"
+
+
+def _num(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2e}"

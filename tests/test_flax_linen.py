@@ -1,0 +1,417 @@
+"""The flax_linen adapter on tiny linen models, checked against attention computed independently in numpy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax.linen import module as linen_module
+
+import attnflow
+from attnflow import AdapterError, HiddenAttentionError
+
+# A distinct size on every axis: batch 2, heads 3, seq 6, layers 4, features 24 (head dim 8),
+# cross-attention queries 5 and keys 7.
+BATCH, HEADS, SEQ, LAYERS, FEATURES, Q, K = 2, 3, 6, 4, 24, 5, 7
+HEAD_DIM = FEATURES // HEADS
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask=None):
+        return x + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(x, mask=mask)
+
+
+class Encoder(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask=None):
+        for i in range(LAYERS):
+            x = Block(name=f"layer_{i}")(x, mask)
+        return x
+
+
+class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask=None):
+        return Encoder(name="encoder")(x, mask)
+
+
+def softmax(scores):
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def mha_reference(params, xq, xkv, mask=None):
+    """Multi-head attention from the module's own parameters, in float64 numpy: (weights, output)."""
+    p = {k: {n: np.asarray(v, dtype=np.float64) for n, v in d.items()} for k, d in params.items()}
+    q = np.einsum("bqf,fhd->bqhd", xq, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("bkf,fhd->bkhd", xkv, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("bkf,fhd->bkhd", xkv, p["value"]["kernel"]) + p["value"]["bias"]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = np.where(np.asarray(mask, bool), scores, np.finfo(np.float32).min)
+    weights = softmax(scores)
+    heads = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    return weights, np.einsum("bqhd,hdf->bqf", heads, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def model_reference(variables, x, mask=None):
+    x = np.asarray(x, dtype=np.float64)
+    weights = []
+    for i in range(LAYERS):
+        w, out = mha_reference(variables["params"]["encoder"][f"layer_{i}"]["attention"], x, x, mask)
+        weights.append(w)
+        x = x + out
+    return weights, x
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x = jax.random.normal(jax.random.key(1), (BATCH, SEQ, FEATURES))
+    model = Model()
+    variables = model.init(jax.random.key(0), x)
+    valid = np.ones((BATCH, SEQ), dtype=bool)
+    valid[1, 4:] = False  # item 1 has two padding tokens
+    return model, variables, x, valid
+
+
+def padding_mask(valid):
+    return np.asarray(valid[:, None, None, :])  # (batch, 1, 1, k): every query may see the real keys
+
+
+def test_capture_matches_numpy_reference(setup):
+    model, variables, x, valid = setup
+    mask = padding_mask(valid)
+    trace = attnflow.capture(model, variables, x, mask=mask)
+    expected, expected_out = model_reference(variables, x, mask)
+    assert trace.layer_names == [f"encoder/layer_{i}/attention" for i in range(LAYERS)]
+    assert trace.metadata["adapter"] == "flax_linen" and trace.model_name == "Model"
+    assert (trace.batch_size, trace.seq_len, trace.num_heads) == (BATCH, SEQ, (HEADS,) * LAYERS)
+    for layer, reference in zip(trace.layers, expected):
+        assert layer.weights.dtype == np.float32 and layer.source_dtype == "float32" and layer.kind == "self"
+        np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+    np.testing.assert_array_equal(trace.mask, valid)
+    assert not trace.causal
+    # the forward pass itself is untouched: same output as without attnflow, and as the reference
+    np.testing.assert_allclose(np.asarray(model.apply(variables, x, mask=mask)), expected_out, atol=1e-4)
+
+
+def test_causal_and_padding_masks_are_read(setup):
+    model, variables, x, valid = setup
+    mask = nn.combine_masks(nn.make_causal_mask(jnp.ones((BATCH, SEQ))), padding_mask(valid))
+    trace = attnflow.capture(model, variables, x, mask=mask)
+    expected, _ = model_reference(variables, x, np.asarray(mask))
+    np.testing.assert_allclose(trace.layers[2].weights, expected[2], atol=1e-5)
+    assert trace.causal
+    np.testing.assert_array_equal(trace.mask, valid)
+
+
+def test_attach_leaves_apply_as_written(setup):
+    model, variables, x, _ = setup
+    plain = model.apply(variables, x)
+    with attnflow.attach(model) as rec:
+        out = model.apply(variables, x)  # no mutable=[...]: returns the array, not (array, state)
+        _, state = model.apply(variables, x, mutable=["intermediates"])
+    assert not isinstance(out, tuple)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    assert state == {}  # attnflow kept its sow out of the user's collections
+    assert len(rec.traces) == 2
+
+
+class SowingBlock(nn.Module):
+    """A model that asks for its own attention weights (sow_weights=True) and sows something else too."""
+
+    @nn.compact
+    def __call__(self, x):
+        self.sow("intermediates", "inputs", x)
+        return nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(x, sow_weights=True)
+
+
+def test_models_own_sowing_is_unchanged():
+    x = jax.random.normal(jax.random.key(2), (BATCH, SEQ, FEATURES))
+    model = SowingBlock()
+    variables = model.init(jax.random.key(0), x)
+    _, expected = model.apply(variables, x, mutable=["intermediates"])
+    with attnflow.attach(model) as rec:
+        _, state = model.apply(variables, x, mutable=["intermediates"])
+    assert jax.tree.structure(state) == jax.tree.structure(expected)
+    sown = state["intermediates"]["attention"]["attention_weights"][0]
+    np.testing.assert_array_equal(np.asarray(sown), np.asarray(expected["intermediates"]["attention"]["attention_weights"][0]))
+    np.testing.assert_array_equal(rec.trace.layers[0].weights, np.asarray(sown))
+
+
+class Decoder(nn.Module):
+    @nn.compact
+    def __call__(self, y, memory):
+        y = y + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="self_attention")(y)
+        return y + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="cross_attention")(y, memory)
+
+
+def test_cross_attention_layers():
+    y = jax.random.normal(jax.random.key(3), (BATCH, Q, FEATURES))
+    memory = jax.random.normal(jax.random.key(4), (BATCH, K, FEATURES))
+    model = Decoder()
+    variables = model.init(jax.random.key(0), y, memory)
+    trace = attnflow.capture(model, variables, y, memory)
+    assert [(layer.name, layer.kind, layer.shape) for layer in trace.layers] == [
+        ("self_attention", "self", (BATCH, HEADS, Q, Q)), ("cross_attention", "cross", (BATCH, HEADS, Q, K)),
+    ]
+    params = variables["params"]
+    w_self, out = mha_reference(params["self_attention"], np.asarray(y, np.float64), np.asarray(y, np.float64))
+    w_cross, _ = mha_reference(params["cross_attention"], np.asarray(y, np.float64) + out, np.asarray(memory, np.float64))
+    np.testing.assert_allclose(trace.layers[0].weights, w_self, atol=1e-5)
+    np.testing.assert_allclose(trace.layers[1].weights, w_cross, atol=1e-5)
+    # the cross option overrides the default
+    with attnflow.attach(model, cross=["self_attention"]) as rec:
+        model.apply(variables, y, y)
+    assert [layer.kind for layer in rec.trace.layers] == ["cross", "cross"]
+
+
+class DotProductModule(nn.Module):
+    """Attention written by hand, passing module=self to nn.dot_product_attention."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.DenseGeneral((HEADS, HEAD_DIM), name="q")(x)
+        k = nn.DenseGeneral((HEADS, HEAD_DIM), name="k")(x)
+        v = nn.DenseGeneral((HEADS, HEAD_DIM), name="v")(x)
+        return nn.dot_product_attention(q, k, v, module=self).reshape(x.shape)
+
+
+def test_module_passing_itself_to_dot_product_attention():
+    x = jax.random.normal(jax.random.key(5), (BATCH, SEQ, FEATURES))
+    model = DotProductModule()
+    variables = model.init(jax.random.key(0), x)
+    trace = attnflow.capture(model, variables, x)
+    p = {n: {k: np.asarray(v, np.float64) for k, v in d.items()} for n, d in variables["params"].items()}
+    xs = np.asarray(x, np.float64)
+    q = np.einsum("bsf,fhd->bshd", xs, p["q"]["kernel"]) + p["q"]["bias"]
+    k = np.einsum("bsf,fhd->bshd", xs, p["k"]["kernel"]) + p["k"]["bias"]
+    expected = softmax(np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HEAD_DIM))
+    assert trace.layer_names == ["DotProductModule"]  # the root module: named by its class
+    np.testing.assert_allclose(trace.layers[0].weights, expected, atol=1e-5)
+
+
+def test_self_attention_module_is_recorded_once():
+    x = jax.random.normal(jax.random.key(6), (BATCH, SEQ, FEATURES))
+    model = nn.SelfAttention(num_heads=HEADS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        variables = model.init(jax.random.key(0), x)
+        trace = attnflow.capture(model, variables, x)
+    assert trace.num_layers == 1
+    expected, _ = mha_reference(variables["params"], np.asarray(x, np.float64), np.asarray(x, np.float64))
+    np.testing.assert_allclose(trace.layers[0].weights, expected, atol=1e-5)
+
+
+class ScaledAttention(nn.MultiHeadDotProductAttention):
+    """A subclass whose own __call__ has no sow_weights parameter."""
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        return 2.0 * super().__call__(x, mask=mask)
+
+
+def test_attention_subclass_with_its_own_signature():
+    x = jax.random.normal(jax.random.key(11), (BATCH, SEQ, FEATURES))
+    model = ScaledAttention(num_heads=HEADS)
+    variables = model.init(jax.random.key(0), x)
+    valid = np.ones((BATCH, SEQ), dtype=bool)
+    valid[0, 5] = False
+    trace = attnflow.capture(model, variables, x, padding_mask(valid))
+    expected, _ = mha_reference(variables["params"], np.asarray(x, np.float64), np.asarray(x, np.float64),
+                                padding_mask(valid))
+    assert trace.layer_names == ["ScaledAttention"]
+    np.testing.assert_allclose(trace.layers[0].weights, expected, atol=1e-5)
+    np.testing.assert_array_equal(trace.mask, valid)
+
+
+def test_jitted_forward_is_recorded_and_jit_cache_untouched(setup):
+    model, variables, x, valid = setup
+    mask = padding_mask(valid)
+    forward = jax.jit(lambda v, x, m: model.apply(v, x, mask=m))
+    compiled_before = np.asarray(forward(variables, x, mask))
+    with attnflow.attach(model) as rec:
+        inside = np.asarray(forward(variables, x, mask))
+        assert jax.config.jax_disable_jit
+    assert not jax.config.jax_disable_jit
+    expected, _ = model_reference(variables, x, mask)
+    for layer, reference in zip(rec.trace.layers, expected):
+        np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+    np.testing.assert_allclose(inside, compiled_before, atol=1e-5)
+    # a function first compiled while attached carries no recording: it runs compiled afterwards
+    fresh = jax.jit(lambda v, x: model.apply(v, x) * 2)
+    with attnflow.attach(model) as rec2:
+        fresh(variables, x)
+    count = len(rec2.traces)
+    np.testing.assert_allclose(np.asarray(fresh(variables, x)), 2 * np.asarray(model.apply(variables, x)), atol=1e-5)
+    assert len(rec2.traces) == count == 1
+    assert fresh._cache_size() == 1  # compiled only after the block, once
+
+
+def test_tracers_raise_instead_of_leaking(setup):
+    model, variables, x, _ = setup
+    depth = len(linen_module._global_interceptor_stack)
+    with pytest.raises(AdapterError, match="tracer"):
+        with attnflow.attach(model):
+            jax.vmap(lambda item: model.apply(variables, item[None]))(x)
+
+    @jax.jit
+    def attach_inside_jit(v, x):
+        with attnflow.attach(model) as rec:
+            y = model.apply(v, x)
+        return y, rec
+
+    with pytest.raises(AdapterError, match="tracer"):
+        attach_inside_jit(variables, x)
+    assert len(linen_module._global_interceptor_stack) == depth
+
+
+class RematModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.remat(Block)(name="block")(x)
+
+
+def test_remat_is_reported():
+    x = jax.random.normal(jax.random.key(7), (BATCH, SEQ, FEATURES))
+    model = RematModel()
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(AdapterError, match="remat"):
+        attnflow.capture(model, variables, x)
+
+
+class ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(x), None
+
+
+class ScannedModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return layers(name="layers")(x, None)[0]
+
+
+def test_scanned_layers_are_numbered():
+    x = jax.random.normal(jax.random.key(8), (BATCH, SEQ, FEATURES))
+    model = ScannedModel()
+    variables = model.init(jax.random.key(0), x)
+    trace = attnflow.capture(model, variables, x)
+    assert trace.layer_names == ["layers/attention@0", "layers/attention@1", "layers/attention@2"]
+    stacked = variables["params"]["layers"]["attention"]
+    h = np.asarray(x, np.float64)
+    for i in range(3):
+        params = jax.tree.map(lambda a, i=i: a[i], stacked)
+        expected, out = mha_reference(params, h, h)
+        np.testing.assert_allclose(trace.layers[i].weights, expected, atol=1e-5)
+        h = h + out
+
+
+class RaisingModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(x)
+        raise RuntimeError("boom")
+
+
+def test_nothing_left_behind_after_an_exception(setup):
+    model, variables, x, _ = setup
+    raising = RaisingModel()
+    raising_vars = Model().init(jax.random.key(0), x)["params"]["encoder"]["layer_0"]
+    depth = len(linen_module._global_interceptor_stack)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attnflow.attach(raising):
+            raising.apply({"params": raising_vars}, x)
+    assert len(linen_module._global_interceptor_stack) == depth
+    assert not jax.config.jax_disable_jit
+    # Afterwards attention modules run exactly as the user wrote them: no forced sow_weights, no sow shadow.
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.MultiHeadDotProductAttention):
+            seen.append((dict(kwargs), "sow" in vars(context.module)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):
+        model.apply(variables, x)
+    assert seen and all("sow_weights" not in kwargs and not shadowed for kwargs, shadowed in seen)
+
+
+def test_bfloat16_is_upcast():
+    x = jax.random.normal(jax.random.key(9), (BATCH, SEQ, FEATURES))
+    model = nn.MultiHeadDotProductAttention(num_heads=HEADS, dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(0), x)
+    trace = attnflow.capture(model, variables, x)
+    layer = trace.layers[0]
+    assert layer.weights.dtype == np.float32 and layer.source_dtype == "bfloat16"
+    expected, _ = mha_reference(variables["params"], np.asarray(x, np.float64), np.asarray(x, np.float64))
+    np.testing.assert_allclose(layer.weights, expected, atol=3e-2)
+
+
+class TokenModel(nn.Module):
+    @nn.compact
+    def __call__(self, input_ids):
+        x = nn.Embed(50, FEATURES, name="embed")(input_ids)
+        return nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(x)
+
+
+def test_init_is_not_recorded_and_token_ids_label_the_trace():
+    ids = jnp.arange(BATCH * SEQ).reshape(BATCH, SEQ) % 50
+    model = TokenModel()
+    with attnflow.attach(model) as rec:
+        variables = model.init(jax.random.key(0), ids)
+        model.apply(variables, ids)
+        model.apply(variables, ids[:, :4])
+    assert [t.seq_len for t in rec.traces] == [SEQ, 4]
+    assert rec.traces[0].tokens[1] == [str(int(i)) for i in np.asarray(ids[1])]
+    labels = [[f"w{i}" for i in range(SEQ)]] * BATCH
+    assert attnflow.capture(model, variables, ids, tokens=labels).tokens == labels
+
+
+def test_bound_module_and_apply_partial_are_claimed(setup):
+    model, variables, x, _ = setup
+    reference = attnflow.capture(model, variables, x)
+    bound = model.bind(variables)
+    from functools import partial
+
+    for target, args in ((bound, (x,)), (partial(model.apply, variables), (x,)), (model.apply, (variables, x))):
+        assert attnflow.get_adapter("flax_linen").claims(target)
+        trace = attnflow.capture(target, *args)
+        np.testing.assert_array_equal(trace.layers[3].weights, reference.layers[3].weights)
+
+
+def test_attention_fn_without_module_argument_is_hidden_attention():
+    def no_module(query, key, value, mask=None):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask)
+
+    x = jax.random.normal(jax.random.key(10), (BATCH, SEQ, FEATURES))
+    model = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=no_module)
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(HiddenAttentionError, match="module="):
+        attnflow.capture(model, variables, x)
+
+
+def test_unknown_option_is_refused(setup):
+    model, variables, x, _ = setup
+    with pytest.raises(attnflow.OptionError, match="cross"):
+        with attnflow.attach(model, modules=["x"]):
+            pass
+
+
+def test_import_attnflow_imports_no_framework():
+    code = (
+        "import sys, attnflow, attnflow.adapters.flax_linen, attnflow.adapters.flax_nnx, attnflow._compare, "
+        "attnflow._cli_compare; bad = [m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

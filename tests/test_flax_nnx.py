@@ -1,0 +1,327 @@
+"""The flax_nnx adapter on tiny NNX models, checked against attention computed independently in numpy,
+and checked to leave the model exactly as it found it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attnflow
+from attnflow import AdapterError, HiddenAttentionError
+
+# A distinct size on every axis: batch 2, heads 3, seq 6, layers 4, features 24 (head dim 8),
+# cross-attention queries 5 and keys 7.
+BATCH, HEADS, SEQ, LAYERS, FEATURES, Q, K = 2, 3, 6, 4, 24, 5, 7
+HEAD_DIM = FEATURES // HEADS
+
+
+def attention(rngs, **kwargs):
+    return nnx.MultiHeadAttention(num_heads=HEADS, in_features=FEATURES, decode=False, rngs=rngs, **kwargs)
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.attention = attention(rngs)
+
+    def __call__(self, x, mask=None, is_causal=False):
+        return x + self.attention(x, mask=mask, is_causal=is_causal)
+
+
+class Model(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([Block(rngs) for _ in range(LAYERS)])
+
+    def __call__(self, x, mask=None, is_causal=False):
+        for layer in self.layers:
+            x = layer(x, mask, is_causal)
+        return x
+
+    def encode(self, x):
+        return self(x)
+
+
+def softmax(scores):
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def mha_reference(module, xq, xkv, mask=None):
+    """Multi-head attention from the module's own parameters, in float64 numpy: (weights, output)."""
+
+    def get(linear, name):
+        return np.asarray(getattr(linear, name)[...], dtype=np.float64)
+
+    xq, xkv = np.asarray(xq, np.float64), np.asarray(xkv, np.float64)
+    q = np.einsum("bqf,fhd->bqhd", xq, get(module.query, "kernel")) + get(module.query, "bias")
+    k = np.einsum("bkf,fhd->bkhd", xkv, get(module.key, "kernel")) + get(module.key, "bias")
+    v = np.einsum("bkf,fhd->bkhd", xkv, get(module.value, "kernel")) + get(module.value, "bias")
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = np.where(np.asarray(mask, bool), scores, np.finfo(np.float32).min)
+    weights = softmax(scores)
+    heads = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    return weights, np.einsum("bqhd,hdf->bqf", heads, get(module.out, "kernel")) + get(module.out, "bias")
+
+
+def model_reference(model, x, mask=None):
+    x = np.asarray(x, np.float64)
+    weights = []
+    for layer in model.layers:
+        w, out = mha_reference(layer.attention, x, x, mask)
+        weights.append(w)
+        x = x + out
+    return weights, x
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x = jax.random.normal(jax.random.key(1), (BATCH, SEQ, FEATURES))
+    valid = np.ones((BATCH, SEQ), dtype=bool)
+    valid[1, 4:] = False
+    return Model(nnx.Rngs(0)), x, valid
+
+
+def padding_mask(valid):
+    return np.asarray(valid[:, None, None, :])
+
+
+def snapshot(model):
+    """Everything that could betray a leftover: graph definition, state values, types and attributes."""
+    graphdef, state = nnx.split(model)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+    attributes = {path: (type(module), dict(vars(module))) for path, module in nnx.iter_modules(model)}
+    return graphdef, leaves, attributes
+
+
+def assert_unchanged(model, before, *, nnx_jit_ran=False):
+    """Every attribute is the very same object as before, except NNX's own bookkeeping that Flax itself
+    renews: ``_pytree__nodes`` (a new, equal mapping after nnx.capture) and ``_pytree__state`` (a new
+    object after ``nnx.jit``, when ``nnx_jit_ran``)."""
+    graphdef, leaves, attributes = snapshot(model)
+    assert graphdef == before[0]
+    assert len(leaves) == len(before[1]) and all(np.array_equal(a, b) for a, b in zip(leaves, before[1]))
+    assert attributes.keys() == before[2].keys()
+    for path, (cls, attrs) in attributes.items():
+        old_cls, old_attrs = before[2][path]
+        assert cls is old_cls, path
+        assert attrs.keys() == old_attrs.keys(), (path, set(attrs) ^ set(old_attrs))
+        assert attrs["_pytree__nodes"] == old_attrs["_pytree__nodes"], path
+        skip = {"_pytree__nodes", "_pytree__state"} if nnx_jit_ran else {"_pytree__nodes"}
+        assert all(attrs[k] is old_attrs[k] for k in attrs if k not in skip), (path, [k for k in attrs if attrs[k] is not old_attrs[k]])
+
+
+def test_capture_matches_numpy_reference_and_leaves_model_unchanged(setup):
+    model, x, valid = setup
+    before = snapshot(model)
+    mask = padding_mask(valid)
+    plain = np.asarray(model(x, mask))
+    trace = attnflow.capture(model, x, mask)
+    assert_unchanged(model, before)
+    expected, expected_out = model_reference(model, x, mask)
+    assert trace.layer_names == [f"layers/{i}/attention" for i in range(LAYERS)]
+    assert trace.metadata["adapter"] == "flax_nnx" and trace.model_name == "Model"
+    for layer, reference in zip(trace.layers, expected):
+        assert layer.weights.shape == (BATCH, HEADS, SEQ, SEQ) and layer.kind == "self"
+        np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+    np.testing.assert_array_equal(trace.mask, valid)
+    assert not trace.causal
+    np.testing.assert_allclose(plain, expected_out, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(model(x, mask)), plain, atol=1e-5)
+
+
+def test_is_causal_and_causal_masks(setup):
+    model, x, valid = setup
+    full = np.broadcast_to(padding_mask(valid), (BATCH, 1, SEQ, SEQ))  # is_causal needs the full mask shape
+    trace = attnflow.capture(model, x, full, True)
+    causal = np.tril(np.ones((SEQ, SEQ), dtype=bool)) & full
+    expected, _ = model_reference(model, x, causal)
+    np.testing.assert_allclose(trace.layers[1].weights, expected[1], atol=1e-5)
+    assert trace.causal
+    np.testing.assert_array_equal(trace.mask, valid)
+    mask = nnx.make_causal_mask(jnp.ones((BATCH, SEQ)))
+    assert attnflow.capture(model, x, mask).causal
+
+
+def test_model_unchanged_after_an_exception(setup):
+    model, x, _ = setup
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Incompatible input dimension"):
+        with attnflow.attach(model):
+            model(jnp.ones((BATCH, SEQ, FEATURES + 1)))
+    assert_unchanged(model, before)
+    assert not jax.config.jax_disable_jit
+    with pytest.raises(RuntimeError, match="inside"):
+        with attnflow.attach(model):
+            model(x)
+            raise RuntimeError("raised inside the block")
+    assert_unchanged(model, before)
+
+
+def test_jitted_forward_is_recorded(setup):
+    model, x, valid = setup
+    mask = padding_mask(valid)
+    nnx_forward = nnx.jit(lambda m, x, mask: m(x, mask))
+    jax_forward = jax.jit(lambda x, mask: model(x, mask))
+    compiled = np.asarray(jax_forward(x, mask))
+    before = snapshot(model)
+    with attnflow.attach(model) as rec:
+        nnx_forward(model, x, mask)
+        inside = np.asarray(jax_forward(x, mask))
+        assert jax.config.jax_disable_jit
+    assert not jax.config.jax_disable_jit
+    assert_unchanged(model, before, nnx_jit_ran=True)
+    assert len(rec.traces) == 2
+    expected, _ = model_reference(model, x, mask)
+    for trace in rec.traces:
+        for layer, reference in zip(trace.layers, expected):
+            np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+    np.testing.assert_allclose(inside, compiled, atol=1e-5)
+    # after the block the jitted functions run compiled again, recording nothing
+    nnx_forward(model, x, mask)
+    jax_forward(x, mask)
+    assert len(rec.traces) == 2
+
+
+def test_tracers_raise_instead_of_leaking(setup):
+    model, x, _ = setup
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match="tracer"):
+        with attnflow.attach(model):
+            jax.vmap(lambda item: model(item[None]))(x)
+    assert_unchanged(model, before)
+
+
+class SowingModel(nnx.Module):
+    """Asks for its own attention weights through sow_weights=True, read with nnx.capture."""
+
+    def __init__(self, rngs):
+        self.attention = attention(rngs)
+
+    def __call__(self, x):
+        return self.attention(x, sow_weights=True)
+
+
+def test_users_own_nnx_capture_still_works():
+    x = jax.random.normal(jax.random.key(2), (BATCH, SEQ, FEATURES))
+    model = SowingModel(nnx.Rngs(0))
+    _, expected = nnx.capture(model, nnx.Intermediate)(x)
+    with attnflow.attach(model) as rec:
+        _, got = nnx.capture(model, nnx.Intermediate)(x)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    sown = np.asarray(jax.tree.leaves(got)[0])
+    np.testing.assert_allclose(sown, np.asarray(jax.tree.leaves(expected)[0]), atol=1e-6)
+    np.testing.assert_array_equal(rec.trace.layers[0].weights, sown)
+    assert not hasattr(model.attention, "attention_weights")
+
+
+class DotProductModule(nnx.Module):
+    """Attention written by hand, passing module=self to nnx.dot_product_attention."""
+
+    def __init__(self, rngs):
+        self.q = nnx.LinearGeneral(FEATURES, (HEADS, HEAD_DIM), rngs=rngs)
+        self.k = nnx.LinearGeneral(FEATURES, (HEADS, HEAD_DIM), rngs=rngs)
+        self.v = nnx.LinearGeneral(FEATURES, (HEADS, HEAD_DIM), rngs=rngs)
+
+    def __call__(self, x):
+        out = nnx.dot_product_attention(self.q(x), self.k(x), self.v(x), module=self)
+        return out.reshape(x.shape)
+
+
+class Wrapper(nnx.Module):
+    def __init__(self, rngs):
+        self.inner = DotProductModule(rngs)
+
+    def __call__(self, x):
+        return self.inner(x)
+
+
+def test_module_passing_itself_to_dot_product_attention():
+    x = jax.random.normal(jax.random.key(3), (BATCH, SEQ, FEATURES))
+    model = Wrapper(nnx.Rngs(0))
+    nnx.capture(model, nnx.Intermediate)(x)  # nnx.capture's first run notes '__captures__' in each module
+    before = snapshot(model)
+    with attnflow.attach(model) as rec:  # the model's sow goes on to the user's own nnx.capture, as before
+        _, intermediates = nnx.capture(model, nnx.Intermediate)(x)
+    assert_unchanged(model, before)
+    trace = rec.trace
+    inner = model.inner
+    xs = np.asarray(x, np.float64)
+    q = np.einsum("bsf,fhd->bshd", xs, np.asarray(inner.q.kernel[...])) + np.asarray(inner.q.bias[...])
+    k = np.einsum("bsf,fhd->bshd", xs, np.asarray(inner.k.kernel[...])) + np.asarray(inner.k.bias[...])
+    expected = softmax(np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HEAD_DIM))
+    assert trace.layer_names == ["inner"]
+    np.testing.assert_allclose(trace.layers[0].weights, expected, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(intermediates)[0]), trace.layers[0].weights)
+
+
+class MyAttention(nnx.MultiHeadAttention):
+    """A subclass of nnx.MultiHeadAttention, e.g. with its own projections or defaults."""
+
+
+class CrossModel(nnx.Module):
+    def __init__(self, rngs):
+        self.self_attention = MyAttention(num_heads=HEADS, in_features=FEATURES, decode=False, rngs=rngs)
+        self.cross_attention = attention(rngs)
+
+    def __call__(self, y, memory):
+        y = y + self.self_attention(y)
+        return y + self.cross_attention(y, memory)
+
+
+def test_cross_attention_and_subclasses():
+    y = jax.random.normal(jax.random.key(4), (BATCH, Q, FEATURES))
+    memory = jax.random.normal(jax.random.key(5), (BATCH, K, FEATURES))
+    model = CrossModel(nnx.Rngs(0))
+    trace = attnflow.capture(model, y, memory)
+    assert [(layer.name, layer.kind, layer.shape) for layer in trace.layers] == [
+        ("self_attention", "self", (BATCH, HEADS, Q, Q)), ("cross_attention", "cross", (BATCH, HEADS, Q, K)),
+    ]
+    w_self, out = mha_reference(model.self_attention, y, y)
+    w_cross, _ = mha_reference(model.cross_attention, np.asarray(y, np.float64) + out, memory)
+    np.testing.assert_allclose(trace.layers[0].weights, w_self, atol=1e-5)
+    np.testing.assert_allclose(trace.layers[1].weights, w_cross, atol=1e-5)
+
+
+def test_each_call_is_one_trace_and_methods_count(setup):
+    model, x, _ = setup
+    with attnflow.attach(model) as rec:
+        model(x)
+        model.encode(x[:, :4])  # a public method calling __call__: still one pass
+        model.layers[0](x)  # a submodule on its own: its layer, recorded as its own pass at the end
+    assert [(t.num_layers, t.seq_len) for t in rec.traces] == [(LAYERS, SEQ), (LAYERS, 4), (1, SEQ)]
+    assert type(model) is Model
+
+
+def test_bfloat16_is_upcast():
+    x = jax.random.normal(jax.random.key(6), (BATCH, SEQ, FEATURES))
+    model = attention(nnx.Rngs(0), dtype=jnp.bfloat16)
+    trace = attnflow.capture(model, x)
+    layer = trace.layers[0]
+    assert layer.name == "MultiHeadAttention"
+    assert layer.weights.dtype == np.float32 and layer.source_dtype == "bfloat16"
+    expected, _ = mha_reference(model, x, x)
+    np.testing.assert_allclose(layer.weights, expected, atol=3e-2)
+
+
+def test_opaque_attention_fn_is_hidden_attention(setup):
+    _, x, _ = setup
+
+    def opaque(query, key, value, *, module=None, **kwargs):
+        return jax.nn.dot_product_attention(query, key, value)
+
+    model = attention(nnx.Rngs(0), attention_fn=opaque)
+    before = snapshot(model)
+    with pytest.raises(HiddenAttentionError, match="did not sow"):
+        attnflow.capture(model, x)
+    assert_unchanged(model, before)
+
+
+def test_adapter_claims():
+    model = Model(nnx.Rngs(0))
+    adapter = attnflow.get_adapter("flax_nnx")
+    assert adapter.claims(model) and adapter.claims(model.encode)
+    assert not adapter.claims(lambda x: x) and not attnflow.get_adapter("flax_linen").claims(model)
