@@ -213,6 +213,7 @@ class LinenAdapter(Adapter):
 
     name = "flax_linen"
     framework = "flax"
+    array_library = "jax"
     extra = "jax"
     priority = 0
 

@@ -219,6 +219,7 @@ class NNXAdapter(Adapter):
 
     name = "flax_nnx"
     framework = "flax"
+    array_library = "jax"
     extra = "jax"
     priority = 0
 

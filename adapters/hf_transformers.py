@@ -50,6 +50,7 @@ class TransformersAdapter(attnflow.Adapter):
 
     name = "transformers"
     framework = "transformers"
+    array_library = "torch"
     extra = "transformers"
     priority = 10
 

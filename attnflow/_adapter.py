@@ -138,6 +138,9 @@ class Adapter(abc.ABC):
     #: Top-level module the models come from (``"torch"``, ``"flax"``). The adapter is asked to claim a
     #: model only when this module has already been imported: no model can exist otherwise.
     framework: ClassVar[str] = ""
+    #: The array library the model computes in (``"torch"``, ``"jax"``), stored as ``trace.framework``;
+    #: empty means the same as ``framework``.
+    array_library: ClassVar[str] = ""
     #: The pip extra that installs the framework (``pip install 'attnflow[EXTRA]'``).
     extra: ClassVar[str] = ""
     #: Adapters with higher priority are asked first (model-family adapters above generic ones).

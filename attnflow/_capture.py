@@ -28,7 +28,10 @@ def attach(
         removed (and any switched attention implementation restored) when the block exits, also on error.
     """
     chosen = find_adapter(model, adapter)
-    recorder = Recorder(framework=chosen.framework, model_name=chosen.model_name(model), tokens=tokens, adapter=chosen.name)
+    recorder = Recorder(
+        framework=chosen.array_library or chosen.framework, model_name=chosen.model_name(model), tokens=tokens,
+        adapter=chosen.name,
+    )
     with chosen.hooks(model, recorder, **options):
         yield recorder
 

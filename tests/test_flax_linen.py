@@ -92,7 +92,7 @@ def test_capture_matches_numpy_reference(setup):
     trace = attnflow.capture(model, variables, x, mask=mask)
     expected, expected_out = model_reference(variables, x, mask)
     assert trace.layer_names == [f"encoder/layer_{i}/attention" for i in range(LAYERS)]
-    assert trace.metadata["adapter"] == "flax_linen" and trace.model_name == "Model"
+    assert trace.metadata["adapter"] == "flax_linen" and trace.model_name == "Model" and trace.framework == "jax"
     assert (trace.batch_size, trace.seq_len, trace.num_heads) == (BATCH, SEQ, (HEADS,) * LAYERS)
     for layer, reference in zip(trace.layers, expected):
         assert layer.weights.dtype == np.float32 and layer.source_dtype == "float32" and layer.kind == "self"

@@ -123,7 +123,7 @@ def test_capture_matches_numpy_reference_and_leaves_model_unchanged(setup):
     assert_unchanged(model, before)
     expected, expected_out = model_reference(model, x, mask)
     assert trace.layer_names == [f"layers/{i}/attention" for i in range(LAYERS)]
-    assert trace.metadata["adapter"] == "flax_nnx" and trace.model_name == "Model"
+    assert trace.metadata["adapter"] == "flax_nnx" and trace.model_name == "Model" and trace.framework == "jax"
     for layer, reference in zip(trace.layers, expected):
         assert layer.weights.shape == (BATCH, HEADS, SEQ, SEQ) and layer.kind == "self"
         np.testing.assert_allclose(layer.weights, reference, atol=1e-5)

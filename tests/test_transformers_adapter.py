@@ -51,7 +51,7 @@ def test_capture_under_sdpa_equals_eager_output_attentions(family, padding, tiny
     inputs = hf_inputs(padding)
     trace = attnflow.capture(model, **inputs)
 
-    assert trace.metadata["adapter"] == "transformers"
+    assert trace.metadata["adapter"] == "transformers" and trace.framework == "torch"
     assert model.config._attn_implementation == "sdpa"  # restored
     assert trace.num_layers == HF_LAYERS[family]
     assert all(layer.shape == (BATCH, HEADS, SEQ, SEQ) for layer in trace.layers)  # per query head under GQA too
