@@ -8,6 +8,7 @@ Importing attnflow imports no deep-learning framework; adapters load theirs when
 from ._adapter import Adapter as Adapter
 from ._adapter import Recorder as Recorder
 from ._adapter import import_optional as import_optional
+from ._batch import run_batch as run_batch
 from ._capture import attach as attach
 from ._capture import capture as capture
 from ._compare import ComparisonReport as ComparisonReport
@@ -43,6 +44,6 @@ __all__ = [
     "ComparisonReport", "compare",
     "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "MissingDependencyError", "OptionError",
     "Recorder", "TraceError", "TraceFileError", "attach", "capture", "flow", "flow_network", "fuse_heads",
-    "get_adapter", "import_optional", "list_adapters", "load", "packaged_model_dir", "raw", "register_adapter", "rollout",
+    "get_adapter", "import_optional", "list_adapters", "load", "packaged_model_dir", "raw", "register_adapter", "rollout", "run_batch",
     "unregister_adapter",
 ]

@@ -1,0 +1,82 @@
+"""``attnflow batch INPUT.jsonl --out DIR``: explain a whole file of texts on Dask (see :mod:`attnflow._batch`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ._batch import DEFAULT_BATCH_SIZE, DEFAULT_METHODS, EXAMPLES_DIR, METHODS, TABLE, Malformed, run_batch
+from ._flow import DEFAULT_MAX_SECONDS
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        help="explain every text of a JSONL file on a Dask cluster",
+        description=(
+            "Run a model on every line of INPUT (JSON objects with a \"text\" field and an optional \"id\") and "
+            f"write per-example matrices (OUT/{EXAMPLES_DIR}/ID.safetensors) and per-token scores (OUT/{TABLE}). "
+            "Re-running the same command skips the examples already written; malformed lines are reported "
+            "with their line numbers and skipped."
+        ),
+    )
+    parser.add_argument("input", help="JSONL file, one {\"text\": ..., \"id\": ...} object per line")
+    parser.add_argument("--out", default="results", help="output directory (default: results/)")
+    parser.add_argument(
+        "--model", default=None,
+        help="model directory on the workers (default: the packaged all-MiniLM-L6-v2)",
+    )
+    parser.add_argument("--adapter", default="transformers", help="adapter that loads the model (default: transformers)")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, any of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--sources", default="0",
+        help="explained token positions, comma-separated (negative counts back from the last token, e.g. "
+        "--sources=-1), or 'all'; flow is computed from these (default: 0, the first token)",
+    )
+    parser.add_argument(
+        "--all-layers", action="store_true",
+        help="keep every layer (raw per layer, rollout and flow up to each layer), not only the last",
+    )
+    parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
+    parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
+    parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
+    parser.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    parser.add_argument(
+        "--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
+        help="per example, refuse flow problems estimated to take longer (the example is reported as failed)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        help=f"texts per forward pass and per Dask task (default {DEFAULT_BATCH_SIZE})",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster (default: one per core)")
+    where.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://HOST:8786")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    def report(item: Malformed) -> None:
+        print(f"attnflow: {args.input}: {item}; skipped", file=sys.stderr)
+
+    try:
+        summary = run_batch(
+            args.input, args.out, model=args.model, adapter=args.adapter, methods=args.methods,
+            sources=args.sources, all_layers=args.all_layers, head_fusion=args.head_fusion, residual=args.residual,
+            discard_ratio=args.discard_ratio, max_length=args.max_length, max_seconds=args.max_seconds,
+            batch_size=args.batch_size, workers=args.workers, scheduler=args.scheduler,
+            progress=not args.no_progress, on_malformed=report,
+        )
+    except KeyboardInterrupt:
+        print("attnflow: interrupted; the examples written so far are kept: run the same command to resume.", file=sys.stderr)
+        return 130
+    for example_id, reason in summary.failed:
+        print(f"attnflow: example {example_id!r} failed: {reason}", file=sys.stderr)
+    print(f"attnflow batch: {summary}")
+    print(f"wrote {summary.out}/ ({EXAMPLES_DIR}/*.safetensors, {TABLE}: {summary.rows} rows, summary.json)")
+    return 1 if summary.failed else 0
