@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import igraph
 import numpy as np
 
 from ._errors import FlowTooLargeError, OptionError
 from ._fusion import LayerSelection, check_options, select_layers, transition_matrices
-from ._network import layered_graph
 from ._trace import AttentionTrace
+
+if TYPE_CHECKING:
+    import igraph
 
 #: flow() refuses problems estimated to take longer than this unless the caller raises ``max_seconds``.
 DEFAULT_MAX_SECONDS = 1800.0
@@ -158,7 +160,7 @@ def flow_network(
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,
-) -> igraph.Graph:
+) -> igraph.Graph:  # igraph is imported on first use: it pulls in matplotlib
     """The flow network of one batch item as an ``igraph.Graph``.
 
     Vertices are ``(layer, token)`` for the item's real tokens, vertex id ``layer * n + i`` (layer 0 =
@@ -167,6 +169,8 @@ def flow_network(
     layer ``l`` with edge attribute ``capacity``. ``graph.maxflow_value(src, dst, capacity="capacity")``
     on it gives :func:`flow` with ``normalize=False``.
     """
+    from ._network import layered_graph
+
     adj, valid = transition_matrices(
         trace, batch_index, head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers
     )

@@ -35,6 +35,20 @@ def test_import_attnflow_imports_no_framework():
     assert json.loads(result.stdout) == []
 
 
+def test_import_attnflow_stays_light():
+    """Heavy optional packages load only when used: numba for flow, dask for batch, matplotlib/igraph for plots."""
+    heavy = ("numba", "dask", "distributed", "pandas", "pyarrow", "matplotlib", "igraph")
+    result = run_python(
+        f"""
+        import json, sys
+        import attnflow
+        print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}))))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
 def test_loading_the_adapter_entry_points_imports_no_framework():
     result = run_python(
         f"""
