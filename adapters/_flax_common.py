@@ -143,6 +143,7 @@ class PassCollector:
         self.api = api
         self.cross = cross
         self.active = False
+        self.depth = 0  # nesting of root-model calls
         self._reset()
 
     def _reset(self) -> None:
@@ -169,6 +170,26 @@ class PassCollector:
             kind = "self" if array.shape[-2] == array.shape[-1] else "cross"
         keys, causal = mask_info(mask, is_causal, array.shape)
         self.layers.append(_Layer(name, array, kind, source_dtype, keys, causal))
+
+    def outermost(self, call: Callable[[], Any], input_ids: Any = None) -> Any:
+        """Run ``call`` (a root-model call) as one forward pass; nested root calls join the pass.
+
+        The outermost call begins the pass and finishes it, or discards it when the call raises.
+        """
+        if self.depth == 0:
+            self.begin(input_ids)
+        self.depth += 1
+        finished = False
+        try:
+            result = call()
+            finished = True
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and not finished:
+                self.discard()
+        if self.depth == 0:
+            self.finish()
+        return result
 
     def discard(self) -> None:
         self.active = False

@@ -222,3 +222,10 @@ def int_ids(value: Any, torch: Any) -> np.ndarray | None:
             return None
         return value.detach().cpu().numpy()
     return None
+
+
+def run_without_grad(model: Any, args: tuple, kwargs: dict) -> Any:
+    """One forward pass for ``capture()``: no autograd graph is needed to read attention."""
+    torch = attnflow.import_optional("torch", "torch")
+    with torch.no_grad():
+        return model(*args, **kwargs)

@@ -87,7 +87,6 @@ class _CallInfo:
 class _LinenCapture:
     def __init__(self, recorder: Recorder, cross: Any):
         self.collector = PassCollector(recorder, api="linen", cross=cross)
-        self.depth = 0  # nesting of root-module calls
         self.calls: dict[int, _CallInfo] = {}
 
     # -- the interceptor ----------------------------------------------------------------------------
@@ -97,20 +96,9 @@ class _LinenCapture:
             return next_fun(*args, **kwargs)
         if module.scope.path:
             return self._call(module, next_fun, args, kwargs, context)
-        if self.depth == 0:
-            self.collector.begin(find_input_ids(args, kwargs))
-        self.depth += 1
-        finished = False
-        try:
-            result = self._call(module, next_fun, args, kwargs, context)
-            finished = True
-        finally:
-            self.depth -= 1
-            if self.depth == 0 and not finished:
-                self.collector.discard()
-        if self.depth == 0:
-            self.collector.finish()
-        return result
+        return self.collector.outermost(
+            lambda: self._call(module, next_fun, args, kwargs, context), find_input_ids(args, kwargs)
+        )
 
     def _call(self, module: Any, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         nn = _linen()

@@ -63,25 +63,11 @@ def _nnx() -> Any:
 class _NNXCapture:
     def __init__(self, recorder: Recorder, cross: Any):
         self.collector = PassCollector(recorder, api="nnx", cross=cross)
-        self.depth = 0
         self.closed = False  # copies made by nnx.split inside the block outlive it: they pass through
 
     # -- pass boundaries (called by the root's wrapped methods) -------------------------------------
     def call_root(self, method: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        if self.depth == 0:
-            self.collector.begin(find_input_ids(args, kwargs))
-        self.depth += 1
-        finished = False
-        try:
-            result = method(instance, *args, **kwargs)
-            finished = True
-        finally:
-            self.depth -= 1
-            if self.depth == 0 and not finished:
-                self.collector.discard()
-        if self.depth == 0:
-            self.collector.finish()
-        return result
+        return self.collector.outermost(lambda: method(instance, *args, **kwargs), find_input_ids(args, kwargs))
 
     # -- attention ----------------------------------------------------------------------------------
     def attention_fn(self, name: str, original: Any) -> Any:

@@ -65,9 +65,7 @@ class TransformersAdapter(attnflow.Adapter):
         return name
 
     def run(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        torch = attnflow.import_optional("torch", self.extra)
-        with torch.no_grad():
-            return model(*args, **kwargs)
+        return common.run_without_grad(model, args, kwargs)
 
     # -- capture ------------------------------------------------------------------------------------
     @contextmanager

@@ -100,9 +100,7 @@ class TorchAdapter(attnflow.Adapter):
         return any(isinstance(module, torch.nn.MultiheadAttention) for module in model.modules())
 
     def run(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        torch = attnflow.import_optional("torch", self.extra)
-        with torch.no_grad():
-            return model(*args, **kwargs)
+        return common.run_without_grad(model, args, kwargs)
 
     @contextmanager
     def hooks(
