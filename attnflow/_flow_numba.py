@@ -1,0 +1,472 @@
+"""Compiled (numba) Dinic max-flow kernel for the layered attention network.
+
+Imported lazily by :mod:`attnflow._flow_solvers` only; importing this module imports numba.
+
+Layout: ``cap`` is ``(L, n, n)`` with ``cap[l, i, k]`` the capacity of the edge ``(l + 1, i) -> (l, k)``;
+``res`` (same shape) holds the residual capacity ``cap - flow`` of each edge, so ``cap - res`` is the flow
+that a reverse arc may cancel. For one source ``(top, s)`` (``1 <= top <= L``) and one sink ``(0, j)`` only
+layers ``0..top`` take part, and of them only ``s`` in layer ``top`` and only ``j`` in layer 0. Node
+``(l, i)`` has label ``d[l * n + i]``: its distance to the sink in the level graph, or -1 (dead/unreachable).
+
+``res`` equals ``cap`` between pairs: every entry a pair changes is logged and restored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# The hot loops below are written out by hand, without helper functions taking arrays: numba would add an
+# atomic reference-count increment and decrement around every such call, which cost about half the run time.
+
+
+@njit(cache=True, nogil=True)
+def _phase_one(cap, res, top, s, j, reach, span, bound, tol, work, lim, got, col, log):
+    """Blocking flow on the layered DAG with zero initial flow (levels = layers), multi-push DFS.
+
+    Arcs out of ``(l, i)`` are tried diagonal first (the residual term makes it the widest), then by token
+    index over live heads only, within ``span[l - 1, i] = (first, last)`` positive entries. A node that cannot
+    pass on what it is offered is dead for the phase and is skipped by everyone through a skip list
+    (``nxt``: per layer, the next live index at or after each index, with path halving). Layer-2 nodes push
+    straight into the sink through layer 1 (``col``, ``(n,)``, holds what the edges ``(1, k) -> (0, j)`` have
+    left). Residuals up to ``tol`` count as zero here (this phase only has to find a good feasible flow, not
+    prove it optimal). Returns ``(value, log_len)``; ``log_len`` is -1 if the log overflowed. ``res[0, :, j]``
+    is left stale: the caller copies ``col`` into it.
+    """
+    n = cap.shape[1]
+    w = n + 1
+    size = log.size
+    d = work[0]
+    cur = work[1]
+    sl = work[2]
+    si = work[3]
+    nxt = work[4]
+    for k in range(n):
+        col[k] = res[0, k, j]
+    for lay in range(top + 1):
+        for i in range(n):
+            d[lay * n + i] = lay if (0 < lay < top and reach[lay, i]) else -1
+            cur[lay * n + i] = -1
+    for k in range(n):
+        if col[k] <= tol:
+            d[n + k] = -1
+    d[j] = 0
+    d[top * n + s] = top
+    for lay in range(1, top):
+        base = lay * w
+        for i in range(n):
+            nxt[base + i] = i if d[lay * n + i] >= 0 else i + 1
+        nxt[base + n] = n
+    log_len = 0
+    depth = 0
+    sl[0] = top
+    si[0] = s
+    lim[0] = bound
+    got[0] = 0.0
+    while True:
+        lu = sl[depth]
+        iu = si[depth]
+        want = lim[depth] - got[depth]
+        if want > tol:
+            if lu == 1:  # only a source in layer 1 gets here
+                a = want if want < col[iu] else col[iu]
+                col[iu] -= a
+                got[depth] += a
+            elif lu == 2:  # feed the sink through the layer-1 nodes
+                last = span[1, iu, 1]
+                c = cur[2 * n + iu]
+                k = iu  # the diagonal first, then the live nodes in index order
+                if c >= 0:
+                    k = c
+                    while nxt[w + k] != k:
+                        nxt[w + k] = nxt[w + nxt[w + k]]
+                        k = nxt[w + k]
+                elif d[n + iu] < 0 or res[1, iu, iu] <= tol:
+                    c = span[1, iu, 0]
+                    k = c
+                    while nxt[w + k] != k:
+                        nxt[w + k] = nxt[w + nxt[w + k]]
+                        k = nxt[w + k]
+                while k <= last:
+                    r1 = res[1, iu, k]
+                    if r1 > tol and (k != iu or c < 0):
+                        r0 = col[k]
+                        a = r1 if r1 < r0 else r0
+                        if want < a:
+                            a = want
+                        res[1, iu, k] = 0.0 if a >= r1 else r1 - a
+                        if a >= r0 or r0 - a <= tol:
+                            col[k] = 0.0
+                            d[n + k] = -1
+                            nxt[w + k] = k + 1
+                        else:
+                            col[k] = r0 - a
+                        got[depth] += a
+                        want -= a
+                        if 0 <= log_len < size:
+                            log[log_len] = (n + iu) * n + k
+                            log_len += 1
+                        else:
+                            log_len = -1
+                        if want <= tol:
+                            break
+                    if c < 0:  # leaving the diagonal
+                        c = span[1, iu, 0]
+                        k = c
+                    else:
+                        k += 1
+                    while nxt[w + k] != k:
+                        nxt[w + k] = nxt[w + nxt[w + k]]
+                        k = nxt[w + k]
+                    c = k
+                cur[2 * n + iu] = c
+                if want > tol:
+                    d[2 * n + iu] = -1
+                    if top > 2:
+                        nxt[2 * w + iu] = iu + 1
+            else:
+                lo = lu - 1
+                u = lu * n + iu
+                c = cur[u]
+                found = -1
+                if c < 0:
+                    if d[lo * n + iu] >= 0 and res[lo, iu, iu] > tol:
+                        found = iu
+                    else:
+                        c = span[lo, iu, 0]
+                if found < 0:
+                    base = lo * w
+                    last = span[lo, iu, 1]
+                    while True:
+                        while nxt[base + c] != c:
+                            nxt[base + c] = nxt[base + nxt[base + c]]
+                            c = nxt[base + c]
+                        if c > last:
+                            break
+                        if c != iu and res[lo, iu, c] > tol:
+                            found = c
+                            break
+                        c += 1
+                    cur[u] = c
+                if found >= 0:
+                    r = res[lo, iu, found]
+                    depth += 1
+                    sl[depth] = lo
+                    si[depth] = found
+                    lim[depth] = r if r < want else want
+                    got[depth] = 0.0
+                    continue
+                d[u] = -1
+                if lu < top:
+                    nxt[lu * w + iu] = iu + 1
+        # hand what this node passed on back to its parent
+        g = got[depth]
+        if depth == 0:
+            return g, log_len
+        depth -= 1
+        if g > 0.0:
+            ip = si[depth]
+            r = res[lu, ip, iu]
+            res[lu, ip, iu] = 0.0 if g >= r else r - g
+            if 0 <= log_len < size:
+                log[log_len] = (lu * n + ip) * n + iu
+                log_len += 1
+            else:
+                log_len = -1
+            got[depth] += g
+
+
+@njit(cache=True, nogil=True)
+def _relevant_nodes(top, s, j, reach, q, rel, cnt):
+    """Per layer, the nodes on some source-to-sink path: ``rel[l * n : l * n + cnt[l]]``.
+
+    Only they can lie on an augmenting path: a node that reaches the sink in the residual network reached it
+    in the original one (reverse arcs start at nodes that carry flow), and likewise from the source; ``q > 0``
+    marks the nodes reachable from ``(top, s)`` (see :func:`source_chain`).
+    """
+    n = q.shape[1]
+    cnt[0] = 1
+    rel[0] = j
+    cnt[top] = 1
+    rel[top * n] = s
+    for lay in range(1, top):
+        c = 0
+        for i in range(n):
+            if reach[lay, i] and q[lay, i] > 0.0:
+                rel[lay * n + c] = i
+                c += 1
+        cnt[lay] = c
+
+
+@njit(cache=True, nogil=True)
+def _bfs_labels(cap, res, top, s, j, eps, work):
+    """Exact distance-to-sink labels in the residual network (-1: no path). True if the source has one."""
+    n = cap.shape[1]
+    d, ql, qi, rel, cnt = work[0], work[5], work[6], work[7], work[8]
+    for v in range((top + 1) * n):
+        d[v] = -1
+    src = top * n + s
+    d[j] = 0
+    head = 0
+    tail = 1
+    ql[0] = 0
+    qi[0] = j
+    while head < tail:
+        lv = ql[head]
+        kv = qi[head]
+        head += 1
+        dv = d[lv * n + kv]
+        if d[src] >= 0 and dv >= d[src]:
+            break
+        if lv + 1 <= top:  # forward arcs (lv + 1, i) -> (lv, kv) with spare capacity
+            base = (lv + 1) * n
+            for p in range(cnt[lv + 1]):
+                i = rel[base + p]
+                if d[base + i] < 0 and res[lv, i, kv] > eps:
+                    d[base + i] = dv + 1
+                    ql[tail] = lv + 1
+                    qi[tail] = i
+                    tail += 1
+        if lv >= 2:  # reverse arcs (lv - 1, i) -> (lv, kv), cancelling flow on (lv, kv) -> (lv - 1, i)
+            base = (lv - 1) * n
+            for p in range(cnt[lv - 1]):
+                i = rel[base + p]
+                if d[base + i] < 0 and cap[lv - 1, kv, i] - res[lv - 1, kv, i] > eps:
+                    d[base + i] = dv + 1
+                    ql[tail] = lv - 1
+                    qi[tail] = i
+                    tail += 1
+    return d[src] >= 0
+
+
+@njit(cache=True, nogil=True)
+def _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len):
+    """Dinic phases on the residual network (BFS levels, arcs both ways) until no augmenting path is left,
+    over the nodes of :func:`_relevant_nodes` only."""
+    n = cap.shape[1]
+    d, cur, sl, si, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
+    _relevant_nodes(top, s, j, reach, q, rel, cnt)
+    while _bfs_labels(cap, res, top, s, j, eps, work):
+        for v in range((top + 1) * n):
+            cur[v] = 0
+        depth = 0
+        sl[0] = top
+        si[0] = s
+        while depth >= 0:
+            lu = sl[depth]
+            iu = si[depth]
+            if lu == 0:
+                delta = np.inf
+                cut = 0
+                for p in range(depth):
+                    if sl[p + 1] < sl[p]:
+                        r = res[sl[p + 1], si[p], si[p + 1]]
+                    else:
+                        r = cap[sl[p], si[p + 1], si[p]] - res[sl[p], si[p + 1], si[p]]
+                    if r < delta:
+                        delta = r
+                        cut = p
+                for p in range(depth):
+                    la, ia, lb, ib = sl[p], si[p], sl[p + 1], si[p + 1]
+                    if lb < la:
+                        lay, i, k = lb, ia, ib
+                        res[lay, i, k] = 0.0 if p == cut else res[lay, i, k] - delta
+                    else:
+                        lay, i, k = la, ib, ia
+                        res[lay, i, k] = cap[lay, i, k] if p == cut else res[lay, i, k] + delta
+                    if 0 <= log_len < log.size:
+                        log[log_len] = (lay * n + i) * n + k
+                        log_len += 1
+                    else:
+                        log_len = -1
+                total += delta
+                if total >= bound - tol:
+                    return total, log_len
+                depth = cut
+                continue
+            u = lu * n + iu
+            want = d[u] - 1
+            down = cnt[lu - 1]
+            up = cnt[lu + 1] if lu < top else 0
+            found = -1
+            a = cur[u]
+            while a < down + up:
+                if a < down:
+                    k = rel[(lu - 1) * n + a]
+                    if d[(lu - 1) * n + k] == want and res[lu - 1, iu, k] > eps:
+                        found = (lu - 1) * n + k
+                        break
+                else:
+                    k = rel[(lu + 1) * n + a - down]
+                    if d[(lu + 1) * n + k] == want and cap[lu, k, iu] - res[lu, k, iu] > eps:
+                        found = (lu + 1) * n + k
+                        break
+                a += 1
+            cur[u] = a
+            if found >= 0:
+                depth += 1
+                sl[depth] = found // n
+                si[depth] = found - sl[depth] * n
+            else:
+                d[u] = -1
+                depth -= 1
+    return total, log_len
+
+
+@njit(cache=True, nogil=True)
+def source_chain(cap, top, s, q):
+    """Tree bounds from the source: ``q[m, k]`` >= max-flow from ``(top, s)`` to ``(m, k)``, ``m < top``.
+
+    ``q[top - 1] = cap[top - 1, s]`` and ``q[m - 1, k] = sum_i min(q[m, i], cap[m - 1, i, k])`` (the flow into
+    ``(m - 1, k)`` through ``(m, i)`` is at most both terms). ``q`` is ``(L, n)``.
+    """
+    n = cap.shape[1]
+    for k in range(n):
+        q[top - 1, k] = cap[top - 1, s, k]
+    for m in range(top - 1, 0, -1):
+        for k in range(n):
+            q[m - 1, k] = 0.0
+        for i in range(n):
+            qi = q[m, i]
+            if qi > 0.0:
+                for k in range(n):
+                    c = cap[m - 1, i, k]
+                    q[m - 1, k] += c if c < qi else qi
+
+
+@njit(cache=True, nogil=True)
+def sink_chain(cap, j, h):
+    """Tree bounds to the sink: ``h[m, k]`` >= max-flow from ``(m, k)`` to ``(0, j)`` for ``1 <= m < L``.
+
+    ``h[1, k] = cap[0, k, j]`` and ``h[m, k] = sum_i min(cap[m - 1, k, i], h[m - 1, i])``; ``h`` is
+    ``(L, n)``.
+    """
+    num_layers, n, _ = cap.shape
+    if num_layers < 2:
+        return
+    for k in range(n):
+        h[1, k] = cap[0, k, j]
+    for m in range(2, num_layers):
+        for k in range(n):
+            total = 0.0
+            for i in range(n):
+                c = cap[m - 1, k, i]
+                hi = h[m - 1, i]
+                total += c if c < hi else hi
+            h[m, k] = total
+
+
+@njit(cache=True, nogil=True)
+def layer_bound(q, h, top, j):
+    """Upper bound on the flow from ``(top, s)`` to ``(0, j)``: every path crosses each layer ``m`` once, so
+    the flow is at most ``sum_k min(q[m, k], h[m, k])`` for each ``0 < m < top``, and at most ``q[0, j]``."""
+    n = q.shape[1]
+    bound = q[0, j]
+    for m in range(1, top):
+        total = 0.0
+        for k in range(n):
+            a = q[m, k]
+            b = h[m, k]
+            total += a if a < b else b
+        if total < bound:
+            bound = total
+    return bound
+
+
+@njit(cache=True, nogil=True)
+def pair_flow(cap, res, top, s, j, reach, span, bound, eps, tol, work, fwork, log, q, hc, hdone):
+    """Exact max-flow value from ``(top, s)`` to ``(0, j)``; ``res == cap`` on entry and again on return.
+
+    ``reach[l, i]``: node ``(l, i)`` has a path of positive capacity down to ``(0, j)``. ``span[l, i]`` is the
+    first and last ``k`` with ``cap[l, i, k] > 0`` (``(n, -1)`` for none). ``bound`` is an upper bound on the
+    value (a cut). The search stops once the flow found is within ``tol`` of it, or of the sharper
+    :func:`layer_bound` (from ``q``, the :func:`source_chain` of ``(top, s)``, and ``hc[j]``, the
+    :func:`sink_chain` of ``j``, computed here on first use and flagged in ``hdone[j]``), otherwise when no
+    augmenting path is left. Scratch: ``work`` ``(9, (L + 1) * (n + 1))`` int64, ``fwork``
+    ``(3, (L + 1) * (n + 1))`` float64, ``log`` int64 of any length (a full log costs a full reset of
+    ``res``).
+    """
+    if bound <= eps or not reach[top, s]:
+        return 0.0
+    n = cap.shape[1]
+    col = fwork[2]
+    lim = fwork[0]
+    got = fwork[1]
+    total, log_len = _phase_one(cap, res, top, s, j, reach, span, bound, tol, work, lim, got, col, log)
+    if total < bound - tol:
+        if not hdone[j]:
+            sink_chain(cap, j, hc[j])
+            hdone[j] = True
+        sharper = layer_bound(q, hc[j], top, j)
+        if sharper < bound:
+            bound = sharper
+        if total < bound - tol:
+            for k in range(n):
+                res[0, k, j] = col[k]
+            total, log_len = _later_phases(
+                cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len
+            )
+    for k in range(n):
+        res[0, k, j] = cap[0, k, j]
+    if log_len < 0:
+        res[:top] = cap[:top]
+    else:
+        flat_res = res.reshape(-1)
+        flat_cap = cap.reshape(-1)
+        for p in range(log_len):
+            flat_res[log[p]] = flat_cap[log[p]]
+    return total
+
+
+@njit(cache=True, nogil=True)
+def source_flows(cap, res, top, s, reach, span, bounds, sinks, eps, tol, out, work, fwork, log, q, hc, hdone):
+    """``out[j]`` = max-flow from ``(top, s)`` to ``(0, j)`` for every ``j`` in ``sinks``.
+
+    ``reach`` is ``(n, L + 1, n)`` bool, ``reach[j, l, i]``: node ``(l, i)`` reaches ``(0, j)``. ``bounds``
+    and ``out`` are ``(n,)``; ``bounds[j]`` is an upper bound on the ``j``-th value (used only to stop early).
+    ``q`` is ``(L, n)`` scratch, ``hc`` ``(n, L, n)`` and ``hdone`` ``(n,)`` bool a cache of sink chains that
+    may be kept across calls on the same ``cap``. Other arguments as in :func:`pair_flow`.
+    """
+    source_chain(cap, top, s, q)
+    for p in range(sinks.size):
+        j = sinks[p]
+        out[j] = pair_flow(
+            cap, res, top, s, j, reach[j], span, bounds[j], eps, tol, work, fwork, log, q, hc, hdone
+        )
+
+
+@njit(cache=True, nogil=True)
+def reach_to_sinks(cap, span):
+    """``(n, L + 1, n)`` bool; ``[j, l, i]``: node ``(l, i)`` has a positive-capacity path to ``(0, j)``.
+
+    Same as :func:`attnflow._flow_solvers.reach_to_sinks`, without BLAS (whose idle worker threads would spin
+    beside the solver); scans each row (diagonal first, then from its last positive entry back) only until it
+    finds a way down.
+    """
+    num_layers, n, _ = cap.shape
+    reach = np.zeros((n, num_layers + 1, n), dtype=np.bool_)
+    for j in range(n):
+        reach[j, 0, j] = True
+        lo = j  # the reaching nodes of the layer below lie in lo..hi
+        hi = j
+        for lay in range(1, num_layers + 1):
+            below = reach[j, lay - 1]
+            new_lo = n
+            new_hi = -1
+            for i in range(n):
+                found = below[i] and cap[lay - 1, i, i] > 0.0
+                if not found:
+                    for k in range(min(span[lay - 1, i, 1], hi), max(span[lay - 1, i, 0], lo) - 1, -1):
+                        if below[k] and cap[lay - 1, i, k] > 0.0:
+                            found = True
+                            break
+                if found:
+                    reach[j, lay, i] = True
+                    new_hi = i
+                    if new_lo == n:
+                        new_lo = i
+            if new_hi < 0:
+                break
+            lo = new_lo
+            hi = new_hi
+    return reach

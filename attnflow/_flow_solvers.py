@@ -1,0 +1,443 @@
+"""Exact max-flow values on the layered attention network (Abnar & Zuidema, ACL 2020).
+
+The network of one batch item has ``L + 1`` layers of ``n`` nodes; ``adj[l, i, j]`` (``(L, n, n)``,
+non-negative) is the capacity of the edge from node ``(l + 1, i)`` to node ``(l, j)``; layer 0 holds the input
+tokens. The flow value ``F[s, j]`` is the max-flow from ``(L, s)`` to ``(0, j)``. Methods, all exact:
+
+``"dinic"``  compiled (numba) Dinic on the dense layered network; no graph is built. Per pair it first finds
+             a blocking flow on the plain layered DAG (multi-push DFS, diagonal arc first, dead nodes skipped
+             through a skip list) and stops as soon as that flow meets a cut bound (a feasible flow that meets
+             an upper bound is a maximum flow); only the pairs it does not certify get further Dinic phases on
+             the residual network, which end with a proof (no augmenting path). Work is shared across pairs
+             (the arrays, which nodes can reach which sink, tree bounds per sink); sources run in ``n_jobs``
+             threads (the kernel releases the GIL).
+``"pruned"`` pure numpy + igraph fallback, used by ``"auto"`` when numba is missing: closed forms for one and
+             two layers, zero for pairs with a zero cut bound, and otherwise one igraph max-flow per pair on
+             the network cut down to the nodes that lie on some source-to-sink path (``n_jobs`` processes).
+``"igraph"`` the reference: one ``Graph.maxflow_value`` per (source, sink) pair on
+             :func:`attnflow._network.layered_graph` (``n_jobs`` processes).
+``"auto"``   ``"dinic"`` when numba can be imported, else ``"pruned"``.
+
+numba is imported lazily, only when a ``"dinic"`` solve runs; importing attnflow never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import nullcontext
+
+import numpy as np
+
+from ._errors import MissingDependencyError, OptionError
+
+METHODS = ("auto", "dinic", "pruned", "igraph")
+
+# Residual capacities at most EPS * max(adj) count as zero when proving optimality, and the search stops once
+# a feasible flow is within TOL * max(adj) of a cut bound. Values are exact to about TOL * max(adj).
+EPS = 2.0**-50
+TOL = 1e-12
+
+# Cost model of estimate_seconds, per (source, sink) pair and source layer T: "dinic" costs
+# _DINIC_SECONDS * sqrt(T) * n^1.5, the igraph methods _IGRAPH_EDGE_SECONDS * T * n^2. Fitted as an upper
+# envelope on a 2-core x86 VM: the "dinic" constant covers the last token of causal (decoder) attention,
+# the slowest case seen (1.4x to 4x faster than estimated); real, peaked and bottlenecked encoder attention
+# ran 4x to 28x faster than estimated, the igraph loop about 1.4x to 2x faster.
+_DINIC_SECONDS = 3e-7
+_IGRAPH_EDGE_SECONDS = 1.5e-7
+_PAIR_OVERHEAD_SECONDS = 1e-6
+
+
+def max_flow_values(
+    adj: np.ndarray,
+    sources: Sequence[int],
+    *,
+    method: str = "auto",
+    all_layers: bool = False,
+    n_jobs: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Raw max-flow values from output nodes to input nodes.
+
+    Args:
+        adj: ``(L, n, n)`` non-negative capacities; ``adj[l, i, j]`` is the edge ``(l + 1, i) -> (l, j)``.
+        sources: token indices ``s`` (``0 <= s < n``, or negative counting from the end) of the source nodes.
+        method: one of :data:`METHODS`; all give the same values (to about ``1e-12 * adj.max()``).
+        all_layers: also compute the flows from every layer's nodes (the paper's ``compute_flows``).
+        n_jobs: worker threads (``"dinic"``) or processes (``"pruned"``, ``"igraph"``).
+        progress: called as ``progress(k)`` each time ``k`` more sources are finished.
+
+    Returns:
+        ``(len(sources), n)`` float64, ``[r, j]`` the max-flow from ``(L, sources[r])`` to ``(0, j)``. With
+        ``all_layers=True``, ``(L, len(sources), n)`` whose ``[l - 1, r, j]`` is the max-flow from
+        ``(l, sources[r])`` to ``(0, j)`` for ``l = 1..L``.
+    """
+    adj = _check_adj(adj)
+    num_layers, n, _ = adj.shape
+    rows = _check_sources(sources, n)
+    if not (isinstance(n_jobs, (int, np.integer)) and n_jobs >= 1):
+        raise OptionError(f"n_jobs must be a positive int, got {n_jobs!r}.")
+    requested, method = method, resolve_method(method)
+    if method == "dinic":
+        try:
+            from . import _flow_numba  # noqa: F401  (imports numba)
+        except ImportError as exc:  # numba installed but broken (e.g. a mismatched llvmlite)
+            if requested != "auto":
+                raise MissingDependencyError(f"method='dinic' could not import numba: {exc}") from exc
+            method = "pruned"
+    tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    out = np.zeros((len(tops), rows.size, n))
+    report = progress if progress is not None else (lambda k: None)
+    if rows.size and n:
+        solve = {"dinic": _solve_dinic, "pruned": _solve_pruned, "igraph": _solve_igraph}[method]
+        solve(adj, rows, tops, out, int(n_jobs), report)
+    return out if all_layers else out[0]
+
+
+def estimate_seconds(
+    num_layers: int, n: int, num_sources: int, *, method: str = "auto", all_layers: bool = False
+) -> float:
+    """Upper-side estimate of the run time of :func:`max_flow_values` with ``n_jobs=1``; solves nothing.
+
+    ``num_layers`` is ``L``, ``n`` the tokens per layer, ``num_sources`` the number of sources. Per (source,
+    sink) pair and source layer ``T``: ``"dinic"`` grows like ``sqrt(T) * n^1.5`` (most pairs are settled by a
+    flow that meets a cut bound long before the whole network is searched), the igraph methods like
+    ``T * n^2`` (one push-relabel over the whole network per pair); layers 1 and 2 have closed forms except
+    for ``"igraph"``. The constants cover the slowest attention measured (causal), so dense encoder attention
+    usually runs several times faster than estimated.
+    Not included: the first ``"dinic"`` call in a process compiles the kernel (about 10-20 s once, about 1 s
+    when numba's on-disk cache already holds it).
+    """
+    method = resolve_method(method)
+    if num_layers <= 0 or n <= 0 or num_sources <= 0:
+        return 0.0
+    tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    pairs = num_sources * n
+    if method == "dinic":
+        per_pair = sum(math.sqrt(top) * n**1.5 for top in tops if top >= 3) * _DINIC_SECONDS
+    elif method == "pruned":
+        per_pair = sum(top * n * n for top in tops if top >= 3) * _IGRAPH_EDGE_SECONDS
+    else:
+        per_pair = sum(top * n * n for top in tops) * _IGRAPH_EDGE_SECONDS
+    return float(pairs * (per_pair + _PAIR_OVERHEAD_SECONDS * len(tops)))
+
+
+def resolve_method(method: str) -> str:
+    """The concrete method behind ``method`` (``"auto"`` -> ``"dinic"`` or ``"pruned"``)."""
+    if method not in METHODS:
+        raise OptionError(f"method must be one of {METHODS}, got {method!r}.")
+    if method == "auto":
+        return "dinic" if numba_available() else "pruned"
+    if method == "dinic" and not numba_available():
+        raise MissingDependencyError(
+            "method='dinic' needs numba: pip install 'attnflow[fast]' (or use method='auto' / 'pruned')."
+        )
+    return method
+
+
+def numba_available() -> bool:
+    """Whether numba can be imported (without importing it when it is missing)."""
+    if "numba" in sys.modules:
+        return sys.modules["numba"] is not None
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _check_adj(adj: np.ndarray) -> np.ndarray:
+    adj = np.ascontiguousarray(adj, dtype=np.float64)
+    if adj.ndim != 3 or adj.shape[1] != adj.shape[2]:
+        raise OptionError(f"adj must be (layers, n, n); got shape {adj.shape}.")
+    if adj.shape[0] < 1:
+        raise OptionError("adj must have at least one layer.")
+    if adj.size and not (np.isfinite(adj).all() and adj.min() >= 0.0):
+        raise OptionError("adj must be finite and non-negative.")
+    return adj
+
+
+def _check_sources(sources: Sequence[int], n: int) -> np.ndarray:
+    if isinstance(sources, (int, np.integer, str)):
+        raise OptionError(f"sources must be a sequence of token indices, got {sources!r}.")
+    rows = []
+    for s in sources:
+        if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not -n <= s < n:
+            raise OptionError(f"sources must hold token indices in [-{n}, {n}), got {s!r}.")
+        rows.append(int(s) % n)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def reach_to_sinks(adj: np.ndarray) -> np.ndarray:
+    """``(n, L + 1, n)`` bool; ``[j, l, i]``: node ``(l, i)`` has a positive-capacity path to ``(0, j)``."""
+    num_layers, n, _ = adj.shape
+    reach = np.zeros((num_layers + 1, n, n), dtype=bool)  # [l, i, j]
+    reach[0] = np.eye(n, dtype=bool)
+    current = np.eye(n, dtype=np.float32)
+    for lay in range(1, num_layers + 1):
+        current = ((adj[lay - 1] > 0).astype(np.float32) @ current > 0).astype(np.float32)
+        reach[lay] = current > 0
+    return np.ascontiguousarray(reach.transpose(2, 0, 1))
+
+
+def reach_from_source(adj: np.ndarray, top: int, s: int) -> np.ndarray:
+    """``(top + 1, n)`` bool; ``[l, i]``: node ``(l, i)`` is reachable from ``(top, s)``."""
+    n = adj.shape[1]
+    seen = np.zeros((top + 1, n), dtype=bool)
+    seen[top, s] = True
+    for lay in range(top - 1, -1, -1):
+        seen[lay] = (adj[lay][seen[lay + 1]] > 0).any(axis=0)
+    return seen
+
+
+def cut_bounds(adj: np.ndarray, rows: np.ndarray, top: int) -> np.ndarray:
+    """``(len(rows), n)`` trivial cut bounds ``min(out-capacity of (top, s), in-capacity of (0, j))``."""
+    out_cap = adj[top - 1][rows].sum(axis=1)
+    in_cap = adj[0].sum(axis=0)
+    return np.minimum(out_cap[:, None], in_cap[None, :])
+
+
+def two_layer_values(adj: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Closed form for a source in layer 2: the paths ``s -> k -> j`` are disjoint, so the flow is
+    ``sum_k min(adj[1, s, k], adj[0, k, j])``. ``(len(rows), n)``."""
+    n = adj.shape[1]
+    out = np.empty((rows.size, n))
+    step = max(1, (1 << 22) // max(1, n * n))
+    for a in range(0, rows.size, step):
+        upper = adj[1][rows[a : a + step]]
+        out[a : a + step] = np.minimum(upper[:, :, None], adj[0][None, :, :]).sum(axis=1)
+    return out
+
+
+def _fill_closed_forms(adj: np.ndarray, rows: np.ndarray, tops: list[int], out: np.ndarray) -> list[int]:
+    """Fill ``out`` for source layers 1 and 2; return the indices into ``tops`` still to solve."""
+    rest = []
+    for t, top in enumerate(tops):
+        if top == 1:
+            out[t] = adj[0][rows]
+        elif top == 2:
+            out[t] = two_layer_values(adj, rows)
+        else:
+            rest.append(t)
+    return rest
+
+
+def _run_tasks(
+    executor: Executor | None,
+    fn: Callable,
+    tasks: list[tuple],
+    on_done: Callable[[tuple, object], None],
+) -> None:
+    """Run ``fn(*task)`` for every task (in ``executor`` if given), calling ``on_done(task, result)`` in order
+    of completion, in this thread."""
+    if executor is None:
+        for task in tasks:
+            on_done(task, fn(*task))
+        return
+    pending = {executor.submit(fn, *task): task for task in tasks}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_done(pending.pop(future), future.result())
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+class _Progress:
+    """Counts finished tasks per source row and reports a row once all of its tasks are done."""
+
+    def __init__(self, tasks_per_row: np.ndarray, report: Callable[[int], None]):
+        self.left = tasks_per_row.astype(np.int64).copy()
+        self.report = report
+        ready = int((self.left == 0).sum())
+        if ready:
+            report(ready)
+
+    def finished(self, row: int) -> None:
+        self.left[row] -= 1
+        if self.left[row] == 0:
+            self.report(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# "dinic": the compiled kernel
+
+
+def _solve_dinic(adj, rows, tops, out, n_jobs, report) -> None:
+    from . import _flow_numba as kernel
+
+    num_layers, n, _ = adj.shape
+    rest = _fill_closed_forms(adj, rows, tops, out)
+    if not rest:
+        report(rows.size)
+        return
+    scale = float(adj.max())
+    if scale <= 0.0:
+        report(rows.size)
+        return
+    span = _spans(adj)
+    reach = kernel.reach_to_sinks(adj, span)
+    eps, tol = EPS * scale, TOL * scale
+    bounds = {t: cut_bounds(adj, rows, tops[t]) for t in rest}
+    # split the sinks when there are too few (source, layer) rows to keep n_jobs threads busy
+    blocks = 1 if n_jobs == 1 else max(1, min(n, math.ceil(4 * n_jobs / (rows.size * len(rest)))))
+    sink_sets = [np.ascontiguousarray(part, dtype=np.int64) for part in np.array_split(np.arange(n), blocks)]
+    tasks = [(t, r, b) for r in range(rows.size) for t in rest for b in range(len(sink_sets))]
+    local = threading.local()
+
+    def run(t: int, r: int, b: int) -> None:
+        space = getattr(local, "space", None)
+        if space is None:
+            space = local.space = _Workspace(adj)
+        kernel.source_flows(
+            adj, space.res, tops[t], int(rows[r]), reach, span, bounds[t][r], sink_sets[b], eps, tol,
+            out[t, r], space.work, space.fwork, space.log, space.q, space.hc, space.hdone,
+        )
+
+    tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
+    with ThreadPoolExecutor(n_jobs) if n_jobs > 1 else nullcontext() as executor:
+        if executor is not None:
+            # compile (or load the cached machine code) once, before the threads race to do it
+            run(*tasks[0])
+            tracker.finished(tasks[0][1])
+            tasks = tasks[1:]
+        _run_tasks(executor, run, tasks, lambda task, _: tracker.finished(task[1]))
+
+
+class _Workspace:
+    """Per-thread scratch arrays of the kernel (``res`` is a private copy of the capacities)."""
+
+    def __init__(self, adj: np.ndarray):
+        num_layers, n, _ = adj.shape
+        self.res = adj.copy()
+        self.work = np.empty((9, (num_layers + 1) * (n + 1)), dtype=np.int64)
+        self.fwork = np.empty((3, (num_layers + 1) * (n + 1)))
+        self.q = np.empty((num_layers, n))
+        self.hc = np.empty((n, num_layers, n))  # sink chains, filled on demand
+        self.hdone = np.zeros(n, dtype=bool)
+        self.log = np.empty(min(adj.size, 1 << 20), dtype=np.int64)
+
+
+def _spans(adj: np.ndarray) -> np.ndarray:
+    """``(L, n, 2)`` int64: first and last ``k`` with ``adj[l, i, k] > 0`` (``(n, -1)`` for an empty row)."""
+    n = adj.shape[1]
+    positive = adj > 0
+    any_positive = positive.any(axis=-1)
+    first = np.where(any_positive, positive.argmax(axis=-1), n)
+    last = np.where(any_positive, n - 1 - positive[..., ::-1].argmax(axis=-1), -1)
+    return np.ascontiguousarray(np.stack([first, last], axis=-1), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# "igraph" and "pruned": one igraph max-flow per pair, optionally in processes
+
+_graph_state: dict = {}
+
+
+def _init_graph_worker(adj: np.ndarray) -> None:
+    _graph_state.clear()
+    _graph_state["adj"] = adj
+    _graph_state["reach"] = None
+
+
+def _graph(top: int):
+    """The layered igraph graph of layers ``0..top`` (cached per worker)."""
+    from ._network import layered_graph
+
+    key = ("graph", top)
+    if key not in _graph_state:
+        _graph_state[key] = layered_graph(_graph_state["adj"][:top])
+    return _graph_state[key]
+
+
+def _graph_row(kind: str, t: int, r: int, top: int, s: int) -> np.ndarray:
+    """One source row ``(n,)`` by ``kind`` ("igraph" or "pruned"); ``t, r`` only label the task."""
+    return _igraph_row(top, s) if kind == "igraph" else _pruned_row(top, s)
+
+
+def _igraph_row(top: int, s: int) -> np.ndarray:
+    """Reference: one maxflow_value per sink on the whole layered graph."""
+    adj = _graph_state["adj"]
+    graph = _graph(adj.shape[0])
+    n = adj.shape[1]
+    src = top * n + s
+    return np.array([graph.maxflow_value(src, j, capacity="capacity") for j in range(n)], dtype=np.float64)
+
+
+def _pruned_row(top: int, s: int) -> np.ndarray:
+    """Fallback: igraph per sink on the layers ``0..top``, cut down to the nodes on some path from
+    ``(top, s)`` to ``(0, j)`` when that drops any."""
+    adj = _graph_state["adj"]
+    if _graph_state["reach"] is None:
+        _graph_state["reach"] = reach_to_sinks(adj)
+    reach = _graph_state["reach"]
+    graph = _graph(top)
+    n = adj.shape[1]
+    bounds = cut_bounds(adj, np.array([s]), top)[0]
+    down = reach_from_source(adj, top, s)
+    row = np.zeros(n)
+    for j in range(n):
+        if bounds[j] <= 0.0 or not reach[j, top, s]:
+            continue
+        keep = down & reach[j, : top + 1]
+        if keep[1:top].all():
+            row[j] = graph.maxflow_value(top * n + s, j, capacity="capacity")
+            continue
+        keep[top] = False
+        keep[top, s] = True
+        keep[0] = False
+        keep[0, j] = True
+        vids = np.flatnonzero(keep.reshape(-1))  # vertex id l * n + i, layers 0..top
+        sub = graph.induced_subgraph(vids.tolist(), implementation="create_from_scratch")
+        src, dst = int(np.searchsorted(vids, top * n + s)), int(np.searchsorted(vids, j))
+        row[j] = sub.maxflow_value(src, dst, capacity="capacity")
+    return row
+
+
+def _solve_graph(adj, rows, tops, out, n_jobs, report, *, kind) -> None:
+    todo = _fill_closed_forms(adj, rows, tops, out) if kind == "pruned" else list(range(len(tops)))
+    tasks = [(kind, t, r, tops[t], int(rows[r])) for r in range(rows.size) for t in todo]
+    tracker = _Progress(np.full(rows.size, len(todo)), report)
+
+    def done(task: tuple, row: np.ndarray) -> None:
+        out[task[1], task[2]] = row
+        tracker.finished(task[2])
+
+    if n_jobs == 1 or len(tasks) <= 1:
+        _init_graph_worker(adj)
+        try:
+            _run_tasks(None, _graph_row, tasks, done)
+        finally:
+            _graph_state.clear()
+        return
+    workers = min(n_jobs, len(tasks))
+    context = _process_context()
+    init = {"initializer": _init_graph_worker, "initargs": (adj,)}
+    with ProcessPoolExecutor(workers, mp_context=context, **init) as pool:
+        _run_tasks(pool, _graph_row, tasks, done)
+
+
+def _process_context():
+    import multiprocessing
+
+    # fork needs no `if __name__ == "__main__":` guard in the caller's script; elsewhere spawn is the safe
+    # choice.
+    linux_fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if linux_fork else "spawn")
+
+
+def _solve_igraph(adj, rows, tops, out, n_jobs, report) -> None:
+    _solve_graph(adj, rows, tops, out, n_jobs, report, kind="igraph")
+
+
+def _solve_pruned(adj, rows, tops, out, n_jobs, report) -> None:
+    _solve_graph(adj, rows, tops, out, n_jobs, report, kind="pruned")
+
+

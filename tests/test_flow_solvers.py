@@ -1,0 +1,316 @@
+"""Exactness of the attention-flow max-flow solvers (attnflow._flow_solvers) against networkx and igraph.
+
+Sizes differ on every axis (layers, tokens, sources) so that a swapped axis changes a shape or a value.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import networkx as nx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from networkx.algorithms.flow import edmonds_karp, preflow_push
+
+from attnflow import _flow_solvers as solvers
+from attnflow._errors import MissingDependencyError, OptionError
+from attnflow._flow_solvers import METHODS, estimate_seconds, max_flow_values
+
+ATOL = 1e-9
+EXACT = ("dinic", "pruned", "igraph")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def residual_mix(a: np.ndarray, residual: float = 0.5) -> np.ndarray:
+    """``(L, n, n)`` -> ``(1 - r) A + r I`` with rows renormalised (all-zero rows stay zero)."""
+    n = a.shape[-1]
+    mixed = (1 - residual) * a + residual * np.eye(n)
+    sums = mixed.sum(-1, keepdims=True)
+    return np.divide(mixed, sums, out=np.zeros_like(mixed), where=sums > 0)
+
+
+def peaked(rng: np.random.Generator, layers: int, n: int, *, heads: int = 1, temp: float = 0.3, causal=False):
+    """Head-mean of softmax(Gaussian / temp) attention, optionally causal, residual 0.5."""
+    logits = rng.standard_normal((layers, heads, n, n)) / temp
+    if causal:
+        logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+    logits -= logits.max(-1, keepdims=True)
+    att = np.exp(logits)
+    att = (att / att.sum(-1, keepdims=True)).mean(1)
+    return residual_mix(att)
+
+
+def bottlenecked(rng: np.random.Generator, layers: int, n: int) -> np.ndarray:
+    """Sparse random capacities with a narrow middle: many pairs sit strictly below both trivial bounds."""
+    adj = rng.uniform(0.0, 1.0, (layers, n, n)) * (rng.random((layers, n, n)) < 0.45)
+    adj[layers // 2] *= 0.15
+    return adj
+
+
+def nx_flows(adj: np.ndarray, sources, top: int | None = None, flow_func=edmonds_karp) -> np.ndarray:
+    """Independent reference: networkx max-flow per pair on a graph built here from ``adj`` directly."""
+    layers, n, _ = adj.shape
+    top = layers if top is None else top
+    graph = nx.DiGraph()
+    graph.add_nodes_from((lay, i) for lay in range(top + 1) for i in range(n))
+    for lay in range(top):
+        for i in range(n):
+            for k in range(n):
+                if adj[lay, i, k] > 0:
+                    graph.add_edge((lay + 1, i), (lay, k), capacity=float(adj[lay, i, k]))
+    return np.array(
+        [
+            [nx.maximum_flow_value(graph, (top, s), (0, j), flow_func=flow_func) for j in range(n)]
+            for s in sources
+        ]
+    )
+
+
+def trivial_bounds(adj: np.ndarray, sources) -> np.ndarray:
+    return np.minimum(adj[-1][list(sources)].sum(1)[:, None], adj[0].sum(0)[None, :])
+
+
+def solve_all(adj, sources, **kwargs) -> dict[str, np.ndarray]:
+    return {m: max_flow_values(adj, sources, method=m, **kwargs) for m in EXACT}
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["uniform", "peaked", "causal", "bottlenecked", "zeros"],
+)
+def test_all_methods_match_networkx(case):
+    rng = np.random.default_rng(["uniform", "peaked", "causal", "bottlenecked", "zeros"].index(case))
+    layers, n, sources = 4, 7, [6, 0, 3]
+    if case == "uniform":
+        adj = residual_mix(rng.uniform(size=(layers, n, n)))
+    elif case == "peaked":
+        adj = peaked(rng, layers, n)
+    elif case == "causal":
+        adj = peaked(rng, layers, n, causal=True)
+    elif case == "bottlenecked":
+        adj = bottlenecked(rng, layers, n)
+    else:
+        adj = bottlenecked(rng, layers, n)
+        adj[1, :, 2] = 0.0  # a column of zeros
+        adj[2, 4] = 0.0  # a node with no way down
+    reference = nx_flows(adj, sources)
+    for method, values in solve_all(adj, sources).items():
+        assert values.shape == (len(sources), n)
+        np.testing.assert_allclose(values, reference, rtol=0, atol=ATOL, err_msg=method)
+
+
+def test_bottlenecked_cases_are_not_trivial():
+    """The cases above must exercise the solver past its first phase: flows below both cut bounds."""
+    adj = bottlenecked(np.random.default_rng(3), 4, 7)
+    values = max_flow_values(adj, range(7))
+    assert (values < trivial_bounds(adj, range(7)) - 1e-6).mean() > 0.3
+
+
+def test_peaked_twelve_tokens_matches_preflow_push():
+    rng = np.random.default_rng(11)
+    adj = peaked(rng, 5, 12, heads=2, temp=0.2)
+    sources = [0, 11, 5, 7]
+    reference = nx_flows(adj, sources, flow_func=preflow_push)
+    np.testing.assert_allclose(max_flow_values(adj, sources), reference, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_closed_forms_and_shallow_networks(layers):
+    rng = np.random.default_rng(layers)
+    adj = bottlenecked(rng, layers, 6)
+    reference = nx_flows(adj, [5, 2])
+    for method, values in solve_all(adj, [5, 2]).items():
+        np.testing.assert_allclose(values, reference, rtol=0, atol=ATOL, err_msg=method)
+    if layers == 1:
+        np.testing.assert_allclose(max_flow_values(adj, [5, 2]), adj[0][[5, 2]], atol=0)
+
+
+def test_all_layers_equals_each_sub_network():
+    rng = np.random.default_rng(5)
+    layers, n, sources = 4, 6, [1, 5]
+    adj = bottlenecked(rng, layers, n)
+    stacked = {m: max_flow_values(adj, sources, method=m, all_layers=True) for m in EXACT}
+    for method, values in stacked.items():
+        assert values.shape == (layers, len(sources), n)
+        for top in range(1, layers + 1):
+            alone = max_flow_values(adj[:top], sources, method=method)
+            np.testing.assert_allclose(values[top - 1], alone, rtol=0, atol=ATOL, err_msg=method)
+            reference = nx_flows(adj, sources, top=top)
+            np.testing.assert_allclose(values[top - 1], reference, rtol=0, atol=ATOL, err_msg=method)
+
+
+def test_axis_order_with_distinct_sizes():
+    """L=3, n=5, 2 sources: the output is (sources, sinks) and row r belongs to sources[r]."""
+    rng = np.random.default_rng(8)
+    adj = bottlenecked(rng, 3, 5)
+    values = max_flow_values(adj, [4, 1])
+    assert values.shape == (2, 5)
+    assert max_flow_values(adj, [4, 1], all_layers=True).shape == (3, 2, 5)
+    np.testing.assert_allclose(values[0], max_flow_values(adj, [4])[0], atol=0)
+    np.testing.assert_allclose(values, nx_flows(adj, [4, 1]), atol=ATOL)
+    np.testing.assert_allclose(max_flow_values(adj, [-1, -4]), values, atol=0)
+
+
+def test_causal_flows_to_future_tokens_are_zero():
+    adj = peaked(np.random.default_rng(4), 4, 8, causal=True)
+    values = max_flow_values(adj, range(8))
+    assert np.all(values[np.triu_indices(8, 1)] == 0.0)
+    np.testing.assert_allclose(values, nx_flows(adj, range(8)), atol=ATOL)
+
+
+def test_degenerate_inputs():
+    zero = np.zeros((3, 4, 4))
+    for method in METHODS:
+        assert np.all(max_flow_values(zero, [0, 3], method=method) == 0.0)
+    assert max_flow_values(np.ones((2, 3, 3)), []).shape == (0, 3)
+    one = np.ones((3, 1, 1)) * 0.25
+    assert max_flow_values(one, [0])[0, 0] == pytest.approx(0.25)
+
+
+def test_large_capacities_scale():
+    rng = np.random.default_rng(9)
+    adj = bottlenecked(rng, 4, 6) * 1e6
+    np.testing.assert_allclose(max_flow_values(adj, [0, 5]), nx_flows(adj, [0, 5]), rtol=1e-11, atol=0)
+
+
+def test_compiled_reachability_matches_numpy():
+    from attnflow import _flow_numba as kernel
+
+    rng = np.random.default_rng(12)
+    cases = [
+        peaked(rng, 5, 9, causal=True),
+        bottlenecked(rng, 6, 11),
+        np.triu(bottlenecked(rng, 4, 8)),
+        np.zeros((3, 4, 4)),
+        bottlenecked(rng, 9, 3),
+    ]
+    for adj in cases:
+        expected = solvers.reach_to_sinks(adj)
+        assert np.array_equal(kernel.reach_to_sinks(adj, solvers._spans(adj)), expected)
+
+
+def test_log_overflow_resets_the_residual_network():
+    """The kernel logs the residual entries it changes; when the log is full it restores everything."""
+    from attnflow import _flow_numba as kernel
+
+    adj = bottlenecked(np.random.default_rng(2), 4, 6)
+    layers, n, _ = adj.shape
+    reach = solvers.reach_to_sinks(adj)
+    span = solvers._spans(adj)
+    bounds = solvers.cut_bounds(adj, np.array([3]), layers)[0]
+    res = adj.copy()
+    work = np.empty((9, (layers + 1) * (n + 1)), np.int64)
+    fwork = np.empty((3, (layers + 1) * (n + 1)))
+    out = np.zeros(n)
+    tiny_log = np.empty(1, np.int64)
+    kernel.source_flows(
+        adj, res, layers, 3, reach, span, bounds, np.arange(n), 1e-15, 1e-12, out, work, fwork, tiny_log,
+        np.empty((layers, n)), np.empty((n, layers, n)), np.zeros(n, bool),
+    )
+    assert np.array_equal(res, adj)
+    np.testing.assert_allclose(out, nx_flows(adj, [3])[0], atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+capacities = st.integers(1, 5).flatmap(
+    lambda layers: st.integers(1, 6).flatmap(
+        lambda n: hnp.arrays(
+            np.float64,
+            (layers, n, n),
+            elements=st.one_of(st.just(0.0), st.floats(0.0, 1.0, allow_subnormal=False)),
+        )
+    )
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adj=capacities, data=st.data())
+def test_properties(adj, data):
+    n = adj.shape[1]
+    sources = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=3))
+    auto = max_flow_values(adj, sources)
+    reference = max_flow_values(adj, sources, method="igraph")
+    np.testing.assert_allclose(auto, reference, rtol=0, atol=ATOL)
+    assert np.all(auto >= 0.0)
+    assert np.all(auto <= trivial_bounds(adj, sources) + 1e-12)
+    layered = max_flow_values(adj, sources, all_layers=True)
+    np.testing.assert_allclose(layered[-1], auto, rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------ numba or not
+
+
+def test_fallback_without_numba_gives_the_same_values(monkeypatch):
+    rng = np.random.default_rng(6)
+    adj = np.concatenate([peaked(rng, 3, 9), bottlenecked(rng, 2, 9)])
+    with_numba = max_flow_values(adj, [8, 0, 4], all_layers=True)
+    assert solvers.resolve_method("auto") == "dinic"
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    assert solvers.resolve_method("auto") == "pruned"
+    without = max_flow_values(adj, [8, 0, 4], all_layers=True)
+    np.testing.assert_allclose(without, with_numba, rtol=0, atol=1e-12)
+    with pytest.raises(MissingDependencyError, match=r"attnflow\[fast\]"):
+        max_flow_values(adj, [0], method="dinic")
+
+
+def test_importing_attnflow_does_not_import_numba():
+    code = (
+        "import sys, numpy as np, attnflow, attnflow._flow_solvers as s\n"
+        "s.max_flow_values(np.ones((3, 2, 2)) / 2, [0], method='pruned')\n"
+        "bad = [m for m in ('numba', 'torch', 'jax', 'flax', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------ options, jobs
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_n_jobs_and_progress(method):
+    rng = np.random.default_rng(7)
+    adj = bottlenecked(rng, 4, 6)
+    calls: list[int] = []
+    one = max_flow_values(adj, [0, 2, 5], method=method, all_layers=True)
+    two = max_flow_values(adj, [0, 2, 5], method=method, all_layers=True, n_jobs=2, progress=calls.append)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-15)
+    assert sum(calls) == 3 and all(k >= 1 for k in calls)
+    single: list[int] = []
+    max_flow_values(adj, [4], method=method, n_jobs=2, progress=single.append)
+    assert single == [1]
+
+
+def test_bad_options():
+    adj = np.ones((2, 3, 3)) / 3
+    with pytest.raises(OptionError):
+        max_flow_values(adj, [0], method="fastest")
+    with pytest.raises(OptionError):
+        max_flow_values(adj, [3])
+    with pytest.raises(OptionError):
+        max_flow_values(adj, 0)
+    with pytest.raises(OptionError):
+        max_flow_values(adj, [0], n_jobs=0)
+    with pytest.raises(OptionError):
+        max_flow_values(-adj, [0])
+    with pytest.raises(OptionError):
+        max_flow_values(adj[0], [0])
+
+
+def test_estimate_seconds_is_cheap_and_monotone():
+    small = estimate_seconds(6, 32, 1)
+    assert 0 < small < 60
+    assert estimate_seconds(6, 128, 128) > estimate_seconds(6, 128, 1) > 0
+    assert estimate_seconds(12, 512, 512, all_layers=True) > estimate_seconds(12, 512, 512) > 600
+    assert estimate_seconds(6, 128, 128, method="igraph") > estimate_seconds(6, 128, 128, method="dinic")
+    assert estimate_seconds(2, 512, 512, method="pruned") < 60  # closed form
+    assert estimate_seconds(0, 10, 1) == 0.0
