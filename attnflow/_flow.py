@@ -47,10 +47,15 @@ def flow(
         sources: output-token positions to compute (e.g. ``[0]`` for CLS); negative values count back
             from each item's last real token (``[-1]`` = last token of a decoder). Default: all tokens.
         all_layers: also compute flows from every layer's nodes to the inputs (the paper's compute_flows).
-        method: ``"auto"`` (fastest exact solver) or ``"igraph"`` (one igraph max-flow per pair, the
-            reference); both give the same values.
-        n_jobs: worker processes for the solver.
-        max_seconds: refuse (``FlowTooLargeError``) when the estimated run time exceeds this.
+        method: ``"auto"`` (the compiled ``"dinic"`` solver when numba is installed, else ``"pruned"``),
+            ``"dinic"``, ``"pruned"`` (numpy + igraph on the network cut down per pair, closed forms for one
+            and two layers) or ``"igraph"`` (one igraph max-flow per pair: the reference). All are exact and
+            agree to about ``1e-12``.
+        n_jobs: parallel workers: threads for ``"dinic"``, processes for ``"pruned"``/``"igraph"`` (forked on
+            Linux; elsewhere they are spawned, so call from under ``if __name__ == "__main__":``).
+        max_seconds: refuse (``FlowTooLargeError``) when the estimated run time exceeds this. The
+            estimate is an upper bound sized for causal attention; encoder attention usually runs 4-30x
+            faster than estimated.
         progress: show a progress bar (None: only when the run takes more than a moment).
 
     Returns:

@@ -202,6 +202,42 @@ def main() -> None:
     print(f"paper code path, MiniLM {paper.shape[0]}x{paper_tokens}, all {paper_tokens ** 2} pairs: networkx "
           f"Edmonds-Karp {theirs_s:.2f} s, attnflow {ours_s * 1e3:.1f} ms ({theirs_s / ours_s:.0f}x), "
           f"max|diff| {np.abs(ours - theirs).max():.1e}")
+    memory_case(64 if args.quick else 512)
+
+
+MEMORY_CHILD = """
+import resource, sys
+import numpy as np
+import attnflow
+layers, heads, n = 12, 12, int(sys.argv[1])
+rng = np.random.default_rng(0)
+weights = []
+for _ in range(layers):
+    logits = rng.normal(size=(1, heads, n, n)).astype(np.float32) / 0.3
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    weights.append(w / w.sum(-1, keepdims=True))
+trace = attnflow.AttentionTrace.from_arrays(weights)
+del weights, logits, w
+attnflow.flow(attnflow.AttentionTrace.from_arrays([np.full((1, 1, 4, 4), 0.25)] * 3), sources=[0])  # warm-up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+attnflow.flow(trace, sources=[0], progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before / 1024, after / 1024)
+"""
+
+
+def memory_case(n: int) -> None:
+    """Peak memory of attnflow.flow(trace, sources=[0]) on 12 layers x n tokens, in a fresh process."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(n)], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    before, after = (float(x) for x in result.stdout.split())
+    print()
+    print(f"memory, flow(trace, sources=[0]) on 12 layers x 12 heads x {n} tokens: process peak {after:.0f} MiB "
+          f"(the trace itself and Python {before:.0f} MiB before the call; target < 1024 MiB)")
 
 
 if __name__ == "__main__":
