@@ -112,4 +112,4 @@ def print_table(
             j = order[name][rank]
             cells.append(f"{tokens[j][:12]:<12} {score[j]:8.4f}")
         print(f"{rank + 1:>4}  " + "  ".join(f"{c:<22}" for c in cells))
-    print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
+    print("seconds: " + ", ".join(f"{k} {v:.4f}" for k, v in timings.items()))
