@@ -52,7 +52,8 @@ def flow(
             and two layers) or ``"igraph"`` (one igraph max-flow per pair: the reference). All are exact and
             agree to about ``1e-12``.
         n_jobs: parallel workers: threads for ``"dinic"``, processes for ``"pruned"``/``"igraph"`` (forked on
-            Linux; elsewhere they are spawned, so call from under ``if __name__ == "__main__":``).
+            Linux unless JAX is loaded, whose threads make fork unsafe; otherwise started fresh, so call from
+            under ``if __name__ == "__main__":``).
         max_seconds: refuse (``FlowTooLargeError``) when the estimated run time exceeds this. The
             estimate is an upper bound sized for causal attention; encoder attention usually runs 4-30x
             faster than estimated.

@@ -427,10 +427,13 @@ def _solve_graph(adj, rows, tops, out, n_jobs, report, *, kind) -> None:
 def _process_context():
     import multiprocessing
 
-    # fork needs no `if __name__ == "__main__":` guard in the caller's script; elsewhere spawn is the safe
-    # choice.
-    linux_fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if linux_fork else "spawn")
+    # fork needs no `if __name__ == "__main__":` guard in the caller's script, but forking a process whose
+    # native threads may hold locks can deadlock the child: JAX's runtime is such a process. Then, and off
+    # Linux, start workers from a clean process (forkserver, else spawn), which needs the guard.
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods and "jax" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def _solve_igraph(adj, rows, tops, out, n_jobs, report) -> None:

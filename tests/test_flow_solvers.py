@@ -314,3 +314,28 @@ def test_estimate_seconds_is_cheap_and_monotone():
     assert estimate_seconds(6, 128, 128, method="igraph") > estimate_seconds(6, 128, 128, method="dinic")
     assert estimate_seconds(2, 512, 512, method="pruned") < 60  # closed form
     assert estimate_seconds(0, 10, 1) == 0.0
+
+
+def test_process_workers_are_not_forked_from_a_jax_process(tmp_path):
+    """Forking a process that runs JAX can deadlock; with JAX loaded, workers start fresh (and say nothing)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import multiprocessing, jax, numpy as np\n"
+        "jax.numpy.ones(3).block_until_ready()  # JAX's runtime threads are up\n"
+        "from attnflow._flow_solvers import _process_context, max_flow_values\n"
+        "if __name__ == '__main__':\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    adj = rng.dirichlet(np.ones(5), size=(3, 5))\n"
+        "    two = max_flow_values(adj, [0, 1, 2], method='igraph', n_jobs=2)\n"
+        "    one = max_flow_values(adj, [0, 1, 2], method='igraph')\n"
+        "    assert np.abs(two - one).max() < 1e-15\n"
+        "    print(_process_context().get_start_method())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in ("forkserver", "spawn")
