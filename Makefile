@@ -1,5 +1,6 @@
 # make demo: install, then explain a sentence with the packaged MiniLM model.
 # make test: install, then lint and run the whole suite.
+# constraints.txt pins torch (CPU build from local disk) and ruff (lint rules change between releases).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -86,6 +86,11 @@ class TorchAdapter(attnflow.Adapter):
     (or (seq, batch), transposed).
     Layer names are module paths from ``model.named_modules()``; a module run twice in one pass is named
     ``path#1`` the second time. Keep the model in ``eval()`` mode: attention dropout breaks the rows.
+
+    Self or cross: an ``nn.MultiheadAttention`` is ``"self"`` when its query and key are the same tensor.
+    A module selected with ``modules=`` is judged by shape alone (square = ``"self"``), so a cross-attention
+    module whose memory is as long as its queries would pass for self-attention: select only the
+    self-attention modules for rollout and flow.
     """
 
     name = "torch"

@@ -166,11 +166,16 @@ class Adapter(abc.ABC):
     # Optional: adapters that can load a model from a path power the command line (explain, batch).
     def load_model(self, location: str) -> tuple[Any, Any]:
         """Load ``(model, tokenizer)`` from a local directory (or a hub id where there is network)."""
-        raise NotImplementedError(f"Adapter {self.name!r} cannot load models by path; load the model yourself.")
+        raise AdapterError(
+            f"Adapter {self.name!r} cannot load models by path; load the model yourself and use "
+            "attnflow.capture(), or pick an adapter that can (e.g. --adapter transformers)."
+        )
 
     def encode(self, tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None) -> dict[str, Any]:
         """Tokenise ``texts`` (padded batch) into the keyword arguments the model's forward takes."""
-        raise NotImplementedError(f"Adapter {self.name!r} cannot tokenise text.")
+        raise AdapterError(
+            f"Adapter {self.name!r} cannot tokenise text; pick an adapter that can (e.g. transformers)."
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} framework={self.framework!r}>"

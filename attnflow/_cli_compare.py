@@ -44,6 +44,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--flow-sources", type=int, nargs="+", default=None, metavar="POS",
                         help="source token positions for flow and Spearman (default: 0, or -1 for causal traces)")
     parser.add_argument("--align", default="index", help=f"how to pair layers: {ALIGN_HELP}")
+    parser.add_argument("--allow-unmatched", action="store_true",
+                        help="with --align names/numbers, accept layers that only one trace has")
     parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
     parser.add_argument("--residual", type=float, default=0.5)
     parser.add_argument("--png", default=None, metavar="PATH", help="write the per-layer/head difference heatmap")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         load(args.trace_a), load(args.trace_b), atol=args.atol, mean_atol=args.mean_atol,
         rollout_atol=args.rollout_atol, flow_atol=args.flow_atol, min_spearman=args.min_spearman,
         spearman_tie_tol=args.spearman_tie_tol, flow=not args.no_flow, flow_sources=args.flow_sources,
-        align=args.align, head_fusion=args.head_fusion, residual=args.residual,
+        align=args.align, allow_unmatched=args.allow_unmatched, head_fusion=args.head_fusion, residual=args.residual,
     )
     print(f"A = {args.trace_a}\nB = {args.trace_b}")
     print(report.to_table())

@@ -88,7 +88,8 @@ class ComparisonReport:
             (``"rollout"``) and flow row (``"flow"``, absent when flow was skipped).
         sources: the source token positions of the flow and Spearman rows (negative: from the end).
         tolerances: the tolerances the verdict used.
-        checks: each check's outcome (``attention``, ``rollout``, ``flow``, ``spearman``).
+        checks: each check's outcome (``attention``, ``rollout``, ``flow``, ``spearman``, and ``layers``:
+            every layer was paired, unless ``allow_unmatched``).
         alignment: how layers were paired; ``unmatched_a`` / ``unmatched_b`` list layers left out.
     """
 
@@ -96,7 +97,7 @@ class ComparisonReport:
         self, *, layers: Sequence[LayerComparison], rollout_max_abs: float, flow_max_abs: float | None,
         spearman: dict[str, float], sources: list[int], tolerances: dict[str, float | None], alignment: str,
         ignore_tokens: bool, unmatched_a: Sequence[str], unmatched_b: Sequence[str], about_a: dict[str, Any],
-        about_b: dict[str, Any], batch: int, seq: int,
+        about_b: dict[str, Any], batch: int, seq: int, allow_unmatched: bool = False,
     ):
         self.layers = tuple(layers)
         self.rollout_max_abs = rollout_max_abs
@@ -120,6 +121,10 @@ class ComparisonReport:
             self.checks["flow"] = self.flow_max_abs <= self.tolerances["flow_atol"]
         if min_rho is not None:
             self.checks["spearman"] = all(rho >= min_rho for rho in self.spearman.values())
+        self.allow_unmatched = allow_unmatched
+        if not allow_unmatched:
+            # a layer only one trace has is a difference, not something to skip silently
+            self.checks["layers"] = not (self.unmatched_a or self.unmatched_b)
 
     @property
     def ok(self) -> bool:
@@ -257,6 +262,8 @@ class ComparisonReport:
             first = self.first_rollout_failure
             if first is not None:
                 detail.append(f"rollout from layer {first}")
+            if not self.checks.get("layers", True):
+                detail.append("layers only one trace has (allow_unmatched=True / --allow-unmatched to accept)")
             lines.append(f"verdict: DIFFERENT ({', '.join(failed)} beyond tolerance"
                          + (f": {'; '.join(detail)}" if detail else "") + ")")
         return "\n".join(lines)
@@ -284,6 +291,7 @@ def compare(
     flow: bool = True,
     flow_sources: Sequence[int] | None = None,
     align: str = "index",
+    allow_unmatched: bool = False,
     head_fusion: str = "mean",
     residual: float = 0.5,
     max_seconds: float = 120.0,
@@ -312,6 +320,8 @@ def compare(
         align: how to pair layers, and whether token labels must match: ``"index"`` (default),
             ``"names"``, ``"numbers"``, optionally with ``"+tokens"``; ``"tokens"`` = index ignoring
             labels. See :data:`ALIGN_HELP`.
+        allow_unmatched: with ``align="names"``/``"numbers"``, layers that only one trace has are listed
+            in the report and fail the verdict (check ``layers``) unless this is True.
         head_fusion, residual: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
         max_seconds: passed to :func:`attnflow.flow`.
 
@@ -424,7 +434,7 @@ def compare(
         layers=layers, rollout_max_abs=rollout_max, flow_max_abs=flow_max, spearman=spearman, sources=sources,
         tolerances=tolerances, alignment=layer_align, ignore_tokens=ignore_tokens, unmatched_a=unmatched_a,
         unmatched_b=unmatched_b, about_a=_about(trace_a), about_b=_about(trace_b), batch=trace_a.batch_size,
-        seq=trace_a.seq_len,
+        seq=trace_a.seq_len, allow_unmatched=allow_unmatched,
     )
 
 

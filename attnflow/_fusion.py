@@ -21,6 +21,21 @@ def fuse_heads(weights: np.ndarray, head_fusion: str = "mean") -> np.ndarray:
     return getattr(w, head_fusion)(axis=1)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _iterable(value: object) -> list:
+    try:
+        return list(value)  # type: ignore[call-overload]
+    except TypeError:
+        return [None]
+
+
 def select_layers(trace: AttentionTrace, layers: LayerSelection = None) -> list[LayerAttention]:
     """The self-attention layers picked by ``layers``.
 
@@ -33,30 +48,32 @@ def select_layers(trace: AttentionTrace, layers: LayerSelection = None) -> list[
         raise OptionError("The trace has no self-attention layers; rollout and flow need at least one.")
     if layers is None:
         return all_layers
-    if isinstance(layers, tuple) and len(layers) == 2 and all(x is None or isinstance(x, int) for x in layers):
-        layers = slice(*layers)
+    if isinstance(layers, tuple) and len(layers) == 2 and all(x is None or _is_int(x) for x in layers):
+        layers = slice(*(None if x is None else int(x) for x in layers))
     if isinstance(layers, slice):
         indices = list(range(count))[layers]
     else:
-        try:
-            indices = [int(i) for i in layers]
-        except TypeError as exc:
-            raise OptionError(f"layers must be None, (start, end), a slice or a list of ints; got {layers!r}.") from exc
+        if isinstance(layers, (str, bytes)) or not all(_is_int(i) for i in _iterable(layers)):
+            raise OptionError(f"layers must be None, (start, end), a slice or a list of ints; got {layers!r}.")
+        indices = [int(i) for i in layers]
         bad = [i for i in indices if not -count <= i < count]
         if bad:
             raise OptionError(f"layers {bad} out of range: the trace has {count} self-attention layers.")
         indices = [i % count for i in indices]
-        if indices != sorted(set(indices)):
-            raise OptionError(f"layers must be increasing and distinct (model order); got {list(layers)!r}.")
+    if indices != sorted(set(indices)):
+        raise OptionError(
+            f"layers must select layers in increasing model order (rollout and flow run first layer first); "
+            f"got {layers!r}."
+        )
     if not indices:
         raise OptionError(f"layers={layers!r} selects no layer out of {count}.")
     return [all_layers[i] for i in indices]
 
 
 def check_options(residual: float, discard_ratio: float) -> None:
-    if not (isinstance(residual, (int, float)) and 0.0 <= residual <= 1.0):
+    if not (_is_number(residual) and 0.0 <= residual <= 1.0):
         raise OptionError(f"residual must be a number in [0, 1] (0.5 is the paper's); got {residual!r}.")
-    if not (isinstance(discard_ratio, (int, float)) and 0.0 <= discard_ratio < 1.0):
+    if not (_is_number(discard_ratio) and 0.0 <= discard_ratio < 1.0):
         raise OptionError(
             f"discard_ratio must be in [0, 1): the fraction of lowest fused weights to drop; got {discard_ratio!r}."
         )

@@ -22,7 +22,7 @@ def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str = "mean") ->
         columns of padding positions are 0.
     """
     layers = trace.self_layers()
-    if not isinstance(layer, (int, np.integer)) or not -len(layers) <= layer < len(layers):
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) or not -len(layers) <= layer < len(layers):
         raise OptionError(f"layer must be an int in [-{len(layers)}, {len(layers)}); got {layer!r}.")
     fused = fuse_heads(layers[layer].weights, head_fusion)
     return fused * (trace.mask[:, :, None] & trace.mask[:, None, :])
@@ -52,7 +52,8 @@ def rollout(
 
     Returns:
         ``(batch, seq, seq)`` float64: ``[b, i, j]`` is how much output token ``i`` draws on input token
-        ``j``; each valid row sums to 1, padding rows/columns are 0. With ``all_layers=True``,
+        ``j``; each valid row sums to 1 (with ``residual=0`` and ``discard_ratio > 0`` a row of an inner
+        layer can be discarded whole, and the mass through it is lost), padding rows/columns are 0. With ``all_layers=True``,
         ``(layers, batch, seq, seq)`` where entry ``l`` is the rollout up to and including layer ``l``.
     """
     batch, seq = trace.batch_size, trace.seq_len

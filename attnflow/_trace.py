@@ -97,7 +97,7 @@ class AttentionTrace:
         self.mask = _check_mask(mask, batch, seq)
         self.tokens = _check_tokens(tokens, batch, seq)
         if causal is None:
-            causal = bool(self_layers) and all(_is_causal(layer.weights) for layer in self_layers)
+            causal = bool(self_layers) and all(_is_causal(layer.weights, self.mask) for layer in self_layers)
         self.causal = bool(causal)
         self.framework = str(framework)
         self.model_name = str(model_name)
@@ -270,6 +270,8 @@ def _check_layer(index: int, layer: LayerAttention) -> None:
         )
     if min(w.shape) == 0:
         raise TraceError(f"{where}: weights have an empty axis, shape {w.shape}.")
+    if w.dtype.name == "bfloat16":
+        raise TraceError(f"{where}: numpy cannot compute in bfloat16; pass weights.astype(np.float32).")
     if not np.issubdtype(w.dtype, np.floating):
         raise TraceError(
             f"{where}: weights must be floating point, got {w.dtype}. Pass attention probabilities, not scores."
@@ -329,11 +331,13 @@ def _check_tokens(tokens: Sequence[Sequence[str]] | None, batch: int, seq: int) 
     return tokens
 
 
-def _is_causal(w: np.ndarray) -> bool:
+def _is_causal(w: np.ndarray, mask: np.ndarray) -> bool:
+    """No real query attends to a later real key (padding rows, e.g. of left-padded decoders, don't count)."""
     q, k = w.shape[-2:]
     if q != k or q < 2:
         return False
-    return not np.triu(w, k=1).any()
+    real = mask[:, None, :, None] & mask[:, None, None, :]
+    return not np.triu(w * real, k=1).any()
 
 
 def _check_rows(index: int, layer: LayerAttention, mask: np.ndarray) -> None:

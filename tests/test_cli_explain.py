@@ -82,3 +82,8 @@ def test_bad_model_directory_is_a_clear_error(tmp_path, capsys):
     status = main(["explain", "hello", "--model", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o")])
     assert status == 1
     assert "attnflow: error:" in capsys.readouterr().err
+
+
+def test_adapter_that_cannot_load_models_is_a_clear_error(tmp_path, capsys):
+    assert main(["explain", "hello", "--adapter", "torch", "--out", str(tmp_path / "o")]) == 1
+    assert "cannot load models by path" in capsys.readouterr().err

@@ -149,6 +149,9 @@ def test_align_by_numbers_pairs_torch_and_jax_names():
     assert [layer.name_a for layer in partial.layers] == ["encoder.layer.1.attention.self", "encoder.layer.3.attention.self"]
     assert partial.unmatched_a == ("encoder.layer.0.attention.self", "encoder.layer.2.attention.self")
     assert partial.layers[0].heads[0].max_abs == 0
+    assert not partial.ok and partial.checks["layers"] is False  # missing layers are a difference
+    allowed = attnflow.compare(a, subset, align="numbers", flow=False, allow_unmatched=True)
+    assert "layers" not in allowed.checks and allowed.unmatched_a == partial.unmatched_a
 
 
 def test_align_by_names():
@@ -223,4 +226,7 @@ def test_cli_compare_exit_codes_and_outputs(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a.safetensors"), str(tmp_path / "short.safetensors")]) == 1
     assert "Layer counts differ" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a.safetensors"), str(tmp_path / "short.safetensors"),
-                 "--align", "numbers", "--no-flow"]) == 0
+                 "--align", "numbers", "--no-flow"]) == 1
+    assert "layers only one trace has" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a.safetensors"), str(tmp_path / "short.safetensors"),
+                 "--align", "numbers", "--no-flow", "--allow-unmatched"]) == 0

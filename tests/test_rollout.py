@@ -148,6 +148,14 @@ def test_layer_selection_and_all_layers():
     np.testing.assert_allclose(every[0], attnflow.rollout(trace, layers=[0]), atol=0)
 
 
+def test_numpy_integers_and_floats_are_options_too():
+    rng = np.random.default_rng(9)
+    trace = AttentionTrace.from_arrays(dirichlet_layers(rng, 4, 1, 2, 5))
+    expected = attnflow.rollout(trace, layers=(0, 3), residual=0.25)
+    got = attnflow.rollout(trace, layers=(np.int64(0), np.int64(3)), residual=np.float32(0.25))
+    np.testing.assert_allclose(got, expected, atol=1e-7)  # (start, end), not the index list [0, 3]
+
+
 def test_residual_extremes():
     rng = np.random.default_rng(6)
     trace = AttentionTrace.from_arrays(dirichlet_layers(rng, 3, 1, 2, 5))
@@ -174,6 +182,9 @@ def test_raw_is_head_fused_layer():
         ({"layers": [2, 1]}, "increasing"),
         ({"layers": [0, 9]}, "out of range"),
         ({"layers": (2, 2)}, "selects no layer"),
+        ({"layers": slice(None, None, -1)}, "increasing"),
+        ({"layers": "01"}, "list of ints"),
+        ({"residual": True}, "residual"),
     ],
 )
 def test_bad_options(kwargs, message):

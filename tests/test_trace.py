@@ -35,6 +35,26 @@ def test_stacked_array_and_single_item_labels():
     assert trace.batch_size == 1 and trace.tokens == [list("abcde")]
 
 
+def test_causal_detection_ignores_padding_rows():
+    """Left-padded decoders: padded query rows may attend anywhere; only real rows decide causality."""
+    rng = np.random.default_rng(21)
+    w = np.tril(rng.random((2, 3, SEQ, SEQ)))
+    w[0, :, :2, :] = 1.0  # item 0 is left-padded by 2: its padded rows spread over every key
+    w[0, :, 2:, :2] = 0.0
+    w /= w.sum(-1, keepdims=True)
+    mask = np.ones((2, SEQ), bool)
+    mask[0, :2] = False
+    assert AttentionTrace.from_arrays([w, w], mask=mask).causal
+
+
+def test_bfloat16_arrays_get_a_clear_message():
+    import ml_dtypes
+
+    w = random_weights(np.random.default_rng(22))
+    with pytest.raises(TraceError, match=r"astype\(np.float32\)"):
+        AttentionTrace.from_arrays([x.astype(ml_dtypes.bfloat16) for x in w])
+
+
 def test_causal_is_detected():
     rng = np.random.default_rng(2)
     weights = []
