@@ -40,6 +40,7 @@ from ._capture import capture
 from ._errors import AdapterError, AttnflowError, OptionError
 from ._flow import DEFAULT_MAX_SECONDS, flow
 from ._fusion import HEAD_FUSIONS, check_options
+from ._io import atomic_write, file_mode
 from ._registry import get_adapter
 from ._rollout import raw, rollout
 from ._trace import AttentionTrace
@@ -68,7 +69,6 @@ TABLE_COLUMNS = ("id", "token_index", "token", "method", "layer", "source", "sco
 _PLAIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-_FILE_MODE = 0o644
 _TMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
 
 
@@ -424,20 +424,8 @@ def _example_path(out: Path, name: str) -> Path:
     return out / EXAMPLES_DIR / f"{name}{SUFFIX}"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename onto ``path``: readers see the old file or the whole new one, never part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, _FILE_MODE)  # safetensors creates files 0600; give results the usual umask-based mode
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, document: Any) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n"))
 
 
 def _write_example(out: Path, example: Example, result: dict[str, Any], settings: _Settings) -> None:
@@ -460,7 +448,7 @@ def _write_example(out: Path, example: Example, result: dict[str, Any], settings
         "causal": result["causal"],
     }
     metadata = {"attnflow": json.dumps(header, ensure_ascii=False)}
-    _atomic_write(_example_path(out, example.name), lambda tmp: save_file(result["arrays"], str(tmp), metadata=metadata))
+    atomic_write(_example_path(out, example.name), lambda tmp: save_file(result["arrays"], str(tmp), metadata=metadata))
 
 
 def _read_header(path: Path, *, arrays: bool = False) -> dict[str, Any] | None:
@@ -559,7 +547,7 @@ def _write_table(out: Path, examples: Sequence[Example], digest: str) -> int:
         "source": pa.array(concat(columns["source"], np.int32)),
         "score": pa.array(concat(columns["score"], np.float32)),
     })
-    _atomic_write(out / TABLE, lambda tmp: pq.write_table(table, str(tmp)))
+    atomic_write(out / TABLE, lambda tmp: pq.write_table(table, str(tmp)))
     return table.num_rows
 
 
@@ -728,7 +716,7 @@ def run_batch(
     under ``if __name__ == "__main__":``, as with any multiprocessing code.
     """
     start = time.perf_counter()
-    _set_file_mode()
+    file_mode()  # read the umask now, in the main thread, before any worker writes
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise OptionError(f"batch_size must be a positive int, got {batch_size!r}.")
     if workers is not None and not (isinstance(workers, int) and workers >= 1):
@@ -878,15 +866,6 @@ class _connect:
                 thing.close()
             except Exception:  # closing must not hide the run's own error
                 pass
-
-
-def _set_file_mode() -> None:
-    """Files are written with mode 0666 minus the umask, like ``open()`` does."""
-    global _FILE_MODE
-    if threading.current_thread() is threading.main_thread():  # os.umask is process-wide: read it only here
-        umask = os.umask(0o022)
-        os.umask(umask)
-        _FILE_MODE = 0o666 & ~umask
 
 
 def _cpu_count() -> int:

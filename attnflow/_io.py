@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,37 @@ from ._trace import AttentionTrace, LayerAttention
 
 FORMAT = "attnflow.trace"
 FORMAT_VERSION = 1
+
+_file_mode: int | None = None
+
+
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 minus the umask, read once, in the main thread
+    (``os.umask`` is process-wide, so reading it from a worker thread could race other file creations)."""
+    global _file_mode
+    if _file_mode is None:
+        if threading.current_thread() is not threading.main_thread():
+            return 0o644
+        umask = os.umask(0o022)
+        os.umask(umask)
+        _file_mode = 0o666 & ~umask
+    return _file_mode
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename onto ``path``: readers see the old file or the whole new one, never part.
+
+    The temporary name is ``.NAME.PID.tmp`` beside ``path``; it is removed if ``write`` fails.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())  # safetensors creates files 0600; give them the usual mode
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _digest(array: np.ndarray) -> str:
@@ -49,13 +82,7 @@ def save_trace(trace: AttentionTrace, path: str | os.PathLike[str]) -> None:
         "metadata": json.loads(user_meta),
         "sha256": {key: _digest(value) for key, value in tensors.items()},
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"attnflow": json.dumps(header)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # a normal file, as open() would make it
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"attnflow": json.dumps(header)}))
 
 
 def load(path: str | os.PathLike[str]) -> AttentionTrace:
