@@ -23,27 +23,29 @@ from ._errors import MissingDependencyError as MissingDependencyError
 from ._errors import OptionError as OptionError
 from ._errors import TraceError as TraceError
 from ._errors import TraceFileError as TraceFileError
-from ._flow import flow as flow
-from ._flow import flow_network as flow_network
-from ._fusion import fuse_heads as fuse_heads
-from ._io import load as load
 from ._models import packaged_model_dir as packaged_model_dir
 from ._registry import get_adapter as get_adapter
 from ._registry import list_adapters as list_adapters
 from ._registry import register_adapter as register_adapter
 from ._registry import unregister_adapter as unregister_adapter
-from ._rollout import raw as raw
-from ._rollout import rollout as rollout
-from ._trace import AttentionTrace as AttentionTrace
-from ._trace import LayerAttention as LayerAttention
+from .methods import flow as flow
+from .methods import flow_network as flow_network
+from .methods import fuse_heads as fuse_heads
+from .methods import raw as raw
+from .methods import rollout as rollout
+from .trace import AttentionTrace as AttentionTrace
+from .trace import LayerAttention as LayerAttention
+from .trace import Link as Link
+from .trace import Stream as Stream
+from .trace import load as load
+from .trace import save as save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
-    "ComparisonReport", "compare",
-    "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "MissingDependencyError", "OptionError",
-    "Recorder", "TraceError", "TraceFileError", "attach", "capture", "flow", "flow_network", "fuse_heads",
-    "get_adapter", "import_optional", "list_adapters", "load", "packaged_model_dir", "raw", "register_adapter", "rollout", "run_batch",
-    "unregister_adapter",
+    "ComparisonReport", "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "Link",
+    "MissingDependencyError", "OptionError", "Recorder", "Stream", "TraceError", "TraceFileError", "attach",
+    "capture", "compare", "flow", "flow_network", "fuse_heads", "get_adapter", "import_optional", "list_adapters",
+    "load", "packaged_model_dir", "raw", "register_adapter", "rollout", "run_batch", "save", "unregister_adapter",
 ]

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ._errors import AdapterError, MissingDependencyError
-from ._trace import AttentionTrace, LayerAttention
+from .trace import AttentionTrace, LayerAttention
 
 
 def import_optional(module: str, extra: str) -> Any:

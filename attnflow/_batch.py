@@ -38,12 +38,12 @@ import numpy as np
 from ._adapter import import_optional
 from ._capture import capture
 from ._errors import AdapterError, AttnflowError, OptionError
-from ._flow import DEFAULT_MAX_SECONDS, flow
-from ._fusion import HEAD_FUSIONS, check_options
-from ._io import atomic_write, file_mode
 from ._registry import get_adapter
-from ._rollout import raw, rollout
-from ._trace import AttentionTrace
+from ._tensorfile import atomic_write, file_mode
+from .methods import flow, raw, rollout
+from .methods._flow import DEFAULT_MAX_SECONDS
+from .methods._fusion import HEAD_FUSIONS, check_options
+from .trace import AttentionTrace
 
 __all__ = [
     "BatchSummary", "Example", "Malformed", "load_example", "read_inputs", "run_batch", "safe_name",

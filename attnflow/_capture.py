@@ -8,7 +8,7 @@ from typing import Any
 
 from ._adapter import Adapter, Recorder
 from ._registry import find_adapter
-from ._trace import AttentionTrace
+from .trace import AttentionTrace
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._compare import ALIGN_HELP, ComparisonReport, compare
-from ._io import load
+from .trace import load
 
 
 def add_parser(subparsers: Any) -> None:

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 
 from ._capture import capture
-from ._flow import flow
 from ._models import packaged_model_dir
 from ._registry import get_adapter
-from ._rollout import raw, rollout
+from .methods import flow, raw, rollout
 
 
 def add_parser(subparsers: Any) -> None:
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = adapter.encode(tokenizer, [args.text])
     trace = capture(model, adapter=adapter, tokens=tokenizer, **inputs)
     timings["capture"] = time.perf_counter() - start
-    trace.metadata["model_location"] = str(location)
+    trace = trace.replace(metadata={**trace.metadata, "model_location": str(location)})
 
     options = {"head_fusion": args.head_fusion, "residual": args.residual, "discard_ratio": args.discard_ratio}
     start = time.perf_counter()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import ComparisonError, OptionError
-from ._trace import AttentionTrace, LayerAttention
+from .trace import AttentionTrace, LayerAttention
 
 #: Default max-abs tolerance by the least precise dtype either trace was computed in.
 DEFAULT_ATOL = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
@@ -332,8 +332,8 @@ def compare(
         ComparisonError: the traces cannot be compared; the message names the first mismatch (batch
             size, token count, layer count, layer kind, head count, shape, mask, token label).
     """
-    from ._flow import flow as attention_flow
-    from ._rollout import rollout
+    from .methods import flow as attention_flow
+    from .methods import rollout
 
     for name, trace in (("trace_a", trace_a), ("trace_b", trace_b)):
         if not isinstance(trace, AttentionTrace):

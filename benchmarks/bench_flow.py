@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attnflow._flow_solvers import estimate_seconds, max_flow_values, resolve_method  # noqa: E402
-from attnflow._network import layered_graph  # noqa: E402
+from attnflow.network._igraph import layered_graph  # noqa: E402
+from attnflow.network._solvers import estimate_seconds, max_flow_values, resolve_method  # noqa: E402
 
 # Plain prose, not repeated (repeated text makes copy heads dominate): 159 tokens, cut to the first N.
 TEXT = (

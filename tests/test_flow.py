@@ -103,13 +103,14 @@ def test_sources_padding_and_negative_indices():
     np.testing.assert_allclose(full[1, :real, :real], alone, atol=1e-12)
     assert not full[1, real:].any() and not full[1, :, real:].any()
 
-    picked = attnflow.flow(trace, sources=[0, -1, 5])
-    assert picked.shape == (2, 3, seq)
+    picked = attnflow.flow(trace, sources=[0, -1])
+    assert picked.shape == (2, 2, seq)
     np.testing.assert_allclose(picked[1, 0, :real], alone[0], atol=1e-12)
     np.testing.assert_allclose(picked[1, 1, :real], alone[real - 1], atol=1e-12)  # -1 = last real token
     np.testing.assert_allclose(picked[0, 1], full[0, seq - 1], atol=1e-12)
-    assert not picked[1, 2].any()  # position 5 is padding in item 1
-    np.testing.assert_allclose(picked[0, 2], full[0, 5], atol=1e-12)
+    # position 5 is padding in item 1: an error that points at negative positions, not a silent row of zeros
+    with pytest.raises(OptionError, match=r"padding in batch item 1.*sources=\[-1\]"):
+        attnflow.flow(trace, sources=[0, 5])
 
 
 def test_causal_flows_to_future_are_exactly_zero():

@@ -1,4 +1,4 @@
-"""Exactness of the attention-flow max-flow solvers (attnflow._flow_solvers) against networkx and igraph.
+"""Exactness of the attention-flow max-flow solvers (attnflow.network._solvers) against networkx and igraph.
 
 Sizes differ on every axis (layers, tokens, sources) so that a swapped axis changes a shape or a value.
 """
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from networkx.algorithms.flow import edmonds_karp, preflow_push
 
-from attnflow import _flow_solvers as solvers
 from attnflow._errors import MissingDependencyError, OptionError
-from attnflow._flow_solvers import METHODS, estimate_seconds, max_flow_values
+from attnflow.network import _solvers as solvers
+from attnflow.network._solvers import METHODS, estimate_seconds, max_flow_values
 
 ATOL = 1e-9
 EXACT = ("dinic", "pruned", "igraph")
@@ -183,7 +183,7 @@ def test_large_capacities_scale():
 
 
 def test_compiled_reachability_matches_numpy():
-    from attnflow import _flow_numba as kernel
+    from attnflow.network import _dinic as kernel
 
     rng = np.random.default_rng(12)
     cases = [
@@ -200,7 +200,7 @@ def test_compiled_reachability_matches_numpy():
 
 def test_log_overflow_resets_the_residual_network():
     """The kernel logs the residual entries it changes; when the log is full it restores everything."""
-    from attnflow import _flow_numba as kernel
+    from attnflow.network import _dinic as kernel
 
     adj = bottlenecked(np.random.default_rng(2), 4, 6)
     layers, n, _ = adj.shape
@@ -265,7 +265,7 @@ def test_fallback_without_numba_gives_the_same_values(monkeypatch):
 
 def test_importing_attnflow_does_not_import_numba():
     code = (
-        "import sys, numpy as np, attnflow, attnflow._flow_solvers as s\n"
+        "import sys, numpy as np, attnflow, attnflow.network._solvers as s\n"
         "s.max_flow_values(np.ones((3, 2, 2)) / 2, [0], method='pruned')\n"
         "bad = [m for m in ('numba', 'torch', 'jax', 'flax', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -325,7 +325,7 @@ def test_process_workers_are_not_forked_from_a_jax_process(tmp_path):
     script.write_text(
         "import multiprocessing, jax, numpy as np\n"
         "jax.numpy.ones(3).block_until_ready()  # JAX's runtime threads are up\n"
-        "from attnflow._flow_solvers import _process_context, max_flow_values\n"
+        "from attnflow.network._solvers import _process_context, max_flow_values\n"
         "if __name__ == '__main__':\n"
         "    rng = np.random.default_rng(0)\n"
         "    adj = rng.dirichlet(np.ones(5), size=(3, 5))\n"

@@ -32,7 +32,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from ._errors import MissingDependencyError, OptionError
+from .._errors import MissingDependencyError, OptionError
 
 METHODS = ("auto", "dinic", "pruned", "igraph")
 
@@ -57,6 +57,7 @@ def max_flow_values(
     *,
     method: str = "auto",
     all_layers: bool = False,
+    tops: Sequence[int] | None = None,
     n_jobs: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
@@ -67,42 +68,53 @@ def max_flow_values(
         sources: token indices ``s`` (``0 <= s < n``, or negative counting from the end) of the source nodes.
         method: one of :data:`METHODS`; all give the same values (to about ``1e-12 * adj.max()``).
         all_layers: also compute the flows from every layer's nodes (the paper's ``compute_flows``).
+        tops: the levels (``1..L``) the sources sit at, instead of ``L`` (or every level with ``all_layers``).
         n_jobs: worker threads (``"dinic"``) or processes (``"pruned"``, ``"igraph"``).
         progress: called as ``progress(k)`` each time ``k`` more sources are finished.
 
     Returns:
         ``(len(sources), n)`` float64, ``[r, j]`` the max-flow from ``(L, sources[r])`` to ``(0, j)``. With
         ``all_layers=True``, ``(L, len(sources), n)`` whose ``[l - 1, r, j]`` is the max-flow from
-        ``(l, sources[r])`` to ``(0, j)`` for ``l = 1..L``.
+        ``(l, sources[r])`` to ``(0, j)`` for ``l = 1..L``. With ``tops``, ``(len(tops), len(sources), n)``.
     """
     adj = _check_adj(adj)
     num_layers, n, _ = adj.shape
     rows = _check_sources(sources, n)
+    if tops is not None:
+        if all_layers:
+            raise OptionError("Give all_layers=True or tops=, not both.")
+        tops = [int(t) for t in tops]
+        if not tops or any(not 1 <= t <= num_layers for t in tops):
+            raise OptionError(f"tops must be levels in [1, {num_layers}], got {tops!r}.")
     if not (isinstance(n_jobs, (int, np.integer)) and n_jobs >= 1):
         raise OptionError(f"n_jobs must be a positive int, got {n_jobs!r}.")
     requested, method = method, resolve_method(method)
     if method == "dinic":
         try:
-            from . import _flow_numba  # noqa: F401  (imports numba)
+            from . import _dinic  # noqa: F401  (imports numba)
         except ImportError as exc:  # numba installed but broken (e.g. a mismatched llvmlite)
             if requested != "auto":
                 raise MissingDependencyError(f"method='dinic' could not import numba: {exc}") from exc
             method = "pruned"
-    tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    explicit = tops is not None
+    if tops is None:
+        tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
     out = np.zeros((len(tops), rows.size, n))
     report = progress if progress is not None else (lambda k: None)
     if rows.size and n:
         solve = {"dinic": _solve_dinic, "pruned": _solve_pruned, "igraph": _solve_igraph}[method]
         solve(adj, rows, tops, out, int(n_jobs), report)
-    return out if all_layers else out[0]
+    return out if all_layers or explicit else out[0]
 
 
 def estimate_seconds(
-    num_layers: int, n: int, num_sources: int, *, method: str = "auto", all_layers: bool = False
+    num_layers: int, n: int, num_sources: int, *, method: str = "auto", all_layers: bool = False,
+    tops: Sequence[int] | None = None,
 ) -> float:
     """Upper-side estimate of the run time of :func:`max_flow_values` with ``n_jobs=1``; solves nothing.
 
-    ``num_layers`` is ``L``, ``n`` the tokens per layer, ``num_sources`` the number of sources. Per (source,
+    ``num_layers`` is ``L``, ``n`` the tokens per layer, ``num_sources`` the number of sources, ``tops`` the
+    source levels as in :func:`max_flow_values`. Per (source,
     sink) pair and source layer ``T``: ``"dinic"`` grows like ``sqrt(T) * n^1.5`` (most pairs are settled by a
     flow that meets a cut bound long before the whole network is searched), the igraph methods like
     ``T * n^2`` (one push-relabel over the whole network per pair); layers 1 and 2 have closed forms except
@@ -114,7 +126,8 @@ def estimate_seconds(
     method = resolve_method(method)
     if num_layers <= 0 or n <= 0 or num_sources <= 0:
         return 0.0
-    tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    if tops is None:
+        tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
     pairs = num_sources * n
     if method == "dinic":
         per_pair = sum(math.sqrt(top) * n**1.5 for top in tops if top >= 3) * _DINIC_SECONDS
@@ -271,7 +284,7 @@ class _Progress:
 
 
 def _solve_dinic(adj, rows, tops, out, n_jobs, report) -> None:
-    from . import _flow_numba as kernel
+    from . import _dinic as kernel
 
     num_layers, n, _ = adj.shape
     rest = _fill_closed_forms(adj, rows, tops, out)
@@ -349,7 +362,7 @@ def _init_graph_worker(adj: np.ndarray) -> None:
 
 def _graph(top: int):
     """The layered igraph graph of layers ``0..top`` (cached per worker)."""
-    from ._network import layered_graph
+    from ._igraph import layered_graph
 
     key = ("graph", top)
     if key not in _graph_state:

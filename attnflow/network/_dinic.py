@@ -1,6 +1,6 @@
 """Compiled (numba) Dinic max-flow kernel for the layered attention network.
 
-Imported lazily by :mod:`attnflow._flow_solvers` only; importing this module imports numba.
+Imported lazily by :mod:`attnflow.network._solvers` only; importing this module imports numba.
 
 Layout: ``cap`` is ``(L, n, n)`` with ``cap[l, i, k]`` the capacity of the edge ``(l + 1, i) -> (l, k)``;
 ``res`` (same shape) holds the residual capacity ``cap - flow`` of each edge, so ``cap - res`` is the flow
@@ -439,7 +439,7 @@ def source_flows(cap, res, top, s, reach, span, bounds, sinks, eps, tol, out, wo
 def reach_to_sinks(cap, span):
     """``(n, L + 1, n)`` bool; ``[j, l, i]``: node ``(l, i)`` has a positive-capacity path to ``(0, j)``.
 
-    Same as :func:`attnflow._flow_solvers.reach_to_sinks`, without BLAS (whose idle worker threads would spin
+    Same as :func:`attnflow.network._solvers.reach_to_sinks`, without BLAS (whose idle worker threads would spin
     beside the solver); scans each row (diagonal first, then from its last positive entry back) only until it
     finds a way down.
     """

@@ -1,0 +1,99 @@
+"""Raw attention and attention rollout (Abnar & Zuidema, 2020), on one stream or several."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._errors import OptionError
+from ..network._network import build_network, explained_stream, route
+from ..trace import AttentionTrace
+from ._fusion import LayerSelection, attention_weights, check_options, fuse_heads, select_layers, stream_layer_indices
+
+
+def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str = "mean", stream: str | None = None) -> np.ndarray:
+    """Head-fused attention of one layer.
+
+    Args:
+        trace: the captured attention.
+        layer: index among the layers of ``stream`` (its self- and cross-attention layers, in model order;
+            negative counts from the end). For a single-stream trace, among all layers.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        stream: whose layers (default: the explained stream, see :meth:`AttentionTrace.default_stream`).
+
+    Returns:
+        ``(batch, query, key)`` float64, ``[b, i, j]`` = attention of query ``i`` on key ``j`` (the key
+        stream's tokens for a cross-attention layer); rows and columns of padding positions are 0.
+    """
+    own = stream_layer_indices(trace, explained_stream(trace, stream))
+    if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) or not -len(own) <= layer < len(own):
+        raise OptionError(f"layer must be an int in [-{len(own)}, {len(own)}); got {layer!r}.")
+    chosen = trace.layers[own[layer]]
+    fused = fuse_heads(chosen.weights, head_fusion)
+    query_mask = trace.streams[chosen.query_stream].mask  # type: ignore[index]
+    key_mask = trace.streams[chosen.key_stream].mask  # type: ignore[index]
+    return fused * (query_mask[:, :, None] & key_mask[:, None, :])  # type: ignore[index]
+
+
+def rollout(
+    trace: AttentionTrace,
+    *,
+    head_fusion: str = "mean",
+    residual: float = 0.5,
+    discard_ratio: float = 0.0,
+    layers: LayerSelection = None,
+    all_layers: bool = False,
+    stream: str | None = None,
+) -> Any:
+    """Attention rollout: proportional routing of each output token's mass through the attention network.
+
+    On one stream this is ``R = Â_L ··· Â_1`` with ``Â = (1 - r) A + r I`` (rows renormalised), heads fused
+    before the residual is added; ``discard_ratio`` drops the lowest fused weights of each layer first
+    (vit-explain), never entry ``[0, 0]``. Across streams (encoder-decoder, linked vision tokens) the mass
+    follows cross-attention and links into the other streams; see :mod:`attnflow.network`.
+
+    Args:
+        trace: the captured attention.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
+        residual: ``r`` in ``[0, 1]``; 0.5 is the paper's.
+        discard_ratio: fraction in ``[0, 1)`` of each layer's lowest fused weights to zero.
+        layers: which of the explained stream's layers, e.g. ``(2, 6)``; default all. Left-out layers are
+            skipped (identity).
+        all_layers: also return the rollout after every selected layer.
+        stream: the stream whose output tokens are explained (default: the decoder of an encoder-decoder,
+            the only stream of a single-stream trace; required where it is ambiguous, e.g. CLIP).
+
+    Returns:
+        ``(batch, out, in)`` float64: ``[b, i, j]`` is how much output token ``i`` draws on input token ``j``.
+        Each valid row sums to 1 (with ``residual=0`` and ``discard_ratio > 0`` a row of an inner layer can be
+        discarded whole, and the mass through it is lost); padding rows and columns are 0. Where the
+        explained stream draws on several input streams (an encoder-decoder's decoder), a dict from input
+        stream name to such an array, whose rows together sum to 1. With ``all_layers=True`` each array is
+        ``(layers, batch, out, in)``, entry ``l`` the rollout up to and including selected layer ``l``.
+    """
+    check_options(residual, discard_ratio)
+    explained = explained_stream(trace, stream)
+    chosen = select_layers(trace, layers, explained)
+    skip = [i for i in stream_layer_indices(trace, explained) if i not in chosen]
+    weights = attention_weights(trace, head_fusion, discard_ratio)
+    inputs = trace.inputs_of(explained)
+    out_len = trace.streams[explained].length
+    depths = len(chosen) if all_layers else 1
+    result = {name: np.zeros((depths, trace.batch_size, out_len, trace.streams[name].length)) for name in inputs}
+    for b in range(trace.batch_size):
+        network = build_network(trace, b, weights, residual=residual, stream=explained, skip=skip)
+        rows = network.groups[network.output].positions
+        for d, routed in enumerate(route(network, all_outputs=all_layers)):
+            for name, matrix in routed.items():
+                result[name][d, b][np.ix_(rows, network.groups[network.inputs[name]].positions)] = matrix
+    return shape_result(result, all_layers)
+
+
+def shape_result(result: dict[str, np.ndarray], all_layers: bool) -> Any:
+    """Drop the layer axis unless ``all_layers``; a plain array when there is one input stream."""
+    if not all_layers:
+        result = {name: array[0] for name, array in result.items()}
+    if len(result) == 1:
+        return next(iter(result.values()))
+    return result

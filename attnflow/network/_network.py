@@ -1,0 +1,270 @@
+"""The one network every method routes through: nodes per stream and depth, edge blocks per sublayer.
+
+For one batch item, a trace becomes a layered DAG over the real tokens of the streams the explained
+stream draws on. Nodes come in groups, one per ``(stream, depth)``: depth 0 holds a stream's input
+tokens, and every layer whose queries are that stream's tokens makes its next depth. A step (one per
+sublayer, in the order the model ran them) connects the new group to groups below it:
+
+* self-attention on stream S: ``(S, d+1, i) -> (S, d, j)`` with weight ``Â[i, j]``, ``Â = (1 - r) A + r I``
+  (rows renormalised), exactly the network of Abnar & Zuidema (2020);
+* cross-attention from S to K: ``(S, d+1, i) -> (S, d, i)`` with weight ``r`` (the residual) and
+  ``(S, d+1, i) -> (K, e, j)`` with weight ``(1 - r) A[i, j]``, where ``e`` is the depth K had when the layer
+  ran (an encoder-decoder's encoder output); rows renormalised;
+* a link (vision patches feeding image tokens): a new depth-0 group of S whose fed tokens point at the
+  source's group with the link's weights and whose other tokens point at their own input node (weight 1).
+
+Rollout is proportional routing through it (:func:`route`), flow is max-flow through it
+(:mod:`attnflow.network._layered`); methods only change the matrices ``A`` the steps are built from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .._errors import OptionError
+from ..trace import AttentionTrace
+
+#: ``weights(layer_index, batch_index) -> (query real tokens, key real tokens)`` non-negative matrix.
+EdgeWeights = Callable[[int, int], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeGroup:
+    """The nodes of one stream at one depth: one per real token, ``positions`` in the padded stream."""
+
+    stream: str
+    depth: int
+    positions: np.ndarray
+    linked: bool = False  # a depth-0 group made by a link (not an input of its own)
+
+    @property
+    def size(self) -> int:
+        return int(self.positions.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What makes group ``creates``: edge blocks ``(group below, (n_creates, n_below) matrix)``."""
+
+    creates: int
+    blocks: tuple[tuple[int, np.ndarray], ...]
+    layer: int | None  # index of the trace layer; None for a link
+    kind: str  # "self", "cross" or "link"
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """The layered network of one batch item (see the module docstring).
+
+    Attributes:
+        groups: node groups; input groups first, then in the order the steps create them.
+        steps: in execution order; ``steps[k]`` creates ``groups[steps[k].creates]``.
+        inputs: stream name -> index of its input group (depth 0), for every stream drawn on.
+        explained: the stream whose output is explained.
+        outputs: indices of the explained stream's groups after each of its (selected) layers, in order;
+            the last is the output.
+    """
+
+    groups: tuple[NodeGroup, ...]
+    steps: tuple[Step, ...]
+    inputs: dict[str, int]
+    explained: str
+    outputs: tuple[int, ...]
+
+    @property
+    def output(self) -> int:
+        return self.outputs[-1] if self.outputs else self.inputs[self.explained]
+
+    def input_streams(self) -> list[str]:
+        return list(self.inputs)
+
+    def max_row_sum(self) -> float:
+        """The largest out-capacity of any node (1 for attention networks)."""
+        best = 0.0
+        for step in self.steps:
+            total = sum(matrix.sum(axis=1) for _, matrix in step.blocks)
+            best = max(best, float(np.max(total)) if np.size(total) else 0.0)
+        return best
+
+
+def explained_stream(trace: AttentionTrace, stream: str | None) -> str:
+    """``stream`` checked against the trace, or the trace's default stream."""
+    if stream is None:
+        return trace.default_stream()
+    if not isinstance(stream, str):
+        raise OptionError(f"stream must be a stream name, got {stream!r}; the trace's streams are {list(trace.streams)}.")
+    if stream not in trace.streams:
+        raise OptionError(f"The trace has no stream {stream!r}; its streams are {list(trace.streams)}.")
+    return stream
+
+
+def mix_residual(matrix: np.ndarray, residual: float) -> np.ndarray:
+    """``(1 - r) A + r I`` with rows renormalised to sum 1; ``(n, n)`` -> ``(n, n)``. All-zero rows stay 0."""
+    mixed = (1.0 - residual) * matrix
+    mixed[np.diag_indices(matrix.shape[-1])] += residual
+    return _normalise_rows(mixed)
+
+
+def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
+    sums = matrix.sum(axis=-1, keepdims=True)
+    return np.divide(matrix, sums, out=np.zeros_like(matrix), where=sums > 0)
+
+
+def build_network(
+    trace: AttentionTrace,
+    batch_index: int,
+    weights: EdgeWeights,
+    *,
+    residual: float = 0.5,
+    stream: str | None = None,
+    skip: Sequence[int] = (),
+) -> Network:
+    """The network of one batch item for explaining ``stream``'s output.
+
+    Args:
+        trace: the captured attention.
+        batch_index: which item.
+        weights: the matrix of each layer over the real tokens (heads fused, or a method's contributions).
+        residual: ``r``; see the module docstring.
+        stream: the explained stream (default: :meth:`AttentionTrace.default_stream`).
+        skip: trace layer indices to leave out (their step is the identity).
+    """
+    explained = explained_stream(trace, stream)
+    b = batch_index
+    drawn = trace.inputs_of(explained)
+    skipped = set(skip)
+    groups: list[NodeGroup] = []
+    inputs: dict[str, int] = {}
+    current: dict[str, int] = {}
+    depth: dict[str, int] = {name: 0 for name in drawn}
+    history: dict[str, list[int]] = {}  # stream -> group index at each depth
+    for name in drawn:
+        inputs[name] = current[name] = len(groups)
+        history[name] = [len(groups)]
+        groups.append(NodeGroup(name, 0, trace.valid_index(b, name)))
+    steps: list[Step] = []
+    outputs: list[int] = []
+    links = {link.stream: link for link in trace.links if link.stream in inputs}
+    for index, layer in enumerate(trace.layers):
+        query, key = layer.query_stream, layer.key_stream
+        if query not in inputs:
+            continue
+        if query in links:  # feed the linked inputs just before the stream's first layer
+            _add_link(trace, b, links.pop(query), groups, steps, current, history)
+        if index in skipped:
+            depth[query] += 1
+            history[query].append(current[query])
+            continue
+        below = current[query]
+        matrix = np.asarray(weights(index, b), dtype=np.float64)
+        size_q, size_k = groups[below].size, groups[current[key]].size  # type: ignore[index]
+        if matrix.shape != (size_q, size_k):
+            raise OptionError(
+                f"The edge weights of layer {index} ({layer.name!r}) have shape {matrix.shape}, expected "
+                f"({size_q}, {size_k}) over the real tokens."
+            )
+        depth[query] += 1
+        created = len(groups)
+        groups.append(NodeGroup(query, depth[query], groups[below].positions))  # type: ignore[arg-type]
+        if layer.kind == "self":
+            blocks: tuple[tuple[int, np.ndarray], ...] = ((below, mix_residual(matrix, residual)),)
+        else:
+            scaled = np.concatenate([np.full((size_q, 1), residual), (1.0 - residual) * matrix], axis=1)
+            scaled = _normalise_rows(scaled)
+            blocks = ((below, np.diag(scaled[:, 0])), (current[key], scaled[:, 1:]))  # type: ignore[index]
+        steps.append(Step(created, blocks, index, layer.kind))  # type: ignore[arg-type]
+        current[query] = created  # type: ignore[index]
+        history[query].append(created)  # type: ignore[index]
+        if query == explained:
+            outputs.append(created)
+    if explained in links:  # a linked stream with no layers of its own
+        _add_link(trace, b, links.pop(explained), groups, steps, current, history)
+    if not outputs and current[explained] != inputs[explained]:
+        outputs.append(current[explained])
+    network = Network(tuple(groups), tuple(steps), inputs, explained, tuple(outputs))
+    return _pruned(network)
+
+
+def _add_link(trace, b, link, groups, steps, current, history) -> None:
+    below = current[link.stream]
+    if link.depth >= len(history[link.source]):
+        raise OptionError(f"{link!r} points at a depth of {link.source!r} that is not computed.")
+    source = history[link.source][link.depth]
+    rows = groups[below].positions
+    cols = groups[source].positions
+    fed_weights = link.weights[b][np.ix_(rows, cols)]
+    fed = link.weights[b][rows].sum(axis=1) > 0
+    own = np.diag((~fed).astype(np.float64))
+    created = len(groups)
+    groups.append(NodeGroup(link.stream, 0, rows, linked=True))
+    steps.append(Step(created, ((below, own), (source, fed_weights)), None, "link"))
+    current[link.stream] = created
+    history[link.stream][0] = created
+
+
+def _pruned(network: Network) -> Network:
+    """Drop the steps whose group the output cannot reach (e.g. vision layers after LLaVA's feature layer)."""
+    needed = {network.output}
+    for step in reversed(network.steps):
+        if step.creates in needed:
+            needed.update(group for group, _ in step.blocks)
+    needed.update(network.outputs)
+    needed.update(network.inputs.values())
+    if len(needed) == len(network.groups):
+        return network
+    keep = sorted(needed)
+    renumber = {old: new for new, old in enumerate(keep)}
+    steps = tuple(
+        Step(renumber[s.creates], tuple((renumber[g], m) for g, m in s.blocks), s.layer, s.kind)
+        for s in network.steps
+        if s.creates in needed
+    )
+    return Network(
+        tuple(network.groups[i] for i in keep), steps, {k: renumber[v] for k, v in network.inputs.items()},
+        network.explained, tuple(renumber[g] for g in network.outputs),
+    )
+
+
+def route(network: Network, *, all_outputs: bool = False) -> list[dict[str, np.ndarray]]:
+    """Proportional routing (attention rollout): how each output node's unit of mass spreads over inputs.
+
+    Each node passes its mass to the nodes below in proportion to its edge weights; the mass that reaches
+    the input tokens is the rollout. For one self-attention stream this is ``Â_L ··· Â_1``.
+
+    Returns:
+        One dict per explained group (only the last unless ``all_outputs``): input stream ->
+        ``(n_output, n_input)`` float64 over the real tokens.
+    """
+    columns: dict[str, slice] = {}
+    offset = 0
+    for name, g in network.inputs.items():
+        size = network.groups[g].size
+        columns[name] = slice(offset, offset + size)
+        offset += size
+    last_use = {}
+    for k, step in enumerate(network.steps):
+        for g, _ in step.blocks:
+            last_use[g] = k
+    wanted = set(network.outputs if all_outputs else [network.output])
+    mass: dict[int, np.ndarray] = {}
+    for name, g in network.inputs.items():
+        start = np.zeros((network.groups[g].size, offset))
+        start[:, columns[name]] = np.eye(network.groups[g].size)
+        mass[g] = start
+    results: dict[int, np.ndarray] = {g: mass[g] for g in wanted if g in mass}
+    for k, step in enumerate(network.steps):
+        total = None
+        for g, matrix in step.blocks:
+            part = matrix @ mass[g]
+            total = part if total is None else total + part
+        mass[step.creates] = total  # type: ignore[assignment]
+        if step.creates in wanted:
+            results[step.creates] = total  # type: ignore[assignment]
+        for g, _ in step.blocks:
+            if last_use.get(g) == k and g not in wanted:
+                mass.pop(g, None)
+    order = network.outputs if all_outputs else (network.output,)
+    return [{name: results[g][:, cols] for name, cols in columns.items()} for g in order]

@@ -1,0 +1,804 @@
+"""The common format: AttentionTrace, what adapters produce and every method consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .._errors import TraceError
+from ._arrays import frozen, is_int
+from ._stream import DEFAULT_STREAM, MEMORY_STREAM, Link, Stream, check_name, complete_stream
+
+#: How far a valid attention row may stray from summing to 1, by the dtype the model produced.
+ROW_SUM_TOLERANCE = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-4, "float64": 1e-6}
+_DEFAULT_ROW_TOL = 1e-4
+KINDS = ("self", "cross")
+_WEIGHT_DTYPES = ("float16", "float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerAttention:
+    """One attention layer's probabilities.
+
+    Attributes:
+        weights: ``(batch, heads, query, key)`` attention probabilities, as the model produced them
+            (float16/float32/float64; bfloat16 is stored upcast to float32 with ``source_dtype="bfloat16"``).
+        name: the module path in the model, e.g. ``"encoder.layer.3.attention.self"``.
+        kind: ``"self"`` (queries and keys from the same stream) or ``"cross"``; in a trace it always
+            agrees with the streams. When building, it may be left out.
+        source_dtype: the dtype the model computed in (``"bfloat16"`` when the weights were upcast).
+        extras: named per-layer arrays kept beside the weights (attention gradients, value vectors,
+            output projections...), each with the batch as first axis; saved and loaded with the trace.
+        query_stream: the stream the queries (rows) belong to.
+        key_stream: the stream the keys (columns) belong to; the same as ``query_stream`` for self-attention.
+    """
+
+    weights: np.ndarray
+    name: str
+    kind: str | None = None
+    source_dtype: str = ""
+    extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    query_stream: str | None = None
+    key_stream: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.weights.shape)  # type: ignore[return-value]
+
+
+class AttentionTrace:
+    """Per-layer attention of one forward pass over one or more token streams.
+
+    Build one with :meth:`from_arrays` (no model needed) or get one from :func:`attnflow.capture`.
+    Construction validates everything and copies the arrays (read-only afterwards): a trace that exists
+    is well-formed and cannot change.
+
+    Attributes:
+        layers: tuple of :class:`LayerAttention`, in the order the model ran them.
+        streams: read-only mapping, in execution order, from stream name to :class:`Stream`. A
+            single-stream trace has one stream, ``"tokens"``.
+        links: fixed links between streams (:class:`Link`), e.g. vision patches feeding image tokens.
+        framework: ``"torch"``, ``"jax"``, ``"numpy"``...
+        model_name: free text naming the model.
+        metadata: read-only JSON-like mapping of anything else.
+
+    On a single-stream trace, ``mask``, ``tokens``, ``causal``, ``special`` and ``seq_len`` describe that
+    stream (as in attnflow 0.1); on a multi-stream trace they raise :class:`TraceError`: use
+    ``trace.streams[name]``.
+    """
+
+    __slots__ = ("_layers", "_streams", "_links", "_framework", "_model_name", "_metadata")
+
+    def __init__(
+        self,
+        layers: Sequence[LayerAttention],
+        *,
+        streams: Mapping[str, Stream | Mapping[str, Any]] | Sequence[Stream] | None = None,
+        links: Sequence[Link] = (),
+        mask: np.ndarray | None = None,
+        tokens: Sequence[Sequence[str]] | None = None,
+        causal: bool | None = None,
+        special: np.ndarray | None = None,
+        grid: tuple[int, int] | None = None,
+        framework: str = "numpy",
+        model_name: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        check_rows: bool = True,
+    ):
+        layers = _layer_list(layers)
+        weights = [_checked_weights(index, layer) for index, layer in enumerate(layers)]
+        if streams is None:
+            declared = [Stream(DEFAULT_STREAM, mask=mask, tokens=tokens, causal=causal, special=special, grid=grid)]
+            layers = _default_layer_streams(layers)
+            if any(layer.key_stream == MEMORY_STREAM for layer in layers):
+                declared.append(Stream(MEMORY_STREAM))
+        else:
+            given = {"mask": mask, "tokens": tokens, "causal": causal, "special": special, "grid": grid}
+            stray = [key for key, value in given.items() if value is not None]
+            if stray:
+                raise TraceError(
+                    f"With streams=, give {stray} inside each Stream (e.g. Stream('decoder', mask=..., "
+                    "tokens=...)), not as trace arguments."
+                )
+            declared = _stream_list(streams)
+            layers = _named_layer_streams(layers, declared)
+        names = [s.name for s in declared]
+        batch = int(weights[0].shape[0])
+        lengths: dict[str, int] = {}
+        for index, (layer, w) in enumerate(zip(layers, weights)):
+            b, _, q, k = w.shape
+            if b != batch:
+                raise TraceError(
+                    f"Layer {index} ({layer.name!r}) has batch size {b}, but layer 0 has {batch}; every layer of a "
+                    "trace must come from the same forward pass."
+                )
+            for stream, size, axis in ((layer.query_stream, q, "query"), (layer.key_stream, k, "key")):
+                if stream not in names:
+                    raise TraceError(
+                        f"Layer {index} ({layer.name!r}) names {axis} stream {stream!r}, but the trace's streams are "
+                        f"{names}."
+                    )
+                known = lengths.setdefault(stream, size)
+                if known != size:
+                    raise TraceError(_length_message(index, layer, axis, stream, size, known, len(declared) == 1))
+        links = _link_list(links)
+        order = _execution_order(layers, links, names)
+        by_name = {s.name: s for s in declared}
+        completed: dict[str, Stream] = {}
+        for name in order:
+            stream = by_name[name]
+            length = _stream_length(stream, lengths.get(name), batch)
+            if stream.causal is None:
+                mask_for_detection = complete_stream(stream, batch, length, False).mask
+                detected = _detect_causal(name, layers, weights, mask_for_detection)
+            else:
+                detected = bool(stream.causal)
+            completed[name] = complete_stream(stream, batch, length, detected)
+        resolved = []
+        for layer, w in zip(layers, weights):
+            extras = {key: frozen(value) for key, value in layer.extras.items()}
+            resolved.append(dataclasses.replace(
+                layer, weights=frozen(w), kind="self" if layer.query_stream == layer.key_stream else "cross",
+                extras=MappingProxyType(extras),
+            ))
+        self._layers: tuple[LayerAttention, ...] = tuple(resolved)
+        self._streams: Mapping[str, Stream] = MappingProxyType(completed)
+        self._links: tuple[Link, ...] = tuple(_checked_link(i, link, completed, self._layers) for i, link in enumerate(links))
+        if not isinstance(framework, str) or not isinstance(model_name, str):
+            raise TraceError(f"framework and model_name must be strings; got {framework!r} and {model_name!r}.")
+        self._framework = framework
+        self._model_name = model_name
+        self._metadata = freeze_metadata(metadata)
+        for index, layer in enumerate(self._layers):
+            _check_extras(index, layer)
+            if check_rows:
+                _check_rows(index, layer, completed[layer.query_stream].mask, completed[layer.key_stream].mask)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_arrays(
+        cls,
+        weights: Sequence[np.ndarray] | np.ndarray,
+        *,
+        tokens: Sequence[Sequence[str]] | Sequence[str] | None = None,
+        mask: np.ndarray | None = None,
+        causal: bool | None = None,
+        special: np.ndarray | None = None,
+        grid: tuple[int, int] | None = None,
+        names: Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None,
+        streams: Mapping[str, Stream | Mapping[str, Any]] | Sequence[Stream] | None = None,
+        layer_streams: Sequence[str | tuple[str, str]] | None = None,
+        links: Sequence[Link] = (),
+        source_dtype: str | None = None,
+        framework: str = "numpy",
+        model_name: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AttentionTrace:
+        """Build a trace from per-layer arrays, no model needed.
+
+        Args:
+            weights: a sequence of ``(batch, heads, query, key)`` arrays, one per layer, or one stacked
+                ``(layers, batch, heads, query, key)`` array. ``(heads, query, key)`` arrays are taken as
+                batch 1. bfloat16 arrays (``ml_dtypes``) are stored as float32 with ``source_dtype="bfloat16"``.
+            tokens, mask, causal, special, grid: the single stream's labels (per item, or one list for
+                batch 1), ``(batch, seq)`` real-token mask (default all real), causal flag (default:
+                detected), ``(batch, seq)`` special-token mask, patch grid. With ``streams=``, give these
+                per stream instead.
+            names: module path of each layer; default ``"layer.{i}"``.
+            kinds: ``"self"``/``"cross"`` per layer, for a trace without ``streams``: cross layers then
+                attend to a second stream, ``"memory"`` (default all ``"self"``).
+            streams: the token streams, as :class:`Stream` objects or a mapping from name to a Stream or to
+                its keyword arguments (``{"encoder": {"tokens": [...], "mask": m}, "decoder": {}}``).
+            layer_streams: per layer, the query stream name (self-attention) or a ``(query, key)`` pair
+                (cross-attention), e.g. ``["encoder", "decoder", ("decoder", "encoder")]``.
+            links: fixed links between streams (:class:`Link`).
+            source_dtype: the dtype the model computed in, when the arrays were converted from it (e.g.
+                ``"bfloat16"`` for weights upcast to float32, which widens the row-sum tolerance).
+
+        Returns:
+            A validated :class:`AttentionTrace`.
+        """
+        arrays = _as_layer_list(weights)
+        for label, values in (("names", names), ("kinds", kinds), ("layer_streams", layer_streams)):
+            if values is not None and (isinstance(values, str) or len(values) != len(arrays)):
+                count = "a string" if isinstance(values, str) else f"{len(values)} {label}"
+                raise TraceError(f"Got {count} for {len(arrays)} layers; give one entry of {label} per layer.")
+        if source_dtype is not None and source_dtype not in (*ROW_SUM_TOLERANCE,):
+            raise TraceError(f"source_dtype must be one of {sorted(ROW_SUM_TOLERANCE)}, got {source_dtype!r}.")
+        layers = []
+        for i, array in enumerate(arrays):
+            query = key = None
+            if layer_streams is not None:
+                entry = layer_streams[i]
+                if isinstance(entry, str):
+                    query = key = entry
+                elif isinstance(entry, (tuple, list)) and len(entry) == 2:
+                    query, key = entry
+                else:
+                    raise TraceError(
+                        f"layer_streams[{i}] must be a stream name or a (query, key) pair of names, got {entry!r}."
+                    )
+            layers.append(LayerAttention(
+                weights=array,
+                name=names[i] if names is not None else f"layer.{i}",
+                kind=kinds[i] if kinds is not None else None,
+                source_dtype=source_dtype or "",
+                query_stream=query,
+                key_stream=key,
+            ))
+        if tokens is not None and not isinstance(tokens, (str, bytes)):
+            tokens = list(tokens)
+            if tokens and isinstance(tokens[0], str):
+                tokens = [tokens]  # one sequence of labels: batch of one
+        return cls(
+            layers, streams=streams, links=links, mask=mask, tokens=tokens, causal=causal, special=special,
+            grid=grid, framework=framework, model_name=model_name, metadata=metadata,
+        )
+
+    def replace(self, **changes: Any) -> AttentionTrace:
+        """A new trace with some constructor arguments changed, e.g. ``trace.replace(metadata={...})``."""
+        allowed = {"layers", "streams", "links", "framework", "model_name", "metadata"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise TraceError(f"replace() takes {sorted(allowed)}; got {unknown}.")
+        arguments: dict[str, Any] = {
+            "layers": self._layers, "streams": list(self._streams.values()), "links": self._links,
+            "framework": self._framework, "model_name": self._model_name, "metadata": self._metadata,
+        }
+        arguments.update(changes)
+        layers = arguments.pop("layers")
+        return AttentionTrace(layers, check_rows="layers" in changes, **arguments)
+
+    # -- what it holds ------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[LayerAttention, ...]:
+        return self._layers
+
+    @property
+    def streams(self) -> Mapping[str, Stream]:
+        return self._streams
+
+    @property
+    def links(self) -> tuple[Link, ...]:
+        return self._links
+
+    @property
+    def framework(self) -> str:
+        return self._framework
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return self._metadata
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in AttentionTrace.__slots__ and not hasattr(self, "_metadata"):
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(
+            f"An AttentionTrace cannot be changed (setting {name!r}); make a new one with trace.replace(...)."
+        )
+
+    # -- single-stream view (attnflow 0.1 API) ------------------------------------------------------
+    def _single(self, attribute: str) -> Stream:
+        if len(self._streams) != 1:
+            raise TraceError(
+                f"trace.{attribute} exists only for single-stream traces; this trace has the streams "
+                f"{list(self._streams)}. Read each from trace.streams[name] (e.g. "
+                f"trace.streams[{next(iter(self._streams))!r}].mask), and pass stream= to rollout, flow and raw."
+            )
+        return next(iter(self._streams.values()))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``(batch, seq)`` bool, True where the token is real (single-stream traces)."""
+        return self._single("mask").mask  # type: ignore[return-value]
+
+    @property
+    def tokens(self) -> list[list[str]]:
+        """Per batch item, the token labels (single-stream traces)."""
+        return [list(item) for item in (self._single("tokens").tokens or ())]
+
+    @property
+    def causal(self) -> bool:
+        """Whether every query attends only to itself and earlier keys (single-stream traces)."""
+        return bool(self._single("causal").causal)
+
+    @property
+    def special(self) -> np.ndarray:
+        """``(batch, seq)`` bool, True on special tokens (single-stream traces)."""
+        return self._single("special").special  # type: ignore[return-value]
+
+    @property
+    def seq_len(self) -> int:
+        return self._single("seq_len").length
+
+    def lengths(self, stream: str | None = None) -> np.ndarray:
+        """``(batch,)`` number of real tokens per batch item (of ``stream``; default the only stream)."""
+        return self.stream(stream, "lengths()").lengths()
+
+    def valid_index(self, batch_index: int, stream: str | None = None) -> np.ndarray:
+        """Positions of the real tokens of one batch item, ``(n_valid,)`` int."""
+        return self.stream(stream, "valid_index()").valid_index(batch_index)
+
+    def stream(self, name: str | None = None, what: str = "stream()") -> Stream:
+        """The stream called ``name``; with None, the only stream of a single-stream trace."""
+        if name is None:
+            return self._single(what)
+        if name not in self._streams:
+            raise TraceError(f"The trace has no stream {name!r}; its streams are {list(self._streams)}.")
+        return self._streams[name]
+
+    # -- shape --------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self._layers[0].weights.shape[0])
+
+    @property
+    def num_heads(self) -> tuple[int, ...]:
+        """Heads per layer."""
+        return tuple(int(layer.weights.shape[1]) for layer in self._layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    def self_layers(self) -> list[LayerAttention]:
+        """The self-attention layers, in model order."""
+        return [layer for layer in self._layers if layer.kind == "self"]
+
+    def stream_layers(self, stream: str) -> list[int]:
+        """Indices of the layers whose queries are ``stream``'s tokens, in execution order."""
+        self.stream(stream)
+        return [i for i, layer in enumerate(self._layers) if layer.query_stream == stream]
+
+    def inputs_of(self, stream: str) -> list[str]:
+        """The streams whose input tokens ``stream``'s output draws on (through cross layers and links),
+        itself included, in execution order."""
+        self.stream(stream)
+        found = {stream}
+        changed = True
+        while changed:
+            changed = False
+            for layer in self._layers:
+                if layer.query_stream in found and layer.key_stream not in found:
+                    found.add(layer.key_stream)  # type: ignore[arg-type]
+                    changed = True
+            for link in self._links:
+                if link.stream in found and link.source not in found:
+                    found.add(link.source)
+                    changed = True
+        return [name for name in self._streams if name in found]
+
+    def default_stream(self) -> str:
+        """The stream rollout and flow explain by default: the one no other stream draws on (the decoder of
+        an encoder-decoder, the language model of a LLaVA-style model, the only stream of a single-stream
+        trace). Raises :class:`TraceError` where several qualify (e.g. CLIP's two towers)."""
+        drawn = {layer.key_stream for layer in self._layers if layer.kind == "cross"}
+        drawn |= {link.source for link in self._links}
+        candidates = [name for name in self._streams if name not in drawn]
+        if len(candidates) != 1:
+            raise TraceError(
+                f"This trace has the streams {list(self._streams)} and {'none' if not candidates else 'several'} of "
+                f"them is the output ({candidates}); say which one to explain with stream=, e.g. "
+                f"stream={(candidates or list(self._streams))[0]!r}."
+            )
+        return candidates[0]
+
+    def stack(self, dtype: Any = np.float64) -> np.ndarray:
+        """Self-attention weights of a single-stream trace: ``(layers, batch, heads, seq, seq)``; needs equal
+        head counts."""
+        self._single("stack()")
+        layers = self.self_layers()
+        heads = {layer.weights.shape[1] for layer in layers}
+        if len(heads) > 1:
+            raise TraceError(
+                f"Layers have different head counts {sorted(heads)}; fuse heads per layer instead of stacking."
+            )
+        return np.stack([np.asarray(layer.weights, dtype=dtype) for layer in layers])
+
+    def select(self, batch_index: int) -> AttentionTrace:
+        """A trace of one batch item (batch size 1), same layers, streams and metadata."""
+        if not is_int(batch_index) or not -self.batch_size <= batch_index < self.batch_size:
+            raise TraceError(f"batch_index {batch_index!r} is out of range for a batch of {self.batch_size}.")
+        b = int(batch_index) % self.batch_size
+        keep = slice(b, b + 1)
+        layers = [
+            dataclasses.replace(layer, weights=layer.weights[keep], extras={k: v[keep] for k, v in layer.extras.items()})
+            for layer in self._layers
+        ]
+        streams = [
+            dataclasses.replace(s, mask=s.mask[keep], special=s.special[keep], tokens=[s.tokens[b]])  # type: ignore[index]
+            for s in self._streams.values()
+        ]
+        links = [dataclasses.replace(link, weights=link.weights[keep]) for link in self._links]
+        return AttentionTrace(
+            layers, streams=streams, links=links, framework=self._framework, model_name=self._model_name,
+            metadata=self._metadata, check_rows=False,
+        )
+
+    # -- files --------------------------------------------------------------------------------------
+    def save(self, path: Any) -> None:
+        """Write the trace to ``path`` as safetensors (arrays) with a checksummed JSON header; no pickle."""
+        from ._file import save_trace
+
+        save_trace(self, path)
+
+    def __repr__(self) -> str:
+        heads = sorted(set(self.num_heads))
+        head_text = heads[0] if len(heads) == 1 else heads
+        if len(self._streams) == 1:
+            stream = next(iter(self._streams.values()))
+            tokens = f"seq={stream.length}, causal={stream.causal}"
+        else:
+            tokens = "streams={" + ", ".join(f"{n!r}: {s.length}" for n, s in self._streams.items()) + "}"
+        return (
+            f"AttentionTrace(layers={self.num_layers}, batch={self.batch_size}, heads={head_text}, {tokens}, "
+            f"framework={self._framework!r}, model={self._model_name!r})"
+        )
+
+
+# -- metadata ------------------------------------------------------------------------------------------
+def freeze_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A read-only deep copy of JSON-like metadata (mappings with string keys, lists, str, numbers, bools,
+    None); anything else is a :class:`TraceError`."""
+    if metadata is None:
+        return MappingProxyType({})
+    if not isinstance(metadata, Mapping):
+        raise TraceError(f"metadata must be a mapping (a dict of JSON values), got {type(metadata).__name__}.")
+    return _freeze(metadata, "metadata", 0)
+
+
+def _freeze(value: Any, where: str, depth: int) -> Any:
+    if depth > 32:
+        raise TraceError(f"{where} is nested too deeply (more than 32 levels).")
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TraceError(f"{where} keys must be strings, got {key!r}.")
+            out[key] = _freeze(item, f"{where}[{key!r}]", depth + 1)
+        return MappingProxyType(out)
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    raise TraceError(
+        f"{where} is a {type(value).__name__}; metadata holds JSON values only (dicts with string keys, lists, "
+        "strings, numbers, booleans, None)."
+    )
+
+
+def thaw_metadata(value: Any) -> Any:
+    """Plain dicts and lists of frozen metadata, for JSON."""
+    if isinstance(value, Mapping):
+        return {key: thaw_metadata(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [thaw_metadata(item) for item in value]
+    return value
+
+
+# -- construction helpers ------------------------------------------------------------------------------
+def _layer_list(layers: Any) -> list[LayerAttention]:
+    if isinstance(layers, (str, bytes, np.ndarray)) or not isinstance(layers, Iterable):
+        raise TraceError(
+            f"layers must be a sequence of LayerAttention; got {type(layers).__name__}. To build a trace from "
+            "arrays, use AttentionTrace.from_arrays(weights)."
+        )
+    layers = list(layers)
+    if not layers:
+        raise TraceError(
+            "The trace has no attention layers. If it came from capture()/attach(), the forward pass ran no "
+            "attention module the adapter recognised; check the adapter's module selection."
+        )
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, LayerAttention):
+            raise TraceError(f"Layer {index} is a {type(layer).__name__}, not an attnflow.LayerAttention.")
+        if not isinstance(layer.name, str):
+            raise TraceError(f"Layer {index}: name must be a string, got {layer.name!r}.")
+        if layer.kind is not None and layer.kind not in KINDS:
+            raise TraceError(f"Layer {index} ({layer.name!r}): kind must be one of {KINDS}, got {layer.kind!r}.")
+        if not isinstance(layer.source_dtype, str):
+            raise TraceError(f"Layer {index} ({layer.name!r}): source_dtype must be a string, got {layer.source_dtype!r}.")
+        if not isinstance(layer.extras, Mapping):
+            raise TraceError(f"Layer {index} ({layer.name!r}): extras must be a mapping of name to array.")
+    return layers
+
+
+def _checked_weights(index: int, layer: LayerAttention) -> np.ndarray:
+    """The layer's weights as a float16/32/64 array, after the value checks (bfloat16 upcast to float32)."""
+    where = f"Layer {index} ({layer.name!r})"
+    w = layer.weights
+    if not isinstance(w, np.ndarray):
+        raise TraceError(f"{where}: weights must be a numpy array, got {type(w).__name__}.")
+    if w.ndim != 4:
+        raise TraceError(f"{where}: weights must have 4 axes (batch, heads, query, key); got shape {w.shape}.")
+    if min(w.shape) == 0:
+        raise TraceError(f"{where}: weights have an empty axis, shape {w.shape}.")
+    if w.dtype.name == "bfloat16":
+        w = w.astype(np.float32)
+    elif not np.issubdtype(w.dtype, np.floating):
+        raise TraceError(
+            f"{where}: weights must be floating point, got {w.dtype}. Pass attention probabilities, not scores."
+        )
+    elif w.dtype.name not in _WEIGHT_DTYPES:
+        raise TraceError(f"{where}: weights of dtype {w.dtype} cannot be stored; pass float16, float32 or float64.")
+    finite = np.isfinite(w)
+    if not finite.all():
+        pos = tuple(int(x) for x in np.argwhere(~finite)[0])
+        raise TraceError(
+            f"{where}: weights contain NaN or Inf (first at batch, head, query, key = {pos}). "
+            "The model's forward pass overflowed or a mask row was fully masked."
+        )
+    if (w < 0).any():
+        pos = tuple(int(x) for x in np.argwhere(w < 0)[0])
+        raise TraceError(
+            f"{where}: weights contain negative values (first {float(w[pos]):.3g} at batch, head, query, "
+            f"key = {pos}). Attention probabilities are softmax outputs; pass them, not raw scores."
+        )
+    return w
+
+
+def _source_dtype(layer: LayerAttention) -> str:
+    return layer.source_dtype or str(layer.weights.dtype)
+
+
+def _default_layer_streams(layers: list[LayerAttention]) -> list[LayerAttention]:
+    """Without streams=: every layer's queries are the one stream; cross layers' keys are ``"memory"``."""
+    out = []
+    for index, layer in enumerate(layers):
+        query = layer.query_stream or DEFAULT_STREAM
+        key = layer.key_stream
+        if key is None:
+            key = MEMORY_STREAM if layer.kind == "cross" else query
+        if layer.kind == "self" and key != query:
+            raise TraceError(
+                f"Layer {index} ({layer.name!r}) is kind='self' but its query and key streams differ ({query!r}, {key!r})."
+            )
+        for stream in (query, key):
+            if stream not in (DEFAULT_STREAM, MEMORY_STREAM):
+                raise TraceError(
+                    f"Layer {index} ({layer.name!r}) names stream {stream!r}; declare the streams with streams=[...]."
+                )
+        out.append(dataclasses.replace(layer, query_stream=query, key_stream=key, source_dtype=_source_dtype(layer)))
+    return out
+
+
+def _stream_list(streams: Any) -> list[Stream]:
+    if isinstance(streams, Mapping):
+        items = []
+        for name, value in streams.items():
+            if isinstance(value, Stream):
+                if value.name != name:
+                    raise TraceError(f"streams[{name!r}] is a Stream named {value.name!r}; the names must agree.")
+                items.append(value)
+            elif isinstance(value, Mapping):
+                unknown = sorted(set(value) - {"mask", "tokens", "causal", "special", "grid"})
+                if unknown:
+                    raise TraceError(
+                        f"streams[{name!r}] has unknown fields {unknown}; a stream takes mask, tokens, causal, special, grid."
+                    )
+                items.append(Stream(check_name(name), **value))
+            else:
+                raise TraceError(f"streams[{name!r}] must be a Stream or a dict of its fields, got {type(value).__name__}.")
+    elif isinstance(streams, (str, bytes)) or not isinstance(streams, Iterable):
+        raise TraceError(f"streams must be a list of Stream or a dict name -> fields; got {type(streams).__name__}.")
+    else:
+        items = list(streams)
+        for item in items:
+            if not isinstance(item, Stream):
+                raise TraceError(f"streams must hold attnflow.Stream objects, got {type(item).__name__}.")
+    if not items:
+        raise TraceError("streams= is empty; a trace needs at least one stream.")
+    seen: set[str] = set()
+    for stream in items:
+        check_name(stream.name)
+        if stream.name in seen:
+            raise TraceError(f"Two streams are named {stream.name!r}; stream names must be distinct.")
+        seen.add(stream.name)
+    return items
+
+
+def _named_layer_streams(layers: list[LayerAttention], streams: list[Stream]) -> list[LayerAttention]:
+    only = streams[0].name if len(streams) == 1 else None
+    out = []
+    for index, layer in enumerate(layers):
+        query = layer.query_stream or only
+        if query is None:
+            raise TraceError(
+                f"Layer {index} ({layer.name!r}) names no query stream, and the trace has several "
+                f"{[s.name for s in streams]}; set query_stream (from_arrays: layer_streams=[...])."
+            )
+        key = layer.key_stream or (query if layer.kind != "cross" else None)
+        if key is None:
+            raise TraceError(f"Layer {index} ({layer.name!r}) is kind='cross' but names no key_stream.")
+        if layer.kind == "self" and key != query:
+            raise TraceError(
+                f"Layer {index} ({layer.name!r}) is kind='self' but its query and key streams differ ({query!r}, {key!r})."
+            )
+        if layer.kind == "cross" and key == query:
+            raise TraceError(
+                f"Layer {index} ({layer.name!r}) is kind='cross' but its queries and keys are both stream {query!r}."
+            )
+        for stream in (query, key):
+            if not isinstance(stream, str):
+                raise TraceError(f"Layer {index} ({layer.name!r}): stream names must be strings, got {stream!r}.")
+        out.append(dataclasses.replace(layer, query_stream=query, key_stream=key, source_dtype=_source_dtype(layer)))
+    return out
+
+
+def _length_message(index: int, layer: LayerAttention, axis: str, stream: str, size: int, known: int, single: bool) -> str:
+    text = (
+        f"Layer {index} ({layer.name!r}) has {size} {axis} positions, but stream {stream!r} has {known} tokens in "
+        "other layers; every layer of a stream must cover the same tokens."
+    )
+    if single and layer.kind != "cross":
+        text += (
+            " If this model has several token streams (encoder-decoder, text and vision), capture it with "
+            "attnflow.capture (the adapters name the streams) or build the trace with streams= and layer_streams=."
+        )
+    return text
+
+
+def _stream_length(stream: Stream, from_layers: int | None, batch: int) -> int:
+    if from_layers is not None:
+        return from_layers
+    for value in (stream.mask, stream.special):
+        if value is not None and np.ndim(value) == 2:
+            return int(np.shape(value)[1])
+    if stream.tokens is not None and len(stream.tokens):
+        return len(stream.tokens[0])
+    raise TraceError(f"Stream {stream.name!r} is used by no layer and its length is unknown; give it a mask.")
+
+
+def _execution_order(layers: list[LayerAttention], links: list[Link], names: list[str]) -> list[str]:
+    order: list[str] = []
+    for layer in layers:
+        for stream in (layer.key_stream, layer.query_stream):
+            if stream not in order:
+                order.append(stream)  # type: ignore[arg-type]
+    for link in links:
+        for stream in (link.source, link.stream):
+            if stream not in names:
+                raise TraceError(f"{link!r} names stream {stream!r}, but the trace's streams are {names}.")
+    unused = [name for name in names if name not in order]
+    if unused:
+        raise TraceError(f"Streams {unused} are used by no layer; every stream needs at least one layer.")
+    return order
+
+
+def _detect_causal(stream: str, layers: list[LayerAttention], weights: list[np.ndarray], mask: np.ndarray) -> bool:
+    own = [w for layer, w in zip(layers, weights) if layer.query_stream == stream and layer.key_stream == stream]
+    return bool(own) and all(_is_causal(w, mask) for w in own)
+
+
+def _is_causal(w: np.ndarray, mask: np.ndarray) -> bool:
+    """No real query attends to a later real key (padding rows, e.g. of left-padded decoders, don't count)."""
+    q, k = w.shape[-2:]
+    if q != k or q < 2:
+        return False
+    real = mask[:, None, :, None] & mask[:, None, None, :]
+    return not np.triu(w * real, k=1).any()
+
+
+def _check_rows(index: int, layer: LayerAttention, query_mask: np.ndarray, key_mask: np.ndarray) -> None:
+    w = layer.weights
+    tol = max(ROW_SUM_TOLERANCE.get(layer.source_dtype, _DEFAULT_ROW_TOL),
+              ROW_SUM_TOLERANCE.get(str(w.dtype), _DEFAULT_ROW_TOL))
+    sums = w.sum(axis=-1, dtype=np.float64)  # (batch, heads, query)
+    valid_q = query_mask[:, None, :]
+    bad = (np.abs(sums - 1.0) > tol) & valid_q
+    if bad.any():
+        b, h, q = (int(x) for x in np.argwhere(bad)[0])
+        raise TraceError(
+            f"Layer {index} ({layer.name!r}): attention row (batch={b}, head={h}, query={q}) sums to "
+            f"{sums[b, h, q]:.6g}, not 1 (tolerance {tol:g} for {layer.source_dtype}). Pass softmax probabilities "
+            "over keys (last axis); if the axes are swapped, transpose to (batch, heads, query, key). Weights "
+            "converted from bfloat16 or float16 need from_arrays(..., source_dtype='bfloat16')."
+        )
+    leaked = (w * (~key_mask)[:, None, None, :]).sum(axis=-1, dtype=np.float64)
+    bad = (leaked > tol) & valid_q
+    if bad.any():
+        b, h, q = (int(x) for x in np.argwhere(bad)[0])
+        raise TraceError(
+            f"Layer {index} ({layer.name!r}): query {q} of batch item {b} (head {h}) puts {leaked[b, h, q]:.3g} of "
+            f"its attention on positions the mask of stream {layer.key_stream!r} marks as padding. The mask does "
+            "not match the one the model used; pass the model's attention_mask."
+        )
+
+
+def _check_extras(index: int, layer: LayerAttention) -> None:
+    batch = layer.weights.shape[0]
+    for key, value in layer.extras.items():
+        if not isinstance(key, str) or not key.replace("_", "a").replace(".", "a").isalnum():
+            raise TraceError(f"Layer {index} ({layer.name!r}): extra names must be plain words, got {key!r}.")
+        if value.ndim == 0 or value.shape[0] != batch:
+            raise TraceError(
+                f"Layer {index} ({layer.name!r}): extra {key!r} must be an array whose first axis is the batch ({batch})."
+            )
+
+
+def _link_list(links: Any) -> list[Link]:
+    if isinstance(links, (str, bytes, Link)) or not isinstance(links, Iterable):
+        raise TraceError(f"links must be a sequence of attnflow.Link, got {type(links).__name__}.")
+    items = list(links)
+    for item in items:
+        if not isinstance(item, Link):
+            raise TraceError(f"links must hold attnflow.Link objects, got {type(item).__name__}.")
+    return items
+
+
+def _checked_link(index: int, link: Link, streams: Mapping[str, Stream], layers: tuple[LayerAttention, ...]) -> Link:
+    where = f"Link {index} ({link.stream!r} <- {link.source!r})"
+    if link.stream == link.source:
+        raise TraceError(f"{where}: a link joins two different streams.")
+    target, source = streams[link.stream], streams[link.source]
+    depth_max = sum(1 for layer in layers if layer.query_stream == link.source)
+    if not is_int(link.depth) or not 0 <= link.depth <= depth_max:
+        raise TraceError(
+            f"{where}: depth must be an int in [0, {depth_max}] (the number of {link.source!r} layers applied), "
+            f"got {link.depth!r}."
+        )
+    try:
+        w = np.asarray(link.weights, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TraceError(f"{where}: weights must be a numeric array.") from exc
+    shape = (target.batch_size, target.length, source.length)
+    if w.shape != shape:
+        raise TraceError(f"{where}: weights must have shape (batch, {link.stream} length, {link.source} length) = {shape}; got {w.shape}.")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise TraceError(f"{where}: weights must be finite and non-negative.")
+    sums = w.sum(axis=-1)
+    fed = sums > 0
+    if (np.abs(sums[fed] - 1.0) > 1e-6).any():
+        raise TraceError(f"{where}: each fed token's row must sum to 1 (rows of tokens not fed are all 0).")
+    if (w * ~source.mask[:, None, :]).any():
+        raise TraceError(f"{where}: weights point at padding of stream {link.source!r}.")
+    first_layer = next((i for i, layer in enumerate(layers) if layer.query_stream == link.stream), None)
+    source_layers = [i for i, layer in enumerate(layers) if layer.query_stream == link.source]
+    if first_layer is not None and link.depth and source_layers[link.depth - 1] > first_layer:
+        raise TraceError(
+            f"{where}: {link.source!r} reaches depth {link.depth} only after {link.stream!r}'s first layer ran; a "
+            "link feeds a stream's inputs from what was computed before."
+        )
+    return Link(stream=link.stream, source=link.source, depth=int(link.depth), weights=frozen(w))
+
+
+def _as_layer_list(weights: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+    if isinstance(weights, np.ndarray) and weights.ndim == 5:
+        return [w for w in weights]
+    if isinstance(weights, np.ndarray) and weights.ndim in (3, 4):
+        raise TraceError(
+            f"Got one array of shape {weights.shape}; pass a list of per-layer (batch, heads, query, key) "
+            "arrays, or one stacked (layers, batch, heads, query, key) array."
+        )
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise TraceError(f"weights must be a list of arrays, got {type(weights).__name__}.")
+    arrays = []
+    for i, w in enumerate(weights):
+        try:
+            w = np.asarray(w)
+        except Exception as exc:  # a framework tensor that refuses conversion (e.g. one requiring grad)
+            raise TraceError(
+                f"Layer {i}: cannot convert {type(w).__name__} to a numpy array ({exc}). Convert it first, "
+                "e.g. tensor.detach().float().cpu().numpy()."
+            ) from exc
+        arrays.append(w[None] if w.ndim == 3 else w)
+    return arrays
+
