@@ -113,6 +113,66 @@ def test_sources_padding_and_negative_indices():
         attnflow.flow(trace, sources=[0, 5])
 
 
+def test_left_padded_item_equals_the_item_alone():
+    """Flow written at the wrong columns for a left-padded item would differ from the item run alone."""
+    rng = np.random.default_rng(31)
+    seq, real, pad = 7, 5, 2
+    short = dirichlet_layers(rng, 3, 1, 2, real, 0.3)
+    padded = []
+    for w in short:
+        full = dirichlet_layers(rng, 1, 2, 2, seq)[0]
+        full[1] = 0.0
+        full[1, :, pad:, pad:] = w[0]
+        full[1, :, :pad, pad:] = 1.0 / real  # padded query rows attend somewhere real
+        padded.append(full)
+    mask = np.ones((2, seq), bool)
+    mask[1, :pad] = False
+    trace = AttentionTrace.from_arrays(padded, mask=mask)
+    alone = AttentionTrace.from_arrays(short)
+    np.testing.assert_allclose(attnflow.flow(trace)[1][pad:, pad:], attnflow.flow(alone)[0], atol=1e-12)
+    np.testing.assert_allclose(attnflow.flow(trace, sources=[-1])[1, 0, pad:], attnflow.flow(alone)[0, -1],
+                               atol=1e-12)
+    np.testing.assert_allclose(attnflow.rollout(trace)[1][pad:, pad:], attnflow.rollout(alone)[0], atol=1e-12)
+    assert not attnflow.flow(trace)[1][:pad].any() and not attnflow.flow(trace)[1][:, :pad].any()
+
+
+def test_layer_selection_boundary():
+    rng = np.random.default_rng(32)
+    trace = AttentionTrace.from_arrays(dirichlet_layers(rng, 3, 1, 2, 4))
+    for bad in ([3], [-4], (0, 3.0)):
+        with pytest.raises(OptionError, match="out of range|layers must be"):
+            attnflow.flow(trace, layers=bad)
+        with pytest.raises(OptionError, match="out of range|layers must be"):
+            attnflow.rollout(trace, layers=bad)
+    np.testing.assert_allclose(attnflow.rollout(trace, layers=[2]), attnflow.rollout(trace, layers=[-1]), atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_seconds": float("nan")}, "max_seconds"),
+        ({"max_seconds": None}, "max_seconds"),
+        ({"max_seconds": "10"}, "max_seconds"),
+        ({"max_seconds": -1}, "max_seconds"),
+        ({"n_jobs": 0}, "n_jobs"),
+        ({"sources": 0}, "list of token positions"),
+        ({"sources": [0.5]}, "sources must hold ints"),
+        ({"stream": 3}, "stream must be a stream name"),
+    ],
+)
+def test_bad_flow_arguments(kwargs, message):
+    trace = AttentionTrace.from_arrays(dirichlet_layers(np.random.default_rng(33), 3, 1, 2, 4))
+    with pytest.raises(OptionError, match=message):
+        attnflow.flow(trace, **kwargs)
+
+
+def test_bad_flow_network_batch_index():
+    trace = AttentionTrace.from_arrays(dirichlet_layers(np.random.default_rng(34), 2, 2, 2, 4))
+    for bad in (0.5, 2, -3, "0"):
+        with pytest.raises(OptionError, match="batch_index"):
+            attnflow.flow_network(trace, batch_index=bad)
+
+
 def test_causal_flows_to_future_are_exactly_zero():
     rng = np.random.default_rng(4)
     weights = []

@@ -108,6 +108,32 @@ def test_all_methods_match_networkx(case):
         np.testing.assert_allclose(values, reference, rtol=0, atol=ATOL, err_msg=method)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e-6])
+@pytest.mark.parametrize("case", ["peaked", "bottlenecked"])
+def test_tiny_capacities_are_exact_relative_to_their_size(scale, case):
+    """A solver that stops 1e-3 below its cut bound would pass at capacities near 1 but not here: values are
+    checked relative to the capacity scale, to 1e-11."""
+    rng = np.random.default_rng(int(scale * 1e9) % 97)
+    adj = (peaked(rng, 4, 7) if case == "peaked" else bottlenecked(rng, 4, 7)) * scale
+    sources = [6, 0, 3]
+    reference = nx_flows(adj, sources, flow_func=preflow_push)
+    for method, values in solve_all(adj, sources).items():
+        np.testing.assert_allclose(values / scale, reference / scale, rtol=0, atol=1e-11, err_msg=method)
+
+
+def test_explicit_source_levels():
+    rng = np.random.default_rng(8)
+    adj = bottlenecked(rng, 5, 6)
+    values = max_flow_values(adj, [4, 1], tops=[3, 5])
+    assert values.shape == (2, 2, 6)
+    np.testing.assert_allclose(values[0], nx_flows(adj[:3], [4, 1]), atol=ATOL)
+    np.testing.assert_allclose(values[1], nx_flows(adj, [4, 1]), atol=ATOL)
+    with pytest.raises(OptionError, match="tops must be levels"):
+        max_flow_values(adj, [0], tops=[6])
+    with pytest.raises(OptionError, match="not both"):
+        max_flow_values(adj, [0], tops=[2], all_layers=True)
+
+
 def test_bottlenecked_cases_are_not_trivial():
     """The cases above must exercise the solver past its first phase: flows below both cut bounds."""
     adj = bottlenecked(np.random.default_rng(3), 4, 7)

@@ -231,7 +231,7 @@ class AttentionTrace:
                 query_stream=query,
                 key_stream=key,
             ))
-        if tokens is not None and not isinstance(tokens, (str, bytes)):
+        if tokens is not None and not isinstance(tokens, (str, bytes)) and isinstance(tokens, Iterable):
             tokens = list(tokens)
             if tokens and isinstance(tokens[0], str):
                 tokens = [tokens]  # one sequence of labels: batch of one
