@@ -6,7 +6,6 @@ Importing attnflow imports no deep-learning framework; adapters load theirs when
 """
 
 from ._adapter import Adapter as Adapter
-from ._adapter import Recorder as Recorder
 from ._adapter import import_optional as import_optional
 from ._batch import run_batch as run_batch
 from ._capture import attach as attach
@@ -24,6 +23,7 @@ from ._errors import OptionError as OptionError
 from ._errors import TraceError as TraceError
 from ._errors import TraceFileError as TraceFileError
 from ._models import packaged_model_dir as packaged_model_dir
+from ._recorder import Recorder as Recorder
 from ._registry import get_adapter as get_adapter
 from ._registry import list_adapters as list_adapters
 from ._registry import register_adapter as register_adapter

@@ -1,0 +1,366 @@
+"""The Recorder: what adapters hand attention to, one forward pass at a time.
+
+An adapter says a pass begins (:meth:`Recorder.start_call`), hands over each attention layer as it runs
+(:meth:`Recorder.record`), says what it learns about the token streams (:meth:`Recorder.describe_stream`,
+:meth:`Recorder.link`), and says the pass ended (:meth:`Recorder.end_call`) or failed
+(:meth:`Recorder.abort_call`). The recorder buffers the pass, names repeated layers by one rule, labels
+tokens, and builds one validated :class:`AttentionTrace` per pass. Users read :attr:`Recorder.trace` (the
+last pass) or :attr:`Recorder.traces`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._errors import AdapterError, TraceError
+from .trace import AttentionTrace, LayerAttention, Link, Stream
+from .trace._stream import DEFAULT_STREAM, MEMORY_STREAM
+
+_STREAM_FIELDS = ("mask", "input_ids", "tokens", "special", "causal", "grid")
+
+
+@dataclasses.dataclass
+class _Layer:
+    name: str
+    weights: np.ndarray
+    kind: str | None
+    source_dtype: str
+    extras: dict[str, np.ndarray]
+    query_stream: str | None
+    key_stream: str | None
+    repeat_prefix: str | None
+    training: bool
+
+
+class _Pass:
+    def __init__(self) -> None:
+        self.layers: list[_Layer] = []
+        self.streams: dict[str | None, dict[str, Any]] = {}
+        self.links: list[Link] = []
+        self.metadata: dict[str, Any] = {}
+        self.depth = 0
+
+
+class Recorder:
+    """Collects attention while hooks are live; one :class:`AttentionTrace` per forward pass.
+
+    Args:
+        framework: the array library the model computes in (stored as ``trace.framework``).
+        model_name: stored as ``trace.model_name``.
+        tokens: token labels, or a tokenizer (anything with ``convert_ids_to_tokens``), or a dict from
+            stream name to either: how token ids become labels.
+        adapter: the adapter's name, stored in the trace's metadata.
+    """
+
+    def __init__(self, *, framework: str, model_name: str = "", tokens: Any = None, adapter: str = ""):
+        self.framework = framework
+        self.model_name = model_name
+        self.adapter = adapter
+        self._labels = tokens
+        self._traces: list[AttentionTrace] = []
+        self._pass: _Pass | None = None
+        self._lock = threading.RLock()
+
+    # -- adapter side -------------------------------------------------------------------------------
+    def start_call(
+        self, *, mask: Any = None, input_ids: Any = None, causal: bool | None = None,
+        metadata: Mapping[str, Any] | None = None, streams: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Begin a forward pass. A call while a pass is open (the model calling itself) joins that pass.
+
+        Args:
+            mask, input_ids, causal: ``(batch, seq)`` real-token mask, ``(batch, seq)`` token ids and the
+                causal flag of the model's only stream (single-stream models).
+            metadata: JSON-like values stored in the trace's metadata.
+            streams: per stream name, what is known of it already: ``mask``, ``input_ids``, ``tokens``
+                (labels), ``special`` (``(batch, length)`` bool), ``causal``, ``grid`` (patch rows, columns).
+        """
+        with self._lock:
+            if self._pass is not None:
+                self._pass.depth += 1
+                return
+            self._pass = _Pass()
+            self._pass.depth = 1
+            self._pass.metadata = dict(metadata or {})
+            if mask is not None or input_ids is not None or causal is not None:
+                self._describe(None, {"mask": mask, "input_ids": input_ids, "causal": causal}, overwrite=True)
+            for name, info in (streams or {}).items():
+                self._describe(name, dict(info), overwrite=True)
+
+    def record(
+        self, name: str, weights: np.ndarray, *, kind: str | None = None, source_dtype: str = "",
+        extras: Mapping[str, np.ndarray] | None = None, query_stream: str | None = None,
+        key_stream: str | None = None, repeat_prefix: str | None = None, training: bool = False,
+    ) -> None:
+        """Record one layer's ``(batch, heads, query, key)`` attention probabilities (a numpy array).
+
+        Args:
+            name: the module path; a path recorded several times in one pass (a shared module, a scanned
+                layer) is numbered by layer: the index is inserted after ``repeat_prefix`` (the path of the
+                repeated block, e.g. ``"layers"`` for ``"layers/attn"`` gives ``"layers/0/attn"``), or
+                appended (``"shared.attn.0"``) when None.
+            kind: ``"self"``/``"cross"``; needed only for cross layers of a model without named streams.
+            source_dtype: the dtype the model computed in (``"bfloat16"`` for weights upcast to float32).
+            extras: per-layer arrays to keep beside the weights.
+            query_stream, key_stream: the streams of the queries and keys (None: the only stream).
+            training: the module ran in training mode (dropout makes rows invalid: the error says eval()).
+        """
+        array = np.asarray(weights)
+        with self._lock:
+            if self._pass is None:  # attention outside a pass the adapter saw begin: a pass of its own
+                self.start_call()
+            assert_open(self._pass)
+            self._pass.layers.append(_Layer(  # type: ignore[union-attr]
+                name=name, weights=array, kind=kind, source_dtype=source_dtype or str(array.dtype),
+                extras=dict(extras or {}), query_stream=query_stream, key_stream=key_stream,
+                repeat_prefix=repeat_prefix, training=training,
+            ))
+
+    def describe_stream(self, stream: str | None = None, *, overwrite: bool = False, **info: Any) -> None:
+        """What the adapter learned about a stream during the pass (``mask``, ``input_ids``, ``tokens``,
+        ``special``, ``causal``, ``grid``). Values already known are kept unless ``overwrite``."""
+        unknown = sorted(set(info) - set(_STREAM_FIELDS))
+        if unknown:
+            raise TypeError(f"describe_stream() got unknown fields {unknown}; it takes {list(_STREAM_FIELDS)}.")
+        with self._lock:
+            if self._pass is None:
+                return
+            self._describe(stream, info, overwrite=overwrite)
+
+    def link(self, stream: str, source: str, depth: int, weights: np.ndarray) -> None:
+        """Fixed edges feeding ``stream``'s input tokens from ``source`` at ``depth`` (see :class:`Link`)."""
+        with self._lock:
+            if self._pass is not None:
+                self._pass.links.append(Link(stream=stream, source=source, depth=depth, weights=np.asarray(weights)))
+
+    def end_call(self) -> None:
+        """Finish the forward pass: validate what was recorded and keep it as a trace."""
+        with self._lock:
+            current = self._pass
+            if current is None:
+                return
+            current.depth -= 1
+            if current.depth > 0:
+                return
+            self._pass = None
+            if not current.layers:
+                raise AdapterError(
+                    f"The forward pass ran, but adapter {self.adapter!r} recorded no attention. The model's "
+                    "attention modules were not recognised or did not run; pass adapter=... or select the "
+                    "attention modules with the adapter's modules= option."
+                )
+            self._traces.append(self._build(current))
+
+    def abort_call(self) -> None:
+        """The forward pass raised: forget it (nothing half-recorded becomes a trace)."""
+        with self._lock:
+            self._pass = None
+
+    @property
+    def in_call(self) -> bool:
+        """Whether a forward pass is open."""
+        return self._pass is not None
+
+    # -- user side ----------------------------------------------------------------------------------
+    @property
+    def traces(self) -> list[AttentionTrace]:
+        """Every finished forward pass, oldest first."""
+        with self._lock:
+            if self._pass is not None and self._pass.layers and self._pass.depth <= 1:
+                # a pass whose end the adapter could not see (e.g. the user stopped early)
+                self._pass.depth = 1
+                self.end_call()
+            return list(self._traces)
+
+    @property
+    def trace(self) -> AttentionTrace:
+        """The attention of the last forward pass run while attached."""
+        traces = self.traces
+        if not traces:
+            raise AdapterError(
+                "No forward pass ran while attached: call the model inside the `with attnflow.attach(model)` block."
+            )
+        return traces[-1]
+
+    # -- building -----------------------------------------------------------------------------------
+    def _describe(self, stream: str | None, info: dict[str, Any], *, overwrite: bool) -> None:
+        assert_open(self._pass)
+        known = self._pass.streams.setdefault(stream, {})  # type: ignore[union-attr]
+        for key, value in info.items():
+            if value is None:
+                continue
+            if overwrite or known.get(key) is None:
+                known[key] = value
+
+    def _build(self, current: _Pass) -> AttentionTrace:
+        layers = _numbered(current.layers)
+        named = any(layer.query_stream or layer.key_stream for layer in layers)
+        metadata = {"adapter": self.adapter, **current.metadata}
+        built = []
+        for layer in layers:
+            built.append(LayerAttention(
+                weights=layer.weights, name=layer.name, kind=layer.kind, source_dtype=layer.source_dtype,
+                extras=layer.extras, query_stream=layer.query_stream, key_stream=layer.key_stream,
+            ))
+        common = {"framework": self.framework, "model_name": self.model_name, "metadata": metadata}
+        try:
+            if not named and not current.links:
+                info = current.streams.get(None) or current.streams.get(DEFAULT_STREAM) or {}
+                length, batch = _query_length(layers, None), layers[0].weights.shape[0]
+                fields = self._stream_fields(DEFAULT_STREAM, info, batch, length)
+                memory = current.streams.get(MEMORY_STREAM)
+                if memory is None:
+                    return AttentionTrace(built, **fields, **common)  # type: ignore[arg-type]
+                streams = [Stream(DEFAULT_STREAM, **fields)]
+                return self._with_memory(built, streams, memory, layers, common)
+            return self._multi_stream(current, built, layers, common)
+        except TraceError as exc:
+            if any(layer.training for layer in layers):
+                raise AdapterError(
+                    f"The captured attention is not a valid trace ({exc}) and the model is in training mode, where "
+                    "attention dropout rescales the weights. Call model.eval() before capturing."
+                ) from exc
+            raise
+
+    def _with_memory(self, built, streams, memory, layers, common) -> AttentionTrace:
+        batch = layers[0].weights.shape[0]
+        keys = next((layer.weights.shape[3] for layer in layers if layer.kind == "cross"), None)
+        if keys is None:  # described, but no layer attends to it
+            return AttentionTrace(built, streams=streams, **common)
+        streams.append(Stream(MEMORY_STREAM, **self._stream_fields(MEMORY_STREAM, memory, batch, keys)))
+        built = [
+            dataclasses.replace(
+                layer, query_stream=DEFAULT_STREAM,
+                key_stream=MEMORY_STREAM if layer.kind == "cross" else DEFAULT_STREAM,
+            )
+            for layer in built
+        ]
+        return AttentionTrace(built, streams=streams, **common)
+
+    def _multi_stream(self, current: _Pass, built, layers, common) -> AttentionTrace:
+        names: list[str] = []
+        for layer in layers:
+            for name in (layer.query_stream, layer.key_stream):
+                if name is not None and name not in names:
+                    names.append(name)
+        for link in current.links:
+            for name in (link.source, link.stream):
+                if name not in names:
+                    names.append(name)
+        if not names:
+            names = [DEFAULT_STREAM]
+        default = names[0] if len(names) == 1 else None
+        resolved = []
+        for layer in built:
+            query = layer.query_stream or default
+            key = layer.key_stream or (query if layer.kind != "cross" else None)
+            resolved.append(dataclasses.replace(layer, query_stream=query, key_stream=key))
+        batch = layers[0].weights.shape[0]
+        streams = []
+        for name in names:
+            info = current.streams.get(name) or (current.streams.get(None, {}) if name == default else {})
+            length = _stream_length(resolved, name)
+            streams.append(Stream(name, **self._stream_fields(name, info, batch, length)))
+        return AttentionTrace(resolved, streams=streams, links=current.links, **common)
+
+    def _stream_fields(self, name: str, info: Mapping[str, Any], batch: int, length: int | None) -> dict[str, Any]:
+        """Stream constructor arguments: the mask, labels and special tokens that fit the stream's shape."""
+        shape = None if length is None else (batch, length)
+        mask = _fitting(info.get("mask"), shape)
+        ids = _fitting(info.get("input_ids"), shape)
+        tokens = info.get("tokens")
+        labeler = self._labels.get(name) if isinstance(self._labels, Mapping) else self._labels
+        if tokens is None:
+            tokens = self._token_labels(labeler, ids, shape)
+        special = _fitting(info.get("special"), shape)
+        if special is None and ids is not None and hasattr(labeler, "all_special_ids"):
+            special = np.isin(ids, list(labeler.all_special_ids or ()))
+        return {
+            "mask": None if mask is None else mask.astype(bool), "tokens": tokens, "special": special,
+            "causal": info.get("causal"), "grid": info.get("grid"),
+        }
+
+    @staticmethod
+    def _token_labels(labels: Any, ids: np.ndarray | None, shape: tuple[int, int] | None) -> list[list[str]] | None:
+        if labels is None:
+            if ids is None:
+                return None
+            return [[str(int(t)) for t in row] for row in ids]
+        if hasattr(labels, "convert_ids_to_tokens"):
+            if ids is None:
+                if shape is None:
+                    return None
+                raise AdapterError(
+                    "A tokenizer was given for labels, but the adapter saw no token ids of this stream's shape "
+                    f"{shape}; pass labels with tokens=[...] instead."
+                )
+            return [[str(t) for t in labels.convert_ids_to_tokens([int(t) for t in row])] for row in ids]
+        labels = list(labels)
+        if labels and isinstance(labels[0], str):
+            return [labels]
+        return [list(row) for row in labels]
+
+
+def assert_open(current: _Pass | None) -> None:
+    if current is None:  # guarded by the callers; a clear error if that ever changes
+        raise AdapterError("attnflow internal error: no forward pass is open in the recorder.")
+
+
+def _numbered(layers: list[_Layer]) -> list[_Layer]:
+    """The one naming rule: a path recorded k > 1 times in one pass is numbered by layer, 0..k-1."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    seen: dict[str, int] = {}
+    out = []
+    for layer in layers:
+        if counts[layer.name] == 1:
+            out.append(layer)
+            continue
+        k = seen.get(layer.name, 0)
+        seen[layer.name] = k + 1
+        out.append(dataclasses.replace(layer, name=numbered_name(layer.name, k, layer.repeat_prefix)))
+    return out
+
+
+def numbered_name(name: str, index: int, prefix: str | None = None) -> str:
+    """``name`` with the layer index after ``prefix`` (``"layers/attn"``, 2, ``"layers"`` -> ``"layers/2/attn"``),
+    or at the end (``"shared.attn"`` -> ``"shared.attn.2"``), in the name's own separator."""
+    separator = "/" if "/" in name else "."
+    if prefix and name.startswith(prefix) and (len(name) == len(prefix) or name[len(prefix)] in "./"):
+        rest = name[len(prefix):]
+        return f"{prefix}{separator}{index}{rest}"
+    return f"{name}{separator}{index}"
+
+
+def _fitting(value: Any, shape: tuple[int, int] | None) -> np.ndarray | None:
+    """``value`` as a ``(batch, length)`` array when it fits ``shape`` (transposed if it is sequence-first)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if shape is None or array.shape == shape:
+        return array if array.ndim == 2 else None
+    if array.ndim == 2 and array.T.shape == shape:
+        return array.T
+    return None
+
+
+def _query_length(layers: Sequence[_Layer], stream: str | None) -> int:
+    for layer in layers:
+        if layer.kind != "cross" and layer.query_stream == stream:
+            return int(layer.weights.shape[2])
+    return int(layers[0].weights.shape[2])
+
+
+def _stream_length(layers: Sequence[LayerAttention], name: str) -> int | None:
+    for layer in layers:
+        if layer.query_stream == name:
+            return int(layer.weights.shape[2])
+        if layer.key_stream == name:
+            return int(layer.weights.shape[3])
+    return None
