@@ -341,30 +341,10 @@ def compare(
     layer_align, ignore_tokens = _parse_align(align)
     if trace_a.batch_size != trace_b.batch_size:
         raise ComparisonError(f"Batch sizes differ: A has {trace_a.batch_size} item(s), B has {trace_b.batch_size}.")
-    if trace_a.seq_len != trace_b.seq_len:
-        raise ComparisonError(
-            f"Token counts differ: A has {trace_a.seq_len} tokens, B has {trace_b.seq_len}. Capture both "
-            "on the same tokenised input (same padding)."
-        )
+    _check_streams(trace_a, trace_b, ignore_tokens)
     pairs, unmatched_a, unmatched_b = _pair_layers(trace_a, trace_b, layer_align)
     for index, (i, j) in enumerate(pairs):
         _check_pair(index, i, j, trace_a.layers[i], trace_b.layers[j])
-    if not np.array_equal(trace_a.mask, trace_b.mask):
-        b, p = (int(x) for x in np.argwhere(trace_a.mask != trace_b.mask)[0])
-        raise ComparisonError(
-            f"Masks differ: batch item {b}, position {p} is {'real' if trace_a.mask[b, p] else 'padding'} in A "
-            f"but {'real' if trace_b.mask[b, p] else 'padding'} in B. Both traces need the same padding."
-        )
-    if not ignore_tokens:
-        for b in range(trace_a.batch_size):
-            for p in trace_a.valid_index(b):
-                ta, tb = trace_a.tokens[b][p], trace_b.tokens[b][p]
-                if ta != tb:
-                    raise ComparisonError(
-                        f"Token labels differ: batch item {b}, position {int(p)} is {ta!r} in A but {tb!r} in B. "
-                        "Compare traces of the same input, or pass align='tokens' (or '...+tokens') to ignore "
-                        "label differences (e.g. token ids against token strings)."
-                    )
 
     dtype_atol = _default_atol(trace_a, trace_b)
     atol = _tolerance("atol", atol, dtype_atol)
@@ -379,16 +359,13 @@ def compare(
     if min_spearman is not None and not -1.0 <= float(min_spearman) <= 1.0:
         raise OptionError(f"min_spearman must be in [-1, 1] or None, got {min_spearman!r}.")
 
-    mask = trace_a.mask
     heads_rows = []
     for index, (i, j) in enumerate(pairs):
         la, lb = trace_a.layers[i], trace_b.layers[j]
         diff = np.abs(la.weights.astype(np.float64) - lb.weights.astype(np.float64))
-        if la.kind == "self":
-            grid = mask[:, None, :, None] & mask[:, None, None, :]
-        else:
-            grid = np.ones((diff.shape[0], 1, diff.shape[2], diff.shape[3]), dtype=bool)
-        grid = np.broadcast_to(grid, diff.shape)
+        query_mask = trace_a.streams[la.query_stream].mask  # type: ignore[index]
+        key_mask = trace_a.streams[la.key_stream].mask  # type: ignore[index]
+        grid = np.broadcast_to(query_mask[:, None, :, None] & key_mask[:, None, None, :], diff.shape)  # type: ignore[index]
         heads = []
         for h in range(diff.shape[1]):
             values = diff[:, h][grid[:, h]]
@@ -400,28 +377,37 @@ def compare(
 
     paired_a = _subtrace(trace_a, [i for i, _ in pairs])
     paired_b = _subtrace(trace_b, [j for _, j in pairs])
-    self_pairs = [index for index, (i, _) in enumerate(pairs) if trace_a.layers[i].kind == "self"]
     rollout_per_layer: dict[int, float] = {}
     spearman: dict[str, float] = {}
-    causal = trace_a.causal and trace_b.causal
-    sources = list(flow_sources) if flow_sources is not None else ([-1] if causal else [0])
     rollout_max = float("nan")
     flow_max: float | None = None
-    if self_pairs:
-        options = {"head_fusion": head_fusion, "residual": residual}
-        ra = rollout(paired_a, all_layers=True, **options)
-        rb = rollout(paired_b, all_layers=True, **options)
-        for k, index in enumerate(self_pairs):
-            rollout_per_layer[index] = float(np.abs(ra[k] - rb[k]).max())
-        rollout_max = float(np.abs(ra[-1] - rb[-1]).max())
-        rows = _source_rows(paired_a, sources)
-        spearman["rollout"] = _min_spearman(ra[-1], rb[-1], rows, paired_a, tolerances["spearman_tie_tol"])
+    options = {"head_fusion": head_fusion, "residual": residual}
+    tie_tol = tolerances["spearman_tie_tol"]
+    for stream in _output_streams(paired_a):
+        causal = bool(paired_a.streams[stream].causal and paired_b.streams[stream].causal)
+        sources = list(flow_sources) if flow_sources is not None else ([-1] if causal else [0])
+        own = [index for index, (i, _) in enumerate(pairs) if trace_a.layers[i].query_stream == stream]
+        ra = _by_input(rollout(paired_a, all_layers=True, stream=stream, **options), paired_a, stream)
+        rb = _by_input(rollout(paired_b, all_layers=True, stream=stream, **options), paired_b, stream)
+        for k, index in enumerate(own):
+            rollout_per_layer[index] = max(float(np.abs(ra[name][k] - rb[name][k]).max()) for name in ra)
+        last = max(float(np.abs(ra[name][-1] - rb[name][-1]).max()) for name in ra)
+        rollout_max = last if np.isnan(rollout_max) else max(rollout_max, last)
+        rows = _source_rows(paired_a, stream, sources)
+        label = "rollout" if len(_output_streams(paired_a)) == 1 else f"rollout[{stream}]"
+        spearman[label] = _min_spearman(
+            {name: value[-1] for name, value in ra.items()}, {name: value[-1] for name, value in rb.items()},
+            rows, paired_a, tie_tol,
+        )
         if flow:
-            fa = attention_flow(paired_a, sources=sources, max_seconds=max_seconds, progress=False, **options)
-            fb = attention_flow(paired_b, sources=sources, max_seconds=max_seconds, progress=False, **options)
-            flow_max = float(np.abs(fa - fb).max())
-            spearman["flow"] = _min_spearman(
-                fa, fb, _source_rows(paired_a, sources, flow_rows=True), paired_a, tolerances["spearman_tie_tol"]
+            fa = _by_input(attention_flow(paired_a, sources=sources, stream=stream, max_seconds=max_seconds,
+                                          progress=False, **options), paired_a, stream)
+            fb = _by_input(attention_flow(paired_b, sources=sources, stream=stream, max_seconds=max_seconds,
+                                          progress=False, **options), paired_b, stream)
+            diff_flow = max(float(np.abs(fa[name] - fb[name]).max()) for name in fa)
+            flow_max = diff_flow if flow_max is None else max(flow_max, diff_flow)
+            spearman[label.replace("rollout", "flow")] = _min_spearman(
+                fa, fb, _source_rows(paired_a, stream, sources, flow_rows=True), paired_a, tie_tol
             )
     layers = [
         LayerComparison(
@@ -434,7 +420,7 @@ def compare(
         layers=layers, rollout_max_abs=rollout_max, flow_max_abs=flow_max, spearman=spearman, sources=sources,
         tolerances=tolerances, alignment=layer_align, ignore_tokens=ignore_tokens, unmatched_a=unmatched_a,
         unmatched_b=unmatched_b, about_a=_about(trace_a), about_b=_about(trace_b), batch=trace_a.batch_size,
-        seq=trace_a.seq_len, allow_unmatched=allow_unmatched,
+        seq=sum(s.length for s in trace_a.streams.values()), allow_unmatched=allow_unmatched,
     )
 
 
@@ -531,6 +517,11 @@ def _check_pair(index: int, i: int, j: int, la: LayerAttention, lb: LayerAttenti
     where = f"Layer {index} (A {la.name!r}, B {lb.name!r})"
     if la.kind != lb.kind:
         raise ComparisonError(f"{where}: kinds differ, {la.kind!r} in A and {lb.kind!r} in B.")
+    if (la.query_stream, la.key_stream) != (lb.query_stream, lb.key_stream):
+        raise ComparisonError(
+            f"{where}: streams differ, ({la.query_stream!r}, {la.key_stream!r}) in A and ({lb.query_stream!r}, "
+            f"{lb.key_stream!r}) in B (query, key)."
+        )
     ha, hb = la.weights.shape[1], lb.weights.shape[1]
     if ha != hb:
         raise ComparisonError(f"{where}: head counts differ, {ha} in A and {hb} in B.")
@@ -540,20 +531,70 @@ def _check_pair(index: int, i: int, j: int, la: LayerAttention, lb: LayerAttenti
         )
 
 
+def _check_streams(a: AttentionTrace, b: AttentionTrace, ignore_tokens: bool) -> None:
+    if list(a.streams) != list(b.streams):
+        raise ComparisonError(
+            f"Streams differ: A has {list(a.streams)}, B has {list(b.streams)}. Compare traces of the same model "
+            "family on the same inputs."
+        )
+    for name, sa in a.streams.items():
+        sb = b.streams[name]
+        what = "" if len(a.streams) == 1 else f" of stream {name!r}"
+        if sa.length != sb.length:
+            raise ComparisonError(
+                f"Token counts{what} differ: A has {sa.length} tokens, B has {sb.length}. Capture both on the same "
+                "tokenised input (same padding)."
+            )
+        if not np.array_equal(sa.mask, sb.mask):
+            item, p = (int(x) for x in np.argwhere(sa.mask != sb.mask)[0])  # type: ignore[operator]
+            raise ComparisonError(
+                f"Masks{what} differ: batch item {item}, position {p} is "
+                f"{'real' if sa.mask[item, p] else 'padding'} in A but {'real' if sb.mask[item, p] else 'padding'} "  # type: ignore[index]
+                "in B. Both traces need the same padding."
+            )
+        if ignore_tokens:
+            continue
+        for item in range(a.batch_size):
+            for p in sa.valid_index(item):
+                ta, tb = sa.tokens[item][p], sb.tokens[item][p]  # type: ignore[index]
+                if ta != tb:
+                    raise ComparisonError(
+                        f"Token labels{what} differ: batch item {item}, position {int(p)} is {ta!r} in A but {tb!r} "
+                        "in B. Compare traces of the same input, or pass align='tokens' (or '...+tokens') to ignore "
+                        "label differences (e.g. token ids against token strings)."
+                    )
+
+
 def _subtrace(trace: AttentionTrace, indices: list[int]) -> AttentionTrace:
     if indices == list(range(trace.num_layers)):
         return trace
-    return AttentionTrace(
-        [trace.layers[i] for i in indices], mask=trace.mask, tokens=trace.tokens, causal=trace.causal,
-        framework=trace.framework, model_name=trace.model_name, metadata=trace.metadata, check_rows=False,
-    )
+    layers = [trace.layers[i] for i in indices]
+    used = {name for layer in layers for name in (layer.query_stream, layer.key_stream)}
+    links = [link for link in trace.links if link.stream in used and link.source in used]
+    return trace.replace(layers=layers, streams=[s for n, s in trace.streams.items() if n in used], links=links)
 
 
-def _source_rows(trace: AttentionTrace, sources: list[int], flow_rows: bool = False) -> list[tuple[int, int, int]]:
+def _output_streams(trace: AttentionTrace) -> list[str]:
+    """The streams no other stream draws on: each is explained on its own."""
+    drawn = {layer.key_stream for layer in trace.layers if layer.kind == "cross"} | {link.source for link in trace.links}
+    return [name for name in trace.streams if name not in drawn and trace.stream_layers(name)]
+
+
+def _by_input(result: Any, trace: AttentionTrace, stream: str) -> dict[str, np.ndarray]:
+    """rollout/flow results as a dict by input stream, whether they came as a dict or one array."""
+    if isinstance(result, dict):
+        return result
+    return {trace.inputs_of(stream)[0]: result}
+
+
+def _source_rows(
+    trace: AttentionTrace, stream: str, sources: list[int], flow_rows: bool = False
+) -> list[tuple[int, int, int]]:
     """``(batch item, row in the result, position)`` for every source that is a real token."""
     found = []
+    s_info = trace.streams[stream]
     for b in range(trace.batch_size):
-        valid = trace.valid_index(b)
+        valid = s_info.valid_index(b)
         for row, s in enumerate(sources):
             if not isinstance(s, (int, np.integer)):
                 raise OptionError(f"flow_sources must hold ints, got {s!r}.")
@@ -561,7 +602,7 @@ def _source_rows(trace: AttentionTrace, sources: list[int], flow_rows: bool = Fa
                 if -s > valid.size:
                     continue
                 position = int(valid[s])
-            elif s < trace.seq_len and trace.mask[b, s]:
+            elif s < s_info.length and s_info.mask[b, s]:  # type: ignore[index]
                 position = int(s)
             else:
                 continue
@@ -570,12 +611,14 @@ def _source_rows(trace: AttentionTrace, sources: list[int], flow_rows: bool = Fa
 
 
 def _min_spearman(
-    ma: np.ndarray, mb: np.ndarray, rows: list[tuple[int, int, int]], trace: AttentionTrace, tie_tol: float
+    ma: dict[str, np.ndarray], mb: dict[str, np.ndarray], rows: list[tuple[int, int, int]], trace: AttentionTrace,
+    tie_tol: float,
 ) -> float:
-    values = [
-        spearman(ma[b, row, trace.valid_index(b)], mb[b, row, trace.valid_index(b)], tie_tol=tie_tol)
-        for b, row, _ in rows
-    ]
+    values = []
+    for b, row, _ in rows:
+        xa = np.concatenate([ma[name][b, row, trace.valid_index(b, name)] for name in ma])
+        xb = np.concatenate([mb[name][b, row, trace.valid_index(b, name)] for name in mb])
+        values.append(spearman(xa, xb, tie_tol=tie_tol))
     return min(values, default=1.0)
 
 

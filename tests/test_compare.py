@@ -230,3 +230,24 @@ def test_cli_compare_exit_codes_and_outputs(tmp_path, capsys):
     assert "layers only one trace has" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a.safetensors"), str(tmp_path / "short.safetensors"),
                  "--align", "numbers", "--no-flow", "--allow-unmatched"]) == 0
+
+
+def test_encoder_decoder_traces_compare_per_stream():
+    from test_streams import encoder_decoder
+
+    trace, weights, streams, enc_mask, dec_mask = encoder_decoder(np.random.default_rng(40))
+    same = attnflow.compare(trace, trace)
+    assert same.ok and same.flow_max_abs == 0.0 and set(same.spearman) == {"rollout", "flow"}
+    perturbed = [w.copy() for w in weights]
+    perturbed[4][:, 1] = np.roll(perturbed[4][:, 1], 1, axis=-1)  # cross layer of decoder block 0, head 1
+    perturbed[4] *= np.broadcast_to(enc_mask[:, None, None, :], perturbed[4].shape)
+    perturbed[4] /= perturbed[4].sum(-1, keepdims=True)
+    other = AttentionTrace.from_arrays(
+        perturbed, layer_streams=streams, streams={"encoder": {"mask": enc_mask}, "decoder": {"mask": dec_mask}}
+    )
+    report = attnflow.compare(trace, other, flow=False)
+    assert not report.ok and report.failing_heads == [(4, 1)]
+    assert report.layers[3].rollout_max_abs == 0.0 and report.layers[4].rollout_max_abs > 1e-3
+    shorter, *_ = encoder_decoder(np.random.default_rng(41), dec_real=(4, 2))
+    with pytest.raises(ComparisonError, match="Masks of stream 'decoder' differ"):
+        attnflow.compare(trace, shorter, flow=False)

@@ -1,0 +1,374 @@
+"""The model-family matrix: tiny random models of each family, their inputs, and the model's own attention.
+
+Each :class:`Family` builds a tiny randomly initialised model (as a user's would load: transformers'
+default attention implementation), a padded batch, and the reference: the attention the model itself
+returns with ``output_attentions=True`` under eager, in the order the layers run, with the streams they
+belong to. ``tests/test_families.py`` captures every family with one ``attnflow.capture`` call and
+compares; ``python tests/families.py --table`` writes the README's table of supported families from this
+list, and a test fails when the README's copy is out of date.
+
+Sizes differ on every axis: batch 2, encoder/text 7 tokens, decoder 5, heads 4 (encoder) and 2 (decoder),
+layers 2 (encoder) and 3 (decoder), hidden 24.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+BATCH, ENC, DEC, ENC_HEADS, DEC_HEADS, ENC_LAYERS, DEC_LAYERS, HIDDEN, VOCAB = 2, 7, 5, 4, 2, 2, 3, 24, 50
+IMAGE, PATCH = 16, 4  # 4x4 patches, plus CLS: 17 vision tokens
+
+Reference = list[tuple[str, str | None, Any]]  # (query stream, key stream or None for self, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str  # README row
+    classes: str  # model classes covered
+    streams: tuple[str, ...]
+    how: str  # how attnflow captures it
+    build: Callable[[], Any]
+    inputs: Callable[[Any], dict[str, Any]]
+    reference: Callable[[Any, dict[str, Any]], Reference]
+    note: str = ""
+
+
+# -- inputs ------------------------------------------------------------------------------------------------
+def _ids(length: int, seed: int, low: int = 2):
+    import torch
+
+    return torch.randint(low, VOCAB, (BATCH, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _right_padded(length: int, real: int):
+    import torch
+
+    mask = torch.ones(BATCH, length, dtype=torch.long)
+    mask[1, real:] = 0
+    return mask
+
+
+def _pixels(seed: int):
+    import torch
+
+    return torch.randn(BATCH, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def _eager(model):
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    return reference
+
+
+def _seeded(build: Callable[[], Any]) -> Callable[[], Any]:
+    def seeded():
+        import torch
+
+        torch.manual_seed(0)
+        return build().eval()
+
+    return seeded
+
+
+# -- encoder-decoders -------------------------------------------------------------------------------------
+def _seq2seq_inputs(model) -> dict[str, Any]:
+    return {
+        "input_ids": _ids(ENC, 1), "attention_mask": _right_padded(ENC, 5),
+        "decoder_input_ids": _ids(DEC, 2), "decoder_attention_mask": _right_padded(DEC, 4),
+    }
+
+
+def _seq2seq_reference(model, inputs, encoder="encoder") -> Reference:
+    import torch
+
+    with torch.no_grad():
+        out = _eager(model)(**inputs, output_attentions=True)
+    layers: Reference = [(encoder, None, a) for a in out.encoder_attentions]
+    for self_attention, cross in zip(out.decoder_attentions, out.cross_attentions):
+        layers += [("decoder", None, self_attention), ("decoder", encoder, cross)]
+    return layers
+
+
+def _t5():
+    import transformers
+
+    return transformers.T5Model(transformers.T5Config(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=6, d_ff=20, num_layers=ENC_LAYERS, num_decoder_layers=DEC_LAYERS,
+        num_heads=ENC_HEADS, decoder_start_token_id=0, pad_token_id=0,
+    ))
+
+
+def _bart_like(config_class, model_class, **extra):
+    def build():
+        import transformers
+
+        config = getattr(transformers, config_class)(
+            vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=ENC_LAYERS, decoder_layers=DEC_LAYERS,
+            encoder_attention_heads=ENC_HEADS, decoder_attention_heads=DEC_HEADS, encoder_ffn_dim=20,
+            decoder_ffn_dim=20, pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1, **extra,
+        )
+        return getattr(transformers, model_class)(config)
+
+    return build
+
+
+def _whisper_inputs(model) -> dict[str, Any]:
+    import torch
+
+    features = torch.randn(BATCH, 8, 32, generator=torch.Generator().manual_seed(3))  # 16 audio positions
+    return {"input_features": features, "decoder_input_ids": _ids(DEC, 4),
+            "decoder_attention_mask": _right_padded(DEC, 4)}
+
+
+def _torch_transformer():
+    import torch
+
+    return torch.nn.Transformer(
+        d_model=HIDDEN, nhead=ENC_HEADS, num_encoder_layers=ENC_LAYERS, num_decoder_layers=DEC_LAYERS,
+        dim_feedforward=20, dropout=0.0, batch_first=True,
+    )
+
+
+def _torch_transformer_inputs(model) -> dict[str, Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    src_padding = torch.zeros(BATCH, ENC, dtype=torch.bool)
+    src_padding[1, 5:] = True
+    tgt_padding = torch.zeros(BATCH, DEC, dtype=torch.bool)
+    tgt_padding[1, 4:] = True
+    return {
+        "src": torch.randn(BATCH, ENC, HIDDEN, generator=generator),
+        "tgt": torch.randn(BATCH, DEC, HIDDEN, generator=generator),
+        "tgt_mask": torch.nn.Transformer.generate_square_subsequent_mask(DEC),
+        "src_key_padding_mask": src_padding, "tgt_key_padding_mask": tgt_padding,
+        "memory_key_padding_mask": src_padding,
+    }
+
+
+def _torch_transformer_reference(model, inputs) -> Reference:
+    """Each MultiheadAttention called by hand on the inputs the layers give it, asking for per-head weights."""
+    import torch
+
+    layers: Reference = []
+    handles = []
+
+    def grab(stream, key):
+        def hook(module, args, kwargs, output):
+            q, k, v = args[:3]  # the layers call self_attn(x, x, x, ...) and multihead_attn(x, mem, mem, ...)
+            with torch.no_grad():
+                _, w = torch.nn.functional.multi_head_attention_forward(
+                    q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), module.embed_dim, module.num_heads,
+                    module.in_proj_weight, module.in_proj_bias, None, None, False, 0.0, module.out_proj.weight,
+                    module.out_proj.bias, training=False, key_padding_mask=kwargs.get("key_padding_mask"),
+                    need_weights=True, attn_mask=kwargs.get("attn_mask"), average_attn_weights=False,
+                    is_causal=False,
+                )
+            layers.append((stream, key, w))
+
+        return hook
+
+    for layer in model.encoder.layers:
+        handles.append(layer.self_attn.register_forward_hook(grab("encoder", None), with_kwargs=True))
+    for layer in model.decoder.layers:
+        handles.append(layer.self_attn.register_forward_hook(grab("decoder", None), with_kwargs=True))
+        handles.append(layer.multihead_attn.register_forward_hook(grab("decoder", "encoder"), with_kwargs=True))
+    previous = model.encoder.use_nested_tensor
+    model.encoder.use_nested_tensor = False
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        model.encoder.use_nested_tensor = previous
+        for handle in handles:
+            handle.remove()
+    return layers
+
+
+# -- towers ----------------------------------------------------------------------------------------------
+def _clip():
+    import transformers
+
+    return transformers.CLIPModel(transformers.CLIPConfig(
+        text_config={"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 20, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 20, "num_hidden_layers": 3, "num_attention_heads": 2,
+                       "image_size": IMAGE, "patch_size": PATCH},
+        projection_dim=12,
+    ))
+
+
+def _text_image_inputs(model) -> dict[str, Any]:
+    return {"input_ids": _ids(ENC, 6), "attention_mask": _right_padded(ENC, 5), "pixel_values": _pixels(7)}
+
+
+def _clip_reference(model, inputs) -> Reference:
+    import torch
+
+    with torch.no_grad():
+        out = _eager(model)(**inputs, output_attentions=True)
+    return ([("vision", None, a) for a in out.vision_model_output.attentions]
+            + [("text", None, a) for a in out.text_model_output.attentions])
+
+
+def _blip():
+    import transformers
+
+    return transformers.BlipForConditionalGeneration(transformers.BlipConfig(
+        text_config={"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 20, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "encoder_hidden_size": 32, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 20, "num_hidden_layers": 3, "num_attention_heads": 2,
+                       "image_size": IMAGE, "patch_size": PATCH},
+    ))
+
+
+def _blip_reference(model, inputs) -> Reference:
+    """BLIP returns only the vision attentions; the text decoder's come from calling it directly."""
+    import torch
+
+    with torch.no_grad():
+        vision = model.vision_model(inputs["pixel_values"], output_attentions=True)
+        text = model.text_decoder(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            encoder_hidden_states=vision.last_hidden_state, output_attentions=True,
+        )
+    layers: Reference = [("vision", None, a) for a in vision.attentions]
+    for self_attention, cross in zip(text.attentions, text.cross_attentions):
+        layers += [("text", None, self_attention), ("text", "vision", cross)]
+    return layers
+
+
+IMAGE_TOKEN = VOCAB - 1
+
+
+def _llava():
+    import transformers
+
+    return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=20, num_hidden_layers=3, num_attention_heads=2, image_size=IMAGE,
+            patch_size=PATCH,
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=20, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        ),
+        image_token_index=IMAGE_TOKEN,
+    ))
+
+
+def _llava_inputs(model) -> dict[str, Any]:
+    import torch
+
+    patches = (IMAGE // PATCH) ** 2
+    ids = _ids(patches + 7, 8)
+    ids[ids == IMAGE_TOKEN] = 2
+    ids[0, 2 : 2 + patches] = IMAGE_TOKEN
+    ids[1, 4 : 4 + patches] = IMAGE_TOKEN
+    mask = torch.ones_like(ids)
+    mask[1, :1] = 0  # left padding
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": _pixels(9)}
+
+
+def _llava_reference(model, inputs) -> Reference:
+    import torch
+
+    with torch.no_grad():
+        out = _eager(model)(**inputs, output_attentions=True)
+    return ([("vision", None, a) for a in out.image_outputs.attentions]
+            + [("text", None, a) for a in out.attentions])
+
+
+# -- single-stream models whose classes declare no attention outputs --------------------------------------
+def _single(config_class: str, model_class: str, **config):
+    def build():
+        import transformers
+
+        return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+    return build
+
+
+def _text_inputs(model) -> dict[str, Any]:
+    return {"input_ids": _ids(ENC, 10), "attention_mask": _right_padded(ENC, 5)}
+
+
+def _left_padded_text_inputs(model) -> dict[str, Any]:
+    import torch
+
+    mask = torch.ones(BATCH, ENC, dtype=torch.long)
+    mask[1, :2] = 0
+    return {"input_ids": _ids(ENC, 11), "attention_mask": mask}
+
+
+def _output_reference(model, inputs) -> Reference:
+    import torch
+
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation_internal = "eager"  # Falcon ignores set_attn_implementation
+    with torch.no_grad():
+        out = reference(**inputs, output_attentions=True)
+    return [("tokens", None, a) for a in out.attentions]
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("T5", "T5Model, T5ForConditionalGeneration", ("encoder", "decoder"), "declared outputs (index -1)",
+           _seeded(_t5), _seq2seq_inputs, _seq2seq_reference),
+    Family("BART", "BartModel, BartForConditionalGeneration", ("encoder", "decoder"), "declared outputs",
+           _seeded(_bart_like("BartConfig", "BartModel", max_position_embeddings=32)), _seq2seq_inputs,
+           _seq2seq_reference),
+    Family("Marian", "MarianMTModel", ("encoder", "decoder"), "declared outputs",
+           _seeded(_bart_like("MarianConfig", "MarianMTModel", max_position_embeddings=32)), _seq2seq_inputs,
+           _seq2seq_reference),
+    Family("Whisper", "WhisperModel, WhisperForConditionalGeneration", ("audio", "decoder"), "declared outputs",
+           _seeded(_bart_like("WhisperConfig", "WhisperModel", num_mel_bins=8, max_source_positions=16,
+                              max_target_positions=32)),
+           _whisper_inputs, lambda m, i: _seq2seq_reference(m, i, encoder="audio")),
+    Family("torch.nn.Transformer", "torch.nn.Transformer", ("encoder", "decoder"),
+           "nn.MultiheadAttention hooks (adapter 'torch')", _seeded(_torch_transformer), _torch_transformer_inputs,
+           _torch_transformer_reference),
+    Family("CLIP", "CLIPModel", ("vision", "text"), "declared outputs; text marked causal", _seeded(_clip),
+           _text_image_inputs, _clip_reference, note="two towers: pass stream='text' or 'vision'"),
+    Family("BLIP", "BlipForConditionalGeneration", ("vision", "text"), "declared outputs (text decoder hooked)",
+           _seeded(_blip), _text_image_inputs, _blip_reference),
+    Family("LLaVA", "LlavaForConditionalGeneration", ("vision", "text"),
+           "declared outputs; image tokens linked to vision patches at vision_feature_layer", _seeded(_llava),
+           _llava_inputs, _llava_reference),
+    Family("DeBERTa-v2", "DebertaV2Model", ("tokens",), "generic fallback (no declared outputs)",
+           _seeded(_single("DebertaV2Config", "DebertaV2Model", vocab_size=VOCAB, hidden_size=HIDDEN,
+                           num_hidden_layers=2, num_attention_heads=4, intermediate_size=20,
+                           max_position_embeddings=32)),
+           _text_inputs, _output_reference),
+    Family("MPNet", "MPNetModel (e.g. all-mpnet-base-v2)", ("tokens",), "generic fallback (no declared outputs)",
+           _seeded(_single("MPNetConfig", "MPNetModel", vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=20, max_position_embeddings=32)),
+           _text_inputs, _output_reference),
+    Family("Falcon", "FalconModel", ("tokens",), "generic fallback; eager forced through the config",
+           _seeded(_single("FalconConfig", "FalconModel", vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                           num_attention_heads=4, alibi=False, bos_token_id=0, eos_token_id=1)),
+           _left_padded_text_inputs, _output_reference),
+    Family("Bloom", "BloomModel", ("tokens",), "generic fallback (no declared outputs)",
+           _seeded(_single("BloomConfig", "BloomModel", vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=4)),
+           _left_padded_text_inputs, _output_reference),
+)
+
+
+def table() -> str:
+    """The README's table of supported families, from :data:`FAMILIES`."""
+    rows = ["| family | classes tested | streams | how attnflow captures it |", "|---|---|---|---|"]
+    for family in FAMILIES:
+        how = family.how + (f"; {family.note}" if family.note else "")
+        rows.append(f"| {family.name} | {family.classes} | {', '.join(family.streams)} | {how} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--table"]:
+        print(table())
+    else:
+        print("usage: python tests/families.py --table", file=sys.stderr)
+        sys.exit(2)
