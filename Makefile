@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# timm without its dependencies: its torchvision requirement has no CPU build on this index, and a
+	# CUDA torchvision beside the CPU torch breaks transformers' imports (see tests/timm_import.py).
+	$(PY) -m pip install -q --no-deps -c constraints.txt timm
 	touch $(STAMP)
 
 install: $(STAMP)

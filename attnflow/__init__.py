@@ -18,10 +18,15 @@ from ._errors import AttnflowError as AttnflowError
 from ._errors import ComparisonError as ComparisonError
 from ._errors import FlowTooLargeError as FlowTooLargeError
 from ._errors import HiddenAttentionError as HiddenAttentionError
+from ._errors import MethodError as MethodError
 from ._errors import MissingDependencyError as MissingDependencyError
 from ._errors import OptionError as OptionError
 from ._errors import TraceError as TraceError
 from ._errors import TraceFileError as TraceFileError
+from ._explanation import Explanation as Explanation
+from ._explanation import explain as explain
+from ._files import load as load
+from ._files import save as save
 from ._models import packaged_model_dir as packaged_model_dir
 from ._recorder import Recorder as Recorder
 from ._registry import get_adapter as get_adapter
@@ -33,19 +38,24 @@ from .methods import flow_network as flow_network
 from .methods import fuse_heads as fuse_heads
 from .methods import raw as raw
 from .methods import rollout as rollout
+from .methods._options import Options as Options
+from .methods._registry import Method as Method
+from .methods._registry import get_method as get_method
+from .methods._registry import list_methods as list_methods
+from .methods._registry import register_method as register_method
+from .methods._registry import unregister_method as unregister_method
 from .trace import AttentionTrace as AttentionTrace
 from .trace import LayerAttention as LayerAttention
 from .trace import Link as Link
 from .trace import Stream as Stream
-from .trace import load as load
-from .trace import save as save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
-    "ComparisonReport", "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "Link",
-    "MissingDependencyError", "OptionError", "Recorder", "Stream", "TraceError", "TraceFileError", "attach",
-    "capture", "compare", "flow", "flow_network", "fuse_heads", "get_adapter", "import_optional", "list_adapters",
-    "load", "packaged_model_dir", "raw", "register_adapter", "rollout", "run_batch", "save", "unregister_adapter",
+    "ComparisonReport", "Explanation", "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "Link",
+    "Method", "MethodError", "MissingDependencyError", "OptionError", "Options", "Recorder", "Stream", "TraceError",
+    "TraceFileError", "attach", "capture", "compare", "explain", "flow", "flow_network", "fuse_heads", "get_adapter",
+    "get_method", "import_optional", "list_adapters", "list_methods", "load", "packaged_model_dir", "raw",
+    "register_adapter", "register_method", "rollout", "run_batch", "save", "unregister_adapter", "unregister_method",
 ]

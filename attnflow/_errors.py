@@ -41,3 +41,7 @@ class MissingDependencyError(AttnflowError, ImportError):
 
 class ComparisonError(AttnflowError, ValueError):
     """Two traces cannot be compared (different layers, heads, tokens)."""
+
+
+class MethodError(AttnflowError, TypeError):
+    """A method is broken (registration) or cannot run on this trace (it lacks what the method needs)."""

@@ -244,3 +244,16 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise TraceFileError(f"{what} is not a JSON object (got {type(value).__name__}).")
     return value
+
+
+def peek_format(path: str | os.PathLike[str]) -> str | None:
+    """The ``format`` an attnflow file declares, read from its header alone; None when it cannot be read
+    (the full reader then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="np") as handle:
+            text = (handle.metadata() or {}).get(HEADER_KEY)
+        return parse_json_object(text, "header").get("format") if isinstance(text, str) else None
+    except Exception:
+        return None

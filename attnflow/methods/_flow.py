@@ -12,14 +12,13 @@ from ..network._network import build_network, explained_stream
 from ..trace import AttentionTrace
 from ._fusion import (
     LayerSelection,
-    attention_weights,
     check_max_seconds,
-    check_options,
     is_int,
     select_layers,
     stream_layer_indices,
 )
-from ._rollout import shape_result
+from ._options import HeadSelection, Options
+from ._rollout import edge_weights, shape_result
 
 if TYPE_CHECKING:
     import igraph
@@ -39,6 +38,7 @@ def flow(
     sources: Sequence[int] | None = None,
     all_layers: bool = False,
     stream: str | None = None,
+    heads: HeadSelection = None,
     method: str = "auto",
     n_jobs: int = 1,
     max_seconds: float = DEFAULT_MAX_SECONDS,
@@ -55,7 +55,7 @@ def flow(
 
     Args:
         trace: the captured attention.
-        head_fusion, residual, discard_ratio, layers, stream: as in :func:`attnflow.rollout`.
+        head_fusion, residual, discard_ratio, layers, stream, heads: as in :func:`attnflow.rollout`.
         normalize: divide each row by its sum over all input tokens (the paper's code does); ``False``
             returns raw max-flow values.
         sources: output-token positions to compute (e.g. ``[0]`` for CLS); negative values count back
@@ -84,21 +84,33 @@ def flow(
         together). With ``all_layers=True`` each array is ``(layers, batch, S, in)``, entry ``l`` the flow
         from selected layer ``l``'s nodes.
     """
-    from ..network._layered import layered
-    from ..network._solvers import METHODS, estimate_seconds, max_flow_values
+    from ..network._solvers import METHODS
 
-    check_options(residual, discard_ratio)
-    max_seconds = check_max_seconds(max_seconds)
     if method not in METHODS:
         raise OptionError(f"method must be one of {METHODS}, got {method!r}.")
-    if not (is_int(n_jobs) and n_jobs >= 1):
-        raise OptionError(f"n_jobs must be a positive int, got {n_jobs!r}.")
+    options = Options(
+        head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads,
+        normalize=normalize, flow_solver=method, n_jobs=n_jobs, max_seconds=check_max_seconds(max_seconds),
+    )
+    scores = flow_scores(trace, options, stream=stream, sources=sources, all_layers=all_layers, progress=progress)
+    return shape_result(scores, all_layers)
+
+
+def flow_scores(
+    trace: AttentionTrace, options: Options, *, stream: str | None, sources: Sequence[int] | None,
+    all_layers: bool, progress: bool | None = False,
+) -> dict[str, np.ndarray]:
+    """Flow from ``sources`` (all tokens when None) as input stream -> ``(layers, batch, S, in)``."""
+    from ..network._layered import layered
+    from ..network._solvers import estimate_seconds, max_flow_values
+
     explained = explained_stream(trace, stream)
-    chosen = select_layers(trace, layers, explained)
+    chosen = select_layers(trace, options.layers, explained)
     skip = [i for i in stream_layer_indices(trace, explained) if i not in chosen]
     out_stream = trace.streams[explained]
     plans = [local_sources(trace, explained, b, sources) for b in range(trace.batch_size)]
     depth, width = _network_size(trace, explained, len(chosen), skip)
+    method = options.flow_solver
     estimate = sum(
         estimate_seconds(
             depth, int(width[b]), len(local), method=method,
@@ -106,14 +118,14 @@ def flow(
         )
         for b, (local, _) in enumerate(plans)
     )
-    if estimate > max_seconds:
+    if estimate > options.max_seconds:
         raise FlowTooLargeError(
             f"Attention flow for {trace.batch_size} item(s) x {out_stream.length} tokens x {len(chosen)} layers is "
-            f"estimated at {estimate:,.0f} s with method={method!r}, over max_seconds={max_seconds:,.0f}. Narrow it "
-            "with sources=[0] (or [-1] for decoders), fewer layers=, a shorter input, or use rollout(); or raise "
-            "max_seconds= if you mean to wait."
+            f"estimated at {estimate:,.0f} s with method={method!r}, over max_seconds={options.max_seconds:,.0f}. "
+            "Narrow it with sources=[0] (or [-1] for decoders), fewer layers=, a shorter input, or use rollout(); or "
+            "raise max_seconds= if you mean to wait."
         )
-    weights = attention_weights(trace, head_fusion, discard_ratio)
+    weights, residual = edge_weights(trace, options, explained)
     inputs = trace.inputs_of(explained)
     rows = out_stream.length if sources is None else len(sources)
     depths = len(chosen) if all_layers else 1
@@ -133,18 +145,18 @@ def flow(
             for slot, which in by_slot.items():
                 levels = [grid.level[tops[t]] for t in which]
                 values[which] = max_flow_values(
-                    grid.adj, [slot + s for s in local], method=method, tops=levels, n_jobs=n_jobs,
+                    grid.adj, [slot + s for s in local], method=method, tops=levels, n_jobs=options.n_jobs,
                     progress=bar.update if slot == grid.slots[tops[-1]] else None,
                 )
             sinks = {name: np.arange(grid.slots[g], grid.slots[g] + network.groups[g].size)
                      for name, g in network.inputs.items()}
-            if normalize:
+            if options.normalize:
                 sums = sum(values[..., cols].sum(axis=-1, keepdims=True) for cols in sinks.values())
                 values = np.divide(values, sums, out=np.zeros_like(values), where=sums > 0)
             for name, cols in sinks.items():
                 positions = network.groups[network.inputs[name]].positions
                 result[name][:, b][:, np.asarray(out_rows)[:, None], positions[None, :]] = values[..., cols]
-    return shape_result(result, all_layers)
+    return result
 
 
 def _network_size(trace: AttentionTrace, explained: str, chosen: int, skip: list[int]) -> tuple[int, np.ndarray]:
@@ -228,6 +240,7 @@ def flow_network(
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,
     stream: str | None = None,
+    heads: HeadSelection = None,
 ) -> igraph.Graph:  # igraph is imported on first use: it pulls in matplotlib
     """The flow network of one batch item as an ``igraph.Graph``: the network rollout routes through and
     flow max-flows through.
@@ -241,15 +254,14 @@ def flow_network(
     """
     from ..network._igraph import network_graph
 
-    check_options(residual, discard_ratio)
+    options = Options(head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads)
     if not is_int(batch_index) or not -trace.batch_size <= batch_index < trace.batch_size:
         raise OptionError(f"batch_index must be an int in [-{trace.batch_size}, {trace.batch_size}), got {batch_index!r}.")
     b = int(batch_index) % trace.batch_size
     explained = explained_stream(trace, stream)
     chosen = select_layers(trace, layers, explained)
     skip = [i for i in stream_layer_indices(trace, explained) if i not in chosen]
-    network = build_network(
-        trace, b, attention_weights(trace, head_fusion, discard_ratio), residual=residual, stream=explained, skip=skip
-    )
+    weights, residual = edge_weights(trace, options, explained)
+    network = build_network(trace, b, weights, residual=residual, stream=explained, skip=skip)
     labels = {name: s.tokens[b] for name, s in trace.streams.items()}  # type: ignore[index]
     return network_graph(network, labels)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -117,16 +118,49 @@ def discard_lowest(matrix: np.ndarray, ratio: float) -> np.ndarray:
     return flat.reshape(matrix.shape)
 
 
-def attention_weights(trace: AttentionTrace, head_fusion: str = "mean", discard_ratio: float = 0.0) -> EdgeWeights:
-    """The edge weights of raw attention: heads fused, the lowest ``discard_ratio`` dropped, over real tokens."""
+def head_choice(trace: AttentionTrace, heads: Any, stream: str | None = None) -> dict[int, list[int]]:
+    """Trace layer index -> the heads to fuse, for layers whose heads are restricted.
+
+    ``heads``: a list for every layer, or a mapping from the explained stream's layer index to a list.
+    """
+    if heads is None:
+        return {}
+    if isinstance(heads, Mapping):
+        own = stream_layer_indices(trace, explained_stream(trace, stream))
+        chosen = {}
+        for position, selected in heads.items():
+            if not -len(own) <= position < len(own):
+                raise OptionError(f"heads names layer {position}, but the explained stream has {len(own)} layers.")
+            chosen[own[position]] = list(selected)
+    else:
+        chosen = {index: list(heads) for index in range(trace.num_layers)}
+    for index, selected in chosen.items():
+        count = trace.layers[index].weights.shape[1]
+        bad = [h for h in selected if not -count <= h < count]
+        if bad:
+            raise OptionError(
+                f"heads {bad} out of range for layer {index} ({trace.layers[index].name!r}), which has {count} heads."
+            )
+    return chosen
+
+
+def attention_weights(
+    trace: AttentionTrace, head_fusion: str = "mean", discard_ratio: float = 0.0, heads: Mapping[int, Sequence[int]] | None = None,
+) -> EdgeWeights:
+    """The edge weights of raw attention: heads fused (only ``heads[layer]`` where given), the lowest
+    ``discard_ratio`` dropped, over real tokens."""
     if head_fusion not in HEAD_FUSIONS:
         raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
+    heads = heads or {}
 
     def weights(index: int, b: int) -> np.ndarray:
         layer = trace.layers[index]
         rows = trace.valid_index(b, layer.query_stream)
         cols = trace.valid_index(b, layer.key_stream)
-        fused = fuse_heads(layer.weights[b : b + 1], head_fusion)[0][np.ix_(rows, cols)]
+        w = layer.weights[b : b + 1]
+        if index in heads:
+            w = w[:, list(heads[index])]
+        fused = fuse_heads(w, head_fusion)[0][np.ix_(rows, cols)]
         return discard_lowest(fused, discard_ratio) if discard_ratio else fused
 
     return weights

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .._errors import OptionError
-from ..network._network import build_network, explained_stream, route
+from ..network._network import EdgeWeights, build_network, explained_stream, route
 from ..trace import AttentionTrace
-from ._fusion import LayerSelection, attention_weights, check_options, fuse_heads, select_layers, stream_layer_indices
+from ._fusion import (
+    LayerSelection,
+    attention_weights,
+    fuse_heads,
+    head_choice,
+    select_layers,
+    stream_layer_indices,
+)
+from ._options import HeadSelection, Options
 
 
 def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str = "mean", stream: str | None = None) -> np.ndarray:
@@ -45,6 +54,7 @@ def rollout(
     layers: LayerSelection = None,
     all_layers: bool = False,
     stream: str | None = None,
+    heads: HeadSelection = None,
 ) -> Any:
     """Attention rollout: proportional routing of each output token's mass through the attention network.
 
@@ -63,6 +73,7 @@ def rollout(
         all_layers: also return the rollout after every selected layer.
         stream: the stream whose output tokens are explained (default: the decoder of an encoder-decoder,
             the only stream of a single-stream trace; required where it is ambiguous, e.g. CLIP).
+        heads: fuse only these heads (a list for every layer, or per layer: ``{layer: [heads]}``).
 
     Returns:
         ``(batch, out, in)`` float64: ``[b, i, j]`` is how much output token ``i`` draws on input token ``j``.
@@ -72,22 +83,51 @@ def rollout(
         stream name to such an array, whose rows together sum to 1. With ``all_layers=True`` each array is
         ``(layers, batch, out, in)``, entry ``l`` the rollout up to and including selected layer ``l``.
     """
-    check_options(residual, discard_ratio)
+    options = Options(head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads)
+    return shape_result(rollout_scores(trace, options, stream=stream, sources=None, all_layers=all_layers), all_layers)
+
+
+def rollout_scores(
+    trace: AttentionTrace, options: Options, *, stream: str | None, sources: Sequence[int] | None, all_layers: bool
+) -> dict[str, np.ndarray]:
+    """Rollout of ``sources`` (all tokens when None) as input stream -> ``(layers, batch, S, in)``."""
+    from ._flow import local_sources
+
     explained = explained_stream(trace, stream)
-    chosen = select_layers(trace, layers, explained)
+    chosen = select_layers(trace, options.layers, explained)
     skip = [i for i in stream_layer_indices(trace, explained) if i not in chosen]
-    weights = attention_weights(trace, head_fusion, discard_ratio)
+    weights, residual = edge_weights(trace, options, explained)
     inputs = trace.inputs_of(explained)
-    out_len = trace.streams[explained].length
+    plans = [local_sources(trace, explained, b, sources) for b in range(trace.batch_size)]
+    rows = trace.streams[explained].length if sources is None else len(sources)
     depths = len(chosen) if all_layers else 1
-    result = {name: np.zeros((depths, trace.batch_size, out_len, trace.streams[name].length)) for name in inputs}
-    for b in range(trace.batch_size):
+    result = {name: np.zeros((depths, trace.batch_size, rows, trace.streams[name].length)) for name in inputs}
+    for b, (local, out_rows) in enumerate(plans):
         network = build_network(trace, b, weights, residual=residual, stream=explained, skip=skip)
-        rows = network.groups[network.output].positions
         for d, routed in enumerate(route(network, all_outputs=all_layers)):
             for name, matrix in routed.items():
-                result[name][d, b][np.ix_(rows, network.groups[network.inputs[name]].positions)] = matrix
-    return shape_result(result, all_layers)
+                columns = network.groups[network.inputs[name]].positions
+                result[name][d, b][np.ix_(out_rows, columns)] = matrix[local]
+    return result
+
+
+def edge_weights(trace: AttentionTrace, options: Options, stream: str) -> tuple[EdgeWeights, float]:
+    """The edge weights ``options.weights`` names, and the residual to mix in (0 for contributions that
+    already account for the residual stream)."""
+    if options.weights == "attention":
+        heads = head_choice(trace, options.heads, stream)
+        return attention_weights(trace, options.head_fusion, options.discard_ratio, heads), options.residual
+    from ._registry import get_method
+
+    method = get_method(options.weights)
+    method.check(trace)
+    weights = method.edge_weights(trace, options)
+    if weights is None:
+        raise OptionError(
+            f"Method {method.name!r} gives no edge weights to route through; options.weights takes 'attention' or a "
+            "contribution method (e.g. 'alti', 'norm')."
+        )
+    return weights, getattr(method, "edge_residual", options.residual)
 
 
 def shape_result(result: dict[str, np.ndarray], all_layers: bool) -> Any:

@@ -1,0 +1,410 @@
+"""explain() and the Explanation it returns: the scores of several methods for one trace and one set of sources."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._errors import MethodError, OptionError, TraceFileError
+from ._tensorfile import read_tensor_file, write_tensor_file
+from .methods._fusion import select_layers, stream_layer_indices
+from .methods._options import Options
+from .methods._registry import get_method, list_methods
+from .network._network import explained_stream
+from .trace import AttentionTrace, Stream
+from .trace._trace import freeze_metadata, thaw_metadata
+
+FORMAT = "attnflow.explanation"
+FORMAT_VERSION = 1
+DEFAULT_METHODS = ("raw", "rollout", "flow")
+
+
+def explain(
+    trace: AttentionTrace,
+    methods: Iterable[str] | str = DEFAULT_METHODS,
+    *,
+    sources: Sequence[int] | None = None,
+    stream: str | None = None,
+    options: Options | None = None,
+    all_layers: bool | None = None,
+) -> Explanation:
+    """Compute several methods on one trace, for the same output tokens and settings.
+
+    Args:
+        trace: the captured attention.
+        methods: method names (see :func:`attnflow.list_methods`), or one name.
+        sources: positions of the explained stream's output tokens to explain (negative: from each item's
+            last real token); default all.
+        stream: the explained stream (default: :meth:`AttentionTrace.default_stream`).
+        options: the settings every method reads (:class:`attnflow.Options`); default the paper's.
+        all_layers: compute each method after every layer (True), only the last (False), or as each method
+            prefers (None: all layers for the cheap ones, the last for flow).
+
+    Returns:
+        An :class:`Explanation`; ``explanation["rollout"]`` is ``(batch, sources, tokens)`` (a dict by input
+        stream where the explained stream draws on several).
+    """
+    if isinstance(methods, str):
+        methods = [methods]
+    names = list(methods)
+    if not names:
+        raise OptionError(f"methods is empty; choose from {list_methods()}.")
+    if len(set(names)) != len(names):
+        raise OptionError(f"methods names a method twice: {names}.")
+    options = options if options is not None else Options()
+    if not isinstance(options, Options):
+        raise OptionError(f"options must be an attnflow.Options, got {type(options).__name__}.")
+    explained = explained_stream(trace, stream)
+    own = stream_layer_indices(trace, explained)
+    chosen = [own.index(i) for i in select_layers(trace, options.layers, explained)]
+    resolved = [get_method(name) for name in names]
+    for method in resolved:
+        method.check(trace)
+    positions = _source_positions(trace, explained, sources)
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    layers: dict[str, list[int]] = {}
+    seconds: dict[str, float] = {}
+    for method in resolved:
+        every = method.all_layers_by_default if all_layers is None else bool(all_layers)
+        start = time.perf_counter()
+        result = method.compute(trace, options, stream=explained, sources=sources, all_layers=every)
+        seconds[method.name] = time.perf_counter() - start
+        scores[method.name] = {name: np.asarray(value, dtype=np.float64) for name, value in result.items()}
+        depth = next(iter(result.values())).shape[0]
+        layers[method.name] = chosen if every and depth == len(chosen) else chosen[-1:]  # 1: no layer structure
+        if depth != len(layers[method.name]):
+            raise MethodError(
+                f"Method {method.name!r} returned {depth} layers, expected {len(layers[method.name])} (or 1); a "
+                "method's compute() returns (layers, batch, sources, tokens) arrays."
+            )
+    used = {explained} | {name for result in scores.values() for name in result}
+    return Explanation(
+        scores=scores, layers=layers, stream=explained,
+        streams={name: s for name, s in trace.streams.items() if name in used},
+        sources=positions, requested_sources=None if sources is None else [int(s) for s in sources],
+        options=options, model_name=trace.model_name, framework=trace.framework,
+        metadata={**trace.metadata, "seconds": seconds},
+    )
+
+
+def _source_positions(trace: AttentionTrace, stream: str, sources: Sequence[int] | None) -> np.ndarray:
+    """``(batch, S)`` positions of the explained tokens in the padded stream."""
+    from .methods._flow import local_sources
+
+    info = trace.streams[stream]
+    if sources is None:
+        return np.tile(np.arange(info.length), (trace.batch_size, 1))
+    out = np.zeros((trace.batch_size, len(sources)), dtype=np.int64)
+    for b in range(trace.batch_size):
+        local, rows = local_sources(trace, stream, b, sources)
+        valid = info.valid_index(b)
+        out[b, rows] = valid[local]
+    return out
+
+
+class Explanation:
+    """Scores of several methods for the same trace, output tokens and settings.
+
+    ``explanation[method]`` is the method's scores after the last layer, ``(batch, sources, tokens)``
+    float64 (``[b, s, j]``: how much explained token ``s`` draws on input token ``j``), or a dict from
+    input stream to such arrays where the explained stream draws on several (an encoder-decoder's
+    decoder). :meth:`layers` gives the per-layer ``(layers, batch, sources, tokens)`` scores.
+
+    Attributes:
+        methods: the method names, in the order they were asked for.
+        stream: the explained stream.
+        streams: the streams involved (:class:`attnflow.Stream`: tokens, masks...).
+        sources: ``(batch, S)`` positions of the explained tokens in their stream.
+        requested_sources: the ``sources=`` given (None: all tokens).
+        options: the :class:`attnflow.Options` used.
+        model_name, framework, metadata: from the trace (``metadata["seconds"]``: time per method).
+    """
+
+    def __init__(
+        self, *, scores: Mapping[str, Mapping[str, np.ndarray]], layers: Mapping[str, Sequence[int]], stream: str,
+        streams: Mapping[str, Stream], sources: np.ndarray, requested_sources: Sequence[int] | None,
+        options: Options, model_name: str = "", framework: str = "", metadata: Mapping[str, Any] | None = None,
+        source_labels: Sequence[Sequence[str]] | None = None,
+    ):
+        self._scores = {m: {s: _read_only(a) for s, a in by_stream.items()} for m, by_stream in scores.items()}
+        self._layers = {m: tuple(int(i) for i in v) for m, v in layers.items()}
+        self.stream = stream
+        self.streams = dict(streams)
+        self.sources = _read_only(np.asarray(sources, dtype=np.int64))
+        self.requested_sources = None if requested_sources is None else list(requested_sources)
+        self.options = options
+        self.model_name = model_name
+        self.framework = framework
+        self.metadata = freeze_metadata(metadata)
+        if source_labels is None:
+            labels = self.streams[stream].tokens or ()
+            source_labels = [[labels[b][p] for p in row] for b, row in enumerate(self.sources.tolist())]
+        self._source_labels = tuple(tuple(str(t) for t in row) for row in source_labels)
+        self._check()
+
+    # -- reading ------------------------------------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(self._scores)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.sources.shape[0])
+
+    @property
+    def input_streams(self) -> list[str]:
+        """The streams whose tokens the scores are over, in the order of the trace's streams."""
+        seen = {name for by_stream in self._scores.values() for name in by_stream}
+        return [name for name in self.streams if name in seen]
+
+    def __getitem__(self, method: str) -> Any:
+        return self._shaped(method, last=True)
+
+    def __contains__(self, method: object) -> bool:
+        return method in self._scores
+
+    def layers(self, method: str) -> Any:
+        """``(layers, batch, sources, tokens)`` scores after each computed layer (dict by input stream where
+        there are several); :meth:`layer_indices` says which layers."""
+        return self._shaped(method, last=False)
+
+    def layer_indices(self, method: str) -> tuple[int, ...]:
+        """Indices (among the explained stream's layers) of the layers in :meth:`layers`."""
+        self._require(method)
+        return self._layers[method]
+
+    def scores(self, method: str, stream: str | None = None, *, layer: int = -1) -> np.ndarray:
+        """``(batch, sources, tokens)`` scores over one input stream (default: the only one, else the
+        explained stream), at one computed layer (default the last)."""
+        self._require(method)
+        by_stream = self._scores[method]
+        if stream is None:
+            stream = next(iter(by_stream)) if len(by_stream) == 1 else self.stream
+        if stream not in by_stream:
+            raise OptionError(f"Method {method!r} has scores over the streams {list(by_stream)}, not {stream!r}.")
+        return by_stream[stream][layer]
+
+    def tokens(self, stream: str | None = None) -> list[list[str]]:
+        """Token labels per batch item of ``stream`` (default the explained stream)."""
+        return [list(item) for item in (self.streams[stream or self.stream].tokens or ())]
+
+    def source_tokens(self, batch_index: int = 0) -> list[str]:
+        """The labels of the explained tokens of one item."""
+        return list(self._source_labels[batch_index])
+
+    def _shaped(self, method: str, *, last: bool) -> Any:
+        self._require(method)
+        by_stream = {name: (array[-1] if last else array) for name, array in self._scores[method].items()}
+        return next(iter(by_stream.values())) if len(by_stream) == 1 else by_stream
+
+    def _require(self, method: str) -> None:
+        if method not in self._scores:
+            raise OptionError(f"This explanation holds {list(self._scores)}, not {method!r}; explain(trace, [{method!r}, ...]).")
+
+    def _check(self) -> None:
+        batch, count = self.sources.shape
+        for method, by_stream in self._scores.items():
+            for name, array in by_stream.items():
+                expected = (len(self._layers[method]), batch, count, self.streams[name].length)
+                if array.shape != expected:
+                    raise OptionError(
+                        f"Scores of {method!r} over {name!r} have shape {array.shape}, expected {expected} "
+                        "(layers, batch, sources, tokens)."
+                    )
+
+    # -- derived ------------------------------------------------------------------------------------
+    def aggregate(self, unit: str = "words", *, word_ids: Sequence[Sequence[int | None]] | None = None) -> Explanation:
+        """Scores summed over the sub-word tokens of each word (columns of the explained stream's own tokens
+        and of every text input stream).
+
+        Words come from ``word_ids`` (per item, a word index per token or None for special tokens, as a
+        Hugging Face tokenizer's ``encoding.word_ids()`` gives) or from the token labels' conventions:
+        WordPiece ``##`` continues a word, SentencePiece ``▁`` and byte-level BPE ``Ġ`` start one. Special
+        tokens stay words of their own. Rows (the explained tokens) are not merged.
+        """
+        if unit != "words":
+            raise OptionError(f"aggregate() knows the unit 'words', got {unit!r}.")
+        groups = {}
+        for name, stream in self.streams.items():
+            if stream.grid is not None or name not in self.input_streams:
+                continue
+            ids = word_ids if (word_ids is not None and name == self.stream) else None
+            groups[name] = [_word_groups(stream, b, ids[b] if ids is not None else None) for b in range(self.batch_size)]
+        scores = {}
+        streams = dict(self.streams)
+        for name, per_item in groups.items():  # the explained tokens keep their labels in source_tokens()
+            width = max(len(g) for g in per_item)
+            tokens, mask = [], np.zeros((self.batch_size, width), bool)
+            for b, item in enumerate(per_item):
+                labels = self.streams[name].tokens[b]  # type: ignore[index]
+                words = [_join([labels[p] for p in group]) for group in item]
+                tokens.append(words + ["<pad>"] * (width - len(words)))
+                mask[b, : len(words)] = True
+            streams[name] = Stream(name, mask=mask, tokens=tokens, causal=self.streams[name].causal,
+                                   special=np.zeros_like(mask))
+        for method, by_stream in self._scores.items():
+            scores[method] = {}
+            for name, array in by_stream.items():
+                if name not in groups:
+                    scores[method][name] = array
+                    continue
+                width = streams[name].mask.shape[1]  # type: ignore[union-attr]
+                merged = np.zeros(array.shape[:-1] + (width,))
+                for b, item in enumerate(groups[name]):
+                    for w, group in enumerate(item):
+                        merged[:, b, :, w] = array[:, b][..., group].sum(axis=-1)
+                scores[method][name] = merged
+        return Explanation(
+            scores=scores, layers=self._layers, stream=self.stream, streams=streams, sources=self.sources,
+            requested_sources=self.requested_sources, options=self.options, model_name=self.model_name,
+            framework=self.framework, metadata={**thaw_metadata(self.metadata), "aggregated": "words"},
+            source_labels=self._source_labels,
+        )
+
+    def to_frame(self) -> Any:
+        """A long pandas table: one row per method, layer, item, explained token and input token (real
+        tokens only), columns ``method, layer, batch, source, source_token, stream, token_index, token, score``."""
+        from ._adapter import import_optional
+
+        pandas = import_optional("pandas", "dask")
+        rows: dict[str, list[Any]] = {key: [] for key in (
+            "method", "layer", "batch", "source", "source_token", "stream", "token_index", "token", "score")}
+        for method, by_stream in self._scores.items():
+            for name, array in by_stream.items():
+                stream = self.streams[name]
+                for d, layer in enumerate(self._layers[method]):
+                    for b in range(self.batch_size):
+                        valid = stream.valid_index(b)
+                        for s, position in enumerate(self.sources[b]):
+                            source_token = self._source_labels[b][s]
+                            for j in valid:
+                                rows["method"].append(method)
+                                rows["layer"].append(layer)
+                                rows["batch"].append(b)
+                                rows["source"].append(int(position))
+                                rows["source_token"].append(source_token)
+                                rows["stream"].append(name)
+                                rows["token_index"].append(int(j))
+                                rows["token"].append(stream.tokens[b][j])  # type: ignore[index]
+                                rows["score"].append(float(array[d, b, s, j]))
+        return pandas.DataFrame(rows)
+
+    # -- files --------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the explanation (safetensors arrays + checksummed JSON header; no pickle)."""
+        tensors: dict[str, np.ndarray] = {"sources": self.sources}
+        streams = []
+        for i, stream in enumerate(self.streams.values()):
+            tensors[f"streams.{i}.mask"] = stream.mask  # type: ignore[assignment]
+            tensors[f"streams.{i}.special"] = stream.special  # type: ignore[assignment]
+            streams.append({"name": stream.name, "tokens": [list(t) for t in stream.tokens or ()],
+                            "causal": bool(stream.causal), "grid": None if stream.grid is None else list(stream.grid)})
+        methods = []
+        for m, (method, by_stream) in enumerate(self._scores.items()):
+            names = list(by_stream)
+            for k, name in enumerate(names):
+                tensors[f"scores.{m}.{k}"] = by_stream[name]
+            methods.append({"name": method, "streams": names, "layers": list(self._layers[method])})
+        header = {
+            "stream": self.stream, "streams": streams, "methods": methods,
+            "requested_sources": self.requested_sources, "options": self.options.to_dict(),
+            "source_labels": [list(row) for row in self._source_labels],
+            "model_name": self.model_name, "framework": self.framework, "metadata": thaw_metadata(self.metadata),
+        }
+        write_tensor_file(path, tensors, header, format=FORMAT, version=FORMAT_VERSION, what="explanation")
+
+    def __repr__(self) -> str:
+        shape = tuple(self.sources.shape)
+        return (f"Explanation(methods={list(self.methods)}, stream={self.stream!r}, batch={shape[0]}, "
+                f"sources={shape[1]}, inputs={self.input_streams}, model={self.model_name!r})")
+
+
+def load_explanation(path: str | os.PathLike[str]) -> Explanation:
+    """Read an explanation written by :meth:`Explanation.save`."""
+    tensors, header = read_tensor_file(path, format=FORMAT, versions=(FORMAT_VERSION,), what="explanation")
+    where = f"{str(path)!r} is a damaged attnflow explanation"
+    try:
+        streams = {}
+        for i, meta in enumerate(header["streams"]):
+            stream = Stream(
+                name=meta["name"], mask=tensors[f"streams.{i}.mask"], special=tensors[f"streams.{i}.special"],
+                tokens=meta["tokens"], causal=meta["causal"], grid=None if meta["grid"] is None else tuple(meta["grid"]),
+            )
+            streams[stream.name] = _completed(stream)
+        scores, layers = {}, {}
+        for m, meta in enumerate(header["methods"]):
+            scores[meta["name"]] = {name: tensors[f"scores.{m}.{k}"] for k, name in enumerate(meta["streams"])}
+            layers[meta["name"]] = meta["layers"]
+        return Explanation(
+            scores=scores, layers=layers, stream=header["stream"], streams=streams, sources=tensors["sources"],
+            requested_sources=header["requested_sources"], options=Options.from_dict(header["options"]),
+            model_name=header["model_name"], framework=header["framework"], metadata=header["metadata"],
+            source_labels=header["source_labels"],
+        )
+    except TraceFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TraceFileError(f"{where}: {type(exc).__name__}: {exc}.") from exc
+
+
+def _completed(stream: Stream) -> Stream:
+    from .trace._stream import complete_stream
+
+    mask = np.asarray(stream.mask)
+    if mask.ndim != 2 or mask.dtype != np.bool_:
+        raise ValueError(f"the mask of stream {stream.name!r} is not a (batch, length) bool array")
+    return complete_stream(stream, mask.shape[0], mask.shape[1], bool(stream.causal))
+
+
+def _read_only(array: Any) -> np.ndarray:
+    out = np.array(array, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+_CONTINUES = "##"
+_STARTS = ("▁", "Ġ")
+
+
+def _word_groups(stream: Stream, b: int, word_ids: Sequence[int | None] | None) -> list[list[int]]:
+    """Positions of each word of one item, in order (padding left out)."""
+    valid = stream.valid_index(b).tolist()
+    labels = stream.tokens[b]  # type: ignore[index]
+    special = stream.special[b]  # type: ignore[index]
+    groups: list[list[int]] = []
+    if word_ids is not None:
+        if len(word_ids) != stream.length:
+            raise OptionError(f"word_ids[{b}] has {len(word_ids)} entries; the stream has {stream.length} tokens.")
+        last = object()
+        for p in valid:
+            w = word_ids[p]
+            if w is None or w != last or not groups:
+                groups.append([p])
+            else:
+                groups[-1].append(p)
+            last = w if w is not None else object()
+        return groups
+    real = [labels[p] for p in valid]
+    starts_marked = any(t.startswith(_STARTS) for t in real)
+    for p in valid:
+        label = labels[p]
+        new = (
+            not groups or special[p] or special[groups[-1][-1]]
+            or (label.startswith(_STARTS) if starts_marked else not label.startswith(_CONTINUES))
+        )
+        if new:
+            groups.append([p])
+        else:
+            groups[-1].append(p)
+    return groups
+
+
+def _join(pieces: list[str]) -> str:
+    text = "".join(piece[len(_CONTINUES):] if i and piece.startswith(_CONTINUES) else piece for i, piece in enumerate(pieces))
+    for mark in _STARTS:
+        text = text.replace(mark, "")
+    return text or pieces[0]

@@ -1,0 +1,143 @@
+"""The one options object every method takes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from .._errors import OptionError
+from ._fusion import HEAD_FUSIONS, check_options, is_int, is_number
+
+HeadFusion = Literal["mean", "max", "min"]
+FlowSolver = Literal["auto", "dinic", "pruned", "igraph"]
+#: Heads to keep: one list for every layer, or per layer (an index among the explained stream's layers).
+HeadSelection = Sequence[int] | Mapping[int, Sequence[int]] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Settings shared by all methods; each method reads the ones it uses.
+
+    Attributes:
+        head_fusion: how heads are fused into one matrix per layer: ``"mean"`` (the paper's), ``"max"``,
+            ``"min"``.
+        residual: ``r`` in ``Â = (1 - r) A + r I``; 0.5 is the paper's.
+        discard_ratio: fraction in ``[0, 1)`` of each layer's lowest fused weights to drop (vit-explain).
+        layers: which of the explained stream's layers take part: None (all), ``(start, end)``, a slice or a
+            list of indices in model order; left-out layers are skipped (identity).
+        heads: which heads are fused: a list of head indices for every layer, or a mapping from layer index
+            (among the explained stream's layers) to its list; layers not named keep all heads. A single
+            head per layer gives per-head rollout and flow.
+        weights: the edge weights rollout and flow route through: ``"attention"`` (raw attention, the
+            paper's), or the name of a contribution method (e.g. ``"alti"``, ``"norm"``) whose per-layer
+            matrices replace attention.
+        normalize: divide flow rows by their sum over the input tokens (the paper's code does).
+        flow_solver: the max-flow solver (see :func:`attnflow.flow`).
+        n_jobs: workers for flow.
+        max_seconds: flow refuses problems estimated to take longer.
+    """
+
+    head_fusion: HeadFusion = "mean"
+    residual: float = 0.5
+    discard_ratio: float = 0.0
+    layers: Any = None
+    heads: HeadSelection = None
+    weights: str = "attention"
+    normalize: bool = True
+    flow_solver: FlowSolver = "auto"
+    n_jobs: int = 1
+    max_seconds: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.head_fusion not in HEAD_FUSIONS:
+            raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {self.head_fusion!r}.")
+        check_options(self.residual, self.discard_ratio)
+        object.__setattr__(self, "heads", _heads(self.heads))
+        if not isinstance(self.weights, str) or not self.weights:
+            raise OptionError(f"weights must be a method name such as 'attention' or 'alti', got {self.weights!r}.")
+        if not isinstance(self.normalize, bool):
+            raise OptionError(f"normalize must be True or False, got {self.normalize!r}.")
+        if self.flow_solver not in ("auto", "dinic", "pruned", "igraph"):
+            raise OptionError(f"flow_solver must be 'auto', 'dinic', 'pruned' or 'igraph', got {self.flow_solver!r}.")
+        if not (is_int(self.n_jobs) and self.n_jobs >= 1):
+            raise OptionError(f"n_jobs must be a positive int, got {self.n_jobs!r}.")
+        if not is_number(self.max_seconds) or math.isnan(float(self.max_seconds)) or self.max_seconds < 0:
+            raise OptionError(f"max_seconds must be a non-negative number, got {self.max_seconds!r}.")
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with some settings changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise OptionError(f"Options has no settings {unknown}; it has {[f.name for f in dataclasses.fields(self)]}.")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (a slice or ``(start, end)`` pair of layers is kept apart from a list)."""
+        out = dataclasses.asdict(self)
+        layers = self.layers
+        if isinstance(layers, slice):
+            out["layers"] = {"slice": [layers.start, layers.stop, layers.step]}
+        elif isinstance(layers, tuple) and len(layers) == 2:
+            out["layers"] = {"pair": list(layers)}
+        elif layers is not None:
+            out["layers"] = list(layers)
+        if isinstance(self.heads, Mapping):
+            out["heads"] = {str(k): list(v) for k, v in self.heads.items()}
+        elif self.heads is not None:
+            out["heads"] = list(self.heads)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Options:
+        """The inverse of :meth:`to_dict`."""
+        values = dict(values)
+        layers = values.get("layers")
+        if isinstance(layers, Mapping) and "slice" in layers:
+            values["layers"] = slice(*layers["slice"])
+        elif isinstance(layers, Mapping) and "pair" in layers:
+            values["layers"] = tuple(layers["pair"])
+        heads = values.get("heads")
+        if isinstance(heads, Mapping):
+            values["heads"] = {int(k): v for k, v in heads.items()}
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise OptionError(f"Cannot read options {sorted(values)}: {exc}") from exc
+
+    def describe(self) -> str:
+        """The settings that differ from the defaults, as ``key=value`` text (for titles and tables)."""
+        default = Options()
+        parts = [
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+            if f.name not in ("n_jobs", "max_seconds", "flow_solver") and getattr(self, f.name) != getattr(default, f.name)
+        ]
+        return ", ".join(parts) or "paper defaults (mean heads, residual 0.5)"
+
+
+def _heads(heads: Any) -> Any:
+    if heads is None:
+        return None
+    if is_int(heads):
+        return (int(heads),)
+    if isinstance(heads, Mapping):
+        out = {}
+        for layer, chosen in heads.items():
+            if not is_int(layer):
+                raise OptionError(f"heads maps layer indices to head lists; got the key {layer!r}.")
+            out[int(layer)] = _head_list(chosen)
+        return dict(sorted(out.items()))
+    return _head_list(heads)
+
+
+def _head_list(chosen: Any) -> tuple[int, ...]:
+    if is_int(chosen):
+        return (int(chosen),)
+    if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Sequence) or not chosen:
+        raise OptionError(f"heads must be a non-empty list of head indices, got {chosen!r}.")
+    if not all(is_int(h) for h in chosen):
+        raise OptionError(f"heads must hold ints, got {chosen!r}.")
+    if len(set(chosen)) != len(chosen):
+        raise OptionError(f"heads lists a head twice: {chosen!r}.")
+    return tuple(int(h) for h in chosen)

@@ -1,0 +1,219 @@
+"""The method registry: built-in and third-party methods, found the same way (``attnflow.methods``).
+
+A method is a small object (:class:`Method`): a name, what it needs from the trace, whether it is a
+per-layer view or cumulative, the paper it implements, and ``compute``, which turns a trace into scores
+on the trace's network. Third-party methods subclass :class:`Method` and are registered with
+:func:`register_method` or published under the ``attnflow.methods`` entry-point group; attnflow's own
+methods register through that group too.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._errors import MethodError, OptionError
+from ..network._network import EdgeWeights
+from ..trace import AttentionTrace
+from ._options import Options
+
+ENTRY_POINT_GROUP = "attnflow.methods"
+_DISTRIBUTION = "attnflow"
+
+#: Scores of one method: input stream -> ``(layers, batch, sources, input tokens)`` float64.
+Scores = dict[str, np.ndarray]
+
+#: What a method may need beyond the attention weights, and how to capture it (for the error message).
+NEEDS: Mapping[str, str] = {
+    "weights": "every trace has them",
+    "attn_grad": "capture with a target: attnflow.capture(model, ..., target=CLASS_OR_TOKEN_ID) (or attach(..., target=...))",
+    "values": "capture the value-side tensors: attnflow.capture(model, ..., values=True)",
+    "value_zeroing": "value zeroing re-runs the model: attnflow.capture(model, ..., value_zeroing=True)",
+}
+
+
+class Method(abc.ABC):
+    """Base class of every method (built-in or third-party).
+
+    Class attributes:
+        name: what users pass to :func:`attnflow.explain` (``"rollout"``).
+        needs: trace fields it needs: ``"weights"``, and per-layer extras such as ``"attn_grad"`` or ``"values"``.
+        cumulative: True for methods that roll information through the layers (rollout, flow); False for
+            per-layer views (raw attention).
+        all_layers_by_default: whether :func:`attnflow.explain` computes every layer unless told otherwise
+            (False where every layer costs as much as the last, e.g. flow).
+        reference: the paper, for documentation and titles.
+        order: where the method sorts in listings and tables (lower first).
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ("weights",)
+    cumulative: ClassVar[bool] = False
+    all_layers_by_default: ClassVar[bool] = True
+    reference: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+
+    @abc.abstractmethod
+    def compute(
+        self, trace: AttentionTrace, options: Options, *, stream: str, sources: Sequence[int] | None, all_layers: bool
+    ) -> Scores:
+        """Scores of ``stream``'s output tokens ``sources`` (all when None): input stream ->
+        ``(layers, batch, len(sources) or stream length, input length)``; ``layers`` is 1 unless ``all_layers``."""
+
+    def edge_weights(self, trace: AttentionTrace, options: Options) -> EdgeWeights | None:
+        """For contribution methods: the per-layer matrices rollout and flow route through when
+        ``options.weights`` names this method. None: the method gives no edge weights."""
+        return None
+
+    def check(self, trace: AttentionTrace) -> None:
+        """Raise :class:`MethodError` when the trace lacks what the method needs."""
+        for need in self.needs:
+            if need == "weights":
+                continue
+            missing = [layer.name for layer in trace.layers if need not in layer.extras]
+            if missing:
+                raise MethodError(
+                    f"Method {self.name!r} needs {need!r} per layer, which this trace lacks (layers {missing[:3]}"
+                    f"{'...' if len(missing) > 3 else ''}). {NEEDS.get(need, 'Capture them with an adapter that provides them')}."
+                )
+
+    def __repr__(self) -> str:
+        return f"<method {self.name!r}>"
+
+
+_methods: dict[str, Method] = {}
+_builtin: set[str] = set()
+_loaded = False
+_lock = threading.RLock()
+
+
+def register_method(method: Method | type[Method], *, replace: bool = False) -> Method:
+    """Add a method to the registry; returns the registered instance.
+
+    Raises:
+        MethodError: the method breaks the contract (the message says which part), or its name is taken
+            and ``replace`` is False.
+    """
+    with _lock:
+        _load_entry_points()
+        instance = _validate(method, source=f"method {method!r}")
+        if instance.name in _methods and not replace:
+            raise MethodError(
+                f"A method named {instance.name!r} is already registered ({_methods[instance.name]!r}); choose "
+                "another name, or pass replace=True to override it on purpose."
+            )
+        _methods[instance.name] = instance
+        _builtin.discard(instance.name)
+        return instance
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method by name (built-ins come back in a new process)."""
+    with _lock:
+        _load_entry_points()
+        if name not in _methods:
+            raise MethodError(f"No method named {name!r} is registered; registered: {sorted(_methods)}.")
+        del _methods[name]
+        _builtin.discard(name)
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods, built-ins first."""
+    with _lock:
+        _load_entry_points()
+        return sorted(_methods, key=lambda n: (_methods[n].order, n))
+
+
+def get_method(name: str | Method) -> Method:
+    """The method registered under ``name`` (a :class:`Method` instance is returned as it is)."""
+    if isinstance(name, Method):
+        return name
+    with _lock:
+        _load_entry_points()
+        if not isinstance(name, str) or name not in _methods:
+            raise OptionError(f"No method named {name!r}; registered methods: {', '.join(list_methods())}.")
+        return _methods[name]
+
+
+def _validate(method: Any, *, source: str) -> Method:
+    if inspect.isclass(method):
+        if not issubclass(method, Method):
+            raise MethodError(f"{source}: {method.__qualname__} is not a subclass of attnflow.Method.")
+        if inspect.isabstract(method):
+            missing = sorted(getattr(method, "__abstractmethods__", ()))
+            raise MethodError(f"{source}: {method.__qualname__} does not implement {missing}.")
+        try:
+            method = method()
+        except Exception as exc:
+            raise MethodError(f"{source}: {method.__qualname__}() failed ({exc}); a method class must build with no arguments.") from exc
+    if not isinstance(method, Method):
+        raise MethodError(f"{source}: expected an attnflow.Method subclass or instance, got {type(method).__name__}.")
+    cls = type(method).__qualname__
+    if not isinstance(method.name, str) or not method.name.isidentifier():
+        raise MethodError(f"{source}: {cls}.name must be an identifier-like string, got {method.name!r}.")
+    if isinstance(method.needs, str) or not all(isinstance(n, str) for n in method.needs) or "weights" not in method.needs:
+        raise MethodError(f"{source}: {cls}.needs must be a tuple of names including 'weights', got {method.needs!r}.")
+    for flag in ("cumulative", "all_layers_by_default"):
+        if not isinstance(getattr(method, flag), bool):
+            raise MethodError(f"{source}: {cls}.{flag} must be True or False.")
+    parameters = inspect.signature(method.compute).parameters
+    wanted = ("trace", "options", "stream", "sources", "all_layers")
+    missing_params = [p for p in wanted if p not in parameters]
+    if missing_params:
+        raise MethodError(
+            f"{source}: {cls}.compute must take (trace, options, *, stream, sources, all_layers); it lacks "
+            f"{missing_params}."
+        )
+    return method
+
+
+def _load_entry_points() -> None:
+    """Read the entry-point group once (under the lock); broken plugins are warned about and skipped."""
+    global _loaded
+    if _loaded:
+        return
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
+    loaded: dict[str, Method] = {}
+    builtin: set[str] = set()
+    for ep in found:
+        source = f"entry point {ep.name!r} ({ep.value}) of {_dist_name(ep) or 'an unknown distribution'}"
+        try:
+            instance = _validate(ep.load(), source=source)
+        except Exception as exc:  # a broken plugin must not break attnflow
+            warnings.warn(f"attnflow skipped {source}: {exc}", RuntimeWarning, stacklevel=4)
+            continue
+        if instance.name != ep.name:
+            warnings.warn(
+                f"attnflow skipped {source}: the entry point is named {ep.name!r} but the method's name is "
+                f"{instance.name!r}; make them equal.", RuntimeWarning, stacklevel=4,
+            )
+            continue
+        if instance.name in loaded:
+            warnings.warn(
+                f"attnflow skipped {source}: the name {instance.name!r} is taken"
+                + (" by a built-in method" if instance.name in builtin else "") + ".", RuntimeWarning, stacklevel=4,
+            )
+            continue
+        loaded[instance.name] = instance
+        if _is_builtin(ep):
+            builtin.add(instance.name)
+    for name, instance in loaded.items():
+        _methods.setdefault(name, instance)
+    _builtin.update(builtin)
+    _loaded = True
+
+
+def _dist_name(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return getattr(dist, "name", "") or ""
+
+
+def _is_builtin(ep: Any) -> bool:
+    return _dist_name(ep).replace("_", "-").lower() == _DISTRIBUTION
