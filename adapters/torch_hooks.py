@@ -196,7 +196,9 @@ class TorchAdapter(attnflow.Adapter):
             return None
 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(module.register_forward_hook(hook))
+        # prepend: under nested attaches the innermost hook sees the full weights first, and the outermost
+        # one (whose pre-hook saw the caller's own request) runs last and gives the caller what it asked for.
+        handles.append(module.register_forward_hook(hook, prepend=True))
 
         def forget(mod: Any, args: tuple, output: Any) -> None:  # the call raised: drop its stack entry
             if calls and output is None:
