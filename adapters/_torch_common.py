@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
+from attnflow._switches import deferred_interrupts
 
 
 def to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
@@ -207,12 +208,15 @@ def install_root_end_hooks(model: Any, passes: PassRecorder, handles: list[Any])
 
 @contextmanager
 def removing(handles: list[Any]) -> Iterator[list[Any]]:
-    """Remove every hook handle in ``handles`` on exit, also when the body raises."""
+    """Remove every hook handle in ``handles`` on exit, also when the body raises. Register the hooks under
+    ``attnflow._switches.deferred_interrupts()``, so that a Ctrl-C cannot fall between registering a hook
+    and keeping its handle."""
     try:
         yield handles
     finally:
-        while handles:
-            handles.pop().remove()
+        with deferred_interrupts():  # a Ctrl-C between pop() and remove() would leave a hook behind
+            while handles:
+                handles.pop().remove()
 
 
 def int_ids(value: Any, torch: Any) -> np.ndarray | None:

@@ -5,7 +5,8 @@ probabilities (``output_attentions=True`` under SDPA returns an empty tuple in t
 attached, this adapter switches the model to ``"eager"`` with ``model.set_attn_implementation("eager")``
 (the model's own eager code path and eager mask builder, so the weights are exactly what
 ``output_attentions=True`` under eager returns) and puts every config's implementation back on exit,
-also when the forward pass raises.
+also when the forward pass raises. Overlapping attaches on one model (in threads, or left out of order)
+share the switch: the last one to leave restores what the first one found.
 
 The attention modules are the ones each model class declares for ``output_attentions``
 (``_can_record_outputs["attentions"]``, and ``["cross_attentions"]`` recorded with ``kind="cross"``), so
@@ -20,11 +21,12 @@ import inspect
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import attnflow
+from attnflow._switches import deferred_interrupts, switch
 
 from . import _torch_common as common
 
@@ -84,8 +86,6 @@ class TransformersAdapter(attnflow.Adapter):
         if not isinstance(output_index, int) or isinstance(output_index, bool):
             raise attnflow.OptionError(f"Adapter 'transformers': output_index must be an int, got {output_index!r}.")
         targets = self._targets(model, transformers, torch, modules, output_index)
-        saved = _implementations(model, transformers)
-        original = model.config._attn_implementation
         passes = common.PassRecorder(recorder)
         self_modules = [module for _, module, kind, _ in targets if kind == "self"]
         causal_flags = {getattr(module, "is_causal", None) for module in self_modules}
@@ -104,16 +104,13 @@ class TransformersAdapter(attnflow.Adapter):
             }
 
         handles: list[Any] = []
-        try:
-            with common.removing(handles):
-                _switch_to_eager(model, targets, transformers)
+        with _eager(model, targets, transformers) as original, common.removing(handles):
+            with deferred_interrupts():
                 common.install_root_hooks(model, passes, describe_call, handles)
                 for path, module, kind, index in targets:
                     handles.append(module.register_forward_hook(_layer_hook(path, kind, index, passes, torch)))
                 common.install_root_end_hooks(model, passes, handles)
-                yield
-        finally:
-            _restore(saved)
+            yield
 
     def _targets(
         self, model: Any, transformers: Any, torch: Any, modules: Any, output_index: int
@@ -265,6 +262,24 @@ def _restore(saved: list[tuple[Any, Any]]) -> None:
     for config, implementation in saved:
         if config._attn_implementation != implementation:
             config._attn_implementation_internal = implementation
+
+
+@contextmanager
+def _eager(model: Any, targets: list[tuple[str, Any, str, int]], transformers: Any) -> Iterator[Any]:
+    """The model on eager attention for the block; yields the implementation its config had before any
+    attach. Each config's implementation is a reference-counted switch, so overlapping attaches on one
+    model (or on a model and its base model) leave every config as the first of them found it."""
+    with ExitStack() as held:
+        originals = {
+            id(config): held.enter_context(switch(
+                ("transformers.attn_implementation", id(config)),
+                lambda config=config: config._attn_implementation,
+                lambda implementation, config=config: _restore([(config, implementation)]),
+            ))
+            for config, _ in _implementations(model, transformers)
+        }
+        _switch_to_eager(model, targets, transformers)
+        yield originals[id(model.config)]
 
 
 def _switch_to_eager(model: Any, targets: list[tuple[str, Any, str, int]], transformers: Any) -> None:

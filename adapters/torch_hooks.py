@@ -16,10 +16,11 @@ torch is imported inside methods only: ``import attnflow`` and loading this entr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import attnflow
+from attnflow._switches import deferred_interrupts, switch
 
 from . import _torch_common as common
 
@@ -142,11 +143,8 @@ class TorchAdapter(attnflow.Adapter):
             return {"input_ids": common.int_ids(ids, torch), "metadata": {}}
 
         handles: list[Any] = []
-        fastpath_before = torch.backends.mha.get_fastpath_enabled()
-        try:
-            with common.removing(handles):
-                if disable_fastpath:
-                    torch.backends.mha.set_fastpath_enabled(False)
+        with _fastpath_off(torch) if disable_fastpath else nullcontext(), common.removing(handles):
+            with deferred_interrupts():
                 common.install_root_hooks(model, passes, describe_call, handles)
                 for path, module in targets:
                     name = common.layer_name(path, model)
@@ -155,9 +153,7 @@ class TorchAdapter(attnflow.Adapter):
                     else:
                         self._hook_module(torch, module, name, output_index, passes, handles)
                 common.install_root_end_hooks(model, passes, handles)
-                yield
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath_before)
+            yield
 
     # -- per-module hooks ---------------------------------------------------------------------------
     def _hook_mha(self, torch: Any, module: Any, name: str, passes: common.PassRecorder, handles: list) -> None:
@@ -200,7 +196,9 @@ class TorchAdapter(attnflow.Adapter):
             return None
 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(module.register_forward_hook(hook))
+        # prepend: under nested attaches the innermost hook sees the full weights first, and the outermost
+        # one (whose pre-hook saw the caller's own request) runs last and gives the caller what it asked for.
+        handles.append(module.register_forward_hook(hook, prepend=True))
 
         def forget(mod: Any, args: tuple, output: Any) -> None:  # the call raised: drop its stack entry
             if calls and output is None:
@@ -237,3 +235,15 @@ class TorchAdapter(attnflow.Adapter):
             passes.add(name, array, kind="self" if q == k else "cross", source_dtype=source_dtype, training=mod.training)
 
         handles.append(module.register_forward_hook(hook))
+
+
+def _fastpath_off(torch: Any) -> AbstractContextManager[Any]:
+    """PyTorch's MHA fast path switched off; one flag for the whole process, so reference-counted: it is
+    back as found once the last overlapping attach has left."""
+
+    def turn_on() -> bool:
+        before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        return before
+
+    return switch("torch.backends.mha.fastpath", turn_on, lambda before: torch.backends.mha.set_fastpath_enabled(before))

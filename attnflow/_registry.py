@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import warnings
 from importlib.metadata import entry_points
 from typing import Any
 
 from ._adapter import Adapter
 from ._errors import AdapterError, AdapterRegistrationError, MissingDependencyError
+from ._switches import deferred_interrupts
 
 ENTRY_POINT_GROUP = "attnflow.adapters"
 _DISTRIBUTION = "attnflow"
@@ -17,6 +19,9 @@ _DISTRIBUTION = "attnflow"
 _adapters: dict[str, Adapter] = {}
 _builtin: set[str] = set()
 _entry_points_loaded = False
+_loading = False
+# Guards the tables above. Re-entrant: loading a plugin may import code that registers an adapter.
+_lock = threading.RLock()
 
 
 def register_adapter(adapter: Adapter | type[Adapter], *, replace: bool = False) -> Adapter:
@@ -32,37 +37,43 @@ def register_adapter(adapter: Adapter | type[Adapter], *, replace: bool = False)
     """
     _load_entry_points()
     instance = _validate(adapter, source=f"adapter {adapter!r}")
-    if instance.name in _adapters and not replace:
-        raise AdapterRegistrationError(
-            f"An adapter named {instance.name!r} is already registered ({_adapters[instance.name]!r}); "
-            "choose another name, or pass replace=True to override it on purpose."
-        )
-    _adapters[instance.name] = instance
-    _builtin.discard(instance.name)
+    with _lock:
+        if instance.name in _adapters and not replace:
+            raise AdapterRegistrationError(
+                f"An adapter named {instance.name!r} is already registered ({_adapters[instance.name]!r}); "
+                "choose another name, or pass replace=True to override it on purpose."
+            )
+        _adapters[instance.name] = instance
+        _builtin.discard(instance.name)
     return instance
 
 
 def unregister_adapter(name: str) -> None:
     """Remove an adapter by name (built-ins too; they come back in a new process)."""
     _load_entry_points()
-    if name not in _adapters:
-        raise AdapterError(f"No adapter named {name!r} is registered; registered: {sorted(_adapters)}.")
-    del _adapters[name]
-    _builtin.discard(name)
+    with _lock:
+        if name not in _adapters:
+            raise AdapterError(f"No adapter named {name!r} is registered; registered: {sorted(_adapters)}.")
+        del _adapters[name]
+        _builtin.discard(name)
 
 
 def list_adapters() -> list[Adapter]:
     """Registered adapters, in the order they are asked to claim a model (highest priority first)."""
     _load_entry_points()
-    return sorted(_adapters.values(), key=lambda a: (-a.priority, a.name))
+    with _lock:
+        adapters = list(_adapters.values())
+    return sorted(adapters, key=lambda a: (-a.priority, a.name))
 
 
 def get_adapter(name: str) -> Adapter:
     """The adapter registered under ``name``."""
     _load_entry_points()
-    if name not in _adapters:
+    with _lock:
+        adapter = _adapters.get(name)
+    if adapter is None:
         raise AdapterError(f"No adapter named {name!r}. {_installed_text()}")
-    return _adapters[name]
+    return adapter
 
 
 def find_adapter(model: Any, adapter: str | Adapter | None = None) -> Adapter:
@@ -141,38 +152,56 @@ def _validate(adapter: Any, *, source: str) -> Adapter:
 
 def _load_entry_points() -> None:
     """Read the entry-point group once. Broken plugins are warned about and skipped; a plugin cannot
-    silently replace a built-in adapter."""
-    global _entry_points_loaded
+    silently replace a built-in adapter.
+
+    Loading happens under the registry lock (threads arriving meanwhile wait for it), into local tables
+    that are published only once every entry point was read: an interrupted load (Ctrl-C) publishes
+    nothing, and the next call loads again.
+    """
+    global _entry_points_loaded, _loading
     if _entry_points_loaded:
         return
-    _entry_points_loaded = True
-    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
-    for ep in found:
-        source = f"entry point {ep.name!r} ({ep.value}) of {_dist_name(ep) or 'an unknown distribution'}"
+    with _lock:
+        if _entry_points_loaded or _loading:  # _loading: a plugin's import registering an adapter itself
+            return
+        _loading = True
         try:
-            instance = _validate(ep.load(), source=source)
-        except Exception as exc:  # a broken plugin must not break attnflow
-            warnings.warn(f"attnflow skipped {source}: {exc}", RuntimeWarning, stacklevel=3)
-            continue
-        if instance.name != ep.name:
-            warnings.warn(
-                f"attnflow skipped {source}: the entry point is named {ep.name!r} but the adapter's name is "
-                f"{instance.name!r}; make them equal.", RuntimeWarning, stacklevel=3,
-            )
-            continue
-        if instance.name in _adapters:
-            if instance.name in _builtin:
-                warnings.warn(
-                    f"attnflow skipped {source}: it tries to override the built-in adapter {instance.name!r}. "
-                    "Give the plugin another name, or call attnflow.register_adapter(..., replace=True).",
-                    RuntimeWarning, stacklevel=3,
-                )
-            else:
-                warnings.warn(f"attnflow skipped {source}: name {instance.name!r} is taken.", RuntimeWarning, stacklevel=3)
-            continue
-        _adapters[instance.name] = instance
-        if _is_builtin(ep):
-            _builtin.add(instance.name)
+            found: dict[str, Adapter] = {}
+            builtin: set[str] = set()
+            for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep)):
+                source = f"entry point {ep.name!r} ({ep.value}) of {_dist_name(ep) or 'an unknown distribution'}"
+                try:
+                    instance = _validate(ep.load(), source=source)
+                except Exception as exc:  # a broken plugin must not break attnflow
+                    warnings.warn(f"attnflow skipped {source}: {exc}", RuntimeWarning, stacklevel=3)
+                    continue
+                if instance.name != ep.name:
+                    warnings.warn(
+                        f"attnflow skipped {source}: the entry point is named {ep.name!r} but the adapter's name is "
+                        f"{instance.name!r}; make them equal.", RuntimeWarning, stacklevel=3,
+                    )
+                    continue
+                if instance.name in found or instance.name in _adapters:
+                    if instance.name in builtin or instance.name in _builtin:
+                        warnings.warn(
+                            f"attnflow skipped {source}: it tries to override the built-in adapter "
+                            f"{instance.name!r}. Give the plugin another name, or call "
+                            "attnflow.register_adapter(..., replace=True).", RuntimeWarning, stacklevel=3,
+                        )
+                    else:
+                        warnings.warn(
+                            f"attnflow skipped {source}: name {instance.name!r} is taken.", RuntimeWarning, stacklevel=3
+                        )
+                    continue
+                found[instance.name] = instance
+                if _is_builtin(ep):
+                    builtin.add(instance.name)
+            with deferred_interrupts():  # all or nothing
+                _adapters.update(found)
+                _builtin.update(builtin)
+                _entry_points_loaded = True
+        finally:
+            _loading = False
 
 
 def _dist_name(ep: Any) -> str:

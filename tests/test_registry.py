@@ -179,3 +179,57 @@ def test_builtin_adapters_come_from_entry_points():
     assert adapters["transformers"].priority > adapters["torch"].priority
     for adapter in adapters.values():
         assert type(adapter).__module__.startswith("attnflow.adapters.")
+
+
+BUILTIN = {"torch", "transformers", "flax_linen", "flax_nnx"}
+
+
+def test_threads_loading_the_registry_at_once_all_see_every_adapter(fresh_registry, monkeypatch):
+    """The first load is slow here (each entry point takes 20 ms): threads arriving meanwhile must wait for
+    it, not see a half-filled registry."""
+    import importlib.metadata
+    import threading
+    import time
+
+    load = importlib.metadata.EntryPoint.load
+
+    def slow_load(self):
+        time.sleep(0.02)
+        return load(self)
+
+    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", slow_load)
+    barrier = threading.Barrier(8)
+    seen = []
+
+    def worker():
+        barrier.wait()
+        seen.append({a.name for a in attnflow.list_adapters()})
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 8 and all(names >= BUILTIN for names in seen), [len(names) for names in seen]
+    assert all(names == seen[0] for names in seen)
+
+
+def test_interrupt_during_the_first_load_leaves_a_registry_that_loads_later(fresh_registry, monkeypatch):
+    import importlib.metadata
+
+    load = importlib.metadata.EntryPoint.load
+    calls = []
+
+    def interrupted_once(self):
+        calls.append(self.name)
+        if len(calls) == 2:  # Ctrl-C while the second entry point loads
+            raise KeyboardInterrupt
+        return load(self)
+
+    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        attnflow.list_adapters()
+    names = {a.name for a in attnflow.list_adapters()}
+    assert names >= BUILTIN
+    assert {a.name for a in attnflow.list_adapters()} == names  # loaded once, complete
+    assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters.torch_hooks"

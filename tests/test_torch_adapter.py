@@ -398,3 +398,39 @@ def test_sequence_first_ids_label_the_right_batch_items():
     trace = attnflow.capture(model, ids)
     assert trace.layers[0].shape == (BATCH, 4, SEQ, SEQ)
     assert trace.tokens == [[str(int(t)) for t in ids[:, b]] for b in range(BATCH)]
+
+
+# -- nested attaches ---------------------------------------------------------------------------------------
+
+
+def test_nested_attach_on_a_transformer_encoder_gives_both_recorders_the_trace(tiny_encoder):
+    encoder = tiny_encoder()
+    src = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        plain = encoder(src)
+        with attnflow.attach(encoder) as single:
+            expected = encoder(src)
+        with attnflow.attach(encoder) as outer:
+            with attnflow.attach(encoder) as inner:
+                output = encoder(src)
+        assert torch.equal(encoder(src), plain)
+    assert torch.equal(output, expected)  # the caller (TransformerEncoderLayer) got what it asked for
+    alone = single.trace
+    for recorder in (outer, inner):
+        trace = recorder.trace
+        assert [layer.name for layer in trace.layers] == [layer.name for layer in alone.layers]
+        for layer, reference in zip(trace.layers, alone.layers):
+            assert (layer.weights == reference.weights).all()
+
+
+def test_nested_attach_gives_the_caller_what_it_asked_for():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(24, 4, batch_first=True).eval()
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        _, averaged = mha(x, x, x)  # default: need_weights=True, averaged over heads
+        with attnflow.attach(mha) as outer, attnflow.attach(mha) as inner:
+            _, none = mha(x, x, x, need_weights=False)
+            _, got = mha(x, x, x)
+    assert none is None and got.shape == averaged.shape and torch.allclose(got, averaged, atol=1e-6)
+    assert len(outer.traces) == len(inner.traces) == 2
