@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +16,8 @@ import numpy as np
 
 import attnflow
 from attnflow._switches import deferred_interrupts
+
+from ._hf_families import pick_key_stream
 
 
 def to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
@@ -90,110 +92,105 @@ def layer_name(path: str, model: Any) -> str:
     return path or type(model).__name__
 
 
-class PassRecorder:
-    """Buffers the layers of one forward pass of the root module and hands them to the Recorder at its end.
+class TorchPass:
+    """What a torch-based adapter knows while attached: the recorder, which stream each hooked module's
+    queries belong to, and what the current forward pass has shown so far.
 
-    Buffering (rather than recording as layers run) lets the adapter decide the pass's mask from what the
-    attention modules saw, and drops the half-recorded layers of a forward pass that raised.
-    A layer recorded while the root is not running (the user called a submodule directly) goes straight
-    to the Recorder.
+    Pass boundaries come from the root module's hooks (:func:`install_pass_hooks`): the outermost call
+    opens a pass in the recorder, a nested call of the root joins it, the end runs the adapter's
+    finishing steps (stream details learned only once every layer ran) and closes the pass; a forward
+    that raised drops it. Layers are handed to the recorder as they run; the recorder buffers them.
     """
 
-    def __init__(self, recorder: attnflow.Recorder):
+    def __init__(self, recorder: attnflow.Recorder, streams: Mapping[str, str | None] | None = None):
         self.recorder = recorder
+        self.streams = dict(streams or {})  # module path -> stream of its queries (None: the only stream)
         self.depth = 0
-        self.layers: list[tuple[str, np.ndarray, str, str]] = []
-        self.call: dict[str, Any] = {}
-        self.names_seen: dict[str, int] = {}
-        self.training = False
+        self.seen: dict[str, int] = {}  # stream -> its length, from the layers of this pass
+        self.layer_counts: dict[str | None, int] = {}  # stream -> layers of it recorded in this pass
+        self.state: dict[str, Any] = {}  # what hooks learn during the pass, for the finishing steps
+        self.finishers: list[Callable[[TorchPass], None]] = []
 
     @property
     def active(self) -> bool:
         return self.depth > 0
 
-    def begin(self, **call: Any) -> bool:
-        """Start a root pass; False for a nested call of the root (which records into the outer pass)."""
-        self.depth += 1
-        if self.depth > 1:
-            return False
-        self.layers, self.call, self.names_seen, self.training = [], dict(call), {}, False
-        return True
+    def reset(self) -> None:
+        """Forget the last pass's details (before an outermost call is described)."""
+        self.seen, self.state, self.layer_counts = {}, {}, {}
 
-    def add(self, name: str, weights: np.ndarray, *, kind: str, source_dtype: str, training: bool = False) -> None:
-        if not self.active:
-            self.recorder.record(name, weights, kind=kind, source_dtype=source_dtype)
-            return
-        count = self.names_seen.get(name, 0)
-        self.names_seen[name] = count + 1
-        if count:  # a module run more than once in one pass (shared weights): name each call
-            name = f"{name}#{count}"
-        self.training = self.training or training
-        self.layers.append((name, weights, kind, source_dtype))
+    def begin(self, call: Mapping[str, Any] | None) -> None:
+        self.depth += 1
+        self.recorder.start_call(**dict(call or {}))
 
     def finish(self) -> None:
-        """End the root pass normally: validate and store the trace."""
         self.depth -= 1
-        if self.depth > 0:
-            return
-        layers, call, training = self.layers, self.call, self.training
-        self.layers, self.call, self.names_seen = [], {}, {}
-        self.recorder.start_call(
-            mask=call.get("mask"), input_ids=_ids_for(call.get("input_ids"), layers), causal=call.get("causal"),
-            metadata=call.get("metadata"),
-        )
-        for name, weights, kind, source_dtype in layers:
-            self.recorder.record(name, weights, kind=kind, source_dtype=source_dtype)
-        try:
-            self.recorder.end_call()
-        except attnflow.TraceError as exc:
-            if training:
-                raise attnflow.AdapterError(
-                    f"The captured attention is not a valid trace ({exc}) and the model is in training mode, where "
-                    "attention dropout rescales the weights. Call model.eval() before capturing."
-                ) from exc
-            raise
+        if self.depth == 0:
+            for finisher in self.finishers:
+                finisher(self)
+        self.recorder.end_call()
 
     def abort(self) -> None:
-        """The root's forward raised: forget the pass (nothing half-recorded reaches the Recorder)."""
         if self.depth > 0:
             self.depth = 0
-            self.layers, self.call, self.names_seen = [], {}, {}
+            self.recorder.abort_call()
+
+    def stream_of(self, path: str) -> str | None:
+        return self.streams.get(path)
+
+    def add(
+        self, path: str, weights: Any, *, kind: str | None = None, key_stream: str | None = None,
+        training: bool = False, name: str | None = None,
+    ) -> None:
+        """Record one module's ``(batch, heads, q, k)`` attention tensor; the query stream comes from the
+        module's path, the key stream of a cross layer from the streams this pass has run (or ``key_stream``)."""
+        array, source_dtype = to_numpy(weights)
+        query = self.stream_of(path)
+        key = None
+        if kind == "cross" and query is not None:
+            key = key_stream or pick_key_stream(query, array.shape[-1], self.seen)
+            if key is None:
+                key = "memory"  # keys handed in from outside the model (e.g. encoder_hidden_states)
+        elif kind != "cross" and query is not None:
+            self.seen.setdefault(query, array.shape[-1])
+        self.layer_counts[query] = self.layer_counts.get(query, 0) + 1
+        self.recorder.record(
+            name or path, array, kind=kind, source_dtype=source_dtype, query_stream=query, key_stream=key,
+            training=training,
+        )
 
 
-def _ids_for(ids: np.ndarray | None, layers: list[tuple[str, np.ndarray, str, str]]) -> np.ndarray | None:
-    """Token ids laid out as the trace's (batch, seq), or None when they do not fit it (then labels are
-    positions, or the user's ``tokens=``). Sequence-first ids, as ``batch_first=False`` models take, are
-    transposed."""
-    if ids is None or not layers:
-        return ids
-    first = next((w for _, w, kind, _ in layers if kind == "self"), layers[0][1])
-    want = (first.shape[0], first.shape[2])
-    if ids.shape == want:
-        return ids
-    return ids.T if ids.T.shape == want else None
-
-
-def install_root_hooks(
-    model: Any, passes: PassRecorder, describe_call: Callable[[tuple, dict], dict[str, Any]], handles: list[Any]
+def install_pass_hooks(
+    model: Any, passes: TorchPass, describe_call: Callable[[tuple, dict], Mapping[str, Any] | None],
+    handles: list[Any], *, after: Callable[[Any], Any] | None = None,
 ) -> None:
-    """Register the root pre-hook (start of a pass). Call :func:`install_root_end_hooks` after the
-    attention modules' hooks so that the pass ends after every layer hook ran."""
+    """Hooks on the root module that open and close a pass; call this after hooking the attention modules,
+    so that the end hooks run after every layer hook.
 
-    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
-        if passes.active:
-            passes.begin()
-        else:
-            passes.begin(**describe_call(args, kwargs))
-
-    handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
-
-
-def install_root_end_hooks(model: Any, passes: PassRecorder, handles: list[Any]) -> None:
+    ``describe_call(args, kwargs)`` gives :meth:`attnflow.Recorder.start_call`'s keywords for an outermost
+    call, plus optionally ``"inject"``: keyword arguments to add to the call (e.g. ``output_attentions``).
+    ``after(output)`` may return a replacement for the root's output (e.g. to take back what was injected);
+    it runs before the pass ends.
+    """
     ended = [0]
 
-    def end_hook(module: Any, args: tuple, output: Any) -> None:
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> Any:
+        if passes.active:
+            passes.begin(None)
+            return None
+        passes.reset()
+        call = dict(describe_call(args, kwargs) or {})
+        inject = call.pop("inject", None)
+        passes.begin(call)
+        if inject:
+            return args, {**kwargs, **inject}
+        return None
+
+    def end_hook(module: Any, args: tuple, output: Any) -> Any:
         ended[0] += 1
+        replaced = after(output) if after is not None and passes.depth == 1 else None
         passes.finish()
+        return replaced
 
     def cleanup_hook(module: Any, args: tuple, output: Any) -> None:
         # always_call: runs also when forward raised, when end_hook did not run (or raised itself).
@@ -202,8 +199,19 @@ def install_root_end_hooks(model: Any, passes: PassRecorder, handles: list[Any])
         else:
             passes.abort()
 
+    handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
     handles.append(model.register_forward_hook(end_hook))
     handles.append(model.register_forward_hook(cleanup_hook, always_call=True))
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module behind a ``torch.compile``d one (``OptimizedModule._orig_mod``), else ``model``."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None or inner is model:
+            return model
+        model = inner
+    return model
 
 
 @contextmanager

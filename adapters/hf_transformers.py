@@ -25,9 +25,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import attnflow
 from attnflow._switches import deferred_interrupts, switch
 
+from . import _hf_families as families
 from . import _torch_common as common
 
 _EAGER = "eager"
@@ -58,16 +61,18 @@ class TransformersAdapter(attnflow.Adapter):
 
     def claims(self, model: Any) -> bool:
         transformers = attnflow.import_optional("transformers", self.extra)
-        return isinstance(model, transformers.PreTrainedModel)
+        return isinstance(common.unwrap_compiled(model), transformers.PreTrainedModel)
 
     def model_name(self, model: Any) -> str:
+        model = common.unwrap_compiled(model)
         name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
         if not name or os.path.exists(name):  # a local directory says little; the class says more
             return type(model).__name__
         return name
 
     def run(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        return common.run_without_grad(model, args, kwargs)
+        # a torch.compile'd model: run the module it wraps (eager, exact, and no compilation wait)
+        return common.run_without_grad(common.unwrap_compiled(model), args, kwargs)
 
     # -- capture ------------------------------------------------------------------------------------
     @contextmanager
@@ -78,6 +83,7 @@ class TransformersAdapter(attnflow.Adapter):
         torch = attnflow.import_optional("torch", self.extra)
         transformers = attnflow.import_optional("transformers", self.extra)
         common.check_unknown_options(self.name, unknown, _OPTIONS)
+        model = common.unwrap_compiled(model)
         if not isinstance(model, transformers.PreTrainedModel):
             raise attnflow.AdapterError(
                 f"Adapter 'transformers' captures transformers.PreTrainedModel models; got "
@@ -85,56 +91,74 @@ class TransformersAdapter(attnflow.Adapter):
             )
         if not isinstance(output_index, int) or isinstance(output_index, bool):
             raise attnflow.OptionError(f"Adapter 'transformers': output_index must be an int, got {output_index!r}.")
-        targets = self._targets(model, transformers, torch, modules, output_index)
-        passes = common.PassRecorder(recorder)
-        self_modules = [module for _, module, kind, _ in targets if kind == "self"]
-        causal_flags = {getattr(module, "is_causal", None) for module in self_modules}
-        causal = causal_flags.pop() if len(causal_flags) == 1 and None not in causal_flags else None
+        targets, generic = self._targets(model, transformers, torch, modules, output_index)
+        plan = families.plan_streams([path for path, *_ in targets], getattr(model.config, "model_type", None))
+        passes = common.TorchPass(recorder, plan.streams)
+        causal = _causal_streams(targets, plan)
         signature = _signature(model)
+        inject = generic and _takes(signature, "output_attentions")
+        towers = dict(model.named_modules())
 
         def describe_call(args: tuple, kwargs: dict) -> dict[str, Any]:
             named = _bind(signature, args, kwargs)
-            mask = named.get("attention_mask")
-            mask_array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-            return {
-                "mask": mask_array,
-                "input_ids": common.int_ids(named.get("input_ids"), torch),
-                "causal": causal,
-                "metadata": {"attn_implementation": str(original), "captured_with": _EAGER},
-            }
+            mask = _mask_array(named.get("attention_mask"), torch)
+            ids = common.int_ids(named.get("input_ids"), torch)
+            call: dict[str, Any] = {"metadata": {"attn_implementation": str(original), "captured_with": _EAGER}}
+            if plan.multi:
+                passes.state["root"] = {"input_ids": ids, "mask": mask}
+                call["streams"] = {stream: {"causal": flag} for stream, flag in causal.items() if flag}
+            else:
+                call.update(mask=mask, input_ids=ids, causal=causal.get(None))
+            if inject and named.get("output_attentions") is None:
+                passes.state["injected"] = True
+                call["inject"] = {"output_attentions": True}
+            return call
+
+        def after(output: Any) -> Any:
+            if passes.state.get("injected") and getattr(output, "attentions", None) is not None:
+                output.attentions = None  # asked for by attnflow, not by the caller
+            return None
 
         handles: list[Any] = []
         with _eager(model, targets, transformers) as original, common.removing(handles):
+            hint = _no_weights_hint(model, original)
             with deferred_interrupts():
-                common.install_root_hooks(model, passes, describe_call, handles)
                 for path, module, kind, index in targets:
-                    handles.append(module.register_forward_hook(_layer_hook(path, kind, index, passes, torch)))
-                common.install_root_end_hooks(model, passes, handles)
+                    handles.append(module.register_forward_hook(_layer_hook(path, kind, index, passes, torch, hint)))
+                for tower, stream in plan.towers.items():
+                    hook = _tower_hook(stream, _signature(towers[tower]), passes, torch)
+                    handles.append(towers[tower].register_forward_pre_hook(hook, with_kwargs=True))
+                if plan.multi:
+                    passes.finishers.append(lambda p: _finish_streams(p, model, plan, towers))
+                common.install_pass_hooks(model, passes, describe_call, handles, after=after)
             yield
 
     def _targets(
         self, model: Any, transformers: Any, torch: Any, modules: Any, output_index: int
-    ) -> list[tuple[str, Any, str, int]]:
-        """``(path, module, kind, output index)`` of every attention module to hook."""
+    ) -> tuple[list[tuple[str, Any, str, int]], bool]:
+        """``(path, module, kind, output index)`` of every attention module to hook, and whether they were
+        found by the generic search (the model declares no attention outputs)."""
         if modules is not None:
             match = common.selector_matcher(self.name, modules, torch)
             found = [
-                (path, m, "cross" if getattr(m, "is_cross_attention", False) else "self", output_index)
-                for path, m in model.named_modules()
-                if match(path, m)
+                (path, m, _kind_of(path, m), output_index) for path, m in model.named_modules() if match(path, m)
             ]
             if not found:
                 raise common.no_match_error(self.name, model, modules)
-            return found
+            return found, False
         found = _declared_attention_modules(model, transformers)
+        if found:
+            return found, False
+        found = _generic_attention_modules(model)
         if not found:
             raise attnflow.AdapterError(
                 f"{type(model).__name__} declares no attention outputs (its class has no "
-                "_can_record_outputs['attentions']), so the transformers adapter cannot tell which modules compute "
-                "attention. Name them: adapter_options={'modules': ['encoder.layer.*.attention.self']} (they must "
-                "return (output, weights)), or use adapter='torch' with the same option."
+                "_can_record_outputs['attentions']) and has no module whose class name says Attention, so the "
+                "transformers adapter cannot tell which modules compute attention. Name them: "
+                "adapter_options={'modules': ['path.*.glob']} (they must return (output, weights)), or use "
+                "adapter='torch' with the same option."
             )
-        return found
+        return found, True
 
     # -- loading ------------------------------------------------------------------------------------
     def load_model(self, location: str) -> tuple[Any, Any]:
@@ -288,6 +312,10 @@ def _switch_to_eager(model: Any, targets: list[tuple[str, Any, str, int]], trans
         model.set_attn_implementation(_EAGER)
     except (ValueError, ImportError, KeyError) as exc:
         raise _hidden_error(model, before, f"set_attn_implementation('eager') failed: {exc}") from exc
+    for config, _ in _implementations(model, transformers):
+        # some classes (Falcon) only log that they cannot switch; their attention reads the config at call time
+        if config._attn_implementation != _EAGER:
+            config._attn_implementation_internal = _EAGER
     for path, module, _, _ in targets:
         config = getattr(module, "config", None)
         implementation = getattr(config, "_attn_implementation", _EAGER) if config is not None else _EAGER
@@ -315,15 +343,31 @@ def _hidden_error(model: Any, implementation: Any, why: str) -> attnflow.HiddenA
     )
 
 
-def _layer_hook(path: str, kind: str, index: int, passes: common.PassRecorder, torch: Any) -> Any:
+def _no_weights_hint(model: Any, original: Any) -> str:
+    """What to say when an attention module returns no weights although its config now says eager."""
+    can_switch = getattr(model, "_can_set_attn_implementation", lambda: True)()
+    if can_switch or original == _EAGER:
+        return (
+            "its attention hides them. Load the model with attn_implementation='eager', or capture modules that "
+            "return their weights with adapter='torch'."
+        )
+    return (
+        f"{type(model).__name__} was loaded with attn_implementation={original!r}, and transformers cannot switch it "
+        "(its attention does not go through transformers' AttentionInterface); attnflow set its config to 'eager', "
+        "but this module still computes attention without weights. Load the model with "
+        "attn_implementation='eager' if the class supports it, or capture modules that return their weights with "
+        "adapter='torch' and adapter_options={'modules': [...]}."
+    )
+
+
+def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torch: Any, hint: str) -> Any:
     def hook(module: Any, args: tuple, output: Any) -> None:
-        weights = output[index] if isinstance(output, (tuple, list)) and len(output) > index else None
+        weights = output[index] if isinstance(output, (tuple, list)) and -len(output) <= index < len(output) else None
         if weights is None:
             implementation = getattr(getattr(module, "config", None), "_attn_implementation", "unknown")
             raise attnflow.HiddenAttentionError(
                 f"{path} ({type(module).__name__}) returned no attention weights under attn_implementation="
-                f"{implementation!r}; its attention hides them. Load the model with "
-                "attn_implementation='eager', or capture modules that return their weights with adapter='torch'."
+                f"{implementation!r}; {hint}"
             )
         if not isinstance(weights, torch.Tensor) or weights.ndim != 4:
             shape = tuple(weights.shape) if hasattr(weights, "shape") else type(weights).__name__
@@ -331,10 +375,109 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.PassRecorder, t
                 f"{path} ({type(module).__name__}) returned {shape} as its attention; expected (batch, heads, "
                 "query, key). Pass adapter_options={'output_index': ...} if the weights sit elsewhere."
             )
-        array, source_dtype = common.to_numpy(weights)
-        passes.add(path, array, kind=kind, source_dtype=source_dtype, training=module.training)
+        passes.add(path, weights, kind=kind, training=module.training)
 
     return hook
+
+
+def _kind_of(path: str, module: Any) -> str:
+    return "cross" if getattr(module, "is_cross_attention", False) or families.is_cross_path(path) else "self"
+
+
+def _generic_attention_modules(model: Any) -> list[tuple[str, Any, str, int]]:
+    """For classes that declare no attention outputs: the innermost modules whose class name says they
+    compute attention; each returns its probabilities last in its output tuple (checked on every call)."""
+    candidates = {
+        path: module for path, module in model.named_modules()
+        if path and any(word in type(module).__name__ for word in ("Attention", "Attn"))
+    }
+    inner = [
+        (path, module) for path, module in candidates.items()
+        if not any(other.startswith(path + ".") for other in candidates)
+    ]
+    return [(path, module, _kind_of(path, module), -1) for path, module in inner]
+
+
+def _causal_streams(targets: list[tuple[str, Any, str, int]], plan: families.StreamPlan) -> dict[str | None, bool]:
+    """Per stream: True when every self-attention module of it says ``is_causal`` (else causality is
+    detected from the weights, which catches models causal through their mask, such as CLIP's text tower)."""
+    flags: dict[str | None, set] = {}
+    for path, module, kind, _ in targets:
+        if kind == "self":
+            flags.setdefault(plan.streams.get(path), set()).add(getattr(module, "is_causal", None) is True)
+    return {stream: found == {True} for stream, found in flags.items()}
+
+
+def _mask_array(mask: Any, torch: Any) -> Any:
+    return mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+
+
+def _tower_hook(stream: str, signature: inspect.Signature | None, passes: common.TorchPass, torch: Any) -> Any:
+    """A tower's forward pre-hook: the stream's token ids and padding mask, and the pixel input's shape."""
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        if not passes.active:
+            return
+        named = _bind(signature, args, kwargs)
+        passes.recorder.describe_stream(
+            stream, input_ids=common.int_ids(named.get("input_ids"), torch),
+            mask=_mask_array(named.get("attention_mask"), torch),
+        )
+        pixels = named.get("pixel_values")
+        if isinstance(pixels, torch.Tensor):
+            passes.state.setdefault("pixels", {})[stream] = (tuple(pixels.shape), module)
+
+    return hook
+
+
+def _finish_streams(passes: common.TorchPass, model: Any, plan: families.StreamPlan, towers: dict[str, Any]) -> None:
+    """What is known only once every layer ran: vision streams' patch grids, the root's ids for a stream
+    that got embeddings (LLaVA's language model), and LLaVA-style links from image tokens to patches."""
+    recorder = passes.recorder
+    root = passes.state.get("root") or {}
+    for stream, length in passes.seen.items():
+        if stream in passes.state.get("pixels", {}):
+            shape, tower = passes.state["pixels"][stream]
+            config = getattr(tower, "config", None) or getattr(model.config, "vision_config", None)
+            layout = families.vision_layout(length, shape, getattr(config, "patch_size", None))
+            if layout is not None:
+                special, grid = layout
+                recorder.describe_stream(stream, special=np.broadcast_to(special, (shape[0], length)), grid=grid)
+        ids = root.get("input_ids")
+        if ids is not None and ids.shape[1] == length and stream != "vision":
+            recorder.describe_stream(stream, input_ids=ids, mask=root.get("mask"))
+    _link_image_tokens(passes, model, root.get("input_ids"))
+
+
+def _link_image_tokens(passes: common.TorchPass, model: Any, input_ids: Any) -> None:
+    """LLaVA-style models: the projector maps each vision patch (at ``vision_feature_layer``) to one image
+    token of the language model; record that as a link."""
+    config = model.config
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    layer = getattr(config, "vision_feature_layer", None)
+    if token is None or layer is None or input_ids is None or not {"vision", "text"} <= set(passes.seen):
+        return
+    vision_layers = passes.layer_counts.get("vision", 0)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    prefix = 1 if strategy == "default" else 0
+    try:
+        depth = families.feature_depth(layer, vision_layers)
+        shape = passes.state.get("pixels", {}).get("vision", ((input_ids.shape[0],), None))[0]
+        weights = families.image_token_link(input_ids, int(token), passes.seen["vision"], prefix, int(shape[0]))
+    except ValueError as exc:
+        raise attnflow.AdapterError(
+            f"Cannot link {type(model).__name__}'s image tokens to its vision patches: {exc}. Capture one image per "
+            "batch item, with the model's own number of image tokens."
+        ) from exc
+    passes.recorder.link("text", "vision", depth, weights)
+
+
+def _takes(signature: inspect.Signature | None, name: str) -> bool:
+    if signature is None:
+        return False
+    return name in signature.parameters or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
 
 
 def _signature(model: Any) -> inspect.Signature | None:

@@ -23,6 +23,7 @@ import attnflow
 from attnflow._switches import deferred_interrupts, switch
 
 from . import _torch_common as common
+from ._hf_families import pick_key_stream, plan_streams
 
 # torch.nn.MultiheadAttention.forward's parameters, in order (to rewrite them when passed positionally).
 _MHA_PARAMS = (
@@ -136,7 +137,8 @@ class TorchAdapter(attnflow.Adapter):
             if not targets:
                 raise common.no_match_error(self.name, model, modules)
 
-        passes = common.PassRecorder(recorder)
+        plan = plan_streams([path for path, _ in targets], None)
+        passes = common.TorchPass(recorder, plan.streams)
 
         def describe_call(args: tuple, kwargs: dict) -> dict[str, Any]:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -145,18 +147,19 @@ class TorchAdapter(attnflow.Adapter):
         handles: list[Any] = []
         with _fastpath_off(torch) if disable_fastpath else nullcontext(), common.removing(handles):
             with deferred_interrupts():
-                common.install_root_hooks(model, passes, describe_call, handles)
                 for path, module in targets:
                     name = common.layer_name(path, model)
                     if isinstance(module, mha_class):
-                        self._hook_mha(torch, module, name, passes, handles)
+                        self._hook_mha(torch, module, path, name, passes, handles)
                     else:
-                        self._hook_module(torch, module, name, output_index, passes, handles)
-                common.install_root_end_hooks(model, passes, handles)
+                        self._hook_module(torch, module, path, name, output_index, passes, handles)
+                common.install_pass_hooks(model, passes, describe_call, handles)
             yield
 
     # -- per-module hooks ---------------------------------------------------------------------------
-    def _hook_mha(self, torch: Any, module: Any, name: str, passes: common.PassRecorder, handles: list) -> None:
+    def _hook_mha(
+        self, torch: Any, module: Any, path: str, name: str, passes: common.TorchPass, handles: list
+    ) -> None:
         calls: list[dict[str, Any]] = []  # one entry per running call of this module (a stack)
 
         def pre_hook(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -183,10 +186,11 @@ class TorchAdapter(attnflow.Adapter):
             if weights.ndim == 3:  # unbatched input: (heads, query, key)
                 weights = weights[None]
             kind = "self" if call["self"] else "cross"
-            if kind == "self" and passes.active and "mask" not in passes.call:
-                passes.call["mask"] = _valid_from_padding_mask(torch, call["padding"])
-            array, source_dtype = common.to_numpy(weights)
-            passes.add(name, array, kind=kind, source_dtype=source_dtype, training=mod.training and mod.dropout > 0)
+            passes.add(path, weights, kind=kind, training=mod.training and mod.dropout > 0, name=name)
+            valid = _valid_from_padding_mask(torch, call["padding"])
+            if valid is not None:  # the padding mask of this layer's keys
+                stream = passes.stream_of(path) if kind == "self" else _key_stream(passes, path, weights)
+                passes.recorder.describe_stream(stream, mask=valid)
             # Give the caller what it asked for.
             if not call["need_weights"]:
                 return (output[0], None)
@@ -207,7 +211,7 @@ class TorchAdapter(attnflow.Adapter):
         handles.append(module.register_forward_hook(forget, always_call=True))
 
     def _hook_module(
-        self, torch: Any, module: Any, name: str, index: int, passes: common.PassRecorder, handles: list
+        self, torch: Any, module: Any, path: str, name: str, index: int, passes: common.TorchPass, handles: list
     ) -> None:
         def hook(mod: Any, args: tuple, output: Any) -> None:
             try:
@@ -231,10 +235,17 @@ class TorchAdapter(attnflow.Adapter):
                     "per-head weights shaped (batch, heads, query, key)."
                 )
             q, k = weights.shape[-2:]
-            array, source_dtype = common.to_numpy(weights)
-            passes.add(name, array, kind="self" if q == k else "cross", source_dtype=source_dtype, training=mod.training)
+            passes.add(path, weights, kind="self" if q == k else "cross", training=mod.training, name=name)
 
         handles.append(module.register_forward_hook(hook))
+
+
+def _key_stream(passes: common.TorchPass, path: str, weights: Any) -> str | None:
+    """The stream a cross-attention MHA's keys belong to (None: the single stream's ``memory``)."""
+    query = passes.stream_of(path)
+    if query is None:
+        return "memory"
+    return pick_key_stream(query, int(weights.shape[-1]), passes.seen) or "memory"
 
 
 def _fastpath_off(torch: Any) -> AbstractContextManager[Any]:

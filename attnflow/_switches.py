@@ -71,13 +71,15 @@ def _deliver(handler: Any, frame: Any) -> None:
 
 
 @contextmanager
-def switch(key: Hashable, turn_on: Callable[[], Any], turn_off: Callable[[Any], None]) -> Iterator[None]:
+def switch(key: Hashable, turn_on: Callable[[], Any], turn_off: Callable[[Any], None]) -> Iterator[Any]:
     """Hold the process-wide switch ``key`` for the block.
 
     The first holder calls ``turn_on()``, which changes the state and returns what is needed to undo
     it (if it raises, it must leave the state as it was, and nothing is held). Later holders of the same
     key only join. When the last holder leaves, ``turn_off(value)`` is called with what the first
     ``turn_on`` returned. Thread-safe; interrupts are deferred while the switch changes hands.
+
+    Yields what the first holder's ``turn_on()`` returned (the state before any holder), to every holder.
     """
     acquired = False
     try:
@@ -85,11 +87,12 @@ def switch(key: Hashable, turn_on: Callable[[], Any], turn_off: Callable[[Any], 
             with _lock:
                 entry = _held.get(key)
                 if entry is None:
-                    _held[key] = [1, turn_on(), turn_off]
+                    entry = _held[key] = [1, turn_on(), turn_off]
                 else:
                     entry[0] += 1
                 acquired = True
-        yield
+                found = entry[1]
+        yield found
     finally:
         if acquired:
             with deferred_interrupts(), _lock:

@@ -168,3 +168,10 @@ def test_interrupt_while_switching_off_still_switches_off():
     with pytest.raises(KeyboardInterrupt), contextlib.ExitStack() as stack:
         stack.enter_context(switch("flag", flag.turn_on, turn_off))
     assert flag.value == "original" and holders("flag") == 0
+
+
+def test_every_holder_is_told_the_state_the_first_one_found():
+    flag = Flag("original")
+    with held(flag) as first, held(flag) as second:
+        assert first == second == "original" and flag.value == "on"
+    assert flag.value == "original"

@@ -285,7 +285,7 @@ def test_shared_module_run_twice_is_named_per_call():
             return self.attn(self.attn(x)[0])[0]
 
     trace = attnflow.capture(Twice().eval(), torch.randn(BATCH, SEQ, D_MODEL), adapter_options={"modules": [HandAttention]}, adapter="torch")
-    assert trace.layer_names == ["attn", "attn#1"]
+    assert trace.layer_names == ["attn.0", "attn.1"]  # numbered by layer: the module runs as layers 0 and 1
 
 
 def test_selection_errors():

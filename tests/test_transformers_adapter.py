@@ -260,15 +260,27 @@ def test_eager_model_whose_attention_returns_no_weights_raises(hf_inputs, hooks_
     assert hooks_of(model) == before
 
 
-def test_model_declaring_no_attention_needs_modules_option(hf_inputs):
+def test_model_declaring_no_attention_falls_back_to_attention_modules(hf_inputs):
     class Undeclared(SdpaOnlyModel):
         _can_record_outputs = {}
 
+    # the generic search finds the modules whose class says Attention; these return no weights
     model = Undeclared(sdpa_only_config(attn_implementation="eager")).eval()
-    with pytest.raises(attnflow.AdapterError, match="declares no attention outputs"):
+    with pytest.raises(attnflow.HiddenAttentionError, match=r"layers\.0 \(SdpaOnlyAttention\) returned no attention"):
         attnflow.capture(model, **hf_inputs())
     with pytest.raises(attnflow.AdapterError, match="no module of Undeclared matches"):
         attnflow.capture(model, adapter_options={"modules": ["blocks.*"]}, **hf_inputs())
+
+    class Mixer(SdpaOnlyAttention):
+        pass
+
+    class Unnamed(Undeclared):
+        def __init__(self, config):
+            super().__init__(config)
+            self.layers = nn.ModuleList([Mixer(config) for _ in range(config.num_hidden_layers)])
+
+    with pytest.raises(attnflow.AdapterError, match="declares no attention outputs.*modules"):
+        attnflow.capture(Unnamed(sdpa_only_config(attn_implementation="eager")).eval(), **hf_inputs())
 
 
 # -- the real model ---------------------------------------------------------------------------------------
