@@ -31,6 +31,7 @@ import attnflow
 from attnflow._switches import deferred_interrupts, switch
 
 from . import _hf_families as families
+from . import _swin
 from . import _torch_common as common
 
 _EAGER = "eager"
@@ -91,8 +92,13 @@ class TransformersAdapter(attnflow.Adapter):
             )
         if not isinstance(output_index, int) or isinstance(output_index, bool):
             raise attnflow.OptionError(f"Adapter 'transformers': output_index must be an int, got {output_index!r}.")
-        targets, generic = self._targets(model, transformers, torch, modules, output_index)
-        plan = families.plan_streams([path for path, *_ in targets], getattr(model.config, "model_type", None))
+        swin = _swin.swin_blocks(model) if modules is None else []
+        if swin:
+            targets, generic = [(path, block, "self", 1) for path, block, _ in swin], False
+            plan = families.StreamPlan({path: stream for path, _, stream in swin}, {})
+        else:
+            targets, generic = self._targets(model, transformers, torch, modules, output_index)
+            plan = families.plan_streams([path for path, *_ in targets], getattr(model.config, "model_type", None))
         passes = common.TorchPass(recorder, plan.streams)
         causal = _causal_streams(targets, plan)
         signature = _signature(model)
@@ -104,7 +110,7 @@ class TransformersAdapter(attnflow.Adapter):
             mask = _mask_array(named.get("attention_mask"), torch)
             ids = common.int_ids(named.get("input_ids"), torch)
             call: dict[str, Any] = {"metadata": {"attn_implementation": str(original), "captured_with": _EAGER}}
-            if plan.multi:
+            if plan.multi or swin:
                 passes.state["root"] = {"input_ids": ids, "mask": mask}
                 call["streams"] = {stream: {"causal": flag} for stream, flag in causal.items() if flag}
             else:
@@ -123,8 +129,13 @@ class TransformersAdapter(attnflow.Adapter):
         with _eager(model, targets, transformers) as original, common.removing(handles):
             hint = _no_weights_hint(model, original)
             with deferred_interrupts():
-                for path, module, kind, index in targets:
+                for path, module, kind, index in targets if not swin else []:
                     handles.append(module.register_forward_hook(_layer_hook(path, kind, index, passes, torch, hint)))
+                for path, block, stream in swin:
+                    hook = _swin.block_hook(path, stream, passes, torch)
+                    handles.append(block.register_forward_hook(hook, with_kwargs=True))
+                if swin:
+                    passes.finishers.append(_swin.finish)
                 for tower, stream in plan.towers.items():
                     hook = _tower_hook(stream, _signature(towers[tower]), passes, torch)
                     handles.append(towers[tower].register_forward_pre_hook(hook, with_kwargs=True))

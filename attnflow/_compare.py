@@ -584,7 +584,7 @@ def _by_input(result: Any, trace: AttentionTrace, stream: str) -> dict[str, np.n
     """rollout/flow results as a dict by input stream, whether they came as a dict or one array."""
     if isinstance(result, dict):
         return result
-    return {trace.inputs_of(stream)[0]: result}
+    return {trace.input_streams(stream)[0]: result}
 
 
 def _source_rows(

@@ -35,6 +35,7 @@ class Family:
     inputs: Callable[[Any], dict[str, Any]]
     reference: Callable[[Any, dict[str, Any]], Reference]
     note: str = ""
+    plain: Callable[[Any], Any] = lambda model: model  # the module to call for outputs (not a compiled one)
 
 
 # -- inputs ------------------------------------------------------------------------------------------------
@@ -315,6 +316,135 @@ def _output_reference(model, inputs) -> Reference:
     return [("tokens", None, a) for a in out.attentions]
 
 
+# -- vision ---------------------------------------------------------------------------------------------
+def _timm_vit():
+    from timm_import import import_timm
+
+    timm = import_timm()
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=IMAGE, patch_size=PATCH, embed_dim=HIDDEN, depth=3, num_heads=4, num_classes=5, reg_tokens=2,
+    )
+
+
+def _pixel_inputs(model) -> dict[str, Any]:
+    return {"x": _pixels(12)}
+
+
+def _timm_reference(model, inputs) -> Reference:
+    """Each block's attention recomputed by hand from its input: softmax(q k^T * scale) with timm's qk norms."""
+    import torch
+
+    layers: Reference = []
+    handles = []
+
+    def grab(module, args):
+        x = args[0]
+        b, n, c = x.shape
+        qkv = module.qkv(x).reshape(b, n, 3, module.num_heads, c // module.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
+        layers.append(("tokens", None, torch.softmax((q * module.scale) @ k.transpose(-2, -1), dim=-1)))
+
+    for block in model.blocks:
+        handles.append(block.attn.register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            model(inputs["x"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layers
+
+
+SWIN_IMAGE, SWIN_PATCH, SWIN_WINDOW = 32, 2, 4  # stage grids 16x16 and 8x8: multiples of the window
+
+
+def _swin():
+    import transformers
+
+    return transformers.SwinModel(transformers.SwinConfig(
+        image_size=SWIN_IMAGE, patch_size=SWIN_PATCH, embed_dim=8, depths=[2, 3], num_heads=[2, 4],
+        window_size=SWIN_WINDOW, mlp_ratio=2.0, drop_path_rate=0.0,
+    ))
+
+
+def _swin_inputs(model) -> dict[str, Any]:
+    import torch
+
+    return {"pixel_values": torch.randn(BATCH, 3, SWIN_IMAGE, SWIN_IMAGE, generator=torch.Generator().manual_seed(13))}
+
+
+def _swin_reference(model, inputs) -> Reference:
+    """Dense attention over a stage's tokens, recomputed from each block's input: every window's own
+    softmax (relative position bias and the shifted-window mask) placed at the tokens it covers."""
+    import torch
+
+    layers: Reference = []
+    handles = []
+
+    def grab(stream):
+        def hook(block, args, kwargs):
+            x, (height, width) = args[0], kwargs.get("input_dimensions", args[1] if len(args) > 1 else None)
+            block.set_shift_and_window_size((height, width))
+            window, shift = int(block.window_size), int(block.shift_size)
+            attention = block.attention
+            b, n, c = x.shape
+            h = block.layernorm_before(x).view(b, height, width, c)
+            h = torch.roll(h, shifts=(-shift, -shift), dims=(1, 2)) if shift else h
+            heads = attention.num_attention_heads if hasattr(attention, "num_attention_heads") else attention.num_heads
+            dense = torch.zeros(b, heads, n, n)
+            bias = attention.relative_position_bias() if callable(getattr(attention, "relative_position_bias", None)) \
+                else None
+            mask = block.get_attn_mask(height, width, dtype=x.dtype, device=x.device)
+            for wi in range(height // window):
+                for wj in range(width // window):
+                    rows = [((wi * window + i + shift) % height) * width + (wj * window + j + shift) % width
+                            for i in range(window) for j in range(window)]
+                    piece = h[:, wi * window:(wi + 1) * window, wj * window:(wj + 1) * window].reshape(b, -1, c)
+                    q = attention.q_proj(piece).view(b, -1, heads, c // heads).transpose(1, 2)
+                    k = attention.k_proj(piece).view(b, -1, heads, c // heads).transpose(1, 2)
+                    scores = q @ k.transpose(-1, -2) / (c // heads) ** 0.5
+                    if bias is not None:
+                        scores = scores + bias
+                    if mask is not None:
+                        scores = scores + mask[wi * (width // window) + wj][None, None]
+                    dense[:, :, torch.tensor(rows)[:, None], torch.tensor(rows)[None, :]] = torch.softmax(scores, -1)
+            layers.append((stream, None, dense))
+
+        return hook
+
+    for s, stage in enumerate(model.encoder.layers):
+        for block in stage.blocks:
+            handles.append(block.register_forward_pre_hook(grab(f"stage{s}"), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layers
+
+
+def _compiled_bert():
+    import torch
+    import transformers
+
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4, intermediate_size=20,
+        max_position_embeddings=32,
+    ))
+    return torch.compile(model.eval())
+
+
+def _bert_output_reference(model, inputs) -> Reference:
+    import torch
+
+    reference = copy.deepcopy(model._orig_mod)
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = reference(**inputs, output_attentions=True)
+    return [("tokens", None, a) for a in out.attentions]
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("T5", "T5Model, T5ForConditionalGeneration", ("encoder", "decoder"), "declared outputs (index -1)",
            _seeded(_t5), _seq2seq_inputs, _seq2seq_reference),
@@ -354,6 +484,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("Bloom", "BloomModel", ("tokens",), "generic fallback (no declared outputs)",
            _seeded(_single("BloomConfig", "BloomModel", vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=4)),
            _left_padded_text_inputs, _output_reference),
+    Family("timm ViT", "timm VisionTransformer (class and register tokens)", ("tokens",),
+           "adapter 'timm': fused attention switched off while attached, probabilities taken at attn_drop",
+           _seeded(_timm_vit), _pixel_inputs, _timm_reference),
+    Family("Swin", "SwinModel", ("stage0", "stage1"),
+           "windowed attention placed at global positions per stage; stages linked by patch merging (1/4 each)",
+           _seeded(_swin), _swin_inputs, _swin_reference,
+           note="every stage's patch grid must be a multiple of the window size"),
+    Family("torch.compile", "torch.compile(BertModel)", ("tokens",),
+           "the compiled module's original model is captured (run uncompiled, exact)", _seeded(_compiled_bert),
+           _text_inputs, _bert_output_reference, plain=lambda model: model._orig_mod),
 )
 
 

@@ -33,16 +33,17 @@ def _implementation(model):
 def test_family_captures_exactly_and_explains(family, hooks_of):
     model = family.build()
     inputs = family.inputs(model)
-    before, implementation, hooks = _outputs(model, inputs), _implementation(model), hooks_of(model)
+    plain = family.plain(model)
+    before, implementation, hooks = _outputs(plain, inputs), _implementation(plain), hooks_of(plain)
     trace = attnflow.capture(model, **inputs)
-    assert _implementation(model) == implementation and hooks_of(model) == hooks
+    assert _implementation(plain) == implementation and hooks_of(plain) == hooks
     expected = family.reference(model, inputs)
     assert list(trace.streams) == list(family.streams)
     assert trace.num_layers == len(expected)
     for index, (layer, (query, key, weights)) in enumerate(zip(trace.layers, expected)):
         assert (layer.query_stream, layer.key_stream) == (query, key or query), f"layer {index} {layer.name}"
         np.testing.assert_allclose(layer.weights, weights.numpy(), atol=TOL, rtol=0, err_msg=f"layer {index}")
-    for a, b in zip(before, _outputs(model, inputs)):
+    for a, b in zip(before, _outputs(plain, inputs)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     for stream in _output_streams(trace):
         explanation = attnflow.explain(trace, ["rollout", "flow"], stream=stream, sources=[-1])

@@ -126,7 +126,7 @@ def flow_scores(
             "raise max_seconds= if you mean to wait."
         )
     weights, residual = edge_weights(trace, options, explained)
-    inputs = trace.inputs_of(explained)
+    inputs = trace.input_streams(explained)
     rows = out_stream.length if sources is None else len(sources)
     depths = len(chosen) if all_layers else 1
     result = {name: np.zeros((depths, trace.batch_size, rows, trace.streams[name].length)) for name in inputs}
@@ -154,6 +154,8 @@ def flow_scores(
                 sums = sum(values[..., cols].sum(axis=-1, keepdims=True) for cols in sinks.values())
                 values = np.divide(values, sums, out=np.zeros_like(values), where=sums > 0)
             for name, cols in sinks.items():
+                if name not in result:
+                    continue
                 positions = network.groups[network.inputs[name]].positions
                 result[name][:, b][:, np.asarray(out_rows)[:, None], positions[None, :]] = values[..., cols]
     return result

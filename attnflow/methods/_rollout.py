@@ -97,7 +97,7 @@ def rollout_scores(
     chosen = select_layers(trace, options.layers, explained)
     skip = [i for i in stream_layer_indices(trace, explained) if i not in chosen]
     weights, residual = edge_weights(trace, options, explained)
-    inputs = trace.inputs_of(explained)
+    inputs = trace.input_streams(explained)
     plans = [local_sources(trace, explained, b, sources) for b in range(trace.batch_size)]
     rows = trace.streams[explained].length if sources is None else len(sources)
     depths = len(chosen) if all_layers else 1
@@ -106,6 +106,8 @@ def rollout_scores(
         network = build_network(trace, b, weights, residual=residual, stream=explained, skip=skip)
         for d, routed in enumerate(route(network, all_outputs=all_layers)):
             for name, matrix in routed.items():
+                if name not in result:
+                    continue
                 columns = network.groups[network.inputs[name]].positions
                 result[name][d, b][np.ix_(out_rows, columns)] = matrix[local]
     return result

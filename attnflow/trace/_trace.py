@@ -382,6 +382,18 @@ class AttentionTrace:
                     changed = True
         return [name for name in self._streams if name in found]
 
+    def input_streams(self, stream: str) -> list[str]:
+        """The streams whose input tokens ``stream``'s output draws on: :meth:`inputs_of`, less the streams
+        whose every real token is fed by a link (e.g. a later Swin stage), which have no inputs of their own."""
+        fed: dict[str, np.ndarray] = {}
+        for link in self._links:
+            covered = link.weights.sum(axis=-1) > 0
+            fed[link.stream] = fed.get(link.stream, np.zeros_like(covered)) | covered
+        return [
+            name for name in self.inputs_of(stream)
+            if name not in fed or (self._streams[name].mask & ~fed[name]).any()  # type: ignore[operator]
+        ]
+
     def default_stream(self) -> str:
         """The stream rollout and flow explain by default: the one no other stream draws on (the decoder of
         an encoder-decoder, the language model of a LLaVA-style model, the only stream of a single-stream
