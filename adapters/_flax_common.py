@@ -21,20 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from attnflow import AdapterError, OptionError, Recorder
+from attnflow import AdapterError, AdapterOption, OptionError, Recorder
 
 #: Marks "this attention call gave no mask information" (unlike ``None``: "called without a mask").
 UNKNOWN = object()
 
-#: Adapter options both Flax adapters accept.
-OPTIONS = ("cross",)
+#: Adapter options both Flax adapters accept (checked centrally by attnflow before the adapter runs).
+OPTIONS = (
+    AdapterOption("cross", None, None, "layer names (or a predicate) to treat as cross-attention"),
+)
 
 
 def check_options(adapter: str, options: Mapping[str, Any]) -> Callable[[str], bool] | None:
     """Validate adapter options; returns the ``cross`` predicate (or None)."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise OptionError(f"Adapter {adapter!r} takes the options {list(OPTIONS)}; got unknown {unknown}.")
     cross = options.get("cross")
     if cross is None or callable(cross):
         return cross

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,13 +30,6 @@ def to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
     if source_dtype == "bfloat16":
         data = data.float()
     return data.cpu().numpy(), source_dtype
-
-
-def check_unknown_options(adapter: str, unknown: dict[str, Any], known: Sequence[str]) -> None:
-    if unknown:
-        raise attnflow.OptionError(
-            f"Adapter {adapter!r} got unknown option(s) {sorted(unknown)}; it takes {sorted(known)}."
-        )
 
 
 def selector_matcher(adapter: str, modules: Any, torch: Any) -> Callable[[str, Any], bool]:

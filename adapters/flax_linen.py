@@ -43,7 +43,7 @@ from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
 
-from ._flax_common import UNKNOWN, PassCollector, check_options, find_input_ids
+from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids
 
 _ATTENTION_NAME = "attention_weights"
 
@@ -204,6 +204,7 @@ class LinenAdapter(Adapter):
     array_library = "jax"
     extra = "jax"
     priority = 0
+    options = OPTIONS
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _linen().Module) is not None

@@ -50,7 +50,7 @@ from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
 
-from ._flax_common import UNKNOWN, PassCollector, check_options, find_input_ids
+from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids
 from .flax_linen import root_module
 
 _ATTENTION_NAME = "attention_weights"
@@ -208,6 +208,7 @@ class NNXAdapter(Adapter):
     array_library = "jax"
     extra = "jax"
     priority = 0
+    options = OPTIONS
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _nnx().Module) is not None

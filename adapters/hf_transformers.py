@@ -35,7 +35,6 @@ from . import _swin
 from . import _torch_common as common
 
 _EAGER = "eager"
-_OPTIONS = ("modules", "output_index")
 # What each model class's _can_record_outputs calls the attention maps, and the trace kind they get.
 _RECORDABLE = (("attentions", "self"), ("cross_attentions", "cross"))
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -59,6 +58,11 @@ class TransformersAdapter(attnflow.Adapter):
     array_library = "torch"
     extra = "transformers"
     priority = 10
+    options = (
+        attnflow.AdapterOption("modules", None, None, "module classes or path globs replacing the detected ones"),
+        attnflow.AdapterOption("output_index", int, 1, "where those modules return their weights"),
+    )
+    captures = frozenset({"weights", "streams"})
 
     def claims(self, model: Any) -> bool:
         transformers = attnflow.import_optional("transformers", self.extra)
@@ -79,11 +83,9 @@ class TransformersAdapter(attnflow.Adapter):
     @contextmanager
     def hooks(
         self, model: Any, recorder: attnflow.Recorder, *, modules: Any = None, output_index: int = 1,
-        **unknown: Any,
     ) -> Iterator[None]:
         torch = attnflow.import_optional("torch", self.extra)
         transformers = attnflow.import_optional("transformers", self.extra)
-        common.check_unknown_options(self.name, unknown, _OPTIONS)
         model = common.unwrap_compiled(model)
         if not isinstance(model, transformers.PreTrainedModel):
             raise attnflow.AdapterError(

@@ -23,8 +23,6 @@ from attnflow._switches import deferred_interrupts, switch
 
 from . import _torch_common as common
 
-_OPTIONS: tuple[str, ...] = ()
-
 
 def is_timm_attention(module: Any) -> bool:
     """A timm attention module: it has the ``fused_attn`` switch and an ``attn_drop`` the probabilities pass."""
@@ -44,6 +42,7 @@ class TimmAdapter(attnflow.Adapter):
     array_library = "torch"
     extra = "timm"
     priority = 10
+    options = ()
 
     def claims(self, model: Any) -> bool:
         torch = attnflow.import_optional("torch", self.extra)
@@ -54,9 +53,8 @@ class TimmAdapter(attnflow.Adapter):
         return common.run_without_grad(common.unwrap_compiled(model), args, kwargs)
 
     @contextmanager
-    def hooks(self, model: Any, recorder: attnflow.Recorder, **options: Any) -> Iterator[None]:
+    def hooks(self, model: Any, recorder: attnflow.Recorder) -> Iterator[None]:
         torch = attnflow.import_optional("torch", self.extra)
-        common.check_unknown_options(self.name, options, _OPTIONS)
         model = common.unwrap_compiled(model)
         targets = [(path, m) for path, m in model.named_modules() if is_timm_attention(m)]
         if not targets:

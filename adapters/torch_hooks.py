@@ -30,7 +30,6 @@ _MHA_PARAMS = (
     "query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal",
 )
 _MHA_DEFAULTS = {"need_weights": True, "average_attn_weights": True}
-_OPTIONS = ("modules", "output_index", "disable_fastpath")
 # An additive float key_padding_mask entry at or below this marks padding (PyTorch uses -inf; old code -1e4).
 _MASKED_BELOW = -1e4
 
@@ -99,6 +98,12 @@ class TorchAdapter(attnflow.Adapter):
     framework = "torch"
     extra = "torch"
     priority = 0
+    options = (
+        attnflow.AdapterOption("modules", None, None, "module classes, path globs or regexes of the attention modules"),
+        attnflow.AdapterOption("output_index", int, 1, "where selected modules return their weights"),
+        attnflow.AdapterOption("disable_fastpath", bool, True, "switch PyTorch's fused MHA fast path off"),
+    )
+    captures = frozenset({"weights", "streams"})
 
     def claims(self, model: Any) -> bool:
         torch = attnflow.import_optional("torch", self.extra)
@@ -106,16 +111,20 @@ class TorchAdapter(attnflow.Adapter):
             return False
         return any(isinstance(module, torch.nn.MultiheadAttention) for module in model.modules())
 
+    def accepts(self, model: Any) -> bool:
+        """Any ``torch.nn.Module``, once its attention modules are named with ``modules=``."""
+        torch = attnflow.import_optional("torch", self.extra)
+        return isinstance(model, torch.nn.Module)
+
     def run(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         return common.run_without_grad(model, args, kwargs)
 
     @contextmanager
     def hooks(
         self, model: Any, recorder: attnflow.Recorder, *, modules: Any = None, output_index: int = 1,
-        disable_fastpath: bool = True, **unknown: Any,
+        disable_fastpath: bool = True,
     ) -> Iterator[None]:
         torch = attnflow.import_optional("torch", self.extra)
-        common.check_unknown_options(self.name, unknown, _OPTIONS)
         if not isinstance(model, torch.nn.Module):
             raise attnflow.AdapterError(
                 f"Adapter 'torch' captures torch.nn.Module models; got {type(model).__module__}.{type(model).__qualname__}."

@@ -6,6 +6,7 @@ Importing attnflow imports no deep-learning framework; adapters load theirs when
 """
 
 from ._adapter import Adapter as Adapter
+from ._adapter import AdapterOption as AdapterOption
 from ._adapter import import_optional as import_optional
 from ._batch import run_batch as run_batch
 from ._capture import attach as attach
@@ -52,7 +53,7 @@ from .trace import Stream as Stream
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
+    "Adapter", "AdapterError", "AdapterOption", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
     "ComparisonReport", "Explanation", "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "Link",
     "Method", "MethodError", "MissingDependencyError", "OptionError", "Options", "Recorder", "Stream", "TraceError",
     "TraceFileError", "attach", "capture", "compare", "explain", "flow", "flow_network", "fuse_heads", "get_adapter",

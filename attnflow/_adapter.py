@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
-from ._errors import AdapterError, MissingDependencyError
+from ._errors import AdapterError, MissingDependencyError, OptionError
 from ._recorder import Recorder
+
+#: What an adapter can declare it captures (``Adapter.captures``).
+CAPABILITIES = frozenset({
+    "weights",  # attention probabilities (every adapter)
+    "streams",  # several token streams and cross-attention (encoder-decoder, towers)
+    "attn_grad",  # gradients of a target with respect to the attention probabilities
+    "values",  # value vectors, output projection, norms: what norm-based methods need
+    "value_zeroing",  # re-running layers with a token's values zeroed
+    "input_gradients",  # gradients of a target with respect to the input embeddings
+    "ablation",  # blanking input tokens out and re-running the model
+    "generation",  # stitching generate()'s cached steps into one trace
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterOption:
+    """One option an adapter takes (``attach(model, NAME=value)`` / ``capture(..., adapter_options=...)``).
+
+    Attributes:
+        name: the keyword.
+        types: the accepted types (checked with ``isinstance`` before the adapter sees the value); None: any.
+        default: the value when not given (documentation; the adapter's ``hooks`` signature applies it).
+        help: one line for error messages and docs.
+    """
+
+    name: str
+    types: type | tuple[type, ...] | None = None
+    default: Any = None
+    help: str = ""
 
 
 def import_optional(module: str, extra: str) -> Any:
@@ -48,10 +78,20 @@ class Adapter(abc.ABC):
     extra: ClassVar[str] = ""
     #: Adapters with higher priority are asked first (model-family adapters above generic ones).
     priority: ClassVar[int] = 0
+    #: The options ``hooks`` takes, checked centrally (unknown names and wrong types are refused before the
+    #: adapter runs). None: undeclared, everything is passed on.
+    options: ClassVar[tuple[AdapterOption, ...] | None] = None
+    #: What the adapter captures (see :data:`CAPABILITIES`); every adapter captures ``"weights"``.
+    captures: ClassVar[frozenset[str]] = frozenset({"weights"})
 
     @abc.abstractmethod
     def claims(self, model: Any) -> bool:
         """Whether this adapter can capture ``model``; cheap, no forward pass."""
+
+    def accepts(self, model: Any) -> bool:
+        """Whether this adapter could capture ``model`` when told which modules to hook (with its
+        options), although :meth:`claims` is False; by default the same as :meth:`claims`."""
+        return self.claims(model)
 
     @abc.abstractmethod
     def hooks(self, model: Any, recorder: Recorder, **options: Any) -> AbstractContextManager[None]:
@@ -83,3 +123,21 @@ class Adapter(abc.ABC):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} framework={self.framework!r}>"
 
+
+def check_adapter_options(adapter: Adapter, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` checked against what ``adapter`` declares: one place that refuses unknown names (listing
+    the valid ones) and values of the wrong type."""
+    declared = adapter.options
+    if declared is None:
+        return dict(options)
+    known = {option.name: option for option in declared}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        valid = ", ".join(f"{o.name} ({o.help})" if o.help else o.name for o in declared) or "none"
+        raise OptionError(f"Adapter {adapter.name!r} got unknown option(s) {unknown}; it takes: {valid}.")
+    for name, value in options.items():
+        types = known[name].types
+        if types is not None and value is not None and not isinstance(value, types):
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise OptionError(f"Adapter {adapter.name!r}: option {name!r} must be {names}, got {value!r}.")
+    return dict(options)

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from ._adapter import Adapter, Recorder
+from ._adapter import Adapter, Recorder, check_adapter_options
 from ._registry import find_adapter
 from .trace import AttentionTrace
 
@@ -27,7 +27,8 @@ def attach(
         A :class:`Recorder`; after the pass, ``rec.trace`` is an :class:`AttentionTrace`. The hooks are
         removed (and any switched attention implementation restored) when the block exits, also on error.
     """
-    chosen = find_adapter(model, adapter)
+    chosen = find_adapter(model, adapter, options)
+    options = check_adapter_options(chosen, options)
     recorder = Recorder(
         framework=chosen.array_library or chosen.framework, model_name=chosen.model_name(model), tokens=tokens,
         adapter=chosen.name,
@@ -52,7 +53,7 @@ def capture(
     Returns:
         The trace: per layer ``(batch, heads, query, key)`` probabilities plus mask and labels.
     """
-    chosen = find_adapter(model, adapter)
+    chosen = find_adapter(model, adapter, adapter_options)
     with attach(model, adapter=chosen, tokens=tokens, **dict(adapter_options or {})) as recorder:
         chosen.run(model, *args, **kwargs)
     return recorder.trace

@@ -6,6 +6,7 @@ import inspect
 import sys
 import threading
 import warnings
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -76,8 +77,10 @@ def get_adapter(name: str) -> Adapter:
     return adapter
 
 
-def find_adapter(model: Any, adapter: str | Adapter | None = None) -> Adapter:
-    """The adapter for ``model``: ``adapter`` if given (a name or instance), else the first that claims it.
+def find_adapter(model: Any, adapter: str | Adapter | None = None, options: Mapping[str, Any] | None = None) -> Adapter:
+    """The adapter for ``model``: ``adapter`` if given (a name or instance), else the first that claims it;
+    when none claims it but ``options`` are given (e.g. ``modules=[MyAttention]``), the first that declares
+    those options and accepts the model.
 
     Raises:
         AdapterError: no registered adapter claims the model; the message lists them and how to add one.
@@ -92,15 +95,22 @@ def find_adapter(model: Any, adapter: str | Adapter | None = None) -> Adapter:
 
             import_optional(chosen.framework, chosen.extra)
         return chosen
-    for candidate in list_adapters():
-        # A model of a framework that was never imported cannot exist: skip without importing it.
-        if candidate.framework and candidate.framework not in sys.modules:
-            continue
+    candidates = [a for a in list_adapters() if not a.framework or a.framework in sys.modules]
+    # A model of a framework that was never imported cannot exist: those adapters are never asked.
+    for candidate in candidates:
         try:
             if candidate.claims(model):
                 return candidate
         except MissingDependencyError:
             continue
+    if options:
+        for candidate in candidates:
+            declared = {o.name for o in candidate.options or ()}
+            try:
+                if set(options) <= declared and candidate.accepts(model):
+                    return candidate
+            except MissingDependencyError:
+                continue
     raise AdapterError(
         f"No adapter recognises a model of type {type(model).__module__}.{type(model).__qualname__}. "
         f"{_installed_text()} Pass adapter='NAME' to force one, or write an adapter: subclass "
@@ -147,7 +157,47 @@ def _validate(adapter: Any, *, source: str) -> Adapter:
         raise AdapterRegistrationError(
             f"{source}: {cls}.hooks must take (model, recorder, **options); got {inspect.signature(adapter.hooks)}."
         )
+    _validate_declarations(adapter, cls, source, hooks_params)
     return adapter
+
+
+def _validate_declarations(adapter: Adapter, cls: str, source: str, hooks_params: Mapping[str, Any]) -> None:
+    """The optional declarations (options, captures), checked once, naming the adapter and the bad part."""
+    from ._adapter import CAPABILITIES, AdapterOption
+
+    captures = adapter.captures
+    if isinstance(captures, str) or not isinstance(captures, (set, frozenset, tuple, list)):
+        raise AdapterRegistrationError(f"{source}: {cls}.captures must be a set of names, got {captures!r}.")
+    unknown = sorted(set(captures) - CAPABILITIES)
+    if unknown or "weights" not in captures:
+        raise AdapterRegistrationError(
+            f"{source}: {cls}.captures must include 'weights' and name only {sorted(CAPABILITIES)}; got "
+            f"{sorted(captures)}."
+        )
+    options = adapter.options
+    if options is None:
+        return
+    if isinstance(options, (str, AdapterOption)) or not isinstance(options, (tuple, list)):
+        raise AdapterRegistrationError(f"{source}: {cls}.options must be a tuple of attnflow.AdapterOption, got {options!r}.")
+    names: set[str] = set()
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in hooks_params.values())
+    for option in options:
+        if not isinstance(option, AdapterOption) or not isinstance(option.name, str) or not option.name.isidentifier():
+            raise AdapterRegistrationError(
+                f"{source}: {cls}.options holds {option!r}; each must be an AdapterOption with an identifier name."
+            )
+        if option.name in names:
+            raise AdapterRegistrationError(f"{source}: {cls}.options declares {option.name!r} twice.")
+        names.add(option.name)
+        if not takes_any and option.name not in hooks_params:
+            raise AdapterRegistrationError(
+                f"{source}: {cls}.options declares {option.name!r}, but {cls}.hooks takes no such keyword."
+            )
+        types = option.types
+        if types is not None and not (isinstance(types, type) or (
+            isinstance(types, tuple) and all(isinstance(t, type) for t in types)
+        )):
+            raise AdapterRegistrationError(f"{source}: {cls}.options[{option.name!r}].types must be a type or tuple of types.")
 
 
 def _load_entry_points() -> None:

@@ -233,3 +233,47 @@ def test_interrupt_during_the_first_load_leaves_a_registry_that_loads_later(fres
     assert names >= BUILTIN
     assert {a.name for a in attnflow.list_adapters()} == names  # loaded once, complete
     assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters.torch_hooks"
+
+
+def test_declarations_are_validated_once_naming_the_adapter(fresh_registry):
+    class Declared(ListAdapter):
+        name = "declared"
+        options = (attnflow.AdapterOption("scale", float, 1.0, "a factor"),)
+
+        @contextlib.contextmanager
+        def hooks(self, model, recorder, *, scale=1.0):
+            with ListAdapter.hooks(self, model, recorder):
+                yield
+
+    attnflow.register_adapter(Declared)
+    model = make_model(np.random.default_rng(1))
+    with pytest.raises(attnflow.OptionError, match=r"unknown option\(s\) \['sclae'\]; it takes: scale \(a factor\)"):
+        attnflow.capture(model, adapter="declared", adapter_options={"sclae": 2.0})
+    with pytest.raises(attnflow.OptionError, match="must be float"):
+        attnflow.capture(model, adapter="declared", adapter_options={"scale": "2"})
+    assert attnflow.capture(model, adapter="declared", adapter_options={"scale": 2.0}).num_layers == 3
+
+    class NotTaken(ListAdapter):
+        name = "not_taken"
+        options = (attnflow.AdapterOption("depth", int),)
+
+        @contextlib.contextmanager
+        def hooks(self, model, recorder):
+            yield
+
+    with pytest.raises(AdapterRegistrationError, match=r"NotTaken\.options declares 'depth', but .*NotTaken\.hooks takes no such keyword"):
+        attnflow.register_adapter(NotTaken)
+
+    class Twice(Declared):
+        name = "twice"
+        options = (attnflow.AdapterOption("scale"), attnflow.AdapterOption("scale"))
+
+    with pytest.raises(AdapterRegistrationError, match="'scale' twice"):
+        attnflow.register_adapter(Twice)
+
+    class Capable(ListAdapter):
+        name = "capable"
+        captures = frozenset({"weights", "telepathy"})
+
+    with pytest.raises(AdapterRegistrationError, match=r"Capable.captures.*telepathy"):
+        attnflow.register_adapter(Capable)

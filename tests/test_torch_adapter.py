@@ -434,3 +434,16 @@ def test_nested_attach_gives_the_caller_what_it_asked_for():
             _, got = mha(x, x, x)
     assert none is None and got.shape == averaged.shape and torch.allclose(got, averaged, atol=1e-6)
     assert len(outer.traces) == len(inner.traces) == 2
+
+
+def test_modules_option_finds_the_torch_adapter_without_naming_it():
+    torch.manual_seed(0)
+    model = HandModel(layers=2).eval()
+    ids = torch.randint(0, 50, (BATCH, SEQ))
+    trace = attnflow.capture(model, ids, adapter_options={"modules": [HandAttention]})
+    assert trace.metadata["adapter"] == "torch" and trace.num_layers == 2
+    with attnflow.attach(model, modules=["blocks.*.attn"]) as rec:
+        model(ids)
+    assert rec.trace.layer_names == ["blocks.0.attn", "blocks.1.attn"]
+    with pytest.raises(attnflow.OptionError, match=r"option 'output_index' must be int"):
+        attnflow.capture(model, ids, adapter_options={"modules": [HandAttention], "output_index": "1"})
