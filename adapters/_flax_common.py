@@ -23,6 +23,8 @@ import numpy as np
 
 from attnflow import AdapterError, AdapterOption, OptionError, Recorder
 
+from ._hf_families import pick_key_stream, plan_streams
+
 #: Marks "this attention call gave no mask information" (unlike ``None``: "called without a mask").
 UNKNOWN = object()
 
@@ -217,29 +219,42 @@ class PassCollector:
             )
         if not layers:
             return
-        counts: dict[str, int] = {}
+        plan = plan_streams(dict.fromkeys(layer.name for layer in layers), None)
+        seen: dict[str, int] = {}
+        keys: dict[str | None, list[_Layer]] = {}
+        streams = []
         for layer in layers:
-            counts[layer.name] = counts.get(layer.name, 0) + 1
-        seen_so_far: dict[str, int] = {}
-        for layer in layers:  # a module run several times per pass (scan, shared weights): name@k
-            if counts[layer.name] > 1:
-                k = seen_so_far.get(layer.name, 0)
-                seen_so_far[layer.name] = k + 1
-                layer.name = f"{layer.name}@{k}"
-        self_layers = [layer for layer in layers if layer.kind == "self"]
-        mask = next((layer.keys for layer in self_layers if layer.keys is not None), None)
-        flags = [layer.causal for layer in self_layers]
-        causal = None
-        if flags and all(flag is True for flag in flags):
-            causal = True
-        elif any(flag is False for flag in flags):
-            causal = False
-        first = (self_layers or layers)[0].weights
-        if mask is not None and mask.shape != (first.shape[0], first.shape[2]):
-            mask = None
-        if input_ids is not None and input_ids.shape != (first.shape[0], first.shape[2]):
-            input_ids = None
-        self.recorder.start_call(mask=mask, input_ids=input_ids, causal=causal, metadata={"flax_api": self.api})
-        for layer in layers:
-            self.recorder.record(layer.name, layer.weights, kind=layer.kind, source_dtype=layer.source_dtype)
+            query = plan.streams.get(layer.name)
+            key = query
+            if layer.kind == "cross":
+                key = (pick_key_stream(query, layer.weights.shape[-1], seen) or "memory") if query else "memory"
+            else:
+                seen.setdefault(query, layer.weights.shape[-1])  # type: ignore[arg-type]
+            keys.setdefault(key, []).append(layer)
+            streams.append((query, key if (query is not None or layer.kind == "cross") else None))
+        described: dict[str | None, dict[str, Any]] = {}
+        for stream, seen_by in keys.items():
+            mask = next((layer.keys for layer in seen_by if layer.keys is not None), None)
+            own = [layer for layer in seen_by if layer.kind == "self"]
+            flags = [layer.causal for layer in own]
+            causal = True if flags and all(flag is True for flag in flags) else (
+                False if any(flag is False for flag in flags) else None)
+            described[stream] = {"mask": mask, "causal": causal}
+        if input_ids is not None:  # the call's token ids belong to the first stream of their length
+            for stream, info in described.items():
+                length = seen.get(stream) if stream is not None else layers[0].weights.shape[2]  # type: ignore[arg-type]
+                if stream != "memory" and length == input_ids.shape[1]:
+                    info["input_ids"] = input_ids
+                    break
+        single = described.pop(None, {})
+        self.recorder.start_call(
+            mask=single.get("mask"), input_ids=single.get("input_ids"), causal=single.get("causal"),
+            metadata={"flax_api": self.api}, streams={name: info for name, info in described.items() if name},
+        )
+        for layer, (query, key) in zip(layers, streams):
+            self.recorder.record(
+                layer.name, layer.weights, kind=layer.kind, source_dtype=layer.source_dtype,
+                query_stream=query, key_stream=key if query is not None else None,
+                repeat_prefix=layer.name.rsplit("/", 1)[0] if "/" in layer.name else None,
+            )
         self.recorder.end_call()

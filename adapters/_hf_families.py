@@ -1,5 +1,7 @@
 """Model families as data: which submodules hold which token stream, and how streams are linked.
 
+Used by the PyTorch and the Flax adapters alike (module paths with ``.`` or ``/``).
+
 Private to attnflow.adapters; imports no framework. A Hugging Face model (or a plain ``torch.nn.Module``
 such as ``nn.Transformer``) runs one or more *towers*: ``encoder``/``decoder``, ``text_model``/
 ``vision_model``, LLaVA's ``vision_tower``/``language_model``... An attention module belongs to the stream
@@ -45,11 +47,12 @@ def towers_for(model_type: str | None) -> dict[str, str]:
 
 def stream_of(path: str, towers: Mapping[str, str]) -> tuple[str | None, str | None]:
     """``(stream, tower path)`` of the outermost tower on ``path`` (``"model.encoder.layers.0"`` ->
-    ``("encoder", "model.encoder")``), or ``(None, None)``."""
-    parts = path.split(".")
+    ``("encoder", "model.encoder")``; Flax paths use ``/``), or ``(None, None)``."""
+    separator = "/" if "/" in path else "."
+    parts = path.split(separator)
     for i, part in enumerate(parts):
         if part in towers:
-            return towers[part], ".".join(parts[: i + 1])
+            return towers[part], separator.join(parts[: i + 1])
     return None, None
 
 
@@ -81,7 +84,7 @@ def plan_streams(paths: Iterable[str], model_type: str | None) -> StreamPlan:
 
 
 def is_cross_path(path: str) -> bool:
-    return any(part in CROSS_NAMES for part in path.split("."))
+    return any(part in CROSS_NAMES for part in path.replace("/", ".").split("."))
 
 
 def pick_key_stream(query: str, key_length: int, seen: Mapping[str, int]) -> str | None:

@@ -306,7 +306,8 @@ def test_scanned_layers_are_numbered():
     model = ScannedModel()
     variables = model.init(jax.random.key(0), x)
     trace = attnflow.capture(model, variables, x)
-    assert trace.layer_names == ["layers/attention@0", "layers/attention@1", "layers/attention@2"]
+    # numbered by layer inside the scanned module, as an unrolled model's "layers_0/attention" would be
+    assert trace.layer_names == ["layers/0/attention", "layers/1/attention", "layers/2/attention"]
     stacked = variables["params"]["layers"]["attention"]
     h = np.asarray(x, np.float64)
     for i in range(3):

@@ -325,3 +325,76 @@ def test_adapter_claims():
     adapter = attnflow.get_adapter("flax_nnx")
     assert adapter.claims(model) and adapter.claims(model.encode)
     assert not adapter.claims(lambda x: x) and not attnflow.get_adapter("flax_linen").claims(model)
+
+
+class EncoderBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attention = attention(rngs)
+
+    def __call__(self, x, mask):
+        return x + self.attention(x, mask=mask)
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.self_attention = attention(rngs)
+        self.cross_attention = attention(rngs)
+
+    def __call__(self, y, memory, self_mask, cross_mask):
+        y = y + self.self_attention(y, mask=self_mask)
+        return y + self.cross_attention(y, memory, mask=cross_mask)
+
+
+class Seq2Seq(nnx.Module):
+    """An encoder-decoder of nnx.MultiHeadAttention: 2 encoder blocks, 3 decoder blocks."""
+
+    def __init__(self, rngs):
+        self.encoder = nnx.List([EncoderBlock(rngs) for _ in range(2)])
+        self.decoder = nnx.List([DecoderBlock(rngs) for _ in range(3)])
+
+    def __call__(self, src, tgt, src_valid):
+        enc_mask = src_valid[:, None, None, :] & src_valid[:, None, :, None]
+        for block in self.encoder:
+            src = block(src, enc_mask)
+        causal = jnp.tril(jnp.ones((tgt.shape[1], tgt.shape[1]), bool))[None, None]
+        cross = jnp.broadcast_to(src_valid[:, None, None, :], (tgt.shape[0], 1, tgt.shape[1], src.shape[1]))
+        for block in self.decoder:
+            tgt = block(tgt, src, causal, cross)
+        return tgt
+
+
+def test_encoder_decoder_captures_streams_and_cross_layers():
+    src = jax.random.normal(jax.random.key(11), (BATCH, K, FEATURES))
+    tgt = jax.random.normal(jax.random.key(12), (BATCH, Q, FEATURES))
+    valid = jnp.array([[True] * K, [True] * 5 + [False] * (K - 5)])
+    model = Seq2Seq(nnx.Rngs(3))
+    trace = attnflow.capture(model, src, tgt, valid)
+    assert list(trace.streams) == ["encoder", "decoder"]
+    assert [(layer.query_stream, layer.key_stream) for layer in trace.layers] == (
+        [("encoder", "encoder")] * 2 + [("decoder", "decoder"), ("decoder", "encoder")] * 3
+    )
+    assert trace.streams["encoder"].mask.tolist() == np.asarray(valid).tolist() and trace.streams["decoder"].causal
+    # the reference: every layer recomputed in numpy from the module's own parameters
+    enc_mask = np.asarray(valid)[:, None, None, :] & np.asarray(valid)[:, None, :, None]
+    h = np.asarray(src, np.float64)
+    expected = []
+    for block in model.encoder:
+        w, out = mha_reference(block.attention, h, h, enc_mask)
+        expected.append(w)
+        h = h + out
+    y = np.asarray(tgt, np.float64)
+    causal = np.tril(np.ones((Q, Q), bool))[None, None]
+    cross = np.broadcast_to(np.asarray(valid)[:, None, None, :], (BATCH, 1, Q, K))
+    for block in model.decoder:
+        w, out = mha_reference(block.self_attention, y, y, causal)
+        expected.append(w)
+        y = y + out
+        w, out = mha_reference(block.cross_attention, y, h, cross)
+        expected.append(w)
+        y = y + out
+    for layer, w in zip(trace.layers, expected):
+        np.testing.assert_allclose(layer.weights * np.asarray(
+            trace.streams[layer.key_stream].mask)[:, None, None, :], w * np.asarray(
+            trace.streams[layer.key_stream].mask)[:, None, None, :], atol=1e-5)
+    rollout = attnflow.rollout(trace)
+    np.testing.assert_allclose(rollout["encoder"].sum(-1) + rollout["decoder"].sum(-1), 1.0, atol=1e-9)
