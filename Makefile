@@ -32,6 +32,7 @@ test: lint
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_flow.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_streams.py
 
 clean:
 	rm -rf $(VENV) attnflow-out .pytest_cache .ruff_cache
