@@ -122,7 +122,8 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
 
     Returns:
         ``(examples, malformed)``: the valid lines in file order, and the lines skipped with the reason
-        (bad UTF-8 or JSON, not an object, missing/empty/non-string text, bad or duplicate id).
+        (bad UTF-8 or JSON, not an object, missing/empty/non-string text, bad or duplicate id, a text or id
+        holding a lone surrogate escape).
     """
     path = Path(path)
     try:
@@ -161,6 +162,9 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
         if not text.strip():
             malformed.append(Malformed(number, "\"text\" is empty"))
             continue
+        if _has_surrogate(text):
+            malformed.append(Malformed(number, f"\"text\" {_SURROGATE_REASON}"))
+            continue
         if "id" in record:
             raw_id = record["id"]
             if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
@@ -169,6 +173,9 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
             example_id = str(raw_id)
             if not example_id.strip():
                 malformed.append(Malformed(number, "\"id\" is empty"))
+                continue
+            if _has_surrogate(example_id):
+                malformed.append(Malformed(number, f"\"id\" {_SURROGATE_REASON}"))
                 continue
         else:
             example_id = str(number)
@@ -183,6 +190,18 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
         names[name] = example_id
         examples.append(Example(id=example_id, text=text, line=number, name=name))
     return examples, malformed
+
+
+_SURROGATE_REASON = "holds a lone surrogate escape (e.g. \\udc80), which is not valid Unicode text"
+
+
+def _has_surrogate(text: str) -> bool:
+    """Whether JSON's \\uXXXX escapes smuggled a lone surrogate into ``text`` (it cannot be UTF-8 encoded)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _json_kind(value: Any) -> str:

@@ -296,3 +296,19 @@ def test_cli_killed_and_resumed_with_worker_processes(tmp_path):
     third = run_cli(*args, "--no-progress")
     stdout, _ = third.communicate(timeout=300)
     assert third.returncode == 0 and f"0 done, {count} skipped" in stdout
+
+
+def test_lone_surrogates_are_malformed_lines(tmp_path):
+    """JSON may escape a lone surrogate (\\udc80), which no UTF-8 file name or tokenizer can take."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"text": "fine", "id": "a"}\n'
+        '{"text": "surrogate id", "id": "x\\udc80"}\n'
+        '{"text": "surrogate \\ud800 text", "id": "b"}\n'
+        '{"text": "also fine", "id": "c"}\n'
+    )
+    examples, malformed = read_inputs(path)
+    assert [e.id for e in examples] == ["a", "c"]
+    assert [m.line for m in malformed] == [2, 3]
+    assert "\"id\"" in malformed[0].reason and "surrogate" in malformed[0].reason
+    assert "\"text\"" in malformed[1].reason and "surrogate" in malformed[1].reason
