@@ -6,6 +6,7 @@ Layout of an output directory::
     OUT/examples/NAME.safetensors   per example: one matrix per method, JSON metadata (id, text, tokens...)
     OUT/scores.parquet              per-token scores of every finished example of the input
     OUT/summary.json                the last run's summary (malformed lines, failures, timings)
+    OUT/.attnflow-batch.lock        held (flock) by the run writing into OUT: who it is (pid, host, command)
 
 How it runs: the driver (this process) reads the JSONL input, skips the examples whose file already exists
 for the same text, and submits batches of texts to a ``dask.distributed`` cluster (an embedded
@@ -14,18 +15,25 @@ model once (a per-worker cache keyed by adapter and model location), captures th
 batch, crops each example to its real tokens and computes the methods on it; it returns the matrices. The
 driver writes each example's file atomically (temporary name, then ``os.replace``), so workers need no
 shared filesystem and a killed run loses only the examples in flight. At the end the Parquet table is
-rebuilt from the example files of the input, so it always matches them.
+rebuilt from the example files of the input, so it always matches them. One run at a time writes into an
+output directory: a run holds an exclusive lock on it from start to end, and a second run into it is refused
+at once, saying which process holds it (on systems without ``fcntl``, e.g. Windows, this is not checked).
 
 Dask, pyarrow and the model's framework are imported inside functions only (``attnflow[dask]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
 import re
+import shlex
+import socket
+import sys
 import threading
 import time
 import weakref
@@ -46,7 +54,8 @@ from .methods._fusion import HEAD_FUSIONS, check_options
 from .trace import AttentionTrace
 
 __all__ = [
-    "BatchSummary", "Example", "Malformed", "load_example", "read_inputs", "run_batch", "safe_name",
+    "BatchSummary", "Example", "Malformed", "OutputInUseError", "load_example", "read_inputs", "run_batch",
+    "safe_name",
 ]
 
 METHODS = ("raw", "rollout", "flow")
@@ -58,6 +67,7 @@ EXAMPLE_FORMAT = "attnflow.batch-example"
 MANIFEST_FORMAT = "attnflow.batch"
 FORMAT_VERSION = 1
 MANIFEST = "batch.json"
+LOCK = ".attnflow-batch.lock"
 EXAMPLES_DIR = "examples"
 TABLE = "scores.parquet"
 SUMMARY = "summary.json"
@@ -70,6 +80,10 @@ _PLAIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _TMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
+
+
+class OutputInUseError(AttnflowError):
+    """Another run is writing into the output directory (the message says which process)."""
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -593,8 +607,6 @@ def _pid_alive(pid: int) -> bool:
 
 def _check_manifest(out: Path, settings: _Settings) -> None:
     """Refuse an output directory holding results of other settings; else record these settings."""
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"The output path {str(out)!r} exists and is not a directory.")
     path = out / MANIFEST
     record = settings.record()
     has_results = any((out / EXAMPLES_DIR).glob(f"*{SUFFIX}"))
@@ -613,8 +625,66 @@ def _check_manifest(out: Path, settings: _Settings) -> None:
         return
     from . import __version__
 
-    (out / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     _write_json(path, {"format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "attnflow": __version__, "settings": record})
+
+
+def _prepare_out(out: Path) -> None:
+    """Create ``OUT/examples``, or say clearly why it cannot be."""
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"The output path {str(out)!r} exists and is not a directory; choose another --out.")
+    try:
+        (out / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(
+            f"Cannot create the output directory {str(out / EXAMPLES_DIR)!r}: {exc.strerror or exc}. Choose an "
+            "--out where you can write (every parent must be a directory)."
+        ) from exc
+
+
+@contextlib.contextmanager
+def _holding(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.attnflow-batch.lock`` exclusively for the block (fcntl.flock, released however this process
+    ends), with who holds it written inside; raise :class:`OutputInUseError` at once if another run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent runs into one directory are not detected there
+        yield
+        return
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OptionError(f"Cannot create the lock file {str(path)!r}: {exc.strerror or exc}.") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputInUseError(
+                f"{str(out)!r} is in use by another attnflow batch run ({_holder_text(fd)}). Two runs into one "
+                "directory would overwrite each other's results: wait for it to finish (then re-run this command "
+                "to resume), or choose another --out."
+            ) from None
+        except OSError as exc:  # e.g. a network filesystem without locks
+            raise OptionError(
+                f"Cannot lock the output directory {str(out)!r} ({exc.strerror or exc}); choose an --out on a "
+                "local filesystem."
+            ) from exc
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": shlex.join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8", "backslashreplace"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder_text(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace"))
+        command = str(holder["command"]).replace("\n", " ")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {command}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written itself down yet
+        return "a process that has just started"
 
 
 # -- the driver side: running ------------------------------------------------------------------------
@@ -731,6 +801,10 @@ def run_batch(
     Returns:
         A :class:`BatchSummary` (also written to ``OUT/summary.json``).
 
+    Raises:
+        OutputInUseError: another run is writing into ``out`` (it holds the directory's lock until it ends).
+        OptionError: a bad option or input path, or an ``out`` that cannot be created.
+
     The embedded cluster starts worker processes with ``spawn``: a script that calls ``run_batch`` must do so
     under ``if __name__ == "__main__":``, as with any multiprocessing code.
     """
@@ -748,22 +822,24 @@ def run_batch(
     )
     examples, malformed = read_inputs(path)
     out = Path(out)
-    _check_manifest(out, settings)
-    _clean_temporary_files(out)
-    for item in malformed:
-        if on_malformed is not None:
-            on_malformed(item)
+    _prepare_out(out)
+    with _holding(out):
+        _check_manifest(out, settings)
+        _clean_temporary_files(out)
+        for item in malformed:
+            if on_malformed is not None:
+                on_malformed(item)
 
-    digest = settings.digest()
-    summary = BatchSummary(out=out, total=len(examples), malformed=malformed)
-    pending = [example for example in examples if not _is_done(out, example, digest)]
-    summary.skipped = len(examples) - len(pending)
-    if pending:
-        _compute(pending, out, settings, summary, batch_size=batch_size, workers=workers, scheduler=scheduler,
-                 client=client, processes=processes, progress=progress)
-    summary.rows = _write_table(out, examples, digest)
-    summary.seconds = time.perf_counter() - start
-    _write_json(out / SUMMARY, summary.as_dict())
+        digest = settings.digest()
+        summary = BatchSummary(out=out, total=len(examples), malformed=malformed)
+        pending = [example for example in examples if not _is_done(out, example, digest)]
+        summary.skipped = len(examples) - len(pending)
+        if pending:
+            _compute(pending, out, settings, summary, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                     client=client, processes=processes, progress=progress)
+        summary.rows = _write_table(out, examples, digest)
+        summary.seconds = time.perf_counter() - start
+        _write_json(out / SUMMARY, summary.as_dict())
     return summary
 
 
@@ -895,6 +971,4 @@ def _cpu_count() -> int:
 
 
 def _stderr_is_terminal() -> bool:
-    import sys
-
     return bool(getattr(sys.stderr, "isatty", lambda: False)())

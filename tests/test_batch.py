@@ -312,3 +312,42 @@ def test_lone_surrogates_are_malformed_lines(tmp_path):
     assert [m.line for m in malformed] == [2, 3]
     assert "\"id\"" in malformed[0].reason and "surrogate" in malformed[0].reason
     assert "\"text\"" in malformed[1].reason and "surrogate" in malformed[1].reason
+
+
+# -- one run per output directory ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path, threads_cluster):
+    """Two runs into one --out (different methods): exactly one proceeds; the other, from Python or from the
+    command line, is refused at once with who holds the directory, and changes nothing in it."""
+    import socket
+
+    _, client = threads_cluster
+    records = ["{broken"] + [{"id": f"e{i}", "text": sentence(i)} for i in range(3)]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out"
+    refusals = []
+
+    def second_runs(_malformed):  # called by the first run while it holds the directory, before computing
+        manifest = (out / "batch.json").read_bytes()
+        with pytest.raises(attnflow.AttnflowError) as info:
+            run_batch(path, out, methods="flow", client=client)
+        refusals.append(str(info.value))
+        cli = run_cli(str(path), "--out", str(out), "--methods", "flow", "--no-progress")
+        stdout, stderr = cli.communicate(timeout=120)
+        refusals.append((cli.returncode, stdout, stderr))
+        assert (out / "batch.json").read_bytes() == manifest
+        assert not list((out / "examples").glob("*.safetensors"))
+
+    summary = run_batch(path, out, methods="rollout", client=client, on_malformed=second_runs)
+    assert summary.done == 3 and len(refusals) == 2
+    message, (status, stdout, stderr) = refusals
+    assert f"pid {os.getpid()}" in message and socket.gethostname() in message and "--out" in message
+    assert status == 1 and stdout == "" and "Traceback" not in stderr
+    assert stderr.startswith("attnflow: error: ") and stderr.count("\n") == 1 and f"pid {os.getpid()}" in stderr
+    assert json.loads((out / "batch.json").read_text())["settings"]["methods"] == ["rollout"]
+    for i in range(3):
+        assert set(load_example(out, f"e{i}")["matrices"]) == {"rollout"}
+    again = run_batch(path, out, methods="rollout", client=client)  # released when the first run ended
+    assert (again.done, again.skipped) == (0, 3)
