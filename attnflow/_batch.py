@@ -45,9 +45,9 @@ import numpy as np
 
 from ._adapter import import_optional
 from ._capture import capture
-from ._errors import AdapterError, AttnflowError, OptionError
+from ._errors import AdapterError, AttnflowError, OptionError, TraceFileError
 from ._registry import get_adapter
-from ._tensorfile import atomic_write, file_mode
+from ._tensorfile import atomic_write, file_mode, read_tensor_file, write_tensor_file
 from .methods import flow, raw, rollout
 from .methods._flow import DEFAULT_MAX_SECONDS
 from .methods._fusion import HEAD_FUSIONS, check_options
@@ -65,7 +65,10 @@ DEFAULT_BATCH_SIZE = 8
 
 EXAMPLE_FORMAT = "attnflow.batch-example"
 MANIFEST_FORMAT = "attnflow.batch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of batch.json
+# 2: written by attnflow._tensorfile, with a checksum of the header and of every array. Version-1 files (no
+# checksums) cannot be verified, so a re-run recomputes them (and lists them in the summary).
+EXAMPLE_VERSION = 2
 MANIFEST = "batch.json"
 LOCK = ".attnflow-batch.lock"
 EXAMPLES_DIR = "examples"
@@ -462,11 +465,7 @@ def _write_json(path: Path, document: Any) -> None:
 
 
 def _write_example(out: Path, example: Example, result: dict[str, Any], settings: _Settings) -> None:
-    from safetensors.numpy import save_file
-
     header = {
-        "format": EXAMPLE_FORMAT,
-        "version": FORMAT_VERSION,
         "id": example.id,
         "line": example.line,
         "text": example.text,
@@ -480,31 +479,88 @@ def _write_example(out: Path, example: Example, result: dict[str, Any], settings
         "model_name": result["model_name"],
         "causal": result["causal"],
     }
-    metadata = {"attnflow": json.dumps(header, ensure_ascii=False)}
-    atomic_write(_example_path(out, example.name), lambda tmp: save_file(result["arrays"], str(tmp), metadata=metadata))
+    write_tensor_file(
+        _example_path(out, example.name), result["arrays"], header, format=EXAMPLE_FORMAT, version=EXAMPLE_VERSION,
+        what="batch example",
+    )
 
 
-def _read_header(path: Path, *, arrays: bool = False) -> dict[str, Any] | None:
-    """The JSON header of an example file (with ``"matrices"`` if ``arrays``), or None when it is missing or
-    unreadable."""
+def _read_example(path: Path) -> dict[str, Any]:
+    """The header of an example file with its arrays under ``"matrices"``, every checksum and field checked.
+
+    Raises:
+        TraceFileError: missing, damaged (a flipped byte anywhere), of an older format version, or with a
+            header whose fields do not fit its arrays.
+    """
+    try:
+        matrices, header = read_tensor_file(
+            path, format=EXAMPLE_FORMAT, versions=(EXAMPLE_VERSION,), what="batch example", require_header_digest=True
+        )
+    except TraceFileError:
+        version = _unverified_version(path)
+        if isinstance(version, int) and not isinstance(version, bool) and version < EXAMPLE_VERSION:
+            raise TraceFileError(
+                f"{str(path)!r} was written by an older attnflow (batch example format {version}, without checksums); "
+                "re-run the batch to recompute it."
+            ) from None
+        raise
+    problem = _header_problem(header, matrices)
+    if problem:
+        raise TraceFileError(f"{str(path)!r} is a damaged attnflow batch example: {problem}.")
+    return {**header, "matrices": matrices}
+
+
+def _unverified_version(path: Path) -> Any:
+    """The ``version`` an example file's header claims, unchecked (None when there is none to read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="np") as handle:
-            header = json.loads((handle.metadata() or {})["attnflow"])
-            if isinstance(header, dict) and arrays:
-                header["matrices"] = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception:  # missing, truncated or foreign: treat as not done
+            return json.loads((handle.metadata() or {})["attnflow"]).get("version")
+    except Exception:  # unreadable in any way: no version to tell
         return None
-    return header if isinstance(header, dict) and header.get("format") == EXAMPLE_FORMAT else None
 
 
-def _is_done(out: Path, example: Example, digest: str) -> bool:
-    header = _read_header(_example_path(out, example.name))
-    return (
-        header is not None and header.get("version") == FORMAT_VERSION and header.get("id") == example.id
-        and header.get("text_sha256") == example.text_sha256 and header.get("settings") == digest
-    )
+def _header_problem(header: dict[str, Any], matrices: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with an example header (given its arrays), or None. The checksums make damage unlikely
+    here; these checks keep a hand-edited file from feeding nonsense into the score table."""
+    def is_int_list(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+    strings = ("id", "text", "text_sha256", "settings", "model_name")
+    wrong = [key for key in strings if not isinstance(header.get(key), str)]
+    if wrong:
+        return f"{wrong} must be strings"
+    tokens, positions, layers = header.get("tokens"), header.get("positions"), header.get("layers")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        return "\"tokens\" must be a non-empty list of strings"
+    n = len(tokens)
+    if not (is_int_list(positions) and positions and all(0 <= p < n for p in positions)):
+        return f"\"positions\" must be a non-empty list of token positions below {n}"
+    if not (is_int_list(layers) and layers):
+        return "\"layers\" must be a non-empty list of layer numbers"
+    if not matrices or not set(matrices) <= set(METHODS) or header.get("methods") != [m for m in METHODS if m in matrices]:
+        return f"its arrays {sorted(matrices)} do not match its methods {header.get('methods')!r}"
+    for name, matrix in matrices.items():
+        rows = len(positions) if name == "flow" else n
+        shapes = [(len(layers), rows, n)] + ([(rows, n)] if len(layers) == 1 else [])
+        if matrix.shape not in shapes or matrix.dtype != np.float32:
+            return f"array {name!r} is {matrix.dtype} {matrix.shape}, expected float32 {shapes[-1]}"
+    return None
+
+
+def _example_state(out: Path, example: Example, digest: str) -> tuple[bool, str | None]:
+    """``(done, why it is recomputed)``: done when its file is intact and of this text and these settings;
+    the reason is set only for a file that exists but cannot be trusted (damaged, older format)."""
+    path = _example_path(out, example.name)
+    if not path.exists():
+        return False, None
+    try:
+        header = _read_example(path)
+    except TraceFileError as exc:
+        return False, str(exc)
+    done = header["id"] == example.id and header["text_sha256"] == example.text_sha256 and header["settings"] == digest
+    return done, None
 
 
 def load_example(out: str | os.PathLike[str], example_id: str | None = None) -> dict[str, Any]:
@@ -519,12 +575,12 @@ def load_example(out: str | os.PathLike[str], example_id: str | None = None) -> 
         ``layers``, ``methods``...) plus ``"matrices"``: per method a float32 array over the example's real
         tokens: raw and rollout ``(n, n)``, flow ``(S, n)`` for ``S`` sources; with all layers, a leading
         layer axis.
+
+    Raises:
+        TraceFileError: no such example, or its file is damaged (every array and the header are checksummed).
     """
     path = Path(out) if example_id is None else _example_path(Path(out), safe_name(str(example_id)))
-    header = _read_header(path, arrays=True)
-    if header is None:
-        raise OptionError(f"No readable attnflow batch example at {str(path)!r}.")
-    return header
+    return _read_example(path)
 
 
 def _score_columns(header: dict[str, Any]) -> dict[str, Any]:
@@ -555,15 +611,23 @@ def _score_columns(header: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_table(out: Path, examples: Sequence[Example], digest: str) -> int:
-    """Rebuild ``scores.parquet`` from the example files of ``examples`` that are done; returns its rows."""
+def _write_table(out: Path, examples: Sequence[Example], digest: str, summary: BatchSummary) -> int:
+    """Rebuild ``scores.parquet`` from the intact example files of ``examples`` that are done; returns its rows.
+    A file found damaged now is left out of the table and reported as failed."""
     pa = import_optional("pyarrow", "dask")
     pq = import_optional("pyarrow.parquet", "dask")
 
     columns: dict[str, list[Any]] = {name: [] for name in TABLE_COLUMNS}
     for example in examples:
-        header = _read_header(_example_path(out, example.name), arrays=True)
-        if header is None or header.get("text_sha256") != example.text_sha256 or header.get("settings") != digest:
+        path = _example_path(out, example.name)
+        if not path.exists():
+            continue
+        try:
+            header = _read_example(path)
+        except TraceFileError as exc:
+            summary.failed.append((example.id, f"{exc} It was left out of {TABLE}; re-run to recompute it."))
+            continue
+        if header["text_sha256"] != example.text_sha256 or header["settings"] != digest:
             continue
         for key, values in _score_columns(header).items():
             columns[key].extend(values)
@@ -701,6 +765,8 @@ class BatchSummary:
         skipped: examples already written by an earlier run (same text and settings), not recomputed.
         malformed: input lines skipped, with line numbers and reasons.
         failed: ``(id, reason)`` of examples that could not be explained (e.g. a source out of range).
+        recomputed: ``(id, reason)`` of examples whose file from an earlier run was damaged (a checksum did
+            not match) or of an older format, and was therefore computed again instead of skipped.
         seconds: wall-clock time of the run, cluster start-up included.
         compute_seconds: from the first batch submitted to the last result written.
         workers: the addresses of the cluster's workers (empty when nothing needed computing).
@@ -715,6 +781,7 @@ class BatchSummary:
     skipped: int = 0
     malformed: list[Malformed] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    recomputed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     compute_seconds: float = 0.0
     workers: list[str] = dataclasses.field(default_factory=list)
@@ -734,15 +801,17 @@ class BatchSummary:
             "out": str(self.out), "total": self.total, "done": self.done, "skipped": self.skipped,
             "malformed": [{"line": m.line, "reason": m.reason} for m in self.malformed],
             "failed": [{"id": i, "reason": r} for i, r in self.failed],
+            "recomputed": [{"id": i, "reason": r} for i, r in self.recomputed],
             "seconds": round(self.seconds, 3), "compute_seconds": round(self.compute_seconds, 3),
             "examples_per_second": round(self.examples_per_second, 3),
             "workers": self.workers, "model_loads": self.model_loads, "rows": self.rows,
         }
 
     def __str__(self) -> str:
+        recomputed = f" ({len(self.recomputed)} recomputed)" if self.recomputed else ""
         text = (
-            f"{self.done} done, {self.skipped} skipped, {len(self.malformed)} malformed, {len(self.failed)} failed "
-            f"in {self.seconds:.1f} s"
+            f"{self.done} done{recomputed}, {self.skipped} skipped, {len(self.malformed)} malformed, "
+            f"{len(self.failed)} failed in {self.seconds:.1f} s"
         )
         if not self.workers:
             return text + " (nothing to compute)"
@@ -832,12 +901,18 @@ def run_batch(
 
         digest = settings.digest()
         summary = BatchSummary(out=out, total=len(examples), malformed=malformed)
-        pending = [example for example in examples if not _is_done(out, example, digest)]
+        pending = []
+        for example in examples:
+            done, why = _example_state(out, example, digest)
+            if not done:
+                pending.append(example)
+            if why is not None:
+                summary.recomputed.append((example.id, why))
         summary.skipped = len(examples) - len(pending)
         if pending:
             _compute(pending, out, settings, summary, batch_size=batch_size, workers=workers, scheduler=scheduler,
                      client=client, processes=processes, progress=progress)
-        summary.rows = _write_table(out, examples, digest)
+        summary.rows = _write_table(out, examples, digest, summary)
         summary.seconds = time.perf_counter() - start
         _write_json(out / SUMMARY, summary.as_dict())
     return summary

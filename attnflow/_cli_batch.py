@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("attnflow: interrupted; the examples written so far are kept: run the same command to resume.", file=sys.stderr)
         return 130
+    for example_id, reason in summary.recomputed:
+        print(f"attnflow: example {example_id!r} was recomputed: {reason}", file=sys.stderr)
     for example_id, reason in summary.failed:
         print(f"attnflow: example {example_id!r} failed: {reason}", file=sys.stderr)
     print(f"attnflow batch: {summary}")
