@@ -97,6 +97,10 @@ CASES = {
         lambda p: batch(p, "--out", str(p["dir"] / "b2"), "--scheduler", "tls://127.0.0.1:8786",
                         "--tls-ca-file", str(p["file"]), "--tls-cert", str(p["dir"] / "none.pem"),
                         "--tls-key", str(p["file"])), "--tls-cert: no PEM file"),
+    "batch --tls-* with a certificate that is not PEM": (
+        lambda p: batch(p, "--out", str(p["dir"] / "b5"), "--scheduler", "tls://127.0.0.1:8786",
+                        *[arg for flag in ("--tls-ca-file", "--tls-cert", "--tls-key") for arg in (flag, str(p["file"]))]),
+        "Cannot reach the Dask scheduler"),
     "explain --residual 1.5": (lambda p: explain("--residual", "1.5", "--model", str(p["missing"])), "residual"),
     "explain --discard-ratio 1": (lambda p: explain("--discard-ratio", "1", "--model", str(p["missing"])), "discard_ratio"),
     "explain --max-seconds nan": (lambda p: explain("--max-seconds", "nan", "--model", str(p["missing"])), "max_seconds"),
