@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -145,11 +144,9 @@ def test_read_only_output_directory(files, tmp_path, capsys):
         locked.chmod(0o755)
 
 
-def _with_file_size_limit(limit):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
+# Sets the file-size limit, then becomes the attnflow command (a plain spawn: no preexec_fn fork of this
+# process, which may run JAX threads).
+LIMITED = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200)); os.execv(sys.executable, sys.argv[1:])"
 
 
 @pytest.mark.parametrize("command", ["compare --json", "compare --png", "explain"])
@@ -164,8 +161,8 @@ def test_full_disk_is_one_clear_line(command, files, tmp_path):
     }[command]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "attnflow.cli", *argv], capture_output=True, text=True, env=env, timeout=300,
-        preexec_fn=_with_file_size_limit(200),
+        [sys.executable, "-c", LIMITED, sys.executable, "-m", "attnflow.cli", *argv], capture_output=True, text=True,
+        env=env, timeout=300,
     )
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, "File too large (free some disk space or write elsewhere)")
