@@ -144,6 +144,8 @@ class TransformersAdapter(attnflow.Adapter):
         config maps its classes onto Python files of its own (``auto_map``) is refused unless
         ``trust_remote_code=True`` (``--trust-remote-code`` on the command line), which *runs that Python*
         with your permissions: pass it only for a directory whose code you trust. Never asks on a terminal.
+        A tokenizer that states no length limit gets the model's ``max_position_embeddings`` as its
+        ``model_max_length``, so that :meth:`encode` can refuse texts the model cannot take.
 
         Raises:
             AdapterError: nothing loadable there (missing, damaged or unreadable weights, a model class
