@@ -16,12 +16,14 @@ traces its body once before running it; the layers it then runs concretely are r
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
 
 from attnflow import AdapterError, AdapterOption, OptionError, Recorder
+from attnflow._switches import deferred_interrupts
 
 from ._hf_families import pick_key_stream, plan_streams
 
@@ -46,6 +48,22 @@ def check_options(adapter: str, options: Mapping[str, Any]) -> Callable[[str], b
         )
     names = {str(name) for name in cross}
     return names.__contains__
+
+
+@contextmanager
+def undoing() -> Iterator[ExitStack]:
+    """An ExitStack for what an adapter changes while attached, entered and undone with Ctrl-C deferred.
+
+    Make the changes inside a ``with deferred_interrupts():`` block within it, so that each change is
+    registered on ``undo`` before an interrupt can end the block; the undo itself runs with interrupts
+    held back too.
+    """
+    undo = ExitStack()
+    try:
+        yield undo
+    finally:
+        with deferred_interrupts():
+            undo.close()
 
 
 def is_tracer(value: Any) -> bool:

@@ -42,8 +42,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
+from attnflow._switches import deferred_interrupts
 
-from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids
+from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids, undoing
 
 _ATTENTION_NAME = "attention_weights"
 
@@ -116,16 +117,18 @@ class _LinenCapture:
         if is_attention:
             args, kwargs = self._prepare_attention(module, context, args, kwargs, info)
         previous = module.__dict__.get("sow", UNKNOWN)
-        object.__setattr__(module, "sow", self._sow_for(module, info, previous))
-        self.calls[id(module)] = info
         try:
+            with deferred_interrupts():
+                object.__setattr__(module, "sow", self._sow_for(module, info, previous))
+                self.calls[id(module)] = info
             result = next_fun(*args, **kwargs)
         finally:
-            del self.calls[id(module)]
-            if previous is UNKNOWN:
-                object.__delattr__(module, "sow")
-            else:
-                object.__setattr__(module, "sow", previous)
+            with deferred_interrupts():
+                self.calls.pop(id(module), None)
+                if previous is not UNKNOWN:
+                    object.__setattr__(module, "sow", previous)
+                elif "sow" in module.__dict__:
+                    object.__delattr__(module, "sow")
         if info.forced and not info.seen:
             raise HiddenAttentionError(
                 f"{_name(module)!r} ({type(module).__name__}) ran with sow_weights=True but its attention_fn "
@@ -228,6 +231,9 @@ class LinenAdapter(Adapter):
         if not callable(model):
             raise AdapterError(f"The flax_linen adapter needs a linen Module or a callable, got {type(model).__name__}.")
         capture = _LinenCapture(recorder, check_options(self.name, options))
-        with jax.disable_jit(), nn.intercept_methods(capture.intercept):
+        with undoing() as undo:
+            with deferred_interrupts():
+                undo.enter_context(jax.disable_jit())
+                undo.enter_context(nn.intercept_methods(capture.intercept))
             yield
         capture.close()

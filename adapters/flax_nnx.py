@@ -49,8 +49,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
+from attnflow._switches import deferred_interrupts
 
-from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids
+from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids, undoing
 from .flax_linen import root_module
 
 _ATTENTION_NAME = "attention_weights"
@@ -227,23 +228,24 @@ class NNXAdapter(Adapter):
                 f"The flax_nnx adapter needs an nnx.Module (or a bound method of one), got {type(model).__name__}."
             )
         capture = _NNXCapture(recorder, check_options(self.name, options))
-        with ExitStack() as undo:
-            for path, module in nnx.iter_modules(root):
-                name = "/".join(str(part) for part in path) or type(module).__name__
-                if isinstance(module, nnx.MultiHeadAttention):
-                    _set(undo, module, "attention_fn", capture.attention_fn(name, module.attention_fn))
-                else:
-                    previous = module.__dict__.get("sow", UNKNOWN)
-                    _set(undo, module, "sow", capture.sow(name, module, previous))
-            original_class = type(root)
-            if "__attnflow_root__" not in vars(original_class):  # not already attached (nested attach)
-                object.__setattr__(root, "__class__", _root_class(original_class))
-                undo.callback(object.__setattr__, root, "__class__", original_class)
-            stack = _active_captures()
-            stack.append(capture)
-            undo.callback(stack.remove, capture)
-            undo.callback(setattr, capture, "closed", True)
-            undo.enter_context(jax.disable_jit())
+        with undoing() as undo:
+            with deferred_interrupts():
+                for path, module in nnx.iter_modules(root):
+                    name = "/".join(str(part) for part in path) or type(module).__name__
+                    if isinstance(module, nnx.MultiHeadAttention):
+                        _set(undo, module, "attention_fn", capture.attention_fn(name, module.attention_fn))
+                    else:
+                        previous = module.__dict__.get("sow", UNKNOWN)
+                        _set(undo, module, "sow", capture.sow(name, module, previous))
+                original_class = type(root)
+                if "__attnflow_root__" not in vars(original_class):  # not already attached (nested attach)
+                    object.__setattr__(root, "__class__", _root_class(original_class))
+                    undo.callback(object.__setattr__, root, "__class__", original_class)
+                stack = _active_captures()
+                stack.append(capture)
+                undo.callback(stack.remove, capture)
+                undo.callback(setattr, capture, "closed", True)
+                undo.enter_context(jax.disable_jit())
             yield
         capture.close()
 

@@ -174,10 +174,19 @@ class TransformersAdapter(attnflow.Adapter):
         return found, True
 
     # -- loading ------------------------------------------------------------------------------------
-    def load_model(self, location: str) -> tuple[Any, Any]:
+    def load_model(self, location: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
         """``(model, tokenizer)`` from a local model directory, or from a hub id where there is network.
 
-        The model is loaded as ``AutoModel.from_pretrained`` leaves it (SDPA, eval mode).
+        The model is loaded as ``AutoModel.from_pretrained`` leaves it (SDPA, eval mode). A model whose
+        config maps its classes onto Python files of its own (``auto_map``) is refused unless
+        ``trust_remote_code=True`` (``--trust-remote-code`` on the command line), which *runs that Python*
+        with your permissions: pass it only for a directory whose code you trust. Never asks on a terminal.
+        A tokenizer that states no length limit gets the model's ``max_position_embeddings`` as its
+        ``model_max_length``, so that :meth:`encode` can refuse texts the model cannot take.
+
+        Raises:
+            AdapterError: nothing loadable there (missing, damaged or unreadable weights, a model class
+                transformers does not know, remote code not allowed); the message says which.
         """
         transformers = attnflow.import_optional("transformers", self.extra)
         location = os.fspath(location)
@@ -192,11 +201,19 @@ class TransformersAdapter(attnflow.Adapter):
             raise attnflow.AdapterError(f"No model directory at {location!r}.")
         else:
             source, kwargs = location, ({"local_files_only": True} if _offline() else {})
+        trust = {"trust_remote_code": bool(trust_remote_code)}  # explicit: transformers would otherwise prompt
         try:
-            model = transformers.AutoModel.from_pretrained(source, **kwargs)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as exc:
-            if source == location and not path.is_dir():
+            model = transformers.AutoModel.from_pretrained(source, **kwargs, **trust)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs, **trust)
+        except Exception as exc:  # safetensors, unpickling and model-class errors too: all mean "cannot load"
+            if not trust_remote_code and "trust_remote_code" in str(exc):
+                raise attnflow.AdapterError(
+                    f"{location!r} contains its own Python code for the model (auto_map in its config), and "
+                    "attnflow does not run a model directory's code unless asked to. If you trust it, pass "
+                    "trust_remote_code=True (attnflow explain/batch --trust-remote-code), which runs that code "
+                    "with your permissions."
+                ) from exc
+            if source == location and not path.is_dir() and isinstance(exc, (OSError, ValueError)):
                 where = (
                     "this machine is offline (HF_HUB_OFFLINE), so it was looked up in the local cache only"
                     if kwargs else "downloading it failed"
@@ -205,12 +222,21 @@ class TransformersAdapter(attnflow.Adapter):
                     f"Cannot load {location!r}: it is not a local directory, and {where} ({exc}). Pass the path "
                     "of a downloaded model directory, or run where the Hugging Face hub is reachable."
                 ) from exc
-            raise attnflow.AdapterError(f"Cannot load a transformers model from {location!r}: {exc}") from exc
+            raise attnflow.AdapterError(
+                f"Cannot load a transformers model from {location!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         model.eval()
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if _max_tokens(tokenizer) is None and isinstance(limit, int) and limit > 0:
+            tokenizer.model_max_length = limit  # the tokenizer does not say; the model's positions do
         return model, tokenizer
 
     def encode(self, tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None) -> dict[str, Any]:
-        """Tokenise ``texts`` into a padded batch of torch tensors (``input_ids``, ``attention_mask``...)."""
+        """Tokenise ``texts`` into a padded batch of torch tensors (``input_ids``, ``attention_mask``...).
+
+        ``max_length`` truncates; without it, a text longer than the model takes (the tokenizer's
+        ``model_max_length``) is an :class:`attnflow.OptionError` rather than a failing forward pass.
+        """
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -223,6 +249,15 @@ class TransformersAdapter(attnflow.Adapter):
                     "The tokenizer has no padding token, so texts cannot be batched; encode them one at a time."
                 )
             tokenizer.pad_token = eos  # the usual choice for decoder-only models; padding is masked out
+        limit = _max_tokens(tokenizer)
+        if max_length is None and limit is not None:
+            lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+            if max(lengths) > limit:
+                i = lengths.index(max(lengths))
+                raise attnflow.OptionError(
+                    f"Text {i} is {lengths[i]} tokens long, but the model takes at most {limit}. Shorten it, or pass "
+                    f"max_length={limit} to explain only its first {limit} tokens (--max-length {limit})."
+                )
         encoded = tokenizer(
             texts, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
         )
@@ -513,6 +548,12 @@ def _bind(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> dic
         if param.kind is param.VAR_KEYWORD:
             named.update(named.pop(param.name, {}) or {})
     return named
+
+
+def _max_tokens(tokenizer: Any) -> int | None:
+    """The most tokens the tokenizer says its model takes, or None (transformers uses a huge number for unset)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
 def _offline() -> bool:

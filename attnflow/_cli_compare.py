@@ -13,12 +13,12 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._compare import ALIGN_HELP, ComparisonReport, compare
+from ._tensorfile import atomic_write, check_writable_target
 from .trace import load
 
 
@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for path, what in ((args.png, "heatmap"), (args.html, "HTML report"), (args.json, "JSON report")):
+        if path:
+            check_writable_target(path, what)  # before the (possibly long) comparison
     report = compare(
         load(args.trace_a), load(args.trace_b), atol=args.atol, mean_atol=args.mean_atol,
         rollout_atol=args.rollout_atol, flow_atol=args.flow_atol, min_spearman=args.min_spearman,
@@ -63,15 +66,16 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"A = {args.trace_a}\nB = {args.trace_b}")
     print(report.to_table())
-    if args.png:
-        Path(args.png).write_bytes(heatmap_png(report))
-        print(f"wrote {args.png}")
-    if args.html:
-        Path(args.html).write_text(report_html(report, title=f"{args.trace_a} vs {args.trace_b}"))
-        print(f"wrote {args.html}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
-        print(f"wrote {args.json}")
+    outputs = (
+        (args.png, "heatmap", lambda: heatmap_png(report)),
+        (args.html, "HTML report", lambda: report_html(report, title=f"{args.trace_a} vs {args.trace_b}").encode()),
+        (args.json, "JSON report", lambda: json.dumps(report.to_dict(), indent=1).encode()),
+    )
+    for path, what, render in outputs:
+        if path:
+            data = render()
+            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data), what=what)
+            print(f"wrote {path}")
     return 0 if report.ok else 1
 
 

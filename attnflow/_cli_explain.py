@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._batch import load_model, make_directory
 from ._capture import capture
+from ._errors import OptionError
 from ._models import packaged_model_dir
 from ._registry import get_adapter
+from ._tensorfile import atomic_write
 from .methods import flow, raw, rollout
+from .methods._fusion import check_max_seconds, check_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -35,22 +42,41 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
     parser.add_argument("--top", type=int, default=5, help="input tokens to list per method (default 5)")
     parser.add_argument("--max-seconds", type=float, default=1800.0, help="refuse flow problems estimated longer")
+    parser.add_argument(
+        "--max-length", type=int, default=None,
+        help="explain only the first N tokens of a text longer than the model takes (default: refuse such a text)",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow a model directory that ships its own Python code (auto_map in config.json): this RUNS that "
+        "code with your permissions; only for directories you trust",
+    )
     parser.set_defaults(func=run)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad settings before anything is loaded."""
+    check_options(args.residual, args.discard_ratio)
+    check_max_seconds(args.max_seconds)
+    if args.top < 1:
+        raise OptionError(f"--top must be at least 1 (input tokens to list per method), got {args.top}.")
+    if args.max_length is not None and args.max_length < 2:
+        raise OptionError(f"--max-length must be at least 2 tokens, got {args.max_length}.")
+
+
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_arguments(args)
     adapter = get_adapter(args.adapter)
+    out = make_directory(Path(args.out))
     location = args.model or packaged_model_dir()
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    model, tokenizer = adapter.load_model(location)
+    model, tokenizer = load_model(adapter, location, trust_remote_code=args.trust_remote_code)
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    inputs = adapter.encode(tokenizer, [args.text])
+    inputs = adapter.encode(tokenizer, [args.text], max_length=args.max_length)
     trace = capture(model, adapter=adapter, tokens=tokenizer, **inputs)
     timings["capture"] = time.perf_counter() - start
     trace = trace.replace(metadata={**trace.metadata, "model_location": str(location)})
@@ -82,8 +108,9 @@ def write_outputs(
 
     titles = {"raw": "raw attention (last layer, heads fused)", "rollout": "attention rollout", "flow": "attention flow"}
     for name, matrix in matrices.items():
-        heatmap(matrix, tokens, out / f"{name}.png", title=titles[name])
-    score_bars(scores, tokens, out / "scores.png", title=f"what {tokens[explained]!r} (position {explained}) draws on")
+        write_png(out / f"{name}.png", lambda path, m=matrix, n=name: heatmap(m, tokens, path, title=titles[n]))
+    title = f"what {tokens[explained]!r} (position {explained}) draws on"
+    write_png(out / "scores.png", lambda path: score_bars(scores, tokens, path, title=title))
     trace.save(out / "trace.safetensors")
     document = {
         "model": trace.model_name,
@@ -95,7 +122,27 @@ def write_outputs(
         "scores": {name: score.tolist() for name, score in scores.items()},
         "seconds": timings,
     }
-    (out / "explanation.json").write_text(json.dumps(document, indent=1))
+    text = json.dumps(document, indent=1)
+    atomic_write(out / "explanation.json", lambda tmp: tmp.write_text(text), what="explanation")
+
+
+def write_png(path: Path, draw: Callable[[Path], Any]) -> None:
+    """``draw(a_png_path)`` written atomically to ``path``; a failed write is a :class:`TraceFileError`.
+
+    matplotlib picks the format from the file name, so the picture is drawn to ``*.png`` beside
+    atomic_write's temporary file and moved onto it.
+    """
+
+    def write(tmp: Path) -> None:
+        png = tmp.with_name(tmp.name + ".png")
+        try:
+            draw(png)
+            os.replace(png, tmp)
+        finally:
+            with contextlib.suppress(OSError):
+                png.unlink(missing_ok=True)
+
+    atomic_write(path, write, what="picture")
 
 
 def print_table(

@@ -235,14 +235,17 @@ class ComparisonReport:
         grid = self.head_matrix()
         lines.append("")
         lines.append("max|diff| per head (* = beyond tolerance):")
-        lines.append("  #  " + "".join(f"{'h' + str(h):>9}" for h in range(grid.shape[1])))
+        # Each cell: the value right-aligned, then one column for the flag, then a space: a flagged value can
+        # never run into the next one.
+        width = max([9] + [len(_fmt(v)) for v in grid.flat if not math.isnan(v)])
+        lines.append(("  #  " + " ".join(f"{'h' + str(h):>{width}} " for h in range(grid.shape[1]))).rstrip())
         for i, layer in enumerate(self.layers):
             cells = []
             for h in range(grid.shape[1]):
                 value = grid[i, h]
                 bad = not math.isnan(value) and h in layer.failing_heads
-                cells.append(f"{'' if math.isnan(value) else _fmt(value) + ('*' if bad else ''):>9}")
-            lines.append(f"{layer.index:>3}  " + "".join(cells))
+                cells.append(f"{'' if math.isnan(value) else _fmt(value):>{width}}{'*' if bad else ' '}")
+            lines.append(f"{layer.index:>3}  " + " ".join(cells).rstrip())
         lines.append("")
         summary = [f"rollout max|diff| {_fmt(self.rollout_max_abs)}"]
         if self.flow_max_abs is not None:

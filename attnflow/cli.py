@@ -28,13 +28,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (1 for an attnflow error, with its message)."""
+    """Run the command line; returns the exit status.
+
+    Every expected failure is one line on stderr, ``attnflow: error: ...``, and status 1: attnflow's own
+    errors, and (as a last resort) an operating-system error that no command turned into one. Ctrl-C is
+    status 130. Usage errors are argparse's (status 2).
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except AttnflowError as exc:
-        print(f"attnflow: error: {exc}", file=sys.stderr)
+        print(f"attnflow: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"attnflow: error: {exc.strerror or exc}{where}.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("attnflow: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (errors quoting other libraries' messages may span several)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -296,3 +296,128 @@ def test_cli_killed_and_resumed_with_worker_processes(tmp_path):
     third = run_cli(*args, "--no-progress")
     stdout, _ = third.communicate(timeout=300)
     assert third.returncode == 0 and f"0 done, {count} skipped" in stdout
+
+
+def test_lone_surrogates_are_malformed_lines(tmp_path):
+    """JSON may escape a lone surrogate (\\udc80), which no UTF-8 file name or tokenizer can take."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"text": "fine", "id": "a"}\n'
+        '{"text": "surrogate id", "id": "x\\udc80"}\n'
+        '{"text": "surrogate \\ud800 text", "id": "b"}\n'
+        '{"text": "also fine", "id": "c"}\n'
+    )
+    examples, malformed = read_inputs(path)
+    assert [e.id for e in examples] == ["a", "c"]
+    assert [m.line for m in malformed] == [2, 3]
+    assert "\"id\"" in malformed[0].reason and "surrogate" in malformed[0].reason
+    assert "\"text\"" in malformed[1].reason and "surrogate" in malformed[1].reason
+
+
+# -- one run per output directory ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path, threads_cluster):
+    """Two runs into one --out (different methods): exactly one proceeds; the other, from Python or from the
+    command line, is refused at once with who holds the directory, and changes nothing in it."""
+    import socket
+
+    _, client = threads_cluster
+    records = ["{broken"] + [{"id": f"e{i}", "text": sentence(i)} for i in range(3)]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out"
+    refusals = []
+
+    def second_runs(_malformed):  # called by the first run while it holds the directory, before computing
+        manifest = (out / "batch.json").read_bytes()
+        with pytest.raises(attnflow.AttnflowError) as info:
+            run_batch(path, out, methods="flow", client=client)
+        refusals.append(str(info.value))
+        cli = run_cli(str(path), "--out", str(out), "--methods", "flow", "--no-progress")
+        stdout, stderr = cli.communicate(timeout=120)
+        refusals.append((cli.returncode, stdout, stderr))
+        assert (out / "batch.json").read_bytes() == manifest
+        assert not list((out / "examples").glob("*.safetensors"))
+
+    summary = run_batch(path, out, methods="rollout", client=client, on_malformed=second_runs)
+    assert summary.done == 3 and len(refusals) == 2
+    message, (status, stdout, stderr) = refusals
+    assert f"pid {os.getpid()}" in message and socket.gethostname() in message and "--out" in message
+    assert status == 1 and stdout == "" and "Traceback" not in stderr
+    assert stderr.startswith("attnflow: error: ") and stderr.count("\n") == 1 and f"pid {os.getpid()}" in stderr
+    assert json.loads((out / "batch.json").read_text())["settings"]["methods"] == ["rollout"]
+    for i in range(3):
+        assert set(load_example(out, f"e{i}")["matrices"]) == {"rollout"}
+    again = run_batch(path, out, methods="rollout", client=client)  # released when the first run ended
+    assert (again.done, again.skipped) == (0, 3)
+
+
+# -- damaged example files -----------------------------------------------------------------------------
+
+
+def _flip_byte(path, where):
+    """Flip one byte of a safetensors file: in its JSON header (``where="header"``) or its array data."""
+    data = bytearray(path.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    if where == "header":
+        text = bytes(data[8 : 8 + header_length])
+        offset = 8 + text.index(b"tokens") + 12  # inside the first token label
+    else:
+        offset = 8 + header_length + (len(data) - 8 - header_length) // 2
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_a_flipped_byte_in_a_finished_example_is_recomputed_never_scored(where, tmp_path, threads_cluster):
+    import pyarrow.parquet as pq
+
+    _, client = threads_cluster
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": f"e{i}", "text": sentence(i)} for i in range(3)])
+    out = tmp_path / "out"
+    first = run_batch(path, out, methods="rollout,flow", client=client)
+    assert first.done == 3
+    clean = pq.read_table(out / "scores.parquet").to_pandas()
+    _flip_byte(out / "examples" / "e1.safetensors", where)
+
+    second = run_batch(path, out, methods="rollout,flow", client=client)
+    assert (second.done, second.skipped, second.failed) == (1, 2, [])
+    assert [example_id for example_id, _ in second.recomputed] == ["e1"]
+    assert "damaged" in second.recomputed[0][1] and "checksum" in second.recomputed[0][1]
+    assert json.loads((out / "summary.json").read_text())["recomputed"][0]["id"] == "e1"
+    again = pq.read_table(out / "scores.parquet").to_pandas()
+    columns = ["id", "token_index", "token", "method", "layer", "source"]
+    assert again[columns].equals(clean[columns])
+    # e1 now ran alone, not padded in a batch of three: equal up to float32 rounding
+    np.testing.assert_allclose(again["score"], clean["score"], atol=2e-6)
+
+
+def test_a_damaged_example_file_is_a_clean_error_when_loaded(tmp_path):
+    from attnflow._batch import Example, _example_state, _settings, _write_example
+
+    settings = _settings(
+        adapter="transformers", model=None, methods="rollout", sources=[0], all_layers=False, head_fusion="mean",
+        residual=0.5, discard_ratio=0.0, max_length=None, max_seconds=10.0, local=True,
+    )
+    (tmp_path / "examples").mkdir()
+    example = Example(id="a", text="hi there", line=1, name="a")
+    rollout = np.full((3, 3), 1 / 3, dtype=np.float32)
+    result = {"arrays": {"rollout": rollout}, "tokens": ["[CLS]", "hi", "there"], "positions": [0], "layers": [5],
+              "model_name": "m", "causal": False}
+    _write_example(tmp_path, example, result, settings)
+    np.testing.assert_array_equal(load_example(tmp_path, "a")["matrices"]["rollout"], rollout)
+    _flip_byte(tmp_path / "examples" / "a.safetensors", "data")
+    with pytest.raises(attnflow.TraceFileError, match="checksum"):
+        load_example(tmp_path, "a")
+    assert _example_state(tmp_path, example, settings.digest())[0] is False
+
+    # A file of format version 1 (no checksums, as attnflow wrote before) is not trusted: it is recomputed.
+    from safetensors.numpy import save_file
+
+    old = {"format": "attnflow.batch-example", "version": 1, "id": "a", "text": "hi there",
+           "text_sha256": example.text_sha256, "settings": settings.digest()}
+    save_file({"rollout": rollout}, str(tmp_path / "examples" / "a.safetensors"), metadata={"attnflow": json.dumps(old)})
+    done, why = _example_state(tmp_path, example, settings.digest())
+    assert done is False and "older attnflow" in why

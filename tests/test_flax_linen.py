@@ -416,3 +416,36 @@ def test_import_attnflow_imports_no_framework():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+class SetupModel(nn.Module):
+    """Submodules defined in setup(): a bound instance keeps the same submodule objects from call to call."""
+
+    def setup(self):
+        self.attention = nn.MultiHeadDotProductAttention(num_heads=HEADS)
+        self.block = Block()
+
+    def __call__(self, x, sow_weights=False):
+        return self.block(x) + self.attention(x, sow_weights=sow_weights)
+
+
+def test_bound_setup_module_keeps_no_sow_shadow_after_the_block():
+    """attnflow shadows a module's ``sow`` only for the call it watches: left behind on a bound module's
+    setup() submodule, the shadow would swallow the weights the user sows later."""
+    x = jax.random.normal(jax.random.key(4), (BATCH, SEQ, FEATURES))
+    model = SetupModel()
+    variables = model.init(jax.random.key(0), x)
+    bound = model.bind(variables, mutable=["intermediates"])
+    submodules = [bound, bound.attention, bound.block]
+    assert not any("sow" in vars(module) for module in submodules)
+    with attnflow.attach(bound) as rec:
+        bound(x)
+        inside = [module for module in submodules if "sow" in vars(module)]
+    assert rec.trace.num_layers == 2 and inside == []  # the shadow lives only during each call
+    assert not any("sow" in vars(module) for module in submodules)
+
+    # The user's own sow_weights=True reaches the bound module's collection, unswallowed.
+    bound(x, sow_weights=True)
+    sown = bound.variables["intermediates"]["attention"]["attention_weights"]
+    weights, _ = mha_reference(variables["params"]["attention"], np.asarray(x, np.float64), np.asarray(x, np.float64))
+    np.testing.assert_allclose(np.asarray(sown[0]), weights, atol=1e-5)

@@ -279,3 +279,169 @@ def test_sigint_while_the_fast_path_is_switched(tiny_encoder, monkeypatch):
                 monkeypatch.setattr(torch.backends.mha, "set_fastpath_enabled", interrupting)
         monkeypatch.setattr(torch.backends.mha, "set_fastpath_enabled", switch)
         assert torch.backends.mha.get_fastpath_enabled() is True
+
+
+# -- Flax -----------------------------------------------------------------------------------------------------
+
+
+class LinenModel:
+    """A tiny linen model whose attention modules are defined in setup() (bound, they persist)."""
+
+    @staticmethod
+    def build():
+        from flax import linen as nn
+
+        class Model(nn.Module):
+            def setup(self):
+                self.first = nn.MultiHeadDotProductAttention(num_heads=2)
+                self.second = nn.MultiHeadDotProductAttention(num_heads=2)
+
+            def __call__(self, x):
+                return self.second(self.first(x))
+
+        return Model
+
+
+def _linen_setup():
+    import jax
+
+    model = LinenModel.build()()
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    variables = model.init(jax.random.key(0), x)
+    return model, variables, x
+
+
+def _linen_state():
+    import jax
+    from flax.linen import module as linen_module
+
+    return len(linen_module._global_interceptor_stack), bool(jax.config.jax_disable_jit)
+
+
+class SigintAround:
+    """Wraps the context manager ``factory(*args)``: a real SIGINT right after entering it (``phase="enter"``)
+    or right before leaving it (``"exit"``), i.e. when attnflow has not yet registered, or is undoing, it."""
+
+    def __init__(self, factory, phase):
+        self.factory, self.phase = factory, phase
+
+    def __call__(self, *args):
+        return _Around(self.factory(*args), self.phase)
+
+
+class _Around:
+    def __init__(self, inner, phase):
+        self.inner, self.phase = inner, phase
+
+    def __enter__(self):
+        result = self.inner.__enter__()
+        if self.phase == "enter":
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    def __exit__(self, *exc):
+        if self.phase == "exit":
+            signal.raise_signal(signal.SIGINT)
+        return self.inner.__exit__(*exc)
+
+
+@pytest.mark.parametrize("phase", ["enter", "exit"])
+def test_sigint_as_the_linen_interceptor_and_jit_switch_change(phase, monkeypatch):
+    import jax
+    from flax import linen as nn
+
+    model, variables, x = _linen_setup()
+    before, plain = _linen_state(), model.apply(variables, x)
+    for module, name in ((nn, "intercept_methods"), (jax, "disable_jit")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, SigintAround(original, phase))
+        with pytest.raises(KeyboardInterrupt) as caught, attnflow.attach(model):
+            model.apply(variables, x)
+        monkeypatch.setattr(module, name, original)
+        # Judged while the interrupt is still referenced, as a REPL keeps it (sys.last_value): a context whose
+        # exit was skipped would otherwise be closed by the garbage collector and hide the leak.
+        assert caught.value.__traceback__ is not None
+        assert _linen_state() == before, name
+        assert (model.apply(variables, x) == plain).all()
+
+
+def test_keyboard_interrupt_inside_a_bound_linen_module_leaves_no_sow_shadow():
+    model, variables, x = _linen_setup()
+    bound = model.bind(variables)
+    modules = [bound, bound.first, bound.second]
+    second = type(bound.second).__call__
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(bound.second), "__call__", interrupted)
+        with pytest.raises(KeyboardInterrupt), attnflow.attach(bound):
+            bound(x)
+    assert type(bound.second).__call__ is second
+    assert not any("sow" in vars(module) for module in modules)
+    assert _linen_state() == (0, False)
+
+
+def _nnx_setup():
+    import jax
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.first = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+            self.norm = nnx.LayerNorm(8, rngs=rngs)
+            self.second = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+
+        def __call__(self, x):
+            return self.second(self.norm(self.first(x)))
+
+    model = Model(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+
+    def snapshot():
+        return (
+            type(model), bool(jax.config.jax_disable_jit),
+            [(path, dict(vars(module))) for path, module in nnx.iter_modules(model)],
+        )
+
+    return model, x, snapshot
+
+
+def test_sigint_right_after_each_nnx_change(monkeypatch):
+    """A real SIGINT just after attnflow changed an NNX module, before it registered how to undo it."""
+    import contextlib
+
+    model, x, snapshot = _nnx_setup()
+    before, plain = snapshot(), model(x)
+    callback = contextlib.ExitStack.callback
+    counting = SigintAt(callback, 0, after=False)
+    monkeypatch.setattr(contextlib.ExitStack, "callback", counting)
+    with attnflow.attach(model):
+        pass
+    monkeypatch.setattr(contextlib.ExitStack, "callback", callback)
+    total = counting.calls
+    assert total >= 4
+    for n in range(1, total + 1):
+        interrupting = SigintAt(callback, n, after=False)
+        monkeypatch.setattr(contextlib.ExitStack, "callback", interrupting)
+        with pytest.raises(KeyboardInterrupt), attnflow.attach(model):
+            model(x)
+        monkeypatch.setattr(contextlib.ExitStack, "callback", callback)
+        assert snapshot() == before, n
+        assert (model(x) == plain).all()
+
+
+@pytest.mark.parametrize("phase", ["enter", "exit"])
+def test_sigint_as_nnx_switches_jit(phase, monkeypatch):
+    import jax
+
+    model, x, snapshot = _nnx_setup()
+    before, plain = snapshot(), model(x)
+    disable_jit = jax.disable_jit
+    monkeypatch.setattr(jax, "disable_jit", SigintAround(disable_jit, phase))
+    with pytest.raises(KeyboardInterrupt), attnflow.attach(model):
+        model(x)
+    monkeypatch.setattr(jax, "disable_jit", disable_jit)
+    assert snapshot() == before
+    assert (model(x) == plain).all()

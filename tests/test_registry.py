@@ -184,20 +184,29 @@ def test_builtin_adapters_come_from_entry_points():
 BUILTIN = {"torch", "transformers", "flax_linen", "flax_nnx"}
 
 
+def patch_entry_point_loading(monkeypatch, wrap):
+    """Replace ``EntryPoint.load`` by ``wrap(original)`` on the class(es) of attnflow's entry points (once
+    some package has imported the importlib_metadata backport, importlib.metadata hands out its class)."""
+    from importlib.metadata import entry_points
+
+    for cls in {type(ep) for ep in entry_points(group=_registry.ENTRY_POINT_GROUP)}:
+        monkeypatch.setattr(cls, "load", wrap(cls.load))
+
+
 def test_threads_loading_the_registry_at_once_all_see_every_adapter(fresh_registry, monkeypatch):
     """The first load is slow here (each entry point takes 20 ms): threads arriving meanwhile must wait for
     it, not see a half-filled registry."""
-    import importlib.metadata
     import threading
     import time
 
-    load = importlib.metadata.EntryPoint.load
+    def slow_load(load):
+        def patched(self):
+            time.sleep(0.02)
+            return load(self)
 
-    def slow_load(self):
-        time.sleep(0.02)
-        return load(self)
+        return patched
 
-    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", slow_load)
+    patch_entry_point_loading(monkeypatch, slow_load)
     barrier = threading.Barrier(8)
     seen = []
 
@@ -215,18 +224,18 @@ def test_threads_loading_the_registry_at_once_all_see_every_adapter(fresh_regist
 
 
 def test_interrupt_during_the_first_load_leaves_a_registry_that_loads_later(fresh_registry, monkeypatch):
-    import importlib.metadata
-
-    load = importlib.metadata.EntryPoint.load
     calls = []
 
-    def interrupted_once(self):
-        calls.append(self.name)
-        if len(calls) == 2:  # Ctrl-C while the second entry point loads
-            raise KeyboardInterrupt
-        return load(self)
+    def interrupted_once(load):
+        def patched(self):
+            calls.append(self.name)
+            if len(calls) == 2:  # Ctrl-C while the second entry point loads
+                raise KeyboardInterrupt
+            return load(self)
 
-    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", interrupted_once)
+        return patched
+
+    patch_entry_point_loading(monkeypatch, interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         attnflow.list_adapters()
     names = {a.name for a in attnflow.list_adapters()}

@@ -349,3 +349,98 @@ def test_claims_only_transformers_models(tiny_hf, tiny_encoder):
     assert adapter.claims(tiny_hf("bert"))
     assert not adapter.claims(tiny_encoder())
     assert not adapter.claims(object())
+
+
+# -- loading: remote code, damaged weights, over-long texts --------------------------------------------------
+
+REMOTE_CODE = '''
+import pathlib
+
+pathlib.Path({marker!r}).write_text("the model directory's Python ran")
+
+from transformers import BertConfig, BertModel
+
+
+class CustomConfig(BertConfig):
+    model_type = "attnflow-custom"
+
+
+class CustomModel(BertModel):
+    config_class = CustomConfig
+'''
+
+
+def tiny_model_dir(path, *, max_positions=16):
+    """A tiny BERT saved as safetensors, with a real (character) tokenizer: a local model directory."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=20, num_hidden_layers=2, num_attention_heads=4, intermediate_size=28,
+        max_position_embeddings=max_positions,
+    )
+    transformers.BertModel(config).save_pretrained(path)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    transformers.BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(path)
+    return path
+
+
+def remote_code_dir(path):
+    """A model directory whose config.json maps AutoModel onto its own Python file, which writes a marker."""
+    import json
+
+    tiny_model_dir(path)
+    marker = path.parent / f"{path.name}-ran"
+    (path / "custom.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="attnflow-custom", auto_map={"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path, marker
+
+
+def test_remote_code_is_refused_even_when_a_prompt_would_be_answered_yes(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    model_dir, marker = remote_code_dir(tmp_path / "custom")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))  # transformers' prompt would read "y"
+    adapter = attnflow.get_adapter("transformers")
+    with pytest.raises(attnflow.AdapterError, match="trust_remote_code") as info:
+        adapter.load_model(str(model_dir))
+    assert "--trust-remote-code" in str(info.value) and "runs" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_remote_code_runs_only_when_asked_for(tmp_path):
+    model_dir, marker = remote_code_dir(tmp_path / "custom-optin")
+    adapter = attnflow.get_adapter("transformers")
+    model, tokenizer = adapter.load_model(str(model_dir), trust_remote_code=True)
+    assert marker.read_text() == "the model directory's Python ran"
+    assert type(model).__name__ == "CustomModel"
+    trace = attnflow.capture(model, tokens=tokenizer, **adapter.encode(tokenizer, ["abc"]))
+    assert trace.num_layers == 2
+
+
+def test_damaged_or_foreign_weights_are_an_adapter_error(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "truncated")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    adapter = attnflow.get_adapter("transformers")
+    with pytest.raises(attnflow.AdapterError, match="Cannot load a transformers model"):
+        adapter.load_model(str(model_dir))
+
+    pickled = tiny_model_dir(tmp_path / "pickled")
+    (pickled / "model.safetensors").unlink()
+    torch.save({"not": object()}, pickled / "pytorch_model.bin")  # a pickle that weights_only loading refuses
+    with pytest.raises(attnflow.AdapterError, match="Cannot load a transformers model"):
+        adapter.load_model(str(pickled))
+
+
+def test_text_longer_than_the_model_takes_is_refused_or_truncated(tmp_path):
+    adapter = attnflow.get_adapter("transformers")
+    model, tokenizer = adapter.load_model(str(tiny_model_dir(tmp_path / "short", max_positions=16)))
+    text = " ".join("abcdefghijklmnopqrst")  # 20 characters: 22 tokens with [CLS] and [SEP]
+    with pytest.raises(attnflow.OptionError, match=r"22 tokens.*at most 16.*max_length"):
+        adapter.encode(tokenizer, ["a b", text])
+    inputs = adapter.encode(tokenizer, ["a b", text], max_length=16)
+    assert inputs["input_ids"].shape == (2, 16)
+    assert attnflow.capture(model, **inputs).seq_len == 16
