@@ -16,6 +16,7 @@ traces its body once before running it; the layers it then runs concretely are r
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from attnflow import AdapterError, AdapterOption, OptionError, Recorder
-from attnflow._switches import deferred_interrupts
+from attnflow._switches import deferred_interrupts, switch
 
 from ._hf_families import pick_key_stream, plan_streams
 
@@ -64,6 +65,23 @@ def undoing() -> Iterator[ExitStack]:
     finally:
         with deferred_interrupts():
             undo.close()
+
+
+def jit_disabled(jax: Any) -> Any:
+    """``jax.disable_jit()`` for this thread, shared by overlapping attaches: it is entered by the first and
+    left by the last, whatever order they leave in (a context manager left out of order would restore the
+    wrong value)."""
+    return switch(("jax.disable_jit", threading.get_ident()), lambda: entered(jax.disable_jit()), left)
+
+
+def entered(manager: Any) -> Any:
+    """``manager`` entered (for a switch's turn_on); :func:`left` exits it."""
+    manager.__enter__()
+    return manager
+
+
+def left(manager: Any) -> None:
+    manager.__exit__(None, None, None)
 
 
 def is_tracer(value: Any) -> bool:

@@ -37,14 +37,25 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
-from attnflow._switches import deferred_interrupts
+from attnflow._switches import deferred_interrupts, switch
 
-from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids, undoing
+from ._flax_common import (
+    OPTIONS,
+    UNKNOWN,
+    PassCollector,
+    check_options,
+    entered,
+    find_input_ids,
+    jit_disabled,
+    left,
+    undoing,
+)
 
 _ATTENTION_NAME = "attention_weights"
 
@@ -233,7 +244,30 @@ class LinenAdapter(Adapter):
         capture = _LinenCapture(recorder, check_options(self.name, options))
         with undoing() as undo:
             with deferred_interrupts():
-                undo.enter_context(jax.disable_jit())
-                undo.enter_context(nn.intercept_methods(capture.intercept))
+                undo.enter_context(jit_disabled(jax))
+                # one interceptor per thread for every attach, so that attaches may end in any order
+                thread = threading.get_ident()
+                undo.enter_context(switch(
+                    ("flax_linen.interceptor", thread), lambda: entered(nn.intercept_methods(_dispatch)), left
+                ))
+                captures = _ACTIVE.setdefault(thread, [])
+                captures.append(capture)
+                undo.callback(captures.remove, capture)
             yield
         capture.close()
+
+
+#: The captures attached in each thread, in the order they were attached.
+_ACTIVE: dict[int, list[_LinenCapture]] = {}
+
+
+def _dispatch(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+    """The one interceptor: passes each module call through every attached capture of this thread."""
+    captures = tuple(_ACTIVE.get(threading.get_ident(), ()))
+
+    def call(index: int, a: tuple, k: dict) -> Any:
+        if index == len(captures):
+            return next_fun(*a, **k)
+        return captures[index].intercept(lambda *a2, **k2: call(index + 1, a2, k2), a, k, context)
+
+    return call(0, args, kwargs)

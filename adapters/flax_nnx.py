@@ -45,13 +45,13 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
-from attnflow._switches import deferred_interrupts
+from attnflow._switches import deferred_interrupts, switch
 
-from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids, undoing
+from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids, jit_disabled, undoing
 from .flax_linen import root_module
 
 _ATTENTION_NAME = "attention_weights"
@@ -70,50 +70,64 @@ class _NNXCapture:
     def call_root(self, method: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         return self.collector.outermost(lambda: method(instance, *args, **kwargs), find_input_ids(args, kwargs))
 
-    # -- attention ----------------------------------------------------------------------------------
-    def attention_fn(self, name: str, original: Any) -> Any:
-        collector = self.collector
-
-        @functools.wraps(original)
-        def attention_fn(*args: Any, module: Any = None, **kwargs: Any) -> Any:
-            if self.closed:
-                return original(*args, module=module, **kwargs)
-            proxy = _SowProxy(collector, name, forward=module, mask=kwargs.get("mask"),
-                              is_causal=bool(kwargs.get("is_causal", False)))
-            result = original(*args, module=proxy, **kwargs)
-            if not proxy.seen:
-                raise HiddenAttentionError(
-                    f"{name!r} uses attention_fn={original!r}, which did not sow its attention weights "
-                    "through module=; use nnx.dot_product_attention (or an attention_fn that passes module= "
-                    "on to it) so the weights can be recorded."
-                )
-            return result
-
-        attention_fn.__attnflow_original__ = original  # type: ignore[attr-defined]
-        return attention_fn
-
-    def sow(self, name: str, module: Any, previous: Any) -> Any:
-        collector = self.collector
-
-        def sow(variable_type: Any, sow_name: str, value: Any, *args: Any, **kwargs: Any) -> bool:
-            if not self.closed and sow_name == _ATTENTION_NAME and _is_intermediate(variable_type):
-                collector.add(name, value)
-            if previous is not UNKNOWN:
-                return previous(variable_type, sow_name, value, *args, **kwargs)
-            return type(module).sow(module, variable_type, sow_name, value, *args, **kwargs)
-
-        return sow
-
     def close(self) -> None:
         self.closed = True
         self.collector.finish()
 
 
+#: Per module (by id): the captures attached to it and the name each gives it, in the order they attached.
+_ON_MODULE: dict[int, list[tuple[_NNXCapture, str]]] = {}
+
+
+def _listeners(module: Any) -> list[tuple[PassCollector, str]]:
+    return [(capture.collector, name) for capture, name in _ON_MODULE.get(id(module), ()) if not capture.closed]
+
+
+def _dispatching_attention_fn(module: Any, original: Any) -> Any:
+    """The ``attention_fn`` an ``nnx.MultiHeadAttention`` gets while attached (once, however many attaches):
+    it calls the original with ``module=`` a proxy whose ``sow`` hands the weights to every attached capture."""
+
+    @functools.wraps(original)
+    def attention_fn(*args: Any, module: Any = None, **kwargs: Any) -> Any:
+        listeners = _listeners(owner)
+        if not listeners:
+            return original(*args, module=module, **kwargs)
+        proxy = _SowProxy(listeners, forward=module, mask=kwargs.get("mask"),
+                          is_causal=bool(kwargs.get("is_causal", False)))
+        result = original(*args, module=proxy, **kwargs)
+        if not proxy.seen:
+            raise HiddenAttentionError(
+                f"{listeners[0][1]!r} uses attention_fn={original!r}, which did not sow its attention weights "
+                "through module=; use nnx.dot_product_attention (or an attention_fn that passes module= "
+                "on to it) so the weights can be recorded."
+            )
+        return result
+
+    owner = module
+    attention_fn.__attnflow_original__ = original  # type: ignore[attr-defined]
+    return attention_fn
+
+
+def _dispatching_sow(module: Any, previous: Any) -> Any:
+    """The ``sow`` any other module gets while attached: ``'attention_weights'`` go to every attached
+    capture, and everything goes on to the module's own ``sow`` unchanged."""
+
+    def sow(variable_type: Any, sow_name: str, value: Any, *args: Any, **kwargs: Any) -> bool:
+        if sow_name == _ATTENTION_NAME and _is_intermediate(variable_type):
+            for collector, name in _listeners(module):
+                collector.add(name, value)
+        if previous is not UNKNOWN:
+            return previous(variable_type, sow_name, value, *args, **kwargs)
+        return type(module).sow(module, variable_type, sow_name, value, *args, **kwargs)
+
+    return sow
+
+
 class _SowProxy:
     """What an ``nnx.MultiHeadAttention`` passes as ``module=`` while attached: takes the sown weights."""
 
-    def __init__(self, collector: PassCollector, name: str, *, forward: Any, mask: Any, is_causal: bool):
-        self.collector, self.name, self.forward = collector, name, forward
+    def __init__(self, listeners: list[tuple[PassCollector, str]], *, forward: Any, mask: Any, is_causal: bool):
+        self.listeners, self.forward = listeners, forward
         self.mask, self.is_causal, self.seen = mask, is_causal, False
 
     def __bool__(self) -> bool:
@@ -122,7 +136,8 @@ class _SowProxy:
     def sow(self, variable_type: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> bool:
         if name == _ATTENTION_NAME and _is_intermediate(variable_type):
             self.seen = True
-            self.collector.add(self.name, value, mask=self.mask, is_causal=self.is_causal)
+            for collector, layer in self.listeners:
+                collector.add(layer, value, mask=self.mask, is_causal=self.is_causal)
         if self.forward is not None:  # the caller asked for sow_weights=True itself
             return self.forward.sow(variable_type, name, value, *args, **kwargs)
         return False
@@ -232,29 +247,55 @@ class NNXAdapter(Adapter):
             with deferred_interrupts():
                 for path, module in nnx.iter_modules(root):
                     name = "/".join(str(part) for part in path) or type(module).__name__
+                    # one patch per module, shared by overlapping attaches: they may end in any order
                     if isinstance(module, nnx.MultiHeadAttention):
-                        _set(undo, module, "attention_fn", capture.attention_fn(name, module.attention_fn))
+                        undo.enter_context(_patched(module, "attention_fn", _dispatching_attention_fn))
                     else:
-                        previous = module.__dict__.get("sow", UNKNOWN)
-                        _set(undo, module, "sow", capture.sow(name, module, previous))
-                original_class = type(root)
-                if "__attnflow_root__" not in vars(original_class):  # not already attached (nested attach)
-                    object.__setattr__(root, "__class__", _root_class(original_class))
-                    undo.callback(object.__setattr__, root, "__class__", original_class)
+                        undo.enter_context(_patched(module, "sow", _dispatching_sow))
+                    attached = _ON_MODULE.setdefault(id(module), [])
+                    attached.append((capture, name))
+                    undo.callback(_detach, module, attached, capture)
+                # the root's class swap is shared by overlapping attaches: the last to leave puts it back
+                undo.enter_context(switch(("flax_nnx.root_class", id(root)), lambda: _swap_class(root), _unswap(root)))
                 stack = _active_captures()
                 stack.append(capture)
                 undo.callback(stack.remove, capture)
                 undo.callback(setattr, capture, "closed", True)
-                undo.enter_context(jax.disable_jit())
+                undo.enter_context(jit_disabled(jax))
             yield
         capture.close()
 
 
-def _set(undo: ExitStack, module: Any, attribute: str, value: Any) -> None:
-    """Set an instance attribute without NNX's checks, and register putting it back exactly."""
-    previous = module.__dict__.get(attribute, UNKNOWN)
-    object.__setattr__(module, attribute, value)
-    if previous is UNKNOWN:
-        undo.callback(object.__delattr__, module, attribute)
-    else:
-        undo.callback(object.__setattr__, module, attribute, previous)
+def _swap_class(root: Any) -> type:
+    original = type(root)
+    object.__setattr__(root, "__class__", _root_class(original))
+    return original
+
+
+def _unswap(root: Any) -> Any:
+    return lambda original: object.__setattr__(root, "__class__", original)
+
+
+def _patched(module: Any, attribute: str, make: Any) -> Any:
+    """Set an instance attribute (``make(module, previous)``) without NNX's checks while any attach holds it,
+    and put back exactly what was there (or nothing) when the last one leaves."""
+
+    def turn_on() -> Any:
+        previous = module.__dict__.get(attribute, UNKNOWN)
+        current = previous if previous is not UNKNOWN else getattr(module, attribute)
+        object.__setattr__(module, attribute, make(module, current if attribute == "attention_fn" else previous))
+        return previous
+
+    def turn_off(previous: Any) -> None:
+        if previous is UNKNOWN:
+            object.__delattr__(module, attribute)
+        else:
+            object.__setattr__(module, attribute, previous)
+
+    return switch(("flax_nnx", attribute, id(module)), turn_on, turn_off)
+
+
+def _detach(module: Any, attached: list, capture: _NNXCapture) -> None:
+    attached[:] = [entry for entry in attached if entry[0] is not capture]
+    if not attached:
+        _ON_MODULE.pop(id(module), None)

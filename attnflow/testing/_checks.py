@@ -99,6 +99,10 @@ def check_adapter(
             _CHECKS[name](subject)
         except AssertionError as exc:
             raise AssertionError(f"adapter {adapter.name!r}: check {name!r} failed: {exc}") from None
+        except Exception as exc:  # the adapter (or attnflow, on what it was given) raised
+            raise AssertionError(
+                f"adapter {adapter.name!r}: check {name!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _fail(condition: bool, why: str) -> None:
@@ -154,8 +158,10 @@ def check_restored(subject: Subject) -> None:
     with attach(model, adapter=subject.adapter):
         inside = output_of(lambda: subject.forward(model, inputs))
     _assert_restored(subject, model, inputs, before, output)
-    _fail(len(inside) == len(output) and all(np.allclose(a, b, atol=1e-6) for a, b in zip(inside, output)),
-          "the model's output while attached differs from its output without attnflow")
+    # while attached the model may take another code path for the same maths (eager instead of fused
+    # attention): equal up to float32 rounding; after the block it must be exactly the same (above)
+    close = len(inside) == len(output) and all(np.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(inside, output))
+    _fail(close, "the model's output while attached differs from its output without attnflow")
 
 
 def check_raises(subject: Subject, failure: type[BaseException] = InjectedFailure) -> None:
