@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
-from attnflow._switches import deferred_interrupts
+from attnflow._switches import deferred_interrupts, switch
 
 from ._flax_common import UNKNOWN, PassCollector, check_options, find_input_ids, undoing
 
@@ -232,7 +233,62 @@ class LinenAdapter(Adapter):
         capture = _LinenCapture(recorder, check_options(self.name, options))
         with undoing() as undo:
             with deferred_interrupts():
-                undo.enter_context(jax.disable_jit())
-                undo.enter_context(nn.intercept_methods(capture.intercept))
+                undo.enter_context(jit_disabled(jax))
+                undo.enter_context(_intercepting(nn))
+                captures = _active_captures()
+                captures.append(capture)
+                undo.callback(captures.remove, capture)
             yield
         capture.close()
+
+
+# Flax's interceptor stack and jax.disable_jit are per thread and strictly last-in, first-out. Every linen attach
+# of a thread shares one interceptor (which runs each call through all the thread's active captures) and one
+# jit switch, both reference-counted: attaches may then end in any order.
+_threads = threading.local()
+
+
+def thread_stack(local: threading.local) -> list[Any]:
+    """``local.stack``: this thread's own list, made on first use."""
+    stack = getattr(local, "stack", None)
+    if stack is None:
+        stack = local.stack = []
+    return stack
+
+
+def _active_captures() -> list[_LinenCapture]:
+    return thread_stack(_threads)
+
+
+def _dispatch(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+    """The one interceptor: the call goes through every active capture of this thread, oldest outermost."""
+    captures = tuple(_active_captures())
+
+    def through(i: int, *a: Any, **k: Any) -> Any:
+        if i == len(captures):
+            return next_fun(*a, **k)
+        return captures[i].intercept(functools.partial(through, i + 1), a, k, context)
+
+    return through(0, *args, **kwargs)
+
+
+def _intercepting(nn: Any) -> Any:
+    """This thread's dispatching interceptor, installed while any linen attach of the thread is active."""
+
+    def turn_on() -> ExitStack:
+        with ExitStack() as stack:
+            stack.enter_context(nn.intercept_methods(_dispatch))
+            return stack.pop_all()
+
+    return switch(("flax.linen.intercept_methods", threading.get_ident()), turn_on, ExitStack.close)
+
+
+def jit_disabled(jax: Any) -> Any:
+    """``jax.disable_jit()`` for this thread, shared (reference-counted) by the Flax attaches active in it."""
+
+    def turn_on() -> ExitStack:
+        with ExitStack() as stack:
+            stack.enter_context(jax.disable_jit())
+            return stack.pop_all()
+
+    return switch(("jax.disable_jit", threading.get_ident()), turn_on, ExitStack.close)

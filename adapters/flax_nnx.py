@@ -49,12 +49,14 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
-from attnflow._switches import deferred_interrupts
+from attnflow._switches import deferred_interrupts, switch
 
 from ._flax_common import UNKNOWN, PassCollector, check_options, find_input_ids, undoing
-from .flax_linen import root_module
+from .flax_linen import jit_disabled, root_module, thread_stack
 
 _ATTENTION_NAME = "attention_weights"
+#: Attribute of attnflow's wrappers: what the wrapper replaced (and calls).
+_BELOW = "__attnflow_below__"
 
 
 def _nnx() -> Any:
@@ -76,6 +78,7 @@ class _NNXCapture:
 
         @functools.wraps(original)
         def attention_fn(*args: Any, module: Any = None, **kwargs: Any) -> Any:
+            original = getattr(attention_fn, _BELOW)  # read at call time: see _set
             if self.closed:
                 return original(*args, module=module, **kwargs)
             proxy = _SowProxy(collector, name, forward=module, mask=kwargs.get("mask"),
@@ -89,7 +92,7 @@ class _NNXCapture:
                 )
             return result
 
-        attention_fn.__attnflow_original__ = original  # type: ignore[attr-defined]
+        setattr(attention_fn, _BELOW, original)
         return attention_fn
 
     def sow(self, name: str, module: Any, previous: Any) -> Any:
@@ -98,10 +101,12 @@ class _NNXCapture:
         def sow(variable_type: Any, sow_name: str, value: Any, *args: Any, **kwargs: Any) -> bool:
             if not self.closed and sow_name == _ATTENTION_NAME and _is_intermediate(variable_type):
                 collector.add(name, value)
-            if previous is not UNKNOWN:
-                return previous(variable_type, sow_name, value, *args, **kwargs)
+            below = getattr(sow, _BELOW)  # read at call time: see _set
+            if below is not UNKNOWN:
+                return below(variable_type, sow_name, value, *args, **kwargs)
             return type(module).sow(module, variable_type, sow_name, value, *args, **kwargs)
 
+        setattr(sow, _BELOW, previous)
         return sow
 
     def close(self) -> None:
@@ -142,10 +147,7 @@ _active = threading.local()
 
 
 def _active_captures() -> list[_NNXCapture]:
-    stack = getattr(_active, "stack", None)
-    if stack is None:
-        stack = _active.stack = []
-    return stack
+    return thread_stack(_active)
 
 
 def _root_class(cls: type) -> type:
@@ -236,24 +238,51 @@ class NNXAdapter(Adapter):
                     else:
                         previous = module.__dict__.get("sow", UNKNOWN)
                         _set(undo, module, "sow", capture.sow(name, module, previous))
-                original_class = type(root)
-                if "__attnflow_root__" not in vars(original_class):  # not already attached (nested attach)
-                    object.__setattr__(root, "__class__", _root_class(original_class))
-                    undo.callback(object.__setattr__, root, "__class__", original_class)
+                undo.enter_context(_root_marked(root))
                 stack = _active_captures()
                 stack.append(capture)
                 undo.callback(stack.remove, capture)
                 undo.callback(setattr, capture, "closed", True)
-                undo.enter_context(jax.disable_jit())
+                undo.enter_context(jit_disabled(jax))
             yield
         capture.close()
 
 
+def _root_marked(root: Any) -> Any:
+    """The root's class swapped for its pass-marking subclass, shared by overlapping attaches of the root
+    (reference-counted: the last one to leave puts the original class back)."""
+
+    def turn_on() -> type:
+        original_class = type(root)
+        object.__setattr__(root, "__class__", _root_class(original_class))
+        return original_class
+
+    return switch(("flax.nnx.root_class", id(root)), turn_on, lambda cls: object.__setattr__(root, "__class__", cls))
+
+
 def _set(undo: ExitStack, module: Any, attribute: str, value: Any) -> None:
-    """Set an instance attribute without NNX's checks, and register putting it back exactly."""
+    """Set an instance attribute without NNX's checks, and register taking it back exactly.
+
+    ``value`` is a wrapper that calls what it replaced through its ``_BELOW`` attribute. When the block
+    ends while a later attach has wrapped ``value`` in turn (attaches left out of order), ``value`` is
+    unlinked from that chain instead: the later attach's wrapper then calls what ``value`` replaced, and
+    restores that when it ends.
+    """
     previous = module.__dict__.get(attribute, UNKNOWN)
     object.__setattr__(module, attribute, value)
-    if previous is UNKNOWN:
-        undo.callback(object.__delattr__, module, attribute)
-    else:
-        undo.callback(object.__setattr__, module, attribute, previous)
+
+    def take_back() -> None:
+        link = module.__dict__.get(attribute, UNKNOWN)
+        if link is value:
+            below = getattr(value, _BELOW, previous)  # not ``previous`` if an earlier attach unlinked itself
+            if below is UNKNOWN:
+                object.__delattr__(module, attribute)
+            else:
+                object.__setattr__(module, attribute, below)
+            return
+        while link is not UNKNOWN and getattr(link, _BELOW, UNKNOWN) is not value:
+            link = getattr(link, _BELOW, UNKNOWN)
+        if link is not UNKNOWN:
+            setattr(link, _BELOW, previous)
+
+    undo.callback(take_back)
