@@ -445,3 +445,36 @@ def test_sigint_as_nnx_switches_jit(phase, monkeypatch):
     monkeypatch.setattr(jax, "disable_jit", disable_jit)
     assert snapshot() == before
     assert (model(x) == plain).all()
+
+
+def test_linen_attaches_left_out_of_order_restore_everything():
+    """Flax's interceptor stack and jax.disable_jit are last-in, first-out; attaches need not be."""
+    model, variables, x = _linen_setup()
+    before, plain = _linen_state(), model.apply(variables, x)
+    first, second = attnflow.attach(model), attnflow.attach(model)
+    recorder_a = first.__enter__()
+    recorder_b = second.__enter__()
+    model.apply(variables, x)
+    first.__exit__(None, None, None)
+    model.apply(variables, x)  # the second attach still records
+    second.__exit__(None, None, None)
+    assert len(recorder_a.traces) == 1 and len(recorder_b.traces) == 2
+    assert recorder_b.traces[1].layer_names == recorder_a.trace.layer_names == ["first", "second"]
+    assert _linen_state() == before
+    assert (model.apply(variables, x) == plain).all()
+
+
+def test_nnx_attaches_left_out_of_order_restore_everything():
+    model, x, snapshot = _nnx_setup()
+    before, plain = snapshot(), model(x)
+    first, second = attnflow.attach(model), attnflow.attach(model)
+    recorder_a = first.__enter__()
+    recorder_b = second.__enter__()
+    model(x)
+    first.__exit__(None, None, None)
+    model(x)  # the second attach still records, pass by pass
+    second.__exit__(None, None, None)
+    assert len(recorder_a.traces) == 1 and len(recorder_b.traces) == 2
+    assert recorder_b.traces[1].layer_names == recorder_a.trace.layer_names == ["first", "second"]
+    assert snapshot() == before  # class, jit flag, every module's attributes
+    assert (model(x) == plain).all()
