@@ -5,12 +5,7 @@ Capture a model's attention into an :class:`AttentionTrace`, then compute :func:
 Importing attnflow imports no deep-learning framework; adapters load theirs when used.
 """
 
-from ._adapter import Adapter as Adapter
-from ._adapter import AdapterOption as AdapterOption
-from ._adapter import import_optional as import_optional
 from ._batch import run_batch as run_batch
-from ._capture import attach as attach
-from ._capture import capture as capture
 from ._compare import ComparisonReport as ComparisonReport
 from ._compare import compare as compare
 from ._errors import AdapterError as AdapterError
@@ -29,11 +24,16 @@ from ._explanation import explain as explain
 from ._files import load as load
 from ._files import save as save
 from ._models import packaged_model_dir as packaged_model_dir
-from ._recorder import Recorder as Recorder
-from ._registry import get_adapter as get_adapter
-from ._registry import list_adapters as list_adapters
-from ._registry import register_adapter as register_adapter
-from ._registry import unregister_adapter as unregister_adapter
+from .capture._adapter import Adapter as Adapter
+from .capture._adapter import AdapterOption as AdapterOption
+from .capture._adapter import import_optional as import_optional
+from .capture._capture import attach as attach
+from .capture._capture import capture as capture
+from .capture._recorder import Recorder as Recorder
+from .capture._registry import get_adapter as get_adapter
+from .capture._registry import list_adapters as list_adapters
+from .capture._registry import register_adapter as register_adapter
+from .capture._registry import unregister_adapter as unregister_adapter
 from .methods import flow as flow
 from .methods import flow_network as flow_network
 from .methods import fuse_heads as fuse_heads

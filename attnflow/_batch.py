@@ -43,11 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from ._adapter import import_optional
-from ._capture import capture
 from ._errors import AdapterError, AttnflowError, OptionError, TraceFileError
-from ._registry import get_adapter
 from ._tensorfile import atomic_write, file_mode, read_tensor_file, write_tensor_file
+from .capture._adapter import import_optional
+from .capture._capture import capture
+from .capture._registry import get_adapter
 from .methods import flow, raw, rollout
 from .methods._flow import DEFAULT_MAX_SECONDS
 from .methods._fusion import HEAD_FUSIONS, check_options

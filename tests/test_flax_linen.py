@@ -411,7 +411,7 @@ def test_unknown_option_is_refused(setup):
 def test_import_attnflow_imports_no_framework():
     code = (
         "import sys, attnflow, attnflow.adapters.flax_linen, attnflow.adapters.flax_nnx, attnflow._compare, "
-        "attnflow._cli_compare; bad = [m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules]; "
+        "attnflow.cli._compare; bad = [m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import attnflow
-from attnflow import Adapter, AdapterError, AdapterRegistrationError, _registry
+from attnflow import Adapter, AdapterError, AdapterRegistrationError
+from attnflow.capture import _registry
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ._compare import ALIGN_HELP, ComparisonReport, compare
-from ._tensorfile import atomic_write, check_writable_target
-from .trace import load
+from .._compare import ALIGN_HELP, ComparisonReport, compare
+from .._tensorfile import atomic_write, check_writable_target
+from ..trace import load
 
 
 def add_parser(subparsers: Any) -> None:
@@ -84,7 +84,7 @@ def heatmap_png(report: ComparisonReport) -> bytes:
     heads beyond tolerance are outlined in red."""
     from matplotlib.colors import LogNorm
 
-    from ._plot import _pyplot
+    from .._plot import _pyplot
 
     plt = _pyplot()
     grid = report.head_matrix()

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
-from ._errors import AdapterError, MissingDependencyError, OptionError
+from .._errors import AdapterError, MissingDependencyError, OptionError
 from ._recorder import Recorder
 
 #: What an adapter can declare it captures (``Adapter.captures``).

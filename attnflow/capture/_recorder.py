@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import AdapterError, TraceError
-from .trace import AttentionTrace, LayerAttention, Link, Stream
-from .trace._stream import DEFAULT_STREAM, MEMORY_STREAM
+from .._errors import AdapterError, TraceError
+from ..trace import AttentionTrace, LayerAttention, Link, Stream
+from ..trace._stream import DEFAULT_STREAM, MEMORY_STREAM
 
 _STREAM_FIELDS = ("mask", "input_ids", "tokens", "special", "causal", "grid")
 

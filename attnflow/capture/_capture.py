@@ -6,9 +6,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from ..trace import AttentionTrace
 from ._adapter import Adapter, Recorder, check_adapter_options
 from ._registry import find_adapter
-from .trace import AttentionTrace
 
 
 @contextmanager

@@ -12,9 +12,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from ._errors import AttnflowError
+from .._errors import AttnflowError
 
-SUBCOMMANDS = ("attnflow._cli_explain", "attnflow._cli_compare", "attnflow._cli_batch")
+SUBCOMMANDS = ("attnflow.cli._explain", "attnflow.cli._compare", "attnflow.cli._batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,3 @@ def _one_line(exc: BaseException) -> str:
     """The message on one line (errors quoting other libraries' messages may span several)."""
     return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
-
-if __name__ == "__main__":
-    sys.exit(main())

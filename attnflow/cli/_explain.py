@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from ._batch import load_model, make_directory
-from ._capture import capture
-from ._errors import OptionError
-from ._models import packaged_model_dir
-from ._registry import get_adapter
-from ._tensorfile import atomic_write
-from .methods import flow, raw, rollout
-from .methods._fusion import check_max_seconds, check_options
+from .._batch import load_model, make_directory
+from .._errors import OptionError
+from .._models import packaged_model_dir
+from .._tensorfile import atomic_write
+from ..capture._capture import capture
+from ..capture._registry import get_adapter
+from ..methods import flow, raw, rollout
+from ..methods._fusion import check_max_seconds, check_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -104,7 +104,7 @@ def write_outputs(
     out: Path, trace: Any, tokens: list[str], matrices: dict[str, np.ndarray], scores: dict[str, np.ndarray],
     explained: int, timings: dict[str, float],
 ) -> None:
-    from ._plot import heatmap, score_bars
+    from .._plot import heatmap, score_bars
 
     titles = {"raw": "raw attention (last layer, heads fused)", "rollout": "attention rollout", "flow": "attention flow"}
     for name, matrix in matrices.items():

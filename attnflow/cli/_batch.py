@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from ._batch import DEFAULT_BATCH_SIZE, DEFAULT_METHODS, EXAMPLES_DIR, METHODS, TABLE, Malformed, run_batch
-from .methods._flow import DEFAULT_MAX_SECONDS
+from .._batch import DEFAULT_BATCH_SIZE, DEFAULT_METHODS, EXAMPLES_DIR, METHODS, TABLE, Malformed, run_batch
+from ..methods._flow import DEFAULT_MAX_SECONDS
 
 
 def add_parser(subparsers: Any) -> None:

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from .._errors import AdapterError, AdapterRegistrationError, MissingDependencyError
+from .._switches import deferred_interrupts
 from ._adapter import Adapter
-from ._errors import AdapterError, AdapterRegistrationError, MissingDependencyError
-from ._switches import deferred_interrupts
 
 ENTRY_POINT_GROUP = "attnflow.adapters"
 _DISTRIBUTION = "attnflow"

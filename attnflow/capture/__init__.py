@@ -1,0 +1,18 @@
+"""Capturing attention: the Adapter contract, the Recorder adapters fill, the adapter registry, and
+capture()/attach()."""
+
+from ._adapter import Adapter as Adapter
+from ._adapter import AdapterOption as AdapterOption
+from ._adapter import import_optional as import_optional
+from ._capture import attach as attach
+from ._capture import capture as capture
+from ._recorder import Recorder as Recorder
+from ._registry import get_adapter as get_adapter
+from ._registry import list_adapters as list_adapters
+from ._registry import register_adapter as register_adapter
+from ._registry import unregister_adapter as unregister_adapter
+
+__all__ = [
+    "Adapter", "AdapterOption", "Recorder", "attach", "capture", "get_adapter", "import_optional", "list_adapters",
+    "register_adapter", "unregister_adapter",
+]
