@@ -177,7 +177,8 @@ class TransformersAdapter(attnflow.Adapter):
     def load_model(self, location: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
         """``(model, tokenizer)`` from a local model directory, or from a hub id where there is network.
 
-        The model is loaded as ``AutoModel.from_pretrained`` leaves it (SDPA, eval mode). A model whose
+        The model is loaded as ``AutoModel.from_pretrained`` leaves it (SDPA, eval mode); an encoder-decoder
+        as ``AutoModelForSeq2SeqLM`` (which builds its decoder's inputs from ``labels``). A model whose
         config maps its classes onto Python files of its own (``auto_map``) is refused unless
         ``trust_remote_code=True`` (``--trust-remote-code`` on the command line), which *runs that Python*
         with your permissions: pass it only for a directory whose code you trust. Never asks on a terminal.
@@ -203,7 +204,10 @@ class TransformersAdapter(attnflow.Adapter):
             source, kwargs = location, ({"local_files_only": True} if _offline() else {})
         trust = {"trust_remote_code": bool(trust_remote_code)}  # explicit: transformers would otherwise prompt
         try:
-            model = transformers.AutoModel.from_pretrained(source, **kwargs, **trust)
+            config = transformers.AutoConfig.from_pretrained(source, **kwargs, **trust)
+            auto = transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else \
+                transformers.AutoModel
+            model = auto.from_pretrained(source, **kwargs, **trust)
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs, **trust)
         except Exception as exc:  # safetensors, unpickling and model-class errors too: all mean "cannot load"
             if not trust_remote_code and "trust_remote_code" in str(exc):
@@ -231,12 +235,35 @@ class TransformersAdapter(attnflow.Adapter):
             tokenizer.model_max_length = limit  # the tokenizer does not say; the model's positions do
         return model, tokenizer
 
-    def encode(self, tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None) -> dict[str, Any]:
+    def encode(
+        self, tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None,
+        targets: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         """Tokenise ``texts`` into a padded batch of torch tensors (``input_ids``, ``attention_mask``...).
 
         ``max_length`` truncates; without it, a text longer than the model takes (the tokenizer's
         ``model_max_length``) is an :class:`attnflow.OptionError` rather than a failing forward pass.
+        ``targets`` (one per text) are the decoder's texts of an encoder-decoder, given as ``labels`` (the
+        model shifts them right into its decoder inputs, as in training) with the matching
+        ``decoder_attention_mask``.
         """
+        encoded = self._encode_texts(tokenizer, texts, max_length)
+        if targets is None:
+            return encoded
+        if isinstance(targets, str):
+            targets = [targets]
+        targets = list(targets)
+        if len(targets) != len(encoded["input_ids"]):
+            raise attnflow.OptionError(f"Got {len(targets)} target texts for {len(encoded['input_ids'])} texts.")
+        decoded = tokenizer(text_target=targets, padding=True, truncation=max_length is not None,
+                            max_length=max_length, return_tensors="pt")
+        labels, mask = decoded["input_ids"], decoded["attention_mask"]
+        shifted = mask.clone()  # the decoder's position 0 is the start token; position i sees target i - 1
+        shifted[:, 1:] = mask[:, :-1]
+        shifted[:, 0] = 1
+        return {**encoded, "labels": labels.masked_fill(mask == 0, -100), "decoder_attention_mask": shifted}
+
+    def _encode_texts(self, tokenizer: Any, texts: Sequence[str], max_length: int | None) -> dict[str, Any]:
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from ._errors import AdapterError, AttnflowError, OptionError, TraceFileError
-from ._tensorfile import atomic_write, file_mode, read_tensor_file, write_tensor_file
-from .capture._adapter import import_optional
+from ._tensorfile import atomic_write, file_mode, make_directory, read_tensor_file, write_tensor_file
+from .capture._adapter import import_optional, load_model
 from .capture._capture import capture
 from .capture._registry import get_adapter
 from .methods import flow, raw, rollout
@@ -309,21 +309,6 @@ def _settings(
 
 
 # -- the worker side ---------------------------------------------------------------------------------
-
-
-def load_model(adapter: Any, location: str | os.PathLike[str], *, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """``adapter.load_model(location)``, passing ``trust_remote_code=True`` only when asked (adapters that
-    cannot take it refuse then); any failure of an adapter's own loader becomes an :class:`AdapterError`."""
-    try:
-        if trust_remote_code:
-            return adapter.load_model(location, trust_remote_code=True)
-        return adapter.load_model(location)
-    except AttnflowError:
-        raise
-    except Exception as exc:  # a third-party adapter's own error (a TypeError for trust_remote_code too)
-        raise AdapterError(
-            f"Adapter {adapter.name!r} could not load {os.fspath(location)!r}: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 class _ModelCache:
@@ -711,21 +696,6 @@ def _check_manifest(out: Path, settings: _Settings) -> None:
     from . import __version__
 
     _write_json(path, {"format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "attnflow": __version__, "settings": record})
-
-
-def make_directory(path: Path, what: str = "output directory") -> Path:
-    """Create ``path`` and its parents (fine if it exists), or raise an :class:`OptionError` saying why it
-    cannot be: a file in the way, a parent that is a file, no permission, a full disk."""
-    if path.exists() and not path.is_dir():
-        raise OptionError(f"The {what} {str(path)!r} exists and is not a directory; choose another path.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OptionError(
-            f"Cannot create the {what} {str(path)!r}: {exc.strerror or exc}. Choose a path where you can write "
-            "(every parent must be a directory)."
-        ) from exc
-    return path
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import TraceFileError
+from ._errors import OptionError, TraceFileError
 
 HEADER_KEY = "attnflow"
 HEADER_DIGEST_KEY = "attnflow.sha256"
@@ -257,3 +257,18 @@ def peek_format(path: str | os.PathLike[str]) -> str | None:
         return parse_json_object(text, "header").get("format") if isinstance(text, str) else None
     except Exception:
         return None
+
+
+def make_directory(path: Path, what: str = "output directory") -> Path:
+    """Create ``path`` and its parents (fine if it exists), or raise an :class:`OptionError` saying why it
+    cannot be: a file in the way, a parent that is a file, no permission, a full disk."""
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"The {what} {str(path)!r} exists and is not a directory; choose another path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(
+            f"Cannot create the {what} {str(path)!r}: {exc.strerror or exc}. Choose a path where you can write "
+            "(every parent must be a directory)."
+        ) from exc
+    return path

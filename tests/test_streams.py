@@ -360,3 +360,19 @@ def test_stream_errors_say_what_to_do():
         AttentionTrace.from_arrays([enc], streams=[Stream("encoder")], mask=np.ones((1, 5)))
     with pytest.raises(TraceError, match="stream name"):
         AttentionTrace.from_arrays([enc], streams={"bad name!": {}})
+
+
+def test_cropping_an_item_equals_capturing_it_alone():
+    trace, weights, streams, enc_mask, dec_mask = encoder_decoder(np.random.default_rng(12))
+    cropped = trace.select(1, crop=True)
+    assert cropped.streams["encoder"].length == 5 and cropped.streams["decoder"].length == 3
+    assert cropped.streams["encoder"].mask.all() and cropped.batch_size == 1
+    full = attnflow.rollout(trace)
+    alone = attnflow.rollout(cropped)
+    np.testing.assert_allclose(alone["encoder"][0], full["encoder"][1][:3, :5], atol=1e-14)
+    np.testing.assert_allclose(
+        attnflow.flow(cropped, sources=[-1])["encoder"][0], attnflow.flow(trace, sources=[-1])["encoder"][1][:, :5],
+        atol=1e-12,
+    )
+    linked, *_ = linked_trace(np.random.default_rng(13))
+    assert linked.select(0, crop=True).links[0].weights.shape == (1, 6, 5)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
-from .._errors import AdapterError, MissingDependencyError, OptionError
+from .._errors import AdapterError, AttnflowError, MissingDependencyError, OptionError
 from ._recorder import Recorder
 
 #: What an adapter can declare it captures (``Adapter.captures``).
@@ -114,8 +115,12 @@ class Adapter(abc.ABC):
             "attnflow.capture(), or pick an adapter that can (e.g. --adapter transformers)."
         )
 
-    def encode(self, tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None) -> dict[str, Any]:
-        """Tokenise ``texts`` (padded batch) into the keyword arguments the model's forward takes."""
+    def encode(
+        self, tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None,
+        targets: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Tokenise ``texts`` (padded batch) into the keyword arguments the model's forward takes;
+        ``targets``: the decoder's texts, for encoder-decoder models."""
         raise AdapterError(
             f"Adapter {self.name!r} cannot tokenise text; pick an adapter that can (e.g. transformers)."
         )
@@ -141,3 +146,18 @@ def check_adapter_options(adapter: Adapter, options: Mapping[str, Any]) -> dict[
             names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
             raise OptionError(f"Adapter {adapter.name!r}: option {name!r} must be {names}, got {value!r}.")
     return dict(options)
+
+
+def load_model(adapter: Any, location: str | os.PathLike[str], *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``adapter.load_model(location)``, passing ``trust_remote_code=True`` only when asked (adapters that
+    cannot take it refuse then); any failure of an adapter's own loader becomes an :class:`AdapterError`."""
+    try:
+        if trust_remote_code:
+            return adapter.load_model(location, trust_remote_code=True)
+        return adapter.load_model(location)
+    except AttnflowError:
+        raise
+    except Exception as exc:  # a third-party adapter's own error (a TypeError for trust_remote_code too)
+        raise AdapterError(
+            f"Adapter {adapter.name!r} could not load {os.fspath(location)!r}: {type(exc).__name__}: {exc}"
+        ) from exc

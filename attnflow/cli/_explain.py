@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .._batch import load_model, make_directory
 from .._errors import OptionError
 from .._models import packaged_model_dir
-from .._tensorfile import atomic_write
+from .._tensorfile import atomic_write, make_directory
+from ..capture._adapter import load_model
 from ..capture._capture import capture
 from ..capture._registry import get_adapter
 from ..methods import flow, raw, rollout

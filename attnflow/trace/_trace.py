@@ -421,11 +421,17 @@ class AttentionTrace:
             )
         return np.stack([np.asarray(layer.weights, dtype=dtype) for layer in layers])
 
-    def select(self, batch_index: int) -> AttentionTrace:
-        """A trace of one batch item (batch size 1), same layers, streams and metadata."""
+    def select(self, batch_index: int, *, crop: bool = False) -> AttentionTrace:
+        """A trace of one batch item (batch size 1), same layers, streams and metadata.
+
+        With ``crop=True`` every stream keeps only the item's real tokens (what capturing that item alone
+        gives); per-layer extras, whose token axes attnflow does not know, are left out then.
+        """
         if not is_int(batch_index) or not -self.batch_size <= batch_index < self.batch_size:
             raise TraceError(f"batch_index {batch_index!r} is out of range for a batch of {self.batch_size}.")
         b = int(batch_index) % self.batch_size
+        if crop:
+            return self._cropped(b)
         keep = slice(b, b + 1)
         layers = [
             dataclasses.replace(layer, weights=layer.weights[keep], extras={k: v[keep] for k, v in layer.extras.items()})
@@ -436,6 +442,31 @@ class AttentionTrace:
             for s in self._streams.values()
         ]
         links = [dataclasses.replace(link, weights=link.weights[keep]) for link in self._links]
+        return AttentionTrace(
+            layers, streams=streams, links=links, framework=self._framework, model_name=self._model_name,
+            metadata=self._metadata, check_rows=False,
+        )
+
+    def _cropped(self, b: int) -> AttentionTrace:
+        valid = {name: s.valid_index(b) for name, s in self._streams.items()}
+        layers = [
+            dataclasses.replace(
+                layer, extras={},
+                weights=layer.weights[b][:, valid[layer.query_stream]][:, :, valid[layer.key_stream]][None],  # type: ignore[index]
+            )
+            for layer in self._layers
+        ]
+        streams = []
+        for name, s in self._streams.items():
+            keep = valid[name]
+            streams.append(Stream(
+                name, tokens=[[s.tokens[b][p] for p in keep]], special=s.special[b][keep][None],  # type: ignore[index]
+                causal=s.causal, grid=s.grid if keep.size == s.length else None,
+            ))
+        links = [
+            dataclasses.replace(link, weights=link.weights[b][valid[link.stream]][:, valid[link.source]][None])
+            for link in self._links
+        ]
         return AttentionTrace(
             layers, streams=streams, links=links, framework=self._framework, model_name=self._model_name,
             metadata=self._metadata, check_rows=False,
