@@ -17,14 +17,18 @@ def _pyplot():
     return plt
 
 
-def heatmap(matrix: np.ndarray, tokens: Sequence[str], path: str | Path, *, title: str) -> Path:
-    """Save an ``(n, n)`` matrix as a labelled heatmap (rows: output tokens, columns: input tokens)."""
+def heatmap(
+    matrix: np.ndarray, tokens: Sequence[str], path: str | Path, *, title: str, columns: Sequence[str] | None = None
+) -> Path:
+    """Save a ``(rows, columns)`` matrix as a labelled heatmap (rows: output tokens ``tokens``, columns: input
+    tokens ``columns``, the same tokens by default)."""
     plt = _pyplot()
-    n = len(tokens)
-    size = min(4 + 0.35 * n, 24)
+    columns = tokens if columns is None else columns
+    n, m = len(tokens), len(columns)
+    size = min(4 + 0.35 * max(n, m), 24)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(matrix, cmap="viridis", aspect="equal")
-    ax.set_xticks(range(n), labels=tokens, rotation=90, fontsize=8)
+    ax.set_xticks(range(m), labels=columns, rotation=90, fontsize=8)
     ax.set_yticks(range(n), labels=tokens, fontsize=8)
     ax.set_xlabel("input token (key)")
     ax.set_ylabel("output token (query)")

@@ -87,3 +87,40 @@ def test_bad_model_directory_is_a_clear_error(tmp_path, capsys):
 def test_adapter_that_cannot_load_models_is_a_clear_error(tmp_path, capsys):
     assert main(["explain", "hello", "--adapter", "torch", "--out", str(tmp_path / "o")]) == 1
     assert "cannot load models by path" in capsys.readouterr().err
+
+
+def test_encoder_decoder_directory_with_target_text(tmp_path, capsys):
+    """An encoder-decoder explains every decoder token by the encoder tokens it draws on."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, BertTokenizer
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=32, d_model=16, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=2, encoder_ffn_dim=20, decoder_ffn_dim=20, max_position_embeddings=32,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2,
+    )
+    model_dir = tmp_path / "tiny-bart"
+    BartForConditionalGeneration(config).save_pretrained(model_dir, safe_serialization=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(model_dir)
+
+    out = tmp_path / "out"
+    assert main(["explain", "a b c", "--target-text", "x y", "--model", str(model_dir), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "Top encoder tokens per decoder token (flow):" in stdout
+    document = json.loads((out / "explanation.json").read_text())
+    assert document["stream"] == "decoder" and document["input_tokens"]["encoder"] == ["[CLS]", "a", "b", "c", "[SEP]"]
+    # the decoder runs on the target shifted right behind the start token
+    assert document["tokens"] == ["[CLS]", "[CLS]", "x", "y"]
+    trace = attnflow.load(out / "trace.safetensors")
+    assert list(trace.streams) == ["encoder", "decoder"]
+    rollout = attnflow.rollout(trace)
+    for name in ("encoder", "decoder"):
+        np.testing.assert_allclose(np.array(document["matrices"]["rollout"][name]), rollout[name][0], atol=1e-12)
+    total = np.array(document["matrices"]["flow"]["encoder"]).sum(-1) + np.array(document["matrices"]["flow"]["decoder"]).sum(-1)
+    np.testing.assert_allclose(total, 1.0, atol=1e-9)
+    for name in ("rollout-encoder.png", "flow-decoder.png", "explanation.safetensors"):
+        assert (out / name).stat().st_size > 0
+    assert main(["explain", "a b", "--model", str(model_dir), "--out", str(tmp_path / "o2")]) == 1
+    assert "--target-text" in capsys.readouterr().err
