@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# timm without its dependencies: its torchvision requirement has no CPU build on this index, and a
 	# CUDA torchvision beside the CPU torch breaks transformers' imports (see tests/timm_import.py).
 	$(PY) -m pip install -q --no-deps -c constraints.txt timm
+	# the worked plugin package, installed as a third party would install theirs (its tests run with ours)
+	$(PY) -m pip install -q --no-deps -e examples/plugin
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -178,8 +178,10 @@ def test_builtin_adapters_come_from_entry_points():
     adapters = {a.name: a for a in attnflow.list_adapters()}
     assert {"torch", "transformers", "flax_linen", "flax_nnx"} <= set(adapters)
     assert adapters["transformers"].priority > adapters["torch"].priority
-    for adapter in adapters.values():
-        assert type(adapter).__module__.startswith("attnflow.adapters.")
+    for name in ("torch", "transformers", "flax_linen", "flax_nnx", "timm"):
+        assert type(adapters[name]).__module__.startswith("attnflow.adapters.")
+    # the worked plugin package (examples/plugin, installed by make install) registers like any third party
+    assert type(adapters["handattn"]).__module__ == "attnflow_handattn"
 
 
 BUILTIN = {"torch", "transformers", "flax_linen", "flax_nnx"}
