@@ -1,6 +1,9 @@
 """Capturing attention: the Adapter contract, the Recorder adapters fill, the adapter registry, and
 capture()/attach()."""
 
+from .._switches import deferred_interrupts as deferred_interrupts
+from .._switches import switch as switch
+from ._adapter import CAPABILITIES as CAPABILITIES
 from ._adapter import Adapter as Adapter
 from ._adapter import AdapterOption as AdapterOption
 from ._adapter import import_optional as import_optional
@@ -13,6 +16,6 @@ from ._registry import register_adapter as register_adapter
 from ._registry import unregister_adapter as unregister_adapter
 
 __all__ = [
-    "Adapter", "AdapterOption", "Recorder", "attach", "capture", "get_adapter", "import_optional", "list_adapters",
+    "CAPABILITIES", "Adapter", "deferred_interrupts", "switch", "AdapterOption", "Recorder", "attach", "capture", "get_adapter", "import_optional", "list_adapters",
     "register_adapter", "unregister_adapter",
 ]
