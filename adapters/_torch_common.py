@@ -98,7 +98,10 @@ class TorchPass:
     def __init__(self, recorder: attnflow.Recorder, streams: Mapping[str, str | None] | None = None):
         self.recorder = recorder
         self.streams = dict(streams or {})  # module path -> stream of its queries (None: the only stream)
+        self.request = recorder.request
         self.depth = 0
+        self.grad_mode: bool | None = None  # autograd's state before a pass that records gradients
+        self.paused = False  # the finishing steps re-run parts of the model: nothing they run is recorded
         self.seen: dict[str, int] = {}  # stream -> its length, from the layers of this pass
         self.layer_counts: dict[str | None, int] = {}  # stream -> layers of it recorded in this pass
         self.state: dict[str, Any] = {}  # what hooks learn during the pass, for the finishing steps
@@ -114,19 +117,37 @@ class TorchPass:
 
     def begin(self, call: Mapping[str, Any] | None) -> None:
         self.depth += 1
+        if self.depth == 1 and self.request.gradients:
+            torch = attnflow.import_optional("torch", "torch")
+            self.grad_mode = torch.is_grad_enabled()
+            torch.set_grad_enabled(True)  # gradients are asked for: also inside the caller's torch.no_grad()
         self.recorder.start_call(**dict(call or {}))
 
     def finish(self) -> None:
         self.depth -= 1
-        if self.depth == 0:
-            for finisher in self.finishers:
-                finisher(self)
+        try:
+            if self.depth == 0:
+                if self.request.gradients:
+                    attention_gradients(self)
+                self.paused = True
+                for finisher in self.finishers:
+                    finisher(self)
+        finally:
+            self.paused = False
+            if self.depth == 0:
+                self._restore_grad_mode()
         self.recorder.end_call()
 
     def abort(self) -> None:
         if self.depth > 0:
             self.depth = 0
+            self._restore_grad_mode()
             self.recorder.abort_call()
+
+    def _restore_grad_mode(self) -> None:
+        if self.grad_mode is not None:
+            attnflow.import_optional("torch", "torch").set_grad_enabled(self.grad_mode)
+            self.grad_mode = None
 
     def stream_of(self, path: str) -> str | None:
         return self.streams.get(path)
@@ -134,9 +155,12 @@ class TorchPass:
     def add(
         self, path: str, weights: Any, *, kind: str | None = None, key_stream: str | None = None,
         training: bool = False, name: str | None = None,
-    ) -> None:
-        """Record one module's ``(batch, heads, q, k)`` attention tensor; the query stream comes from the
+    ) -> int:
+        """Record one module's ``(batch, heads, q, k)`` attention tensor (its index in the pass is returned, -1
+        while the finishing steps run); the query stream comes from the
         module's path, the key stream of a cross layer from the streams this pass has run (or ``key_stream``)."""
+        if self.paused:
+            return -1
         array, source_dtype = to_numpy(weights)
         query = self.stream_of(path)
         key = None
@@ -147,10 +171,13 @@ class TorchPass:
         elif kind != "cross" and query is not None:
             self.seen.setdefault(query, array.shape[-1])
         self.layer_counts[query] = self.layer_counts.get(query, 0) + 1
-        self.recorder.record(
+        index = self.recorder.record(
             name or path, array, kind=kind, source_dtype=source_dtype, query_stream=query, key_stream=key,
             training=training,
         )
+        if self.request.gradients and self.active:
+            self.state.setdefault("grad_tensors", []).append((index, weights))
+        return index
 
 
 def install_pass_hooks(
@@ -181,6 +208,8 @@ def install_pass_hooks(
 
     def end_hook(module: Any, args: tuple, output: Any) -> Any:
         ended[0] += 1
+        if passes.depth == 1:
+            passes.state["output"] = output
         replaced = after(output) if after is not None and passes.depth == 1 else None
         passes.finish()
         return replaced
@@ -195,6 +224,82 @@ def install_pass_hooks(
     handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
     handles.append(model.register_forward_hook(end_hook))
     handles.append(model.register_forward_hook(cleanup_hook, always_call=True))
+
+
+def attention_gradients(passes: TorchPass) -> None:
+    """The gradient of the target score with respect to every recorded attention tensor of the pass, added to
+    its layer as extra ``"attn_grad"``. One backward pass; nothing accumulates into parameters' ``.grad``."""
+    torch = attnflow.import_optional("torch", "torch")
+    kept = [(i, t) for i, t in passes.state.pop("grad_tensors", []) if t.requires_grad]
+    if not kept:
+        raise attnflow.AdapterError(
+            "Gradients were asked for (target=...), but no recorded attention took part in autograd; the model "
+            "may detach its attention weights, or run its attention in a way autograd does not follow."
+        )
+    score = target_score(passes.state.get("output"), passes.request, passes.state.get("target_tokens"), torch)
+    grads = torch.autograd.grad(score, [t for _, t in kept], allow_unused=True)
+    if all(grad is None for grad in grads):
+        raise attnflow.AdapterError(
+            "The target does not depend on any recorded attention tensor: the attention modules return weights "
+            "that are not the ones they compute with (a copy or a view made after use), so their gradients cannot "
+            "be read. Capture gradients with an adapter that hooks the probabilities the model uses."
+        )
+    for (index, tensor), grad in zip(kept, grads):  # a layer the target does not depend on has gradient 0
+        grad = torch.zeros_like(tensor) if grad is None else grad
+        passes.recorder.add_extras(index, attn_grad=to_numpy(grad)[0])
+
+
+def target_score(output: Any, request: Any, target_tokens: Any, torch: Any) -> Any:
+    """The scalar whose gradient is taken: per item, ``target`` of the model's logits (at the target
+    position for per-token logits), summed over the batch.
+
+    ``target_tokens``: ``(mask, causal)`` of the tokens the logits belong to, to find each item's last real
+    token (decoders); None when unknown (then position 0).
+    """
+    target = request.target
+    if callable(target):
+        score = target(output)
+        if not isinstance(score, torch.Tensor):
+            raise attnflow.OptionError(f"target(output) must return a torch tensor of per-item scores, got {type(score).__name__}.")
+        return score.sum()
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, torch.Tensor) and output.ndim in (2, 3):
+        logits = output
+    if logits is None:
+        raise attnflow.OptionError(
+            f"The model's output ({type(output).__name__}) has no logits to take target={target!r} from; pass "
+            "target=a callable that maps the output to per-item scores, e.g. lambda out: out.last_hidden_state[:, 0, 0]."
+        )
+    batch = logits.shape[0]
+    if logits.ndim == 3:
+        positions = _target_positions(request.target_position, target_tokens, batch, logits.shape[1], torch)
+        logits = logits[torch.arange(batch), positions]
+    if logits.ndim != 2:
+        raise attnflow.OptionError(f"Cannot read a target from logits of shape {tuple(logits.shape)}; pass target=a callable.")
+    if target is None:
+        index = logits.argmax(-1)
+    else:
+        if not isinstance(target, int) or isinstance(target, bool) or not -logits.shape[-1] <= target < logits.shape[-1]:
+            raise attnflow.OptionError(
+                f"target={target!r} is not an index of the model's {logits.shape[-1]} outputs (classes or vocabulary)."
+            )
+        index = torch.full((batch,), target % logits.shape[-1], dtype=torch.long, device=logits.device)
+    return logits.gather(1, index[:, None]).sum()
+
+
+def _target_positions(position: int | None, target_tokens: Any, batch: int, length: int, torch: Any) -> Any:
+    if position is not None:
+        if not -length <= position < length:
+            raise attnflow.OptionError(f"target_position={position} is outside the {length} positions of the logits.")
+        return torch.full((batch,), position % length, dtype=torch.long)
+    if target_tokens is not None:
+        mask, causal = target_tokens
+        if causal and mask is None:
+            return torch.full((batch,), length - 1, dtype=torch.long)
+        if causal and tuple(np.shape(mask)) == (batch, length):
+            last = [int(np.flatnonzero(np.asarray(row))[-1]) for row in mask]
+            return torch.tensor(last, dtype=torch.long)
+    return torch.zeros(batch, dtype=torch.long)
 
 
 def unwrap_compiled(model: Any) -> Any:

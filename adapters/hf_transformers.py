@@ -31,7 +31,7 @@ import attnflow
 from attnflow._switches import deferred_interrupts, switch
 
 from . import _hf_families as families
-from . import _swin
+from . import _swin, _value_zeroing, _values
 from . import _torch_common as common
 
 _EAGER = "eager"
@@ -62,7 +62,7 @@ class TransformersAdapter(attnflow.Adapter):
         attnflow.AdapterOption("modules", None, None, "module classes or path globs replacing the detected ones"),
         attnflow.AdapterOption("output_index", int, 1, "where those modules return their weights"),
     )
-    captures = frozenset({"weights", "streams"})
+    captures = frozenset({"weights", "streams", "attn_grad", "values", "value_zeroing"})
 
     def claims(self, model: Any) -> bool:
         transformers = attnflow.import_optional("transformers", self.extra)
@@ -112,6 +112,9 @@ class TransformersAdapter(attnflow.Adapter):
             mask = _mask_array(named.get("attention_mask"), torch)
             ids = common.int_ids(named.get("input_ids"), torch)
             call: dict[str, Any] = {"metadata": {"attn_implementation": str(original), "captured_with": _EAGER}}
+            if recorder.request.values:
+                call["metadata"]["values_layout"] = _values.value_map(model).layout
+            passes.state["target_tokens"] = (mask, causal.get(None))
             if plan.multi or swin:
                 passes.state["root"] = {"input_ids": ids, "mask": mask}
                 call["streams"] = {stream: {"causal": flag} for stream, flag in causal.items() if flag}
@@ -138,6 +141,10 @@ class TransformersAdapter(attnflow.Adapter):
                     handles.append(block.register_forward_hook(hook, with_kwargs=True))
                 if swin:
                     passes.finishers.append(_swin.finish)
+                if recorder.request.values:
+                    _values.install(model, targets, passes, torch, handles)
+                if recorder.request.value_zeroing:
+                    _value_zeroing.install(model, targets, passes, torch, handles)
                 for tower, stream in plan.towers.items():
                     hook = _tower_hook(stream, _signature(towers[tower]), passes, torch)
                     handles.append(towers[tower].register_forward_pre_hook(hook, with_kwargs=True))
@@ -450,7 +457,9 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
                 f"{path} ({type(module).__name__}) returned {shape} as its attention; expected (batch, heads, "
                 "query, key). Pass adapter_options={'output_index': ...} if the weights sit elsewhere."
             )
-        passes.add(path, weights, kind=kind, training=module.training)
+        recorded = passes.add(path, weights, kind=kind, training=module.training)
+        if recorded >= 0:
+            passes.state.setdefault("indices", {}).setdefault(path, []).append(recorded)
 
     return hook
 
@@ -494,10 +503,10 @@ def _tower_hook(stream: str, signature: inspect.Signature | None, passes: common
         if not passes.active:
             return
         named = _bind(signature, args, kwargs)
-        passes.recorder.describe_stream(
-            stream, input_ids=common.int_ids(named.get("input_ids"), torch),
-            mask=_mask_array(named.get("attention_mask"), torch),
-        )
+        mask = _mask_array(named.get("attention_mask"), torch)
+        passes.recorder.describe_stream(stream, input_ids=common.int_ids(named.get("input_ids"), torch), mask=mask)
+        if stream == "decoder":  # an encoder-decoder's logits are the decoder's
+            passes.state["target_tokens"] = (mask, True)
         pixels = named.get("pixel_values")
         if isinstance(pixels, torch.Tensor):
             passes.state.setdefault("pixels", {})[stream] = (tuple(pixels.shape), module)

@@ -43,6 +43,7 @@ class TimmAdapter(attnflow.Adapter):
     extra = "timm"
     priority = 10
     options = ()
+    captures = frozenset({"weights", "attn_grad"})
 
     def claims(self, model: Any) -> bool:
         torch = attnflow.import_optional("torch", self.extra)

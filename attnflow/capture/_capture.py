@@ -6,14 +6,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from .._errors import AdapterError
 from ..trace import AttentionTrace
 from ._adapter import Adapter, Recorder, check_adapter_options
+from ._recorder import NO_TARGET, CaptureRequest
 from ._registry import find_adapter
 
 
 @contextmanager
 def attach(
-    model: Any, *, adapter: str | Adapter | None = None, tokens: Any = None, **options: Any
+    model: Any, *, adapter: str | Adapter | None = None, tokens: Any = None, target: Any = NO_TARGET,
+    target_position: int | None = None, values: bool = False, value_zeroing: bool = False, **options: Any
 ) -> Iterator[Recorder]:
     """Record attention of every forward pass run inside the block.
 
@@ -21,17 +24,35 @@ def attach(
         model: the model (a ``torch.nn.Module``, a transformers model, a Flax module...).
         adapter: an adapter name or instance; default: the first registered adapter that claims ``model``.
         tokens: token labels (per batch item) or a tokenizer with ``convert_ids_to_tokens``.
+        target: also record, per layer, the gradient of a target score with respect to the attention
+            probabilities (extra ``"attn_grad"``, for gradient-weighted methods): an int indexes the last axis
+            of the model's logits (a class, or a vocabulary id), None takes each item's argmax, a callable
+            ``target(output)`` returns per-item scores. Scores are per item (summed for one backward pass).
+            Autograd is switched on for the pass even inside ``torch.no_grad()``; parameters' ``.grad`` are
+            left untouched.
+        target_position: where the logits are read along the sequence (default: the classification token for
+            classifiers, each item's last real token for decoders).
+        values: also record the value-side tensors of each layer (for norm-based methods and ALTI).
+        value_zeroing: also compute value-zeroing scores per layer (re-runs each layer once per token).
         **options: adapter options (e.g. module selectors for the generic PyTorch adapter).
 
     Yields:
         A :class:`Recorder`; after the pass, ``rec.trace`` is an :class:`AttentionTrace`. The hooks are
         removed (and any switched attention implementation restored) when the block exits, also on error.
     """
+    request = CaptureRequest(target=target, target_position=target_position, values=bool(values),
+                             value_zeroing=bool(value_zeroing))
     chosen = find_adapter(model, adapter, options)
     options = check_adapter_options(chosen, options)
+    missing = sorted(request.needs() - set(chosen.captures))
+    if missing:
+        raise AdapterError(
+            f"Adapter {chosen.name!r} cannot capture {missing} (it captures {sorted(chosen.captures)}). "
+            "Use an adapter that declares them, or capture the attention weights alone."
+        )
     recorder = Recorder(
         framework=chosen.array_library or chosen.framework, model_name=chosen.model_name(model), tokens=tokens,
-        adapter=chosen.name,
+        adapter=chosen.name, request=request,
     )
     with chosen.hooks(model, recorder, **options):
         yield recorder
@@ -43,17 +64,23 @@ def capture(
     adapter: str | Adapter | None = None,
     tokens: Any = None,
     adapter_options: Mapping[str, Any] | None = None,
+    target: Any = NO_TARGET,
+    target_position: int | None = None,
+    values: bool = False,
+    value_zeroing: bool = False,
     **kwargs: Any,
 ) -> AttentionTrace:
     """Run ``model`` once on ``*args, **kwargs`` and return its attention as an :class:`AttentionTrace`.
 
-    ``adapter``, ``tokens`` and ``adapter_options`` are attnflow's; everything else goes to the model
-    (for Flax linen, ``capture(model, variables, x)`` runs ``model.apply(variables, x)``).
+    ``adapter``, ``tokens``, ``adapter_options``, ``target``, ``target_position``, ``values`` and
+    ``value_zeroing`` are attnflow's (see :func:`attach`); everything else goes to the model (for Flax linen,
+    ``capture(model, variables, x)`` runs ``model.apply(variables, x)``).
 
     Returns:
         The trace: per layer ``(batch, heads, query, key)`` probabilities plus mask and labels.
     """
     chosen = find_adapter(model, adapter, adapter_options)
-    with attach(model, adapter=chosen, tokens=tokens, **dict(adapter_options or {})) as recorder:
+    with attach(model, adapter=chosen, tokens=tokens, target=target, target_position=target_position, values=values,
+                value_zeroing=value_zeroing, **dict(adapter_options or {})) as recorder:
         chosen.run(model, *args, **kwargs)
     return recorder.trace

@@ -23,6 +23,45 @@ from ..trace._stream import DEFAULT_STREAM, MEMORY_STREAM
 
 _STREAM_FIELDS = ("mask", "input_ids", "tokens", "special", "causal", "grid")
 
+#: ``target`` when no gradient is asked for (``None`` means "each item's argmax").
+NO_TARGET: Any = type("NoTarget", (), {"__repr__": lambda self: "NO_TARGET"})()
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureRequest:
+    """What a capture records beside the attention weights; adapters read it from ``recorder.request``.
+
+    Attributes:
+        target: the score whose gradient is recorded per layer as extra ``"attn_grad"``: an int (an index
+            of the last axis of the model's logits), None (each item's argmax), a callable
+            ``target(output) -> per-item scores``; :data:`NO_TARGET` (the default) records no gradients.
+        target_position: where along the sequence the logits are read (default: the classification token for
+            classifiers, each item's last real token for decoders).
+        values: record the value-side tensors norm-based methods need (value vectors, output projection,
+            residual input, the norm's parameters and statistics).
+        value_zeroing: compute value-zeroing scores per layer (re-runs each layer once per token).
+    """
+
+    target: Any = NO_TARGET
+    target_position: int | None = None
+    values: bool = False
+    value_zeroing: bool = False
+
+    @property
+    def gradients(self) -> bool:
+        return self.target is not NO_TARGET
+
+    def needs(self) -> set[str]:
+        """The adapter capabilities this request needs (see ``attnflow.capture.CAPABILITIES``)."""
+        needed = {"weights"}
+        if self.gradients:
+            needed.add("attn_grad")
+        if self.values:
+            needed.add("values")
+        if self.value_zeroing:
+            needed.add("value_zeroing")
+        return needed
+
 
 @dataclasses.dataclass
 class _Layer:
@@ -57,8 +96,12 @@ class Recorder:
         adapter: the adapter's name, stored in the trace's metadata.
     """
 
-    def __init__(self, *, framework: str, model_name: str = "", tokens: Any = None, adapter: str = ""):
+    def __init__(
+        self, *, framework: str, model_name: str = "", tokens: Any = None, adapter: str = "",
+        request: CaptureRequest | None = None,
+    ):
         self.framework = framework
+        self.request = request or CaptureRequest()
         self.model_name = model_name
         self.adapter = adapter
         self._labels = tokens
@@ -96,8 +139,9 @@ class Recorder:
         self, name: str, weights: np.ndarray, *, kind: str | None = None, source_dtype: str = "",
         extras: Mapping[str, np.ndarray] | None = None, query_stream: str | None = None,
         key_stream: str | None = None, repeat_prefix: str | None = None, training: bool = False,
-    ) -> None:
-        """Record one layer's ``(batch, heads, query, key)`` attention probabilities (a numpy array).
+    ) -> int:
+        """Record one layer's ``(batch, heads, query, key)`` attention probabilities (a numpy array); returns
+        the layer's index in the pass (for :meth:`add_extras`).
 
         Args:
             name: the module path; a path recorded several times in one pass (a shared module, a scanned
@@ -120,6 +164,19 @@ class Recorder:
                 extras=dict(extras or {}), query_stream=query_stream, key_stream=key_stream,
                 repeat_prefix=repeat_prefix, training=training,
             ))
+            return len(self._pass.layers) - 1  # type: ignore[union-attr]
+
+    def add_extras(self, index: int, **arrays: np.ndarray) -> None:
+        """Add per-layer arrays to layer ``index`` of the open pass (what is known only after the forward,
+        such as attention gradients); each has the batch (or 1, for what every item shares) as first axis."""
+        with self._lock:
+            assert_open(self._pass)
+            self._pass.layers[index].extras.update({k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[union-attr]
+
+    @property
+    def pass_layers(self) -> int:
+        """How many layers the open pass has recorded so far (0 when none is open)."""
+        return 0 if self._pass is None else len(self._pass.layers)
 
     def describe_stream(self, stream: str | None = None, *, overwrite: bool = False, **info: Any) -> None:
         """What the adapter learned about a stream during the pass (``mask``, ``input_ids``, ``tokens``,

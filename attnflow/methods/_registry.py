@@ -51,6 +51,9 @@ class Method(abc.ABC):
             (False where every layer costs as much as the last, e.g. flow).
         reference: the paper, for documentation and titles.
         order: where the method sorts in listings and tables (lower first).
+        edge_residual: the residual rollout and flow mix into this method's edge weights when
+            ``options.weights`` names it (None: ``options.residual``; 0 for contributions that already
+            include the residual connection).
     """
 
     name: ClassVar[str] = ""
@@ -59,6 +62,7 @@ class Method(abc.ABC):
     all_layers_by_default: ClassVar[bool] = True
     reference: ClassVar[str] = ""
     order: ClassVar[int] = 100
+    edge_residual: ClassVar[float | None] = None
 
     @abc.abstractmethod
     def compute(

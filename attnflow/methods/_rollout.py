@@ -129,7 +129,8 @@ def edge_weights(trace: AttentionTrace, options: Options, stream: str) -> tuple[
             f"Method {method.name!r} gives no edge weights to route through; options.weights takes 'attention' or a "
             "contribution method (e.g. 'alti', 'norm')."
         )
-    return weights, getattr(method, "edge_residual", options.residual)
+    residual = method.edge_residual
+    return weights, options.residual if residual is None else residual
 
 
 def shape_result(result: dict[str, np.ndarray], all_layers: bool) -> Any:

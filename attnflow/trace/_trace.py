@@ -434,7 +434,9 @@ class AttentionTrace:
             return self._cropped(b)
         keep = slice(b, b + 1)
         layers = [
-            dataclasses.replace(layer, weights=layer.weights[keep], extras={k: v[keep] for k, v in layer.extras.items()})
+            dataclasses.replace(layer, weights=layer.weights[keep], extras={
+                k: v if v.shape[0] == 1 and self.batch_size > 1 else v[keep] for k, v in layer.extras.items()
+            })
             for layer in self._layers
         ]
         streams = [
@@ -771,9 +773,10 @@ def _check_extras(index: int, layer: LayerAttention) -> None:
     for key, value in layer.extras.items():
         if not isinstance(key, str) or not key.replace("_", "a").replace(".", "a").isalnum():
             raise TraceError(f"Layer {index} ({layer.name!r}): extra names must be plain words, got {key!r}.")
-        if value.ndim == 0 or value.shape[0] != batch:
+        if value.ndim == 0 or value.shape[0] not in (batch, 1):
             raise TraceError(
-                f"Layer {index} ({layer.name!r}): extra {key!r} must be an array whose first axis is the batch ({batch})."
+                f"Layer {index} ({layer.name!r}): extra {key!r} must be an array whose first axis is the batch ({batch}), "
+                "or 1 for what every item shares (e.g. a layer's parameters)."
             )
 
 

@@ -1,0 +1,175 @@
+"""Value-side tensors for norm-based methods, read from each family's modules by a declarative path map.
+
+Private to attnflow.adapters; torch is passed in. Per recorded attention layer it adds the extras:
+
+=================  ===========================  =====================================================
+``value``          (batch, heads, keys, d_head)  value vectors per query head (grouped-query: the KV
+                                                 head ``h // (heads / kv_heads)``), bias included
+``out_weight``     (1, heads, d_head, d_model)   the output projection per head, ``W_O^h``
+``out_bias``       (1, d_model)                  its bias (0 where it has none)
+``residual``       (batch, queries, d_model)     the residual stream the attention block adds to
+``norm_input``     (batch, queries, d_model)     post-LN only: the input of the norm after attention
+``norm_output``    (batch, queries, d_model)     post-LN only: its output
+``norm_weight``    (1, d_model), ``norm_bias``   post-LN only: its affine parameters, ``norm_eps`` (1,)
+``block_output``   (batch, queries, d_model)     pre-LN only: the residual stream after attention
+=================  ===========================  =====================================================
+
+and ``values_layout`` (``"post_ln"`` or ``"pre_ln"``) to the trace's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+import attnflow
+
+from . import _torch_common as common
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueMap:
+    """Where one family keeps what norm-based methods need, as paths relative to a layer's module.
+
+    Attributes:
+        attention: the recorded attention module (``"attention.self"``).
+        value: the module whose output holds the values; ``value_part`` says which part ("all", or "qkv": the
+            last third of a fused query-key-value projection).
+        out: the output projection; ``out_kind`` "linear" (``y = x W^T + b``) or "conv1d" (``y = x W + b``).
+        residual: the module whose input is the residual stream the attention block adds to.
+        norm: post-LN: the norm after attention. block_output: pre-LN: the module whose input is the residual
+            stream after attention (the second norm).
+    """
+
+    attention: str
+    value: str
+    out: str
+    residual: str
+    layout: str
+    value_part: str = "all"
+    out_kind: str = "linear"
+    norm: str | None = None
+    block_output: str | None = None
+
+
+_BERT = ValueMap(
+    attention="attention.self", value="attention.self.value", out="attention.output.dense",
+    residual="attention.self", norm="attention.output.LayerNorm", layout="post_ln",
+)
+_GPT2 = ValueMap(
+    attention="attn", value="attn.c_attn", value_part="qkv", out="attn.c_proj", out_kind="conv1d",
+    residual="ln_1", block_output="ln_2", layout="pre_ln",
+)
+_LLAMA = ValueMap(
+    attention="self_attn", value="self_attn.v_proj", out="self_attn.o_proj", residual="input_layernorm",
+    block_output="post_attention_layernorm", layout="pre_ln",
+)
+#: ``config.model_type`` -> where its layers keep values, projections and norms.
+VALUE_MAPS: Mapping[str, ValueMap] = {
+    "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
+    "gpt2": _GPT2,
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+}
+
+
+def value_map(model: Any) -> ValueMap:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in VALUE_MAPS:
+        raise attnflow.AdapterError(
+            f"values=True needs to know where {type(model).__name__} keeps its value vectors, output projection "
+            f"and norms; attnflow knows the families {sorted(VALUE_MAPS)} (model_type {model_type!r} is not one). "
+            "Add its path map to attnflow.adapters._values.VALUE_MAPS."
+        )
+    return VALUE_MAPS[model_type]
+
+
+def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common.TorchPass, torch: Any,
+            handles: list[Any]) -> None:
+    """Hooks that keep, per layer and call, what the value extras are made of; a finishing step adds them."""
+    layout = value_map(model)
+    modules = dict(model.named_modules())
+    config = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    layers = []
+    for path, _, kind, _ in targets:
+        if kind != "self" or not path.endswith("." + layout.attention):
+            continue
+        layer = path[: -len(layout.attention) - 1]
+        parts = {name: modules.get(f"{layer}.{relative}") for name, relative in (
+            ("value", layout.value), ("out", layout.out), ("residual", layout.residual),
+            ("norm", layout.norm), ("block_output", layout.block_output),
+        ) if relative is not None}
+        missing = [name for name, module in parts.items() if module is None]
+        if missing:
+            raise attnflow.AdapterError(f"values=True: layer {layer!r} has no {missing} where its family keeps them.")
+        layers.append((path, layer, parts))
+    if not layers:
+        raise attnflow.AdapterError(f"values=True: no self-attention layer of {type(model).__name__} matches its path map.")
+
+    def keep(layer: str, slot: str, take_input: bool) -> Any:
+        def hook(module: Any, args: tuple, output: Any = None) -> None:
+            if passes.active:
+                value = args[0] if take_input else (output[0] if isinstance(output, tuple) else output)
+                passes.state.setdefault("values", {}).setdefault(layer, {}).setdefault(slot, []).append(value.detach())
+
+        return hook
+
+    for _, layer, parts in layers:
+        handles.append(parts["value"].register_forward_hook(keep(layer, "value", False)))
+        handles.append(parts["residual"].register_forward_pre_hook(keep(layer, "residual", True)))
+        if "norm" in parts:
+            handles.append(parts["norm"].register_forward_pre_hook(keep(layer, "norm_input", True)))
+            handles.append(parts["norm"].register_forward_hook(keep(layer, "norm_output", False)))
+        if "block_output" in parts:
+            handles.append(parts["block_output"].register_forward_pre_hook(keep(layer, "block_output", True)))
+
+    def finish(p: common.TorchPass) -> None:
+        kept = p.state.get("values", {})
+        indices = p.state.get("indices", {})
+        for path, layer, parts in layers:
+            seen = kept.get(layer, {})
+            for call, index in enumerate(indices.get(path, [])):
+                p.recorder.add_extras(index, **_extras(layout, parts, seen, call, heads, kv_heads))
+
+    passes.finishers.append(finish)
+    passes.values_layout = layout.layout  # type: ignore[attr-defined]
+
+
+def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]], call: int, heads: int,
+            kv_heads: int) -> dict[str, np.ndarray]:
+    def take(slot: str) -> Any:
+        return seen[slot][call].float()
+
+    value = take("value")
+    if layout.value_part == "qkv":
+        value = value[..., 2 * value.shape[-1] // 3 :]
+    batch, tokens, width = value.shape
+    head_size = width // kv_heads
+    value = value.reshape(batch, tokens, kv_heads, head_size).transpose(1, 2)
+    if kv_heads != heads:
+        value = value.repeat_interleave(heads // kv_heads, dim=1)  # query head h reads KV head h // group
+    out = parts["out"]
+    weight = out.weight.detach().float()
+    matrix = weight.T if layout.out_kind == "linear" else weight  # (heads * head_size, d_model)
+    bias = getattr(out, "bias", None)
+    extras = {
+        "value": value.cpu().numpy(),
+        "out_weight": matrix.reshape(heads, head_size, matrix.shape[-1]).cpu().numpy()[None],
+        "out_bias": (np.zeros(matrix.shape[-1], np.float32) if bias is None else bias.detach().float().cpu().numpy())[None],
+        "residual": take("residual").cpu().numpy(),
+    }
+    if layout.norm is not None:
+        norm = parts["norm"]
+        extras.update(
+            norm_input=take("norm_input").cpu().numpy(), norm_output=take("norm_output").cpu().numpy(),
+            norm_weight=norm.weight.detach().float().cpu().numpy()[None],
+            norm_bias=norm.bias.detach().float().cpu().numpy()[None],
+            norm_eps=np.array([float(norm.eps)], np.float64),
+        )
+    else:
+        extras["block_output"] = take("block_output").cpu().numpy()
+    return extras
