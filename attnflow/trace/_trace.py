@@ -425,7 +425,8 @@ class AttentionTrace:
         """A trace of one batch item (batch size 1), same layers, streams and metadata.
 
         With ``crop=True`` every stream keeps only the item's real tokens (what capturing that item alone
-        gives); per-layer extras, whose token axes attnflow does not know, are left out then.
+        gives); per-layer extras are cropped along their token axes where attnflow knows them
+        (:data:`EXTRA_TOKEN_AXES`), kept whole where shared by the batch, and left out otherwise.
         """
         if not is_int(batch_index) or not -self.batch_size <= batch_index < self.batch_size:
             raise TraceError(f"batch_index {batch_index!r} is out of range for a batch of {self.batch_size}.")
@@ -451,13 +452,22 @@ class AttentionTrace:
 
     def _cropped(self, b: int) -> AttentionTrace:
         valid = {name: s.valid_index(b) for name, s in self._streams.items()}
-        layers = [
-            dataclasses.replace(
-                layer, extras={},
-                weights=layer.weights[b][:, valid[layer.query_stream]][:, :, valid[layer.key_stream]][None],  # type: ignore[index]
-            )
-            for layer in self._layers
-        ]
+        layers = []
+        for layer in self._layers:
+            axes = {"q": valid[layer.query_stream], "k": valid[layer.key_stream]}  # type: ignore[index]
+            extras = {}
+            for key, value in layer.extras.items():
+                if value.shape[0] == 1 and self.batch_size > 1 or key in _SHARED_EXTRAS:
+                    extras[key] = value
+                elif key in EXTRA_TOKEN_AXES:
+                    item = value[b]
+                    for axis, which in enumerate(EXTRA_TOKEN_AXES[key]):
+                        if which:
+                            item = np.take(item, axes[which], axis=axis)
+                    extras[key] = item[None]
+            layers.append(dataclasses.replace(
+                layer, extras=extras, weights=layer.weights[b][:, axes["q"]][:, :, axes["k"]][None],
+            ))
         streams = []
         for name, s in self._streams.items():
             keep = valid[name]
@@ -496,6 +506,16 @@ class AttentionTrace:
 
 
 # -- metadata ------------------------------------------------------------------------------------------
+#: The token axes (after the batch axis) of the per-layer extras attnflow's adapters record: "q" for the
+#: layer's query stream, "k" for its key stream, "" for another axis; used to crop an item to its tokens.
+EXTRA_TOKEN_AXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "attn_grad": ("", "q", "k"), "value": ("", "k", ""), "residual": ("q", ""), "norm_input": ("q", ""),
+    "norm_output": ("q", ""), "block_output": ("q", ""), "value_zeroing": ("q", "k"),
+})
+#: Extras that are parameters, the same for every item (first axis 1).
+_SHARED_EXTRAS = frozenset({"out_weight", "out_bias", "norm_weight", "norm_bias", "norm_eps"})
+
+
 def freeze_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """A read-only deep copy of JSON-like metadata (mappings with string keys, lists, str, numbers, bools,
     None); anything else is a :class:`TraceError`."""
