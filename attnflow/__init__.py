@@ -5,7 +5,6 @@ Capture a model's attention into an :class:`AttentionTrace`, then compute :func:
 Importing attnflow imports no deep-learning framework; adapters load theirs when used.
 """
 
-from ._batch import run_batch as run_batch
 from ._compare import ComparisonReport as ComparisonReport
 from ._compare import compare as compare
 from ._errors import AdapterError as AdapterError
@@ -24,6 +23,7 @@ from ._explanation import explain as explain
 from ._files import load as load
 from ._files import save as save
 from ._models import packaged_model_dir as packaged_model_dir
+from .batch import run_batch as run_batch
 from .capture._adapter import Adapter as Adapter
 from .capture._adapter import AdapterOption as AdapterOption
 from .capture._adapter import import_optional as import_optional

