@@ -102,6 +102,8 @@ class TorchPass:
         self.depth = 0
         self.grad_mode: bool | None = None  # autograd's state before a pass that records gradients
         self.paused = False  # the finishing steps re-run parts of the model: nothing they run is recorded
+        self.muted = 0  # > 0: nothing is recorded and no pass opens (generate() before a re-run)
+        self.generating = False  # the passes are steps of one generate() call: streams seen stay known
         self.seen: dict[str, int] = {}  # stream -> its length, from the layers of this pass
         self.layer_counts: dict[str | None, int] = {}  # stream -> layers of it recorded in this pass
         self.state: dict[str, Any] = {}  # what hooks learn during the pass, for the finishing steps
@@ -112,8 +114,11 @@ class TorchPass:
         return self.depth > 0
 
     def reset(self) -> None:
-        """Forget the last pass's details (before an outermost call is described)."""
-        self.seen, self.state, self.layer_counts = {}, {}, {}
+        """Forget the last pass's details (before an outermost call is described); while generating, the
+        streams seen so far (an encoder run once before the decoder's steps) stay known."""
+        self.state, self.layer_counts = {}, {}
+        if not self.generating:
+            self.seen = {}
 
     def begin(self, call: Mapping[str, Any] | None) -> None:
         self.depth += 1
@@ -159,7 +164,7 @@ class TorchPass:
         """Record one module's ``(batch, heads, q, k)`` attention tensor (its index in the pass is returned, -1
         while the finishing steps run); the query stream comes from the
         module's path, the key stream of a cross layer from the streams this pass has run (or ``key_stream``)."""
-        if self.paused:
+        if self.paused or self.muted:
             return -1
         array, source_dtype = to_numpy(weights)
         query = self.stream_of(path)
@@ -193,8 +198,12 @@ def install_pass_hooks(
     it runs before the pass ends.
     """
     ended = [0]
+    muted_calls = [0]  # outermost calls that began while muted: they open no pass, so they close none
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> Any:
+        if passes.muted and not passes.active:
+            muted_calls[0] += 1
+            return None
         if passes.active:
             passes.begin(None)
             return None
@@ -207,6 +216,8 @@ def install_pass_hooks(
         return None
 
     def end_hook(module: Any, args: tuple, output: Any) -> Any:
+        if muted_calls[0] and not passes.active:
+            return None
         ended[0] += 1
         if passes.depth == 1:
             passes.state["output"] = output
@@ -216,6 +227,9 @@ def install_pass_hooks(
 
     def cleanup_hook(module: Any, args: tuple, output: Any) -> None:
         # always_call: runs also when forward raised, when end_hook did not run (or raised itself).
+        if muted_calls[0] and not passes.active:
+            muted_calls[0] -= 1
+            return
         if ended[0]:
             ended[0] -= 1
         else:

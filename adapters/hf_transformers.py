@@ -30,8 +30,8 @@ import numpy as np
 import attnflow
 from attnflow._switches import deferred_interrupts, switch
 
+from . import _generation_torch, _swin, _value_zeroing, _values
 from . import _hf_families as families
-from . import _swin, _value_zeroing, _values
 from . import _torch_common as common
 
 _EAGER = "eager"
@@ -62,7 +62,7 @@ class TransformersAdapter(attnflow.Adapter):
         attnflow.AdapterOption("modules", None, None, "module classes or path globs replacing the detected ones"),
         attnflow.AdapterOption("output_index", int, 1, "where those modules return their weights"),
     )
-    captures = frozenset({"weights", "streams", "attn_grad", "values", "value_zeroing"})
+    captures = frozenset({"weights", "streams", "attn_grad", "values", "value_zeroing", "generation"})
 
     def claims(self, model: Any) -> bool:
         transformers = attnflow.import_optional("transformers", self.extra)
@@ -151,7 +151,11 @@ class TransformersAdapter(attnflow.Adapter):
                 if plan.multi:
                     passes.finishers.append(lambda p: _finish_streams(p, model, plan, towers))
                 common.install_pass_hooks(model, passes, describe_call, handles, after=after)
-            yield
+            listener = _generation_torch.Listener(
+                model, passes, recorder.request.generation_mode, _generated_streams(model, plan, causal),
+            )
+            with _generation_torch.wrap_generate(model, listener):
+                yield
 
     def _targets(
         self, model: Any, transformers: Any, torch: Any, modules: Any, output_index: int
@@ -265,10 +269,9 @@ class TransformersAdapter(attnflow.Adapter):
         decoded = tokenizer(text_target=targets, padding=True, truncation=max_length is not None,
                             max_length=max_length, return_tensors="pt")
         labels, mask = decoded["input_ids"], decoded["attention_mask"]
-        shifted = mask.clone()  # the decoder's position 0 is the start token; position i sees target i - 1
-        shifted[:, 1:] = mask[:, :-1]
-        shifted[:, 0] = 1
-        return {**encoded, "labels": labels.masked_fill(mask == 0, -100), "decoder_attention_mask": shifted}
+        # The decoder reads the start token then labels[:-1]: as many real positions as real labels (a text's
+        # final label, its end of sequence, is predicted, never read), as when the text is encoded alone.
+        return {**encoded, "labels": labels.masked_fill(mask == 0, -100), "decoder_attention_mask": mask}
 
     def _encode_texts(self, tokenizer: Any, texts: Sequence[str], max_length: int | None) -> dict[str, Any]:
         if isinstance(texts, str):
@@ -490,6 +493,18 @@ def _causal_streams(targets: list[tuple[str, Any, str, int]], plan: families.Str
         if kind == "self":
             flags.setdefault(plan.streams.get(path), set()).add(getattr(module, "is_causal", None) is True)
     return {stream: found == {True} for stream, found in flags.items()}
+
+
+def _generated_streams(model: Any, plan: families.StreamPlan, causal: dict[str | None, bool]) -> tuple[Any, Any]:
+    """``(generated stream, encoder stream)`` of ``generate()``: the decoder and encoder of an encoder-decoder,
+    else the causal stream of a multi-stream model (LLaVA's text), else the only stream (None, None)."""
+    model_type = getattr(model.config, "model_type", None)
+    if getattr(model.config, "is_encoder_decoder", False) and plan.multi:
+        towers = families.towers_for(model_type)
+        return towers["decoder"], towers["encoder"]
+    if plan.multi:
+        return next((s for s, flag in causal.items() if s is not None and flag), None), None
+    return None, None
 
 
 def _mask_array(mask: Any, torch: Any) -> Any:

@@ -23,6 +23,7 @@ from ._explanation import explain as explain
 from ._files import load as load
 from ._files import save as save
 from ._models import packaged_model_dir as packaged_model_dir
+from .batch import OutputInUseError as OutputInUseError
 from .batch import run_batch as run_batch
 from .capture._adapter import Adapter as Adapter
 from .capture._adapter import AdapterOption as AdapterOption
@@ -53,9 +54,10 @@ from .trace import Stream as Stream
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "AdapterOption", "AdapterRegistrationError", "AttentionTrace", "AttnflowError", "ComparisonError",
-    "ComparisonReport", "Explanation", "FlowTooLargeError", "HiddenAttentionError", "LayerAttention", "Link",
-    "Method", "MethodError", "MissingDependencyError", "OptionError", "Options", "Recorder", "Stream", "TraceError",
+    "Adapter", "AdapterError", "AdapterOption", "AdapterRegistrationError", "AttentionTrace", "AttnflowError",
+    "ComparisonError", "ComparisonReport", "Explanation", "FlowTooLargeError", "HiddenAttentionError", "LayerAttention",
+    "Link", "Method", "MethodError", "MissingDependencyError", "OptionError", "Options", "OutputInUseError", "Recorder",
+    "Stream", "TraceError",
     "TraceFileError", "attach", "capture", "compare", "explain", "flow", "flow_network", "fuse_heads", "get_adapter",
     "get_method", "import_optional", "list_adapters", "list_methods", "load", "packaged_model_dir", "raw",
     "register_adapter", "register_method", "rollout", "run_batch", "save", "unregister_adapter", "unregister_method",

@@ -14,6 +14,7 @@ from ._tensorfile import read_tensor_file, write_tensor_file
 from .methods._fusion import select_layers, stream_layer_indices
 from .methods._options import Options
 from .methods._registry import get_method, list_methods
+from .methods._sources import GeneratedSources, resolve_sources
 from .network._network import explained_stream
 from .trace import AttentionTrace, Stream
 from .trace._trace import freeze_metadata, thaw_metadata
@@ -38,7 +39,8 @@ def explain(
         trace: the captured attention.
         methods: method names (see :func:`attnflow.list_methods`), or one name.
         sources: positions of the explained stream's output tokens to explain (negative: from each item's
-            last real token); default all.
+            last real token), or ``"generated"`` for a ``generate()`` trace (see :func:`attnflow.flow`);
+            default all.
         stream: the explained stream (default: :meth:`AttentionTrace.default_stream`).
         options: the settings every method reads (:class:`attnflow.Options`); default the paper's.
         all_layers: compute each method after every layer (True), only the last (False), or as each method
@@ -64,6 +66,7 @@ def explain(
     resolved = [get_method(name) for name in names]
     for method in resolved:
         method.check(trace)
+    sources = resolve_sources(trace, explained, sources)
     positions = _source_positions(trace, explained, sources)
     scores: dict[str, dict[str, np.ndarray]] = {}
     layers: dict[str, list[int]] = {}
@@ -102,6 +105,7 @@ def _source_positions(trace: AttentionTrace, stream: str, sources: Sequence[int]
     for b in range(trace.batch_size):
         local, rows = local_sources(trace, stream, b, sources)
         valid = info.valid_index(b)
+        out[b] = sources if isinstance(sources, GeneratedSources) else out[b]  # padding rows keep their position
         out[b, rows] = valid[local]
     return out
 

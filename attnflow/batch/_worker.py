@@ -157,10 +157,6 @@ def _capture_items(
         return []
     texts = [e.text for e in examples]
     targets = [e.target for e in examples] if examples[0].target is not None else None
-    if targets is not None and len(examples) > 1:
-        # The transformers adapter pads targets so that a shorter one gets one more decoder token (its final
-        # label) than it has alone; until its encode() is fixed, targets are captured one at a time.
-        return [pair for e in examples for pair in _capture_items(adapter, model, tokenizer, [e], settings)]
     try:
         with _CAPTURE_LOCK:
             # targets only when there are some: an adapter's encode() written before targets existed still works

@@ -16,7 +16,8 @@ from ._registry import find_adapter
 @contextmanager
 def attach(
     model: Any, *, adapter: str | Adapter | None = None, tokens: Any = None, target: Any = NO_TARGET,
-    target_position: int | None = None, values: bool = False, value_zeroing: bool = False, **options: Any
+    target_position: int | None = None, values: bool = False, value_zeroing: bool = False,
+    generation: str | None = None, **options: Any
 ) -> Iterator[Recorder]:
     """Record attention of every forward pass run inside the block.
 
@@ -34,14 +35,21 @@ def attach(
             classifiers, each item's last real token for decoders).
         values: also record the value-side tensors of each layer (for norm-based methods and ALTI).
         value_zeroing: also compute value-zeroing scores per layer (re-runs each layer once per token).
+        generation: how each ``model.generate(...)`` call inside the block becomes one trace over the prompt
+            and the generated tokens (all but the last, which no forward pass reads): ``"stitch"`` (the
+            default) lays the prefill pass and the one-query cached steps end to end, exactly the attention
+            of one teacher-forced pass; ``"rerun"`` runs that teacher-forced pass after ``generate()`` returns
+            (for beam search and assisted generation, which cannot be stitched, and for ``target=`` or
+            ``values=``). The generation's output is not changed. ``rec.steps`` has the raw steps.
         **options: adapter options (e.g. module selectors for the generic PyTorch adapter).
 
     Yields:
-        A :class:`Recorder`; after the pass, ``rec.trace`` is an :class:`AttentionTrace`. The hooks are
-        removed (and any switched attention implementation restored) when the block exits, also on error.
+        A :class:`Recorder`; after the pass, ``rec.trace`` is an :class:`AttentionTrace` (``rec.traces``: one
+        per forward pass or ``generate()`` call). The hooks are removed (and any switched attention
+        implementation restored) when the block exits, also on error.
     """
     request = CaptureRequest(target=target, target_position=target_position, values=bool(values),
-                             value_zeroing=bool(value_zeroing))
+                             value_zeroing=bool(value_zeroing), generation=generation)
     chosen = find_adapter(model, adapter, options)
     options = check_adapter_options(chosen, options)
     missing = sorted(request.needs() - set(chosen.captures))

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import AdapterError, TraceError
+from .._errors import AdapterError, OptionError, TraceError
 from ..trace import AttentionTrace, LayerAttention, Link, Stream
 from ..trace._stream import DEFAULT_STREAM, MEMORY_STREAM
+from ._generation import GenerationStep, StepLayer
+from ._generation import stitch as stitch_layers
 
 _STREAM_FIELDS = ("mask", "input_ids", "tokens", "special", "causal", "grid")
 
@@ -40,12 +42,24 @@ class CaptureRequest:
         values: record the value-side tensors norm-based methods need (value vectors, output projection,
             residual input, the norm's parameters and statistics).
         value_zeroing: compute value-zeroing scores per layer (re-runs each layer once per token).
+        generation: how a ``generate()`` call becomes one trace: ``"stitch"`` its cached steps, or
+            ``"rerun"`` one teacher-forced forward pass over the finished sequences; None: stitch, where the
+            adapter can (an explicit choice needs the adapter's ``"generation"`` capability).
     """
 
     target: Any = NO_TARGET
     target_position: int | None = None
     values: bool = False
     value_zeroing: bool = False
+    generation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.generation not in (None, "stitch", "rerun"):
+            raise OptionError(f"generation must be 'stitch' or 'rerun', got {self.generation!r}.")
+
+    @property
+    def generation_mode(self) -> str:
+        return self.generation or "stitch"
 
     @property
     def gradients(self) -> bool:
@@ -60,6 +74,8 @@ class CaptureRequest:
             needed.add("values")
         if self.value_zeroing:
             needed.add("value_zeroing")
+        if self.generation is not None:
+            needed.add("generation")
         return needed
 
 
@@ -83,6 +99,7 @@ class _Pass:
         self.links: list[Link] = []
         self.metadata: dict[str, Any] = {}
         self.depth = 0
+        self.implicit = False  # opened by a layer recorded outside any pass the adapter announced
 
 
 class Recorder:
@@ -107,6 +124,8 @@ class Recorder:
         self._labels = tokens
         self._traces: list[AttentionTrace] = []
         self._pass: _Pass | None = None
+        self._generation: list[_Pass] | None = None  # the passes of the generate() call under way
+        self._steps: list[GenerationStep] = []
         self._lock = threading.RLock()
 
     # -- adapter side -------------------------------------------------------------------------------
@@ -124,6 +143,9 @@ class Recorder:
                 (labels), ``special`` (``(batch, length)`` bool), ``causal``, ``grid`` (patch rows, columns).
         """
         with self._lock:
+            if self._pass is not None and self._pass.implicit and self._generation is not None:
+                self._finish_step(self._pass)  # e.g. generate() ran the encoder before the decoder's passes
+                self._pass = None
             if self._pass is not None:
                 self._pass.depth += 1
                 return
@@ -158,6 +180,7 @@ class Recorder:
         with self._lock:
             if self._pass is None:  # attention outside a pass the adapter saw begin: a pass of its own
                 self.start_call()
+                self._pass.implicit = True  # type: ignore[union-attr]
             assert_open(self._pass)
             self._pass.layers.append(_Layer(  # type: ignore[union-attr]
                 name=name, weights=array, kind=kind, source_dtype=source_dtype or str(array.dtype),
@@ -205,6 +228,9 @@ class Recorder:
             if current.depth > 0:
                 return
             self._pass = None
+            if self._generation is not None:
+                self._finish_step(current)
+                return
             if not current.layers:
                 raise AdapterError(
                     f"The forward pass ran, but adapter {self.adapter!r} recorded no attention. The model's "
@@ -223,12 +249,100 @@ class Recorder:
         """Whether a forward pass is open."""
         return self._pass is not None
 
+    # -- generation ---------------------------------------------------------------------------------
+    def start_generation(self) -> None:
+        """A ``generate()`` call begins: until :meth:`end_generation`, each pass is a step to stitch, not a
+        trace of its own (a one-query step of a cached decoder is not a valid trace)."""
+        with self._lock:
+            if self._pass is not None and self._pass.implicit:
+                self._pass = None
+            self._generation = []
+
+    def end_generation(
+        self, *, streams: Mapping[str | None, Mapping[str, Any]] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AttentionTrace:
+        """Stitch the steps of the ``generate()`` call into one trace (kept in :attr:`traces`) and return it.
+
+        Args:
+            streams: per stream (None: the only stream) what the stitched trace should say of it:
+                ``mask``, ``input_ids``, ``tokens``... over the stitched positions (e.g. the prompt's mask
+                followed by the generated tokens up to each item's end of sequence, see
+                :func:`attnflow.capture.generated_mask`).
+            metadata: stored in the trace's metadata (e.g. ``{"generation": {...}}``).
+        """
+        with self._lock:
+            steps = self._generation
+            if steps is None:
+                raise AdapterError("attnflow internal error: end_generation() without start_generation().")
+            if self._pass is not None and self._pass.implicit:
+                self._finish_step(self._pass)
+                self._pass = None
+            self._generation = None
+            steps = [step for step in steps if step.layers]
+            if not steps:
+                raise AdapterError(
+                    f"generate() ran, but adapter {self.adapter!r} recorded no attention in any of its steps."
+                )
+            stitched = _Pass()
+            stitched.layers = stitch_layers(steps)
+            for step in steps:
+                for name, info in step.streams.items():
+                    known = stitched.streams.setdefault(name, {})
+                    for key, value in info.items():
+                        if key in ("causal", "grid", "special") and known.get(key) is None:
+                            known[key] = value
+                stitched.links = stitched.links or step.links
+                for key, value in step.metadata.items():
+                    stitched.metadata.setdefault(key, value)
+            for name, info in (streams or {}).items():
+                known = stitched.streams.setdefault(name, {})
+                known.update({k: v for k, v in info.items() if v is not None})
+                if name is None and any(layer.query_stream for layer in stitched.layers):
+                    raise AdapterError("attnflow internal error: stream None given for a trace with named streams.")
+            stitched.metadata.update(metadata or {})
+            generation = stitched.metadata.get("generation")
+            if isinstance(generation, Mapping) and generation.get("stream", DEFAULT_STREAM) is None:
+                stitched.metadata["generation"] = {**generation, "stream": DEFAULT_STREAM}
+            trace = self._build(stitched)
+            self._traces.append(trace)
+            return trace
+
+    def abort_generation(self) -> None:
+        """The ``generate()`` call raised: forget its steps."""
+        with self._lock:
+            self._generation = None
+            self._pass = None
+
+    @property
+    def generating(self) -> bool:
+        """Whether a ``generate()`` call is being recorded."""
+        return self._generation is not None
+
+    @property
+    def steps(self) -> list[GenerationStep]:
+        """The raw steps of the last stitched ``generate()`` call: its prefill (and encoder) pass, then one pass
+        per new token, each layer as the model computed it (one query against the cached keys)."""
+        with self._lock:
+            return list(self._steps)
+
+    def _finish_step(self, current: _Pass) -> None:
+        if self._generation is None:
+            return
+        self._generation.append(current)
+        if len(self._generation) == 1:
+            self._steps = []
+        self._steps.append(GenerationStep(len(self._steps), tuple(
+            StepLayer(layer.name, layer.weights, layer.kind, layer.query_stream, layer.key_stream)
+            for layer in current.layers
+        )))
+
     # -- user side ----------------------------------------------------------------------------------
     @property
     def traces(self) -> list[AttentionTrace]:
         """Every finished forward pass, oldest first."""
         with self._lock:
-            if self._pass is not None and self._pass.layers and self._pass.depth <= 1:
+            if self._pass is not None and self._pass.layers and self._pass.depth <= 1 and self._generation is None:
                 # a pass whose end the adapter could not see (e.g. the user stopped early)
                 self._pass.depth = 1
                 self.end_call()

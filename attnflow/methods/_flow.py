@@ -19,6 +19,7 @@ from ._fusion import (
 )
 from ._options import HeadSelection, Options
 from ._rollout import edge_weights, shape_result
+from ._sources import GeneratedSources, resolve_sources
 
 if TYPE_CHECKING:
     import igraph
@@ -61,7 +62,10 @@ def flow(
         sources: output-token positions to compute (e.g. ``[0]`` for CLS); negative values count back
             from each item's last real token (``[-1]`` = last token of a decoder). A non-negative position
             that is padding in some item is an error (use negative positions for left-padded batches).
-            Default: all tokens.
+            ``"generated"``, for the trace of a ``generate()`` call: one row per generated token, the row
+            of the position that predicts it (position ``t`` predicts token ``t + 1``, so the first row is the
+            prompt's last position); rows of tokens after an item's end of sequence are 0. Default: all
+            tokens.
         all_layers: also compute flows from every selected layer's nodes to the inputs (the paper's
             compute_flows).
         method: ``"auto"`` (the compiled ``"dinic"`` solver when numba is installed, else ``"pruned"``),
@@ -92,6 +96,7 @@ def flow(
         head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads,
         normalize=normalize, flow_solver=method, n_jobs=n_jobs, max_seconds=check_max_seconds(max_seconds),
     )
+    sources = resolve_sources(trace, explained_stream(trace, stream), sources)
     scores = flow_scores(trace, options, stream=stream, sources=sources, all_layers=all_layers, progress=progress)
     return shape_result(scores, all_layers)
 
@@ -200,6 +205,8 @@ def local_sources(
                 "back from the last real token."
             )
         index = valid.size + s if s < 0 else position_to_local.get(int(s))
+        if isinstance(sources, GeneratedSources) and (index is None or not sources.explains(b, row)):
+            continue  # a token after the item's end of sequence: a row of zeros
         if index is None:
             raise OptionError(
                 f"sources contains position {s}, which is padding in batch item {b} (its real tokens are at "

@@ -55,6 +55,7 @@ def rollout(
     all_layers: bool = False,
     stream: str | None = None,
     heads: HeadSelection = None,
+    sources: Sequence[int] | str | None = None,
 ) -> Any:
     """Attention rollout: proportional routing of each output token's mass through the attention network.
 
@@ -74,6 +75,8 @@ def rollout(
         stream: the stream whose output tokens are explained (default: the decoder of an encoder-decoder,
             the only stream of a single-stream trace; required where it is ambiguous, e.g. CLIP).
         heads: fuse only these heads (a list for every layer, or per layer: ``{layer: [heads]}``).
+        sources: only these output tokens' rows, as in :func:`attnflow.flow` (``"generated"``: one row per
+            generated token of a ``generate()`` trace); default all.
 
     Returns:
         ``(batch, out, in)`` float64: ``[b, i, j]`` is how much output token ``i`` draws on input token ``j``.
@@ -84,7 +87,10 @@ def rollout(
         ``(layers, batch, out, in)``, entry ``l`` the rollout up to and including selected layer ``l``.
     """
     options = Options(head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads)
-    return shape_result(rollout_scores(trace, options, stream=stream, sources=None, all_layers=all_layers), all_layers)
+    from ._sources import resolve_sources
+
+    sources = resolve_sources(trace, explained_stream(trace, stream), sources)
+    return shape_result(rollout_scores(trace, options, stream=stream, sources=sources, all_layers=all_layers), all_layers)
 
 
 def rollout_scores(

@@ -447,7 +447,7 @@ class AttentionTrace:
         links = [dataclasses.replace(link, weights=link.weights[keep]) for link in self._links]
         return AttentionTrace(
             layers, streams=streams, links=links, framework=self._framework, model_name=self._model_name,
-            metadata=self._metadata, check_rows=False,
+            metadata=self._item_metadata(b), check_rows=False,
         )
 
     def _cropped(self, b: int) -> AttentionTrace:
@@ -479,10 +479,28 @@ class AttentionTrace:
             dataclasses.replace(link, weights=link.weights[b][valid[link.stream]][:, valid[link.source]][None])
             for link in self._links
         ]
+        generation = self._metadata.get("generation")
+        first = None
+        if isinstance(generation, Mapping) and generation.get("stream") in valid:
+            # positions move when padding goes: the first generated token is after the item's real prompt
+            first = int(np.sum(valid[generation["stream"]] < int(generation["first_generated"])))
         return AttentionTrace(
             layers, streams=streams, links=links, framework=self._framework, model_name=self._model_name,
-            metadata=self._metadata, check_rows=False,
+            metadata=self._item_metadata(b, first), check_rows=False,
         )
+
+    def _item_metadata(self, b: int, first_generated: int | None = None) -> Mapping[str, Any]:
+        """The metadata of item ``b`` alone: a generation's per-item entries are cut to the item's."""
+        generation = self._metadata.get("generation")
+        if not isinstance(generation, Mapping):
+            return self._metadata
+        item = thaw_metadata(generation)
+        for key in ("generated_ids", "lengths"):
+            if isinstance(item.get(key), list) and len(item[key]) == self.batch_size:
+                item[key] = [item[key][b]]
+        if first_generated is not None:
+            item["first_generated"] = first_generated
+        return {**thaw_metadata(self._metadata), "generation": item}
 
     # -- files --------------------------------------------------------------------------------------
     def save(self, path: Any) -> None:
