@@ -32,6 +32,23 @@ def to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
     return data.cpu().numpy(), source_dtype
 
 
+def reduced(weights: Any, request: Any) -> Any:
+    """``weights`` with heads fused and in the storage dtype the capture asks for, computed where the tensor
+    lives (on a GPU, only the fused map then crosses to the host)."""
+    if request.head_fusion and weights.ndim == 4 and weights.shape[1] > 1:
+        torch = attnflow.import_optional("torch", "torch")
+        with torch.no_grad():
+            source = weights.float() if weights.dtype in (torch.float16, torch.bfloat16) else weights
+            fused = {"mean": source.mean, "max": source.amax, "min": source.amin}[request.head_fusion](1, keepdim=True)
+            weights = fused.to(weights.dtype)
+    if request.dtype:
+        torch = attnflow.import_optional("torch", "torch")
+        target = getattr(torch, request.dtype)
+        if weights.dtype != target:
+            weights = weights.detach().to(target)
+    return weights
+
+
 def selector_matcher(adapter: str, modules: Any, torch: Any) -> Callable[[str, Any], bool]:
     """A predicate ``(path, module) -> bool`` for the ``modules=`` option.
 
@@ -166,7 +183,7 @@ class TorchPass:
         module's path, the key stream of a cross layer from the streams this pass has run (or ``key_stream``)."""
         if self.paused or self.muted:
             return -1
-        array, source_dtype = to_numpy(weights)
+        array, source_dtype = to_numpy(reduced(weights, self.request))
         query = self.stream_of(path)
         key = None
         if kind == "cross" and query is not None:

@@ -295,7 +295,7 @@ def compare(
     flow_sources: Sequence[int] | None = None,
     align: str = "index",
     allow_unmatched: bool = False,
-    head_fusion: str = "mean",
+    head_fusion: str | None = None,
     residual: float = 0.5,
     max_seconds: float = 120.0,
 ) -> ComparisonReport:

@@ -12,6 +12,8 @@ from ._capture import capture as capture
 from ._generation import GenerationStep as GenerationStep
 from ._generation import StepLayer as StepLayer
 from ._generation import generated_mask as generated_mask
+from ._recorder import NO_TARGET as NO_TARGET
+from ._recorder import CaptureRequest as CaptureRequest
 from ._recorder import Recorder as Recorder
 from ._registry import get_adapter as get_adapter
 from ._registry import list_adapters as list_adapters
@@ -19,7 +21,7 @@ from ._registry import register_adapter as register_adapter
 from ._registry import unregister_adapter as unregister_adapter
 
 __all__ = [
-    "CAPABILITIES", "Adapter", "AdapterOption", "GenerationStep", "Recorder", "StepLayer", "attach", "capture",
+    "CAPABILITIES", "NO_TARGET", "Adapter", "AdapterOption", "CaptureRequest", "GenerationStep", "Recorder", "StepLayer", "attach", "capture",
     "deferred_interrupts", "generated_mask", "get_adapter", "import_optional", "list_adapters", "register_adapter",
     "switch", "unregister_adapter",
 ]

@@ -17,7 +17,7 @@ from ._registry import find_adapter
 def attach(
     model: Any, *, adapter: str | Adapter | None = None, tokens: Any = None, target: Any = NO_TARGET,
     target_position: int | None = None, values: bool = False, value_zeroing: bool = False,
-    generation: str | None = None, **options: Any
+    generation: str | None = None, head_fusion: str | None = None, dtype: str | None = None, **options: Any
 ) -> Iterator[Recorder]:
     """Record attention of every forward pass run inside the block.
 
@@ -41,6 +41,10 @@ def attach(
             of one teacher-forced pass; ``"rerun"`` runs that teacher-forced pass after ``generate()`` returns
             (for beam search and assisted generation, which cannot be stitched, and for ``target=`` or
             ``values=``). The generation's output is not changed. ``rec.steps`` has the raw steps.
+        head_fusion: fuse each layer's heads as it is captured (``"mean"``, ``"max"``, ``"min"``), inside the
+            hook and on the model's device where the adapter can: the trace holds ``L·n²`` values instead of
+            ``L·H·n²`` (for long inputs). Rollout and flow follow it; methods that need heads refuse.
+        dtype: store the weights as ``"float16"``, ``"float32"`` or ``"bfloat16"`` (rounded, kept as float32).
         **options: adapter options (e.g. module selectors for the generic PyTorch adapter).
 
     Yields:
@@ -49,7 +53,8 @@ def attach(
         implementation restored) when the block exits, also on error.
     """
     request = CaptureRequest(target=target, target_position=target_position, values=bool(values),
-                             value_zeroing=bool(value_zeroing), generation=generation)
+                             value_zeroing=bool(value_zeroing), generation=generation, head_fusion=head_fusion,
+                             dtype=dtype)
     chosen = find_adapter(model, adapter, options)
     options = check_adapter_options(chosen, options)
     missing = sorted(request.needs() - set(chosen.captures))
@@ -76,19 +81,23 @@ def capture(
     target_position: int | None = None,
     values: bool = False,
     value_zeroing: bool = False,
+    head_fusion: str | None = None,
+    dtype: str | None = None,
     **kwargs: Any,
 ) -> AttentionTrace:
     """Run ``model`` once on ``*args, **kwargs`` and return its attention as an :class:`AttentionTrace`.
 
-    ``adapter``, ``tokens``, ``adapter_options``, ``target``, ``target_position``, ``values`` and
-    ``value_zeroing`` are attnflow's (see :func:`attach`); everything else goes to the model (for Flax linen,
-    ``capture(model, variables, x)`` runs ``model.apply(variables, x)``).
+    ``adapter``, ``tokens``, ``adapter_options``, ``target``, ``target_position``, ``values``,
+    ``value_zeroing``, ``head_fusion`` and ``dtype`` are attnflow's (see :func:`attach`); everything else goes
+    to the model (for Flax linen, ``capture(model, variables, x)`` runs ``model.apply(variables, x)``).
 
     Returns:
-        The trace: per layer ``(batch, heads, query, key)`` probabilities plus mask and labels.
+        The trace: per layer ``(batch, heads, query, key)`` probabilities plus mask and labels (``heads`` 1
+        with ``head_fusion``).
     """
     chosen = find_adapter(model, adapter, adapter_options)
     with attach(model, adapter=chosen, tokens=tokens, target=target, target_position=target_position, values=values,
-                value_zeroing=value_zeroing, **dict(adapter_options or {})) as recorder:
+                value_zeroing=value_zeroing, head_fusion=head_fusion, dtype=dtype,
+                **dict(adapter_options or {})) as recorder:
         chosen.run(model, *args, **kwargs)
     return recorder.trace

@@ -24,6 +24,8 @@ from ._generation import GenerationStep, StepLayer
 from ._generation import stitch as stitch_layers
 
 _STREAM_FIELDS = ("mask", "input_ids", "tokens", "special", "causal", "grid")
+#: Storage dtypes capture(dtype=...) takes.
+STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 
 #: ``target`` when no gradient is asked for (``None`` means "each item's argmax").
 NO_TARGET: Any = type("NoTarget", (), {"__repr__": lambda self: "NO_TARGET"})()
@@ -42,6 +44,10 @@ class CaptureRequest:
         values: record the value-side tensors norm-based methods need (value vectors, output projection,
             residual input, the norm's parameters and statistics).
         value_zeroing: compute value-zeroing scores per layer (re-runs each layer once per token).
+        head_fusion: fuse each layer's heads as it is recorded (``"mean"``, ``"max"``, ``"min"``): the trace
+            holds one ``(batch, 1, q, k)`` map per layer, ``L·n²`` values instead of ``L·H·n²``.
+        dtype: store the weights as ``"float16"`` (half the memory), ``"float32"``, or ``"bfloat16"`` (rounded
+            to bfloat16, kept as float32 since numpy has no bfloat16 arithmetic).
         generation: how a ``generate()`` call becomes one trace: ``"stitch"`` its cached steps, or
             ``"rerun"`` one teacher-forced forward pass over the finished sequences; None: stitch, where the
             adapter can (an explicit choice needs the adapter's ``"generation"`` capability).
@@ -52,10 +58,21 @@ class CaptureRequest:
     values: bool = False
     value_zeroing: bool = False
     generation: str | None = None
+    head_fusion: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.generation not in (None, "stitch", "rerun"):
             raise OptionError(f"generation must be 'stitch' or 'rerun', got {self.generation!r}.")
+        if self.head_fusion not in (None, "mean", "max", "min"):
+            raise OptionError(f"head_fusion must be 'mean', 'max', 'min' or None, got {self.head_fusion!r}.")
+        if self.dtype not in (None, *STORAGE_DTYPES):
+            raise OptionError(f"dtype must be one of {list(STORAGE_DTYPES)} or None, got {self.dtype!r}.")
+        if self.head_fusion and (self.gradients or self.values):
+            raise OptionError(
+                f"head_fusion={self.head_fusion!r} keeps one fused map per layer, but target= and values= serve "
+                "methods that need every head (grad_rollout, norm, alti); capture without head_fusion for them."
+            )
 
     @property
     def generation_mode(self) -> str:
@@ -176,7 +193,7 @@ class Recorder:
             query_stream, key_stream: the streams of the queries and keys (None: the only stream).
             training: the module ran in training mode (dropout makes rows invalid: the error says eval()).
         """
-        array = np.asarray(weights)
+        array, source_dtype = self._stored(np.asarray(weights), source_dtype)
         with self._lock:
             if self._pass is None:  # attention outside a pass the adapter saw begin: a pass of its own
                 self.start_call()
@@ -188,6 +205,23 @@ class Recorder:
                 repeat_prefix=repeat_prefix, training=training,
             ))
             return len(self._pass.layers) - 1  # type: ignore[union-attr]
+
+    def _stored(self, array: np.ndarray, source_dtype: str) -> tuple[np.ndarray, str]:
+        """The weights as the request keeps them: heads fused, in the storage dtype (adapters may do both
+        on the device first; doing them again here is then a no-op)."""
+        request = self.request
+        if request.head_fusion and array.ndim == 4 and array.shape[1] > 1:
+            fused = getattr(array.astype(np.float32, copy=False), request.head_fusion)(axis=1, keepdims=True)
+            array = fused.astype(array.dtype, copy=False)
+        if request.dtype == "bfloat16":
+            if array.dtype.name != "bfloat16" and source_dtype != "bfloat16":
+                import ml_dtypes  # a dependency of attnflow for exactly this
+
+                array = array.astype(ml_dtypes.bfloat16)
+            return array.astype(np.float32), "bfloat16"
+        if request.dtype and array.dtype.name != request.dtype:
+            array = array.astype(request.dtype)
+        return array, source_dtype
 
     def add_extras(self, index: int, **arrays: np.ndarray) -> None:
         """Add per-layer arrays to layer ``index`` of the open pass (what is known only after the forward,
@@ -372,6 +406,8 @@ class Recorder:
         layers = _numbered(current.layers)
         named = any(layer.query_stream or layer.key_stream for layer in layers)
         metadata = {"adapter": self.adapter, **current.metadata}
+        if self.request.head_fusion:
+            metadata["head_fusion"] = self.request.head_fusion
         built = []
         for layer in layers:
             built.append(LayerAttention(

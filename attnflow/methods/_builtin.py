@@ -40,7 +40,7 @@ class Raw(Method):
         for d, index in enumerate(chosen):
             layer = trace.layers[index]
             weights = layer.weights if index not in heads else layer.weights[:, list(heads[index])]
-            fused = fuse_heads(weights, options.head_fusion)
+            fused = fuse_heads(weights, options.fusion(trace))
             for b, (local, out_rows) in enumerate(plans):
                 q = trace.valid_index(b, layer.query_stream)
                 k = trace.valid_index(b, layer.key_stream)

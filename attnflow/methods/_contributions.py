@@ -297,7 +297,7 @@ class EffectiveAttention(Method):
                 all_layers: bool) -> Scores:
         heads = head_choice(trace, options.heads, stream)
         return per_layer_scores(trace, options, stream, sources, all_layers,
-                                lambda i, b: _effective(trace, i, b, heads.get(i), options.head_fusion))
+                                lambda i, b: _effective(trace, i, b, heads.get(i), options.fusion(trace)))
 
 
 def decomposition_identity(trace: AttentionTrace, index: int, b: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ DEFAULT_MAX_SECONDS = 1800.0
 def flow(
     trace: AttentionTrace,
     *,
-    head_fusion: str = "mean",
+    head_fusion: str | None = None,
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,
@@ -244,7 +244,7 @@ def flow_network(
     trace: AttentionTrace,
     batch_index: int = 0,
     *,
-    head_fusion: str = "mean",
+    head_fusion: str | None = None,
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,

@@ -16,8 +16,9 @@ HEAD_FUSIONS = ("mean", "max", "min")
 LayerSelection = slice | range | tuple[int, int] | Sequence[int] | None
 
 
-def fuse_heads(weights: np.ndarray, head_fusion: str = "mean") -> np.ndarray:
-    """Fuse attention heads: ``(batch, heads, q, k)`` -> ``(batch, q, k)`` float64."""
+def fuse_heads(weights: np.ndarray, head_fusion: str | None = "mean") -> np.ndarray:
+    """Fuse attention heads: ``(batch, heads, q, k)`` -> ``(batch, q, k)`` float64 (None: mean)."""
+    head_fusion = head_fusion or "mean"
     if head_fusion not in HEAD_FUSIONS:
         raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
     w = np.asarray(weights, dtype=np.float64)
@@ -145,10 +146,12 @@ def head_choice(trace: AttentionTrace, heads: Any, stream: str | None = None) ->
 
 
 def attention_weights(
-    trace: AttentionTrace, head_fusion: str = "mean", discard_ratio: float = 0.0, heads: Mapping[int, Sequence[int]] | None = None,
+    trace: AttentionTrace, head_fusion: str | None = "mean", discard_ratio: float = 0.0,
+    heads: Mapping[int, Sequence[int]] | None = None,
 ) -> EdgeWeights:
     """The edge weights of raw attention: heads fused (only ``heads[layer]`` where given), the lowest
     ``discard_ratio`` dropped, over real tokens."""
+    head_fusion = head_fusion or "mean"
     if head_fusion not in HEAD_FUSIONS:
         raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
     heads = heads or {}

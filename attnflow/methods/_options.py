@@ -22,7 +22,8 @@ class Options:
 
     Attributes:
         head_fusion: how heads are fused into one matrix per layer: ``"mean"`` (the paper's), ``"max"``,
-            ``"min"``.
+            ``"min"``; None: ``"mean"``, or the fusion a trace was captured with
+            (``capture(..., head_fusion=...)``), which an explicitly different value contradicts.
         residual: ``r`` in ``Â = (1 - r) A + r I``; 0.5 is the paper's.
         discard_ratio: fraction in ``[0, 1)`` of each layer's lowest fused weights to drop (vit-explain).
         layers: which of the explained stream's layers take part: None (all), ``(start, end)``, a slice or a
@@ -39,7 +40,7 @@ class Options:
         max_seconds: flow refuses problems estimated to take longer.
     """
 
-    head_fusion: HeadFusion = "mean"
+    head_fusion: HeadFusion | None = None
     residual: float = 0.5
     discard_ratio: float = 0.0
     layers: Any = None
@@ -51,7 +52,7 @@ class Options:
     max_seconds: float = 1800.0
 
     def __post_init__(self) -> None:
-        if self.head_fusion not in HEAD_FUSIONS:
+        if self.head_fusion is not None and self.head_fusion not in HEAD_FUSIONS:
             raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {self.head_fusion!r}.")
         check_options(self.residual, self.discard_ratio)
         object.__setattr__(self, "heads", _heads(self.heads))
@@ -65,6 +66,25 @@ class Options:
             raise OptionError(f"n_jobs must be a positive int, got {self.n_jobs!r}.")
         if not is_number(self.max_seconds) or math.isnan(float(self.max_seconds)) or self.max_seconds < 0:
             raise OptionError(f"max_seconds must be a non-negative number, got {self.max_seconds!r}.")
+
+    def fusion(self, trace: Any) -> str:
+        """The head fusion for ``trace``: the one it was captured with (its heads fused in the hook), else
+        ``head_fusion`` (``"mean"`` when None)."""
+        fused = trace.metadata.get("head_fusion")
+        if not fused:
+            return self.head_fusion or "mean"
+        if self.head_fusion is not None and self.head_fusion != fused:
+            raise OptionError(
+                f"The trace was captured with head_fusion={fused!r} (one fused map per layer), so it cannot be fused "
+                f"with {self.head_fusion!r}; leave head_fusion unset, or capture again with "
+                f"head_fusion={self.head_fusion!r}."
+            )
+        if self.heads is not None:
+            raise OptionError(
+                f"heads= selects heads, but the trace was captured with head_fusion={fused!r} and keeps one fused "
+                "map per layer; capture without head_fusion to select heads."
+            )
+        return str(fused)
 
     def replace(self, **changes: Any) -> Options:
         """A copy with some settings changed (validated again)."""

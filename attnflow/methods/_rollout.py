@@ -21,7 +21,7 @@ from ._fusion import (
 from ._options import HeadSelection, Options
 
 
-def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str = "mean", stream: str | None = None) -> np.ndarray:
+def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str | None = None, stream: str | None = None) -> np.ndarray:
     """Head-fused attention of one layer.
 
     Args:
@@ -39,7 +39,7 @@ def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str = "mean", st
     if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) or not -len(own) <= layer < len(own):
         raise OptionError(f"layer must be an int in [-{len(own)}, {len(own)}); got {layer!r}.")
     chosen = trace.layers[own[layer]]
-    fused = fuse_heads(chosen.weights, head_fusion)
+    fused = fuse_heads(chosen.weights, Options(head_fusion=head_fusion).fusion(trace))
     query_mask = trace.streams[chosen.query_stream].mask  # type: ignore[index]
     key_mask = trace.streams[chosen.key_stream].mask  # type: ignore[index]
     return fused * (query_mask[:, :, None] & key_mask[:, None, :])  # type: ignore[index]
@@ -48,7 +48,7 @@ def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str = "mean", st
 def rollout(
     trace: AttentionTrace,
     *,
-    head_fusion: str = "mean",
+    head_fusion: str | None = None,
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,
@@ -66,7 +66,8 @@ def rollout(
 
     Args:
         trace: the captured attention.
-        head_fusion: ``"mean"``, ``"max"`` or ``"min"``.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"``; None: ``"mean"`` (or the fusion the trace was
+            captured with).
         residual: ``r`` in ``[0, 1]``; 0.5 is the paper's.
         discard_ratio: fraction in ``[0, 1)`` of each layer's lowest fused weights to zero.
         layers: which of the explained stream's layers, e.g. ``(2, 6)``; default all. Left-out layers are
@@ -124,7 +125,7 @@ def edge_weights(trace: AttentionTrace, options: Options, stream: str) -> tuple[
     already account for the residual stream)."""
     if options.weights == "attention":
         heads = head_choice(trace, options.heads, stream)
-        return attention_weights(trace, options.head_fusion, options.discard_ratio, heads), options.residual
+        return attention_weights(trace, options.fusion(trace), options.discard_ratio, heads), options.residual
     from ._registry import get_method
 
     method = get_method(options.weights)

@@ -153,6 +153,9 @@ class AttentionTrace:
         self._framework = framework
         self._model_name = model_name
         self._metadata = freeze_metadata(metadata)
+        # heads fused by max or min at capture: rows need not sum to 1 (rollout renormalises them, as it does
+        # when it fuses heads itself)
+        check_rows = check_rows and self._metadata.get("head_fusion") not in ("max", "min")
         for index, layer in enumerate(self._layers):
             _check_extras(index, layer)
             if check_rows:
