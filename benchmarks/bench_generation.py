@@ -48,8 +48,10 @@ def main() -> None:
     torch.set_num_threads(1)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
-    text = " ".join(docstrings()[-3:])  # the held-out end of the corpus
+    text = " ".join(docstrings()[-12:])  # the held-out end of the corpus
     ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text)["input_ids"][: PROMPT - 1]])
+    if ids.shape[1] != PROMPT:
+        raise SystemExit(f"the prompt text gave {ids.shape[1]} tokens, not {PROMPT}")
     settings = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": NEW,
                 "min_new_tokens": NEW, "do_sample": False}
 
