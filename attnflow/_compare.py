@@ -98,6 +98,7 @@ class ComparisonReport:
         spearman: dict[str, float], sources: list[int], tolerances: dict[str, float | None], alignment: str,
         ignore_tokens: bool, unmatched_a: Sequence[str], unmatched_b: Sequence[str], about_a: dict[str, Any],
         about_b: dict[str, Any], batch: int, seq: int, allow_unmatched: bool = False,
+        methods: dict[str, float] | None = None,
     ):
         self.layers = tuple(layers)
         self.rollout_max_abs = rollout_max_abs
@@ -111,6 +112,7 @@ class ComparisonReport:
         self.unmatched_b = tuple(unmatched_b)
         self.about_a, self.about_b = dict(about_a), dict(about_b)
         self.batch, self.seq = batch, seq
+        self.methods = dict(methods or {})
         rollouts = [layer.rollout_max_abs for layer in self.layers if layer.rollout_max_abs is not None]
         min_rho = self.tolerances.get("min_spearman")
         self.checks: dict[str, bool] = {
@@ -121,6 +123,8 @@ class ComparisonReport:
             self.checks["flow"] = self.flow_max_abs <= self.tolerances["flow_atol"]
         if min_rho is not None:
             self.checks["spearman"] = all(rho >= min_rho for rho in self.spearman.values())
+        if self.methods:
+            self.checks["methods"] = all(v <= self.tolerances["methods_atol"] for v in self.methods.values())
         self.allow_unmatched = allow_unmatched
         if not allow_unmatched:
             # a layer only one trace has is a difference, not something to skip silently
@@ -182,6 +186,7 @@ class ComparisonReport:
             "flow_max_abs": _num(self.flow_max_abs),
             "sources": list(self.sources),
             "spearman": {k: _num(v) for k, v in self.spearman.items()},
+            "methods": {k: _num(v) for k, v in self.methods.items()},
             "failing_heads": [list(x) for x in self.failing_heads],
             "layers": [
                 {
@@ -255,6 +260,9 @@ class ComparisonReport:
         for key, value in self.spearman.items():
             summary.append(f"spearman {key} {value:.4f}")
         lines.append("; ".join(summary))
+        if self.methods:
+            lines.append("methods max|diff| (after the last layer, every token; tolerance "
+                         f"{_fmt(tol['methods_atol'])}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in self.methods.items()))
         failed = [name for name, passed in self.checks.items() if not passed]
         if self.ok:
             lines.append("verdict: OK, the traces agree within tolerance")
@@ -298,6 +306,8 @@ def compare(
     head_fusion: str | None = None,
     residual: float = 0.5,
     max_seconds: float = 120.0,
+    methods: Sequence[str] = (),
+    methods_atol: float | None = None,
 ) -> ComparisonReport:
     """Compare two traces of the same input, layer by layer and head by head.
 
@@ -327,6 +337,10 @@ def compare(
             in the report and fail the verdict (check ``layers``) unless this is True.
         head_fusion, residual: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
         max_seconds: passed to :func:`attnflow.flow`.
+        methods: further registered methods to compare (e.g. ``["grad_rollout", "norm", "alti"]``, for traces
+            captured with ``target=``/``values=``): each method's scores after the last layer, for every
+            token, computed on both traces with the same options; their max difference is check ``methods``.
+        methods_atol: tolerance of those differences (default: ``rollout_atol``).
 
     Returns:
         A :class:`ComparisonReport`; ``report.ok`` is the verdict.
@@ -359,6 +373,7 @@ def compare(
         "min_spearman": None if min_spearman is None else float(min_spearman),
         "spearman_tie_tol": _tolerance("spearman_tie_tol", spearman_tie_tol, dtype_atol),
     }
+    tolerances["methods_atol"] = _tolerance("methods_atol", methods_atol, tolerances["rollout_atol"])
     if min_spearman is not None and not -1.0 <= float(min_spearman) <= 1.0:
         raise OptionError(f"min_spearman must be in [-1, 1] or None, got {min_spearman!r}.")
 
@@ -412,6 +427,7 @@ def compare(
             spearman[label.replace("rollout", "flow")] = _min_spearman(
                 fa, fb, _source_rows(paired_a, stream, sources, flow_rows=True), paired_a, tie_tol
             )
+    method_diffs = _method_differences(paired_a, paired_b, methods, head_fusion, residual)
     layers = [
         LayerComparison(
             index=index, name_a=trace_a.layers[i].name, name_b=trace_b.layers[j].name, kind=trace_a.layers[i].kind,
@@ -423,8 +439,32 @@ def compare(
         layers=layers, rollout_max_abs=rollout_max, flow_max_abs=flow_max, spearman=spearman, sources=sources,
         tolerances=tolerances, alignment=layer_align, ignore_tokens=ignore_tokens, unmatched_a=unmatched_a,
         unmatched_b=unmatched_b, about_a=_about(trace_a), about_b=_about(trace_b), batch=trace_a.batch_size,
-        seq=sum(s.length for s in trace_a.streams.values()), allow_unmatched=allow_unmatched,
+        seq=sum(s.length for s in trace_a.streams.values()), allow_unmatched=allow_unmatched, methods=method_diffs,
     )
+
+
+def _method_differences(
+    a: AttentionTrace, b: AttentionTrace, methods: Sequence[str], head_fusion: str | None, residual: float
+) -> dict[str, float]:
+    """Per registered method: the max difference of its final scores on the two traces (every output stream,
+    every token)."""
+    if isinstance(methods, str):
+        methods = [methods]
+    if not methods:
+        return {}
+    from ._explanation import explain
+    from .methods._options import Options
+
+    options = Options(head_fusion=head_fusion, residual=residual)
+    out: dict[str, float] = {}
+    for stream in _output_streams(a):
+        ea = explain(a, list(methods), stream=stream, options=options, all_layers=False)
+        eb = explain(b, list(methods), stream=stream, options=options, all_layers=False)
+        for name in methods:
+            sa, sb = _by_input(ea[name], a, stream), _by_input(eb[name], b, stream)
+            diff = max(float(np.abs(sa[k] - sb[k]).max()) for k in sa)
+            out[name] = max(out.get(name, 0.0), diff)
+    return out
 
 
 def spearman(x: np.ndarray, y: np.ndarray, *, tie_tol: float = 0.0) -> float:

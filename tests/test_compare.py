@@ -251,3 +251,33 @@ def test_encoder_decoder_traces_compare_per_stream():
     shorter, *_ = encoder_decoder(np.random.default_rng(41), dec_real=(4, 2))
     with pytest.raises(ComparisonError, match="Masks of stream 'decoder' differ"):
         attnflow.compare(trace, shorter, flow=False)
+
+
+def test_compare_further_methods_from_the_registry():
+    """Gradient and value-side methods compared like rollout: equal traces agree, a changed model does not."""
+    import copy
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=13, hidden_size=15, num_hidden_layers=2, num_attention_heads=3,
+                                     intermediate_size=11, num_labels=4, max_position_embeddings=16)
+    model = transformers.BertForSequenceClassification(config).eval()
+    inputs = {"input_ids": torch.randint(0, 13, (2, 7), generator=torch.Generator().manual_seed(1))}
+    a = attnflow.capture(model, target=1, values=True, **inputs)
+    b = attnflow.capture(model, target=1, values=True, **inputs)
+    methods = ["grad_rollout", "norm", "alti"]
+    report = attnflow.compare(a, b, methods=methods, flow=False)
+    assert report.ok and set(report.methods) == set(methods) and max(report.methods.values()) == 0.0
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.bert.encoder.layer[-1].attention.output.dense.weight.mul_(1.5)  # values change, attention does not
+    c = attnflow.capture(changed, target=1, values=True, **inputs)
+    report = attnflow.compare(a, c, methods=methods, flow=False)
+    assert report.checks["attention"] and not report.checks["methods"] and not report.ok
+    expected = np.abs(attnflow.explain(a, ["norm"])["norm"] - attnflow.explain(c, ["norm"])["norm"]).max()
+    assert report.methods["norm"] == pytest.approx(expected) and report.methods["norm"] > 1e-3
+    assert "methods max|diff|" in report.to_table() and report.to_dict()["methods"]["alti"] > 0
+    with pytest.raises(attnflow.MethodError, match="needs 'attn_grad'"):
+        attnflow.compare(attnflow.capture(model, **inputs), a, methods=["grad_rollout"], flow=False)

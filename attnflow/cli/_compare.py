@@ -46,7 +46,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--align", default="index", help=f"how to pair layers: {ALIGN_HELP}")
     parser.add_argument("--allow-unmatched", action="store_true",
                         help="with --align names/numbers, accept layers that only one trace has")
-    parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
+    parser.add_argument("--head-fusion", default=None, choices=("mean", "max", "min"),
+                        help="how heads are fused (default: mean, or what the traces were captured with)")
+    parser.add_argument("--methods", default="", metavar="NAMES",
+                        help="also compare these registered methods, comma-separated (e.g. grad_rollout,norm,alti)")
+    parser.add_argument("--methods-atol", type=float, default=None, help="their tolerance (default: rollout-atol)")
     parser.add_argument("--residual", type=float, default=0.5)
     parser.add_argument("--png", default=None, metavar="PATH", help="write the per-layer/head difference heatmap")
     parser.add_argument("--html", default=None, metavar="PATH", help="write the table and heatmap as one HTML page")
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         rollout_atol=args.rollout_atol, flow_atol=args.flow_atol, min_spearman=args.min_spearman,
         spearman_tie_tol=args.spearman_tie_tol, flow=not args.no_flow, flow_sources=args.flow_sources,
         align=args.align, allow_unmatched=args.allow_unmatched, head_fusion=args.head_fusion, residual=args.residual,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], methods_atol=args.methods_atol,
     )
     print(f"A = {args.trace_a}\nB = {args.trace_b}")
     print(report.to_table())
