@@ -11,6 +11,10 @@ Run: python benchmarks/bench_generation.py [--model DIR] [--repeat N]
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # a multi-threaded BLAS on a busy 2-core machine spins
+
 import argparse
 import statistics
 import sys
