@@ -388,3 +388,8 @@ def test_missing_captures_say_how_to_capture():
                          torch.randn(BATCH, TOKENS, HIDDEN), adapter=encoder, target=0)
     with pytest.raises(attnflow.OptionError, match="target=3 is not an index|no logits"):
         attnflow.capture(transformers.BertModel(bert_classifier().config).eval(), target=3, **inputs())
+
+
+def test_alti_refuses_encoder_decoders():
+    with pytest.raises(MethodError, match="ALTI\\+ for encoder-decoders"):
+        attnflow.explain(grad_trace(np.random.default_rng(0)), ["alti"])

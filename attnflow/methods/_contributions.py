@@ -234,6 +234,16 @@ class Alti(_Cumulative):
     edge_residual = 0.0
     order = 42
 
+    def check(self, trace: AttentionTrace) -> None:
+        cross = [layer.name for layer in trace.layers if layer.kind == "cross"]
+        if cross:
+            raise MethodError(
+                f"alti follows self-attention only, and this trace has cross-attention layers ({cross[0]!r}...): "
+                "ALTI+ for encoder-decoders (Ferrando et al., 2022b) is not implemented. Use grad_rollout, which has "
+                "encoder-decoder rules, or rollout/flow."
+            )
+        super().check(trace)
+
     def edge_weights(self, trace: AttentionTrace, options: Options) -> EdgeWeights:
         return self._weights(trace, options)  # already rows summing to 1
 
