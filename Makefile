@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint docs bench clean
 
 $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnflow adapters tests examples benchmarks
+
+# The API reference from the docstrings, into build/site; strict: any warning fails (tests/test_docs.py too).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 # One BLAS thread: the suite's matrices are small, and a multi-threaded OpenBLAS on a busy 2-core machine
 # spends 30x longer spinning than computing (an SVD of 128 x 384 took 0.7 s instead of 0.02 s).

@@ -315,7 +315,8 @@ def compare(
     rows and columns are ignored); cross-attention layers over all positions.
 
     Args:
-        trace_a, trace_b: the traces, e.g. the PyTorch model's and its JAX port's.
+        trace_a: the first trace, e.g. the PyTorch model's.
+        trace_b: the second trace of the same input, e.g. the JAX port's.
         atol: max absolute attention difference allowed per head. Default: by the least precise dtype
             either model computed in (``source_dtype``): float32 1e-5, float16 2e-3, bfloat16 1e-2,
             float64 1e-9.
@@ -335,7 +336,8 @@ def compare(
             labels. See :data:`ALIGN_HELP`.
         allow_unmatched: with ``align="names"``/``"numbers"``, layers that only one trace has are listed
             in the report and fail the verdict (check ``layers``) unless this is True.
-        head_fusion, residual: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
+        head_fusion: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
+        residual: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
         max_seconds: passed to :func:`attnflow.flow`.
         methods: further registered methods to compare (e.g. ``["grad_rollout", "norm", "alti"]``, for traces
             captured with ``target=``/``values=``): each method's scores after the last layer, for every

@@ -179,9 +179,10 @@ def run_batch(
         on_malformed: called with each malformed line (in file order) before computing starts.
         trust_remote_code: let the adapter run Python code that ships with the model directory (transformers:
             ``auto_map`` in its config). It runs with your permissions, on every worker: only for code you trust.
-        tls_ca_file, tls_cert, tls_key: with ``scheduler``, connect over TLS (``tls://`` address), checking the
-            scheduler against the CA certificate and presenting this client certificate and key (PEM files),
-            through Dask's ``distributed.security.Security``.
+        tls_ca_file: with ``scheduler``, connect over TLS (``tls://`` address), checking the scheduler
+            against this CA certificate (a PEM file), through Dask's ``distributed.security.Security``.
+        tls_cert: the client certificate presented to the scheduler (PEM), with ``tls_ca_file``.
+        tls_key: the client certificate's key (PEM), with ``tls_ca_file``.
 
     Security: the embedded cluster's scheduler and workers listen on 127.0.0.1 without authentication while
     the run lasts, so any local user could submit work to them (it runs as you). On a shared machine, run a

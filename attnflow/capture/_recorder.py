@@ -153,8 +153,9 @@ class Recorder:
         """Begin a forward pass. A call while a pass is open (the model calling itself) joins that pass.
 
         Args:
-            mask, input_ids, causal: ``(batch, seq)`` real-token mask, ``(batch, seq)`` token ids and the
-                causal flag of the model's only stream (single-stream models).
+            mask: ``(batch, seq)`` real-token mask of the model's only stream (single-stream models).
+            input_ids: ``(batch, seq)`` token ids of that stream.
+            causal: the causal flag of that stream.
             metadata: JSON-like values stored in the trace's metadata.
             streams: per stream name, what is known of it already: ``mask``, ``input_ids``, ``tokens``
                 (labels), ``special`` (``(batch, length)`` bool), ``causal``, ``grid`` (patch rows, columns).
@@ -190,7 +191,8 @@ class Recorder:
             kind: ``"self"``/``"cross"``; needed only for cross layers of a model without named streams.
             source_dtype: the dtype the model computed in (``"bfloat16"`` for weights upcast to float32).
             extras: per-layer arrays to keep beside the weights.
-            query_stream, key_stream: the streams of the queries and keys (None: the only stream).
+            query_stream: the stream of the queries (None: the only stream).
+            key_stream: the stream of the keys (None: the query stream, or the only stream).
             training: the module ran in training mode (dropout makes rows invalid: the error says eval()).
         """
         array, source_dtype = self._stored(np.asarray(weights), source_dtype)

@@ -56,7 +56,12 @@ def flow(
 
     Args:
         trace: the captured attention.
-        head_fusion, residual, discard_ratio, layers, stream, heads: as in :func:`attnflow.rollout`.
+        head_fusion: as in :func:`attnflow.rollout`.
+        residual: as in :func:`attnflow.rollout`.
+        discard_ratio: as in :func:`attnflow.rollout`.
+        layers: as in :func:`attnflow.rollout`.
+        stream: as in :func:`attnflow.rollout`.
+        heads: as in :func:`attnflow.rollout`.
         normalize: divide each row by its sum over all input tokens (the paper's code does); ``False``
             returns raw max-flow values.
         sources: output-token positions to compute (e.g. ``[0]`` for CLS); negative values count back

@@ -188,10 +188,12 @@ class AttentionTrace:
             weights: a sequence of ``(batch, heads, query, key)`` arrays, one per layer, or one stacked
                 ``(layers, batch, heads, query, key)`` array. ``(heads, query, key)`` arrays are taken as
                 batch 1. bfloat16 arrays (``ml_dtypes``) are stored as float32 with ``source_dtype="bfloat16"``.
-            tokens, mask, causal, special, grid: the single stream's labels (per item, or one list for
-                batch 1), ``(batch, seq)`` real-token mask (default all real), causal flag (default:
-                detected), ``(batch, seq)`` special-token mask, patch grid. With ``streams=``, give these
-                per stream instead.
+            tokens: the single stream's labels (per item, or one list for batch 1). With ``streams=``, give
+                this and the next four per stream instead.
+            mask: ``(batch, seq)`` real-token mask (default all real).
+            causal: causal flag (default: detected).
+            special: ``(batch, seq)`` special-token mask.
+            grid: the patch grid ``(rows, columns)`` of an image stream.
             names: module path of each layer; default ``"layer.{i}"``.
             kinds: ``"self"``/``"cross"`` per layer, for a trace without ``streams``: cross layers then
                 attend to a second stream, ``"memory"`` (default all ``"self"``).
