@@ -52,7 +52,10 @@ def add_parser(subparsers: Any) -> None:
         "--all-layers", action="store_true",
         help="keep every layer (per-layer methods at each layer, cumulative ones up to each layer), not only the last",
     )
-    parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
+    parser.add_argument(
+        "--head-fusion", default=None, choices=("mean", "max", "min"),
+        help="how heads are combined (default: the capture's fusion, else mean)",
+    )
     parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
     parser.add_argument(
