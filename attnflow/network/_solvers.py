@@ -178,8 +178,9 @@ def _check_adj(adj: np.ndarray) -> np.ndarray:
         raise OptionError(f"adj must be (layers, n, n); got shape {adj.shape}.")
     if adj.shape[0] < 1:
         raise OptionError("adj must have at least one layer.")
-    if adj.size and not (np.isfinite(adj).all() and adj.min() >= 0.0):
-        raise OptionError("adj must be finite and non-negative.")
+    for layer in adj:  # one layer at a time: no (L, n, n) temporary
+        if layer.size and not (np.isfinite(layer).all() and layer.min() >= 0.0):
+            raise OptionError("adj must be finite and non-negative.")
     return adj
 
 
