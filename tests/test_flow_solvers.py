@@ -371,6 +371,34 @@ def test_importing_attnflow_does_not_import_numba():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_install_step_caches_the_kernel_flow_runs():
+    """``make install`` runs ``python -m attnflow.network._compile``; afterwards a new process's first flow loads
+    every compiled function from numba's cache (counted by numba, no timing asserted). A change to the argument
+    types flow passes the kernel would make that process compile, and fail here."""
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile[makefile.index("$(KERNEL_CACHE): "):]
+    assert "-m attnflow.network._compile" in recipe.split("\n\n")[0]
+    assert "install: $(STAMP) $(KERNEL_CACHE)" in makefile
+    subprocess.run([sys.executable, "-m", "attnflow.network._compile"], check=True, capture_output=True)
+    code = (
+        "import numpy as np, attnflow\n"
+        "from attnflow.network import _dinic\n"
+        "rng = np.random.default_rng(0)\n"
+        "w = [rng.dirichlet(np.ones(7), size=(2, 3, 7)) for _ in range(4)]\n"
+        "attnflow.flow(attnflow.AttentionTrace.from_arrays(w), sources=[-1])\n"
+        "attnflow.flow(attnflow.AttentionTrace.from_arrays(w))\n"
+        "used = [f for f in (_dinic.spans, _dinic.pruned_source_flows)]\n"
+        "print(sum(sum(f.stats.cache_hits.values()) for f in used), "
+        "sum(sum(f.stats.cache_misses.values()) for f in used))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    hits, misses = (int(x) for x in result.stdout.split())
+    assert misses == 0, "flow compiled the kernel although the install step had cached it"
+    assert hits >= 2
+
+
 # ------------------------------------------------------------------------------------------ options, jobs
 
 

@@ -313,13 +313,15 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
         report(rows.size)
         return
     eps, tol = EPS * scale, TOL * scale
+    if not adj.flags.writeable:  # a read-only array is another type to numba: one more compile otherwise
+        adj = adj.copy()
     if version == 1:
         span = _spans(adj)
         reach = kernel.reach_to_sinks(adj, span)
         bounds = {t: cut_bounds(adj, rows, tops[t]) for t in rest}
     else:
         span = kernel.spans(adj)
-        diag = np.ascontiguousarray(np.diagonal(adj, axis1=1, axis2=2))
+        diag = np.diagonal(adj, axis1=1, axis2=2).copy()  # writable and C-ordered, as the cached kernel takes
     # split the sinks when there are too few (source, layer) rows to keep n_jobs threads busy
     blocks = 1 if n_jobs == 1 else max(1, min(n, math.ceil(4 * n_jobs / (rows.size * len(rest)))))
     sink_sets = [np.ascontiguousarray(part, dtype=np.int64) for part in np.array_split(np.arange(n), blocks)]
