@@ -436,7 +436,7 @@ def test_estimate_seconds_is_cheap_and_monotone():
     small = estimate_seconds(6, 32, 1)
     assert 0 < small < 60
     assert estimate_seconds(6, 128, 128) > estimate_seconds(6, 128, 1) > 0
-    assert estimate_seconds(12, 512, 512, all_layers=True) > estimate_seconds(12, 512, 512) > 600
+    assert estimate_seconds(12, 512, 512, all_layers=True) > estimate_seconds(12, 512, 512) > 60
     assert estimate_seconds(6, 128, 128, method="igraph") > estimate_seconds(6, 128, 128, method="dinic")
     assert estimate_seconds(2, 512, 512, method="pruned") < 60  # closed form
     assert estimate_seconds(0, 10, 1) == 0.0

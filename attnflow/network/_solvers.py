@@ -47,13 +47,22 @@ METHODS = ("auto", "dinic", "dinic-v1", "pruned", "igraph")
 EPS = 2.0**-50
 TOL = 1e-12
 
-# Cost model of estimate_seconds, per (source, sink) pair and source layer T: "dinic" costs
-# _DINIC_SECONDS * sqrt(T) * n^1.5, the igraph methods _IGRAPH_EDGE_SECONDS * T * n^2. Fitted as an upper
-# envelope on a 2-core x86 VM: the "dinic" constant covers the last token of causal (decoder) attention,
-# the slowest case seen (1.4x to 4x faster than estimated); real, peaked and bottlenecked encoder attention
-# ran 4x to 28x faster than estimated, the igraph loop about 1.4x to 2x faster.
-_DINIC_SECONDS = 3e-7
-_IGRAPH_EDGE_SECONDS = 1.5e-7
+# Cost model of estimate_seconds, fitted by benchmarks/bench_estimate.py on a 2-core x86 VM (causal attention with
+# an attention sink, softmax encoder attention at two temperatures, real MiniLM attention; 6-32 layers, 64-2048
+# tokens; one source and all of them). "dinic": per source at level T whose flow can reach m tokens per layer,
+# _DINIC_SECONDS * T^_DINIC_LAYERS * m^_DINIC_TOKENS, plus _PASS_SECONDS per capacity for building, copying and
+# scanning the (L, n, n) network, plus _CALL_SECONDS, once per item. "dinic-v1": per (source, sink) pair
+# _DINIC_V1_SECONDS * sqrt(T) * n^1.5 (an upper envelope: causal 1.4-4x faster, encoders 4-28x). igraph methods:
+# per pair _IGRAPH_EDGE_SECONDS * T * m^2, times _IGRAPH_CAUSAL under causal attention (half the edges, and the
+# flows are found sooner).
+_DINIC_SECONDS = 5.6e-9
+_DINIC_LAYERS = 0.47
+_DINIC_TOKENS = 2.64
+_PASS_SECONDS = 1.5e-8
+_CALL_SECONDS = 3e-3
+_DINIC_V1_SECONDS = 3e-7
+_IGRAPH_EDGE_SECONDS = 0.6e-7
+_IGRAPH_CAUSAL = 0.3
 _PAIR_OVERHEAD_SECONDS = 1e-6
 
 
@@ -117,32 +126,43 @@ def max_flow_values(
 
 def estimate_seconds(
     num_layers: int, n: int, num_sources: int, *, method: str = "auto", all_layers: bool = False,
-    tops: Sequence[int] | None = None,
+    tops: Sequence[int] | None = None, widths: Sequence[int] | None = None, causal: bool = False,
 ) -> float:
-    """Upper-side estimate of the run time of :func:`max_flow_values` with ``n_jobs=1``; solves nothing.
+    """Estimated run time of :func:`max_flow_values` with ``n_jobs=1`` (within about 3x on the attention
+    measured, either side); solves nothing.
 
     ``num_layers`` is ``L``, ``n`` the tokens per layer, ``num_sources`` the number of sources, ``tops`` the
-    source levels as in :func:`max_flow_values`. Per (source,
-    sink) pair and source layer ``T``: ``"dinic"`` grows like ``sqrt(T) * n^1.5`` (most pairs are settled by a
-    flow that meets a cut bound long before the whole network is searched), the igraph methods like
-    ``T * n^2`` (one push-relabel over the whole network per pair); layers 1 and 2 have closed forms except
-    for ``"igraph"``. The constants cover the slowest attention measured (causal), so dense encoder attention
-    usually runs several times faster than estimated.
-    Not included: the first ``"dinic"`` call in a process compiles the kernel (about 10-20 s once, about 1 s
-    when numba's on-disk cache already holds it).
+    source levels as in :func:`max_flow_values`. ``widths``: per source, how many tokens of each layer its flow
+    can reach (default ``n``); under causal attention (``causal=True``) a source at position ``p`` reaches
+    ``p + 1``, which is what the ``"dinic"`` solver's work follows: per source and level ``T`` about
+    ``T^0.5 * width^2.6``. The igraph methods grow like ``T * width^2`` per pair; layers 1 and 2 have closed
+    forms except for ``"igraph"``.
+    Not included: the first compiled call in a process that finds no kernel in numba's on-disk cache compiles
+    it (10-20 s; ``make install`` fills the cache).
     """
     method = resolve_method(method)
     if num_layers <= 0 or n <= 0 or num_sources <= 0:
         return 0.0
     if tops is None:
         tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    if widths is None:
+        widths = [n] * num_sources
+    if len(widths) != num_sources:
+        raise OptionError(f"widths must give one width per source ({num_sources}), got {len(widths)}.")
+    sized = np.clip(np.asarray(widths, dtype=np.float64), 1, n)
+    deep = [top for top in tops if top >= 3]
     pairs = num_sources * n
     if method == "dinic":
-        per_pair = sum(math.sqrt(top) * n**1.5 for top in tops if top >= 3) * _DINIC_SECONDS
-    elif method == "pruned":
-        per_pair = sum(top * n * n for top in tops if top >= 3) * _IGRAPH_EDGE_SECONDS
+        if not deep:
+            return float(pairs * _PAIR_OVERHEAD_SECONDS * len(tops))
+        per_level = float((sized**_DINIC_TOKENS).sum()) * _DINIC_SECONDS
+        solve = sum(top**_DINIC_LAYERS for top in deep) * per_level
+        return float(solve + max(deep) * n * n * _PASS_SECONDS + _CALL_SECONDS)
+    if method == "dinic-v1":
+        per_pair = sum(math.sqrt(top) * n**1.5 for top in deep) * _DINIC_V1_SECONDS
     else:
-        per_pair = sum(top * n * n for top in tops) * _IGRAPH_EDGE_SECONDS
+        edges = float((sized**2).mean()) * (_IGRAPH_CAUSAL if causal else 1.0) * _IGRAPH_EDGE_SECONDS
+        per_pair = sum(top for top in (deep if method == "pruned" else tops)) * edges
     return float(pairs * (per_pair + _PAIR_OVERHEAD_SECONDS * len(tops)))
 
 
