@@ -5,8 +5,9 @@ temporary numba cache), ``--before REV`` to compare with another commit (default
 before this work; its ``attnflow`` package is taken with ``git archive``).
 
 Each measurement runs in a fresh process that builds the trace, warms the code up on a tiny trace, then records
-during the one call: the tracemalloc peak (numpy reports its buffers to tracemalloc) and how much the process's
-peak resident memory grew (``ru_maxrss``). The trace itself is not counted by either.
+during the one call: the tracemalloc peak (numpy reports its buffers to tracemalloc) and how far the process's
+resident memory rose above where it stood before the call (Linux: the peak is reset through
+``/proc/self/clear_refs`` and read from ``VmHWM``). The trace itself is not counted by either.
 
 Cases:
 * rollout, 12 layers x 12 heads x batch 16 x 384 tokens (float32): the result is ``(16, 384, 384)`` float64, 18 MiB;
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, resource, sys, tracemalloc
+import json, sys, tracemalloc
 import numpy as np
 import attnflow
 case = sys.argv[1]
@@ -59,14 +60,20 @@ else:
     call = lambda: attnflow.flow(trace, sources=[-1], progress=False)
 tiny = attnflow.AttentionTrace.from_arrays([np.full((1, 1, 4, 4), 0.25, np.float32)] * 3)
 attnflow.rollout(tiny); attnflow.flow(tiny, sources=[0], progress=False)  # imports, kernel load or compile
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident set (VmHWM) to the current one
+before = status("VmRSS:")
 tracemalloc.start()
 result = call()
 peak = tracemalloc.get_traced_memory()[1]
 tracemalloc.stop()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak": peak / 2**20, "rss_growth": (after - before) / 1024, "result": result.nbytes / 2**20,
-                  "trace": sum(l.weights.nbytes for l in trace.layers) / 2**20}))
+print(json.dumps({"peak": peak / 2**20, "rss_growth": (status("VmHWM:") - before) / 1024,
+                  "result": result.nbytes / 2**20, "trace": sum(l.weights.nbytes for l in trace.layers) / 2**20}))
 """
 
 CASES = {
