@@ -21,12 +21,19 @@ $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	$(PY) -m pip install -q --no-deps -e examples/plugin
 	touch $(STAMP)
 
-install: $(STAMP)
+# The flow kernel compiled into numba's on-disk cache (attnflow/network/__pycache__), so that a new process's
+# first flow() loads it in under a second instead of compiling for 10-20 s; redone when the kernel changes.
+KERNEL_CACHE := $(VENV)/.flow-kernel
+$(KERNEL_CACHE): $(STAMP) attnflow/network/_dinic.py
+	$(PY) -m attnflow.network._compile
+	touch $(KERNEL_CACHE)
 
-demo: $(STAMP)
+install: $(STAMP) $(KERNEL_CACHE)
+
+demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/attnflow explain "The keys to the cabinet are on the table." --out attnflow-out
 
-lint: $(STAMP)
+lint: install
 	$(VENV)/bin/ruff check attnflow adapters tests examples benchmarks
 
 # The API reference from the docstrings, into build/site; strict: any warning fails (tests/test_docs.py too).
@@ -38,7 +45,7 @@ docs: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_flow.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_streams.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_methods.py

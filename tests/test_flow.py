@@ -229,3 +229,23 @@ def test_bad_options(kwargs, message):
     trace = AttentionTrace.from_arrays(dirichlet_layers(np.random.default_rng(0), 2, 1, 2, 5))
     with pytest.raises(OptionError, match=message):
         attnflow.flow(trace, **kwargs)
+
+
+def test_estimate_costs_a_causal_source_by_its_prefix():
+    """Under causal attention the flow from token p reaches only tokens 0..p: the estimate follows (none timed)."""
+    from attnflow.methods._flow import estimate_flow_seconds
+    from attnflow.methods._options import Options
+
+    rng = np.random.default_rng(3)
+    weights = [np.tril(rng.uniform(0.1, 1.0, (1, 2, 300, 300))) for _ in range(4)]
+    weights = [w / w.sum(-1, keepdims=True) for w in weights]
+    causal, encoder = AttentionTrace.from_arrays(weights), AttentionTrace.from_arrays(dirichlet_layers(rng, 4, 1, 2, 300))
+    assert causal.streams[causal.default_stream()].causal
+    options = Options()
+
+    def cost(trace, sources):
+        return estimate_flow_seconds(trace, options, stream=None, sources=sources, all_layers=False)
+
+    assert cost(causal, [0]) < cost(causal, [150]) < cost(causal, [-1]) == pytest.approx(cost(encoder, [-1]))
+    assert cost(encoder, [0]) == pytest.approx(cost(encoder, [-1]))
+    assert cost(causal, None) < cost(encoder, None) / 2

@@ -21,8 +21,10 @@ def fuse_heads(weights: np.ndarray, head_fusion: str | None = "mean") -> np.ndar
     head_fusion = head_fusion or "mean"
     if head_fusion not in HEAD_FUSIONS:
         raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
-    w = np.asarray(weights, dtype=np.float64)
-    return getattr(w, head_fusion)(axis=1)
+    w = np.asarray(weights)
+    if head_fusion == "mean":  # accumulated in float64 without a float64 copy of every head
+        return w.mean(axis=1, dtype=np.float64)
+    return getattr(w, head_fusion)(axis=1).astype(np.float64)
 
 
 def is_int(value: object) -> bool:

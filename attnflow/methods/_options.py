@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from .._errors import OptionError
+from ..network._solvers import METHODS as FLOW_SOLVERS
 from ._fusion import HEAD_FUSIONS, check_options, is_int, is_number
 
 HeadFusion = Literal["mean", "max", "min"]
-FlowSolver = Literal["auto", "dinic", "pruned", "igraph"]
+FlowSolver = Literal["auto", "dinic", "dinic-v1", "pruned", "igraph"]
 #: Heads to keep: one list for every layer, or per layer (an index among the explained stream's layers).
 HeadSelection = Sequence[int] | Mapping[int, Sequence[int]] | None
 
@@ -60,8 +61,8 @@ class Options:
             raise OptionError(f"weights must be a method name such as 'attention' or 'alti', got {self.weights!r}.")
         if not isinstance(self.normalize, bool):
             raise OptionError(f"normalize must be True or False, got {self.normalize!r}.")
-        if self.flow_solver not in ("auto", "dinic", "pruned", "igraph"):
-            raise OptionError(f"flow_solver must be 'auto', 'dinic', 'pruned' or 'igraph', got {self.flow_solver!r}.")
+        if self.flow_solver not in FLOW_SOLVERS:
+            raise OptionError(f"flow_solver must be one of {FLOW_SOLVERS}, got {self.flow_solver!r}.")
         if not (is_int(self.n_jobs) and self.n_jobs >= 1):
             raise OptionError(f"n_jobs must be a positive int, got {self.n_jobs!r}.")
         if not is_number(self.max_seconds) or math.isnan(float(self.max_seconds)) or self.max_seconds < 0:

@@ -470,3 +470,195 @@ def reach_to_sinks(cap, span):
             lo = new_lo
             hi = new_hi
     return reach
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pruned solver ("dinic"): the pieces above, with per-sink pruning and cheap cut bounds first. Everything
+# compiled stays in this one file: numba's on-disk cache does not notice edits to functions it calls from
+# other modules, so a helper moved elsewhere could leave stale machine code behind.
+
+
+@njit(cache=True, nogil=True)
+def spans(cap):
+    """``(L, n, 2)`` int64: first and last ``k`` with ``cap[l, i, k] > 0`` (``(n, -1)`` for an empty row)."""
+    num_layers, n, _ = cap.shape
+    out = np.empty((num_layers, n, 2), dtype=np.int64)
+    for lay in range(num_layers):
+        for i in range(n):
+            first = n
+            for k in range(n):
+                if cap[lay, i, k] > 0.0:
+                    first = k
+                    break
+            last = -1
+            for k in range(n - 1, first - 1, -1):
+                if cap[lay, i, k] > 0.0:
+                    last = k
+                    break
+            out[lay, i, 0] = first
+            out[lay, i, 1] = last
+    return out
+
+
+@njit(cache=True, nogil=True)
+def reach_to_sink(cap, diag, span, j, reach, live):
+    """Fill ``reach`` (``(L + 1, n)`` bool): ``reach[l, i]`` when ``(l, i)`` has a positive path to ``(0, j)``,
+    and ``live[l]`` with the number of such nodes in layer ``l``.
+
+    ``diag[l, i] = cap[l, i, i]`` (contiguous: reading the diagonal of ``cap`` row by row misses the cache on
+    every row). A row is scanned only between the reaching nodes' extremes of the layer below, so under causal
+    attention a dead token costs nothing.
+    """
+    num_layers, n, _ = cap.shape
+    for lay in range(num_layers + 1):
+        live[lay] = 0
+        for i in range(n):
+            reach[lay, i] = False
+    reach[0, j] = True
+    live[0] = 1
+    lo = j
+    hi = j
+    for lay in range(1, num_layers + 1):
+        new_lo = n
+        new_hi = -1
+        count = 0
+        for i in range(n):
+            found = reach[lay - 1, i] and diag[lay - 1, i] > 0.0
+            if not found:
+                start = span[lay - 1, i, 1] if span[lay - 1, i, 1] < hi else hi
+                stop = span[lay - 1, i, 0] if span[lay - 1, i, 0] > lo else lo
+                for k in range(start, stop - 1, -1):
+                    if reach[lay - 1, k] and cap[lay - 1, i, k] > 0.0:
+                        found = True
+                        break
+            if found:
+                reach[lay, i] = True
+                count += 1
+                new_hi = i
+                if new_lo == n:
+                    new_lo = i
+        live[lay] = count
+        if new_hi < 0:
+            return
+        lo = new_lo
+        hi = new_hi
+
+
+@njit(cache=True, nogil=True)
+def live_bound(q, qsum, reach, live, top, j):
+    """Upper bound on the flow from ``(top, s)`` to ``(0, j)`` from the source chain ``q`` alone: every path
+    crosses layer ``m`` at a node that reaches the sink, and at most ``q[m, k]`` flows through ``(m, k)``. Also
+    at most ``q[0, j]`` (which is at most the sink's in-capacity). ``qsum[m]`` is ``q[m].sum()``, used where
+    every node of the layer is live (``live`` as from :func:`reach_to_sink`)."""
+    n = q.shape[1]
+    bound = q[0, j]
+    for m in range(1, top):
+        if live[m] == n:
+            total = qsum[m]
+        else:
+            total = 0.0
+            for k in range(n):
+                if reach[m, k]:
+                    total += q[m, k]
+        if total < bound:
+            bound = total
+    return bound
+
+
+@njit(cache=True, nogil=True)
+def pruned_sink_chain(cap, j, reach, h, rel, cnt):
+    """:func:`sink_chain` over the nodes that reach ``(0, j)`` only (``h`` is 0 elsewhere); cost
+    ``sum_m live_m * live_(m-1)`` instead of ``L n^2``. ``rel``/``cnt`` as in :func:`_relevant_nodes`."""
+    num_layers, n, _ = cap.shape
+    for m in range(num_layers):
+        c = 0
+        for i in range(n):
+            h[m, i] = 0.0
+            if reach[m, i]:
+                rel[m * n + c] = i
+                c += 1
+        cnt[m] = c
+    if num_layers < 2:
+        return
+    for p in range(cnt[1]):
+        k = rel[n + p]
+        h[1, k] = cap[0, k, j]
+    for m in range(2, num_layers):
+        dense = cnt[m - 1] == n  # every node live (encoders): a contiguous loop the compiler vectorises
+        for p in range(cnt[m]):
+            k = rel[m * n + p]
+            total = 0.0
+            if dense:
+                for i in range(n):
+                    c = cap[m - 1, k, i]
+                    hi = h[m - 1, i]
+                    total += c if c < hi else hi
+            else:
+                for r in range(cnt[m - 1]):
+                    i = rel[(m - 1) * n + r]
+                    c = cap[m - 1, k, i]
+                    hi = h[m - 1, i]
+                    total += c if c < hi else hi
+            h[m, k] = total
+
+
+@njit(cache=True, nogil=True)
+def pruned_source_flows(
+    cap, res, top, s, span, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done
+):
+    """``out[j]`` = max-flow from ``(top, s)`` to ``(0, j)`` for every ``j`` in ``sinks``; ``res == cap`` on
+    entry and again on return.
+
+    Per sink: the nodes that reach it (:func:`reach_to_sink`), a cut bound from the source chain over them
+    (:func:`live_bound`), then :func:`_phase_one` up to that bound; only when its flow falls short, the
+    :func:`pruned_sink_chain` sharpens the bound and :func:`_later_phases` finish the proof. Per-sink data is
+    kept across calls on the same ``cap`` when the arrays have one entry per sink, else recomputed in entry 0:
+    ``reaches`` ``(n or 1, L + 1, n)`` bool, ``lives`` ``(n or 1, L + 1)`` int64, ``chains`` ``(n or 1, L, n)``,
+    ``done`` ``(n or 1, 2)`` bool (reach, chain computed). ``q`` is ``(L, n)``, ``diag`` ``(L, n)`` the
+    diagonals of ``cap``; other arguments as in :func:`pair_flow`.
+    """
+    num_layers, n, _ = cap.shape
+    cached = chains.shape[0] > 1
+    col = fwork[2]
+    lim = fwork[0]
+    got = fwork[1]
+    source_chain(cap, top, s, q)
+    qsum = np.zeros(num_layers)
+    for m in range(1, top):
+        for k in range(n):
+            qsum[m] += q[m, k]
+    for p in range(sinks.size):
+        j = sinks[p]
+        c = j if cached else 0
+        reach = reaches[c]
+        if not (cached and done[c, 0]):
+            reach_to_sink(cap, diag, span, j, reach, lives[c])
+            done[c, 0] = cached
+        bound = live_bound(q, qsum, reach, lives[c], top, j)
+        if bound <= eps or not reach[top, s]:
+            out[j] = 0.0
+            continue
+        total, log_len = _phase_one(cap, res, top, s, j, reach, span, bound, tol, work, lim, got, col, log)
+        if total < bound - tol:
+            if not (cached and done[c, 1]):
+                pruned_sink_chain(cap, j, reach, chains[c], work[7], work[8])
+                done[c, 1] = cached
+            sharper = layer_bound(q, chains[c], top, j)
+            if sharper < bound:
+                bound = sharper
+            if total < bound - tol:
+                for k in range(n):
+                    res[0, k, j] = col[k]
+                total, log_len = _later_phases(
+                    cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len
+                )
+        for k in range(n):
+            res[0, k, j] = cap[0, k, j]
+        if log_len < 0:
+            res[:top] = cap[:top]
+        else:
+            flat_res = res.reshape(-1)
+            flat_cap = cap.reshape(-1)
+            for e in range(log_len):
+                flat_res[log[e]] = flat_cap[log[e]]
+        out[j] = total

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from ._network import Network
+from ._network import Network, row_sum_max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ def layered(network: Network, *, tops: tuple[int, ...] | None = None) -> Layered
         level[step.creates] = t
     last = [level[g] for g in range(len(groups))]  # highest level each group must be present at
     for t, step in enumerate(network.steps, start=1):
-        for g, _ in step.blocks:
+        for g in step.below:
             last[g] = max(last[g], t - 1)
     height = max(level[g] for g in tops)
     # allocate slot ranges: a range is free again once its group is no longer needed
@@ -66,12 +66,16 @@ def layered(network: Network, *, tops: tuple[int, ...] | None = None) -> Layered
                 slots[g] = width
                 width += size
             ends.setdefault(last[g], []).append(g)
-    carry = max(1.0, network.max_row_sum())
     adj = np.zeros((height, width, width))
+    busiest = 0.0
     for t, step in enumerate(network.steps[:height], start=1):
+        blocks = step.blocks  # computed once here
+        busiest = max(busiest, row_sum_max(blocks))
         rows = slice(slots[step.creates], slots[step.creates] + groups[step.creates].size)
-        for g, matrix in step.blocks:
+        for g, matrix in blocks:
             adj[t - 1, rows, slots[g] : slots[g] + groups[g].size] += matrix
+    # no flow from a node at or below `height` exceeds the out-capacity of the busiest node there
+    carry = max(1.0, busiest)
     for g, group in enumerate(groups):
         start = slots[g]
         index = np.arange(start, start + group.size)

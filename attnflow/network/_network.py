@@ -20,6 +20,7 @@ Rollout is proportional routing through it (:func:`route`), flow is max-flow thr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -47,12 +48,23 @@ class NodeGroup:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """What makes group ``creates``: edge blocks ``(group below, (n_creates, n_below) matrix)``."""
+    """What makes group ``creates`` from the groups ``below``: one ``(n_creates, n_below)`` matrix per group.
+
+    The matrices are computed from the trace each time :attr:`blocks` is read and are not kept, so a network
+    holds no more than one layer's matrices at a time while a method walks it (read ``below`` for the group
+    indices alone).
+    """
 
     creates: int
-    blocks: tuple[tuple[int, np.ndarray], ...]
+    below: tuple[int, ...]
     layer: int | None  # index of the trace layer; None for a link
     kind: str  # "self", "cross" or "link"
+    matrices: Callable[[], tuple[np.ndarray, ...]] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def blocks(self) -> tuple[tuple[int, np.ndarray], ...]:
+        """``(group below, (n_creates, n_below) float64 matrix)`` pairs, computed now."""
+        return tuple(zip(self.below, self.matrices()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +94,14 @@ class Network:
         return list(self.inputs)
 
     def max_row_sum(self) -> float:
-        """The largest out-capacity of any node (1 for attention networks)."""
-        best = 0.0
-        for step in self.steps:
-            total = sum(matrix.sum(axis=1) for _, matrix in step.blocks)
-            best = max(best, float(np.max(total)) if np.size(total) else 0.0)
-        return best
+        """The largest out-capacity of any node (1 for attention networks); computes every step's matrices."""
+        return max((row_sum_max(step.blocks) for step in self.steps), default=0.0)
+
+
+def row_sum_max(blocks: Sequence[tuple[int, np.ndarray]]) -> float:
+    """The largest row sum over the blocks of one step (the out-capacity of its busiest node)."""
+    total = sum(matrix.sum(axis=1) for _, matrix in blocks)
+    return float(np.max(total)) if np.size(total) else 0.0
 
 
 def explained_stream(trace: AttentionTrace, stream: str | None) -> str:
@@ -159,23 +173,15 @@ def build_network(
             history[query].append(current[query])
             continue
         below = current[query]
-        matrix = np.asarray(weights(index, b), dtype=np.float64)
         size_q, size_k = groups[below].size, groups[current[key]].size  # type: ignore[index]
-        if matrix.shape != (size_q, size_k):
-            raise OptionError(
-                f"The edge weights of layer {index} ({layer.name!r}) have shape {matrix.shape}, expected "
-                f"({size_q}, {size_k}) over the real tokens."
-            )
         depth[query] += 1
         created = len(groups)
         groups.append(NodeGroup(query, depth[query], groups[below].positions))  # type: ignore[arg-type]
-        if layer.kind == "self":
-            blocks: tuple[tuple[int, np.ndarray], ...] = ((below, mix_residual(matrix, residual)),)
-        else:
-            scaled = np.concatenate([np.full((size_q, 1), residual), (1.0 - residual) * matrix], axis=1)
-            scaled = _normalise_rows(scaled)
-            blocks = ((below, np.diag(scaled[:, 0])), (current[key], scaled[:, 1:]))  # type: ignore[index]
-        steps.append(Step(created, blocks, index, layer.kind))  # type: ignore[arg-type]
+        make = functools.partial(
+            _layer_matrices, weights, index, b, layer.name, layer.kind == "self", (size_q, size_k), residual
+        )
+        below_groups = (below,) if layer.kind == "self" else (below, current[key])  # type: ignore[index]
+        steps.append(Step(created, below_groups, index, layer.kind, make))  # type: ignore[arg-type]
         current[query] = created  # type: ignore[index]
         history[query].append(created)  # type: ignore[index]
         if query == explained:
@@ -188,6 +194,27 @@ def build_network(
     return _pruned(network)
 
 
+def _layer_matrices(weights, index, b, name, self_attention, shape, residual) -> tuple[np.ndarray, ...]:
+    """The matrices of one layer's step: ``(Â,)`` for self-attention, ``(diagonal residual, cross part)``."""
+    matrix = np.asarray(weights(index, b), dtype=np.float64)
+    if matrix.shape != shape:
+        raise OptionError(
+            f"The edge weights of layer {index} ({name!r}) have shape {matrix.shape}, expected {shape} over the "
+            "real tokens."
+        )
+    if self_attention:
+        return (mix_residual(matrix, residual),)
+    scaled = np.concatenate([np.full((shape[0], 1), residual), (1.0 - residual) * matrix], axis=1)
+    scaled = _normalise_rows(scaled)
+    return np.diag(scaled[:, 0]), scaled[:, 1:]
+
+
+def _link_matrices(link, b, rows, cols) -> tuple[np.ndarray, ...]:
+    fed_weights = link.weights[b][np.ix_(rows, cols)]
+    fed = link.weights[b][rows].sum(axis=1) > 0
+    return np.diag((~fed).astype(np.float64)), fed_weights
+
+
 def _add_link(trace, b, link, groups, steps, current, history) -> None:
     below = current[link.stream]
     if link.depth >= len(history[link.source]):
@@ -195,12 +222,10 @@ def _add_link(trace, b, link, groups, steps, current, history) -> None:
     source = history[link.source][link.depth]
     rows = groups[below].positions
     cols = groups[source].positions
-    fed_weights = link.weights[b][np.ix_(rows, cols)]
-    fed = link.weights[b][rows].sum(axis=1) > 0
-    own = np.diag((~fed).astype(np.float64))
     created = len(groups)
     groups.append(NodeGroup(link.stream, 0, rows, linked=True))
-    steps.append(Step(created, ((below, own), (source, fed_weights)), None, "link"))
+    make = functools.partial(_link_matrices, link, b, rows, cols)
+    steps.append(Step(created, (below, source), None, "link", make))
     current[link.stream] = created
     history[link.stream][0] = created
 
@@ -210,7 +235,7 @@ def _pruned(network: Network) -> Network:
     needed = {network.output}
     for step in reversed(network.steps):
         if step.creates in needed:
-            needed.update(group for group, _ in step.blocks)
+            needed.update(step.below)
     needed.update(network.outputs)
     needed.update(network.inputs.values())
     if len(needed) == len(network.groups):
@@ -218,7 +243,7 @@ def _pruned(network: Network) -> Network:
     keep = sorted(needed)
     renumber = {old: new for new, old in enumerate(keep)}
     steps = tuple(
-        Step(renumber[s.creates], tuple((renumber[g], m) for g, m in s.blocks), s.layer, s.kind)
+        Step(renumber[s.creates], tuple(renumber[g] for g in s.below), s.layer, s.kind, s.matrices)
         for s in network.steps
         if s.creates in needed
     )
@@ -246,7 +271,7 @@ def route(network: Network, *, all_outputs: bool = False) -> list[dict[str, np.n
         offset += size
     last_use = {}
     for k, step in enumerate(network.steps):
-        for g, _ in step.blocks:
+        for g in step.below:
             last_use[g] = k
     wanted = set(network.outputs if all_outputs else [network.output])
     mass: dict[int, np.ndarray] = {}
@@ -263,7 +288,7 @@ def route(network: Network, *, all_outputs: bool = False) -> list[dict[str, np.n
         mass[step.creates] = total  # type: ignore[assignment]
         if step.creates in wanted:
             results[step.creates] = total  # type: ignore[assignment]
-        for g, _ in step.blocks:
+        for g in step.below:
             if last_use.get(g) == k and g not in wanted:
                 mass.pop(g, None)
     order = network.outputs if all_outputs else (network.output,)

@@ -8,9 +8,15 @@ tokens. The flow value ``F[s, j]`` is the max-flow from ``(L, s)`` to ``(0, j)``
              a blocking flow on the plain layered DAG (multi-push DFS, diagonal arc first, dead nodes skipped
              through a skip list) and stops as soon as that flow meets a cut bound (a feasible flow that meets
              an upper bound is a maximum flow); only the pairs it does not certify get further Dinic phases on
-             the residual network, which end with a proof (no augmenting path). Work is shared across pairs
-             (the arrays, which nodes can reach which sink, tree bounds per sink); sources run in ``n_jobs``
+             the residual network, which end with a proof (no augmenting path). Each pair works only on the
+             nodes that can reach its sink (under causal attention the tokens at or after it), and its first
+             bound is cheap (``O(L n)``: the source's tree bounds summed over those nodes, layer by layer);
+             the sharper bound from the sink's own tree bounds (``O(L n^2)`` per sink) is computed only for
+             the pairs the first one does not settle, and kept across sources. Sources run in ``n_jobs``
              threads (the kernel releases the GIL).
+``"dinic-v1"`` the first compiled kernel, kept as the speed reference: the same phases on the whole network,
+             with the sink tree bounds computed for every sink it meets (``O(L n^3)`` for one source: about
+             ten times slower on causal attention, as fast on encoder attention).
 ``"pruned"`` pure numpy + igraph fallback, used by ``"auto"`` when numba is missing: closed forms for one and
              two layers, zero for pairs with a zero cut bound, and otherwise one igraph max-flow per pair on
              the network cut down to the nodes that lie on some source-to-sink path (``n_jobs`` processes).
@@ -18,7 +24,7 @@ tokens. The flow value ``F[s, j]`` is the max-flow from ``(L, s)`` to ``(0, j)``
              :func:`attnflow._network.layered_graph` (``n_jobs`` processes).
 ``"auto"``   ``"dinic"`` when numba can be imported, else ``"pruned"``.
 
-numba is imported lazily, only when a ``"dinic"`` solve runs; importing attnflow never imports it.
+numba is imported lazily, only when a compiled solve runs; importing attnflow never imports it.
 """
 
 from __future__ import annotations
@@ -34,20 +40,29 @@ import numpy as np
 
 from .._errors import MissingDependencyError, OptionError
 
-METHODS = ("auto", "dinic", "pruned", "igraph")
+METHODS = ("auto", "dinic", "dinic-v1", "pruned", "igraph")
 
 # Residual capacities at most EPS * max(adj) count as zero when proving optimality, and the search stops once
 # a feasible flow is within TOL * max(adj) of a cut bound. Values are exact to about TOL * max(adj).
 EPS = 2.0**-50
 TOL = 1e-12
 
-# Cost model of estimate_seconds, per (source, sink) pair and source layer T: "dinic" costs
-# _DINIC_SECONDS * sqrt(T) * n^1.5, the igraph methods _IGRAPH_EDGE_SECONDS * T * n^2. Fitted as an upper
-# envelope on a 2-core x86 VM: the "dinic" constant covers the last token of causal (decoder) attention,
-# the slowest case seen (1.4x to 4x faster than estimated); real, peaked and bottlenecked encoder attention
-# ran 4x to 28x faster than estimated, the igraph loop about 1.4x to 2x faster.
-_DINIC_SECONDS = 3e-7
-_IGRAPH_EDGE_SECONDS = 1.5e-7
+# Cost model of estimate_seconds, fitted by benchmarks/bench_estimate.py on a 2-core x86 VM (causal attention with
+# an attention sink, softmax encoder attention at two temperatures, real MiniLM attention; 6-32 layers, 64-2048
+# tokens; one source and all of them). "dinic": per source at level T whose flow can reach m tokens per layer,
+# _DINIC_SECONDS * T^_DINIC_LAYERS * m^_DINIC_TOKENS, plus _PASS_SECONDS per capacity for building, copying and
+# scanning the (L, n, n) network, plus _CALL_SECONDS, once per item. "dinic-v1": per (source, sink) pair
+# _DINIC_V1_SECONDS * sqrt(T) * n^1.5 (an upper envelope: causal 1.4-4x faster, encoders 4-28x). igraph methods:
+# per pair _IGRAPH_EDGE_SECONDS * T * m^2, times _IGRAPH_CAUSAL under causal attention (half the edges, and the
+# flows are found sooner).
+_DINIC_SECONDS = 5.6e-9
+_DINIC_LAYERS = 0.47
+_DINIC_TOKENS = 2.64
+_PASS_SECONDS = 1.5e-8
+_CALL_SECONDS = 3e-3
+_DINIC_V1_SECONDS = 3e-7
+_IGRAPH_EDGE_SECONDS = 0.6e-7
+_IGRAPH_CAUSAL = 0.3
 _PAIR_OVERHEAD_SECONDS = 1e-6
 
 
@@ -89,12 +104,12 @@ def max_flow_values(
     if not (isinstance(n_jobs, (int, np.integer)) and n_jobs >= 1):
         raise OptionError(f"n_jobs must be a positive int, got {n_jobs!r}.")
     requested, method = method, resolve_method(method)
-    if method == "dinic":
+    if method in ("dinic", "dinic-v1"):
         try:
             from . import _dinic  # noqa: F401  (imports numba)
         except ImportError as exc:  # numba installed but broken (e.g. a mismatched llvmlite)
             if requested != "auto":
-                raise MissingDependencyError(f"method='dinic' could not import numba: {exc}") from exc
+                raise MissingDependencyError(f"method={method!r} could not import numba: {exc}") from exc
             method = "pruned"
     explicit = tops is not None
     if tops is None:
@@ -102,39 +117,52 @@ def max_flow_values(
     out = np.zeros((len(tops), rows.size, n))
     report = progress if progress is not None else (lambda k: None)
     if rows.size and n:
-        solve = {"dinic": _solve_dinic, "pruned": _solve_pruned, "igraph": _solve_igraph}[method]
+        solve = {
+            "dinic": _solve_dinic, "dinic-v1": _solve_dinic_v1, "pruned": _solve_pruned, "igraph": _solve_igraph,
+        }[method]
         solve(adj, rows, tops, out, int(n_jobs), report)
     return out if all_layers or explicit else out[0]
 
 
 def estimate_seconds(
     num_layers: int, n: int, num_sources: int, *, method: str = "auto", all_layers: bool = False,
-    tops: Sequence[int] | None = None,
+    tops: Sequence[int] | None = None, widths: Sequence[int] | None = None, causal: bool = False,
 ) -> float:
-    """Upper-side estimate of the run time of :func:`max_flow_values` with ``n_jobs=1``; solves nothing.
+    """Estimated run time of :func:`max_flow_values` with ``n_jobs=1`` (within about 3x on the attention
+    measured, either side); solves nothing.
 
     ``num_layers`` is ``L``, ``n`` the tokens per layer, ``num_sources`` the number of sources, ``tops`` the
-    source levels as in :func:`max_flow_values`. Per (source,
-    sink) pair and source layer ``T``: ``"dinic"`` grows like ``sqrt(T) * n^1.5`` (most pairs are settled by a
-    flow that meets a cut bound long before the whole network is searched), the igraph methods like
-    ``T * n^2`` (one push-relabel over the whole network per pair); layers 1 and 2 have closed forms except
-    for ``"igraph"``. The constants cover the slowest attention measured (causal), so dense encoder attention
-    usually runs several times faster than estimated.
-    Not included: the first ``"dinic"`` call in a process compiles the kernel (about 10-20 s once, about 1 s
-    when numba's on-disk cache already holds it).
+    source levels as in :func:`max_flow_values`. ``widths``: per source, how many tokens of each layer its flow
+    can reach (default ``n``); under causal attention (``causal=True``) a source at position ``p`` reaches
+    ``p + 1``, which is what the ``"dinic"`` solver's work follows: per source and level ``T`` about
+    ``T^0.5 * width^2.6``. The igraph methods grow like ``T * width^2`` per pair; layers 1 and 2 have closed
+    forms except for ``"igraph"``.
+    Not included: the first compiled call in a process that finds no kernel in numba's on-disk cache compiles
+    it (10-20 s; ``make install`` fills the cache).
     """
     method = resolve_method(method)
     if num_layers <= 0 or n <= 0 or num_sources <= 0:
         return 0.0
     if tops is None:
         tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    if widths is None:
+        widths = [n] * num_sources
+    if len(widths) != num_sources:
+        raise OptionError(f"widths must give one width per source ({num_sources}), got {len(widths)}.")
+    sized = np.clip(np.asarray(widths, dtype=np.float64), 1, n)
+    deep = [top for top in tops if top >= 3]
     pairs = num_sources * n
     if method == "dinic":
-        per_pair = sum(math.sqrt(top) * n**1.5 for top in tops if top >= 3) * _DINIC_SECONDS
-    elif method == "pruned":
-        per_pair = sum(top * n * n for top in tops if top >= 3) * _IGRAPH_EDGE_SECONDS
+        if not deep:
+            return float(pairs * _PAIR_OVERHEAD_SECONDS * len(tops))
+        per_level = float((sized**_DINIC_TOKENS).sum()) * _DINIC_SECONDS
+        solve = sum(top**_DINIC_LAYERS for top in deep) * per_level
+        return float(solve + max(deep) * n * n * _PASS_SECONDS + _CALL_SECONDS)
+    if method == "dinic-v1":
+        per_pair = sum(math.sqrt(top) * n**1.5 for top in deep) * _DINIC_V1_SECONDS
     else:
-        per_pair = sum(top * n * n for top in tops) * _IGRAPH_EDGE_SECONDS
+        edges = float((sized**2).mean()) * (_IGRAPH_CAUSAL if causal else 1.0) * _IGRAPH_EDGE_SECONDS
+        per_pair = sum(top for top in (deep if method == "pruned" else tops)) * edges
     return float(pairs * (per_pair + _PAIR_OVERHEAD_SECONDS * len(tops)))
 
 
@@ -144,9 +172,9 @@ def resolve_method(method: str) -> str:
         raise OptionError(f"method must be one of {METHODS}, got {method!r}.")
     if method == "auto":
         return "dinic" if numba_available() else "pruned"
-    if method == "dinic" and not numba_available():
+    if method in ("dinic", "dinic-v1") and not numba_available():
         raise MissingDependencyError(
-            "method='dinic' needs numba: pip install 'attnflow[fast]' (or use method='auto' / 'pruned')."
+            f"method={method!r} needs numba: pip install 'attnflow[fast]' (or use method='auto' / 'pruned')."
         )
     return method
 
@@ -170,8 +198,9 @@ def _check_adj(adj: np.ndarray) -> np.ndarray:
         raise OptionError(f"adj must be (layers, n, n); got shape {adj.shape}.")
     if adj.shape[0] < 1:
         raise OptionError("adj must have at least one layer.")
-    if adj.size and not (np.isfinite(adj).all() and adj.min() >= 0.0):
-        raise OptionError("adj must be finite and non-negative.")
+    for layer in adj:  # one layer at a time: no (L, n, n) temporary
+        if layer.size and not (np.isfinite(layer).all() and layer.min() >= 0.0):
+            raise OptionError("adj must be finite and non-negative.")
     return adj
 
 
@@ -284,6 +313,14 @@ class _Progress:
 
 
 def _solve_dinic(adj, rows, tops, out, n_jobs, report) -> None:
+    _solve_compiled(adj, rows, tops, out, n_jobs, report, version=2)
+
+
+def _solve_dinic_v1(adj, rows, tops, out, n_jobs, report) -> None:
+    _solve_compiled(adj, rows, tops, out, n_jobs, report, version=1)
+
+
+def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> None:
     from . import _dinic as kernel
 
     num_layers, n, _ = adj.shape
@@ -295,24 +332,38 @@ def _solve_dinic(adj, rows, tops, out, n_jobs, report) -> None:
     if scale <= 0.0:
         report(rows.size)
         return
-    span = _spans(adj)
-    reach = kernel.reach_to_sinks(adj, span)
     eps, tol = EPS * scale, TOL * scale
-    bounds = {t: cut_bounds(adj, rows, tops[t]) for t in rest}
+    if not adj.flags.writeable:  # a read-only array is another type to numba: one more compile otherwise
+        adj = adj.copy()
+    if version == 1:
+        span = _spans(adj)
+        reach = kernel.reach_to_sinks(adj, span)
+        bounds = {t: cut_bounds(adj, rows, tops[t]) for t in rest}
+    else:
+        span = kernel.spans(adj)
+        diag = np.diagonal(adj, axis1=1, axis2=2).copy()  # writable and C-ordered, as the cached kernel takes
     # split the sinks when there are too few (source, layer) rows to keep n_jobs threads busy
     blocks = 1 if n_jobs == 1 else max(1, min(n, math.ceil(4 * n_jobs / (rows.size * len(rest)))))
     sink_sets = [np.ascontiguousarray(part, dtype=np.int64) for part in np.array_split(np.arange(n), blocks)]
     tasks = [(t, r, b) for r in range(rows.size) for t in rest for b in range(len(sink_sets))]
+    # a thread sees a sink more than once only with several (source, level) rows: then keep its sink chains
+    keep_chains = rows.size * len(rest) > 1
     local = threading.local()
 
     def run(t: int, r: int, b: int) -> None:
         space = getattr(local, "space", None)
         if space is None:
-            space = local.space = _Workspace(adj)
-        kernel.source_flows(
-            adj, space.res, tops[t], int(rows[r]), reach, span, bounds[t][r], sink_sets[b], eps, tol,
-            out[t, r], space.work, space.fwork, space.log, space.q, space.hc, space.hdone,
-        )
+            space = local.space = _Workspace(adj, version, keep_chains)
+        if version == 1:
+            kernel.source_flows(
+                adj, space.res, tops[t], int(rows[r]), reach, span, bounds[t][r], sink_sets[b], eps, tol,
+                out[t, r], space.work, space.fwork, space.log, space.q, space.hc, space.hdone,
+            )
+        else:
+            kernel.pruned_source_flows(
+                adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
+                space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
+            )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
     with ThreadPoolExecutor(n_jobs) if n_jobs > 1 else nullcontext() as executor:
@@ -325,17 +376,26 @@ def _solve_dinic(adj, rows, tops, out, n_jobs, report) -> None:
 
 
 class _Workspace:
-    """Per-thread scratch arrays of the kernel (``res`` is a private copy of the capacities)."""
+    """Per-thread scratch arrays of the kernel (``res`` is a private copy of the capacities). Per-sink data
+    (sink chains ``hc``; for version 2 also reachability) is kept for every sink when a thread meets a sink
+    more than once (always for version 1), else recomputed in a single entry."""
 
-    def __init__(self, adj: np.ndarray):
+    def __init__(self, adj: np.ndarray, version: int, keep: bool):
         num_layers, n, _ = adj.shape
         self.res = adj.copy()
         self.work = np.empty((9, (num_layers + 1) * (n + 1)), dtype=np.int64)
         self.fwork = np.empty((3, (num_layers + 1) * (n + 1)))
         self.q = np.empty((num_layers, n))
-        self.hc = np.empty((n, num_layers, n))  # sink chains, filled on demand
-        self.hdone = np.zeros(n, dtype=bool)
         self.log = np.empty(min(adj.size, 1 << 20), dtype=np.int64)
+        if version == 1:
+            self.hc = np.empty((n, num_layers, n))  # filled on demand
+            self.hdone = np.zeros(n, dtype=bool)
+            return
+        kept = n if keep else 1
+        self.hc = np.empty((kept, num_layers, n))
+        self.hdone = np.zeros((kept, 2), dtype=bool)
+        self.reach = np.zeros((kept, num_layers + 1, n), dtype=bool)
+        self.live = np.zeros((kept, num_layers + 1), dtype=np.int64)
 
 
 def _spans(adj: np.ndarray) -> np.ndarray:
