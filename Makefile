@@ -1,12 +1,12 @@
 # make demo: install, then explain a sentence with the packaged MiniLM model.
-# make test: install, then lint and run the whole suite.
+# make test: install, then lint, install headless Chromium if missing (system-deps), and run the whole suite.
 # constraints.txt pins torch (CPU build from local disk) and ruff (lint rules change between releases).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean system-deps
 
 $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnflow adapters tests examples benchmarks
 
-test: lint
+# The HTML page is tested in a real browser: headless Chromium and its driver from Debian's packages.
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
+
+test: lint system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
