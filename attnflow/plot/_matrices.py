@@ -194,6 +194,9 @@ def head_grid(
                              [key.tokens[b][j] for j in cols]))
         grid.append(row)
     several = len(grid) > 1
+    if not several and len(grid[0]) > 6:  # one layer's many heads: wrap into rows of at most 6
+        per_row = -(-len(grid[0]) // -(-len(grid[0]) // 6))
+        grid = [grid[0][i:i + per_row] for i in range(0, len(grid[0]), per_row)]
     name = f"layers {chosen}" if several else f"layer {chosen[0] % count} ({trace.layers[chosen[0]].name})"
     heading = title or "; ".join(
         ["raw attention per head, " + name, f"item {b}"]
