@@ -31,7 +31,7 @@ class FlowPaths:
         graph: the ``igraph.Graph`` of :func:`attnflow.flow_network` (vertex attributes ``stream``, ``layer``,
             ``token``, ``position``, ``label``, ``input``; edge attribute ``capacity``).
         source: the vertex id of the explained token's output node.
-        paths: ``(flow, vertex ids from source to an input token)``, widest first.
+        paths: ``(flow, vertex ids from the source to an input token, both included)``, widest first.
         total: the value of the maximum flow (what all paths together carry, not only the first ``top_k``).
         received: input vertex id -> flow it receives in this maximum flow.
     """
@@ -211,7 +211,7 @@ def flow_graph(
     several_streams = len({graph.vs[p[-1]]["stream"] for _, p in paths}) > 1 or len(trace.streams) > 1
     for rank, (w, path) in enumerate(paths):
         level = float(np.clip(norm(w), 0, 1)) if w > 0 else 0.0
-        chain = [found.source] + path
+        chain = path
         ax.plot(xs[chain], ys[chain], color=f"C{rank % 10}", linewidth=0.6 + 7 * level, alpha=0.75,
                 solid_capstyle="round", zorder=2, label=f"{w:.3f} → {_short_label(graph, path[-1], several_streams)}")
     colours = matplotlib.colormaps[cmap]
