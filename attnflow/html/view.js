@@ -203,7 +203,9 @@
     const name = state.mapStream;
     const cols = it.streams[name].tokens.length;
     const rowsLabels = it.source_labels;
-    let caption = `explained ${DATA.explained} tokens (rows) × input ${name} tokens (columns), ${methodInfo(state.method).title}`;
+    const streamsNamed = DATA.streams.length > 1;
+    let caption = (streamsNamed ? `explained ${DATA.explained} tokens (rows) × input ${name} tokens (columns)`
+      : "explained tokens (rows) × input tokens (columns)") + `, ${methodInfo(state.method).title}`;
     if (name !== DATA.explained) caption += ": the encoder-decoder view (what each decoder token draws on in the encoder)";
     else if (DATA.causal && DATA.prompt_length) caption += `: generated × prompt view (the prompt is the first ${DATA.prompt_length} tokens, left of the line)`;
     else if (DATA.causal) caption += ": each token over the tokens before it (causal)";

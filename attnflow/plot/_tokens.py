@@ -119,9 +119,10 @@ def text_highlight(
     if len(names) * (len(lines) * line_h + 0.45) + 1.2 > MAX_INCHES[1]:
         fontsize = max(5.0, fontsize * MAX_INCHES[1] / (len(names) * (len(lines) * line_h + 0.45) + 1.2))
         char_w, line_h = fontsize * 0.6 / 72, fontsize * 1.9 / 72
-    width = min(width_chars * char_w + 0.8, MAX_INCHES[0])
+    used = max((x + len(text) for line in lines for _, x, text in line), default=1)
+    width = min(max(used * char_w + 0.8, 6.0), MAX_INCHES[0])
     block = len(lines) * line_h + 0.45
-    height = min(len(names) * block + 1.3, MAX_INCHES[1])
+    height = min(len(names) * block + 1.0, MAX_INCHES[1])
     figure, axes = new_figure(width, height, dpi=dpi)
     ax = axes[0, 0]
     ax.set_axis_off()
