@@ -1,12 +1,12 @@
 # make demo: install, then explain a sentence with the packaged MiniLM model.
-# make test: install, then lint and run the whole suite.
+# make test: install, then lint, install headless Chromium if missing (system-deps), and run the whole suite.
 # constraints.txt pins torch (CPU build from local disk) and ruff (lint rules change between releases).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint docs bench clean
+.PHONY: install demo test lint docs bench clean system-deps
 
 $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,14 @@ lint: install
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
 
+# The HTML page is tested in a real browser: headless Chromium and its driver from Debian's packages.
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
+
 # One BLAS thread: the suite's matrices are small, and a multi-threaded OpenBLAS on a busy 2-core machine
 # spends 30x longer spinning than computing (an SVD of 128 x 384 took 0.7 s instead of 0.02 s).
-test: lint
+test: lint system-deps
 	HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: install

@@ -120,6 +120,9 @@ class TransformersAdapter(attnflow.Adapter):
                 call["streams"] = {stream: {"causal": flag} for stream, flag in causal.items() if flag}
             else:
                 call.update(mask=mask, input_ids=ids, causal=causal.get(None))
+                pixels = named.get("pixel_values")
+                if isinstance(pixels, torch.Tensor) and not swin:
+                    passes.state["single_pixels"] = tuple(pixels.shape)
             if inject and named.get("output_attentions") is None:
                 passes.state["injected"] = True
                 call["inject"] = {"output_attentions": True}
@@ -150,6 +153,8 @@ class TransformersAdapter(attnflow.Adapter):
                     handles.append(towers[tower].register_forward_pre_hook(hook, with_kwargs=True))
                 if plan.multi:
                     passes.finishers.append(lambda p: _finish_streams(p, model, plan, towers))
+                elif not swin:
+                    passes.finishers.append(lambda p: _finish_single_vision(p, model))
                 common.install_pass_hooks(model, passes, describe_call, handles, after=after)
             listener = _generation_torch.Listener(
                 model, passes, recorder.request.generation_mode, _generated_streams(model, plan, causal),
@@ -186,7 +191,9 @@ class TransformersAdapter(attnflow.Adapter):
 
     # -- loading ------------------------------------------------------------------------------------
     def load_model(self, location: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
-        """``(model, tokenizer)`` from a local model directory, or from a hub id where there is network.
+        """``(model, tokenizer)`` from a local model directory, or from a hub id where there is network; for an
+        image model (a ViT-family config: image and patch sizes, no vocabulary) ``(model, image processor)``,
+        whose inputs :meth:`encode_images` makes.
 
         The model is loaded as ``AutoModel.from_pretrained`` leaves it (SDPA, eval mode); an encoder-decoder
         as ``AutoModelForSeq2SeqLM`` (which builds its decoder's inputs from ``labels``). A model whose
@@ -219,7 +226,10 @@ class TransformersAdapter(attnflow.Adapter):
             auto = transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else \
                 transformers.AutoModel
             model = auto.from_pretrained(source, **kwargs, **trust)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs, **trust)
+            if is_image_model(config):  # a ViT-family directory: its image processor stands in for a tokenizer
+                tokenizer = transformers.AutoImageProcessor.from_pretrained(source, **kwargs, **trust)
+            else:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs, **trust)
         except Exception as exc:  # safetensors, unpickling and model-class errors too: all mean "cannot load"
             if not trust_remote_code and "trust_remote_code" in str(exc):
                 raise attnflow.AdapterError(
@@ -241,6 +251,8 @@ class TransformersAdapter(attnflow.Adapter):
                 f"Cannot load a transformers model from {location!r}: {type(exc).__name__}: {exc}"
             ) from exc
         model.eval()
+        if is_image_model(config):
+            return model, tokenizer
         limit = getattr(model.config, "max_position_embeddings", None)
         if _max_tokens(tokenizer) is None and isinstance(limit, int) and limit > 0:
             tokenizer.model_max_length = limit  # the tokenizer does not say; the model's positions do
@@ -272,6 +284,23 @@ class TransformersAdapter(attnflow.Adapter):
         # The decoder reads the start token then labels[:-1]: as many real positions as real labels (a text's
         # final label, its end of sequence, is predicted, never read), as when the text is encoded alone.
         return {**encoded, "labels": labels.masked_fill(mask == 0, -100), "decoder_attention_mask": mask}
+
+    def encode_images(self, processor: Any, images: Sequence[Any]) -> dict[str, Any]:
+        """``{"pixel_values": (batch, channels, height, width) tensor}`` of ``images`` (PIL images or
+        ``(H, W, 3)`` arrays) through the model's image processor (what :meth:`load_model` returns for an
+        image model). Refuses a processor that is a tokenizer, naming the fix."""
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or not images:
+            raise attnflow.OptionError("encode_images() needs a non-empty list of images (PIL images or arrays).")
+        if not callable(processor) or hasattr(processor, "convert_ids_to_tokens"):
+            raise attnflow.OptionError(
+                "encode_images() needs the model's image processor; this model loaded a tokenizer, so it takes text "
+                "(use encode())."
+            )
+        try:
+            encoded = processor(images=list(images), return_tensors="pt")
+        except (TypeError, ValueError) as exc:
+            raise attnflow.OptionError(f"The image processor cannot take these images: {exc}") from exc
+        return {"pixel_values": encoded["pixel_values"]}
 
     def _encode_texts(self, tokenizer: Any, texts: Sequence[str], max_length: int | None) -> dict[str, Any]:
         if isinstance(texts, str):
@@ -460,6 +489,8 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
                 f"{path} ({type(module).__name__}) returned {shape} as its attention; expected (batch, heads, "
                 "query, key). Pass adapter_options={'output_index': ...} if the weights sit elsewhere."
             )
+        if passes.stream_of(path) is None:
+            passes.state.setdefault("single_length", int(weights.shape[-1]))  # an image's patch count, below
         recorded = passes.add(path, weights, kind=kind, training=module.training)
         if recorded >= 0:
             passes.state.setdefault("indices", {}).setdefault(path, []).append(recorded)
@@ -546,6 +577,30 @@ def _finish_streams(passes: common.TorchPass, model: Any, plan: families.StreamP
         if ids is not None and ids.shape[1] == length and stream != "vision":
             recorder.describe_stream(stream, input_ids=ids, mask=root.get("mask"))
     _link_image_tokens(passes, model, root.get("input_ids"))
+
+
+def _finish_single_vision(passes: common.TorchPass, model: Any) -> None:
+    """A plain ViT-family model (one stream, pixel inputs): its prefix tokens (CLS, distillation, registers)
+    are special, the rest is the patch grid; labels ``[CLS]``, ``[PREFIX1]``... and ``r{row}c{col}``."""
+    shape, length = passes.state.get("single_pixels"), passes.state.get("single_length")
+    if shape is None or length is None:
+        return
+    layout = families.vision_layout(length, shape, getattr(model.config, "patch_size", None))
+    if layout is None:
+        return
+    special, (rows, cols) = layout
+    prefix = int(special.sum())
+    labels = ["[CLS]" if i == 0 else f"[PREFIX{i}]" for i in range(prefix)]
+    labels += [f"r{r}c{c}" for r in range(rows) for c in range(cols)]
+    passes.recorder.describe_stream(
+        None, special=np.broadcast_to(special, (shape[0], length)), grid=(rows, cols), tokens=[labels] * shape[0],
+    )
+
+
+def is_image_model(config: Any) -> bool:
+    """A ViT-family config: image and patch sizes and no text vocabulary (CLIP-like pairs are not)."""
+    return (getattr(config, "image_size", None) is not None and getattr(config, "patch_size", None) is not None
+            and getattr(config, "vocab_size", None) is None)
 
 
 def _link_image_tokens(passes: common.TorchPass, model: Any, input_ids: Any) -> None:

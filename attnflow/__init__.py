@@ -5,6 +5,7 @@ Capture a model's attention into an :class:`AttentionTrace`, then compute :func:
 Importing attnflow imports no deep-learning framework; adapters load theirs when used.
 """
 
+from . import plot as plot
 from ._compare import ComparisonReport as ComparisonReport
 from ._compare import compare as compare
 from ._errors import AdapterError as AdapterError
@@ -59,6 +60,6 @@ __all__ = [
     "Link", "Method", "MethodError", "MissingDependencyError", "OptionError", "Options", "OutputInUseError", "Recorder",
     "Stream", "TraceError",
     "TraceFileError", "attach", "capture", "compare", "explain", "flow", "flow_network", "fuse_heads", "get_adapter",
-    "get_method", "import_optional", "list_adapters", "list_methods", "load", "packaged_model_dir", "raw",
+    "get_method", "import_optional", "list_adapters", "list_methods", "load", "packaged_model_dir", "plot", "raw",
     "register_adapter", "register_method", "rollout", "run_batch", "save", "unregister_adapter", "unregister_method",
 ]

@@ -124,3 +124,81 @@ def test_encoder_decoder_directory_with_target_text(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert main(["explain", "a b", "--model", str(model_dir), "--out", str(tmp_path / "o2")]) == 1
     assert "--target-text" in capsys.readouterr().err
+
+
+def test_new_settings_are_checked_before_the_model_loads(tmp_path, capsys):
+    """Every bad setting is refused with its fix; --model points nowhere, so a message about the model would
+    mean the model was loaded first."""
+    nowhere = str(tmp_path / "no-model")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    cases = [
+        (["hello", "--format", "png,gif"], "Unknown picture format 'gif'"),
+        (["hello", "--layer", "-1"], "--layer must be a layer index"),
+        (["hello", "--sources", "0", "0"], "names a token twice"),
+        (["hello", "--adapter-option", "output_index"], "KEY=VALUE"),
+        (["hello", "--adapter-option", "colour=1"], "unknown option(s) ['colour']"),
+        (["hello", "--adapter-option", "output_index=one"], "option 'output_index' must be int"),
+        (["hello", "--device", "tpu"], "--device must be cpu, cuda"),
+        (["hello", "--device", "cuda:7"], "no such device"),
+        (["hello", "--dpi", "0"], "--dpi must be between"),
+        (["--texts", str(tmp_path / "missing.txt")], "is not a file"),
+        (["--texts", str(tmp_path / "empty.txt")], "holds no text"),
+        (["hello", "--image", str(tmp_path / "empty.txt")], "exactly one input"),
+        ([], "exactly one input"),
+        (["hello", "--html", str(tmp_path / "no" / "dir" / "page.html")], "page"),
+    ]
+    for args, message in cases:
+        assert main(["explain", *args, "--model", nowhere, "--out", str(tmp_path / "o")]) == 1, args
+        err = capsys.readouterr().err
+        assert message in err and "no-model" not in err, (args, err)
+
+
+@pytest.mark.slow
+def test_several_texts_sources_layer_formats_and_html(minilm_dir, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text(TEXT + "\n\nThe key of the cabinet is old.\n")
+    out = tmp_path / "out"
+    status = main([
+        "explain", "--texts", str(texts), "--out", str(out), "--sources", "cabinet", "0", "--layer", "3",
+        "--exclude-special", "--format", "png,svg,pdf", "--html", "--adapter-option", "output_index=1",
+        "--device", "cpu", "--dtype", "float32", "--dpi", "60",
+    ])
+    assert status == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    for item in (1, 2):
+        for name in ("raw", "rollout", "flow", "scores", "text", "heads", "flow-graph"):
+            for fmt in ("png", "svg", "pdf"):
+                assert (out / f"{name}-{item}.{fmt}").stat().st_size > 0, (name, item, fmt)
+    assert (out / "raw-1.pdf").read_bytes()[:5] == b"%PDF-"
+    document = json.loads((out / "explanation.json").read_text())
+    cabinet = document["tokens"].index("cabinet")
+    assert document["sources"] == [cabinet, 0] and document["explained_position"] == cabinet
+    assert document["layers"] == {"raw": [0, 1, 2, 3], "rollout": [0, 1, 2, 3], "flow": [3]}
+    assert document["batch_size"] == 2 and document["options"]["layers"] == {"pair": [0, 4]}
+    # the methods ran over layers 0..3 only: rollout equals rollout of the saved trace's first four layers
+    trace = attnflow.load(out / "trace.safetensors")
+    np.testing.assert_allclose(document["scores"]["rollout"], attnflow.rollout(trace, layers=(0, 4))[0, cabinet],
+                               atol=1e-12)
+    # the table explains 'cabinet' in both texts, over the ordinary tokens only, renormalised
+    assert "input 1: Top input tokens for 'cabinet'" in stdout and "input 2: Top input tokens for 'cabinet'" in stdout
+    assert "(special tokens excluded, renormalised)" in stdout
+    row = np.array(document["scores"]["rollout"])
+    ordinary = ~trace.special[0]
+    best = row[ordinary].max() / row[ordinary].sum()
+    first_line = next(line for line in stdout.splitlines() if line.strip().startswith("1 "))
+    assert f"{best:8.4f}".strip() in first_line
+    # the page holds the saved explanation's numbers
+    from html_page import page_data, read_array, same_to_3_digits
+
+    from attnflow._explanation import load_explanation
+
+    saved = load_explanation(out / "explanation.safetensors")
+    data, raw = page_data((out / "explanation.html").read_text(encoding="utf-8"))
+    assert data["items"][1]["source_labels"] == ["cabinet", "[CLS]"]
+    real = saved.streams["tokens"].valid_index(1)
+    same_to_3_digits(read_array(data["items"][1]["scores"]["rollout"]["tokens"], raw),
+                     saved.layers("rollout")[:, 1][:, :, real])
+    assert main(["explain", TEXT, "--layer", "6", "--out", str(tmp_path / "o2")]) == 1
+    assert "--layer 6 is past the last layer" in capsys.readouterr().err
+    assert main(["explain", TEXT, "--sources", "door", "--out", str(tmp_path / "o3")]) == 1
+    assert "no token of input 0 reads so" in capsys.readouterr().err

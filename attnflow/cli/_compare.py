@@ -89,7 +89,7 @@ def heatmap_png(report: ComparisonReport) -> bytes:
     heads beyond tolerance are outlined in red."""
     from matplotlib.colors import LogNorm
 
-    from .._plot import _pyplot
+    from ..plot._figure import pyplot as _pyplot
 
     plt = _pyplot()
     grid = report.head_matrix()

@@ -1,28 +1,32 @@
-"""``attnflow explain TEXT``: raw attention, rollout and flow of one input, as pictures, JSON and a table."""
+"""``attnflow explain TEXT``: raw attention, rollout and flow of one input (or several, or an image), as
+pictures (PNG/SVG/PDF), an interactive HTML page, JSON and a table."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._errors import OptionError
+from .._errors import AdapterError, OptionError
 from .._explanation import Explanation, explain
 from .._models import packaged_model_dir
-from .._tensorfile import atomic_write, make_directory
-from ..capture._adapter import load_model
+from .._tensorfile import atomic_write, check_writable_target, make_directory
+from ..capture._adapter import check_adapter_options, load_model
 from ..capture._capture import capture
 from ..capture._registry import get_adapter
 from ..methods._fusion import check_max_seconds
 from ..methods._options import Options
 from ..methods._registry import get_method, list_methods
+from ..plot._figure import parse_formats, pyplot, write_figure
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -33,7 +37,12 @@ def add_parser(subparsers: Any) -> None:
         "to --out. For an encoder-decoder, give the decoder's text with --target-text: every decoder token is "
         "explained by the encoder tokens (and earlier decoder tokens) it draws on.",
     )
-    parser.add_argument("text", help="the input text (an encoder-decoder's encoder text)")
+    parser.add_argument("text", nargs="?", default=None,
+                        help="the input text (an encoder-decoder's encoder text); or use --texts or --image")
+    parser.add_argument("--texts", default=None, metavar="FILE",
+                        help="explain several texts at once: one text per line of FILE (empty lines skipped)")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="explain an image (PNG/JPEG) with an image model (--model VIT_DIR); writes overlay.png")
     parser.add_argument("--target-text", default=None, help="the decoder's text, for encoder-decoder models")
     parser.add_argument(
         "--model", default=None,
@@ -47,6 +56,33 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
     parser.add_argument("--top", type=int, default=5, help="input tokens to list per method (default 5)")
+    parser.add_argument(
+        "--sources", nargs="+", default=None, metavar="TOKEN",
+        help="explain only these tokens: positions (negative counts back from the last real token) or token texts, "
+        "e.g. --sources 0 cabinet -1 (default: every token; pictures and the table show the first)",
+    )
+    parser.add_argument(
+        "--layer", type=int, default=None,
+        help="show the scores after this layer (an index among the explained stream's layers; the methods then run "
+        "over layers 0..LAYER); default the last",
+    )
+    parser.add_argument(
+        "--exclude-special", action="store_true",
+        help="leave special tokens (CLS, SEP, BOS...) out of the pictures and the table and renormalise the rest "
+        "(the JSON and safetensors files keep the scores as computed)",
+    )
+    parser.add_argument("--format", default="png", help="picture formats, comma-separated: png,svg,pdf (default png)")
+    parser.add_argument("--dpi", type=float, default=150, help="resolution of PNG pictures (default 150)")
+    parser.add_argument(
+        "--html", nargs="?", const="", default=None, metavar="PATH",
+        help="also write the interactive page (default path: OUT/explanation.html)",
+    )
+    parser.add_argument(
+        "--adapter-option", action="append", default=[], metavar="KEY=VALUE",
+        help="an option of the adapter (VALUE read as JSON when it parses, else as text); repeat for several",
+    )
+    parser.add_argument("--device", default=None, help="run the model on this torch device: cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default=None, choices=DTYPES, help="run the model in this dtype (default: as loaded)")
     parser.add_argument("--max-seconds", type=float, default=1800.0, help="refuse flow problems estimated longer")
     parser.add_argument(
         "--max-length", type=int, default=None,
@@ -62,9 +98,14 @@ def add_parser(subparsers: Any) -> None:
 
 def check_arguments(args: argparse.Namespace) -> tuple[list[str], Options]:
     """Refuse bad settings before anything is loaded; the methods and options to use."""
+    layers = None
+    if args.layer is not None:
+        if args.layer < 0:
+            raise OptionError(f"--layer must be a layer index (0 = the first layer), got {args.layer}.")
+        layers = (0, args.layer + 1)
     options = Options(
         head_fusion=args.head_fusion, residual=args.residual, discard_ratio=args.discard_ratio,
-        max_seconds=check_max_seconds(args.max_seconds),
+        max_seconds=check_max_seconds(args.max_seconds), layers=layers,
     )
     if args.top < 1:
         raise OptionError(f"--top must be at least 1 (input tokens to list per method), got {args.top}.")
@@ -75,7 +116,86 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], Options]:
         get_method(method)  # an unknown name fails here, listing the registered ones
     if not methods:
         raise OptionError(f"--methods names no method; choose from {', '.join(list_methods())}.")
+    given = [name for name, value in (("TEXT", args.text), ("--texts", args.texts), ("--image", args.image)) if value]
+    if len(given) != 1:
+        raise OptionError(
+            "Give exactly one input: a TEXT, --texts FILE (one text per line) or --image PATH"
+            + (f"; got {' and '.join(given)}." if given else ".")
+        )
+    if args.image and args.target_text is not None:
+        raise OptionError("--target-text is for encoder-decoder text models; an --image run has no decoder text.")
+    for path, what in ((args.texts, "--texts"), (args.image, "--image")):
+        if path and not Path(path).is_file():
+            raise OptionError(f"{what} {path!r} is not a file.")
+    args.format_list = parse_formats(args.format)
+    if not 10 <= args.dpi <= 2400:
+        raise OptionError(f"--dpi must be between 10 and 2400, got {args.dpi}.")
+    args.source_list = parse_sources(args.sources)
+    args.adapter_options = parse_adapter_options(args.adapter_option)
+    check_adapter_options(get_adapter(args.adapter), args.adapter_options)
+    if args.device is not None:
+        check_device(args.device)
+    if args.html:
+        check_writable_target(args.html, "HTML page")
+    if args.texts:
+        args.text_list = read_texts(args.texts)
     return methods, options
+
+
+def parse_sources(items: Sequence[str] | None) -> list[int | str] | None:
+    """``--sources`` items: ints are positions, anything else token text; None: every token."""
+    if items is None:
+        return None
+    out: list[int | str] = []
+    for item in items:
+        for part in [item] if not re.fullmatch(r"-?\d+(,-?\d+)+", item) else item.split(","):
+            out.append(int(part) if re.fullmatch(r"-?\d+", part) else part)
+    if len(set(map(str, out))) != len(out):
+        raise OptionError(f"--sources names a token twice: {items}.")
+    return out
+
+
+def parse_adapter_options(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict (values read as JSON when they parse, else kept as text)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--adapter-option takes KEY=VALUE, e.g. --adapter-option output_index=1; got {item!r}.")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def check_device(device: str) -> None:
+    """A device name torch knows, and present on this machine (asked before the model loads)."""
+    if not _DEVICE.match(device):
+        raise OptionError(f"--device must be cpu, cuda, cuda:N, mps or xpu:N; got {device!r}.")
+    if device == "cpu":
+        return
+    from ..capture._adapter import import_optional
+
+    torch = import_optional("torch", "torch")
+    kind = device.split(":")[0]
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[kind]
+    available = backend is not None and backend.is_available()
+    if available and kind in ("cuda", "xpu") and ":" in device:
+        available = int(device.split(":")[1]) < backend.device_count()
+    if not available:
+        raise OptionError(f"--device {device}: this machine has no such device; use --device cpu.")
+
+
+def read_texts(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionError(f"Cannot read --texts {path!r}: {exc}.") from exc
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise OptionError(f"--texts {path!r} holds no text; write one text per line.")
+    return texts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model, tokenizer = load_model(adapter, location, trust_remote_code=args.trust_remote_code)
+    model = to_device(model, args.device, args.dtype)
     timings["load"] = time.perf_counter() - start
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     if seq2seq and args.target_text is None:
@@ -98,114 +219,271 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--target-text is for encoder-decoder models; {location} is not one.")
 
     start = time.perf_counter()
-    targets = None if args.target_text is None else [args.target_text]
-    inputs = adapter.encode(tokenizer, [args.text], max_length=args.max_length, targets=targets)
-    trace = capture(model, adapter=adapter, tokens=tokenizer, **inputs)
+    image = None
+    if args.image:
+        from ..plot._image import load_image
+
+        image = load_image(args.image)
+        encode_images = getattr(adapter, "encode_images", None)
+        if encode_images is None:
+            raise AdapterError(f"Adapter {adapter.name!r} cannot encode images; use --adapter transformers.")
+        if hasattr(tokenizer, "convert_ids_to_tokens"):
+            raise OptionError(f"{location} is a text model (it has a tokenizer); --image needs an image model (ViT).")
+        inputs = encode_images(tokenizer, [(image * 255).round().astype(np.uint8)])
+        labels = None
+    else:
+        if not hasattr(tokenizer, "convert_ids_to_tokens"):
+            raise OptionError(f"{location} is an image model; explain an image with --image PATH.")
+        texts = args.text_list if args.texts else [args.text]
+        targets = None if args.target_text is None else [args.target_text] * len(texts)
+        inputs = adapter.encode(tokenizer, texts, max_length=args.max_length, targets=targets)
+        labels = tokenizer
+    inputs = inputs_to(inputs, args.device, args.dtype)
+    trace = capture(model, adapter=adapter, tokens=labels, adapter_options=args.adapter_options or None, **inputs)
     timings["capture"] = time.perf_counter() - start
     trace = trace.replace(metadata={**trace.metadata, "model_location": str(location)})
+    check_layer(trace, args.layer)
+    sources = resolve_sources(trace, args.source_list)
 
-    explanation = explain(trace, methods, options=options)
+    explanation = explain(trace, methods, options=options, sources=sources)
     timings.update({f"{name}": seconds for name, seconds in explanation.metadata["seconds"].items()})
-    write_outputs(out, trace, explanation, timings)
-    print_table(explanation, args.top, timings)
-    print(f"wrote {out}/ (heatmaps, scores, trace.safetensors, explanation.safetensors, explanation.json)")
+    written = write_outputs(out, trace, explanation, timings, args=args, image=image)
+    print_table(explanation, args.top, timings, exclude_special=args.exclude_special)
+    print(f"wrote {out}/ ({', '.join(written)}, trace.safetensors, explanation.safetensors, explanation.json)")
     return 0
 
 
-def explained_position(trace: Any, explanation: Explanation) -> int:
-    """The token whose scores the bar chart shows: [CLS] (position 0), or the last real token when the
-    explained stream is causal (a decoder)."""
-    stream = trace.streams[explanation.stream]
-    return int(stream.valid_index(0)[-1]) if stream.causal else 0
+def to_device(model: Any, device: str | None, dtype: str | None) -> Any:
+    """The model moved to ``device`` and cast to ``dtype`` (torch models; others refuse with the reason)."""
+    if device is None and dtype is None:
+        return model
+    if not hasattr(model, "to"):
+        raise OptionError(f"--device/--dtype move torch models; {type(model).__name__} has no .to().")
+    from ..capture._adapter import import_optional
+
+    torch = import_optional("torch", "torch")
+    kwargs: dict[str, Any] = {}
+    if device is not None:
+        kwargs["device"] = device
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    return model.to(**kwargs)
 
 
-def write_outputs(out: Path, trace: Any, explanation: Explanation, timings: dict[str, float]) -> None:
-    from .._plot import heatmap, score_bars
+def inputs_to(inputs: dict[str, Any], device: str | None, dtype: str | None) -> dict[str, Any]:
+    """Tensors moved to ``device``; floating ones (pixels) cast to ``dtype``."""
+    if device is None and dtype is None:
+        return inputs
+    from ..capture._adapter import import_optional
 
+    torch = import_optional("torch", "torch")
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            if device is not None:
+                value = value.to(device)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(getattr(torch, dtype))
+        out[key] = value
+    return out
+
+
+def check_layer(trace: Any, layer: int | None) -> None:
+    if layer is None:
+        return
+    from ..methods._fusion import stream_layer_indices
+
+    count = len(stream_layer_indices(trace, trace.default_stream()))
+    if layer >= count:
+        raise OptionError(f"--layer {layer} is past the last layer: the explained stream has {count} layers (0..{count - 1}).")
+
+
+def resolve_sources(trace: Any, items: list[int | str] | None) -> list[int] | None:
+    """``--sources`` as positions of the explained stream, the same in every item; token texts are looked up."""
+    if items is None:
+        return None
+    stream = trace.streams[trace.default_stream()]
+    out = []
+    for item in items:
+        if isinstance(item, int):
+            lengths = stream.lengths()
+            if not -int(lengths.min()) <= item < int(lengths.min()):
+                raise OptionError(
+                    f"--sources {item} is outside the {int(lengths.min())} real tokens of the shortest input; tokens are "
+                    f"{list(stream.tokens[0][p] for p in stream.valid_index(0))}."
+                )
+            out.append(item)
+            continue
+        found = []
+        for b in range(trace.batch_size):
+            hits = [int(p) for p in stream.valid_index(b) if stream.tokens[b][p] == item]
+            if not hits:
+                raise OptionError(
+                    f"--sources {item!r}: no token of input {b} reads so; its tokens are "
+                    f"{[stream.tokens[b][p] for p in stream.valid_index(b)]}. Give the token text exactly, or its position."
+                )
+            found.append(hits[0])
+        if len(set(found)) != 1:
+            raise OptionError(f"--sources {item!r} sits at different positions in the inputs ({found}); give positions.")
+        out.append(found[0])
+    if len(set(out)) != len(out):
+        raise OptionError(f"--sources names the same token twice ({items} -> positions {out}).")
+    return out
+
+
+def explained_row(explanation: Explanation, b: int = 0) -> int:
+    """The row (among the explained tokens of item ``b``) that pictures and the table show: the first of
+    ``--sources``, else [CLS] (position 0), or the last real token when the explained stream is causal."""
+    if explanation.requested_sources is not None:
+        return 0
+    stream = explanation.streams[explanation.stream]
+    return int(stream.valid_index(b)[-1]) if stream.causal else int(stream.valid_index(b)[0])
+
+
+def write_outputs(out: Path, trace: Any, explanation: Explanation, timings: dict[str, float], *,
+                  args: argparse.Namespace | None = None, image: Any = None) -> list[str]:
+    """Pictures (in every ``--format``), the optional HTML page, the trace, the explanation and the JSON;
+    returns the picture and page names written."""
+    formats = getattr(args, "format_list", ["png"])
+    dpi = getattr(args, "dpi", 150)
+    exclude = bool(getattr(args, "exclude_special", False))
+    written: list[str] = []
+    for b in range(explanation.batch_size):
+        suffix = "" if explanation.batch_size == 1 else f"-{b + 1}"
+        for name, draw in pictures(trace, explanation, b, exclude=exclude, image=image, dpi=dpi):
+            figure = draw()
+            try:
+                for fmt in formats:
+                    file = f"{name}{suffix}.{fmt}"
+                    write_picture(out / file, figure, fmt, dpi)
+                    written.append(file)
+            finally:
+                pyplot().close(figure)
+    html = getattr(args, "html", None)
+    if html is not None:
+        target = Path(html) if html else out / "explanation.html"
+        page = explanation.to_html(trace).encode("utf-8")
+        atomic_write(target, lambda tmp: tmp.write_bytes(page), what="HTML page")
+        written.append(str(target) if html else target.name)
+    trace.save(out / "trace.safetensors")
+    explanation.save(out / "explanation.safetensors")
+    row = explained_row(explanation, 0)
     stream = explanation.stream
-    explained = explained_position(trace, explanation)
-    rows = explanation.tokens(stream)[0]
-    titles = {"raw": "raw attention (last layer, heads fused)", "rollout": "attention rollout", "flow": "attention flow"}
-    several = len(explanation.input_streams) > 1
     matrices: dict[str, Any] = {}
     scores: dict[str, Any] = {}
     for method in explanation.methods:
         by_stream = explanation[method] if isinstance(explanation[method], dict) else {
             explanation.input_streams[0]: explanation[method]}
         matrices[method] = {name: matrix[0].tolist() for name, matrix in by_stream.items()}
-        scores[method] = {name: matrix[0, explained].tolist() for name, matrix in by_stream.items()}
-        for name, matrix in by_stream.items():
-            columns = explanation.tokens(name)[0]
-            file = f"{method}-{name}.png" if several else f"{method}.png"
-            title = titles.get(method, method) + (f": {stream} tokens by {name} tokens" if several else "")
-            write_png(out / file, lambda path, m=matrix[0], t=title, c=columns: heatmap(m, rows, path, title=t,
-                                                                                      columns=c))
-    if not several:
-        flat = {method: np.asarray(v[explanation.input_streams[0]]) for method, v in scores.items()}
-        title = f"what {rows[explained]!r} (position {explained}) draws on"
-        write_png(out / "scores.png", lambda path: score_bars(flat, rows, path, title=title))
+        scores[method] = {name: matrix[0, row].tolist() for name, matrix in by_stream.items()}
+    if len(explanation.input_streams) == 1:
         matrices = {method: v[explanation.input_streams[0]] for method, v in matrices.items()}
         scores = {method: v[explanation.input_streams[0]] for method, v in scores.items()}
-    trace.save(out / "trace.safetensors")
-    explanation.save(out / "explanation.safetensors")
     document = {
         "model": trace.model_name,
         "model_location": trace.metadata.get("model_location"),
         "stream": stream,
-        "tokens": rows,
+        "tokens": explanation.tokens(stream)[0],
         "input_tokens": {name: explanation.tokens(name)[0] for name in explanation.input_streams},
-        "explained_position": explained,
+        "explained_position": int(explanation.sources[0][row]),
+        "sources": explanation.sources[0].tolist(),
+        "batch_size": explanation.batch_size,
         "causal": bool(trace.streams[stream].causal),
+        "options": explanation.options.to_dict(),
+        "layers": {method: list(explanation.layer_indices(method)) for method in explanation.methods},
         "matrices": matrices,
         "scores": scores,
         "seconds": timings,
     }
     text = json.dumps(document, indent=1)
     atomic_write(out / "explanation.json", lambda tmp: tmp.write_text(text), what="explanation")
+    return written
 
 
-def write_png(path: Path, draw: Callable[[Path], Any]) -> None:
-    """``draw(a_png_path)`` written atomically to ``path``; a failed write is a :class:`TraceFileError`.
+def pictures(trace: Any, explanation: Explanation, b: int, *, exclude: bool, image: Any,
+             dpi: float) -> list[tuple[str, Callable[[], Any]]]:
+    """``(name, draw)`` of every picture of item ``b``; ``draw()`` returns a matplotlib Figure."""
+    from .. import plot
 
-    matplotlib picks the format from the file name, so the picture is drawn to ``*.png`` beside
-    atomic_write's temporary file and moved onto it.
-    """
+    row = explained_row(explanation, b)
+    source = int(explanation.sources[b][row])
+    several = len(explanation.input_streams) > 1
+    found: list[tuple[str, Callable[[], Any]]] = []
+    for name in explanation.input_streams:
+        shared = _shared_top(explanation, b, name, exclude)
+        for method in explanation.methods:
+            file = f"{method}-{name}" if several else method
+            found.append((file, lambda m=method, s=name, top=shared: plot.heatmap(
+                explanation, m, batch_index=b, stream=s, exclude_special=exclude, vmin=0.0, vmax=top, dpi=dpi)))
+    if not several:
+        found.append(("scores", lambda: plot.token_bars(explanation, batch_index=b, source=source,
+                                                         exclude_special=exclude, dpi=dpi)))
+    if image is not None:
+        found.append(("overlay", lambda: plot.image_overlay(image, explanation, batch_index=b, source=source, dpi=dpi)))
+    else:
+        other = next((s for s in explanation.input_streams if s != explanation.stream), None)
+        found.append(("text", lambda: plot.text_highlight(explanation, batch_index=b, source=source, stream=other,
+                                                          exclude_special=exclude, dpi=dpi)))
+    shown = explanation.layer_indices(explanation.methods[0])[-1]
+    from ..methods._fusion import stream_layer_indices
+
+    layer = stream_layer_indices(trace, explanation.stream)[shown]
+    found.append(("heads", lambda: plot.head_grid(trace, layer, batch_index=b, exclude_special=exclude, dpi=dpi)))
+    found.append(("flow-graph", lambda: plot.flow_graph(trace, batch_index=b, source=source, options=explanation.options,
+                                                        stream=explanation.stream, exclude_special=exclude, dpi=dpi)))
+    return found
+
+
+def _shared_top(explanation: Explanation, b: int, stream: str, exclude: bool) -> float:
+    """The largest score any method gives over ``stream`` in item ``b``: one colour scale for every heatmap."""
+    from ..plot._scores import score_matrix
+
+    tops = [float(score_matrix(explanation, m, batch_index=b, stream=stream, exclude_special=exclude,
+                               special_rows=False).values.max()) for m in explanation.methods]
+    return max(max(tops), 1e-12)
+
+
+def write_picture(path: Path, figure: Any, fmt: str, dpi: float) -> None:
+    """``figure`` written atomically to ``path`` in format ``fmt``; a failed write is a :class:`TraceFileError`."""
 
     def write(tmp: Path) -> None:
-        png = tmp.with_name(tmp.name + ".png")
-        try:
-            draw(png)
-            os.replace(png, tmp)
-        finally:
-            with contextlib.suppress(OSError):
-                png.unlink(missing_ok=True)
+        with open(tmp, "wb") as handle:
+            write_figure(figure, handle, fmt, dpi)
 
     atomic_write(path, write, what="picture")
 
 
-def print_table(explanation: Explanation, top: int, timings: dict[str, float]) -> None:
+def print_table(explanation: Explanation, top: int, timings: dict[str, float], *, exclude_special: bool = False) -> None:
     if len(explanation.input_streams) > 1:
         _print_per_token(explanation, top)
     else:
-        _print_one_token(explanation, top)
+        _print_one_token(explanation, top, exclude_special)
     print("seconds: " + ", ".join(f"{k} {v:.4f}" for k, v in timings.items()))
 
 
-def _print_one_token(explanation: Explanation, top: int) -> None:
-    stream = explanation.stream
-    tokens = explanation.tokens(stream)[0]
-    info = explanation.streams[stream]
-    explained = int(info.valid_index(0)[-1]) if info.causal else 0
-    scores = {method: explanation.scores(method)[0, explained] for method in explanation.methods}
-    print(f"Top input tokens for {tokens[explained]!r} (position {explained}):")
-    print(f"{'rank':>4}  " + "  ".join(f"{name:<22}" for name in scores))
-    order = {name: np.argsort(-score, kind="stable") for name, score in scores.items()}
-    for rank in range(min(top, len(tokens))):
-        cells = []
-        for name, score in scores.items():
-            j = order[name][rank]
-            cells.append(f"{tokens[j][:12]:<12} {score[j]:8.4f}")
-        print(f"{rank + 1:>4}  " + "  ".join(f"{c:<22}" for c in cells))
+def _print_one_token(explanation: Explanation, top: int, exclude_special: bool = False) -> None:
+    from ..plot._scores import score_matrix
+
+    for b in range(explanation.batch_size):
+        row = explained_row(explanation, b)
+        position = int(explanation.sources[b][row])
+        matrices = {m: score_matrix(explanation, m, batch_index=b, exclude_special=exclude_special)
+                    for m in explanation.methods}
+        first = next(iter(matrices.values()))
+        r = int(np.flatnonzero(first.rows == position)[0])
+        tokens = first.column_labels
+        label = explanation.source_tokens(b)[row]
+        which = f"input {b + 1}: " if explanation.batch_size > 1 else ""
+        note = " (special tokens excluded, renormalised)" if exclude_special else ""
+        print(f"{which}Top input tokens for {label!r} (position {position}){note}:")
+        print(f"{'rank':>4}  " + "  ".join(f"{name:<22}" for name in matrices))
+        order = {name: np.argsort(-m.values[r], kind="stable") for name, m in matrices.items()}
+        for rank in range(min(top, len(tokens))):
+            cells = []
+            for name, m in matrices.items():
+                j = order[name][rank]
+                cells.append(f"{tokens[j][:12]:<12} {m.values[r, j]:8.4f}")
+            print(f"{rank + 1:>4}  " + "  ".join(f"{c:<22}" for c in cells))
 
 
 def _print_per_token(explanation: Explanation, top: int) -> None:
