@@ -15,7 +15,8 @@ or the ``nnx.Embed`` with the largest vocabulary, wrapped while the probe runs (
 :meth:`close`); for linen, ``embedding=`` (a module path) or the first ``nn.Embed`` called on the input ids,
 reached through ``nn.intercept_methods``. Blanking by zero and gradients act on that module's output, through
 an additive perturbation whose gradient is the input gradient (``jax.grad``; ``jax.jacrev`` for vector
-targets). Everything runs un-jitted.
+targets). The first pass runs eagerly (it finds the embedding module); the others through ``jax.jit`` where
+the model can be traced, eagerly otherwise.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class FlaxProbe(Probe):
                 f"{self.length} tokens; pass faithfulness() the inputs the explanation's trace was captured from."
             )
         self._perturb: Callable[[Any], Any] | None = None  # applied to the embedding module's output
+        self._jitted: Any = self.jax.jit(self._perturbed_pass)
         self._seen: list[Any] = []  # embedding outputs of the last pass
         self._restore: Callable[[], None] | None = None
         self._linen_path: tuple[str, ...] | None = None
@@ -95,6 +97,24 @@ class FlaxProbe(Probe):
     def _embedding_output(self, output: Any) -> Any:
         self._seen.append(output)
         return output if self._perturb is None else self._perturb(output)
+
+    def _perturbed_pass(self, args: tuple, kwargs: dict, keep: Any, delta: Any) -> tuple[Any, Any]:
+        """``(output, embedding output)`` of one pass in which the embedding output ``e`` becomes
+        ``e * keep[..., None] + delta`` (``keep`` ``(rows, tokens)``: 0 blanks a token by zero; ``delta``: the
+        perturbation whose gradient is the input gradient)."""
+        with self._perturbing(lambda out: out * keep[..., None].astype(out.dtype) + delta) as seen:
+            output = self._call(args, kwargs)
+            return output, (seen[0] if seen else None)
+
+    def _run(self, args: tuple, kwargs: dict, keep: Any, delta: Any) -> tuple[Any, Any]:
+        """:meth:`_perturbed_pass` compiled with ``jax.jit`` (eager JAX compiles every operation for every new
+        shape); a model that cannot be traced (Python control flow on its inputs, state it mutates) runs eagerly."""
+        if self._jitted is not None:
+            try:
+                return self._jitted(args, kwargs, keep, delta)
+            except Exception:  # not traceable: from now on eagerly (a real error shows again below)
+                self._jitted = None
+        return self._perturbed_pass(args, kwargs, keep, delta)
 
     def _linen_interceptor(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
@@ -170,6 +190,7 @@ class FlaxProbe(Probe):
         with self._perturbing(None) as seen:
             output = self._call(self.args, self.kwargs)
         self._current_ids = None
+        self._width = int(seen[0].shape[-1]) if seen else 1
         if not seen and (self.blank_id is None or self.request.gradients):
             raise attnflow.OptionError(
                 f"No input embedding module of {type(self.model).__name__} ran on the input ids; pass embedding=... "
@@ -267,14 +288,17 @@ class FlaxProbe(Probe):
         items = np.asarray(items, dtype=np.int64)
         blanked = np.asarray(blanked, bool)
         out = np.zeros(items.size)
-        step = self.request.max_rows
+        # JAX compiles once per shape: every pass of this call gets the same number of rows (a power of two, the
+        # last pass filled up by repeating a row)
+        step = rows = min(self.request.max_rows, 1 << max(items.size - 1, 0).bit_length())
         for start in range(0, items.size, step):
             chunk, mask = items[start : start + step], blanked[start : start + step]
-            args, kwargs = self._variant_call(chunk, None if self.blank_id is None else mask)
-            zero = None if self.blank_id is not None else (lambda e, m=mask: e * self.jnp.asarray(~m, e.dtype)[..., None])
-            with self._perturbing(zero):
-                output = self._call(args, kwargs)
-            out[start : start + chunk.size] = np.asarray(self._score_array(output, chunk), dtype=np.float64)
+            padded = np.concatenate([chunk, np.repeat(chunk[:1], rows - chunk.size)])
+            padded_mask = np.concatenate([mask, np.repeat(mask[:1], rows - chunk.size, axis=0)])
+            args, kwargs = self._variant_call(padded, None if self.blank_id is None else padded_mask)
+            keep = np.ones(padded_mask.shape, np.float32) if self.blank_id is not None else (~padded_mask).astype(np.float32)
+            output, _ = self._run(args, kwargs, keep, np.zeros(keep.shape + (self._width,), np.float32))
+            out[start : start + chunk.size] = np.asarray(self._score_array(output, padded), dtype=np.float64)[: chunk.size]
         return out
 
     def _variant_call(self, items: np.ndarray, blanked: np.ndarray | None) -> tuple[tuple, dict]:
@@ -296,13 +320,16 @@ class FlaxProbe(Probe):
         for start in range(0, self.batch, step):
             items = np.arange(start, min(start + step, self.batch))
             args, kwargs = self._variant_call(items, None)
-            with self._perturbing(None) as seen:
-                self._call(args, kwargs)
-            e = jnp.asarray(seen[0])
+            keep = np.ones((items.size, self.length), np.float32)
+            _, e = self._run(args, kwargs, keep, np.zeros(keep.shape + (self._width,), np.float32))
+            if e is None:
+                raise attnflow.OptionError(
+                    f"No input embedding module of {type(self.model).__name__} ran; pass embedding=... (a module path)."
+                )
 
-            def run(delta: Any, args: tuple = args, kwargs: dict = kwargs, items: np.ndarray = items) -> Any:
-                with self._perturbing(lambda out: out + delta):
-                    output = self._call(args, kwargs)
+            def run(delta: Any, args: tuple = args, kwargs: dict = kwargs, items: np.ndarray = items,
+                    keep: np.ndarray = keep) -> Any:
+                output, _ = self._run(args, kwargs, keep, delta)
                 return self._vector_or_scores(output, items) if self.vector else self._score_array(output, items).sum()
 
             if self.vector:

@@ -13,7 +13,7 @@ from ..capture._adapter import Adapter
 from ..capture._registry import find_adapter
 from ._probe import BLANKS, Probe, ProbeRequest, resolve_target
 from ._report import RANDOM, FaithfulnessReport
-from ._stats import CURVE_GRID, ERASER_BINS, ranking, spearman, steps
+from ._stats import CURVE_GRID, ERASER_BINS, ranking, snap, spearman, steps
 
 #: Reference importances and the adapter capability each needs.
 REFERENCES = {"blankout": "ablation", "grad_norm": "input_gradients", "grad_x_input": "input_gradients"}
@@ -85,7 +85,7 @@ def faithfulness(
         curves: compute deletion/insertion curves and AOPC (more forward passes: about ``2 × len(grid ∪ bins)``
             per method and item).
         bins: ERASER's fractions of tokens for AOPC; grid: the fractions at which the curves are read.
-        seed: the random ranking's seed.
+        seed: the seed of the random ranking, and of the random order in which tied scores are removed.
         embedding: the module giving input embeddings (a module, or its path) when the adapter cannot find it.
         adapter, adapter_options: as for :func:`attnflow.capture`.
         max_rows: input rows per forward pass.
@@ -145,11 +145,13 @@ def evaluate_probe(
     bins, grid = _fractions(bins, "bins"), _fractions(grid, "grid")
     reduce, source_text = _source_rows(explanation, probe, source, mask)
     scores = {method: reduce(explanation.layers(method)) for method in explanation.methods}  # (layers, B, T)
+    scores = {method: np.where(compared, snap(np.where(compared, values, 0.0)), 0.0) for method, values in scores.items()}
 
     importances = _importances(probe, references, compared, base)
     rng = np.random.default_rng(seed)
     all_layers = sorted({i for m in explanation.methods for i in explanation.layer_indices(m)})
     scores[RANDOM] = rng.random((len(all_layers), batch, length))
+    tiebreak = rng.random((batch, length))  # ties in a method's ranking fall in a random order, the same for all
     layers = {m: explanation.layer_indices(m) for m in explanation.methods} | {RANDOM: tuple(all_layers)}
 
     correlations: dict[str, dict[str, np.ndarray]] = {}
@@ -169,7 +171,7 @@ def evaluate_probe(
     item_curves: dict[str, dict[str, np.ndarray]] = {}
     if curves:
         comprehensiveness, sufficiency, item_curves = _curves(
-            probe, {m: v[-1] for m, v in scores.items()}, compared, base, bins, grid)
+            probe, {m: v[-1] for m, v in scores.items()}, compared, base, bins, grid, tiebreak)
     return FaithfulnessReport(
         layers=layers, references=references, correlations=correlations, comprehensiveness=comprehensiveness,
         sufficiency=sufficiency, item_curves=item_curves, grid=grid, bins=bins, importances=importances, base=base,
@@ -311,7 +313,7 @@ def _importances(probe: Probe, references: Sequence[str], compared: np.ndarray, 
 
 def _curves(
     probe: Probe, final: Mapping[str, np.ndarray], compared: np.ndarray, base: np.ndarray,
-    bins: tuple[float, ...], grid: tuple[float, ...],
+    bins: tuple[float, ...], grid: tuple[float, ...], tiebreak: np.ndarray,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """Deletion/insertion curves and AOPC from each method's last-layer scores ``(batch, tokens)``."""
     batch, length = compared.shape
@@ -333,7 +335,7 @@ def _curves(
     for method, values in final.items():
         for b in range(batch):
             where = np.flatnonzero(compared[b])
-            order = ranking(values[b], where)
+            order = ranking(values[b], where, tiebreak[b])
             n = where.size
             bin_steps, grid_steps = steps(n, bins, at_least_one=True), steps(n, grid)
             deletion, insertion = [], []

@@ -57,13 +57,25 @@ def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(out, -1.0, 1.0)
 
 
-def ranking(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """``positions`` ordered by ``scores`` at them, highest first; ties keep position order.
+def ranking(scores: np.ndarray, positions: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """``positions`` ordered by ``scores`` at them, highest first; ties ordered by ``tiebreak`` (ascending; e.g.
+    a random key per token, so that a method's ties do not fall in position order), else by position.
 
-    ``scores``: ``(tokens,)``; ``positions``: ``(n,)`` indices into it. Returns ``(n,)`` positions.
+    ``scores``, ``tiebreak``: ``(tokens,)``; ``positions``: ``(n,)`` indices into them. Returns ``(n,)`` positions.
     """
+    positions = np.asarray(positions)
     values = np.asarray(scores, dtype=np.float64)[positions]
-    return np.asarray(positions)[np.argsort(-values, kind="stable")]
+    keys = np.arange(positions.size) if tiebreak is None else np.asarray(tiebreak)[positions]
+    return positions[np.lexsort((keys, -values))]
+
+
+def snap(values: np.ndarray, digits: int = 12) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant decimals of the largest magnitude along the last axis, so
+    that scores equal up to floating-point noise (attention flow saturates at equal values) tie exactly."""
+    values = np.asarray(values, dtype=np.float64)
+    scale = np.max(np.abs(values), axis=-1, keepdims=True)
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.round(values / scale, digits) * scale
 
 
 def steps(count: int, fractions: Sequence[float], *, at_least_one: bool = False) -> list[int]:
