@@ -5,8 +5,11 @@ Private to attnflow.adapters; jax and flax are imported lazily. :func:`probe` is
 adapter can be extended in two lines (see docs/faithfulness.md)::
 
     captures = captures | {"input_gradients", "ablation"}
+
     def probe(self, model, request, *args, **kwargs):
-        return _faithfulness_flax.probe(model, request, args, kwargs)
+        from ._faithfulness_flax import probe
+
+        return probe(model, request, args, kwargs)
 
 The call is ``model(*args, **kwargs)`` for NNX and ``model.apply(variables, *rest, **kwargs)`` for linen
 (``args[0]`` holds the variables), as in ``attnflow.capture``. The input embeddings are the output of the

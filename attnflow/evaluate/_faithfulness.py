@@ -242,7 +242,9 @@ def _source_rows(explanation: Explanation, probe: Probe, source: Any, mask: np.n
     batch, count = positions.shape
     if source is None:
         if count == 1:
-            return (lambda a: a[:, :, 0]), f"explained position {positions[:, 0].tolist()}"
+            first = positions[:, 0]
+            return (lambda a: a[:, :, 0]), (f"position {int(first[0])}" if (first == first[0]).all()
+                                             else "the explained token")
         if probe.vector:
             source = "mean"
         elif probe.positions is not None:

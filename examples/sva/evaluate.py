@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"SVA model: held-out accuracy {trained['accuracy']:.4f} (n={trained['n']}); by attractors: " + ", ".join(
         f"{a}: {v['accuracy']:.4f} (n={v['n']})" for a, v in trained["by_attractors"].items()))
+    if "longer" in trained:
+        print(f"  longer than training (4-5 modifiers): {trained['longer']['accuracy']:.4f} (n={trained['longer']['n']})")
     print(f"faithfulness over {report.batch_size} held-out sentences in {seconds:.0f} s; target: probability of the "
           "correct class; blank-out by [UNK]\n")
     for reference in report.references:

@@ -26,6 +26,12 @@ def held_out(train: list[sva.Example], size: int, seed: int) -> list[sva.Example
     return sva.dataset(size, seed + TEST_SEED_OFFSET, exclude={e.words for e in train})
 
 
+def longer(size: int, seed: int) -> list[sva.Example]:
+    """Held-out sentences with 4 or 5 modifiers: longer, and with more attractors, than any in training (0-3)."""
+    rng = np.random.default_rng(seed + 2 * TEST_SEED_OFFSET)
+    return [sva.sample(rng, modifiers=int(rng.integers(4, 6))) for _ in range(size)]
+
+
 def accuracy(model, tokenizer: sva.Tokenizer, examples: list[sva.Example], batch: int = 500) -> dict:
     """Overall accuracy and accuracy by number of attractors."""
     import torch
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
     model.eval()
     result = accuracy(model, tokenizer, test)
+    result["longer"] = accuracy(model, tokenizer, longer(args.test // 4, args.seed))
     result.update({"train": len(train), "epochs": args.epochs, "seconds": round(time.perf_counter() - start, 1),
                    "config": vars(args)})
     out = Path(args.out)
@@ -102,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "accuracy.json").write_text(json.dumps(result, indent=1))
     print(f"held-out accuracy {result['accuracy']:.4f} on {result['n']} sentences; by attractors: " + ", ".join(
         f"{a}: {v['accuracy']:.4f} (n={v['n']})" for a, v in result["by_attractors"].items()))
+    long = result["longer"]
+    print(f"longer than training (4-5 modifiers): accuracy {long['accuracy']:.4f} on {long['n']}; by attractors: " + ", ".join(
+        f"{a}: {v['accuracy']:.4f} (n={v['n']})" for a, v in long["by_attractors"].items()))
     print(f"wrote {out}/model.safetensors, config.json, vocab.json, accuracy.json")
     return 0
 
