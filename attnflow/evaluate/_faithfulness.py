@@ -253,8 +253,8 @@ def _source_rows(explanation: Explanation, probe: Probe, source: Any, mask: np.n
         else:
             raise OptionError(
                 f"The explanation has {count} explained tokens per item and the target reads none in particular; "
-                "say which to compare with source=POSITION (e.g. 0 for [CLS]) or source='mean', or explain one "
-                "token (explain(trace, ..., sources=[0]))."
+                "say which to compare with source=POSITION (e.g. 0 for [CLS]; --source 0 on the command line) or "
+                "source='mean', or explain one token (explain(trace, ..., sources=[0]))."
             )
     if isinstance(source, str):
         if source != "mean":
