@@ -329,6 +329,14 @@ class TransformersAdapter(attnflow.Adapter):
         )
         return dict(encoded)
 
+    # -- faithfulness (attnflow.faithfulness): blank-out and input gradients, in adapters/_faithfulness_torch.py
+    captures = captures | {"input_gradients", "ablation"}
+
+    def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        from ._faithfulness_torch import probe
+
+        return probe(model, request, args, kwargs)
+
 
 # -- helpers -------------------------------------------------------------------------------------------
 def _declared_attention_modules(model: Any, transformers: Any) -> list[tuple[str, Any, str, int]]:

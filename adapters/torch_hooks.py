@@ -248,6 +248,14 @@ class TorchAdapter(attnflow.Adapter):
 
         handles.append(module.register_forward_hook(hook))
 
+    # -- faithfulness (attnflow.faithfulness): blank-out and input gradients, in adapters/_faithfulness_torch.py
+    captures = captures | {"input_gradients", "ablation"}
+
+    def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        from ._faithfulness_torch import probe
+
+        return probe(model, request, args, kwargs)
+
 
 def _key_stream(passes: common.TorchPass, path: str, weights: Any) -> str | None:
     """The stream a cross-attention MHA's keys belong to (None: the single stream's ``memory``)."""

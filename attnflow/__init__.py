@@ -63,3 +63,9 @@ __all__ = [
     "get_method", "import_optional", "list_adapters", "list_methods", "load", "packaged_model_dir", "plot", "raw",
     "register_adapter", "register_method", "rollout", "run_batch", "save", "unregister_adapter", "unregister_method",
 ]
+
+# Faithfulness evaluation (attnflow.evaluate): blank-out and input-gradient references, Spearman, AOPC.
+from .evaluate import FaithfulnessReport as FaithfulnessReport  # noqa: E402
+from .evaluate import faithfulness as faithfulness  # noqa: E402
+
+__all__ += ["FaithfulnessReport", "faithfulness"]

@@ -1,4 +1,4 @@
-"""The ``attnflow`` command line: explain, compare, batch.
+"""The ``attnflow`` command line: explain, compare, batch, evaluate.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers the
 subcommand and sets ``func(args) -> int`` as its entry. Subcommand modules import no framework at
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from .._errors import AttnflowError
 
 SUBCOMMANDS = ("attnflow.cli._explain", "attnflow.cli._compare", "attnflow.cli._batch")
+SUBCOMMANDS += ("attnflow.cli._evaluate",)  # faithfulness over a data set
 
 
 def build_parser() -> argparse.ArgumentParser:

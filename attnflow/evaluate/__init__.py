@@ -1,0 +1,31 @@
+"""Faithfulness: do an explanation's token scores agree with what the model itself is sensitive to?
+
+Reference importances come from the model through its adapter (capabilities ``ablation``: blanking tokens
+out and re-running it; ``input_gradients``: gradients of the target with respect to the input embeddings).
+Everything else here is numpy: Spearman's correlation per item and layer, deletion/insertion curves and
+ERASER's AOPC, with a random ranking as the baseline.
+"""
+
+from ._faithfulness import REFERENCES as REFERENCES
+from ._faithfulness import evaluate_probe as evaluate_probe
+from ._faithfulness import faithfulness as faithfulness
+from ._probe import BLANKS as BLANKS
+from ._probe import Probe as Probe
+from ._probe import ProbeRequest as ProbeRequest
+from ._probe import Target as Target
+from ._probe import blank_error as blank_error
+from ._probe import resolve_target as resolve_target
+from ._probe import target_positions as target_positions
+from ._report import RANDOM as RANDOM
+from ._report import FaithfulnessReport as FaithfulnessReport
+from ._report import plot_rows as plot_rows
+from ._stats import CURVE_GRID as CURVE_GRID
+from ._stats import ERASER_BINS as ERASER_BINS
+from ._stats import rankdata as rankdata
+from ._stats import spearman as spearman
+
+__all__ = [
+    "BLANKS", "CURVE_GRID", "ERASER_BINS", "REFERENCES", "RANDOM", "FaithfulnessReport", "Probe", "ProbeRequest",
+    "Target", "blank_error", "evaluate_probe", "faithfulness", "plot_rows", "rankdata", "resolve_target", "spearman",
+    "target_positions",
+]

@@ -1,0 +1,204 @@
+"""What faithfulness needs from a model, and the adapter side of it (capabilities ``ablation`` and
+``input_gradients``).
+
+An adapter that declares either capability implements ``probe(model, request, *args, **kwargs) -> Probe``;
+the probe runs the model on the call's inputs with chosen tokens blanked out (``ablation``) and takes
+gradients of the target with respect to the input embeddings (``input_gradients``). Everything else (which
+variants to run, Spearman, AOPC, curves) is numpy in :mod:`attnflow.evaluate`.
+
+The target is resolved here, framework-free, so that every adapter reads it the same way: the rules are
+those of ``capture(..., target=...)`` (an int indexes the last axis of the logits, None takes each item's
+argmax, a callable maps the output to per-item scores, ``target_position`` picks the token of per-token
+logits), plus per-item class lists, masked-language-model positions and embedding targets.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._errors import OptionError
+
+BLANKS = ("mask", "unk", "zero")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What score of the output is explained, per item.
+
+    Attributes:
+        kind: ``"logits"`` (a logit of the model's output), ``"embedding"`` (the cosine similarity of the
+            mean-pooled last hidden state, over each item's real tokens, to the unablated one) or
+            ``"callable"``.
+        index: ``"logits"``: None (each item's argmax on the unablated input, then held fixed), an int (the
+            same logit for every item) or a tuple of ints (one per item).
+        function: ``"callable"``: ``function(output)`` or ``function(output, items)`` returning per-row scores
+            ``(rows,)`` or vectors ``(rows, dim)`` (compared by cosine similarity to the unablated ones);
+            ``items`` says which input item each row of the output is a variant of.
+        takes_items: whether ``function`` takes ``items``.
+    """
+
+    kind: str
+    index: Any = None
+    function: Callable[..., Any] | None = None
+    takes_items: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "embedding":
+            return "embedding (cosine of the mean-pooled last hidden state to the unablated one)"
+        if self.kind == "callable":
+            return f"callable {getattr(self.function, '__name__', type(self.function).__name__)}"
+        if self.index is None:
+            return "logits (each item's argmax)"
+        if isinstance(self.index, tuple):
+            return "logits (one index per item)"
+        return f"logits[{self.index}]"
+
+
+def resolve_target(target: Any, batch: int) -> Target | None:
+    """``target=`` as the user gave it, checked; None means "decide from the output" (logits if the output
+    has them, else the embedding)."""
+    if target is None:
+        return None
+    if isinstance(target, str):
+        if target == "embedding":
+            return Target("embedding")
+        if target == "logits":
+            return Target("logits")
+        raise OptionError(
+            f"target={target!r} is not a target; use None (the argmax logit, or the embedding for models without "
+            "logits), 'logits', 'embedding', an int logit index, a list of one index per item, or a callable."
+        )
+    if callable(target):
+        return Target("callable", function=target, takes_items=_takes_items(target))
+    if _is_int(target):
+        return Target("logits", index=int(target))
+    if isinstance(target, (Sequence, np.ndarray)) and not isinstance(target, (str, bytes)):
+        values = list(np.asarray(target).ravel().tolist()) if isinstance(target, np.ndarray) else list(target)
+        if len(values) != batch or not all(_is_int(v) for v in values):
+            raise OptionError(
+                f"target as a list needs one int logit index per item ({batch} items), got {target!r}."
+            )
+        return Target("logits", index=tuple(int(v) for v in values))
+    raise OptionError(f"target={target!r} is not a target; use None, 'logits', 'embedding', an int, a list or a callable.")
+
+
+def _takes_items(function: Any) -> bool:
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def target_positions(
+    position: int | None, mask: np.ndarray, *, causal: bool, ids: np.ndarray | None, mask_token_id: int | None,
+    length: int,
+) -> np.ndarray:
+    """``(batch,)`` positions where per-token logits are read.
+
+    ``position`` given: that position for every item (negative counts from the end of the padded
+    sequence), as ``capture(..., target_position=)``. Otherwise, as ``capture`` does: each item's last real
+    token for causal models (the next-token logits); for other models the one mask token of the item where
+    there is exactly one (a masked language model's masked position), else position 0 (the classification
+    token).
+    """
+    batch = mask.shape[0]
+    if position is not None:
+        if not -length <= position < length:
+            raise OptionError(f"target_position={position} is outside the {length} positions of the logits.")
+        return np.full(batch, position % length, dtype=np.int64)
+    out = np.zeros(batch, dtype=np.int64)
+    for b in range(batch):
+        real = np.flatnonzero(mask[b])
+        if causal and real.size:
+            out[b] = real[-1]
+        elif ids is not None and mask_token_id is not None:
+            hits = np.flatnonzero((ids[b] == mask_token_id) & mask[b])
+            if hits.size == 1:
+                out[b] = hits[0]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeRequest:
+    """What :func:`attnflow.faithfulness` asks of an adapter's probe.
+
+    Attributes:
+        target: the resolved target (None: decide from the output, see :func:`resolve_target`).
+        target_position: where per-token logits are read (see :func:`target_positions`).
+        blank: ``"mask"``, ``"unk"``, ``"zero"`` (the token's input embedding set to zero) or a token id.
+        tokenizer: the tokenizer (for its mask/unk token ids), or None.
+        mask: ``(batch, tokens)`` bool, the real tokens of the explained input (from the explanation).
+        causal: whether the explained stream is causal (a decoder).
+        embedding: which module gives the input embeddings (a module, or its path), None: the adapter finds it.
+        max_rows: at most this many input rows per forward pass.
+        gradients: whether :meth:`Probe.gradients` will be asked (input gradients).
+    """
+
+    target: Target | None
+    target_position: int | None
+    blank: str | int
+    tokenizer: Any
+    mask: np.ndarray
+    causal: bool
+    embedding: Any = None
+    max_rows: int = 256
+    gradients: bool = True
+
+
+class Probe(abc.ABC):
+    """One model call's inputs, ready to be re-run with tokens blanked out and differentiated.
+
+    Attributes (set by the adapter when the probe is made, from one unablated forward pass):
+        base: ``(batch,)`` the target score of each item's unablated input (1.0 for embedding targets: the
+            cosine of the output with itself).
+        positions: ``(batch,)`` where per-token logits are read, or None (the target reads no token).
+        target: the resolved :class:`Target`.
+        vector: whether the target is a vector compared by cosine similarity to the unablated one (the
+            embedding target, or a callable returning ``(rows, dim)``).
+    """
+
+    base: np.ndarray
+    positions: np.ndarray | None
+    target: Target
+    vector: bool = False
+
+    @abc.abstractmethod
+    def scores(self, items: np.ndarray, blanked: np.ndarray) -> np.ndarray:
+        """The target score of variants of the inputs: row ``r`` is item ``items[r]`` with the tokens where
+        ``blanked[r]`` is True blanked out. ``items``: ``(rows,)`` int; ``blanked``: ``(rows, tokens)`` bool.
+        Returns ``(rows,)`` float64. Rows are run in forward passes of at most ``request.max_rows``."""
+
+    @abc.abstractmethod
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Input-gradient importances ``{"grad_norm": (batch, tokens), "grad_x_input": (batch, tokens)}``:
+        for a scalar target ``s``, ``‖∂s/∂e_j‖₂`` and ``Σ_d (∂s/∂e_j)_d (e_j)_d`` with ``e_j`` the input
+        embedding of token ``j``; for a vector target ``v`` (cosine to the unablated ``v₀``, whose gradient is
+        0 there), ``‖P ∂v/∂e_j‖_F`` and ``‖P (∂v/∂e_j) e_j‖₂`` with ``P = I − u uᵀ``, ``u = v₀/‖v₀‖``."""
+
+    def close(self) -> None:  # noqa: B027 (optional to override: most probes change nothing)
+        """Undo anything the probe changed on the model (hooks, swapped modules)."""
+
+
+def blank_error(blank: str, where: str) -> OptionError:
+    """The error for a model that has no token of the kind ``blank`` asks for."""
+    zero = "blank='zero' (the token's input embedding set to zero)"
+    others = {
+        "mask": f"blank='unk' (the unknown token, as Abnar & Zuidema blank tokens out) or {zero}",
+        "unk": f"{zero} or blank='mask' (the mask token)",
+    }[blank]
+    return OptionError(
+        f"blank={blank!r} needs a {blank} token, but {where} has none. Use {others}, or pass blank=TOKEN_ID; "
+        "a tokenizer that has the token can be passed as tokenizer=."
+    )
