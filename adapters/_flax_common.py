@@ -12,9 +12,13 @@ under ``jax.vmap``, ``jax.grad``, ``jax.checkpoint``/``remat`` (also inside ``sc
 traced computation with an ordered ``jax.debug.callback``, which hands over concrete values when the
 computation runs (under ``vmap`` once per example: the examples are stacked again; under ``grad`` with
 ``remat`` the backward pass recomputes the layer and calls again after the pass ended: those calls are
-dropped, so each layer is recorded once). A layer whose callback never ran during the pass (``attach``
-entered inside a function that is being traced, e.g. inside ``jax.jit``) was never computed while
-recording: the pass ends with an :class:`attnflow.AdapterError` that says what to change.
+dropped, so each layer is recorded once). When the model call itself is traced (``jax.checkpoint`` around
+the whole forward call), the pass's end is sent out the same way and the pass is recorded when the
+computation reaches it. A layer whose callback never ran while attached (``attach`` entered inside a
+function that is being traced, e.g. inside ``jax.jit``) was never computed while recording: the block ends
+with an :class:`attnflow.AdapterError` that says what to change. After a block that sent attention out of
+traced code, jax's caches of traced functions are emptied, so that no cached trace keeps attnflow's
+callbacks (compiled code is kept).
 """
 
 from __future__ import annotations
@@ -118,19 +122,29 @@ class Selection:
     """Modules whose call computes attention that attnflow takes at its softmax (or at a tap).
 
     ``match(path, module)`` selects modules; during a selected module's ``__call__`` the output of every
-    ``jax.nn.softmax`` over the key axis of ``layout`` is its attention, or, with ``tap``, the output of
-    its child module of that name (an identity layer the library provides, such as Gemma's
-    ``attention_weights``). ``call_mask(args, kwargs)`` reads ``(mask, is_causal)`` from the selected call's
-    arguments (``mask`` broadcastable to ``(batch, heads, query, key)``, False where masked); without it the
-    mask is read from the probabilities (a key no query attends to is padding, nothing above the diagonal
-    is causal).
+    ``jax.nn.softmax`` over the key axis of ``layout`` is its attention, or, with ``tap`` (a name, or a
+    function of the module giving one or None), the output of its child module of that name (an identity
+    layer the library provides, such as Gemma's ``attention_weights``). ``call_mask(args, kwargs)`` reads
+    ``(mask, is_causal)`` from the selected call's arguments (``mask`` broadcastable to ``(batch, heads,
+    query, key)``, False where masked); without it the mask is read from the probabilities (a key no query
+    attends to is padding, nothing above the diagonal is causal). ``kind``: ``"self"`` for decoders whose
+    cached steps have fewer queries than keys (default: by shape).
     """
 
     match: Callable[[str, Any], bool]
     layout: Layout
     selectors: Any = None
-    tap: str | None = None
+    tap: str | Callable[[Any], str | None] | None = None
     call_mask: Callable[[tuple, dict], tuple[Any, bool]] | None = None
+    kind: str | None = None
+
+    def tap_of(self, module: Any) -> str | None:
+        """The tap of a selected module (None: its softmax)."""
+        return self.tap(module) if callable(self.tap) else self.tap
+
+    @property
+    def needs_softmax(self) -> bool:
+        return self.tap is None or callable(self.tap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +478,17 @@ class _Layer:
         self.source_dtype, self.keys, self.causal = source_dtype, keys, causal
 
 
+class _Pass:
+    """One forward pass: its layers as they ran, and the traced layers still to call back."""
+
+    __slots__ = ("serial", "layers", "pending", "input_ids", "forward")
+
+    def __init__(self, serial: int, input_ids: Any, forward: bool):
+        self.serial, self.input_ids, self.forward = serial, input_ids, forward
+        self.layers: list[_Layer] = []
+        self.pending: list[_Emission] = []
+
+
 class _Emission:
     """Attention that reached attnflow as a tracer, sent out with ``jax.debug.callback``."""
 
@@ -481,11 +506,17 @@ class PassCollector:
 
     ``begin`` starts a pass, ``add`` takes each layer's weights (concrete, or a tracer sent out through a
     debug callback), ``finish`` validates and records the pass (one :class:`AttentionTrace`), ``discard``
-    drops it (the pass raised).
+    drops it (the pass raised), ``close`` ends the block.
+
+    A pass whose model call is itself being traced (``jax.checkpoint`` or ``jax.grad`` of a function around
+    the whole forward call) returns before its attention is computed: its end is then sent out as one more
+    ordered callback, and the pass is recorded when the traced computation reaches it (a recomputation of
+    it in the backward pass is not recorded again). One whose callbacks never run while attached (``attach``
+    entered inside a function under ``jax.jit``) is an error when the block ends.
 
     Args:
         recorder: where the pass goes.
-        api: stored in the trace's metadata (``flax_api``).
+        api: stored in the trace's metadata (under ``metadata_key``).
         cross: names of cross-attention layers (a predicate), or None.
         repeat_prefix: ``repeat_prefix(name, count)``: the path of the scanned (stacked) module a layer
             recorded ``count`` times in the pass belongs to, for the recorder's naming rule; None: no such
@@ -505,40 +536,38 @@ class PassCollector:
         self.cross = cross
         self.repeat_prefix = repeat_prefix
         self.no_attention = no_attention
-        self.active = False
+        self.current: _Pass | None = None
+        self.staged: dict[int, _Pass] = {}  # passes whose traced computation has not reached their end
         self.depth = 0  # nesting of root-model calls
-        self.serial = 0  # which pass (callbacks of an earlier pass are dropped)
+        self.serial = 0  # which pass (callbacks of a finished pass are dropped)
+        self.recorded = 0  # passes handed to the recorder
+        self.empty = 0  # passes of other methods than the forward that ran no attention
+        self.emitted = False  # some attention was sent out of traced code
         self.lock = threading.RLock()  # callbacks may arrive from the runtime's threads
-        self._reset()
 
-    def _reset(self) -> None:
-        self.layers: list[_Layer] = []
-        self.pending: list[_Emission] = []  # emissions whose callback has not run
-        self.input_ids: Any = None
-        self.facts: dict[str, Any] = {}  # what the adapter knows of the pass (mask, causal) beyond the layers
-        self.forward = True  # a pass of the model's forward (__call__): an empty one is an error
+    @property
+    def active(self) -> bool:
+        return self.current is not None
 
     def begin(self, input_ids: Any = None, *, forward: bool = True) -> None:
         with self.lock:
-            self._reset()
-            self.active = True
             self.serial += 1
-            self.input_ids = input_ids
-            self.forward = forward
+            self.current = _Pass(self.serial, input_ids, forward)
 
     def add(self, name: str, weights: Any, *, kind: str | None = None, mask: Any = UNKNOWN,
             is_causal: bool = False, layout: Layout | None = None, infer: bool = False) -> None:
         """One layer's attention. ``layout``: how ``weights`` are laid out (default: (batch..., heads, q, k));
         ``infer``: read the mask and causality from the weights (softmax-level capture)."""
         with self.lock:
-            if not self.active:  # attention outside any recognised forward call: one pass until close()
+            if self.current is None:  # attention outside any recognised forward call: one pass until close()
                 self.begin()
+            current: _Pass = self.current  # type: ignore[assignment]
             if is_tracer(weights):
-                self._emit(name, weights, kind, mask, is_causal, layout, infer)
+                self._emit(current, name, weights, kind, mask, is_causal, layout, infer)
                 return
-            self._append(name, weights, kind, mask, is_causal, layout, infer, None)
+            self._append(current, name, weights, kind, mask, is_causal, layout, infer, None)
 
-    def _append(self, name, weights, kind, mask, is_causal, layout, infer, emission) -> None:
+    def _append(self, into: _Pass, name, weights, kind, mask, is_causal, layout, infer, emission) -> None:
         array, source_dtype = to_numpy(weights, layout)
         if self.cross is not None and self.cross(name):
             kind = "cross"
@@ -555,17 +584,18 @@ class PassCollector:
             last.causal = last.causal if last.causal == causal else None
             return
         layer = _Layer(name, array, kind, source_dtype, keys, causal)
-        self.layers.append(layer)
+        into.layers.append(layer)
         if emission is not None:
             emission.layer = layer
 
-    def _emit(self, name, weights, kind, mask, is_causal, layout, infer) -> None:
+    def _emit(self, into: _Pass, name, weights, kind, mask, is_causal, layout, infer) -> None:
         import jax
 
         traced_mask = mask if is_tracer(mask) else None
-        emission = _Emission(self.serial, name, kind, UNKNOWN if traced_mask is not None else mask, is_causal,
+        emission = _Emission(into.serial, name, kind, UNKNOWN if traced_mask is not None else mask, is_causal,
                              layout, infer, type(weights).__name__)
-        self.pending.append(emission)
+        into.pending.append(emission)
+        self.emitted = True
         try:
             # Two ordered callbacks: the first takes no array, so it runs once each time the traced code runs
             # (a scan over a cached remat jaxpr runs the same callbacks once per layer); the second runs once
@@ -580,24 +610,22 @@ class PassCollector:
 
     def _fired(self, emission: _Emission, weights: Any, traced_mask: Any) -> None:
         with self.lock:
-            if not self.active or emission.serial != self.serial:
-                return  # recomputed after the pass (grad through remat) or a stale trace: recorded already
+            into = self.current if self.current is not None and self.current.serial == emission.serial else \
+                self.staged.get(emission.serial)
+            if into is None:
+                return  # recomputed after its pass was recorded (grad through remat): recorded already
             emission.fired = True
             mask = traced_mask if traced_mask is not None else emission.mask
-            self._append(emission.name, weights, emission.kind, mask, emission.is_causal, emission.layout,
+            self._append(into, emission.name, weights, emission.kind, mask, emission.is_causal, emission.layout,
                          emission.infer, emission)
-
-    def describe(self, **facts: Any) -> None:
-        """What the adapter knows of the pass beyond its layers: ``mask`` ``(batch, seq)`` and ``causal``."""
-        with self.lock:
-            self.facts.update({key: value for key, value in facts.items() if value is not None})
 
     def outermost(self, call: Callable[[], Any], input_ids: Any = None, *, forward: bool = True) -> Any:
         """Run ``call`` (a root-model call) as one forward pass; nested root calls join the pass.
 
         The outermost call begins the pass and finishes it, or discards it when the call raises.
         ``forward``: the call is the model's forward (a pass of another method that runs no attention,
-        e.g. building a cache, records nothing and is no error).
+        e.g. building a cache, records nothing and is no error, unless no pass of the block recorded
+        anything: see :meth:`close`).
         """
         if self.depth == 0:
             self.begin(input_ids, forward=forward)
@@ -616,37 +644,57 @@ class PassCollector:
 
     def discard(self) -> None:
         with self.lock:
-            self.active = False
-            self._reset()
+            self.current = None
 
     def finish(self) -> None:
         """Record the pass; a forward pass that recorded no attention is an error that says what ran."""
         with self.lock:
-            if not self.active:
+            done, self.current = self.current, None
+            if done is None:
                 return
-            self.active = False
-            layers, pending, input_ids, facts, forward = (
-                self.layers, self.pending, self.input_ids, self.facts, self.forward)
-            self._reset()
-        seen = {layer.name for layer in layers}
-        never = [emission for emission in pending if not emission.fired and emission.name not in seen]
+            if not done.layers and _unfired(done):  # the model call itself is traced: end it when it runs
+                import jax
+
+                self.staged[done.serial] = done
+                try:
+                    jax.debug.callback(functools.partial(self._staged_end, done.serial), ordered=True)
+                    return
+                except Exception:  # pragma: no cover - a transformation that cannot call back
+                    del self.staged[done.serial]
+        self._complete(done)
+
+    def _staged_end(self, serial: int) -> None:
+        with self.lock:
+            done = self.staged.pop(serial, None)
+        if done is not None:  # recorded from within the computation; a recomputation finds it gone
+            self._complete(done)
+
+    def _complete(self, done: _Pass) -> None:
+        never = _unfired(done)
         if never:
-            first = never[0]
-            raise AdapterError(
-                f"The attention of {first.name!r} reached attnflow only as a JAX tracer ({first.tracer}), and the "
-                "traced computation did not run while the forward pass ran, so its values cannot be recorded. "
-                "attnflow records traced attention (under jax.vmap, jax.grad, jax.checkpoint / remat, scan) "
-                "through jax.debug.callback while the pass runs, and disables jax.jit while attached; this "
-                "pass is being traced by a transformation around attach() itself (attach() entered inside "
-                "a function under jax.jit, jax.checkpoint or similar), or under one that cannot call back "
-                "(pmap, shard_map). Enter attach() outside the traced function: around the call to your "
-                "jitted function, not inside it."
-            )
-        if not layers:
-            if forward:
+            raise _tracer_error(never[0])
+        if not done.layers:
+            if done.forward:
                 self._no_attention()
+            self.empty += 1
             return
-        self._record(layers, input_ids, facts)
+        self._record(done.layers, done.input_ids)
+        self.recorded += 1
+
+    def close(self) -> None:
+        """The block ends: finish an open pass; raise for a pass whose traced computation never ran while
+        attached; a block whose passes all ran without attention is the error of a forward pass without
+        attention (capture() of a model's method other than its forward)."""
+        self.finish()
+        with self.lock:
+            staged, self.staged = list(self.staged.values()), {}
+        if self.emitted:
+            forget_traced_callbacks()
+        for done in staged:
+            self._complete(done)
+        if self.empty and not self.recorded:
+            self.empty = 0
+            self._no_attention()
 
     def _no_attention(self) -> None:
         """Reach the recorder's own "recorded no attention" error, with what this adapter saw added."""
@@ -657,7 +705,7 @@ class PassCollector:
             detail = self.no_attention() if self.no_attention is not None else ""
             raise AdapterError(f"{exc}{' ' + detail if detail else ''}") from None
 
-    def _record(self, layers: list[_Layer], input_ids: Any, facts: dict[str, Any]) -> None:
+    def _record(self, layers: list[_Layer], input_ids: Any) -> None:
         plan = plan_streams(dict.fromkeys(layer.name for layer in layers), None)
         lengths: dict[str, int] = {}
         keys: dict[str | None, list[_Layer]] = {}
@@ -679,11 +727,6 @@ class PassCollector:
             causal = True if flags and all(flag is True for flag in flags) else (
                 False if any(flag is False for flag in flags) else None)
             described[stream] = {"mask": mask, "causal": causal}
-        single = described.get(None)
-        if single is not None:  # what the adapter knows from the model's inputs comes first
-            for fact in ("mask", "causal"):
-                if facts.get(fact) is not None:
-                    single[fact] = facts[fact]
         if input_ids is not None:  # the call's token ids belong to the first stream of their length
             for stream, info in described.items():
                 length = lengths.get(stream) if stream is not None else layers[0].weights.shape[2]  # type: ignore[arg-type]
@@ -713,6 +756,45 @@ class PassCollector:
             self.recorder.abort_call()
             raise
         self.recorder.end_call()
+
+
+#: jax's caches of traced (not compiled) functions: a function traced while attached holds attnflow's callbacks
+#: there (a long-lived ``jax.checkpoint``-wrapped forward), and would call them instead of running the Python
+#: code a later attach watches.
+_TRACE_CACHES = (
+    ("jax._src.interpreters.partial_eval", "trace_to_jaxpr"),
+    ("jax._src.ad_checkpoint", "_trace_to_jaxpr"),
+    ("jax._src.ad_checkpoint", "_dyn_args_fun_cached"),
+)
+
+
+def forget_traced_callbacks() -> None:
+    """Empty jax's caches of traced functions after a block that sent attention out of traced code, so that
+    no cached trace keeps (and calls) attnflow's callbacks. Compiled executables are left alone: a jitted
+    function traces again, and finds its compiled code."""
+    for module, name in _TRACE_CACHES:
+        cache_clear = getattr(getattr(sys.modules.get(module), name, None), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+
+
+def _unfired(done: _Pass) -> list[_Emission]:
+    """Traced layers of a pass that never called back and that the pass did not record otherwise (a layer
+    ``nn.scan`` traced once before running it concretely is recorded all the same)."""
+    seen = {layer.name for layer in done.layers}
+    return [emission for emission in done.pending if not emission.fired and emission.name not in seen]
+
+
+def _tracer_error(emission: _Emission) -> AdapterError:
+    return AdapterError(
+        f"The attention of {emission.name!r} reached attnflow only as a JAX tracer ({emission.tracer}), and the "
+        "traced computation did not run while attached, so its values cannot be recorded. attnflow records "
+        "traced attention (under jax.vmap, jax.grad, jax.checkpoint / remat, scan) through jax.debug.callback "
+        "as it is computed, and disables jax.jit while attached; this computation is compiled or run only "
+        "after the block (attach() entered inside a function under jax.jit), or runs under a transformation "
+        "that cannot call back (pmap, shard_map). Enter attach() outside the traced function: around the call "
+        "to your jitted function, not inside it."
+    )
 
 
 def outermost_prefix(name: str, boundaries: Mapping[str, int]) -> str | None:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -62,6 +63,7 @@ from attnflow._switches import deferred_interrupts, switch
 from ._flax_common import (
     OPTIONS,
     UNKNOWN,
+    Layout,
     PassCollector,
     Selection,
     Settings,
@@ -129,7 +131,7 @@ class _LinenCapture:
         )
         self.calls: dict[int, _CallInfo] = {}
         self.selected: set[int] = set()  # selected modules whose call is running
-        self.taps: list[tuple[str, SoftmaxFrame]] = []  # selected calls waiting for their tap's output
+        self.taps: list[tuple[str, str, SoftmaxFrame]] = []  # selected calls (path, tap) waiting for the tap's output
         self.ran: dict[str, str] = {}  # module path -> class, in the current pass
         self.scopes: dict[str, list[Any]] = {}  # path -> scopes of a lifted (scanned) body, in the current pass
 
@@ -145,14 +147,9 @@ class _LinenCapture:
             self.scopes.clear()
         ids = self.adapter.input_ids(args, kwargs)
         return self.collector.outermost(
-            lambda: self._root(module, next_fun, args, kwargs, context), ids,
+            lambda: self._call(module, next_fun, args, kwargs, context), ids,
             forward=context.method_name == "__call__",
         )
-
-    def _root(self, module: Any, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-        if context.method_name == "__call__":
-            self.adapter.describe_pass(self.collector, args, kwargs)
-        return self._call(module, next_fun, args, kwargs, context)
 
     def _call(self, module: Any, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         path = _name(module)
@@ -201,9 +198,9 @@ class _LinenCapture:
 
     def _selected_call(self, module: Any, path: str, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         selection: Selection = self.selection  # type: ignore[assignment]
-        if self.taps and module.name == selection.tap and context.method_name == "__call__":
-            parent, frame = self.taps[-1]
-            if path.rpartition("/")[0] == parent:
+        if self.taps and context.method_name == "__call__":
+            parent, tap, frame = self.taps[-1]
+            if module.name == tap and path.rpartition("/")[0] == parent:
                 result = next_fun(*args, **kwargs)
                 frame.accept(result)
                 return result
@@ -213,15 +210,16 @@ class _LinenCapture:
         collector = self.collector
 
         def take(probabilities: Any) -> None:
-            collector.add(path, probabilities, mask=mask, is_causal=is_causal, layout=selection.layout,
-                          infer=selection.call_mask is None)
+            collector.add(path, probabilities, kind=selection.kind, mask=mask, is_causal=is_causal,
+                          layout=selection.layout, infer=selection.call_mask is None)
 
         frame = SoftmaxFrame(self, path, selection.layout, take)
+        tap = selection.tap_of(module)
         self.selected.add(id(module))
         try:
             with ExitStack() as watching:
-                if selection.tap is not None:
-                    self.taps.append((path, frame))
+                if tap is not None:
+                    self.taps.append((path, tap, frame))
                     watching.callback(self.taps.pop)
                 else:
                     watching.enter_context(watching_softmax(frame))
@@ -229,10 +227,10 @@ class _LinenCapture:
         finally:
             self.selected.discard(id(module))
         if frame.count == 0:
-            if selection.tap is not None:
+            if tap is not None:
                 raise HiddenAttentionError(
-                    f"{path!r} ({type(module).__name__}) ran, but its {selection.tap!r} submodule, where attnflow "
-                    "takes its attention probabilities, did not run."
+                    f"{path!r} ({type(module).__name__}) ran, but its {tap!r} submodule, where attnflow takes its "
+                    "attention probabilities, did not run."
                 )
             raise no_softmax_error(path, type(module).__name__, frame)
         return result
@@ -297,7 +295,7 @@ class _LinenCapture:
         return no_attention_hint(ran, "flax.linen.MultiHeadDotProductAttention (and subclasses)")
 
     def close(self) -> None:
-        self.collector.finish()
+        self.collector.close()
 
 
 def _name(module: Any) -> str:
@@ -313,9 +311,9 @@ class LinenAdapter(Adapter):
     different input than its queries. ``modules`` selects the modules whose call computes attention
     (classes, path globs, regexes) and ``layout`` says how their softmax output is laid out.
 
-    Family adapters (``gemma``, ``flaxmodels``) subclass it: they override :meth:`settings` (which modules
-    compute attention, where its probabilities are taken, how the mask is read) and may override
-    :meth:`describe_pass` and :meth:`input_ids`.
+    Family adapters (``gemma``, ``flaxmodels``) subclass it (:class:`LinenFamilyAdapter`): they override
+    :meth:`settings` (which modules compute attention, where its probabilities are taken, how the mask is
+    read) and :meth:`input_ids`.
     """
 
     name = "flax_linen"
@@ -344,9 +342,6 @@ class LinenAdapter(Adapter):
         """What to record, from the (centrally checked) options."""
         return check_options(self.name, options, _linen().Module)
 
-    def describe_pass(self, collector: PassCollector, args: tuple, kwargs: dict) -> None:
-        """Called with the root module's ``__call__`` arguments as a pass begins (families read masks here)."""
-
     def input_ids(self, args: tuple, kwargs: dict) -> Any:
         """The token ids of a root call, for labels."""
         return find_input_ids(args, kwargs)
@@ -362,7 +357,7 @@ class LinenAdapter(Adapter):
         with undoing() as undo:
             with deferred_interrupts():
                 undo.enter_context(jit_disabled(jax))
-                if settings.selection is not None and settings.selection.tap is None:
+                if settings.selection is not None and settings.selection.needs_softmax:
                     undo.enter_context(softmax_hook())
                 # one interceptor per thread for every attach, so that attaches may end in any order
                 thread = threading.get_ident()
@@ -374,6 +369,65 @@ class LinenAdapter(Adapter):
                 undo.callback(captures.remove, capture)
             yield
         capture.close()
+
+
+class LinenFamilyAdapter(LinenAdapter):
+    """A model family of a linen library, as data: the adapter claims root modules whose class is defined in
+    ``package`` and records the modules of ``attention`` (``"module.path:ClassName"``, from an already
+    imported library), each taken at its ``tap`` (a child module's output) or else at its softmax, laid out
+    as ``layout``; ``call_mask`` reads the mask from each attention call's arguments (see
+    :class:`~attnflow.adapters._flax_common.Selection`). Takes no options."""
+
+    priority = 10
+    options = ()
+    array_library = "jax"
+    #: Top-level package (or module) whose linen modules the family claims.
+    package: str = ""
+    #: ``{"module.path:ClassName": tap or None}``: the attention classes and where their probabilities are taken.
+    attention: dict[str, str | None] = {}
+    layout: str = "bhqk"
+    kind: str | None = "self"
+    #: Keyword names of the root call's token ids, for labels.
+    ids: tuple[str, ...] = ("input_ids",)
+
+    @staticmethod
+    def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:
+        """``(mask, is_causal)`` from an attention call's arguments."""
+        return UNKNOWN, False
+
+    def attention_classes(self) -> dict[type, str | None]:
+        found = {}
+        for where, tap in self.attention.items():
+            module, _, name = where.partition(":")
+            cls = getattr(sys.modules.get(module), name, None)
+            if isinstance(cls, type):
+                found[cls] = tap
+        return found
+
+    def claims(self, model: Any) -> bool:
+        root = root_module(model, _linen().Module)
+        if root is None or not self.attention_classes():
+            return False
+        module = type(root).__module__
+        return module == self.package or module.startswith(self.package + ".")
+
+    def settings(self, options: dict[str, Any]) -> Settings:
+        classes = self.attention_classes()
+        kinds = tuple(classes)
+
+        def match(path: str, module: Any) -> bool:
+            return isinstance(module, kinds)
+
+        def tap(module: Any) -> str | None:
+            return next((name for cls, name in classes.items() if isinstance(module, cls)), None)
+
+        return Settings(selection=Selection(
+            match, Layout.parse(self.layout, self.name), selectors=[cls.__qualname__ for cls in kinds],
+            tap=tap if any(classes.values()) else None, call_mask=self.call_mask, kind=self.kind,
+        ))
+
+    def input_ids(self, args: tuple, kwargs: dict) -> Any:
+        return find_input_ids(args, kwargs, self.ids)
 
 
 #: The captures attached in each thread, in the order they were attached.

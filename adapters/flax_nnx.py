@@ -123,7 +123,7 @@ class _NNXCapture:
 
     def close(self) -> None:
         self.closed = True
-        self.collector.finish()
+        self.collector.close()
 
 
 #: Per module (by id): the captures attached to it and the name each gives it, in the order they attached.
@@ -345,7 +345,7 @@ class NNXAdapter(Adapter):
             with deferred_interrupts():
                 # the root's class swap is shared by overlapping attaches: the last to leave puts it back
                 undo.enter_context(switch(("flax_nnx.root_class", id(root)), lambda: _swap_class(root), _unswap(root)))
-                if selection is not None and selection.tap is None:
+                if selection is not None and selection.needs_softmax:
                     undo.enter_context(softmax_hook())
                 for name, module in modules.items():
                     # one patch per module, shared by overlapping attaches: they may end in any order

@@ -302,6 +302,21 @@ def test_remat_is_recorded_through_a_callback():
     assert trace.layer_names == ["block/attention"]
     np.testing.assert_allclose(trace.layers[0].weights, expected, atol=1e-5)
 
+    # jax.checkpoint around the whole forward call: the pass ends when the traced computation reaches it;
+    # under grad it is recomputed in the backward pass, and recorded once
+    with attnflow.attach(model) as rec:
+        jax.grad(jax.checkpoint(lambda v: model.apply(v, x).sum()))(variables)
+    assert len(rec.traces) == 1 and rec.trace.layer_names == ["block/attention"]
+    np.testing.assert_allclose(rec.trace.layers[0].weights, expected, atol=1e-5)
+
+    # a long-lived checkpointed function traced while attached keeps no callback in jax's trace cache:
+    # a later attach sees its layers again
+    forward = jax.checkpoint(lambda v, x: model.apply(v, x))
+    for _ in range(2):
+        with attnflow.attach(model) as rec:
+            forward(variables, x)
+        assert rec.trace.layer_names == ["block/attention"]
+
 
 class ScannedBlock(nn.Module):
     @nn.compact
@@ -556,6 +571,9 @@ class HandModel(nn.Module):
             x = HandBlock(name=f"layers_{i}")(x, valid)
         return x
 
+    def features(self, x, valid):
+        return self(x, valid)
+
 
 def hand_reference(variables, x, valid):
     """Each HandAttention recomputed in float64 numpy; heads flattened group-major (head g * 3 + n)."""
@@ -594,6 +612,8 @@ def test_hand_written_attention_is_not_recognised_with_a_clear_error(hand):
     message = str(caught.value)
     assert "layers_0/attn (HandAttention)" in message and "modules=" in message
     assert "No forward pass ran" not in message
+    with pytest.raises(AdapterError, match=r"ran, but adapter 'flax_linen' recorded no attention"):
+        attnflow.capture(model, variables, x, valid, method=HandModel.features)  # another method than __call__
 
 
 @pytest.mark.parametrize("selector", [HandAttention, "layers_*/attn", "layers_?.attn"])
