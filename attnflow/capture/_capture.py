@@ -20,7 +20,7 @@ def attach(
     Args:
         model: the model (a ``torch.nn.Module``, a transformers model, a Flax module...).
         adapter: an adapter name or instance; default: the first registered adapter that claims ``model``.
-        tokens: token labels (per batch item) or a tokenizer with ``convert_ids_to_tokens``.
+        tokens: token labels (per batch item) or a tokenizer with ``convert_ids_to_tokens`` or ``decode``.
         **options: adapter options (e.g. module selectors for the generic PyTorch adapter).
 
     Yields:
