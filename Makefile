@@ -1,12 +1,13 @@
 # make demo: install, then explain a sentence with the packaged MiniLM model.
 # make test: install, then lint, install headless Chromium if missing (system-deps), and run the whole suite.
-# constraints.txt pins torch (CPU build from local disk) and ruff (lint rules change between releases).
+# constraints.txt pins torch (CPU build from local disk), ruff (lint rules change between releases) and the JAX model
+# libraries the adapters are tested with (penzai, flaxmodels, gemma and what they import).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint docs bench clean system-deps
+.PHONY: install demo test lint docs bench bench-long clean system-deps
 
 $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,13 @@ $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	# timm without its dependencies: its torchvision requirement has no CPU build on this index, and a
 	# CUDA torchvision beside the CPU torch breaks transformers' imports (see tests/timm_import.py).
 	$(PY) -m pip install -q --no-deps -c constraints.txt timm
+	# JAX model libraries with adapters (penzai comes with the test extra). flaxmodels without its dependencies:
+	# it asks for the Python 3.6 dataclasses backport; it imports h5py and requests. gemma and kauldron without
+	# theirs: a full install cannot be resolved against the protobuf pin (kauldron -> xmanager -> protobuf<7) and
+	# pulls TensorFlow; these are the light packages gemma.gm.nn imports (TensorFlow: see tests/gemma_import.py).
+	$(PY) -m pip install -q -c constraints.txt h5py requests
+	$(PY) -m pip install -q --no-deps -c constraints.txt flaxmodels gemma kauldron einops clu jaxtyping wadler-lindig \
+		lark typeguard immutabledict sentencepiece chex ml-collections wrapt
 	# the worked plugin package, installed as a third party would install theirs (its tests run with ours)
 	$(PY) -m pip install -q --no-deps -e examples/plugin
 	touch $(STAMP)
@@ -55,6 +63,14 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_streams.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_methods.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_generation.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_first_call.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_estimate.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_memory.py
+
+# The long-input figures (tens of minutes on 2 cores): 32 x 2048 causal flow, 4096-token capture.
+bench-long: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_causal.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_long_capture.py
 
 clean:
 	rm -rf $(VENV) attnflow-out .pytest_cache .ruff_cache

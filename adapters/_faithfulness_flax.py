@@ -1,8 +1,8 @@
 """Faithfulness for Flax models (linen and NNX): blank-out and input gradients in JAX.
 
 Private to attnflow.adapters; jax and flax are imported lazily. :func:`probe` is what the ``flax_linen`` and
-``flax_nnx`` adapters return from ``probe(model, request, *args, **kwargs)``; until they declare it, an
-adapter can be extended in two lines (see docs/faithfulness.md)::
+``flax_nnx`` adapters return from ``probe(model, request, *args, **kwargs)``; another Flax adapter declares
+it in two lines (see docs/faithfulness.md)::
 
     captures = captures | {"input_gradients", "ablation"}
 

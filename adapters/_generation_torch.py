@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow._switches import switch
-from attnflow.capture import generated_mask
+from attnflow.capture import generated_mask, switch
 
 from . import _torch_common as common
 

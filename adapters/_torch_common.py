@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow._switches import deferred_interrupts
+from attnflow.capture import deferred_interrupts
 
 from ._hf_families import pick_key_stream
 
@@ -346,7 +346,7 @@ def unwrap_compiled(model: Any) -> Any:
 @contextmanager
 def removing(handles: list[Any]) -> Iterator[list[Any]]:
     """Remove every hook handle in ``handles`` on exit, also when the body raises. Register the hooks under
-    ``attnflow._switches.deferred_interrupts()``, so that a Ctrl-C cannot fall between registering a hook
+    ``attnflow.capture.deferred_interrupts()``, so that a Ctrl-C cannot fall between registering a hook
     and keeping its handle."""
     try:
         yield handles

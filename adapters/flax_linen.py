@@ -9,11 +9,24 @@ Usage (the model and its ``apply`` call stay as written)::
         y = model.apply(variables, x)                       # no mutable=[...] needed
     trace = rec.trace
 
+    # attention written by hand (the module computes jax.nn.softmax itself):
+    trace = attnflow.capture(model, variables, x, adapter_options={"modules": [MyAttention], "layout": "bqhk"})
+
 What is recorded: every ``nn.MultiHeadDotProductAttention`` (``nn.MultiHeadAttention``,
 ``nn.SelfAttention`` and subclasses) called during the pass, and every module that sows
 ``'attention_weights'`` into ``'intermediates'`` itself, i.e. passes ``module=self`` to
-``nn.dot_product_attention`` / ``nn.dot_product_attention_weights``. Layers are named by their module
+``nn.dot_product_attention`` / ``nn.dot_product_attention_weights``. With ``modules=[...]`` (classes,
+globs over module paths such as ``"layers_*/attn"``, or regexes) only the selected modules are recorded:
+the output of the ``jax.nn.softmax`` over the key axis that each selected module's call computes
+(``flax.linen.softmax`` and ``nnx.softmax`` are the same function), laid out as ``layout=`` says
+(``"bhqk"`` by default, ``"bqhk"``/``"btns"``, or with a ``g`` axis for grouped-query heads, flattened
+group-major); their mask and causality are read from the probabilities. Layers are named by their module
 path (``"encoder/layer_3/attention"``) and kept in the order they ran.
+
+Names of repeated layers follow the recorder's one rule: a layer that runs several times in one pass
+inside ``nn.scan`` is numbered after the scanned module's path (``"layers/attn"`` becomes ``"layers/0/attn"``,
+``"layers/1/attn"``...), so a scanned model and its unrolled twin (``"layers_0/attn"``) pair in
+``attnflow.compare(a, b, align="names")``; a shared module called twice is numbered at the end.
 
 How: an interceptor (``nn.intercept_methods``) sees every module method call. For attention modules
 it passes ``sow_weights=True``; for the duration of each module call it shadows that module's
@@ -27,9 +40,10 @@ trace's key-validity mask (a key is valid when any query may attend to it) and c
 jax.jit: while attached, jit is disabled (``jax.disable_jit``), so a forward you wrapped in
 ``jax.jit`` runs eagerly inside the block and its attention is recorded from concrete arrays; the
 jit cache is not touched (nothing is traced with recording in it), and after the block the same
-jitted function runs compiled as before. Enter ``attach`` around the call to the jitted function,
-not inside it: weights seen only as tracers (inside ``jax.vmap``, ``jax.grad``, ``nn.remat``, or an
-``attach`` inside a traced function) are never stored, and the pass raises
+jitted function runs compiled as before. Under ``jax.vmap``, ``jax.grad`` and ``nn.remat`` (also inside
+``nn.scan``) the weights are tracers: they are sent out with an ordered ``jax.debug.callback`` and
+recorded when computed (once per layer, also under ``grad`` through ``remat``). Enter ``attach`` around the
+call to a jitted function, not inside it: an ``attach`` inside a traced function raises
 :class:`attnflow.AdapterError` explaining this instead of leaking a tracer.
 """
 
@@ -37,24 +51,35 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
-from attnflow._switches import deferred_interrupts, switch
+from attnflow.capture import deferred_interrupts, switch
 
 from ._flax_common import (
     OPTIONS,
     UNKNOWN,
+    Layout,
     PassCollector,
+    Selection,
+    Settings,
+    SoftmaxFrame,
     check_options,
     entered,
     find_input_ids,
     jit_disabled,
     left,
+    module_listing,
+    no_attention_hint,
+    no_softmax_error,
+    outermost_prefix,
+    softmax_hook,
     undoing,
+    watching_softmax,
 )
 
 _ATTENTION_NAME = "attention_weights"
@@ -97,9 +122,18 @@ class _CallInfo:
 
 
 class _LinenCapture:
-    def __init__(self, recorder: Recorder, cross: Any):
-        self.collector = PassCollector(recorder, api="linen", cross=cross)
+    def __init__(self, recorder: Recorder, settings: Settings, adapter: LinenAdapter):
+        self.adapter = adapter
+        self.selection = settings.selection
+        self.collector = PassCollector(
+            recorder, api="linen", cross=settings.cross, repeat_prefix=self._repeat_prefix,
+            no_attention=self._no_attention,
+        )
         self.calls: dict[int, _CallInfo] = {}
+        self.selected: set[int] = set()  # selected modules whose call is running
+        self.taps: list[tuple[str, str, SoftmaxFrame]] = []  # selected calls (path, tap) waiting for the tap's output
+        self.ran: dict[str, str] = {}  # module path -> class, in the current pass
+        self.scopes: dict[str, list[Any]] = {}  # path -> scopes of a lifted (scanned) body, in the current pass
 
     # -- the interceptor ----------------------------------------------------------------------------
     def intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -108,11 +142,25 @@ class _LinenCapture:
             return next_fun(*args, **kwargs)
         if module.scope.path:
             return self._call(module, next_fun, args, kwargs, context)
+        if self.collector.depth == 0:
+            self.ran.clear()
+            self.scopes.clear()
+        ids = self.adapter.input_ids(args, kwargs)
         return self.collector.outermost(
-            lambda: self._call(module, next_fun, args, kwargs, context), find_input_ids(args, kwargs)
+            lambda: self._call(module, next_fun, args, kwargs, context), ids,
+            forward=context.method_name == "__call__",
         )
 
     def _call(self, module: Any, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        path = _name(module)
+        self.ran.setdefault(path, type(module).__name__)
+        scope = module.scope
+        if scope.parent is None and scope.path:  # the body of a lifted transform (nn.scan, nn.remat...)
+            scopes = self.scopes.setdefault(path, [])
+            if not any(s is scope for s in scopes):
+                scopes.append(scope)
+        if self.selection is not None:
+            return self._selected_call(module, path, next_fun, args, kwargs, context)
         nn = _linen()
         is_attention = isinstance(module, nn.MultiHeadDotProductAttention) and context.method_name == "__call__"
         info = self.calls.get(id(module))
@@ -142,10 +190,49 @@ class _LinenCapture:
                     object.__delattr__(module, "sow")
         if info.forced and not info.seen:
             raise HiddenAttentionError(
-                f"{_name(module)!r} ({type(module).__name__}) ran with sow_weights=True but its attention_fn "
+                f"{path!r} ({type(module).__name__}) ran with sow_weights=True but its attention_fn "
                 f"{module.attention_fn!r} sowed no attention weights; an attention_fn must pass module= on "
                 "to nn.dot_product_attention for its weights to be visible."
             )
+        return result
+
+    def _selected_call(self, module: Any, path: str, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        selection: Selection = self.selection  # type: ignore[assignment]
+        if self.taps and context.method_name == "__call__":
+            parent, tap, frame = self.taps[-1]
+            if module.name == tap and path.rpartition("/")[0] == parent:
+                result = next_fun(*args, **kwargs)
+                frame.accept(result)
+                return result
+        if context.method_name != "__call__" or id(module) in self.selected or not selection.match(path, module):
+            return next_fun(*args, **kwargs)
+        mask, is_causal = selection.call_mask(args, kwargs) if selection.call_mask is not None else (UNKNOWN, False)
+        collector = self.collector
+
+        def take(probabilities: Any) -> None:
+            collector.add(path, probabilities, kind=selection.kind, mask=mask, is_causal=is_causal,
+                          layout=selection.layout, infer=selection.call_mask is None)
+
+        frame = SoftmaxFrame(self, path, selection.layout, take)
+        tap = selection.tap_of(module)
+        self.selected.add(id(module))
+        try:
+            with ExitStack() as watching:
+                if tap is not None:
+                    self.taps.append((path, tap, frame))
+                    watching.callback(self.taps.pop)
+                else:
+                    watching.enter_context(watching_softmax(frame))
+                result = next_fun(*args, **kwargs)
+        finally:
+            self.selected.discard(id(module))
+        if frame.count == 0:
+            if tap is not None:
+                raise HiddenAttentionError(
+                    f"{path!r} ({type(module).__name__}) ran, but its {tap!r} submodule, where attnflow takes its "
+                    "attention probabilities, did not run."
+                )
+            raise no_softmax_error(path, type(module).__name__, frame)
         return result
 
     def _prepare_attention(self, module: Any, context: Any, args: tuple, kwargs: dict,
@@ -196,8 +283,19 @@ class _LinenCapture:
 
         return sow
 
+    # -- naming and errors -----------------------------------------------------------------------------
+    def _repeat_prefix(self, name: str, count: int) -> str | None:
+        return outermost_prefix(name, {path: len(scopes) for path, scopes in self.scopes.items()})
+
+    def _no_attention(self) -> str:
+        ran = module_listing(list(self.ran.items()))
+        if self.selection is not None:
+            return (f"No module that ran matches modules={self.selection.selectors!r}; the modules that ran were: "
+                    f"{ran}.")
+        return no_attention_hint(ran, "flax.linen.MultiHeadDotProductAttention (and subclasses)")
+
     def close(self) -> None:
-        self.collector.finish()
+        self.collector.close()
 
 
 def _name(module: Any) -> str:
@@ -210,7 +308,12 @@ class LinenAdapter(Adapter):
 
     Options (``attach(model, cross=...)``): ``cross`` marks layers as cross-attention by name (a
     collection of names or a predicate); by default a layer is ``"cross"`` when its keys come from a
-    different input than its queries.
+    different input than its queries. ``modules`` selects the modules whose call computes attention
+    (classes, path globs, regexes) and ``layout`` says how their softmax output is laid out.
+
+    Family adapters (``gemma``, ``flaxmodels``) subclass it (:class:`LinenFamilyAdapter`): they override
+    :meth:`settings` (which modules compute attention, where its probabilities are taken, how the mask is
+    read) and :meth:`input_ids`.
     """
 
     name = "flax_linen"
@@ -219,9 +322,16 @@ class LinenAdapter(Adapter):
     extra = "jax"
     priority = 0
     options = OPTIONS
+    captures = Adapter.captures | {"input_gradients", "ablation"}
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _linen().Module) is not None
+
+    def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """Blank-out and input gradients in JAX for :func:`attnflow.faithfulness` (``adapters/_faithfulness_flax.py``)."""
+        from ._faithfulness_flax import probe
+
+        return probe(model, request, args, kwargs)
 
     def run(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         """``capture(model, variables, *args)`` runs ``model.apply(variables, *args)`` for an unbound
@@ -235,16 +345,27 @@ class LinenAdapter(Adapter):
         root = root_module(model, _linen().Module)
         return type(root if root is not None else model).__name__
 
+    def settings(self, options: dict[str, Any]) -> Settings:
+        """What to record, from the (centrally checked) options."""
+        return check_options(self.name, options, _linen().Module)
+
+    def input_ids(self, args: tuple, kwargs: dict) -> Any:
+        """The token ids of a root call, for labels."""
+        return find_input_ids(args, kwargs)
+
     @contextmanager
     def hooks(self, model: Any, recorder: Recorder, **options: Any) -> Iterator[None]:
         nn = _linen()
         jax = import_optional("jax", "jax")
         if not callable(model):
-            raise AdapterError(f"The flax_linen adapter needs a linen Module or a callable, got {type(model).__name__}.")
-        capture = _LinenCapture(recorder, check_options(self.name, options))
+            raise AdapterError(f"The {self.name} adapter needs a linen Module or a callable, got {type(model).__name__}.")
+        settings = self.settings(options)
+        capture = _LinenCapture(recorder, settings, self)
         with undoing() as undo:
             with deferred_interrupts():
                 undo.enter_context(jit_disabled(jax))
+                if settings.selection is not None and settings.selection.needs_softmax:
+                    undo.enter_context(softmax_hook())
                 # one interceptor per thread for every attach, so that attaches may end in any order
                 thread = threading.get_ident()
                 undo.enter_context(switch(
@@ -255,6 +376,67 @@ class LinenAdapter(Adapter):
                 undo.callback(captures.remove, capture)
             yield
         capture.close()
+
+
+class LinenFamilyAdapter(LinenAdapter):
+    """A model family of a linen library, as data: the adapter claims root modules whose class is defined in
+    ``package`` and records the modules of ``attention`` (``"module.path:ClassName"``, from an already
+    imported library), each taken at its ``tap`` (a child module's output) or else at its softmax, laid out
+    as ``layout``; ``call_mask`` reads the mask from each attention call's arguments (see
+    :class:`~attnflow.adapters._flax_common.Selection`). Takes no options."""
+
+    priority = 10
+    options = ()
+    array_library = "jax"
+    # a family's token embedding is its own module, which the Flax probe does not find by itself
+    captures = Adapter.captures
+    #: Top-level package (or module) whose linen modules the family claims.
+    package: str = ""
+    #: ``{"module.path:ClassName": tap or None}``: the attention classes and where their probabilities are taken.
+    attention: dict[str, str | None] = {}
+    layout: str = "bhqk"
+    kind: str | None = "self"
+    #: Keyword names of the root call's token ids, for labels.
+    ids: tuple[str, ...] = ("input_ids",)
+
+    @staticmethod
+    def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:
+        """``(mask, is_causal)`` from an attention call's arguments."""
+        return UNKNOWN, False
+
+    def attention_classes(self) -> dict[type, str | None]:
+        found = {}
+        for where, tap in self.attention.items():
+            module, _, name = where.partition(":")
+            cls = getattr(sys.modules.get(module), name, None)
+            if isinstance(cls, type):
+                found[cls] = tap
+        return found
+
+    def claims(self, model: Any) -> bool:
+        root = root_module(model, _linen().Module)
+        if root is None or not self.attention_classes():
+            return False
+        module = type(root).__module__
+        return module == self.package or module.startswith(self.package + ".")
+
+    def settings(self, options: dict[str, Any]) -> Settings:
+        classes = self.attention_classes()
+        kinds = tuple(classes)
+
+        def match(path: str, module: Any) -> bool:
+            return isinstance(module, kinds)
+
+        def tap(module: Any) -> str | None:
+            return next((name for cls, name in classes.items() if isinstance(module, cls)), None)
+
+        return Settings(selection=Selection(
+            match, Layout.parse(self.layout, self.name), selectors=[cls.__qualname__ for cls in kinds],
+            tap=tap if any(classes.values()) else None, call_mask=self.call_mask, kind=self.kind,
+        ))
+
+    def input_ids(self, args: tuple, kwargs: dict) -> Any:
+        return find_input_ids(args, kwargs, self.ids)
 
 
 #: The captures attached in each thread, in the order they were attached.

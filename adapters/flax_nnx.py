@@ -9,8 +9,14 @@ Usage::
 
 What is recorded: every ``nnx.MultiHeadAttention`` (and subclass) in the model's graph, and every
 module of the graph that sows ``'attention_weights'`` itself (passes ``module=self`` to
-``nnx.dot_product_attention``). Layers are named by their graph path (``"encoder/layer/3/attention"``)
-and kept in the order they ran.
+``nnx.dot_product_attention``). With ``modules=[...]`` (classes, globs over graph paths, regexes) only the
+selected modules are recorded: the ``jax.nn.softmax`` over the key axis their ``__call__`` computes
+(``nnx.softmax`` is the same function), laid out as ``layout=`` says (default ``"bhqk"``); mask and causality
+are read from the probabilities. Layers are named by their graph path (``"encoder/layer/3/attention"``)
+and kept in the order they ran. A layer of a stacked module run several times in one pass (``nnx.scan``
+over ``nnx.vmap``-created layers: every parameter of the module has the layer axis first) is numbered after
+the stacked module's path (``"layers/attn"`` becomes ``"layers/0/attn"``...), as an unrolled ``nnx.List`` of
+layers is named, so the two pair in ``attnflow.compare(a, b, align="names")``.
 
 How, for the duration of the block only:
 
@@ -23,6 +29,8 @@ How, for the duration of the block only:
   ``'attention_weights'`` to attnflow and forwards everything to ``Module.sow`` unchanged.
 - the root model's class is swapped for a cached subclass whose public methods mark where a forward
   pass begins and ends (one trace per call).
+- with ``modules=``, each selected module's class is swapped for a subclass whose ``__call__`` hands the
+  softmax outputs computed during the call to attnflow (nothing else is patched then).
 
 Nothing touches a ``Variable``: graph state, graph definition, types and attributes are exactly as
 before when the block exits, also when it raises. A call through the proxy makes Flax take its
@@ -31,9 +39,10 @@ differ in the last bits).
 
 jax.jit / nnx.jit: while attached, jit is disabled (``jax.disable_jit``), so a jitted forward runs
 eagerly inside the block and its attention is recorded from concrete arrays; nothing is traced with
-recording in it, so no jit cache is changed. Weights seen only as tracers (under ``jax.vmap``,
-``jax.grad``, ``nnx.remat``, or an ``attach`` entered inside a traced function) are never stored:
-the pass raises :class:`attnflow.AdapterError` instead of leaking a tracer.
+recording in it, so no jit cache is changed. Weights that are tracers (under ``jax.vmap``, ``jax.grad``,
+``nnx.remat``, ``nnx.scan``) are sent out with an ordered ``jax.debug.callback`` and recorded when computed;
+an ``attach`` entered inside a traced function raises :class:`attnflow.AdapterError` instead of leaking a
+tracer.
 
 Only the attached object graph is wrapped (``nnx.jit`` carries the wrapping through its own
 split/merge). Modules rebuilt by ``nnx.merge`` from a graph definition split *before* the block are
@@ -42,6 +51,7 @@ new objects attnflow never saw: attach to (or capture) the merged model instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Iterator
@@ -49,9 +59,24 @@ from contextlib import contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
-from attnflow._switches import deferred_interrupts, switch
+from attnflow.capture import deferred_interrupts, switch
 
-from ._flax_common import OPTIONS, UNKNOWN, PassCollector, check_options, find_input_ids, jit_disabled, undoing
+from ._flax_common import (
+    OPTIONS,
+    UNKNOWN,
+    PassCollector,
+    Settings,
+    SoftmaxFrame,
+    check_options,
+    find_input_ids,
+    jit_disabled,
+    module_listing,
+    no_attention_hint,
+    no_softmax_error,
+    softmax_hook,
+    undoing,
+    watching_softmax,
+)
 from .flax_linen import root_module
 
 _ATTENTION_NAME = "attention_weights"
@@ -62,25 +87,90 @@ def _nnx() -> Any:
 
 
 class _NNXCapture:
-    def __init__(self, recorder: Recorder, cross: Any):
-        self.collector = PassCollector(recorder, api="nnx", cross=cross)
+    def __init__(self, recorder: Recorder, settings: Settings, modules: dict[str, Any]):
+        self.selection = settings.selection
+        self.modules = modules  # graph path -> module
+        self.collector = PassCollector(
+            recorder, api="nnx", cross=settings.cross, repeat_prefix=self._repeat_prefix,
+            no_attention=self._no_attention,
+        )
         self.closed = False  # copies made by nnx.split inside the block outlive it: they pass through
 
+    def _repeat_prefix(self, name: str, count: int) -> str | None:
+        """The stacked module on ``name``'s path: every parameter has ``count`` layers on its first axis."""
+        jax, nnx = import_optional("jax", "jax"), _nnx()
+        parts = name.split("/")
+        for end in range(1, len(parts) + 1):
+            module = self.modules.get("/".join(parts[:end]))
+            if module is None:
+                continue
+            leaves = jax.tree.leaves(nnx.state(module, nnx.Param))
+            if leaves and all(getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == count for leaf in leaves):
+                return "/".join(parts[:end])
+        return None
+
+    def _no_attention(self) -> str:
+        ran = module_listing([(name, type(module).__name__) for name, module in self.modules.items()])
+        if self.selection is not None:
+            return f"No module of the model matches modules={self.selection.selectors!r}; its modules are: {ran}."
+        return no_attention_hint(ran, "flax.nnx.MultiHeadAttention (and subclasses)").replace(
+            "the modules that ran were", "the model's modules are")
+
     # -- pass boundaries (called by the root's wrapped methods) -------------------------------------
-    def call_root(self, method: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        return self.collector.outermost(lambda: method(instance, *args, **kwargs), find_input_ids(args, kwargs))
+    def call_root(self, method: Any, instance: Any, args: tuple, kwargs: dict, forward: bool = True) -> Any:
+        return self.collector.outermost(lambda: method(instance, *args, **kwargs), find_input_ids(args, kwargs),
+                                        forward=forward)
 
     def close(self) -> None:
         self.closed = True
-        self.collector.finish()
+        self.collector.close()
 
 
 #: Per module (by id): the captures attached to it and the name each gives it, in the order they attached.
 _ON_MODULE: dict[int, list[tuple[_NNXCapture, str]]] = {}
 
 
-def _listeners(module: Any) -> list[tuple[PassCollector, str]]:
-    return [(capture.collector, name) for capture, name in _ON_MODULE.get(id(module), ()) if not capture.closed]
+def _listeners(module: Any, selected: bool = False) -> list[tuple[PassCollector, str]]:
+    """The captures attached to ``module`` (those with ``modules=`` when ``selected``, else the others)."""
+    return [(capture.collector, name) for capture, name in _ON_MODULE.get(id(module), ())
+            if not capture.closed and (capture.selection is not None) == selected]
+
+
+def _selected_listeners(module: Any) -> list[tuple[_NNXCapture, str]]:
+    return [(capture, name) for capture, name in _ON_MODULE.get(id(module), ())
+            if not capture.closed and capture.selection is not None]
+
+
+def _selected_class(module: Any) -> type:
+    """A subclass of ``type(module)`` for this instance alone, whose ``__call__`` hands the softmax computed
+    during the call to every capture that selected the module (copies made by ``nnx.merge`` inside
+    ``nnx.scan`` or ``nnx.vmap`` keep the class, so they report for the original)."""
+    cls = type(module)
+    owner = module
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        listeners = _selected_listeners(owner)
+        if not listeners:
+            return cls.__call__(self, *args, **kwargs)
+        frames = []
+        with contextlib.ExitStack() as watching:
+            for capture, name in listeners:
+                layout = capture.selection.layout
+
+                def take(probabilities: Any, collector: PassCollector = capture.collector, name: str = name,
+                         layout: Any = layout) -> None:
+                    collector.add(name, probabilities, layout=layout, infer=True)
+
+                frames.append(watching.enter_context(watching_softmax(SoftmaxFrame(capture, name, layout, take))))
+            result = cls.__call__(self, *args, **kwargs)
+        for frame in frames:
+            if frame.count == 0:
+                raise no_softmax_error(frame.name, cls.__name__, frame)
+        return result
+
+    namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": __call__,
+                 "__attnflow_selected__": cls}
+    return type(cls)(cls.__name__, (cls,), namespace, pytree=getattr(cls, "_pytree__is_pytree", True))
 
 
 def _dispatching_attention_fn(module: Any, original: Any) -> Any:
@@ -209,14 +299,16 @@ def _call_through(captures: tuple, method: Any, instance: Any, args: tuple, kwar
     def inner(obj: Any, *a: Any, **k: Any) -> Any:
         return _call_through(captures[1:], method, obj, a, k)
 
-    return captures[0].call_root(inner, instance, args, kwargs)
+    return captures[0].call_root(inner, instance, args, kwargs, forward=method.__name__ == "__call__")
 
 
 class NNXAdapter(Adapter):
     """Captures ``flax.nnx`` models; see the module docstring for how and for the jit story.
 
     Options: ``cross`` marks layers as cross-attention by name (a collection of names or a
-    predicate); by default a layer whose query and key lengths differ is ``"cross"``.
+    predicate); by default a layer whose query and key lengths differ is ``"cross"``. ``modules`` selects
+    the modules whose call computes attention (classes, path globs, regexes) and ``layout`` says how their
+    softmax output is laid out.
     """
 
     name = "flax_nnx"
@@ -225,9 +317,16 @@ class NNXAdapter(Adapter):
     extra = "jax"
     priority = 0
     options = OPTIONS
+    captures = Adapter.captures | {"input_gradients", "ablation"}
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _nnx().Module) is not None
+
+    def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """Blank-out and input gradients in JAX for :func:`attnflow.faithfulness` (``adapters/_faithfulness_flax.py``)."""
+        from ._faithfulness_flax import probe
+
+        return probe(model, request, args, kwargs)
 
     def model_name(self, model: Any) -> str:
         root = root_module(model, _nnx().Module)
@@ -242,21 +341,33 @@ class NNXAdapter(Adapter):
             raise AdapterError(
                 f"The flax_nnx adapter needs an nnx.Module (or a bound method of one), got {type(model).__name__}."
             )
-        capture = _NNXCapture(recorder, check_options(self.name, options))
+        settings = check_options(self.name, options, nnx.Module)
+        selection = settings.selection
+        modules = {
+            "/".join(str(part) for part in path) or type(module).__name__: module
+            for path, module in nnx.iter_modules(root)
+        }
+        capture = _NNXCapture(recorder, settings, modules)
         with undoing() as undo:
             with deferred_interrupts():
-                for path, module in nnx.iter_modules(root):
-                    name = "/".join(str(part) for part in path) or type(module).__name__
+                # the root's class swap is shared by overlapping attaches: the last to leave puts it back
+                undo.enter_context(switch(("flax_nnx.root_class", id(root)), lambda: _swap_class(root), _unswap(root)))
+                if selection is not None and selection.needs_softmax:
+                    undo.enter_context(softmax_hook())
+                for name, module in modules.items():
                     # one patch per module, shared by overlapping attaches: they may end in any order
-                    if isinstance(module, nnx.MultiHeadAttention):
+                    if selection is not None:
+                        if not selection.match(name, module):
+                            continue
+                        undo.enter_context(switch(("flax_nnx.selected_class", id(module)),
+                                                  lambda m=module: _swap_class(m, _selected_class(m)), _unswap(module)))
+                    elif isinstance(module, nnx.MultiHeadAttention):
                         undo.enter_context(_patched(module, "attention_fn", _dispatching_attention_fn))
                     else:
                         undo.enter_context(_patched(module, "sow", _dispatching_sow))
                     attached = _ON_MODULE.setdefault(id(module), [])
                     attached.append((capture, name))
                     undo.callback(_detach, module, attached, capture)
-                # the root's class swap is shared by overlapping attaches: the last to leave puts it back
-                undo.enter_context(switch(("flax_nnx.root_class", id(root)), lambda: _swap_class(root), _unswap(root)))
                 stack = _active_captures()
                 stack.append(capture)
                 undo.callback(stack.remove, capture)
@@ -266,14 +377,14 @@ class NNXAdapter(Adapter):
         capture.close()
 
 
-def _swap_class(root: Any) -> type:
-    original = type(root)
-    object.__setattr__(root, "__class__", _root_class(original))
+def _swap_class(module: Any, to: type | None = None) -> type:
+    original = type(module)
+    object.__setattr__(module, "__class__", to if to is not None else _root_class(original))
     return original
 
 
-def _unswap(root: Any) -> Any:
-    return lambda original: object.__setattr__(root, "__class__", original)
+def _unswap(module: Any) -> Any:
+    return lambda original: object.__setattr__(module, "__class__", original)
 
 
 def _patched(module: Any, attribute: str, make: Any) -> Any:

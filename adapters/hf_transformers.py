@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow._switches import deferred_interrupts, switch
+from attnflow.capture import deferred_interrupts, switch
 
 from . import _generation_torch, _swin, _value_zeroing, _values
 from . import _hf_families as families
@@ -190,13 +190,14 @@ class TransformersAdapter(attnflow.Adapter):
         return found, True
 
     # -- loading ------------------------------------------------------------------------------------
-    def load_model(self, location: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    def load_model(self, location: str, *, trust_remote_code: bool = False, generate: bool = False) -> tuple[Any, Any]:
         """``(model, tokenizer)`` from a local model directory, or from a hub id where there is network; for an
         image model (a ViT-family config: image and patch sizes, no vocabulary) ``(model, image processor)``,
         whose inputs :meth:`encode_images` makes.
 
         The model is loaded as ``AutoModel.from_pretrained`` leaves it (SDPA, eval mode); an encoder-decoder
-        as ``AutoModelForSeq2SeqLM`` (which builds its decoder's inputs from ``labels``). A model whose
+        as ``AutoModelForSeq2SeqLM`` (which builds its decoder's inputs from ``labels``); with ``generate=True``
+        a decoder as ``AutoModelForCausalLM`` (with its language-model head, for ``generate()``). A model whose
         config maps its classes onto Python files of its own (``auto_map``) is refused unless
         ``trust_remote_code=True`` (``--trust-remote-code`` on the command line), which *runs that Python*
         with your permissions: pass it only for a directory whose code you trust. Never asks on a terminal.
@@ -224,7 +225,7 @@ class TransformersAdapter(attnflow.Adapter):
         try:
             config = transformers.AutoConfig.from_pretrained(source, **kwargs, **trust)
             auto = transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else \
-                transformers.AutoModel
+                transformers.AutoModelForCausalLM if generate else transformers.AutoModel
             model = auto.from_pretrained(source, **kwargs, **trust)
             if is_image_model(config):  # a ViT-family directory: its image processor stands in for a tokenizer
                 tokenizer = transformers.AutoImageProcessor.from_pretrained(source, **kwargs, **trust)

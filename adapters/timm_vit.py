@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow._switches import deferred_interrupts, switch
+from attnflow.capture import deferred_interrupts, switch
 
 from . import _torch_common as common
 

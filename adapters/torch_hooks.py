@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import attnflow
-from attnflow._switches import deferred_interrupts, switch
+from attnflow.capture import deferred_interrupts, switch
 
 from . import _torch_common as common
 from ._hf_families import pick_key_stream, plan_streams

@@ -202,3 +202,87 @@ def test_several_texts_sources_layer_formats_and_html(minilm_dir, tmp_path, caps
     assert "--layer 6 is past the last layer" in capsys.readouterr().err
     assert main(["explain", TEXT, "--sources", "door", "--out", str(tmp_path / "o3")]) == 1
     assert "no token of input 0 reads so" in capsys.readouterr().err
+
+
+def _tiny_gpt2_dir(tmp_path):
+    """A random 3-layer GPT-2 with a language-model head and a letter tokenizer, saved as a local directory."""
+    import torch
+    from transformers import BertTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    config = GPT2Config(vocab_size=len(vocab), n_embd=20, n_layer=3, n_head=4, n_positions=48, n_inner=28,
+                        bos_token_id=2, eos_token_id=None, pad_token_id=0)
+    model_dir = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(model_dir, safe_serialization=True)
+    # no token_type_ids: GPT-2 would add token 0's embedding to every position
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)},
+                  model_input_names=["input_ids", "attention_mask"]).save_pretrained(model_dir)
+    return model_dir
+
+
+def test_generate_explains_every_generated_token(tmp_path, capsys):
+    """--generate N: the decoder's own greedy continuation, and per generated token rollout over the prompt
+    recomputed here from one teacher-forced eager forward pass (Abnar & Zuidema's rollout, heads averaged)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model_dir = _tiny_gpt2_dir(tmp_path)
+    out = tmp_path / "out"
+    status = main(["explain", "b a d c", "--generate", "5", "--model", str(model_dir), "--out", str(out),
+                   "--methods", "rollout,flow", "--top", "3", "--html"])
+    assert status == 0
+    stdout = capsys.readouterr().out
+    document = json.loads((out / "explanation.json").read_text())
+
+    model = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tokenizer(["b a d c"], return_tensors="pt")
+    with torch.no_grad():
+        sequences = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    prompt = inputs["input_ids"].shape[1]
+    assert document["generated_ids"] == sequences[0, prompt:].tolist()  # generation unchanged by attach()
+    assert document["first_generated"] == prompt
+    generated = tokenizer.convert_ids_to_tokens(sequences[0, prompt:].tolist())
+    assert [row["token"] for row in document["generated"]] == generated
+    with torch.no_grad():
+        attentions = model(sequences[:, :-1], output_attentions=True).attentions
+    n = sequences.shape[1] - 1
+    joint = np.eye(n)
+    for layer in attentions:
+        a = layer[0].double().mean(0).numpy()
+        a = 0.5 * a + 0.5 * np.eye(n)
+        joint = (a / a.sum(-1, keepdims=True)) @ joint
+    labels = tokenizer.convert_ids_to_tokens(sequences[0, :prompt].tolist())
+    for k, row in enumerate(document["generated"]):
+        position = prompt - 1 + k  # the position that predicts generated token k
+        assert row["explained_position"] == position
+        expected = joint[position, :prompt]
+        order = np.argsort(-expected, kind="stable")[:3]
+        got = row["top"]["rollout"]
+        assert [cell["position"] for cell in got] == order.tolist()
+        np.testing.assert_allclose([cell["score"] for cell in got], expected[order], atol=1e-6)
+        assert [cell["token"] for cell in got] == [labels[j] for j in order]
+        assert len(row["top"]["flow"]) == 3
+    assert f"generated (5 tokens): {' '.join(generated)}" in stdout
+    assert "Top prompt tokens per generated token (flow" in stdout
+    assert (out / "generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "explanation.html").stat().st_size > 0
+    trace = attnflow.load(out / "trace.safetensors")
+    assert [list(row) for row in trace.metadata["generation"]["generated_tokens"]] == [generated]
+
+
+def test_generate_refuses_what_it_cannot_explain(tmp_path, minilm_dir, capsys):
+    model_dir = _tiny_gpt2_dir(tmp_path)
+    (tmp_path / "texts.txt").write_text("a b\n")
+    cases = [
+        (["a b", "--generate", "0", "--model", str(model_dir)], "--generate takes the number of tokens"),
+        (["--texts", str(tmp_path / "texts.txt"), "--generate", "2", "--model", str(model_dir)], "--texts"),
+        (["a b", "--generate", "2", "--sources", "0", "--model", str(model_dir)], "--sources"),
+        (["a b", "--generate", "2", "--adapter", "torch"], "cannot load a model for generation"),
+        (["the cabinet", "--generate", "2", "--model", str(minilm_dir)], "needs a decoder"),
+    ]
+    for args, message in cases:
+        assert main(["explain", *args, "--out", str(tmp_path / "o")]) == 1, args
+        err = capsys.readouterr().err
+        assert message in err, (args, err)

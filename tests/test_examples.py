@@ -11,16 +11,35 @@ import pytest
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 LIBRARY_ONLY = {"flax_bert.py"}  # a module other examples import, run by its own tests
+OWN_TEST = {"compare_hf_penzai.py"}  # run by a test of its own below, which also reads what it prints
 
 
-@pytest.mark.parametrize("script", [p for p in EXAMPLES if p.name not in LIBRARY_ONLY], ids=lambda p: p.name)
-def test_example_runs(script, tmp_path):
+def run_example(script, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, f"{script.name} failed:\n{result.stdout}\n{result.stderr}"
     assert result.stdout.strip(), f"{script.name} printed nothing"
+    return result.stdout
+
+
+@pytest.mark.parametrize("script", [p for p in EXAMPLES if p.name not in LIBRARY_ONLY | OWN_TEST], ids=lambda p: p.name)
+def test_example_runs(script, tmp_path):
+    run_example(script, tmp_path)
+
+
+def test_hf_gpt_neox_and_its_penzai_conversion_agree_to_1e5(tmp_path):
+    """A Hugging Face GPT-NeoX and penzai's JAX conversion of it, both captured by attnflow: every layer and
+    head agrees to 1e-5 (float32), as do rollout and flow, on a padded batch."""
+    pytest.importorskip("penzai")
+    out = run_example(Path(__file__).parent.parent / "examples" / "compare_hf_penzai.py", tmp_path)
+    assert "verdict: OK" in out
+    line = next(row for row in out.splitlines() if row.startswith("max |attention difference| per layer:"))
+    differences = [float(value) for value in line.split(":", 1)[1].split(",")]
+    assert len(differences) == 2 and max(differences) <= 1e-5, line
+    rollout, flow = (float(part.split()[1]) for part in out.splitlines()[-1].split(","))
+    assert rollout <= 1e-5 and flow <= 1e-5
 
 
 def test_graphml_export_is_readable(tmp_path):

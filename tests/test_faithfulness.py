@@ -423,19 +423,6 @@ def _load_example(name: str):
     return module
 
 
-def probed(adapter_class):
-    """The Flax adapter with the two declarations it needs for faithfulness (see docs/faithfulness.md)."""
-    from attnflow.adapters import _faithfulness_flax
-
-    class Probed(adapter_class):
-        captures = adapter_class.captures | {"input_gradients", "ablation"}
-
-        def probe(self, model, request, *args, **kwargs):
-            return _faithfulness_flax.probe(model, request, args, kwargs)
-
-    return Probed()
-
-
 def test_flax_nnx_probe_matches_its_pytorch_twin(tmp_path, inputs):
     import torch
     import transformers
@@ -454,7 +441,7 @@ def test_flax_nnx_probe_matches_its_pytorch_twin(tmp_path, inputs):
     explanation = attnflow.explain(attnflow.capture(torch_model, **inputs), ["rollout"], all_layers=True)
     settings = {"target": "embedding", "blank": MASK_ID, "max_rows": 16}
     expected = attnflow.faithfulness(torch_model, explanation, **settings, **inputs)
-    got = attnflow.faithfulness(port, explanation, ids, mask, adapter=probed(NNXAdapter), **settings)
+    got = attnflow.faithfulness(port, explanation, ids, mask, adapter=NNXAdapter(), **settings)
     real = mask.astype(bool)
     for name in ("blankout", "grad_norm", "grad_x_input"):
         scale = np.abs(expected.importances[name][real]).max()
@@ -491,7 +478,7 @@ def test_flax_linen_probe_matches_jax_computed_directly():
     variables = model.init(jax.random.PRNGKey(0), ids, mask)
     explanation = attnflow.explain(attnflow.capture(model, variables, ids, mask), ["raw", "rollout"], sources=[0],
                                    all_layers=True)
-    adapter = probed(LinenAdapter)
+    adapter = LinenAdapter()
     report = attnflow.faithfulness(model, explanation, variables, ids, mask, target=2, blank=UNK_ID, curves=False,
                                    adapter=adapter)
     zeroed = attnflow.faithfulness(model, explanation, variables, ids, mask, target=2, blank="zero", curves=False,

@@ -256,12 +256,23 @@ def test_jitted_forward_is_recorded_and_jit_cache_untouched(setup):
     assert fresh._cache_size() == 1  # compiled only after the block, once
 
 
-def test_tracers_raise_instead_of_leaking(setup):
+def test_vmap_sends_the_weights_out_with_a_debug_callback(setup):
+    """Under jax.vmap the weights are tracers: a debug callback hands them over once per example, and the
+    examples are stacked again into one batch."""
+    model, variables, x, _ = setup
+    expected, _ = model_reference(variables, x)
+    with attnflow.attach(model) as rec:
+        jax.vmap(lambda item: model.apply(variables, item[None]))(x)
+    assert len(rec.traces) == 1
+    assert rec.trace.layer_names == [f"encoder/layer_{i}/attention" for i in range(LAYERS)]
+    for layer, reference in zip(rec.trace.layers, expected):
+        assert layer.shape == (BATCH, HEADS, SEQ, SEQ)
+        np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+
+
+def test_attach_inside_a_traced_function_raises_instead_of_leaking(setup):
     model, variables, x, _ = setup
     depth = len(linen_module._global_interceptor_stack)
-    with pytest.raises(AdapterError, match="tracer"):
-        with attnflow.attach(model):
-            jax.vmap(lambda item: model.apply(variables, item[None]))(x)
 
     @jax.jit
     def attach_inside_jit(v, x):
@@ -269,9 +280,10 @@ def test_tracers_raise_instead_of_leaking(setup):
             y = model.apply(v, x)
         return y, rec
 
-    with pytest.raises(AdapterError, match="tracer"):
+    with pytest.raises(AdapterError, match=r"tracer.*Enter attach\(\) outside the traced function"):
         attach_inside_jit(variables, x)
     assert len(linen_module._global_interceptor_stack) == depth
+    assert not jax.config.jax_disable_jit
 
 
 class RematModel(nn.Module):
@@ -280,12 +292,30 @@ class RematModel(nn.Module):
         return nn.remat(Block)(name="block")(x)
 
 
-def test_remat_is_reported():
+def test_remat_is_recorded_through_a_callback():
     x = jax.random.normal(jax.random.key(7), (BATCH, SEQ, FEATURES))
     model = RematModel()
     variables = model.init(jax.random.key(0), x)
-    with pytest.raises(AdapterError, match="remat"):
-        attnflow.capture(model, variables, x)
+    trace = attnflow.capture(model, variables, x)
+    expected, _ = mha_reference(variables["params"]["block"]["attention"], np.asarray(x, np.float64),
+                                np.asarray(x, np.float64))
+    assert trace.layer_names == ["block/attention"]
+    np.testing.assert_allclose(trace.layers[0].weights, expected, atol=1e-5)
+
+    # jax.checkpoint around the whole forward call: the pass ends when the traced computation reaches it;
+    # under grad it is recomputed in the backward pass, and recorded once
+    with attnflow.attach(model) as rec:
+        jax.grad(jax.checkpoint(lambda v: model.apply(v, x).sum()))(variables)
+    assert len(rec.traces) == 1 and rec.trace.layer_names == ["block/attention"]
+    np.testing.assert_allclose(rec.trace.layers[0].weights, expected, atol=1e-5)
+
+    # a long-lived checkpointed function traced while attached keeps no callback in jax's trace cache:
+    # a later attach sees its layers again
+    forward = jax.checkpoint(lambda v, x: model.apply(v, x))
+    for _ in range(2):
+        with attnflow.attach(model) as rec:
+            forward(variables, x)
+        assert rec.trace.layer_names == ["block/attention"]
 
 
 class ScannedBlock(nn.Module):
@@ -301,6 +331,15 @@ class ScannedModel(nn.Module):
         return layers(name="layers")(x, None)[0]
 
 
+def scanned_reference(stacked, x, layers=3):
+    h, weights = np.asarray(x, np.float64), []
+    for i in range(layers):
+        expected, out = mha_reference(jax.tree.map(lambda a, i=i: a[i], stacked), h, h)
+        weights.append(expected)
+        h = h + out
+    return weights
+
+
 def test_scanned_layers_are_numbered():
     x = jax.random.normal(jax.random.key(8), (BATCH, SEQ, FEATURES))
     model = ScannedModel()
@@ -308,13 +347,54 @@ def test_scanned_layers_are_numbered():
     trace = attnflow.capture(model, variables, x)
     # numbered by layer inside the scanned module, as an unrolled model's "layers_0/attention" would be
     assert trace.layer_names == ["layers/0/attention", "layers/1/attention", "layers/2/attention"]
-    stacked = variables["params"]["layers"]["attention"]
-    h = np.asarray(x, np.float64)
-    for i in range(3):
-        params = jax.tree.map(lambda a, i=i: a[i], stacked)
-        expected, out = mha_reference(params, h, h)
-        np.testing.assert_allclose(trace.layers[i].weights, expected, atol=1e-5)
-        h = h + out
+    for layer, expected in zip(trace.layers, scanned_reference(variables["params"]["layers"]["attention"], x)):
+        np.testing.assert_allclose(layer.weights, expected, atol=1e-5)
+
+
+class NestedBlock(nn.Module):
+    """A block whose attention sits one module deeper, remat'd: "layers/mixer/attention" inside the scan."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.remat(Block)(name="mixer")(x), None
+
+
+class DeepScanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        body = nn.scan(nn.remat(NestedBlock), variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return body(name="layers")(x, None)[0]
+
+
+class DeepUnrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = NestedBlock(name=f"layers_{i}")(x, None)[0]
+        return x
+
+
+def test_scanned_and_unrolled_twins_pair_by_name_also_under_grad_through_remat():
+    """The index goes after the scanned module's path (not the attention's parent), so the scanned model
+    pairs with its unrolled twin by name; under grad through remat each layer is recorded once."""
+    x = jax.random.normal(jax.random.key(12), (BATCH, SEQ, FEATURES))
+    scanned, unrolled = DeepScanned(), DeepUnrolled()
+    variables = scanned.init(jax.random.key(0), x)
+    stacked = variables["params"]["layers"]
+    unrolled_variables = {"params": {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(3)}}
+    np.testing.assert_allclose(np.asarray(scanned.apply(variables, x)),
+                               np.asarray(unrolled.apply(unrolled_variables, x)), atol=1e-5)
+    with attnflow.attach(scanned) as rec:
+        jax.grad(lambda v: scanned.apply(v, x).sum())(variables)
+    a = rec.trace
+    assert len(rec.traces) == 1
+    assert a.layer_names == [f"layers/{i}/mixer/attention" for i in range(3)]
+    b = attnflow.capture(unrolled, unrolled_variables, x)
+    assert b.layer_names == [f"layers_{i}/mixer/attention" for i in range(3)]
+    report = attnflow.compare(a, b, align="names")
+    assert report.ok and len(report.layers) == 3, report
+    for layer, expected in zip(a.layers, scanned_reference(stacked["mixer"]["attention"], x)):
+        np.testing.assert_allclose(layer.weights, expected, atol=1e-5)
 
 
 class RaisingModel(nn.Module):
@@ -403,8 +483,14 @@ def test_attention_fn_without_module_argument_is_hidden_attention():
 
 def test_unknown_option_is_refused(setup):
     model, variables, x, _ = setup
-    with pytest.raises(attnflow.OptionError, match="cross"):
-        with attnflow.attach(model, modules=["x"]):
+    with pytest.raises(attnflow.OptionError, match="cross.*modules.*layout"):
+        with attnflow.attach(model, heads=["x"]):
+            pass
+    with pytest.raises(attnflow.OptionError, match="layout='bhq'"):
+        with attnflow.attach(model, modules=[nn.Dense], layout="bhq"):
+            pass
+    with pytest.raises(attnflow.OptionError, match="modules= takes"):
+        with attnflow.attach(model, modules=[3]):
             pass
 
 
@@ -449,3 +535,106 @@ def test_bound_setup_module_keeps_no_sow_shadow_after_the_block():
     sown = bound.variables["intermediates"]["attention"]["attention_weights"]
     weights, _ = mha_reference(variables["params"]["attention"], np.asarray(x, np.float64), np.asarray(x, np.float64))
     np.testing.assert_allclose(np.asarray(sown[0]), weights, atol=1e-5)
+
+
+# -- attention written by hand: modules= and layout= --------------------------------------------------------
+GROUPS, GROUP_HEADS = 2, 3  # grouped-query attention: 2 key/value heads, 3 query heads each
+
+
+class HandAttention(nn.Module):
+    """Grouped-query attention written by hand: jax.nn.softmax over (batch, query, group, head, key)."""
+
+    @nn.compact
+    def __call__(self, x, valid):
+        q = nn.DenseGeneral((GROUPS, GROUP_HEADS, HEAD_DIM), name="q")(x)
+        k = nn.DenseGeneral((GROUPS, HEAD_DIM), name="k")(x)
+        v = nn.DenseGeneral((GROUPS, HEAD_DIM), name="v")(x)
+        logits = jnp.einsum("btgnd,bsgd->btgns", q, k) / np.sqrt(HEAD_DIM)
+        allowed = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))[None] & valid[:, None, :]  # (b, t, s)
+        logits = jnp.where(allowed[:, :, None, None, :], logits, -1e9)
+        probs = nn.softmax(logits, axis=-1)
+        out = jnp.einsum("btgns,bsgd->btgnd", probs, v).reshape(*x.shape[:2], -1)
+        return nn.Dense(FEATURES, name="out")(out)
+
+
+class HandBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, valid):
+        x = x + HandAttention(name="attn")(x, valid)
+        return x + nn.Dense(FEATURES, name="mlp")(nn.gelu(x))
+
+
+class HandModel(nn.Module):
+    @nn.compact
+    def __call__(self, x, valid):
+        for i in range(2):
+            x = HandBlock(name=f"layers_{i}")(x, valid)
+        return x
+
+    def features(self, x, valid):
+        return self(x, valid)
+
+
+def hand_reference(variables, x, valid):
+    """Each HandAttention recomputed in float64 numpy; heads flattened group-major (head g * 3 + n)."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    h, valid, weights = np.asarray(x, np.float64), np.asarray(valid), []
+    seq = h.shape[1]
+    allowed = np.tril(np.ones((seq, seq), bool))[None] & valid[:, None, :]
+    for i in range(2):
+        a = p[f"layers_{i}"]["attn"]
+        q = np.einsum("btf,fgnd->btgnd", h, a["q"]["kernel"]) + a["q"]["bias"]
+        k = np.einsum("bsf,fgd->bsgd", h, a["k"]["kernel"]) + a["k"]["bias"]
+        v = np.einsum("bsf,fgd->bsgd", h, a["v"]["kernel"]) + a["v"]["bias"]
+        logits = np.einsum("btgnd,bsgd->bgntS".replace("S", "s"), q, k) / np.sqrt(HEAD_DIM)
+        probs = softmax(np.where(allowed[:, None, None], logits, -np.inf))  # (b, g, n, t, s)
+        weights.append(probs.reshape(probs.shape[0], GROUPS * GROUP_HEADS, seq, seq))
+        out = np.einsum("bgnts,bsgd->btgnd", probs, v).reshape(*h.shape[:2], -1)
+        h = h + out @ a["out"]["kernel"] + a["out"]["bias"]
+        mlp = p[f"layers_{i}"]["mlp"]
+        h = h + np.asarray(nn.gelu(jnp.asarray(h, jnp.float32)), np.float64) @ mlp["kernel"] + mlp["bias"]
+    return weights
+
+
+@pytest.fixture(scope="module")
+def hand():
+    x = jax.random.normal(jax.random.key(13), (BATCH, SEQ, FEATURES))
+    valid = np.ones((BATCH, SEQ), dtype=bool)
+    valid[1, 4:] = False
+    model = HandModel()
+    return model, model.init(jax.random.key(0), x, valid), x, valid
+
+
+def test_hand_written_attention_is_not_recognised_with_a_clear_error(hand):
+    model, variables, x, valid = hand
+    with pytest.raises(AdapterError, match=r"ran, but adapter 'flax_linen' recorded no attention") as caught:
+        attnflow.capture(model, variables, x, valid)
+    message = str(caught.value)
+    assert "layers_0/attn (HandAttention)" in message and "modules=" in message
+    assert "No forward pass ran" not in message
+    with pytest.raises(AdapterError, match=r"ran, but adapter 'flax_linen' recorded no attention"):
+        attnflow.capture(model, variables, x, valid, method=HandModel.features)  # another method than __call__
+
+
+@pytest.mark.parametrize("selector", [HandAttention, "layers_*/attn", "layers_?.attn"])
+def test_modules_option_records_the_softmax_of_hand_written_attention(hand, selector):
+    model, variables, x, valid = hand
+    softmax_before = jax._src.nn.functions._softmax
+    trace = attnflow.capture(model, variables, x, valid, adapter_options={"modules": [selector], "layout": "btgns"})
+    assert jax._src.nn.functions._softmax is softmax_before  # the hook is gone after the block
+    assert trace.layer_names == ["layers_0/attn", "layers_1/attn"]
+    assert trace.num_heads == (GROUPS * GROUP_HEADS,) * 2
+    for layer, expected in zip(trace.layers, hand_reference(variables, x, valid)):
+        np.testing.assert_allclose(layer.weights, expected, atol=1e-5)
+    np.testing.assert_array_equal(trace.mask, valid)  # read from the probabilities: no query attends to padding
+    assert trace.causal
+
+
+def test_modules_option_errors(hand):
+    model, variables, x, valid = hand
+    with pytest.raises(HiddenAttentionError, match=r"computed no jax.nn.softmax over the key axis of layout='bhqk'"):
+        attnflow.capture(model, variables, x, valid, adapter_options={"modules": [HandAttention]})
+    with pytest.raises(AdapterError, match=r"No module that ran matches modules=\['decoder/\*'\]"):
+        attnflow.capture(model, variables, x, valid, adapter_options={"modules": ["decoder/*"]})
+    with pytest.raises(AdapterError, match="more than one attention"):
+        attnflow.capture(model, variables, x, valid, adapter_options={"modules": [HandModel], "layout": "btgns"})

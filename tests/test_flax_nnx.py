@@ -186,12 +186,24 @@ def test_jitted_forward_is_recorded(setup):
     assert len(rec.traces) == 2
 
 
-def test_tracers_raise_instead_of_leaking(setup):
+def test_vmap_is_recorded_and_attach_inside_jit_raises(setup):
     model, x, _ = setup
     before = snapshot(model)
-    with pytest.raises(AdapterError, match="tracer"):
+    expected, _ = model_reference(model, x)
+    with attnflow.attach(model) as rec:
+        jax.vmap(lambda item: model(item[None]))(x)  # one debug callback per example, stacked again
+    assert_unchanged(model, before)
+    assert len(rec.traces) == 1
+    for layer, reference in zip(rec.trace.layers, expected):
+        np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+
+    @jax.jit
+    def attach_inside(x):
         with attnflow.attach(model):
-            jax.vmap(lambda item: model(item[None]))(x)
+            return model(x)
+
+    with pytest.raises(AdapterError, match="tracer"):
+        attach_inside(x)
     assert_unchanged(model, before)
 
 
@@ -398,3 +410,113 @@ def test_encoder_decoder_captures_streams_and_cross_layers():
             trace.streams[layer.key_stream].mask)[:, None, None, :], atol=1e-5)
     rollout = attnflow.rollout(trace)
     np.testing.assert_allclose(rollout["encoder"].sum(-1) + rollout["decoder"].sum(-1), 1.0, atol=1e-9)
+
+
+# -- stacked layers under nnx.scan (with nnx.remat), named like their unrolled twin ------------------------------
+STACK = 3
+
+
+class StackedModel(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=STACK)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return Block(rngs)
+
+        self.layers = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.remat
+        def body(x, layer):
+            return layer(x)
+
+        return body(x, self.layers)
+
+
+def test_stacked_layers_under_scan_and_remat_pair_with_their_unrolled_twin(setup):
+    _, x, _ = setup
+    stacked = StackedModel(nnx.Rngs(3))
+    unrolled = Model(nnx.Rngs(4))
+    unrolled.layers = nnx.List(list(unrolled.layers)[:STACK])
+    state = nnx.state(stacked.layers)
+    for i, block in enumerate(unrolled.layers):
+        nnx.update(block, jax.tree.map(lambda a, i=i: a[i], state))
+    before = snapshot(stacked)
+    with attnflow.attach(stacked) as rec:
+        grads = nnx.grad(lambda m: m(x).sum())(stacked)  # grad through remat: each layer recorded once
+    assert_unchanged(stacked, before, nnx_jit_ran=True)  # nnx.grad renews _pytree__state, as nnx.jit does
+    assert jax.tree.leaves(grads)
+    a = rec.trace
+    assert len(rec.traces) == 1 and a.layer_names == [f"layers/{i}/attention" for i in range(STACK)]
+    b = attnflow.capture(unrolled, x)
+    assert b.layer_names == [f"layers/{i}/attention" for i in range(STACK)]
+    report = attnflow.compare(a, b, align="names")
+    assert report.ok and len(report.layers) == STACK, report
+    expected, _ = model_reference(unrolled, x)
+    for layer, reference in zip(a.layers, expected):
+        np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+    with attnflow.attach(stacked) as rec:  # vmap over examples of the scan: per layer, the examples restacked
+        nnx.vmap(lambda m, item: m(item[None]), in_axes=(None, 0))(stacked, x)
+    assert rec.trace.layer_names == a.layer_names
+    for layer, reference in zip(rec.trace.layers, expected):
+        np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+
+
+# -- attention written by hand: modules= and layout= -------------------------------------------------------------
+class HandAttention(nnx.Module):
+    """Causal attention written by hand: nnx.softmax over (batch, query, head, key)."""
+
+    def __init__(self, rngs):
+        self.qkv = nnx.LinearGeneral(FEATURES, (3, HEADS, HEAD_DIM), rngs=rngs)
+        self.out = nnx.LinearGeneral((HEADS, HEAD_DIM), FEATURES, axis=(-2, -1), rngs=rngs)
+
+    def __call__(self, x):
+        q, k, v = jnp.moveaxis(self.qkv(x), 2, 0)
+        logits = jnp.einsum("bqhd,bkhd->bqhk", q, k) / np.sqrt(HEAD_DIM)
+        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))[None, :, None, :]
+        probs = nnx.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+        return self.out(jnp.einsum("bqhk,bkhd->bqhd", probs, v))
+
+
+class HandModel(nnx.Module):
+    def __init__(self, rngs):
+        self.blocks = nnx.List([HandAttention(rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def hand_reference(model, x):
+    h, weights = np.asarray(x, np.float64), []
+    causal = np.tril(np.ones((h.shape[1], h.shape[1]), bool))
+    for block in model.blocks:
+        kernel = np.asarray(block.qkv.kernel[...], np.float64)
+        q, k, v = np.moveaxis(np.einsum("bsf,fthd->bsthd", h, kernel) + np.asarray(block.qkv.bias[...]), 2, 0)
+        probs = softmax(np.where(causal, np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HEAD_DIM), -np.inf))
+        weights.append(probs)
+        out = np.einsum("bhqk,bkhd->bqhd", probs, v)
+        h = h + np.einsum("bqhd,hdf->bqf", out, np.asarray(block.out.kernel[...])) + np.asarray(block.out.bias[...])
+    return weights
+
+
+def test_modules_option_records_hand_written_attention():
+    x = jax.random.normal(jax.random.key(5), (BATCH, SEQ, FEATURES))
+    model = HandModel(nnx.Rngs(5))
+    before = snapshot(model)
+    with pytest.raises(AdapterError, match=r"recorded no attention.*blocks/0 \(HandAttention\).*modules="):
+        attnflow.capture(model, x)
+    for selector in (HandAttention, "blocks/?"):
+        with attnflow.attach(model, modules=[selector], layout="bqhk") as rec:
+            model(x)
+            assert type(model.blocks[0]) is not HandAttention  # swapped while attached
+        assert_unchanged(model, before)
+        trace = rec.trace
+        assert trace.layer_names == ["blocks/0", "blocks/1"] and trace.causal
+        for layer, reference in zip(trace.layers, hand_reference(model, x)):
+            np.testing.assert_allclose(layer.weights, reference, atol=1e-5)
+    with pytest.raises(HiddenAttentionError, match=r"layout='bqkh' \(it computed softmaxes of shapes \[\(2, 6, 3, 6\)\]"):
+        attnflow.capture(model, x, adapter_options={"modules": [HandAttention], "layout": "bqkh"})
+    assert_unchanged(model, before)

@@ -235,6 +235,17 @@ def test_generated_sources_and_the_node_that_predicts_each_token():
     explanation = attnflow.explain(trace, ["rollout", "flow"], sources="generated")
     np.testing.assert_allclose(explanation["rollout"], rows, atol=1e-12)
     np.testing.assert_array_equal(explanation.sources[0], np.arange(PROMPT - 1, PROMPT + NEW - 1))
+    # the generated x prompt picture: one row per generated token, labelled by it, over the real prompt tokens
+    from matplotlib.image import AxesImage
+
+    from attnflow import plot
+
+    for b, (count, pad) in enumerate([(NEW, 0), (7, 2)]):
+        figure = plot.generation_map(explanation, "rollout", batch_index=b)
+        shown = next(a for a in figure.axes[0].get_children() if isinstance(a, AxesImage)).get_array()
+        np.testing.assert_allclose(np.asarray(shown), rows[b, :count, pad:PROMPT], atol=1e-12)
+        labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+        assert labels == [str(t) for t in out[b, PROMPT:PROMPT + count].tolist()]
     # one item alone, padding cropped: the same rows, over its real tokens
     alone = trace.select(1, crop=True)
     assert alone.metadata["generation"]["first_generated"] == PROMPT - 2

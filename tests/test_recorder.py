@@ -49,6 +49,24 @@ def test_single_stream_pass_with_labels_and_special_tokens():
     assert trace.metadata["adapter"] == "test" and len(rec.traces) == 1
 
 
+def test_a_tokenizer_with_only_decode_labels_each_token():
+    """SentencePiece-style tokenizers (gemma's, tiktoken) have ``decode`` and no ``convert_ids_to_tokens``:
+    each id is labelled by its decoded text, ``<id>`` where that is empty (whitespace and control tokens)."""
+    vocabulary = {0: "", 3: "the", 4: "", 9: " keys", 12: "on"}
+
+    class Decoder:
+        def decode(self, ids):
+            return "".join(vocabulary[i] for i in ids).lstrip()  # as SentencePiece: no leading space
+
+    rng = np.random.default_rng(2)
+    ids = np.array([[3, 4, 9, 12], [12, 3, 0, 0]])
+    rec = Recorder(framework="numpy", tokens=Decoder())
+    rec.start_call(mask=ids != 0, input_ids=ids)
+    rec.record("layer", attention(rng, 4, 4, ids != 0))
+    rec.end_call()
+    assert rec.trace.tokens == [["the", "<4>", "keys", "on"], ["on", "the", "<0>", "<0>"]]
+
+
 def test_repeated_paths_are_numbered_by_layer():
     rng = np.random.default_rng(1)
     rec = Recorder(framework="jax")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -148,13 +149,24 @@ def check_adapter_options(adapter: Adapter, options: Mapping[str, Any]) -> dict[
     return dict(options)
 
 
-def load_model(adapter: Any, location: str | os.PathLike[str], *, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """``adapter.load_model(location)``, passing ``trust_remote_code=True`` only when asked (adapters that
-    cannot take it refuse then); any failure of an adapter's own loader becomes an :class:`AdapterError`."""
+def load_model(
+    adapter: Any, location: str | os.PathLike[str], *, trust_remote_code: bool = False, generate: bool = False,
+) -> tuple[Any, Any]:
+    """``adapter.load_model(location)``, passing ``trust_remote_code=True`` and ``generate=True`` (a model
+    that can ``generate()``) only when asked (adapters that cannot take them refuse then); any failure of an
+    adapter's own loader becomes an :class:`AdapterError`."""
+    kwargs: dict[str, Any] = {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if generate:
+        if "generate" not in inspect.signature(adapter.load_model).parameters:
+            raise AdapterError(
+                f"Adapter {adapter.name!r} cannot load a model for generation; use --adapter transformers, or load "
+                "the model yourself and call generate() inside attnflow.attach()."
+            )
+        kwargs["generate"] = True
     try:
-        if trust_remote_code:
-            return adapter.load_model(location, trust_remote_code=True)
-        return adapter.load_model(location)
+        return adapter.load_model(location, **kwargs)
     except AttnflowError:
         raise
     except Exception as exc:  # a third-party adapter's own error (a TypeError for trust_remote_code too)

@@ -24,7 +24,7 @@ def attach(
     Args:
         model: the model (a ``torch.nn.Module``, a transformers model, a Flax module...).
         adapter: an adapter name or instance; default: the first registered adapter that claims ``model``.
-        tokens: token labels (per batch item) or a tokenizer with ``convert_ids_to_tokens``.
+        tokens: token labels (per batch item) or a tokenizer with ``convert_ids_to_tokens`` or ``decode``.
         target: also record, per layer, the gradient of a target score with respect to the attention
             probabilities (extra ``"attn_grad"``, for gradient-weighted methods): an int indexes the last axis
             of the model's logits (a class, or a vocabulary id), None takes each item's argmax, a callable

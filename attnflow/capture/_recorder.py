@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,8 +125,10 @@ class Recorder:
     Args:
         framework: the array library the model computes in (stored as ``trace.framework``).
         model_name: stored as ``trace.model_name``.
-        tokens: token labels, or a tokenizer (anything with ``convert_ids_to_tokens``), or a dict from
-            stream name to either: how token ids become labels.
+        tokens: token labels, or a tokenizer (anything with ``convert_ids_to_tokens``, as Hugging Face's; or
+            with ``decode``, as gemma's and other SentencePiece tokenizers: each id labelled ``decode([id])``, or
+            ``<id>`` where that is empty),
+            or a dict from stream name to either: how token ids become labels.
         adapter: the adapter's name, stored in the trace's metadata.
     """
 
@@ -340,6 +342,16 @@ class Recorder:
             generation = stitched.metadata.get("generation")
             if isinstance(generation, Mapping) and generation.get("stream", DEFAULT_STREAM) is None:
                 stitched.metadata["generation"] = {**generation, "stream": DEFAULT_STREAM}
+            generation = stitched.metadata.get("generation")
+            if isinstance(generation, Mapping) and generation.get("generated_ids") is not None:
+                # the last generated token is read by no forward pass, so no stream labels it: label them here
+                labeler = self._labels.get(generation.get("stream")) if isinstance(self._labels, Mapping) else self._labels
+                to_labels = _id_labeler(labeler)
+                if to_labels is not None and "generated_tokens" not in generation:
+                    stitched.metadata["generation"] = {
+                        **generation, "generated_tokens": [to_labels([int(t) for t in row])
+                                                           for row in generation["generated_ids"]],
+                    }
             trace = self._build(stitched)
             self._traces.append(trace)
             return trace
@@ -500,7 +512,8 @@ class Recorder:
             if ids is None:
                 return None
             return [[str(int(t)) for t in row] for row in ids]
-        if hasattr(labels, "convert_ids_to_tokens"):
+        to_labels = _id_labeler(labels)
+        if to_labels is not None:
             if ids is None:
                 if shape is None:
                     return None
@@ -508,11 +521,22 @@ class Recorder:
                     "A tokenizer was given for labels, but the adapter saw no token ids of this stream's shape "
                     f"{shape}; pass labels with tokens=[...] instead."
                 )
-            return [[str(t) for t in labels.convert_ids_to_tokens([int(t) for t in row])] for row in ids]
+            return [to_labels([int(t) for t in row]) for row in ids]
         labels = list(labels)
         if labels and isinstance(labels[0], str):
             return [labels]
         return [list(row) for row in labels]
+
+
+def _id_labeler(labels: Any) -> Callable[[list[int]], list[str]] | None:
+    """How a tokenizer labels a row of token ids: Hugging Face's ``convert_ids_to_tokens``, else one
+    ``decode([id])`` per token (gemma's and other SentencePiece tokenizers; tiktoken), ``<id>`` where that is
+    empty (a whitespace or control token); None: not a tokenizer."""
+    if hasattr(labels, "convert_ids_to_tokens"):
+        return lambda row: [str(token) for token in labels.convert_ids_to_tokens(row)]
+    if callable(getattr(labels, "decode", None)) and not isinstance(labels, (str, bytes, Mapping)):
+        return lambda row: [str(labels.decode([token])) or f"<{token}>" for token in row]
+    return None
 
 
 def assert_open(current: _Pass | None) -> None:

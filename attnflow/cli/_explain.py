@@ -45,6 +45,11 @@ def add_parser(subparsers: Any) -> None:
                         help="explain an image (PNG/JPEG) with an image model (--model VIT_DIR); writes overlay.png")
     parser.add_argument("--target-text", default=None, help="the decoder's text, for encoder-decoder models")
     parser.add_argument(
+        "--generate", type=int, default=None, metavar="N",
+        help="let a decoder (--model DIR with a language-model head) continue TEXT by N tokens (greedy), then "
+        "explain every generated token: its top prompt tokens, and a generated x prompt heatmap",
+    )
+    parser.add_argument(
         "--model", default=None,
         help="local Hugging Face model directory, or a hub id on machines with network "
         "(default: the packaged all-MiniLM-L6-v2)",
@@ -122,6 +127,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], Options]:
             "Give exactly one input: a TEXT, --texts FILE (one text per line) or --image PATH"
             + (f"; got {' and '.join(given)}." if given else ".")
         )
+    if args.generate is not None:
+        check_generate(args)
     if args.image and args.target_text is not None:
         raise OptionError("--target-text is for encoder-decoder text models; an --image run has no decoder text.")
     for path, what in ((args.texts, "--texts"), (args.image, "--image")):
@@ -140,6 +147,19 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], Options]:
     if args.texts:
         args.text_list = read_texts(args.texts)
     return methods, options
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    """``--generate N``: one prompt, no settings that choose other tokens."""
+    if not 1 <= args.generate <= 4096:
+        raise OptionError(f"--generate takes the number of tokens to generate, 1 to 4096; got {args.generate}.")
+    clashes = [flag for flag, value in (("--texts", args.texts), ("--image", args.image),
+                                         ("--target-text", args.target_text), ("--sources", args.sources)) if value]
+    if clashes:
+        raise OptionError(
+            f"--generate explains the tokens a decoder generates from one TEXT; it cannot be combined with "
+            f"{' or '.join(clashes)} (the generated tokens are the ones explained)."
+        )
 
 
 def parse_sources(items: Sequence[str] | None) -> list[int | str] | None:
@@ -206,9 +226,14 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    model, tokenizer = load_model(adapter, location, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(adapter, location, trust_remote_code=args.trust_remote_code,
+                                  generate=args.generate is not None)
     model = to_device(model, args.device, args.dtype)
     timings["load"] = time.perf_counter() - start
+    if args.generate is not None:
+        from ._generate import run_generation
+
+        return run_generation(args, methods, options, adapter, model, tokenizer, location, out, timings)
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     if seq2seq and args.target_text is None:
         raise OptionError(

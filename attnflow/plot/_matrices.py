@@ -4,7 +4,7 @@ encoder-decoder, the generated x prompt token map of a decoder, and a layer x he
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -98,8 +98,12 @@ def generation_map(
 ) -> Any:
     """Generated x prompt token map of a decoder (a causal stream explained over its own tokens).
 
-    Rows are the explained tokens at or after ``prompt_length`` (the generated ones), columns the prompt's
-    tokens (and, with ``include_generated``, the generated ones too, after a dividing line). A row's values
+    For an explanation of a ``generate()`` call (its trace's ``metadata["generation"]``, e.g.
+    ``explain(rec.trace, ..., sources="generated")``), rows are the generated tokens, each explained at the
+    position that predicts it (the prompt's last token for the first one; the convention of
+    ``sources="generated"``) and labelled by the token generated there. Otherwise, rows are the explained
+    tokens at or after ``prompt_length`` (e.g. a continuation captured in one forward pass), columns the
+    prompt's tokens (and, with ``include_generated``, the generated ones too, after a dividing line). A row's values
     are its shares of the explained token's total (which also covers earlier generated tokens), unless
     ``exclude_special`` renormalises over the ordinary tokens.
 
@@ -116,6 +120,12 @@ def generation_map(
             f"Stream {explanation.stream!r} is not causal; a generated x prompt map needs a decoder's explanation "
             "(a causal stream, e.g. GPT-2 or Llama). Use heatmap() for encoders."
         )
+    generation = explanation.metadata.get("generation")
+    if prompt_length is None and isinstance(generation, Mapping) and generation.get("stream") == explanation.stream:
+        return _generated_map(explanation, method_names(explanation, methods), generation, b,
+                              layer=layer, exclude_special=exclude_special, include_generated=include_generated,
+                              shared_scale=shared_scale, log=log, vmin=vmin, vmax=vmax, cmap=cmap, dpi=dpi,
+                              title=title)
     if prompt_length is None:
         prompt_length = explanation.metadata.get("prompt_length")
         if prompt_length is None:
@@ -152,6 +162,48 @@ def generation_map(
     return draw_panels([panels], heading=heading, xlabel="prompt token" + (" | generated token" if include_generated else ""),
                        ylabel="generated token", shared_scale=shared_scale, log=log, vmin=vmin, vmax=vmax, cmap=cmap,
                        dpi=dpi, bar_label="share of the generated token")
+
+
+def _generated_map(
+    explanation: Any, names: list[str], generation: Mapping[str, Any], b: int, *, layer: int | None,
+    exclude_special: bool, include_generated: bool, shared_scale: bool, log: bool, vmin: float | None,
+    vmax: float | None, cmap: str, dpi: float, title: str | None,
+) -> Any:
+    """The map of a ``generate()`` trace: a row per generated token, explained at the position that predicts
+    it (the prompt's last token for the first one), labelled by the token generated there."""
+    first = int(generation["first_generated"])
+    labels = generation.get("generated_tokens")
+    ids = generation.get("generated_ids")
+    lengths = generation.get("lengths")
+    produced = labels[b] if labels is not None else [str(t) for t in ids[b]] if ids is not None else None
+    panels = []
+    for m in names:
+        matrix = score_matrix(explanation, m, batch_index=b, layer=layer, exclude_special=exclude_special)
+        count = lengths[b] if lengths is not None else None  # tokens up to the item's end of sequence
+        rows = [r for r, p in enumerate(matrix.rows.tolist())
+                if p >= first - 1 and (count is None or p - first + 1 < count)]
+        if not rows:
+            raise OptionError(
+                "None of the explained tokens predicts a generated token; explain them with "
+                "explain(trace, ..., sources='generated')."
+            )
+        row_labels = []
+        for r in rows:
+            k = int(matrix.rows[r]) - first + 1  # generated token k (from 0) is predicted at position first - 1 + k
+            row_labels.append(produced[k] if produced is not None and k < len(produced) else f"#{k}")
+        columns = [c for c, p in enumerate(matrix.columns.tolist()) if include_generated or p < first]
+        divider = None
+        if include_generated:
+            divider = float(np.searchsorted(matrix.columns[columns], first)) - 0.5
+        panels.append(Panel(
+            METHOD_TITLES.get(m, m), matrix.values[np.ix_(rows, columns)], row_labels,
+            [matrix.column_labels[c] for c in columns], divider,
+        ))
+        shown = matrix
+    heading = title or _heading(explanation, shown, names, exclude_special, log)
+    return draw_panels([panels], heading=heading, xlabel="prompt token" + (" | generated token" if include_generated else ""),
+                       ylabel="generated token (explained where it is predicted)", shared_scale=shared_scale, log=log,
+                       vmin=vmin, vmax=vmax, cmap=cmap, dpi=dpi, bar_label="share of the generated token")
 
 
 def head_grid(

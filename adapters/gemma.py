@@ -1,0 +1,61 @@
+"""The ``gemma`` adapter: Google DeepMind's JAX Gemma library (``gemma.gm.nn``, Flax linen), with no options.
+
+Usage (the library's own call convention)::
+
+    model = gm.nn.Gemma3_1B()                              # or gm.nn.Transformer(config=...)
+    trace = attnflow.capture(model, {"params": params}, ids)   # runs model.apply({"params": params}, ids)
+    trace = attnflow.capture(model, {"params": params}, ids, tokens=gm.text.Gemma3Tokenizer())  # labelled
+
+    with attnflow.attach(model) as rec:
+        out = model.apply({"params": params}, ids)         # nn.jit-compiled __call__ runs eagerly inside
+    trace = rec.trace
+
+What is recorded: each ``gemma.gm.nn._modules.Attention`` layer (``layer_0/attn``, ``layer_1/attn``...),
+taken where the library hands its probabilities to the identity layer ``attention_weights``
+(``probs = jax.nn.softmax(padded_logits)`` laid out ``(batch, query, heads, keys)``, "BTNS"): after the
+soft cap (``attn_logits_soft_cap``), the sliding window of ``LOCAL_SLIDING`` layers and the mask. Grouped-
+and multi-query heads are already flattened by Gemma with the key/value head as the major index (query
+head ``n`` uses key/value head ``n // (num_heads // num_kv_heads)``), as attnflow orders them. Attention
+modules of older gemma releases without that identity layer (``gemma.modules.Attention``, gemma <= 3.0) are
+taken at their ``jax.nn.softmax`` (not tested here: that module cannot be installed beside gemma 3.3).
+
+Masks and causality come from the model's own inputs: each layer's ``attn_mask`` argument (Gemma builds
+it from ``tokens != 0`` and a causal triangle, or takes the ``attention_mask=`` you pass), so padding keys
+are masked and the trace is causal. Token ids are the model's ``tokens`` argument; ``tokens=`` a gemma tokenizer
+(``gm.text.Gemma3Tokenizer()``...) labels them with its ``decode``. The vision encoder of the
+multimodal models is not recorded (text layers only).
+
+jit: ``Transformer.__call__`` is wrapped in ``nn.jit``; while attached jit is disabled, so the forward runs
+eagerly and the interception sees every layer (a cached compiled call would run no Python). The first
+eager call compiles each operation once (seconds); later calls are fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._flax_common import UNKNOWN
+from .flax_linen import LinenFamilyAdapter
+
+
+class GemmaAdapter(LinenFamilyAdapter):
+    """Captures ``gemma.gm.nn`` Transformers (Gemma 2 and 3, grouped- and multi-query attention, sliding-
+    window layers, soft-capping); see the module docstring."""
+
+    name = "gemma"
+    framework = "gemma"
+    extra = "gemma"
+    package = "gemma"
+    #: The current Attention (with its attention_weights identity layer) and the legacy one of gemma 3.0.
+    attention = {"gemma.gm.nn._modules:Attention": "attention_weights", "gemma.modules:Attention": None}
+    layout = "btns"
+    ids = ("tokens",)
+
+    @staticmethod
+    def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:
+        """``Attention.__call__(x, segment_pos, cache, attn_mask)``: ``attn_mask`` is ``(batch, query, keys)``,
+        True where a query may attend (padding and causality; the sliding window is applied inside)."""
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if mask is None:
+            return UNKNOWN, False
+        return mask[:, None], False

@@ -1,0 +1,286 @@
+"""The ``penzai`` adapter: models built from penzai's ``pz.nn`` layers (immutable pytree dataclasses with
+named axes), including its Transformer variants and the models its Hugging Face converters produce.
+
+Usage (penzai's own call convention)::
+
+    model = gpt_neox.gpt_neox_from_huggingface_model(hf_model)     # or llama/mistral/gemma variants
+    tokens = pz.nx.wrap(ids).tag("batch", "seq")
+    trace = attnflow.capture(model, tokens)                        # runs model(tokens)
+
+    with attnflow.attach(model) as rec:
+        logits = model(tokens)
+    trace = rec.trace
+
+What is recorded: each ``pz.nn.Attention`` (and ``pz.nn.KVCachingAttention``) layer of the model, taken as
+the output of its ``query_key_to_attn`` sublayer: penzai's attention probabilities (after the mask, the
+soft cap where the model has one, and ``pz.nn.Softmax("kv_seq")``). Named axes become positions:
+``batch``, the heads, ``seq`` (queries), ``kv_seq`` (keys). Heads are ``heads`` (multi-head),
+``query_heads`` (multi-query) or ``head_groups`` x ``query_heads`` (grouped-query), flattened with the
+key/value group as the major index, as Hugging Face's ``repeat_kv`` orders them. Layers are named by their
+path in the model's pytree (``"body/sublayers/1/sublayers/0/branches/1/sublayers/1"``).
+
+Masks and causality come from the model's inputs, read the way the attention's own mask layer reads them:
+``ApplyCausalAttentionMask`` and ``ApplyCausalSlidingWindowAttentionMask`` (causal; a key is real when its
+``token_positions`` side input is >= 0), ``ApplyExplicitAttentionMask`` (its side-input mask). Token ids are
+the model's first argument (a ``batch`` x ``seq`` named array).
+
+How, for the duration of the block only: the model object is left exactly as it is (penzai layers are
+immutable). The ``__call__`` of the classes involved (the model's own class, the attention classes and
+the classes of their ``query_key_to_attn`` sublayers) is replaced by a wrapper that recognises the
+attached model's layers by identity and otherwise calls the original; the originals are put back when
+the last attach leaves. jax.jit is disabled while attached (so a jitted call runs the attached objects
+eagerly); traced attention (``jax.vmap``, ``jax.grad``) is sent out with ``jax.debug.callback``. The layers
+of a ``pz.nn.LayerStack`` are rebuilt for every scanned layer: each is recorded under the path of the
+stack's attention layer, numbered after the stack's path by the recorder's naming rule
+(``"body/sublayers/1/0/stacked_sublayers/..."``, ``"body/sublayers/1/1/..."``).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from attnflow import Adapter, AdapterError, Recorder, import_optional
+from attnflow.capture import deferred_interrupts
+
+from ._flax_common import (
+    UNKNOWN,
+    PassCollector,
+    is_tracer,
+    jit_disabled,
+    module_listing,
+    patched_attribute,
+    undoing,
+)
+
+_ATTENTION_CLASSES = ("Attention", "KVCachingAttention")
+_HEAD_ORDER = ("head_groups", "query_heads", "heads")
+
+
+def _pz() -> Any:
+    return import_optional("penzai.pz", "penzai")
+
+
+def _attention_types(pz: Any) -> tuple[type, ...]:
+    return tuple(getattr(pz.nn, name) for name in _ATTENTION_CLASSES if hasattr(pz.nn, name))
+
+
+def _attention_layers(model: Any, pz: Any) -> dict[str, Any]:
+    """Path -> attention layer, in pytree order (the order they run in a Sequential model)."""
+    found = pz.select(model).at_instances_of(_attention_types(pz)).selected_by_path
+    return {_path_name(path) or type(layer).__name__: layer for path, layer in found.items()}
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attribute in ("name", "idx", "key"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _defining_class(cls: type, attribute: str = "__call__") -> type:
+    return next(klass for klass in cls.__mro__ if attribute in vars(klass))
+
+
+def positional(named: Any, seq: str = "seq", kv_seq: str = "kv_seq") -> Any:
+    """Penzai attention probabilities as a positional ``(batch, heads, query, key)`` jax array: ``batch``
+    (added when absent), the head axes (``head_groups`` major), then ``seq`` and ``kv_seq``."""
+    names = list(named.named_shape)
+    if named.positional_shape or seq not in names or kv_seq not in names:
+        raise AdapterError(
+            f"penzai attention probabilities with named axes {names} and positional axes {named.positional_shape}: "
+            f"expected named axes {seq!r} (queries), {kv_seq!r} (keys), the heads and maybe 'batch'."
+        )
+    heads = [name for name in _HEAD_ORDER if name in names]
+    heads += [name for name in names if name not in (*heads, "batch", seq, kv_seq)]
+    batch = ["batch"] if "batch" in names else []
+    array = named.untag(*batch, *heads, seq, kv_seq).unwrap()
+    if not batch:
+        array = array[None]
+    return array.reshape(array.shape[0], -1, *array.shape[-2:])
+
+
+def _batch_seq(named: Any, seq: str = "seq") -> Any:
+    """A ``{batch?, seq}`` named array as a positional ``(batch, seq)`` array (batch 1 when absent), or None."""
+    if named is None or not hasattr(named, "named_shape"):
+        return None
+    names = list(named.named_shape)
+    if seq not in names or named.positional_shape or set(names) - {"batch", seq}:
+        return None
+    array = named.untag(*(["batch"] if "batch" in names else []), seq).unwrap()
+    return array if "batch" in names else array[None]
+
+
+def _mask_of(attention: Any, side_inputs: dict[str, Any], pz: Any) -> tuple[Any, bool]:
+    """``(mask, is_causal)`` for an attention call, read as its own mask layer reads its side inputs:
+    ``mask`` broadcastable to ``(batch, heads, query, key)`` (False where masked), or UNKNOWN."""
+    qk = attention.query_key_to_attn
+    layers = list(getattr(qk, "sublayers", ())) or [qk]
+    for layer in layers:
+        if isinstance(layer, (pz.nn.ApplyCausalAttentionMask, pz.nn.ApplyCausalSlidingWindowAttentionMask)):
+            positions = _batch_seq(side_inputs.get(layer.kv_positions_input_name), layer.seq_axis)
+            if positions is None:
+                return None, True
+            return (positions >= 0)[:, None, None, :], True
+        if isinstance(layer, pz.nn.ApplyExplicitAttentionMask):
+            mask = side_inputs.get(layer.mask_input_name)
+            names = list(getattr(mask, "named_shape", ()))
+            if "seq" in names and "kv_seq" in names and not set(names) - {"batch", "seq", "kv_seq"}:
+                array = mask.untag(*(["batch"] if "batch" in names else []), "seq", "kv_seq").unwrap()
+                array = array if "batch" in names else array[None]
+                return array[:, None], False
+            return UNKNOWN, False
+    return UNKNOWN, False
+
+
+class _Frame:
+    __slots__ = ("capture", "name", "qk", "mask", "is_causal", "seen")
+
+    def __init__(self, capture, name, qk, mask, is_causal):
+        self.capture, self.name, self.qk = capture, name, qk
+        self.mask, self.is_causal, self.seen = mask, is_causal, False
+
+
+class _PenzaiCapture:
+    def __init__(self, recorder: Recorder, root: Any, pz: Any):
+        self.root = root
+        self.pz = pz
+        self.layers = _attention_layers(root, pz)
+        self.names = {id(layer): name for name, layer in self.layers.items()}
+        # LayerStacks rebuild their layers for every scanned layer: their attention is known by the stack
+        found = pz.select(root).at_instances_of(pz.nn.LayerStack).selected_by_path if hasattr(pz.nn, "LayerStack") \
+            else {}
+        self.stacks = {id(stack): _path_name(path) for path, stack in found.items()}
+        self.stacked: dict[str, str | None] = {}  # stack path -> the path of its one attention layer
+        for stack_path in self.stacks.values():
+            inside = [name for name in self.layers if name.startswith(stack_path + "/")]
+            self.stacked[stack_path] = inside[0] if len(inside) == 1 else None
+        self.running: list[str] = []  # the stacks running now
+        self.collector = PassCollector(recorder, api="penzai", metadata_key="jax_library",
+                                       repeat_prefix=self._repeat_prefix, no_attention=self._no_attention)
+        self.closed = False
+
+    def _repeat_prefix(self, name: str, count: int) -> str | None:
+        return max((path for path in self.stacks.values() if name.startswith(path + "/")), key=len, default=None)
+
+    def call(self, original: Any, layer: Any, argument: Any, side_inputs: dict, frames: list[_Frame],
+             inner: Any) -> Any:
+        """One call of a patched ``__call__``: pass boundaries for the root, a frame for an attention layer,
+        the probabilities for the ``query_key_to_attn`` of the innermost frame."""
+        if layer is self.root:
+            ids = _batch_seq(argument)
+            ids = np.asarray(ids) if ids is not None and not is_tracer(ids) and np.issubdtype(ids.dtype, np.integer) \
+                else None
+            return self.collector.outermost(lambda: inner(argument, side_inputs), ids)
+        if id(layer) in self.stacks:
+            self.running.append(self.stacks[id(layer)])
+            try:
+                return inner(argument, side_inputs)
+            finally:
+                self.running.pop()
+        if isinstance(layer, _attention_types(self.pz)) and (id(layer) in self.names or self.collector.depth):
+            name = self.names.get(id(layer))
+            if name is None:  # a copy made by a LayerStack for one of its layers (or an unknown one: by class)
+                name = (self.stacked.get(self.running[-1]) if self.running else None) or type(layer).__name__
+            mask, is_causal = _mask_of(layer, side_inputs, self.pz)
+            frame = _Frame(self, name, layer.query_key_to_attn, mask, is_causal)
+            frames.append(frame)
+            try:
+                result = inner(argument, side_inputs)
+            finally:
+                frames.remove(frame)
+            if not frame.seen:
+                raise AdapterError(f"penzai attention layer {name!r} ran, but its query_key_to_attn did not.")
+            return result
+        mine = [frame for frame in frames if frame.capture is self]
+        if mine and layer is mine[-1].qk:
+            frame = mine[-1]
+            result = inner(argument, side_inputs)
+            frame.seen = True
+            self.collector.add(frame.name, positional(result), kind="self", mask=frame.mask,
+                               is_causal=frame.is_causal)
+            return result
+        return inner(argument, side_inputs)
+
+    def _no_attention(self) -> str:
+        return ("attnflow records penzai's pz.nn.Attention and pz.nn.KVCachingAttention layers; "
+                f"the model has: {module_listing(list(self.layers.items()))}.")
+
+    def close(self) -> None:
+        self.closed = True
+        self.collector.close()
+
+
+#: The captures attached in each thread, in the order they were attached.
+_ACTIVE: dict[int, list[_PenzaiCapture]] = {}
+_frames = threading.local()
+
+
+def _wrapped_call(original: Any) -> Any:
+    def __call__(self: Any, argument: Any, /, **side_inputs: Any) -> Any:
+        captures = tuple(_ACTIVE.get(threading.get_ident(), ()))
+        if not captures:
+            return original(self, argument, **side_inputs)
+        frames = getattr(_frames, "stack", None)
+        if frames is None:
+            frames = _frames.stack = []
+
+        def step(index: int, argument: Any, side_inputs: dict) -> Any:
+            if index == len(captures):
+                return original(self, argument, **side_inputs)
+            return captures[index].call(original, self, argument, side_inputs, frames,
+                                        lambda a, s: step(index + 1, a, s))
+
+        return step(0, argument, side_inputs)
+
+    __call__.__attnflow_original__ = original  # type: ignore[attr-defined]
+    return __call__
+
+
+class PenzaiAdapter(Adapter):
+    """Captures penzai models (``pz.nn`` layers with ``pz.nn.Attention``); see the module docstring."""
+
+    name = "penzai"
+    framework = "penzai"
+    array_library = "jax"
+    extra = "penzai"
+    priority = 10
+    options = ()
+
+    def claims(self, model: Any) -> bool:
+        layer = sys.modules.get("penzai.nn.layer")
+        if layer is None or not isinstance(model, layer.Layer):
+            return False
+        return bool(_attention_layers(model, _pz()))
+
+    @contextmanager
+    def hooks(self, model: Any, recorder: Recorder, **options: Any) -> Iterator[None]:
+        pz = _pz()
+        jax = import_optional("jax", "jax")
+        if not isinstance(model, pz.nn.Layer):
+            raise AdapterError(f"The penzai adapter needs a pz.nn.Layer model, got {type(model).__name__}.")
+        capture = _PenzaiCapture(recorder, model, pz)
+        classes = {type(model)} | set(_attention_types(pz)) | {type(stack) for stack in
+                                                                pz.select(model).at_instances_of(pz.nn.LayerStack).get_sequence()}
+        classes |= {type(layer.query_key_to_attn) for layer in capture.layers.values()}
+        owners = sorted({_defining_class(cls) for cls in classes}, key=lambda cls: cls.__qualname__)
+        with undoing() as undo:
+            with deferred_interrupts():
+                undo.enter_context(jit_disabled(jax))
+                for owner in owners:  # shared by every attach, in any thread; the last to leave restores
+                    undo.enter_context(patched_attribute(owner, "__call__", _wrapped_call))
+                captures = _ACTIVE.setdefault(threading.get_ident(), [])
+                captures.append(capture)
+                undo.callback(captures.remove, capture)
+            yield
+        capture.close()
