@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.evaluate import Probe, ProbeRequest, Target, blank_error, target_positions
+from attnflow.evaluate import Probe, ProbeRequest, Target, model_token_id, resolve_blank, target_positions
 
 
 def probe(model: Any, request: ProbeRequest, args: tuple, kwargs: dict) -> FlaxProbe:
@@ -369,27 +369,10 @@ class FlaxProbe(Probe):
         return args, {**kwargs, where[1]: value}
 
     def _token_id(self, kind: str) -> int | None:
-        for source in (self.request.tokenizer, getattr(self.model, "config", None)):
-            value = getattr(source, f"{kind}_token_id", None) if source is not None else None
-            if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
-                return int(value)
-        return None
+        return model_token_id(self.request.tokenizer, self.model, kind)
 
     def _blank_id(self, blank: Any) -> int | None:
-        if blank == "zero":
-            return None
-        if isinstance(blank, str):
-            found = self._token_id(blank)
-            if found is None:
-                tokenizer = self.request.tokenizer
-                where = (f"the tokenizer ({type(tokenizer).__name__}) and the model's config" if tokenizer is not None
-                         else f"{type(self.model).__name__} (no tokenizer= given)")
-                raise blank_error(blank, where)
-            blank = found
-        size = getattr(self, "_vocabulary", None)
-        if size is not None and not 0 <= int(blank) < size:
-            raise attnflow.OptionError(f"blank token id {blank} is outside the model's vocabulary of {size} tokens.")
-        return int(blank)
+        return resolve_blank(blank, self.request.tokenizer, self.model, getattr(self, "_vocabulary", None))
 
 
 def _int_ids(value: Any) -> bool:

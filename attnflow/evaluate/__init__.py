@@ -14,6 +14,8 @@ from ._probe import Probe as Probe
 from ._probe import ProbeRequest as ProbeRequest
 from ._probe import Target as Target
 from ._probe import blank_error as blank_error
+from ._probe import model_token_id as model_token_id
+from ._probe import resolve_blank as resolve_blank
 from ._probe import resolve_target as resolve_target
 from ._probe import target_positions as target_positions
 from ._report import RANDOM as RANDOM
@@ -26,6 +28,6 @@ from ._stats import spearman as spearman
 
 __all__ = [
     "BLANKS", "CURVE_GRID", "ERASER_BINS", "REFERENCES", "RANDOM", "FaithfulnessReport", "Probe", "ProbeRequest",
-    "Target", "blank_error", "evaluate_probe", "faithfulness", "plot_rows", "rankdata", "resolve_target", "spearman",
-    "target_positions",
+    "Target", "blank_error", "evaluate_probe", "faithfulness", "model_token_id", "plot_rows", "rankdata", "resolve_blank",
+    "resolve_target", "spearman", "target_positions",
 ]

@@ -202,3 +202,31 @@ def blank_error(blank: str, where: str) -> OptionError:
         f"blank={blank!r} needs a {blank} token, but {where} has none. Use {others}, or pass blank=TOKEN_ID; "
         "a tokenizer that has the token can be passed as tokenizer=."
     )
+
+
+def model_token_id(tokenizer: Any, model: Any, kind: str) -> int | None:
+    """The id of the ``kind`` token (``"mask"``, ``"unk"``, ``"pad"``...) from the tokenizer, else the model's
+    config; None when neither has one."""
+    for source in (tokenizer, getattr(model, "config", None)):
+        value = getattr(source, f"{kind}_token_id", None) if source is not None else None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+            return int(value)
+    return None
+
+
+def resolve_blank(blank: Any, tokenizer: Any, model: Any, vocabulary: int | None) -> int | None:
+    """The token id that blanks a token out for ``blank`` (``"mask"``, ``"unk"``, an id), or None for
+    ``"zero"`` (the input embedding set to zero); ``vocabulary``: the embedding's size, when known."""
+    if blank == "zero":
+        return None
+    if isinstance(blank, str):
+        found = model_token_id(tokenizer, model, blank)
+        if found is None:
+            where = (f"the tokenizer ({type(tokenizer).__name__}) and the model's config" if tokenizer is not None
+                     else f"{type(model).__name__}'s config (no tokenizer= given)")
+            raise blank_error(blank, where)
+        blank = found
+    if vocabulary is not None and not 0 <= int(blank) < vocabulary:
+        raise OptionError(f"blank token id {blank} is outside the model's vocabulary of {vocabulary} tokens.")
+    return int(blank)
+
