@@ -215,7 +215,9 @@ class Norm(_PerLayer):
 class NormResidual(_PerLayer):
     """Kobayashi et al. (2021): ``‖T_i(x_j)‖``, the norm of token ``j``'s share of token ``i``'s output with the
     residual connection and the layer norm included (post-LN), or of the residual stream (pre-LN). A
-    per-layer view. Needs ``capture(..., values=True)``."""
+    per-layer view. On a cross-attention layer the encoder tokens' shares are shown (the residual's, the
+    query's own vector, is not a key token); routed as edge weights it carries the residual's share as ALTI+
+    does. Needs ``capture(..., values=True)``."""
 
     name = "norm_residual"
     reference = KOBAYASHI_2021
