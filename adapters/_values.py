@@ -7,14 +7,17 @@ Private to attnflow.adapters; torch is passed in. Per recorded attention layer i
                                                  head ``h // (heads / kv_heads)``), bias included
 ``out_weight``     (1, heads, d_head, d_model)   the output projection per head, ``W_O^h``
 ``out_bias``       (1, d_model)                  its bias (0 where it has none)
-``residual``       (batch, queries, d_model)     the residual stream the attention block adds to
+``residual``       (batch, queries, d_model)     the residual stream the attention block adds to (for a
+                                                 cross-attention layer: the query stream's, while the
+                                                 values are the key stream's)
 ``norm_input``     (batch, queries, d_model)     post-LN only: the input of the norm after attention
 ``norm_output``    (batch, queries, d_model)     post-LN only: its output
 ``norm_weight``    (1, d_model), ``norm_bias``   post-LN only: its affine parameters, ``norm_eps`` (1,)
 ``block_output``   (batch, queries, d_model)     pre-LN only: the residual stream after attention
 =================  ===========================  =====================================================
 
-and ``values_layout`` (``"post_ln"`` or ``"pre_ln"``) to the trace's metadata.
+and ``values_layout`` (``"post_ln"`` or ``"pre_ln"``) to the trace's metadata. Cross-attention layers
+(encoder-decoders: BART, Marian, mBART) get the same extras where the family's map has a ``cross`` part.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class ValueMap:
     out_kind: str = "linear"
     norm: str | None = None
     block_output: str | None = None
+    cross: ValueMap | None = None
 
 
 _BERT = ValueMap(
@@ -67,11 +71,31 @@ _LLAMA = ValueMap(
     attention="self_attn", value="self_attn.v_proj", out="self_attn.o_proj", residual="input_layernorm",
     block_output="post_attention_layernorm", layout="pre_ln",
 )
+# BART and Marian: post-LN; q_proj's input is the residual (the query stream's hidden states, for cross-attention
+# too), v_proj's output the values (the encoder's for cross-attention).
+_BART = ValueMap(
+    attention="self_attn", value="self_attn.v_proj", out="self_attn.out_proj", residual="self_attn.q_proj",
+    norm="self_attn_layer_norm", layout="post_ln",
+    cross=ValueMap(
+        attention="encoder_attn", value="encoder_attn.v_proj", out="encoder_attn.out_proj",
+        residual="encoder_attn.q_proj", norm="encoder_attn_layer_norm", layout="post_ln",
+    ),
+)
+# mBART: pre-LN; the residual stream enters each block's norm and leaves into the next block's norm.
+_MBART = ValueMap(
+    attention="self_attn", value="self_attn.v_proj", out="self_attn.out_proj", residual="self_attn_layer_norm",
+    block_output="encoder_attn_layer_norm|final_layer_norm", layout="pre_ln",
+    cross=ValueMap(
+        attention="encoder_attn", value="encoder_attn.v_proj", out="encoder_attn.out_proj",
+        residual="encoder_attn_layer_norm", block_output="final_layer_norm", layout="pre_ln",
+    ),
+)
 #: ``config.model_type`` -> where its layers keep values, projections and norms.
 VALUE_MAPS: Mapping[str, ValueMap] = {
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
     "gpt2": _GPT2,
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "bart": _BART, "marian": _BART, "mbart": _MBART,
 }
 
 
@@ -89,24 +113,34 @@ def value_map(model: Any) -> ValueMap:
 def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common.TorchPass, torch: Any,
             handles: list[Any]) -> None:
     """Hooks that keep, per layer and call, what the value extras are made of; a finishing step adds them."""
-    layout = value_map(model)
+    family = value_map(model)
     modules = dict(model.named_modules())
     config = model.config
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads_config = getattr(config, "num_key_value_heads", None)
     layers = []
-    for path, _, kind, _ in targets:
-        if kind != "self" or not path.endswith("." + layout.attention):
+    for path, attention, kind, _ in targets:
+        layout = family if kind == "self" else family.cross
+        if layout is None:
+            if kind == "cross":
+                raise attnflow.AdapterError(
+                    f"values=True: {type(model).__name__} has cross-attention layers ({path!r}) but its family's path "
+                    "map in attnflow.adapters._values.VALUE_MAPS describes no cross-attention block (ValueMap.cross)."
+                )
+            continue
+        if not path.endswith("." + layout.attention):
             continue
         layer = path[: -len(layout.attention) - 1]
-        parts = {name: modules.get(f"{layer}.{relative}") for name, relative in (
+        parts = {name: _find(modules, layer, relative) for name, relative in (
             ("value", layout.value), ("out", layout.out), ("residual", layout.residual),
             ("norm", layout.norm), ("block_output", layout.block_output),
         ) if relative is not None}
         missing = [name for name, module in parts.items() if module is None]
         if missing:
             raise attnflow.AdapterError(f"values=True: layer {layer!r} has no {missing} where its family keeps them.")
-        layers.append((path, layer, parts))
+        # heads per block (an encoder-decoder's encoder and decoder may differ), else the config's
+        heads = int(getattr(attention, "num_heads", None) or config.num_attention_heads)
+        kv_heads = int(kv_heads_config or heads)
+        layers.append((path, f"{layer}:{kind}", layout, parts, heads, kv_heads))
     if not layers:
         raise attnflow.AdapterError(f"values=True: no self-attention layer of {type(model).__name__} matches its path map.")
 
@@ -118,7 +152,7 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
 
         return hook
 
-    for _, layer, parts in layers:
+    for _, layer, _, parts, _, _ in layers:
         handles.append(parts["value"].register_forward_hook(keep(layer, "value", False)))
         handles.append(parts["residual"].register_forward_pre_hook(keep(layer, "residual", True)))
         if "norm" in parts:
@@ -130,19 +164,34 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
     def finish(p: common.TorchPass) -> None:
         kept = p.state.get("values", {})
         indices = p.state.get("indices", {})
-        for path, layer, parts in layers:
+        for path, layer, layout, parts, heads, kv_heads in layers:
             seen = kept.get(layer, {})
             for call, index in enumerate(indices.get(path, [])):
-                p.recorder.add_extras(index, **_extras(layout, parts, seen, call, heads, kv_heads))
+                p.recorder.add_extras(index, **_extras(layout, parts, seen, call, heads, kv_heads, layer))
 
     passes.finishers.append(finish)
-    passes.values_layout = layout.layout  # type: ignore[attr-defined]
+    passes.values_layout = family.layout  # type: ignore[attr-defined]
+
+
+def _find(modules: Mapping[str, Any], layer: str, relative: str) -> Any:
+    """The first of the ``|``-separated alternatives that ``layer`` has, or None."""
+    for option in relative.split("|"):
+        found = modules.get(f"{layer}.{option}")
+        if found is not None:
+            return found
+    return None
 
 
 def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]], call: int, heads: int,
-            kv_heads: int) -> dict[str, np.ndarray]:
+            kv_heads: int, layer: str) -> dict[str, np.ndarray]:
     def take(slot: str) -> Any:
-        return seen[slot][call].float()
+        kept = seen.get(slot, [])
+        if call >= len(kept):
+            raise attnflow.AdapterError(
+                f"values=True: the forward pass ran {layer!r} without its {slot!r} module (a cached key-value state, "
+                "or a block the model skipped); capture a single forward pass without past_key_values."
+            )
+        return kept[call].float()
 
     value = take("value")
     if layout.value_part == "qkv":

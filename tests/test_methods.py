@@ -390,6 +390,184 @@ def test_missing_captures_say_how_to_capture():
         attnflow.capture(transformers.BertModel(bert_classifier().config).eval(), target=3, **inputs())
 
 
-def test_alti_refuses_encoder_decoders():
-    with pytest.raises(MethodError, match="ALTI\\+ for encoder-decoders"):
+# -- ALTI+ on an encoder-decoder ----------------------------------------------------------------------------------
+# Sizes differ on every axis: batch 2, encoder heads 3, decoder heads 4, decoder layers 5, decoder tokens 6 (item 1
+# has 4 real), encoder tokens 7 (item 1 has 5 real), encoder layers 8, decoder head size 9, feed-forward 11,
+# encoder head size 12, vocabulary 13, hidden 36.
+E_HEADS, D_HEADS, D_LAYERS, D_TOKENS, E_TOKENS, E_LAYERS, SEQ_HIDDEN = 3, 4, 5, 6, 7, 8, 36
+
+
+def seq2seq(family="bart", std=0.13):
+    torch.manual_seed(0)
+    config_class = {"bart": transformers.BartConfig, "mbart": transformers.MBartConfig}[family]
+    config = config_class(
+        vocab_size=VOCAB, d_model=SEQ_HIDDEN, encoder_layers=E_LAYERS, decoder_layers=D_LAYERS,
+        encoder_attention_heads=E_HEADS, decoder_attention_heads=D_HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+        max_position_embeddings=16, init_std=std,
+    )
+    model_class = {"bart": transformers.BartForConditionalGeneration, "mbart": transformers.MBartForConditionalGeneration}
+    return model_class[family](config).eval()
+
+
+def seq2seq_inputs():
+    generator = torch.Generator().manual_seed(1)
+    source = torch.randint(3, VOCAB, (BATCH, E_TOKENS), generator=generator)
+    target = torch.randint(3, VOCAB, (BATCH, D_TOKENS), generator=generator)
+    mask, target_mask = torch.ones(BATCH, E_TOKENS, dtype=torch.long), torch.ones(BATCH, D_TOKENS, dtype=torch.long)
+    mask[1, 5:] = 0
+    target_mask[1, 4:] = 0
+    return {"input_ids": source, "attention_mask": mask, "decoder_input_ids": target,
+            "decoder_attention_mask": target_mask}
+
+
+def attention_block(module, norm, x, sources, a, pre_ln, cross):
+    """One attention block written out from its weights (float64): ``T_i(·)`` per source, the block's output
+    ``y`` and its bias terms. Self-attention: ``T_i(x_j) = L(Σ_h α^h_ij f^h(x_j) + δ_ij x_i) / σ_i``; cross-
+    attention (ALTI+): ``T_i(e_j) = L(Σ_h α^h_ij f^h(e_j)) / σ_i`` per encoder token and ``L(x_i) / σ_i`` for the
+    residual, last. ``L(z) = (z - mean z) ⊙ γ``, ``σ_i`` the norm's standard deviation of ``x_i + Σ_j ... + b_O``.
+    Pre-LN: the residual stream itself (``T_i`` without ``L``, ``σ``), the values read from ``LN(x)`` (self) or
+    the encoder's output (cross)."""
+    p, q = np_params(module), np_params(norm)
+    heads = a.shape[0]
+    width = SEQ_HIDDEN // heads
+    inputs = layer_norm(sources, q["weight"], q["bias"], norm.eps) if pre_ln and not cross else sources
+    v = inputs @ p["v_proj.weight"].T + p["v_proj.bias"]
+    w_o = p["out_proj.weight"].T
+    f = np.stack([v[:, h * width:(h + 1) * width] @ w_o[h * width:(h + 1) * width] for h in range(heads)])
+    moved = np.einsum("hij,hjd->ijd", a, f)
+    if cross:
+        z = np.concatenate([moved, x[:, None]], axis=1)
+    else:
+        z = moved.copy()
+        z[np.arange(x.shape[0]), np.arange(x.shape[0])] += x
+    total = x + moved.sum(1) + p["out_proj.bias"]  # the residual stream after the block
+    if pre_ln:
+        return z, total, np.broadcast_to(p["out_proj.bias"], total.shape), total
+    sigma = np.sqrt(total.var(-1) + norm.eps)
+    shares = (z - z.mean(-1, keepdims=True)) * q["weight"] / sigma[:, None, None]
+    bias = (p["out_proj.bias"] - p["out_proj.bias"].mean()) * q["weight"] / sigma[:, None] + q["bias"]
+    return shares, layer_norm(total, q["weight"], q["bias"], norm.eps), bias, total
+
+
+def alti_rows(shares, y):
+    """Ferrando et al. (2022): ``max(0, ‖y_i‖₁ - ‖y_i - T_i(·)‖₁)``, rows normalised."""
+    c = np.maximum(0.0, np.abs(y).sum(-1)[:, None] - np.abs(y[:, None] - shares).sum(-1))
+    return c / c.sum(-1, keepdims=True)
+
+
+def feed_forward(layer, h, pre_ln):
+    p = np_params(layer)
+    inner = layer_norm(h, p["final_layer_norm.weight"], p["final_layer_norm.bias"], 1e-5) if pre_ln else h
+    inner = torch.nn.functional.gelu(torch.from_numpy(inner @ p["fc1.weight"].T + p["fc1.bias"])).numpy()
+    out = h + inner @ p["fc2.weight"].T + p["fc2.bias"]
+    return out if pre_ln else layer_norm(out, p["final_layer_norm.weight"], p["final_layer_norm.bias"], 1e-5)
+
+
+def alti_plus_reference(model, kwargs, pre_ln):
+    """ALTI+ (Ferrando, Gállego, Alastruey, Escolano & Costa-jussà, EMNLP 2022) per item, from the model's eager
+    attention, hidden states and weights: the encoder's ALTI rolled out (``C_enc``); per decoder layer
+    ``C_self`` and ``[C_cross | r]`` (``r``: the residual's share), and the rollout
+    ``enc ← diag(r) C_self enc + C_cross C_enc``, ``dec ← diag(r) C_self dec`` from ``enc = 0``, ``dec = I``.
+    Returns per item the decoder's (enc, dec) after every sublayer, the encoder's ``C_enc``, and per layer the
+    block outputs and bias terms for the decomposition identity."""
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
+    out = reference(**kwargs, output_attentions=True, output_hidden_states=True)
+    enc_h = [h.detach().double().numpy() for h in out.encoder_hidden_states]
+    dec_h = [h.detach().double().numpy() for h in out.decoder_hidden_states]
+    memory = out.encoder_last_hidden_state.detach().double().numpy()
+    enc_a, dec_a, cross_a = ([a.detach().double().numpy() for a in maps]
+                             for maps in (out.encoder_attentions, out.decoder_attentions, out.cross_attentions))
+    encoder, decoder = reference.model.encoder, reference.model.decoder
+    results = []
+    for b in range(BATCH):
+        ke, kd = real(kwargs["attention_mask"], b), real(kwargs["decoder_attention_mask"], b)
+        c_enc, outputs = np.eye(ke.size), []
+        for li, layer in enumerate(encoder.layers):
+            x = enc_h[li][b][ke]
+            shares, y, bias, _ = attention_block(layer.self_attn, layer.self_attn_layer_norm, x, x,
+                                                 enc_a[li][b][:, ke][:, :, ke], pre_ln, False)
+            outputs.append((shares, y, bias))
+            c_enc = alti_rows(shares, y) @ c_enc
+        enc, dec, steps = np.zeros((kd.size, ke.size)), np.eye(kd.size), []
+        for li, layer in enumerate(decoder.layers):
+            x = dec_h[li][b][kd]
+            shares, y, bias, stream = attention_block(layer.self_attn, layer.self_attn_layer_norm, x, x,
+                                                      dec_a[li][b][:, kd][:, :, kd], pre_ln, False)
+            outputs.append((shares, y, bias))
+            c_self = alti_rows(shares, y)
+            steps.append((c_self @ enc, c_self @ dec))
+            residual = stream if pre_ln else y  # what the cross-attention block adds to
+            shares, y, bias, stream = attention_block(layer.encoder_attn, layer.encoder_attn_layer_norm, residual,
+                                                      memory[b][ke], cross_a[li][b][:, kd][:, :, ke], pre_ln, True)
+            outputs.append((shares, y, bias))
+            c_cross = alti_rows(shares, y)
+            r = c_cross[:, -1:]
+            enc, dec = r * (c_self @ enc) + c_cross[:, :-1] @ c_enc, r * (c_self @ dec)
+            steps.append((enc, dec))
+            if not (pre_ln and li == len(decoder.layers) - 1):  # mBART's last hidden state is after its final norm
+                # the blocks written out here are the model's own: the layer's output follows from them
+                np.testing.assert_allclose(feed_forward(layer, stream if pre_ln else y, pre_ln), dec_h[li + 1][b][kd],
+                                           atol=1e-4)
+        results.append({"steps": steps, "encoder": c_enc, "outputs": outputs, "keep": (ke, kd)})
+    return results
+
+
+@pytest.mark.parametrize("family", ["bart", "mbart"], ids=["bart-post-ln", "mbart-pre-ln"])
+def test_alti_plus_on_encoder_decoders_follows_the_paper(family):
+    from attnflow.methods._contributions import decomposition_identity
+
+    model, kwargs = seq2seq(family), seq2seq_inputs()
+    pre_ln = family == "mbart"
+    trace = attnflow.capture(model, values=True, **kwargs)
+    assert trace.metadata["values_layout"] == ("pre_ln" if pre_ln else "post_ln")
+    expected = alti_plus_reference(model, kwargs, pre_ln)
+    e = attnflow.explain(trace, ["alti"], all_layers=True)
+    per_layer = e.layers("alti")  # the decoder after each sublayer, self- and cross-attention
+    final = e["alti"]
+    encoder = attnflow.explain(trace, ["alti"], stream="encoder")["alti"]
+    worst = 0.0
+    for b, item in enumerate(expected):
+        ke, kd = item["keep"]
+        for d, (enc, dec) in enumerate(item["steps"]):
+            np.testing.assert_allclose(per_layer["encoder"][d, b][np.ix_(kd, ke)], enc, atol=TOL)
+            np.testing.assert_allclose(per_layer["decoder"][d, b][np.ix_(kd, kd)], dec, atol=TOL)
+        enc, dec = item["steps"][-1]
+        np.testing.assert_allclose(final["encoder"][b][np.ix_(kd, ke)], enc, atol=TOL)
+        np.testing.assert_allclose(final["decoder"][b][np.ix_(kd, kd)], dec, atol=TOL)
+        np.testing.assert_allclose(enc.sum(-1) + dec.sum(-1), 1.0, atol=1e-9)  # rows sum to 1 together
+        np.testing.assert_allclose(encoder[b][np.ix_(ke, ke)], item["encoder"], atol=TOL)
+        worst = max(worst, np.abs(final["encoder"][b][np.ix_(kd, ke)] - enc).max())
+        pad_d, pad_e = np.setdiff1d(np.arange(D_TOKENS), kd), np.setdiff1d(np.arange(E_TOKENS), ke)
+        assert not final["encoder"][b][pad_d].any() and not final["encoder"][b][:, pad_e].any()  # 0 on padding
+        assert not final["decoder"][b][pad_d].any() and not final["decoder"][b][:, pad_d].any()
+        # both sides matter in this model: neither the residual's share nor the cross-attention's is all
+        assert 0.1 < enc.sum(-1).mean() < 0.9
+        for index, (shares, y, bias) in enumerate(item["outputs"]):
+            np.testing.assert_allclose(shares.sum(1) + bias, y, atol=1e-9)  # the reference's own identity
+            total, output = decomposition_identity(trace, index, b)  # Σ_j T_i(x_j) + bias terms = the output
+            np.testing.assert_allclose(total, output, atol=TOL)
+            rows = kd if trace.layers[index].query_stream == "decoder" else ke
+            np.testing.assert_allclose(output, y, atol=TOL)
+            assert output.shape[0] == rows.size
+    assert worst < TOL
+    # routed as contributions through the one network, the decoder's rows are the same
+    routed = attnflow.explain(trace, ["rollout"], options=Options(weights="alti"))["rollout"]
+    np.testing.assert_allclose(routed["encoder"], final["encoder"], atol=1e-12)
+
+
+def test_alti_plus_says_what_it_needs():
+    with pytest.raises(MethodError, match=r"values=True"):  # a trace without value tensors
         attnflow.explain(grad_trace(np.random.default_rng(0)), ["alti"])
+    trace = attnflow.capture(seq2seq(), values=True, **seq2seq_inputs())
+    bare = AttentionTrace(
+        [layer if layer.kind == "self" else LayerAttention(layer.weights, layer.name, query_stream=layer.query_stream,
+                                                           key_stream=layer.key_stream) for layer in trace.layers],
+        streams=list(trace.streams.values()), metadata=trace.metadata,
+    )
+    with pytest.raises(MethodError, match=r"ALTI\+.*cross-attention layers.*values=True.*BART.*T5"):
+        attnflow.explain(bare, ["alti"])
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=12, d_kv=4, d_ff=FFN, num_layers=1, num_heads=3)).eval()
+    with pytest.raises(attnflow.AdapterError, match=r"VALUE_MAPS"):
+        attnflow.capture(t5, values=True, input_ids=torch.tensor([[1, 2, 3]]), decoder_input_ids=torch.tensor([[0, 1]]))

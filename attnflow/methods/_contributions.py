@@ -22,6 +22,8 @@ CHEFER = "Chefer, Gur & Wolf, Generic Attention-model Explainability for Interpr
 KOBAYASHI_2020 = "Kobayashi, Kuribayashi, Yokoi & Inui, Attention is Not Only a Weight: Analyzing Transformers with Vector Norms, EMNLP 2020"
 KOBAYASHI_2021 = "Kobayashi, Kuribayashi, Yokoi & Inui, Incorporating Residual and Normalization Layers into Analysis of Masked Language Models, EMNLP 2021"
 FERRANDO = "Ferrando, Gállego & Costa-jussà, Measuring the Mixing of Contextual Information in the Transformer, EMNLP 2022"
+FERRANDO_PLUS = ("Ferrando, Gállego, Alastruey, Escolano & Costa-jussà, Towards Opening the Black Box of Neural Machine "
+                 "Translation: Source and Target Interpretations of the Transformer, EMNLP 2022")
 MOHEBBI = "Mohebbi, Zuidema, Chrupała & Alishahi, Quantifying Context Mixing in Transformers, EACL 2023"
 BRUNNER = "Brunner, Liu, Pascual, Richter, Ciaramita & Wattenhofer, On Identifiability in Transformers, ICLR 2020"
 
@@ -44,7 +46,8 @@ def per_layer_scores(
         layer = trace.layers[index]
         for b, (local, out_rows) in enumerate(plans):
             cols = trace.valid_index(b, layer.key_stream)
-            result[layer.key_stream][d, b][np.ix_(out_rows, cols)] = matrix(index, b)[local]  # type: ignore[index]
+            # a cross-attention block's residual column (ALTI+-style decompositions) is not a key token: dropped
+            result[layer.key_stream][d, b][np.ix_(out_rows, cols)] = matrix(index, b)[local][:, : cols.size]  # type: ignore[index]
     return result
 
 
@@ -212,7 +215,9 @@ class Norm(_PerLayer):
 class NormResidual(_PerLayer):
     """Kobayashi et al. (2021): ``‖T_i(x_j)‖``, the norm of token ``j``'s share of token ``i``'s output with the
     residual connection and the layer norm included (post-LN), or of the residual stream (pre-LN). A
-    per-layer view. Needs ``capture(..., values=True)``."""
+    per-layer view. On a cross-attention layer the encoder tokens' shares are shown (the residual's, the
+    query's own vector, is not a key token); routed as edge weights it carries the residual's share as ALTI+
+    does. Needs ``capture(..., values=True)``."""
 
     name = "norm_residual"
     reference = KOBAYASHI_2021
@@ -225,27 +230,39 @@ class Alti(_Cumulative):
     """ALTI, Ferrando et al. (2022): per layer, contributions ``max(0, ‖y_i‖₁ - ‖y_i - T_i(x_j)‖₁)`` normalised
     per row (``T_i`` through the first layer norm for post-LN models, the residual stream for pre-LN ones),
     rolled out across layers by plain matrix products. Needs ``capture(..., values=True)``. ALTI measures
-    the attention block only (the feed-forward sublayer and the second norm are left out, as in the paper);
-    encoder-decoder traces (ALTI+) are not supported yet."""
+    the attention block only (the feed-forward sublayer and the second norm are left out, as in the paper).
+
+    Encoder-decoders get ALTI+ (Ferrando, Gállego, Alastruey, Escolano & Costa-jussà, 2022b): the encoder's
+    self-attention layers are ALTI rolled out (``C_enc``); in each decoder layer the self-attention block gives
+    ``C_self`` over the decoder's tokens, and the cross-attention block is decomposed over the encoder's output
+    tokens plus its residual (the self-attention block's output) as one more source, giving ``C_cross``
+    (``(decoder, encoder)``) and the residual's share ``r_i``, each row summing to 1 together. The layer's
+    contributions are ``[C_cross C_enc, diag(r) C_self]`` on top of what the layer input drew on, so the
+    decoder's rows come as ``{"encoder": ..., "decoder": ...}`` and sum to 1 together. Caveats: the encoder's
+    output is reached through ``C_enc`` alone (its final norm, where the model has one, is left out like every
+    feed-forward sublayer); the decoder's per-layer results (``all_layers``) come after each sublayer, self-
+    and cross-attention alike. Cross-attention value tensors are recorded for BART, Marian and mBART; T5 (and
+    other families whose path map has no cross part) is refused."""
 
     name = "alti"
-    reference = FERRANDO
+    reference = f"{FERRANDO}; ALTI+: {FERRANDO_PLUS}"
     measure = staticmethod(alti)
     edge_residual = 0.0
     order = 42
 
     def check(self, trace: AttentionTrace) -> None:
-        cross = [layer.name for layer in trace.layers if layer.kind == "cross"]
-        if cross:
-            raise MethodError(
-                f"alti follows self-attention only, and this trace has cross-attention layers ({cross[0]!r}...): "
-                "ALTI+ for encoder-decoders (Ferrando et al., 2022b) is not implemented. Use grad_rollout, which has "
-                "encoder-decoder rules, or rollout/flow."
-            )
         super().check(trace)
+        bare = [layer.name for layer in trace.layers if layer.kind == "cross" and "value" not in layer.extras]
+        if bare:
+            raise MethodError(
+                f"alti on an encoder-decoder (ALTI+) needs the value-side tensors of the cross-attention layers too, "
+                f"and {bare[0]!r} has none. Capture with attnflow.capture(model, ..., values=True) on a family whose "
+                "path map in attnflow.adapters._values.VALUE_MAPS has a cross part (BART, Marian, mBART); T5 is not "
+                "supported yet (add its map, RMSNorm pre-LN, to VALUE_MAPS), so use grad_rollout or rollout/flow there."
+            )
 
     def edge_weights(self, trace: AttentionTrace, options: Options) -> EdgeWeights:
-        return self._weights(trace, options)  # already rows summing to 1
+        return self._weights(trace, options)  # already rows summing to 1 (cross-attention: the residual's last)
 
 
 class ValueZeroing(Method):

@@ -10,6 +10,11 @@ For item ``b`` of a layer with value extras (see ``attnflow.adapters._values``),
   stream itself: ``T_i(x_j) = Σ_h α^h_ij f^h(x_j) + δ_ij x_i``. Then ``Σ_j T_i(x_j) + bias terms`` is the
   block's output ``y_i`` (the norm's output, or the residual stream before the second norm).
 
+A cross-attention layer (an encoder-decoder's decoder) mixes the key stream's vectors (the encoder's output
+``e_j``) into the query stream's residual ``x_i``: as in ALTI+ (Ferrando et al., 2022b) the residual is one
+more source, so its shares are ``T_i(e_j)`` for each key ``j`` (``δ_ij x_i`` left out) followed by
+``T_i(x_i)``, the residual's share, as a last column: ``(queries, keys + 1, d_model)``.
+
 The ``(queries, keys, d_model)`` intermediate is built for ``chunk`` query rows at a time.
 """
 
@@ -44,7 +49,8 @@ def _check(layer: LayerAttention, names: tuple[str, ...]) -> None:
         raise MethodError(
             f"Norm-based methods need {missing} for {what}, which this trace lacks. Capture with "
             "attnflow.capture(model, ..., values=True) (value tensors are recorded for the self-attention layers "
-            "of the families in attnflow.adapters._values.VALUE_MAPS)."
+            "of the families in attnflow.adapters._values.VALUE_MAPS, and for the cross-attention layers of those "
+            "whose map has a cross part: BART, Marian, mBART; T5 has none yet)."
         )
 
 
@@ -65,6 +71,7 @@ class Block:
             return np.asarray(value[b if value.shape[0] > 1 else 0], dtype=np.float64)
 
         self.rows, self.cols = rows, cols
+        self.cross = layer.kind == "cross"
         self.attention = np.asarray(layer.weights[b], np.float64)[chosen][:, rows][:, :, cols]  # (H, q, k)
         value = item("value")[chosen][:, cols]  # (H, k, d_head)
         self.transformed = np.einsum("hkd,hde->hke", value, item("out_weight")[chosen])  # f^h(x_j): (H, k, d)
@@ -86,10 +93,14 @@ class Block:
         return np.einsum("hqk,hke->qke", self.attention[:, rows], self.transformed)
 
     def shares(self, rows: slice) -> np.ndarray:
-        """``T_i(x_j)`` for query rows ``rows``: ``(rows, keys, d_model)`` (see the module docstring)."""
+        """``T_i(x_j)`` for query rows ``rows``: ``(rows, keys, d_model)``; for a cross-attention layer
+        ``(rows, keys + 1, d_model)``, the residual's share last (see the module docstring)."""
         z = self.moved(rows)
-        same = self.same[rows]
-        z[same] += self.residual[rows][np.nonzero(same)[0]]
+        if self.cross:
+            z = np.concatenate([z, self.residual[rows][:, None, :]], axis=1)
+        else:
+            same = self.same[rows]
+            z[same] += self.residual[rows][np.nonzero(same)[0]]
         if self.layout == "pre_ln":
             return z
         centred = z - z.mean(axis=-1, keepdims=True)
@@ -128,7 +139,8 @@ def layer_matrices(
 
 
 def alti(block: Block) -> np.ndarray:
-    """Ferrando et al. (2022): ``max(0, ‖y_i‖₁ - ‖y_i - T_i(x_j)‖₁)``, rows normalised to sum 1."""
+    """Ferrando et al. (2022): ``max(0, ‖y_i‖₁ - ‖y_i - T_i(x_j)‖₁)``, rows normalised to sum 1; for a
+    cross-attention layer (ALTI+, Ferrando et al., 2022b) ``(queries, keys + 1)``, the residual's share last."""
     output = block.output
     norms = np.abs(output).sum(axis=-1)
 

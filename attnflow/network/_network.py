@@ -9,7 +9,9 @@ sublayer, in the order the model ran them) connects the new group to groups belo
   (rows renormalised), exactly the network of Abnar & Zuidema (2020);
 * cross-attention from S to K: ``(S, d+1, i) -> (S, d, i)`` with weight ``r`` (the residual) and
   ``(S, d+1, i) -> (K, e, j)`` with weight ``(1 - r) A[i, j]``, where ``e`` is the depth K had when the layer
-  ran (an encoder-decoder's encoder output); rows renormalised;
+  ran (an encoder-decoder's encoder output); rows renormalised. A method whose cross-attention matrix has one
+  column more than the key stream has tokens gives the residual's weight per query itself, in that last
+  column (ALTI+: the residual's contribution); then ``r`` is not used and the rows are taken as they are;
 * a link (vision patches feeding image tokens): a new depth-0 group of S whose fed tokens point at the
   source's group with the link's weights and whose other tokens point at their own input node (weight 1).
 
@@ -28,7 +30,8 @@ import numpy as np
 from .._errors import OptionError
 from ..trace import AttentionTrace
 
-#: ``weights(layer_index, batch_index) -> (query real tokens, key real tokens)`` non-negative matrix.
+#: ``weights(layer_index, batch_index) -> (query real tokens, key real tokens)`` non-negative matrix; for a
+#: cross-attention layer it may have one more column, the residual's weight per query (see the module docstring).
 EdgeWeights = Callable[[int, int], np.ndarray]
 
 
@@ -197,6 +200,8 @@ def build_network(
 def _layer_matrices(weights, index, b, name, self_attention, shape, residual) -> tuple[np.ndarray, ...]:
     """The matrices of one layer's step: ``(Â,)`` for self-attention, ``(diagonal residual, cross part)``."""
     matrix = np.asarray(weights(index, b), dtype=np.float64)
+    if not self_attention and matrix.shape == (shape[0], shape[1] + 1):  # the residual's weight given, last
+        return np.diag(matrix[:, -1]), matrix[:, :-1]
     if matrix.shape != shape:
         raise OptionError(
             f"The edge weights of layer {index} ({name!r}) have shape {matrix.shape}, expected {shape} over the "
