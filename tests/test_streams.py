@@ -160,6 +160,20 @@ def test_rollout_matches_independent_routing_and_rows_sum_to_one():
         assert not rollout["encoder"][b][:, ~enc_mask[b]].any()
 
 
+def test_rollout_of_some_rows_equals_those_rows_of_the_full_rollout():
+    """A few sources are routed from the output down; they must be the full rollout's rows, for every input
+    stream, with the encoder's layers in between and a layer skipped."""
+    trace, weights, streams, enc_mask, dec_mask = encoder_decoder(np.random.default_rng(5))
+    for layers in (None, [0, 1, 3]):
+        full = attnflow.rollout(trace, layers=layers)
+        part = attnflow.rollout(trace, layers=layers, sources=[-1, 0])
+        for name in ("encoder", "decoder"):
+            for b in range(BATCH):
+                last = int(np.flatnonzero(dec_mask[b])[-1])
+                np.testing.assert_allclose(part[name][b, 0], full[name][b, last], atol=1e-14)
+                np.testing.assert_allclose(part[name][b, 1], full[name][b, 0], atol=1e-14)
+
+
 @pytest.mark.parametrize("method", ["dinic", "pruned", "igraph"])
 def test_flow_matches_networkx_on_the_same_network(method):
     trace, weights, streams, enc_mask, dec_mask = encoder_decoder(np.random.default_rng(2))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import OptionError
-from ..network._network import EdgeWeights, build_network, explained_stream, route
+from ..network._network import EdgeWeights, build_network, explained_stream, route, route_rows
 from ..trace import AttentionTrace
 from ._fusion import (
     LayerSelection,
@@ -111,6 +111,12 @@ def rollout_scores(
     result = {name: np.zeros((depths, trace.batch_size, rows, trace.streams[name].length)) for name in inputs}
     for b, (local, out_rows) in enumerate(plans):
         network = build_network(trace, b, weights, residual=residual, stream=explained, skip=skip)
+        if not all_layers and len(local) < network.groups[network.output].size:
+            # a few rows: routed from the output down, O(S n^2) per layer instead of O(n^3)
+            for name, matrix in route_rows(network, local).items():
+                if name in result:
+                    result[name][0, b][np.ix_(out_rows, network.groups[network.inputs[name]].positions)] = matrix
+            continue
         for d, routed in enumerate(route(network, all_outputs=all_layers)):
             for name, matrix in routed.items():
                 if name not in result:

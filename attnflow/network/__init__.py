@@ -9,5 +9,6 @@ from ._network import NodeGroup as NodeGroup
 from ._network import Step as Step
 from ._network import build_network as build_network
 from ._network import route as route
+from ._network import route_rows as route_rows
 
-__all__ = ["Network", "NodeGroup", "Step", "build_network", "route"]
+__all__ = ["Network", "NodeGroup", "Step", "build_network", "route", "route_rows"]
