@@ -156,20 +156,23 @@ class _NNXCapture:
                   else "float32" for layer in layers]
         zeros = [jnp.zeros(layer.weights.shape, dtype) for layer, dtype in zip(layers, dtypes)]
         request = self.request
+        raised: list[BaseException] = []  # what the model or the target raised goes to the caller unchanged
 
         def score(deltas: list) -> Any:
             injection = _Injection(self, [layer.name for layer in layers], deltas)
-            with _injecting(injection):
-                output = method(instance, *args, **kwargs)
-            injection.check()
-            return methods.target_score(output, request, mask, causal)
+            try:
+                with _injecting(injection):
+                    output = method(instance, *args, **kwargs)
+                injection.check()
+                return methods.target_score(output, request, mask, causal)
+            except BaseException as exc:
+                raised.append(exc)
+                raise
 
         try:
             grads = jax.grad(score)(zeros)
-        except AdapterError:
-            raise
         except Exception as exc:
-            if type(exc).__module__.startswith("attnflow"):
+            if exc in raised or type(exc).__module__.startswith("attnflow"):
                 raise
             raise AdapterError(
                 f"target=: the gradient pass (the forward call again under jax.grad) failed: {type(exc).__name__}: "
