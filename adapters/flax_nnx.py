@@ -117,6 +117,12 @@ class _NNXCapture:
     # -- what the methods need beside the weights (target=, values=True) ------------------------------------
     def _after_pass(self, layers: list) -> None:
         try:
+            current = self.collector.current
+            if current is not None and current.pending:
+                raise AdapterError(
+                    "target= and values= need the forward pass to run eagerly: this one ran its attention as JAX "
+                    "tracers (under jax.vmap, jax.grad, nnx.scan or remat). Capture the model called directly."
+                )
             if self.value_map is not None:
                 self._values(layers)
             if self.request.gradients and layers:
