@@ -348,8 +348,29 @@ def _unhook_softmax(state: tuple[Any, dict[str, Any]]) -> None:
         setattr(module, name, original)
 
 
+@contextmanager
+def perturbing_softmax(perturb: Callable[[Any, Any], Any]) -> Iterator[None]:
+    """While the block runs (in this thread), the output of every jax.nn.softmax becomes ``perturb(output,
+    axis)`` (the hook itself must be installed: :func:`softmax_hook`). Gradients of the attention
+    probabilities are read through an additive zero perturbation passed in this way."""
+    previous = getattr(_softmax_local, "perturb", None)
+    _softmax_local.perturb = perturb
+    try:
+        yield
+    finally:
+        _softmax_local.perturb = previous
+
+
 def _reporting_softmax(original: Any) -> Callable[..., Any]:
     def softmax(x: Any, axis: Any = -1, *args: Any, **kwargs: Any) -> Any:
+        perturb = getattr(_softmax_local, "perturb", None)
+        if perturb is not None and not getattr(_softmax_local, "busy", False):
+            _softmax_local.busy = True
+            try:
+                output = original(x, axis, *args, **kwargs)
+            finally:
+                _softmax_local.busy = False
+            return perturb(output, axis)
         frames = getattr(_softmax_local, "frames", None)
         if not frames or getattr(_softmax_local, "busy", False):  # the softmax's own jvp rule calls it again
             return original(x, axis, *args, **kwargs)
@@ -471,11 +492,12 @@ def find_input_ids(args: tuple[Any, ...], kwargs: Mapping[str, Any], names: tupl
 
 # -- one forward pass -----------------------------------------------------------------------------------------
 class _Layer:
-    __slots__ = ("name", "weights", "kind", "source_dtype", "keys", "causal")
+    __slots__ = ("name", "weights", "kind", "source_dtype", "keys", "causal", "extras")
 
     def __init__(self, name, weights, kind, source_dtype, keys, causal):
         self.name, self.weights, self.kind = name, weights, kind
         self.source_dtype, self.keys, self.causal = source_dtype, keys, causal
+        self.extras: dict[str, np.ndarray] = {}  # per-layer arrays beside the weights (attn_grad, values)
 
 
 class _Pass:
@@ -523,14 +545,20 @@ class PassCollector:
             module (a shared module called again: the index is appended).
         no_attention: ``no_attention()`` -> the text that says what ran, for the error of a pass that
             recorded no attention.
+        after_pass: ``after_pass(layers)``, called when a forward call returned and before its pass is
+            recorded: it may add ``extras`` to the layers (attention gradients, value-side tensors).
+        metadata: more entries for the traces' metadata.
     """
 
     def __init__(
         self, recorder: Recorder, *, api: str, cross: Callable[[str], bool] | None = None,
         repeat_prefix: Callable[[str, int], str | None] | None = None,
         no_attention: Callable[[], str] | None = None, metadata_key: str = "flax_api",
+        after_pass: Callable[[list[_Layer]], None] | None = None, metadata: Mapping[str, Any] | None = None,
     ):
         self.recorder = recorder
+        self.after_pass = after_pass
+        self.metadata = dict(metadata or {})
         self.api = api
         self.metadata_key = metadata_key
         self.cross = cross
@@ -639,6 +667,12 @@ class PassCollector:
             if self.depth == 0 and not finished:
                 self.discard()
         if self.depth == 0:
+            if self.after_pass is not None and self.current is not None:
+                try:
+                    self.after_pass(self.current.layers)
+                except BaseException:
+                    self.discard()
+                    raise
             self.finish()
         return result
 
@@ -743,14 +777,15 @@ class PassCollector:
         }
         self.recorder.start_call(
             mask=single.get("mask"), input_ids=single.get("input_ids"), causal=single.get("causal"),
-            metadata={self.metadata_key: self.api}, streams={name: info for name, info in described.items() if name},
+            metadata={self.metadata_key: self.api, **self.metadata},
+            streams={name: info for name, info in described.items() if name},
         )
         try:
             for layer, (query, key) in zip(layers, streams):
                 self.recorder.record(
                     layer.name, layer.weights, kind=layer.kind, source_dtype=layer.source_dtype,
                     query_stream=query, key_stream=key if query is not None else None,
-                    repeat_prefix=prefixes.get(layer.name),
+                    repeat_prefix=prefixes.get(layer.name), extras=layer.extras,
                 )
         except BaseException:
             self.recorder.abort_call()

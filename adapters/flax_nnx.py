@@ -58,9 +58,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
+import numpy as np
+
+from attnflow import Adapter, AdapterError, HiddenAttentionError, OptionError, Recorder, import_optional
 from attnflow.capture import deferred_interrupts, switch
 
+from . import _flax_methods as methods
 from ._flax_common import (
     OPTIONS,
     UNKNOWN,
@@ -69,10 +72,12 @@ from ._flax_common import (
     SoftmaxFrame,
     check_options,
     find_input_ids,
+    is_tracer,
     jit_disabled,
     module_listing,
     no_attention_hint,
     no_softmax_error,
+    perturbing_softmax,
     softmax_hook,
     undoing,
     watching_softmax,
@@ -87,14 +92,102 @@ def _nnx() -> Any:
 
 
 class _NNXCapture:
-    def __init__(self, recorder: Recorder, settings: Settings, modules: dict[str, Any]):
+    def __init__(self, recorder: Recorder, settings: Settings, modules: dict[str, Any],
+                 value_map: methods.FlaxValueMap | None = None):
         self.selection = settings.selection
         self.modules = modules  # graph path -> module
+        self.request = recorder.request
+        self.value_map = value_map  # values=True: where the model's layers keep values, projection, norm
+        extra = self.request.gradients or value_map is not None
         self.collector = PassCollector(
             recorder, api="nnx", cross=settings.cross, repeat_prefix=self._repeat_prefix,
-            no_attention=self._no_attention,
+            no_attention=self._no_attention, after_pass=self._after_pass if extra else None,
+            metadata={"values_layout": value_map.layout} if value_map is not None else None,
         )
         self.closed = False  # copies made by nnx.split inside the block outlive it: they pass through
+        self.call: tuple[Any, Any, tuple, dict] | None = None  # the outermost forward call of the open pass
+        self.kept: dict[str, dict[str, list[Any]]] = {}  # values=True: layer -> slot -> arrays, this pass
+
+    def keep(self, layer: str, slot: str, value: Any) -> None:
+        """A module input or output a value map names, seen during the pass (tracers are left out: the pass's
+        extras then say that values= needs an eager forward pass)."""
+        if self.collector.active and not is_tracer(value):
+            self.kept.setdefault(layer, {}).setdefault(slot, []).append(value)
+
+    # -- what the methods need beside the weights (target=, values=True) ------------------------------------
+    def _after_pass(self, layers: list) -> None:
+        try:
+            current = self.collector.current
+            if current is not None and current.pending:
+                raise AdapterError(
+                    "target= and values= need the forward pass to run eagerly: this one ran its attention as JAX "
+                    "tracers (under jax.vmap, jax.grad, nnx.scan or remat). Capture the model called directly."
+                )
+            if self.value_map is not None:
+                self._values(layers)
+            if self.request.gradients and layers:
+                self._gradients(layers)
+        finally:
+            self.kept = {}
+
+    def _values(self, layers: list) -> None:
+        layout = self.value_map
+        calls: dict[str, int] = {}
+        matched = 0
+        for layer in layers:
+            path = methods.layer_of(layer.name, layout) if layer.kind == "self" else None
+            if path is None:
+                continue
+            call = calls[path] = calls.get(path, -1) + 1
+            layer.extras.update(methods.extras(layout, self.modules, path, self.kept.get(path, {}), call,
+                                               layer.weights.shape[1]))
+            matched += 1
+        if layers and not matched:
+            raise AdapterError(
+                f"values=True: no recorded self-attention layer ({layers[0].name!r}...) is the {layout.attention!r} "
+                "module its path map names."
+            )
+
+    def _gradients(self, layers: list) -> None:
+        """One more run of the pass's call under ``jax.grad``, nothing recorded, with a zero added to each
+        layer's attention probabilities (see ``adapters/_flax_methods.py``)."""
+        jax = import_optional("jax", "jax")
+        jnp = import_optional("jax.numpy", "jax")
+        if self.call is None:
+            raise AdapterError("target=: the forward call of the pass is unknown (attention ran outside a call of "
+                               "the captured model); call the model itself inside the block.")
+        method, instance, args, kwargs = self.call
+        mask, causal = methods.pass_tokens(layers)
+        dtypes = [layer.source_dtype if layer.source_dtype in ("float32", "float64", "bfloat16", "float16")
+                  else "float32" for layer in layers]
+        zeros = [jnp.zeros(layer.weights.shape, dtype) for layer, dtype in zip(layers, dtypes)]
+        request = self.request
+        raised: list[BaseException] = []  # what the model or the target raised goes to the caller unchanged
+
+        def score(deltas: list) -> Any:
+            injection = _Injection(self, [layer.name for layer in layers], deltas)
+            try:
+                with _injecting(injection):
+                    output = method(instance, *args, **kwargs)
+                injection.check()
+                return methods.target_score(output, request, mask, causal)
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        try:
+            grads = jax.grad(score)(zeros)
+        except Exception as exc:
+            if exc in raised or type(exc).__module__.startswith("attnflow"):
+                raise
+            raise AdapterError(
+                f"target=: the gradient pass (the forward call again under jax.grad) failed: {type(exc).__name__}: "
+                f"{exc}. The model must be differentiable as called (no state it mutates, e.g. dropout in training "
+                "mode: call model.eval() first)."
+            ) from exc
+        for layer, grad in zip(layers, grads):
+            array = np.asarray(jax.device_get(grad))
+            layer.extras["attn_grad"] = array.astype(np.float32) if array.dtype != np.float64 else array
 
     def _repeat_prefix(self, name: str, count: int) -> str | None:
         """The stacked module on ``name``'s path: every parameter has ``count`` layers on its first axis."""
@@ -118,6 +211,8 @@ class _NNXCapture:
 
     # -- pass boundaries (called by the root's wrapped methods) -------------------------------------
     def call_root(self, method: Any, instance: Any, args: tuple, kwargs: dict, forward: bool = True) -> Any:
+        if self.collector.depth == 0:
+            self.call, self.kept = (method, instance, args, kwargs), {}
         return self.collector.outermost(lambda: method(instance, *args, **kwargs), find_input_ids(args, kwargs),
                                         forward=forward)
 
@@ -132,13 +227,78 @@ _ON_MODULE: dict[int, list[tuple[_NNXCapture, str]]] = {}
 
 def _listeners(module: Any, selected: bool = False) -> list[tuple[PassCollector, str]]:
     """The captures attached to ``module`` (those with ``modules=`` when ``selected``, else the others)."""
+    if _injection() is not None:
+        return []
     return [(capture.collector, name) for capture, name in _ON_MODULE.get(id(module), ())
             if not capture.closed and (capture.selection is not None) == selected]
 
 
 def _selected_listeners(module: Any) -> list[tuple[_NNXCapture, str]]:
+    if _injection() is not None:
+        return []
     return [(capture, name) for capture, name in _ON_MODULE.get(id(module), ())
             if not capture.closed and capture.selection is not None]
+
+
+# -- the gradient pass: nothing is recorded, a zero is added to each recorded layer's probabilities ---------------
+_injecting_local = threading.local()
+
+
+def _injection() -> _Injection | None:
+    return getattr(_injecting_local, "current", None)
+
+
+@contextmanager
+def _injecting(injection: _Injection) -> Iterator[None]:
+    previous = _injection()
+    _injecting_local.current = injection
+    try:
+        yield
+    finally:
+        _injecting_local.current = previous
+
+
+class _Injection:
+    """The gradient pass of one capture: the ``i``-th attention call of the capture's layers adds
+    ``deltas[i]`` to its probabilities (layers in the order the recorded pass ran them)."""
+
+    def __init__(self, capture: _NNXCapture, names: list[str], deltas: list[Any]):
+        self.capture, self.names, self.deltas = capture, names, deltas
+        self.used = 0
+
+    def call(self, owner: Any, original: Any, args: tuple, module: Any, kwargs: dict) -> Any:
+        name = next((name for capture, name in _ON_MODULE.get(id(owner), ()) if capture is self.capture), None)
+        if name is None:
+            return original(*args, module=module, **kwargs)
+        index = self.used
+        if index >= len(self.names) or self.names[index] != name:
+            expected = self.names[index] if index < len(self.names) else "no more attention"
+            raise AdapterError(
+                f"target=: the gradient pass ran {name!r} where the recorded pass ran {expected!r}; the model's "
+                "forward must run the same layers when called again with the same inputs."
+            )
+        self.used += 1
+        delta = self.deltas[index]
+        perturb = methods.perturbation(tuple(delta.shape), delta, name)
+        # a module= makes Flax compute the probabilities with jax.nn.softmax, as the recorded pass did
+        proxy = _SowProxy([], forward=module, mask=None, is_causal=False)
+        with perturbing_softmax(perturb):
+            result = original(*args, module=proxy, **kwargs)
+        if not perturb.seen[0]:  # type: ignore[attr-defined]
+            raise AdapterError(
+                f"target=: {name!r} computed its attention without jax.nn.softmax, so the gradient of its "
+                "probabilities cannot be read; use nnx.dot_product_attention (Flax's default attention_fn)."
+            )
+        return result
+
+    def check(self) -> None:
+        if self.used != len(self.names):
+            missing = self.names[self.used]
+            raise AdapterError(
+                f"target=: {missing!r} took no part in the gradient pass; gradients are read from "
+                "nnx.MultiHeadAttention layers (their attention_fn), not from modules that sow 'attention_weights' "
+                "themselves. Capture such models without target=."
+            )
 
 
 def _selected_class(module: Any) -> type:
@@ -173,12 +333,77 @@ def _selected_class(module: Any) -> type:
     return type(cls)(cls.__name__, (cls,), namespace, pytree=getattr(cls, "_pytree__is_pytree", True))
 
 
+#: Per module (by id), for values=True: (capture, layer, slot, "input" or "output") to keep at each call.
+_TAPS: dict[int, list[tuple[_NNXCapture, str, str, str]]] = {}
+
+
+def _tap_class(module: Any) -> type:
+    """A subclass of ``type(module)`` for this instance alone, whose ``__call__`` hands its first input or its
+    output to the captures that keep them (values=True); nothing is kept during the gradient pass."""
+    cls = type(module)
+    owner = module
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = cls.__call__(self, *args, **kwargs)
+        if _injection() is None:
+            for capture, layer, slot, which in _TAPS.get(id(owner), ()):
+                if capture.closed:
+                    continue
+                if which == "output":
+                    capture.keep(layer, slot, result)
+                elif args or kwargs:
+                    capture.keep(layer, slot, args[0] if args else next(iter(kwargs.values())))
+        return result
+
+    namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": __call__,
+                 "__attnflow_tapped__": cls}
+    return type(cls)(cls.__name__, (cls,), namespace, pytree=getattr(cls, "_pytree__is_pytree", True))
+
+
+def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any) -> None:
+    """Keep, for values=True, the inputs and outputs the value map names, for every layer of the map."""
+    nnx = _nnx()
+    layers = [path for path in (methods.layer_of(name, layout) for name, module in capture.modules.items()
+                                if isinstance(module, nnx.MultiHeadAttention)) if path is not None]
+    if not layers:
+        raise AdapterError(
+            f"values=True: no nnx.MultiHeadAttention of the model is at the path its value map names "
+            f"('<layer>/{layout.attention}'); attention modules are at {list(capture.modules)[:8]}..."
+        )
+    for layer in layers:
+        for slot, (relative, which) in layout.taps().items():
+            module = capture.modules.get(f"{layer}/{relative}")
+            if module is None:
+                raise AdapterError(f"values=True: layer {layer!r} has no module {relative!r} where its value map keeps {slot!r}.")
+            for extra in (layout.out, layout.norm):
+                if extra is not None and f"{layer}/{extra}" not in capture.modules:
+                    raise AdapterError(f"values=True: layer {layer!r} has no module {extra!r} that its value map names.")
+            if id(module) not in _TAPS:
+                undo.enter_context(switch(("flax_nnx.tap_class", id(module)),
+                                          lambda m=module: _swap_class(m, _tap_class(m)), _unswap(module)))
+            entries = _TAPS.setdefault(id(module), [])
+            entry = (capture, layer, slot, which)
+            entries.append(entry)
+            undo.callback(_untap, module, entry)
+
+
+def _untap(module: Any, entry: tuple) -> None:
+    entries = _TAPS.get(id(module), [])
+    if entry in entries:
+        entries.remove(entry)
+    if not entries:
+        _TAPS.pop(id(module), None)
+
+
 def _dispatching_attention_fn(module: Any, original: Any) -> Any:
     """The ``attention_fn`` an ``nnx.MultiHeadAttention`` gets while attached (once, however many attaches):
     it calls the original with ``module=`` a proxy whose ``sow`` hands the weights to every attached capture."""
 
     @functools.wraps(original)
     def attention_fn(*args: Any, module: Any = None, **kwargs: Any) -> Any:
+        injection = _injection()
+        if injection is not None:
+            return injection.call(owner, original, args, module, kwargs)
         listeners = _listeners(owner)
         if not listeners:
             return original(*args, module=module, **kwargs)
@@ -293,7 +518,7 @@ def _root_method(method: Any) -> Any:
 
 def _call_through(captures: tuple, method: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Call ``method`` inside the pass boundaries of every capture active in this thread."""
-    if not captures:
+    if not captures or _injection() is not None:  # the gradient pass opens no pass
         return method(instance, *args, **kwargs)
 
     def inner(obj: Any, *a: Any, **k: Any) -> Any:
@@ -317,7 +542,7 @@ class NNXAdapter(Adapter):
     extra = "jax"
     priority = 0
     options = OPTIONS
-    captures = Adapter.captures | {"input_gradients", "ablation"}
+    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values"}
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _nnx().Module) is not None
@@ -347,9 +572,23 @@ class NNXAdapter(Adapter):
             "/".join(str(part) for part in path) or type(module).__name__: module
             for path, module in nnx.iter_modules(root)
         }
-        capture = _NNXCapture(recorder, settings, modules)
+        request = recorder.request
+        if selection is not None and (request.gradients or request.values):
+            raise OptionError(
+                "target= and values= read nnx.MultiHeadAttention layers (the Flax BERT port in examples/flax_bert.py "
+                "and models like it); they cannot be combined with modules=. Capture the selected modules' weights "
+                "alone, or leave out modules=."
+            )
+        value_map = None
+        if request.values:
+            value_map = methods.value_map(getattr(type(root), "__attnflow_root__", type(root)).__name__)
+        capture = _NNXCapture(recorder, settings, modules, value_map)
         with undoing() as undo:
             with deferred_interrupts():
+                if request.gradients:
+                    undo.enter_context(softmax_hook())
+                if value_map is not None:
+                    _install_taps(capture, value_map, undo)
                 # the root's class swap is shared by overlapping attaches: the last to leave puts it back
                 undo.enter_context(switch(("flax_nnx.root_class", id(root)), lambda: _swap_class(root), _unswap(root)))
                 if selection is not None and selection.needs_softmax:

@@ -10,7 +10,7 @@ from .._errors import AdapterError
 from ..trace import AttentionTrace
 from ._adapter import Adapter, Recorder, check_adapter_options
 from ._recorder import NO_TARGET, CaptureRequest
-from ._registry import find_adapter
+from ._registry import find_adapter, list_adapters
 
 
 @contextmanager
@@ -59,9 +59,11 @@ def attach(
     options = check_adapter_options(chosen, options)
     missing = sorted(request.needs() - set(chosen.captures))
     if missing:
+        able = sorted(a.name for a in list_adapters() if set(missing) <= set(a.captures))
+        where = f" (adapters that capture them: {', '.join(able)})" if able else ""
         raise AdapterError(
             f"Adapter {chosen.name!r} cannot capture {missing} (it captures {sorted(chosen.captures)}). "
-            "Use an adapter that declares them, or capture the attention weights alone."
+            f"Use an adapter that declares them{where}, or capture the attention weights alone."
         )
     recorder = Recorder(
         framework=chosen.array_library or chosen.framework, model_name=chosen.model_name(model), tokens=tokens,
