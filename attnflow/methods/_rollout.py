@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -18,10 +18,12 @@ from ._fusion import (
     select_layers,
     stream_layer_indices,
 )
-from ._options import HeadSelection, Options
+from ._options import HeadFusion, HeadSelection, Options
 
 
-def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str | None = None, stream: str | None = None) -> np.ndarray:
+def raw(
+    trace: AttentionTrace, layer: int = -1, *, head_fusion: HeadFusion | None = None, stream: str | None = None
+) -> np.ndarray:
     """Head-fused attention of one layer.
 
     Args:
@@ -48,14 +50,14 @@ def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str | None = Non
 def rollout(
     trace: AttentionTrace,
     *,
-    head_fusion: str | None = None,
+    head_fusion: HeadFusion | None = None,
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,
     all_layers: bool = False,
     stream: str | None = None,
     heads: HeadSelection = None,
-    sources: Sequence[int] | str | None = None,
+    sources: Sequence[int] | Literal["generated"] | None = None,
 ) -> Any:
     """Attention rollout: proportional routing of each output token's mass through the attention network.
 
@@ -116,7 +118,7 @@ def rollout_scores(
                 if name not in result:
                     continue
                 columns = network.groups[network.inputs[name]].positions
-                result[name][d, b][np.ix_(out_rows, columns)] = matrix[local]
+                result[name][d, b][np.ix_(np.asarray(out_rows, dtype=np.intp), columns)] = matrix[local]
     return result
 
 
