@@ -13,12 +13,15 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import numpy as np
 
 from ._errors import ComparisonError, OptionError
 from .trace import AttentionTrace, LayerAttention
+
+if TYPE_CHECKING:
+    from .methods._options import HeadFusion
 
 #: Default max-abs tolerance by the least precise dtype either trace was computed in.
 DEFAULT_ATOL = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
@@ -33,6 +36,19 @@ ALIGN_HELP = (
     "'encoder.layer.3.attention.self' with 'encoder/layer_3/attention'); add '+tokens' (or use "
     "'tokens' alone for index) to ignore token-label differences, e.g. ids against token strings"
 )
+
+
+class Tolerances(TypedDict):
+    """The tolerances a :class:`ComparisonReport` judged by (``mean_atol`` and ``min_spearman`` may be None:
+    not checked)."""
+
+    atol: float
+    mean_atol: float | None
+    rollout_atol: float
+    flow_atol: float
+    min_spearman: float | None
+    spearman_tie_tol: float
+    methods_atol: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +111,7 @@ class ComparisonReport:
 
     def __init__(
         self, *, layers: Sequence[LayerComparison], rollout_max_abs: float, flow_max_abs: float | None,
-        spearman: dict[str, float], sources: list[int], tolerances: dict[str, float | None], alignment: str,
+        spearman: dict[str, float], sources: list[int], tolerances: Tolerances, alignment: str,
         ignore_tokens: bool, unmatched_a: Sequence[str], unmatched_b: Sequence[str], about_a: dict[str, Any],
         about_b: dict[str, Any], batch: int, seq: int, allow_unmatched: bool = False,
         methods: dict[str, float] | None = None,
@@ -105,7 +121,7 @@ class ComparisonReport:
         self.flow_max_abs = flow_max_abs
         self.spearman = dict(spearman)
         self.sources = list(sources)
-        self.tolerances = dict(tolerances)
+        self.tolerances: Tolerances = tolerances.copy()
         self.alignment = alignment
         self.ignore_tokens = ignore_tokens
         self.unmatched_a = tuple(unmatched_a)
@@ -303,7 +319,7 @@ def compare(
     flow_sources: Sequence[int] | None = None,
     align: str = "index",
     allow_unmatched: bool = False,
-    head_fusion: str | None = None,
+    head_fusion: HeadFusion | None = None,
     residual: float = 0.5,
     max_seconds: float = 120.0,
     methods: Sequence[str] = (),
@@ -367,15 +383,16 @@ def compare(
 
     dtype_atol = _default_atol(trace_a, trace_b)
     atol = _tolerance("atol", atol, dtype_atol)
-    tolerances: dict[str, float | None] = {
+    rollout_tol = _tolerance("rollout_atol", rollout_atol, atol)
+    tolerances: Tolerances = {
         "atol": atol,
         "mean_atol": None if mean_atol is None else _tolerance("mean_atol", mean_atol, atol),
-        "rollout_atol": _tolerance("rollout_atol", rollout_atol, atol),
+        "rollout_atol": rollout_tol,
         "flow_atol": _tolerance("flow_atol", flow_atol, atol),
         "min_spearman": None if min_spearman is None else float(min_spearman),
         "spearman_tie_tol": _tolerance("spearman_tie_tol", spearman_tie_tol, dtype_atol),
+        "methods_atol": _tolerance("methods_atol", methods_atol, rollout_tol),
     }
-    tolerances["methods_atol"] = _tolerance("methods_atol", methods_atol, tolerances["rollout_atol"])
     if min_spearman is not None and not -1.0 <= float(min_spearman) <= 1.0:
         raise OptionError(f"min_spearman must be in [-1, 1] or None, got {min_spearman!r}.")
 
@@ -401,14 +418,15 @@ def compare(
     spearman: dict[str, float] = {}
     rollout_max = float("nan")
     flow_max: float | None = None
-    options = {"head_fusion": head_fusion, "residual": residual}
     tie_tol = tolerances["spearman_tie_tol"]
     for stream in _output_streams(paired_a):
         causal = bool(paired_a.streams[stream].causal and paired_b.streams[stream].causal)
         sources = list(flow_sources) if flow_sources is not None else ([-1] if causal else [0])
         own = [index for index, (i, _) in enumerate(pairs) if trace_a.layers[i].query_stream == stream]
-        ra = _by_input(rollout(paired_a, all_layers=True, stream=stream, **options), paired_a, stream)
-        rb = _by_input(rollout(paired_b, all_layers=True, stream=stream, **options), paired_b, stream)
+        ra = _by_input(rollout(paired_a, all_layers=True, stream=stream, head_fusion=head_fusion, residual=residual),
+                       paired_a, stream)
+        rb = _by_input(rollout(paired_b, all_layers=True, stream=stream, head_fusion=head_fusion, residual=residual),
+                       paired_b, stream)
         for k, index in enumerate(own):
             rollout_per_layer[index] = max(float(np.abs(ra[name][k] - rb[name][k]).max()) for name in ra)
         last = max(float(np.abs(ra[name][-1] - rb[name][-1]).max()) for name in ra)
@@ -421,9 +439,9 @@ def compare(
         )
         if flow:
             fa = _by_input(attention_flow(paired_a, sources=sources, stream=stream, max_seconds=max_seconds,
-                                          progress=False, **options), paired_a, stream)
+                                          progress=False, head_fusion=head_fusion, residual=residual), paired_a, stream)
             fb = _by_input(attention_flow(paired_b, sources=sources, stream=stream, max_seconds=max_seconds,
-                                          progress=False, **options), paired_b, stream)
+                                          progress=False, head_fusion=head_fusion, residual=residual), paired_b, stream)
             diff_flow = max(float(np.abs(fa[name] - fb[name]).max()) for name in fa)
             flow_max = diff_flow if flow_max is None else max(flow_max, diff_flow)
             spearman[label.replace("rollout", "flow")] = _min_spearman(
@@ -431,8 +449,8 @@ def compare(
             )
     method_diffs = _method_differences(paired_a, paired_b, methods, head_fusion, residual)
     layers = [
-        LayerComparison(
-            index=index, name_a=trace_a.layers[i].name, name_b=trace_b.layers[j].name, kind=trace_a.layers[i].kind,
+        LayerComparison(  # a trace sets every layer's kind ("self" or "cross")
+            index=index, name_a=trace_a.layers[i].name, name_b=trace_b.layers[j].name, kind=cast(str, trace_a.layers[i].kind),
             heads=tuple(heads_rows[index]), rollout_max_abs=rollout_per_layer.get(index),
         )
         for index, (i, j) in enumerate(pairs)
@@ -446,7 +464,7 @@ def compare(
 
 
 def _method_differences(
-    a: AttentionTrace, b: AttentionTrace, methods: Sequence[str], head_fusion: str | None, residual: float
+    a: AttentionTrace, b: AttentionTrace, methods: Sequence[str], head_fusion: HeadFusion | None, residual: float
 ) -> dict[str, float]:
     """Per registered method: the max difference of its final scores on the two traces (every output stream,
     every token)."""
@@ -590,11 +608,12 @@ def _check_streams(a: AttentionTrace, b: AttentionTrace, ignore_tokens: bool) ->
                 f"Token counts{what} differ: A has {sa.length} tokens, B has {sb.length}. Capture both on the same "
                 "tokenised input (same padding)."
             )
-        if not np.array_equal(sa.mask, sb.mask):
-            item, p = (int(x) for x in np.argwhere(sa.mask != sb.mask)[0])  # type: ignore[operator]
+        mask_a, mask_b = sa._completed(), sb._completed()  # a trace's streams always have their mask
+        if not np.array_equal(mask_a, mask_b):
+            item, p = (int(x) for x in np.argwhere(mask_a != mask_b)[0])
             raise ComparisonError(
                 f"Masks{what} differ: batch item {item}, position {p} is "
-                f"{'real' if sa.mask[item, p] else 'padding'} in A but {'real' if sb.mask[item, p] else 'padding'} "  # type: ignore[index]
+                f"{'real' if mask_a[item, p] else 'padding'} in A but {'real' if mask_b[item, p] else 'padding'} "
                 "in B. Both traces need the same padding."
             )
         if ignore_tokens:

@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from ._errors import MethodError, OptionError, TraceFileError
 from ._tensorfile import read_tensor_file, write_tensor_file
 from .methods._fusion import select_layers, stream_layer_indices
 from .methods._options import Options
-from .methods._registry import get_method, list_methods
+from .methods._registry import Method, get_method, list_methods
 from .methods._sources import GeneratedSources, resolve_sources
 from .network._network import explained_stream
 from .trace import AttentionTrace, Stream
@@ -27,9 +27,9 @@ DEFAULT_METHODS = ("raw", "rollout", "flow")
 
 def explain(
     trace: AttentionTrace,
-    methods: Iterable[str] | str = DEFAULT_METHODS,
+    methods: Iterable[str | Method] | str = DEFAULT_METHODS,
     *,
-    sources: Sequence[int] | None = None,
+    sources: Sequence[int] | Literal["generated"] | None = None,
     stream: str | None = None,
     options: Options | None = None,
     all_layers: bool | None = None,
@@ -239,7 +239,7 @@ class Explanation:
                 continue
             ids = word_ids if (word_ids is not None and name == self.stream) else None
             groups[name] = [_word_groups(stream, b, ids[b] if ids is not None else None) for b in range(self.batch_size)]
-        scores = {}
+        scores: dict[str, dict[str, np.ndarray]] = {}
         streams = dict(self.streams)
         for name, per_item in groups.items():  # the explained tokens keep their labels in source_tokens()
             width = max(len(g) for g in per_item)

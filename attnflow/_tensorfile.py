@@ -67,7 +67,7 @@ def check_writable_target(path: str | os.PathLike[str], what: str = "file") -> P
     return path
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, what: str = "file") -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], *, what: str = "file") -> None:
     """``write(tmp)`` then rename onto ``path``: readers see the old file or the whole new one, never part.
 
     The temporary name is ``.NAME.PID.THREAD.tmp`` beside ``path``; it is removed if ``write`` fails. An

@@ -122,7 +122,7 @@ def explain_batch(
     digest = settings.digest()
     for example, (trace, error) in zip(ready, _capture_items(adapter, model, tokenizer, ready, settings)):
         result: dict[str, Any] = {"id": example.id}
-        if error is None:
+        if trace is not None:  # (trace, None), or (None, error) when the capture failed
             try:
                 result["file"] = _explanation_file(trace, example, settings, methods, digest)
             except Exception as exc:  # one example's failure (e.g. flow too large) must not stop the batch

@@ -8,8 +8,8 @@ from typing import Any
 
 from .._errors import AdapterError
 from ..trace import AttentionTrace
-from ._adapter import Adapter, Recorder, check_adapter_options
-from ._recorder import NO_TARGET, CaptureRequest
+from ._adapter import Adapter, check_adapter_options
+from ._recorder import NO_TARGET, CaptureRequest, Recorder
 from ._registry import find_adapter, list_adapters
 
 

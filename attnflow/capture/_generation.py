@@ -161,6 +161,6 @@ def generated_mask(
     if len(eos) and generated.size:
         ended = np.isin(generated, list(eos))
         # a position is padding when an end-of-sequence token came strictly before it
-        before = np.cumsum(ended, axis=1) - ended
+        before: np.ndarray = np.cumsum(ended, axis=1) - ended
         real = before == 0
     return np.concatenate([prompt, real], axis=1)

@@ -199,16 +199,18 @@ class Recorder:
         """
         array, source_dtype = self._stored(np.asarray(weights), source_dtype)
         with self._lock:
-            if self._pass is None:  # attention outside a pass the adapter saw begin: a pass of its own
+            implicit = self._pass is None  # attention outside a pass the adapter saw begin: a pass of its own
+            if implicit:
                 self.start_call()
-                self._pass.implicit = True  # type: ignore[union-attr]
-            assert_open(self._pass)
-            self._pass.layers.append(_Layer(  # type: ignore[union-attr]
+            current = assert_open(self._pass)
+            if implicit:
+                current.implicit = True
+            current.layers.append(_Layer(
                 name=name, weights=array, kind=kind, source_dtype=source_dtype or str(array.dtype),
                 extras=dict(extras or {}), query_stream=query_stream, key_stream=key_stream,
                 repeat_prefix=repeat_prefix, training=training,
             ))
-            return len(self._pass.layers) - 1  # type: ignore[union-attr]
+            return len(current.layers) - 1
 
     def _stored(self, array: np.ndarray, source_dtype: str) -> tuple[np.ndarray, str]:
         """The weights as the request keeps them: heads fused, in the storage dtype (adapters may do both
@@ -231,8 +233,8 @@ class Recorder:
         """Add per-layer arrays to layer ``index`` of the open pass (what is known only after the forward,
         such as attention gradients); each has the batch (or 1, for what every item shares) as first axis."""
         with self._lock:
-            assert_open(self._pass)
-            self._pass.layers[index].extras.update({k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[union-attr]
+            current = assert_open(self._pass)
+            current.layers[index].extras.update({k: np.asarray(v) for k, v in arrays.items()})
 
     @property
     def pass_layers(self) -> int:
@@ -333,9 +335,9 @@ class Recorder:
                 stitched.links = stitched.links or step.links
                 for key, value in step.metadata.items():
                     stitched.metadata.setdefault(key, value)
-            for name, info in (streams or {}).items():
+            for name, given in (streams or {}).items():
                 known = stitched.streams.setdefault(name, {})
-                known.update({k: v for k, v in info.items() if v is not None})
+                known.update({k: v for k, v in given.items() if v is not None})
                 if name is None and any(layer.query_stream for layer in stitched.layers):
                     raise AdapterError("attnflow internal error: stream None given for a trace with named streams.")
             stitched.metadata.update(metadata or {})
@@ -408,8 +410,7 @@ class Recorder:
 
     # -- building -----------------------------------------------------------------------------------
     def _describe(self, stream: str | None, info: dict[str, Any], *, overwrite: bool) -> None:
-        assert_open(self._pass)
-        known = self._pass.streams.setdefault(stream, {})  # type: ignore[union-attr]
+        known = assert_open(self._pass).streams.setdefault(stream, {})
         for key, value in info.items():
             if value is None:
                 continue
@@ -499,7 +500,7 @@ class Recorder:
         if tokens is None:
             tokens = self._token_labels(labeler, ids, shape)
         special = _fitting(info.get("special"), shape)
-        if special is None and ids is not None and hasattr(labeler, "all_special_ids"):
+        if special is None and ids is not None and labeler is not None and hasattr(labeler, "all_special_ids"):
             special = np.isin(ids, list(labeler.all_special_ids or ()))
         return {
             "mask": None if mask is None else mask.astype(bool), "tokens": tokens, "special": special,
@@ -539,9 +540,11 @@ def _id_labeler(labels: Any) -> Callable[[list[int]], list[str]] | None:
     return None
 
 
-def assert_open(current: _Pass | None) -> None:
-    if current is None:  # guarded by the callers; a clear error if that ever changes
+def assert_open(current: _Pass | None) -> _Pass:
+    """``current``, the open pass (guarded by the callers; a clear error if that ever changes)."""
+    if current is None:
         raise AdapterError("attnflow internal error: no forward pass is open in the recorder.")
+    return current
 
 
 def _numbered(layers: list[_Layer]) -> list[_Layer]:

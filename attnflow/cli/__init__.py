@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .._errors import AttnflowError
 
-SUBCOMMANDS = ("attnflow.cli._explain", "attnflow.cli._compare", "attnflow.cli._batch")
+SUBCOMMANDS: tuple[str, ...] = ("attnflow.cli._explain", "attnflow.cli._compare", "attnflow.cli._batch")
 SUBCOMMANDS += ("attnflow.cli._evaluate",)  # faithfulness over a data set
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for path, what, render in outputs:
         if path:
             data = render()
-            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data), what=what)
+            atomic_write(path, functools.partial(Path.write_bytes, data=data), what=what)
             print(f"wrote {path}")
     return 0 if report.ok else 1
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -293,7 +294,7 @@ def _evaluate_batch(
     for b, line in enumerate(batch):
         document = {"id": line.id, "line": line.number, "text": line.text, "report": report.select([b]).to_dict()}
         text = json.dumps(document)
-        atomic_write(examples / f"{line.name}.json", lambda tmp, text=text: tmp.write_text(text), what="example result")
+        atomic_write(examples / f"{line.name}.json", functools.partial(Path.write_text, data=text), what="example result")
 
 
 def _read_example(path: Path) -> FaithfulnessReport:

@@ -4,6 +4,7 @@ pictures (PNG/SVG/PDF), an interactive HTML page, JSON and a table."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import time
@@ -438,8 +439,9 @@ def pictures(trace: Any, explanation: Explanation, b: int, *, exclude: bool, ima
         shared = _shared_top(explanation, b, name, exclude)
         for method in explanation.methods:
             file = f"{method}-{name}" if several else method
-            found.append((file, lambda m=method, s=name, top=shared: plot.heatmap(
-                explanation, m, batch_index=b, stream=s, exclude_special=exclude, vmin=0.0, vmax=top, dpi=dpi)))
+            found.append((file, functools.partial(
+                plot.heatmap, explanation, method, batch_index=b, stream=name, exclude_special=exclude, vmin=0.0,
+                vmax=shared, dpi=dpi)))
     if not several:
         found.append(("scores", lambda: plot.token_bars(explanation, batch_index=b, source=source,
                                                          exclude_special=exclude, dpi=dpi)))

@@ -195,7 +195,7 @@ def _explained_stream(explanation: Explanation) -> Any:
 
 
 def _is_token_id(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= 0)
 
 
 def _references(references: Sequence[str] | None, adapter: Adapter, curves: bool) -> tuple[str, ...]:
@@ -321,7 +321,7 @@ def _curves(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """Deletion/insertion curves and AOPC from each method's last-layer scores ``(batch, tokens)``."""
     batch, length = compared.shape
-    plans: dict[tuple[str, int], tuple[np.ndarray, list[int], list[int], list[int]]] = {}
+    plans: dict[tuple[str, int], tuple[np.ndarray, list[int], list[int], list[list[tuple[int, int]]]]] = {}
     rows: dict[tuple[int, bytes], int] = {}
     row_items: list[int] = []
     row_masks: list[np.ndarray] = []
@@ -350,7 +350,7 @@ def _curves(
                 kept[order[k:]] = True  # blank all compared tokens but the top k
                 deletion.append((k, row_of(b, removed)))
                 insertion.append((k, row_of(b, kept)))
-            plans[(method, b)] = (order, bin_steps, grid_steps, [deletion, insertion])  # type: ignore[list-item]
+            plans[(method, b)] = (order, bin_steps, grid_steps, [deletion, insertion])
     values_of = np.asarray(probe.scores(np.asarray(row_items, dtype=np.int64), np.asarray(row_masks, bool).reshape(
         len(row_masks), length)), dtype=np.float64) if row_items else np.zeros(0)
 
@@ -364,10 +364,10 @@ def _curves(
     for (method, b), (order, bin_steps, grid_steps, (deletion, insertion)) in plans.items():
         if order.size == 0:
             continue
-        removed = {k: score(i) for k, i in deletion}
-        kept = {k: score(i) for k, i in insertion}
-        comprehensiveness[method][b] = float(np.mean([base[b] - removed[k] for k in bin_steps]))
-        sufficiency[method][b] = float(np.mean([base[b] - kept[k] for k in bin_steps]))
-        item_curves[method]["deletion"][b] = [removed[k] for k in grid_steps]
-        item_curves[method]["insertion"][b] = [kept[k] for k in grid_steps]
+        after_deletion = {k: score(i) for k, i in deletion}
+        after_insertion = {k: score(i) for k, i in insertion}
+        comprehensiveness[method][b] = float(np.mean([base[b] - after_deletion[k] for k in bin_steps]))
+        sufficiency[method][b] = float(np.mean([base[b] - after_insertion[k] for k in bin_steps]))
+        item_curves[method]["deletion"][b] = [after_deletion[k] for k in grid_steps]
+        item_curves[method]["insertion"][b] = [after_insertion[k] for k in grid_steps]
     return comprehensiveness, sufficiency, item_curves

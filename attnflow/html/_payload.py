@@ -113,7 +113,7 @@ def build_payload(explanation: Any, trace: Any | None, *, title: str | None = No
         positions = np.asarray(explanation.sources[b])
         real = np.flatnonzero(np.asarray(explanation.streams[explained].mask[b])[positions])
         where = {p: i for i, p in enumerate(streams[explained]["positions"])}
-        scores = {}
+        scores: dict[str, dict[str, Any]] = {}
         for method in explanation.methods:
             full = explanation.layers(method)
             by_stream = full if isinstance(full, dict) else {explanation.input_streams[0]: full}
@@ -181,7 +181,7 @@ def _check_trace(explanation: Any, trace: Any) -> None:
             other = trace.streams.get(name)
             if other is None:
                 problem = f"it has no stream {name!r}"
-            elif other.length != stream.length or list(map(list, other.tokens)) != list(map(list, stream.tokens)):
+            elif other.length != stream.length or _labels(other) != _labels(stream):
                 problem = f"its {name!r} tokens differ (an explanation.aggregate() result has words, the trace tokens)"
             if problem:
                 break
@@ -190,3 +190,8 @@ def _check_trace(explanation: Any, trace: Any) -> None:
             f"This trace does not belong to the explanation ({problem}); pass the trace the explanation was "
             "computed from, or leave trace= out (the page then has no per-head view)."
         )
+
+
+def _labels(stream: Any) -> list[list[str]]:
+    """A trace stream's token labels as lists (in a trace every stream has its labels)."""
+    return list(map(list, stream.tokens))

@@ -47,7 +47,7 @@ class Raw(Method):
                 matrix = fused[b][np.ix_(q, k)]
                 if options.discard_ratio:
                     matrix = discard_lowest(matrix, options.discard_ratio)
-                result[layer.key_stream][d, b][np.ix_(out_rows, k)] = matrix[local]  # type: ignore[index]
+                result[layer.key_stream][d, b][np.ix_(np.asarray(out_rows, dtype=np.intp), k)] = matrix[local]  # type: ignore[index]
         return result
 
 

@@ -4,13 +4,13 @@ effective attention. Each is checked in the tests against an implementation writ
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
 
 import numpy as np
 
 from .._errors import MethodError
 from ..network._network import EdgeWeights, explained_stream
 from ..trace import AttentionTrace
+from ..trace._trace import layer_streams
 from ._decompose import Block, alti, layer_matrices, normalise_rows
 from ._flow import local_sources
 from ._fusion import head_choice, select_layers
@@ -44,10 +44,11 @@ def per_layer_scores(
     result = {name: np.zeros((len(chosen), trace.batch_size, rows, trace.streams[name].length)) for name in keys}
     for d, index in enumerate(chosen):
         layer = trace.layers[index]
+        _, key = layer_streams(layer)
         for b, (local, out_rows) in enumerate(plans):
-            cols = trace.valid_index(b, layer.key_stream)
+            cols = trace.valid_index(b, key)
             # a cross-attention block's residual column (ALTI+-style decompositions) is not a key token: dropped
-            result[layer.key_stream][d, b][np.ix_(out_rows, cols)] = matrix(index, b)[local][:, : cols.size]  # type: ignore[index]
+            result[key][d, b][np.ix_(np.asarray(out_rows, dtype=np.intp), cols)] = matrix(index, b)[local][:, : cols.size]
     return result
 
 
@@ -117,7 +118,7 @@ class GradRollout(Method):
             for d, relevance in enumerate(kept):
                 for name in inputs:
                     cols = trace.valid_index(b, name)
-                    result[name][d, b][np.ix_(out_rows, cols)] = relevance[name][local]
+                    result[name][d, b][np.ix_(np.asarray(out_rows, dtype=np.intp), cols)] = relevance[name][local]
         return result
 
     @staticmethod
@@ -128,20 +129,19 @@ class GradRollout(Method):
         cross: dict[str, np.ndarray] = {}  # R_qi of the explained stream, per key stream
         snapshots = []
         for index, layer in enumerate(trace.layers):
-            query = layer.query_stream
+            query, key = layer_streams(layer)
             if query == explained and index not in chosen:
                 continue
             weighted = _gradient_weighted(trace, index, b, heads.get(index))
             if layer.kind == "self":
-                update = weighted @ own[query]  # type: ignore[index]
+                update = weighted @ own[query]
                 if query == explained:
                     for name in cross:
                         cross[name] = cross[name] + weighted @ cross[name]
-                own[query] = own[query] + update  # type: ignore[index]
+                own[query] = own[query] + update
             elif query == explained:
-                key = layer.key_stream
-                addition = _normalised(own[query]).T @ (weighted @ _normalised(own[key]))  # type: ignore[index]
-                cross[key] = cross.get(key, np.zeros((sizes[query], sizes[key]))) + addition  # type: ignore[index]
+                addition = _normalised(own[query]).T @ (weighted @ _normalised(own[key]))
+                cross[key] = cross.get(key, np.zeros((sizes[query], sizes[key]))) + addition
             else:
                 raise MethodError(f"grad_rollout: cross-attention of stream {query!r} is not part of its rules.")
             if query == explained:
@@ -160,7 +160,10 @@ class _Decomposed(Method):
     """A method computed on each layer's attention block decomposed by source token."""
 
     needs = ("weights", "values")
-    measure: ClassVar[Callable[[Block], np.ndarray]]
+    @staticmethod
+    def measure(block: Block) -> np.ndarray:
+        """``(q, k)`` contributions of one decomposed block (each subclass names its measure)."""
+        raise NotImplementedError
 
     def check(self, trace: AttentionTrace) -> None:
         if not any("value" in layer.extras for layer in trace.layers):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from ._fusion import (
     select_layers,
     stream_layer_indices,
 )
-from ._options import HeadSelection, Options
+from ._options import FlowSolver, HeadFusion, HeadSelection, Options
 from ._rollout import edge_weights, shape_result
 from ._sources import GeneratedSources, resolve_sources
 
@@ -31,16 +31,16 @@ DEFAULT_MAX_SECONDS = 1800.0
 def flow(
     trace: AttentionTrace,
     *,
-    head_fusion: str | None = None,
+    head_fusion: HeadFusion | None = None,
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,
     normalize: bool = True,
-    sources: Sequence[int] | None = None,
+    sources: Sequence[int] | Literal["generated"] | None = None,
     all_layers: bool = False,
     stream: str | None = None,
     heads: HeadSelection = None,
-    method: str = "auto",
+    method: FlowSolver = "auto",
     n_jobs: int = 1,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     progress: bool | None = None,
@@ -270,7 +270,7 @@ def flow_network(
     trace: AttentionTrace,
     batch_index: int = 0,
     *,
-    head_fusion: str | None = None,
+    head_fusion: HeadFusion | None = None,
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -18,10 +18,12 @@ from ._fusion import (
     select_layers,
     stream_layer_indices,
 )
-from ._options import HeadSelection, Options
+from ._options import HeadFusion, HeadSelection, Options
 
 
-def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str | None = None, stream: str | None = None) -> np.ndarray:
+def raw(
+    trace: AttentionTrace, layer: int = -1, *, head_fusion: HeadFusion | None = None, stream: str | None = None
+) -> np.ndarray:
     """Head-fused attention of one layer.
 
     Args:
@@ -48,14 +50,14 @@ def raw(trace: AttentionTrace, layer: int = -1, *, head_fusion: str | None = Non
 def rollout(
     trace: AttentionTrace,
     *,
-    head_fusion: str | None = None,
+    head_fusion: HeadFusion | None = None,
     residual: float = 0.5,
     discard_ratio: float = 0.0,
     layers: LayerSelection = None,
     all_layers: bool = False,
     stream: str | None = None,
     heads: HeadSelection = None,
-    sources: Sequence[int] | str | None = None,
+    sources: Sequence[int] | Literal["generated"] | None = None,
 ) -> Any:
     """Attention rollout: proportional routing of each output token's mass through the attention network.
 
@@ -109,7 +111,8 @@ def rollout_scores(
     rows = trace.streams[explained].length if sources is None else len(sources)
     depths = len(chosen) if all_layers else 1
     result = {name: np.zeros((depths, trace.batch_size, rows, trace.streams[name].length)) for name in inputs}
-    for b, (local, out_rows) in enumerate(plans):
+    for b, (local, listed) in enumerate(plans):
+        out_rows = np.asarray(listed, dtype=np.intp)
         network = build_network(trace, b, weights, residual=residual, stream=explained, skip=skip)
         if not all_layers and len(local) < network.groups[network.output].size:
             # a few rows: routed from the output down, O(S n^2) per layer instead of O(n^3)

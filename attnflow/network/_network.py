@@ -179,14 +179,14 @@ def build_network(
         size_q, size_k = groups[below].size, groups[current[key]].size  # type: ignore[index]
         depth[query] += 1
         created = len(groups)
-        groups.append(NodeGroup(query, depth[query], groups[below].positions))  # type: ignore[arg-type]
+        groups.append(NodeGroup(query, depth[query], groups[below].positions))
         make = functools.partial(
             _layer_matrices, weights, index, b, layer.name, layer.kind == "self", (size_q, size_k), residual
         )
         below_groups = (below,) if layer.kind == "self" else (below, current[key])  # type: ignore[index]
         steps.append(Step(created, below_groups, index, layer.kind, make))  # type: ignore[arg-type]
-        current[query] = created  # type: ignore[index]
-        history[query].append(created)  # type: ignore[index]
+        current[query] = created
+        history[query].append(created)
         if query == explained:
             outputs.append(created)
     if explained in links:  # a linked stream with no layers of its own

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 
@@ -273,7 +274,7 @@ def _run_tasks(
     executor: Executor | None,
     fn: Callable,
     tasks: list[tuple],
-    on_done: Callable[[tuple, object], None],
+    on_done: Callable[[tuple, Any], None],
 ) -> None:
     """Run ``fn(*task)`` for every task (in ``executor`` if given), calling ``on_done(task, result)`` in order
     of completion, in this thread."""
@@ -492,8 +493,7 @@ def _solve_graph(adj, rows, tops, out, n_jobs, report, *, kind) -> None:
         return
     workers = min(n_jobs, len(tasks))
     context = _process_context()
-    init = {"initializer": _init_graph_worker, "initargs": (adj,)}
-    with ProcessPoolExecutor(workers, mp_context=context, **init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_graph_worker, initargs=(adj,)) as pool:
         _run_tasks(pool, _graph_row, tasks, done)
 
 

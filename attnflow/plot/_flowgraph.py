@@ -111,7 +111,7 @@ def _widest_paths(ends: np.ndarray, flow: np.ndarray, start: int, sink: int, cou
     for e in carrying.tolist():
         out_edges.setdefault(int(ends[e, 0]), []).append(e)
     order = _topological(out_edges, ends, start)
-    paths = []
+    paths: list[tuple[float, list[int]]] = []
     while len(paths) < top_k:
         best = np.full(count, -1.0)
         via = np.full(count, -1, dtype=np.int64)

@@ -64,7 +64,7 @@ def t5(seed: int = 0) -> Any:
     config = transformers.T5Config(
         vocab_size=VOCAB, d_model=HIDDEN, d_kv=HEAD_SIZE, d_ff=FFN, num_layers=LAYERS,
         num_decoder_layers=DECODER_LAYERS, num_heads=HEADS, decoder_start_token_id=0, pad_token_id=0,
-    )
+    )  # type: ignore[call-arg]  # transformers 5 accepts further config keywords that its signature does not list
     return transformers.T5Model(config).eval()
 
 

@@ -176,7 +176,7 @@ def _from_version_2(f: _Fields) -> AttentionTrace:
             special=f.array(f"streams.{i}.special"),
             tokens=f.labels(f.get(meta, "tokens", list, f"streams[{i}].tokens"), f"streams[{i}].tokens"),
             causal=f.get(meta, "causal", bool, f"streams[{i}].causal"),
-            grid=None if grid is None else tuple(grid),  # type: ignore[arg-type]
+            grid=None if grid is None else tuple(grid),
         ))
     for stream in streams:
         if stream.mask is not None and stream.mask.dtype != np.bool_:

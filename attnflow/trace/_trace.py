@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -47,7 +47,14 @@ class LayerAttention:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.weights.shape)  # type: ignore[return-value]
+        return tuple(self.weights.shape)
+
+
+def layer_streams(layer: LayerAttention) -> tuple[str, str]:
+    """``(query stream, key stream)`` of a layer of a trace, where both are always set."""
+    if layer.query_stream is None or layer.key_stream is None:
+        raise TraceError(f"Layer {layer.name!r} is not part of a trace yet; its streams are set once it is.")
+    return layer.query_stream, layer.key_stream
 
 
 class AttentionTrace:
@@ -116,15 +123,15 @@ class AttentionTrace:
                     f"Layer {index} ({layer.name!r}) has batch size {b}, but layer 0 has {batch}; every layer of a "
                     "trace must come from the same forward pass."
                 )
-            for stream, size, axis in ((layer.query_stream, q, "query"), (layer.key_stream, k, "key")):
-                if stream not in names:
+            for stream_name, size, axis in ((layer.query_stream, q, "query"), (layer.key_stream, k, "key")):
+                if stream_name not in names:
                     raise TraceError(
-                        f"Layer {index} ({layer.name!r}) names {axis} stream {stream!r}, but the trace's streams are "
-                        f"{names}."
+                        f"Layer {index} ({layer.name!r}) names {axis} stream {stream_name!r}, but the trace's streams "
+                        f"are {names}."
                     )
-                known = lengths.setdefault(stream, size)
+                known = lengths.setdefault(stream_name, size)
                 if known != size:
-                    raise TraceError(_length_message(index, layer, axis, stream, size, known, len(declared) == 1))
+                    raise TraceError(_length_message(index, layer, axis, stream_name, size, known, len(declared) == 1))
         links = _link_list(links)
         order = _execution_order(layers, links, names)
         by_name = {s.name: s for s in declared}
@@ -133,7 +140,7 @@ class AttentionTrace:
             stream = by_name[name]
             length = _stream_length(stream, lengths.get(name), batch)
             if stream.causal is None:
-                mask_for_detection = complete_stream(stream, batch, length, False).mask
+                mask_for_detection = complete_stream(stream, batch, length, False)._completed()
                 detected = _detect_causal(name, layers, weights, mask_for_detection)
             else:
                 detected = bool(stream.causal)
@@ -159,7 +166,8 @@ class AttentionTrace:
         for index, layer in enumerate(self._layers):
             _check_extras(index, layer)
             if check_rows:
-                _check_rows(index, layer, completed[layer.query_stream].mask, completed[layer.key_stream].mask)
+                query, key = layer_streams(layer)
+                _check_rows(index, layer, completed[query]._completed(), completed[key]._completed())
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -239,7 +247,7 @@ class AttentionTrace:
         if tokens is not None and not isinstance(tokens, (str, bytes)) and isinstance(tokens, Iterable):
             tokens = list(tokens)
             if tokens and isinstance(tokens[0], str):
-                tokens = [tokens]  # one sequence of labels: batch of one
+                tokens = [cast("list[str]", tokens)]  # one sequence of labels: batch of one
         return cls(
             layers, streams=streams, links=links, mask=mask, tokens=tokens, causal=causal, special=special,
             grid=grid, framework=framework, model_name=model_name, metadata=metadata,
@@ -396,7 +404,7 @@ class AttentionTrace:
             fed[link.stream] = fed.get(link.stream, np.zeros_like(covered)) | covered
         return [
             name for name in self.inputs_of(stream)
-            if name not in fed or (self._streams[name].mask & ~fed[name]).any()  # type: ignore[operator]
+            if name not in fed or (self._streams[name].mask & ~fed[name]).any()
         ]
 
     def default_stream(self) -> str:
@@ -857,7 +865,7 @@ def _checked_link(index: int, link: Link, streams: Mapping[str, Stream], layers:
     fed = sums > 0
     if (np.abs(sums[fed] - 1.0) > 1e-6).any():
         raise TraceError(f"{where}: each fed token's row must sum to 1 (rows of tokens not fed are all 0).")
-    if (w * ~source.mask[:, None, :]).any():
+    if (w * ~source._completed()[:, None, :]).any():
         raise TraceError(f"{where}: weights point at padding of stream {link.source!r}.")
     first_layer = next((i for i, layer in enumerate(layers) if layer.query_stream == link.stream), None)
     source_layers = [i for i, layer in enumerate(layers) if layer.query_stream == link.source]
