@@ -26,9 +26,10 @@ def main() -> None:
     parser.add_argument("prompt", nargs="?", default="Return a new list containing all items from the iterable in")
     parser.add_argument("--model", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--new-tokens", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=800, help="training steps when the model is not there yet")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
-        train(args.model)
+        train(args.model, args.steps)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
 

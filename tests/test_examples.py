@@ -12,12 +12,19 @@ import pytest
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 LIBRARY_ONLY = {"flax_bert.py"}  # a module other examples import, run by its own tests
 OWN_TEST = {"compare_hf_penzai.py"}  # run by a test of its own below, which also reads what it prints
+#: Arguments that keep an example short here: the decoder examples train a few steps into the test's directory
+#: (the real run, 800 steps, takes minutes and is what the README's numbers come from).
+ARGS = {
+    "train_decoder.py": ["--out", "decoder", "--steps", "12"],
+    "explain_generation.py": ["--model", "decoder", "--steps", "12", "--new-tokens", "4"],
+}
 
 
 def run_example(script, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), *ARGS.get(script.name, [])], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=600,
     )
     assert result.returncode == 0, f"{script.name} failed:\n{result.stdout}\n{result.stderr}"
     assert result.stdout.strip(), f"{script.name} printed nothing"
