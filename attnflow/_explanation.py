@@ -12,7 +12,7 @@ import numpy as np
 
 from ._errors import MethodError, OptionError, TraceFileError
 from ._tensorfile import read_tensor_file, write_tensor_file
-from .methods._fusion import select_layers, stream_layer_indices
+from .methods._fusion import check_flag, select_layers, stream_layer_indices
 from .methods._options import Options
 from .methods._registry import Method, get_method, list_methods
 from .methods._sources import GeneratedSources, resolve_sources
@@ -51,13 +51,19 @@ def explain(
         An :class:`Explanation`; ``explanation["rollout"]`` is ``(batch, sources, tokens)`` (a dict by input
         stream where the explained stream draws on several).
     """
-    if isinstance(methods, str):
+    if isinstance(methods, (str, Method)):
         methods = [methods]
+    if isinstance(methods, (bytes, Mapping)) or not hasattr(methods, "__iter__"):
+        raise OptionError(f"methods must be a method name or a list of them, e.g. ['rollout', 'flow']; got {methods!r}.")
     names = list(methods)
+    for name in names:
+        if not isinstance(name, (str, Method)):
+            raise OptionError(f"methods must hold method names such as 'rollout', got {name!r}; choose from {list_methods()}.")
     if not names:
         raise OptionError(f"methods is empty; choose from {list_methods()}.")
     if len(set(names)) != len(names):
         raise OptionError(f"methods names a method twice: {names}.")
+    check_flag("all_layers", all_layers, none=True)
     options = options if options is not None else Options()
     if not isinstance(options, Options):
         raise OptionError(f"options must be an attnflow.Options, got {type(options).__name__}.")

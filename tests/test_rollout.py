@@ -197,3 +197,30 @@ def test_raw_bad_layer():
     trace = AttentionTrace.from_arrays(dirichlet_layers(np.random.default_rng(0), 3, 1, 2, 4))
     with pytest.raises(OptionError, match="layer"):
         attnflow.raw(trace, 3)
+
+
+def _tiny_trace():
+    rng = np.random.default_rng(7)
+    return attnflow.AttentionTrace.from_arrays([rng.dirichlet(np.ones(5), size=(2, 3, 5)) for _ in range(4)])
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: attnflow.explain(t, methods=1.5),
+    lambda t: attnflow.explain(t, methods=[["rollout"]]),
+    lambda t: attnflow.explain(t, "rollout", sources=True),
+    lambda t: attnflow.explain(t, "rollout", sources=1.5),
+    lambda t: attnflow.explain(t, "rollout", all_layers=np.zeros(2)),
+    lambda t: attnflow.rollout(t, head_fusion=np.zeros(2)),
+    lambda t: attnflow.rollout(t, all_layers=np.zeros(2)),
+    lambda t: attnflow.flow(t, method=np.zeros(2), progress=False),
+    lambda t: attnflow.raw(t, head_fusion=["mean"]),
+    lambda t: attnflow.Options(flow_solver=np.zeros(2)),
+    lambda t: t.select(0, crop=np.zeros(2)),
+    lambda t: attnflow.AttentionTrace.from_arrays([layer.weights for layer in t.layers], names=5),
+    lambda t: attnflow.AttentionTrace.from_arrays([layer.weights for layer in t.layers], causal=np.zeros(2)),
+], ids=lambda call: str(call.__code__.co_firstlineno))
+def test_values_of_the_wrong_type_are_clear_errors(call):
+    """Found by a fuzz pass of 5,000 calls with values of the wrong type: each raised TypeError or ValueError
+    from inside numpy or Python instead of an AttnflowError naming the argument."""
+    with pytest.raises(attnflow.AttnflowError):
+        call(_tiny_trace())

@@ -12,6 +12,7 @@ from ..network._network import build_network, explained_stream
 from ..trace import AttentionTrace
 from ._fusion import (
     LayerSelection,
+    check_flag,
     check_max_seconds,
     is_int,
     select_layers,
@@ -97,7 +98,8 @@ def flow(
     """
     from ..network._solvers import METHODS
 
-    if method not in METHODS:
+    check_flag("all_layers", all_layers)
+    if not isinstance(method, str) or method not in METHODS:
         raise OptionError(f"method must be one of {METHODS}, got {method!r}.")
     options = Options(
         head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads,

@@ -16,11 +16,22 @@ HEAD_FUSIONS = ("mean", "max", "min")
 LayerSelection = slice | range | tuple[int, int] | Sequence[int] | None
 
 
+def check_head_fusion(head_fusion: object) -> str | None:
+    """``head_fusion`` if it is None or one of :data:`HEAD_FUSIONS`; an :class:`OptionError` otherwise."""
+    if head_fusion is not None and (not isinstance(head_fusion, str) or head_fusion not in HEAD_FUSIONS):
+        raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS} (or None), got {head_fusion!r}.")
+    return head_fusion
+
+
+def check_flag(name: str, value: object, *, none: bool = False) -> None:
+    """An :class:`OptionError` unless ``value`` is True or False (or None where ``none``)."""
+    if not (isinstance(value, (bool, np.bool_)) or (none and value is None)):
+        raise OptionError(f"{name} must be True or False{' (or None)' if none else ''}, got {value!r}.")
+
+
 def fuse_heads(weights: np.ndarray, head_fusion: str | None = "mean") -> np.ndarray:
     """Fuse attention heads: ``(batch, heads, q, k)`` -> ``(batch, q, k)`` float64 (None: mean)."""
-    head_fusion = head_fusion or "mean"
-    if head_fusion not in HEAD_FUSIONS:
-        raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
+    head_fusion = check_head_fusion(head_fusion) or "mean"
     w = np.asarray(weights)
     if head_fusion == "mean":  # accumulated in float64 without a float64 copy of every head
         return w.mean(axis=1, dtype=np.float64)
@@ -153,9 +164,7 @@ def attention_weights(
 ) -> EdgeWeights:
     """The edge weights of raw attention: heads fused (only ``heads[layer]`` where given), the lowest
     ``discard_ratio`` dropped, over real tokens."""
-    head_fusion = head_fusion or "mean"
-    if head_fusion not in HEAD_FUSIONS:
-        raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}.")
+    head_fusion = check_head_fusion(head_fusion) or "mean"
     heads = heads or {}
 
     def weights(index: int, b: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from .._errors import OptionError
 from ..network._solvers import METHODS as FLOW_SOLVERS
-from ._fusion import HEAD_FUSIONS, check_options, is_int, is_number
+from ._fusion import check_head_fusion, check_options, is_int, is_number
 
 HeadFusion = Literal["mean", "max", "min"]
 FlowSolver = Literal["auto", "dinic", "dinic-v1", "pruned", "igraph"]
@@ -53,15 +53,14 @@ class Options:
     max_seconds: float = 1800.0
 
     def __post_init__(self) -> None:
-        if self.head_fusion is not None and self.head_fusion not in HEAD_FUSIONS:
-            raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS}, got {self.head_fusion!r}.")
+        check_head_fusion(self.head_fusion)
         check_options(self.residual, self.discard_ratio)
         object.__setattr__(self, "heads", _heads(self.heads))
         if not isinstance(self.weights, str) or not self.weights:
             raise OptionError(f"weights must be a method name such as 'attention' or 'alti', got {self.weights!r}.")
         if not isinstance(self.normalize, bool):
             raise OptionError(f"normalize must be True or False, got {self.normalize!r}.")
-        if self.flow_solver not in FLOW_SOLVERS:
+        if not isinstance(self.flow_solver, str) or self.flow_solver not in FLOW_SOLVERS:
             raise OptionError(f"flow_solver must be one of {FLOW_SOLVERS}, got {self.flow_solver!r}.")
         if not (is_int(self.n_jobs) and self.n_jobs >= 1):
             raise OptionError(f"n_jobs must be a positive int, got {self.n_jobs!r}.")

@@ -13,6 +13,7 @@ from ..trace import AttentionTrace
 from ._fusion import (
     LayerSelection,
     attention_weights,
+    check_flag,
     fuse_heads,
     head_choice,
     select_layers,
@@ -89,6 +90,7 @@ def rollout(
         stream name to such an array, whose rows together sum to 1. With ``all_layers=True`` each array is
         ``(layers, batch, out, in)``, entry ``l`` the rollout up to and including selected layer ``l``.
     """
+    check_flag("all_layers", all_layers)
     options = Options(head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads)
     from ._sources import resolve_sources
 

@@ -25,7 +25,11 @@ class GeneratedSources(list):
 def resolve_sources(trace: AttentionTrace, stream: str, sources: Any) -> Sequence[int] | None:
     """``sources`` as positions: ``"generated"`` becomes :class:`GeneratedSources`; anything else is returned
     as given (checked where it is used)."""
+    if sources is None:
+        return None
     if not isinstance(sources, str):
+        if isinstance(sources, bytes) or not hasattr(sources, "__iter__") or not hasattr(sources, "__len__"):
+            raise OptionError(f"sources must be a list of token positions (e.g. [0]) or 'generated', got {sources!r}.")
         return sources
     if sources != GENERATED:
         raise OptionError(f"sources must be a list of token positions or 'generated', got {sources!r}.")

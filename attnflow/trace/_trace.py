@@ -216,10 +216,14 @@ class AttentionTrace:
         Returns:
             A validated :class:`AttentionTrace`.
         """
+        if causal is not None and not isinstance(causal, (bool, np.bool_)):
+            raise TraceError(f"causal must be True, False or None (detect it), got {causal!r}.")
         arrays = _as_layer_list(weights)
         for label, values in (("names", names), ("kinds", kinds), ("layer_streams", layer_streams)):
-            if values is not None and (isinstance(values, str) or len(values) != len(arrays)):
-                count = "a string" if isinstance(values, str) else f"{len(values)} {label}"
+            if values is not None and (isinstance(values, (str, bytes)) or not hasattr(values, "__len__")):
+                raise TraceError(f"{label} must be a list with one entry per layer ({len(arrays)}), got {values!r}.")
+            if values is not None and len(values) != len(arrays):
+                count = f"{len(values)} {label}"
                 raise TraceError(f"Got {count} for {len(arrays)} layers; give one entry of {label} per layer.")
         if source_dtype is not None and source_dtype not in (*ROW_SUM_TOLERANCE,):
             raise TraceError(f"source_dtype must be one of {sorted(ROW_SUM_TOLERANCE)}, got {source_dtype!r}.")
@@ -444,6 +448,8 @@ class AttentionTrace:
         if not is_int(batch_index) or not -self.batch_size <= batch_index < self.batch_size:
             raise TraceError(f"batch_index {batch_index!r} is out of range for a batch of {self.batch_size}.")
         b = int(batch_index) % self.batch_size
+        if not isinstance(crop, (bool, np.bool_)):
+            raise TraceError(f"crop must be True or False, got {crop!r}.")
         if crop:
             return self._cropped(b)
         keep = slice(b, b + 1)
