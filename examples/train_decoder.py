@@ -3,8 +3,10 @@
 No decoder weights ship with attnflow, and random weights give near-uniform attention, which says nothing
 about what flow does on a real model. This script trains one in a few minutes: a byte-level BPE tokenizer
 (2,048 tokens) and a GPT-2 (12 layers, 4 heads, width 96, 128 positions) trained on text every Python
-installation has. Each training sequence starts with the ``<|endoftext|>`` token, so the model learns the
-attention sink on the first token that real decoders show. The result is saved with ``save_pretrained``
+installation has. Each training sequence starts with the ``<|endoftext|>`` token, so the model can learn the
+attention sink on the first token that real decoders show; at 800 steps it is weak (the strongest head per
+layer puts up to 0.28 of its attention there on a 53-token docstring, 7x a uniform share; pretrained decoders
+put most of it there). The result is saved with ``save_pretrained``
 (safetensors) and loads back by path like any Hugging Face model directory.
 
 Run: python examples/train_decoder.py [--out DIR] [--steps N]   (default: examples/out/docstring-gpt2)
