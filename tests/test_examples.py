@@ -39,7 +39,6 @@ def test_example_runs(script, tmp_path):
 def test_hf_gpt_neox_and_its_penzai_conversion_agree_to_1e5(tmp_path):
     """A Hugging Face GPT-NeoX and penzai's JAX conversion of it, both captured by attnflow: every layer and
     head agrees to 1e-5 (float32), as do rollout and flow, on a padded batch."""
-    pytest.importorskip("penzai")
     out = run_example(Path(__file__).parent.parent / "examples" / "compare_hf_penzai.py", tmp_path)
     assert "verdict: OK" in out
     line = next(row for row in out.splitlines() if row.startswith("max |attention difference| per layer:"))

@@ -10,12 +10,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import flax.nnx  # noqa: E402,F401  (make install installs it; a missing one must fail, not skip)
 import numpy as np
 import pytest
 
 import attnflow
-
-pytest.importorskip("flax.nnx")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOL = 1e-5

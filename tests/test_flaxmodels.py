@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
-import pytest
-
-pytest.importorskip("flaxmodels")
-
+import flaxmodels  # noqa: F401  (make install installs it; a missing one must fail, not skip)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np
+import pytest
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flaxmodels.gpt2 import gpt2 as fm_gpt2  # noqa: E402

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-import pytest
-
-pytest.importorskip("gemma")
-pytest.importorskip("kauldron")
-
+import gemma  # noqa: F401  (make install installs both; a missing one must fail, not skip)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import kauldron  # noqa: F401
+import numpy as np
+import pytest
 from flax import linen as nn  # noqa: E402
 from gemma_import import import_gemma  # noqa: E402
 

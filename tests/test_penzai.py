@@ -14,13 +14,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-pytest.importorskip("penzai")
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np
+import penzai  # noqa: F401  (make install installs it; a missing one must fail, not skip)
+import pytest
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from penzai import pz  # noqa: E402
