@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..capture._adapter import import_optional
+
 BATCH, TOKENS, DECODER_TOKENS, HEADS, HEAD_SIZE, LAYERS, DECODER_LAYERS, FFN, VOCAB = 2, 7, 5, 3, 5, 3, 2, 11, 13
 HIDDEN = HEADS * HEAD_SIZE
 
 
 def torch_encoder(seed: int = 0) -> Any:
     """``torch.nn.TransformerEncoder`` of ``nn.MultiheadAttention`` layers (batch first)."""
-    import torch
+    torch = import_optional("torch", "torch")
 
     torch.manual_seed(seed)
     layer = torch.nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=FFN, dropout=0.0, batch_first=True)
@@ -23,7 +25,7 @@ def torch_encoder(seed: int = 0) -> Any:
 
 
 def torch_encoder_inputs(model: Any, seed: int = 1) -> tuple[tuple, dict]:
-    import torch
+    torch = import_optional("torch", "torch")
 
     generator = torch.Generator().manual_seed(seed)
     padding = torch.zeros(BATCH, TOKENS, dtype=torch.bool)
@@ -33,8 +35,8 @@ def torch_encoder_inputs(model: Any, seed: int = 1) -> tuple[tuple, dict]:
 
 def bert(seed: int = 0) -> Any:
     """A tiny Hugging Face ``BertModel`` as loaded by default (SDPA attention)."""
-    import torch
-    import transformers
+    torch = import_optional("torch", "torch")
+    transformers = import_optional("transformers", "transformers")
 
     torch.manual_seed(seed)
     config = transformers.BertConfig(
@@ -46,7 +48,7 @@ def bert(seed: int = 0) -> Any:
 
 def text_inputs(model: Any, seed: int = 2) -> tuple[tuple, dict]:
     """``input_ids`` and a right-padded ``attention_mask`` of (BATCH, TOKENS)."""
-    import torch
+    torch = import_optional("torch", "torch")
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (BATCH, TOKENS), generator=generator)
@@ -57,20 +59,20 @@ def text_inputs(model: Any, seed: int = 2) -> tuple[tuple, dict]:
 
 def t5(seed: int = 0) -> Any:
     """A tiny Hugging Face ``T5Model`` (encoder-decoder) as loaded by default."""
-    import torch
-    import transformers
+    torch = import_optional("torch", "torch")
+    transformers = import_optional("transformers", "transformers")
 
     torch.manual_seed(seed)
     config = transformers.T5Config(
         vocab_size=VOCAB, d_model=HIDDEN, d_kv=HEAD_SIZE, d_ff=FFN, num_layers=LAYERS,
         num_decoder_layers=DECODER_LAYERS, num_heads=HEADS, decoder_start_token_id=0, pad_token_id=0,
-    )  # type: ignore[call-arg]  # transformers 5 accepts further config keywords that its signature does not list
+    )
     return transformers.T5Model(config).eval()
 
 
 def seq2seq_inputs(model: Any, seed: int = 3) -> tuple[tuple, dict]:
     """Encoder ``input_ids``/``attention_mask`` (TOKENS) and decoder ones (DECODER_TOKENS), right-padded."""
-    import torch
+    torch = import_optional("torch", "torch")
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (BATCH, TOKENS), generator=generator)
