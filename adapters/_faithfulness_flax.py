@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.evaluate import Probe, ProbeRequest, Target, model_token_id, resolve_blank, target_positions
+from attnflow.evaluate import (
+    Probe,
+    ProbeRequest,
+    Target,
+    model_token_id,
+    resolve_blank,
+    target_index,
+    target_positions,
+)
 
 
 def probe(model: Any, request: ProbeRequest, args: tuple, kwargs: dict) -> FlaxProbe:
@@ -228,12 +236,7 @@ class FlaxProbe(Probe):
             if target.index is None:
                 self.index = np.asarray(jnp.argmax(rows, axis=-1))
             else:
-                index = np.broadcast_to(np.asarray(target.index, dtype=np.int64), (self.batch,))
-                if ((index < -classes) | (index >= classes)).any():
-                    raise attnflow.OptionError(
-                        f"target={target.index!r} is not an index of the model's {classes} outputs (classes or vocabulary)."
-                    )
-                self.index = index % classes
+                self.index = target_index(target.index, classes, self.batch, repr(target.index))
             self.base = np.asarray(self._score_array(output, items), dtype=np.float64)
         else:
             value = self._vector_or_scores(output, items)

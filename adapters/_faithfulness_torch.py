@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.evaluate import Probe, ProbeRequest, Target, model_token_id, resolve_blank, target_positions
+from attnflow.evaluate import (
+    Probe,
+    ProbeRequest,
+    Target,
+    model_token_id,
+    resolve_blank,
+    target_index,
+    target_positions,
+)
 
 from . import _torch_common as common
 
@@ -111,13 +119,7 @@ class TorchProbe(Probe):
             if target.index is None:
                 self.index = rows.argmax(-1).cpu().numpy()
             else:
-                index = np.broadcast_to(np.asarray(target.index, dtype=np.int64), (self.batch,))
-                if ((index < -classes) | (index >= classes)).any():
-                    raise attnflow.OptionError(
-                        f"target={_shown(target)} is not an index of the model's {classes} outputs (classes or "
-                        "vocabulary)."
-                    )
-                self.index = index % classes
+                self.index = target_index(target.index, classes, self.batch, _shown(target))
             self.base = self._score(output, items)
         else:
             value = self._vector_or_scores(output, items)

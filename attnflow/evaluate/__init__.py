@@ -17,6 +17,7 @@ from ._probe import blank_error as blank_error
 from ._probe import model_token_id as model_token_id
 from ._probe import resolve_blank as resolve_blank
 from ._probe import resolve_target as resolve_target
+from ._probe import target_index as target_index
 from ._probe import target_positions as target_positions
 from ._report import RANDOM as RANDOM
 from ._report import FaithfulnessReport as FaithfulnessReport
@@ -29,5 +30,5 @@ from ._stats import spearman as spearman
 __all__ = [
     "BLANKS", "CURVE_GRID", "ERASER_BINS", "REFERENCES", "RANDOM", "FaithfulnessReport", "Probe", "ProbeRequest",
     "Target", "blank_error", "evaluate_probe", "faithfulness", "model_token_id", "plot_rows", "rankdata", "resolve_blank",
-    "resolve_target", "spearman", "target_positions",
+    "resolve_target", "spearman", "target_index", "target_positions",
 ]

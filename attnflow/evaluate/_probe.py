@@ -230,3 +230,13 @@ def resolve_blank(blank: Any, tokenizer: Any, model: Any, vocabulary: int | None
         raise OptionError(f"blank token id {blank} is outside the model's vocabulary of {vocabulary} tokens.")
     return int(blank)
 
+
+def target_index(index: Any, classes: int, batch: int, shown: str) -> np.ndarray:
+    """``(batch,)`` class or vocabulary indices of a ``target=`` int (or per-item ints), negative ones counted
+    from the end; an :class:`OptionError` naming ``shown`` (the target as the user wrote it) when one is out of
+    range of the model's ``classes`` outputs."""
+    out = np.broadcast_to(np.asarray(index, dtype=np.int64), (batch,))
+    if ((out < -classes) | (out >= classes)).any():
+        raise OptionError(f"target={shown} is not an index of the model's {classes} outputs (classes or vocabulary).")
+    return out % classes
+
