@@ -24,11 +24,9 @@ callbacks (compiled code is kept).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 import importlib
 import itertools
-import re
 import sys
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from attnflow import AdapterError, AdapterOption, HiddenAttentionError, OptionError, Recorder
-from attnflow.capture import deferred_interrupts, switch
+from attnflow.capture import deferred_interrupts, module_selector, switch
 
 from ._hf_families import pick_key_stream, plan_streams
 
@@ -173,41 +171,9 @@ def check_options(adapter: str, options: Mapping[str, Any], base: type | None = 
 
 
 def selector_matcher(adapter: str, modules: Any, base: type | None) -> Callable[[str, Any], bool]:
-    """A predicate ``(path, module) -> bool`` for ``modules=``: module classes (isinstance), glob strings over
-    ``/``-separated module paths (``"layers_*/attn"``; ``.`` works too) or compiled regexes (fullmatch)."""
-    if isinstance(modules, (str, type, re.Pattern)):
-        modules = [modules]
-    try:
-        selectors = list(modules)
-    except TypeError:
-        selectors = [modules]
-    if not selectors:
-        raise OptionError(f"Adapter {adapter!r}: modules= is empty; give module classes or path patterns.")
-    for selector in selectors:
-        if isinstance(selector, (str, re.Pattern)) or (
-            isinstance(selector, type) and (base is None or issubclass(selector, base))
-        ):
-            continue
-        kind = f"{base.__module__}.{base.__qualname__} subclasses" if base is not None else "classes"
-        raise OptionError(
-            f"Adapter {adapter!r}: modules= takes {kind}, glob strings over module paths (e.g. 'layers_*/attn') "
-            f"or compiled regular expressions; got {selector!r}."
-        )
-
-    def match(path: str, module: Any) -> bool:
-        dotted = path.replace("/", ".")
-        for selector in selectors:
-            if isinstance(selector, type):
-                if isinstance(module, selector):
-                    return True
-            elif isinstance(selector, re.Pattern):
-                if selector.fullmatch(path):
-                    return True
-            elif fnmatch.fnmatchcase(path, selector) or fnmatch.fnmatchcase(dotted, selector):
-                return True
-        return False
-
-    return match
+    """:func:`attnflow.capture.module_selector` over ``/``-separated module paths (``"layers_*/attn"``;
+    ``.`` works too)."""
+    return module_selector(adapter, modules, base=base, example="layers_*/attn")
 
 
 # -- undoing --------------------------------------------------------------------------------------------------

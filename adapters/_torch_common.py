@@ -6,8 +6,6 @@ function that needs torch receives it or imports it lazily.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import deferred_interrupts
+from attnflow.capture import deferred_interrupts, module_selector
 
 from ._hf_families import pick_key_stream
 
@@ -50,44 +48,9 @@ def reduced(weights: Any, request: Any) -> Any:
 
 
 def selector_matcher(adapter: str, modules: Any, torch: Any) -> Callable[[str, Any], bool]:
-    """A predicate ``(path, module) -> bool`` for the ``modules=`` option.
-
-    Each selector is an ``nn.Module`` subclass (matched with isinstance), a string (an fnmatch glob over
-    the dotted module path, e.g. ``"layers.*.self_attn"``), or a compiled ``re.Pattern`` (fullmatch on the
-    path). One selector may be given bare instead of in a list.
-    """
-    if isinstance(modules, (str, type, re.Pattern)):
-        modules = [modules]
-    try:
-        selectors = list(modules)
-    except TypeError:
-        selectors = [modules]
-    if not selectors:
-        raise attnflow.OptionError(f"Adapter {adapter!r}: modules= is empty; give module classes or name patterns.")
-    for selector in selectors:
-        ok = (
-            isinstance(selector, (str, re.Pattern))
-            or (isinstance(selector, type) and issubclass(selector, torch.nn.Module))
-        )
-        if not ok:
-            raise attnflow.OptionError(
-                f"Adapter {adapter!r}: modules= takes torch.nn.Module subclasses, glob strings over module paths "
-                f"(e.g. 'layers.*.attn') or compiled regular expressions; got {selector!r}."
-            )
-
-    def match(path: str, module: Any) -> bool:
-        for selector in selectors:
-            if isinstance(selector, type):
-                if isinstance(module, selector):
-                    return True
-            elif isinstance(selector, re.Pattern):
-                if selector.fullmatch(path):
-                    return True
-            elif fnmatch.fnmatchcase(path, selector):
-                return True
-        return False
-
-    return match
+    """:func:`attnflow.capture.module_selector` for ``nn.Module`` subclasses and dotted module paths."""
+    return module_selector(adapter, modules, base=torch.nn.Module, base_name="torch.nn.Module",
+                           example="layers.*.attn")
 
 
 def no_match_error(adapter: str, model: Any, modules: Any) -> attnflow.AdapterError:

@@ -19,9 +19,10 @@ from ._registry import get_adapter as get_adapter
 from ._registry import list_adapters as list_adapters
 from ._registry import register_adapter as register_adapter
 from ._registry import unregister_adapter as unregister_adapter
+from ._selectors import module_selector as module_selector
 
 __all__ = [
     "CAPABILITIES", "NO_TARGET", "Adapter", "AdapterOption", "CaptureRequest", "GenerationStep", "Recorder", "StepLayer", "attach", "capture",
-    "deferred_interrupts", "generated_mask", "get_adapter", "import_optional", "list_adapters", "register_adapter",
-    "switch", "unregister_adapter",
+    "deferred_interrupts", "generated_mask", "get_adapter", "import_optional", "list_adapters", "module_selector",
+    "register_adapter", "switch", "unregister_adapter",
 ]
