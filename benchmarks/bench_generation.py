@@ -1,6 +1,6 @@
 """Explaining generated tokens: capture around generate(), then rollout and flow per generated token.
 
-The model is the 12-layer GPT-2 trained on the standard library's docstrings by examples/train_decoder.py
+The model is the 12-layer GPT-2 trained on the standard library's source and docstrings by examples/train_decoder.py
 (trained first when missing). A 64-token prompt, 32 new tokens (greedy): the trace has 95 positions.
 Measured side by side in one run on this machine: generate() alone vs inside attach() (stitching) vs
 attach(generation="rerun"); rollout and flow for every generated token; and the per-pair igraph loop
@@ -53,7 +53,7 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
     text = " ".join(docstrings()[-12:])  # the held-out end of the corpus
-    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text)["input_ids"][: PROMPT - 1]])
+    ids = torch.tensor([tokenizer(text)["input_ids"][:PROMPT]])  # BOS first, as in training
     if ids.shape[1] != PROMPT:
         raise SystemExit(f"the prompt text gave {ids.shape[1]} tokens, not {PROMPT}")
     settings = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": NEW,

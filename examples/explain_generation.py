@@ -1,7 +1,8 @@
 """Generate with a decoder and explain every generated token: which prompt tokens did it draw on?
 
-Uses the small GPT-2 trained on the standard library's docstrings by ``examples/train_decoder.py`` (trained
-first if it is not there; a few minutes on CPU), loaded back by path like any model directory.
+Uses the small GPT-2 trained on the standard library's source and docstrings by ``examples/train_decoder.py``
+(trained first if it is not there: about half an hour on one CPU core), loaded back by path like any model
+directory. Its tokenizer starts every text with ``<|endoftext|>``, the token its attention sinks into.
 
 Run: python examples/explain_generation.py ["prompt"] [--model DIR] [--new-tokens N]
 """
@@ -18,7 +19,7 @@ import transformers
 import attnflow
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_decoder import DEFAULT_OUT, train  # noqa: E402
+from train_decoder import DEFAULT_OUT, STEPS, train  # noqa: E402
 
 
 def main() -> None:
@@ -26,14 +27,14 @@ def main() -> None:
     parser.add_argument("prompt", nargs="?", default="Return a new list containing all items from the iterable in")
     parser.add_argument("--model", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--new-tokens", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=800, help="training steps when the model is not there yet")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps when the model is not there yet")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         train(args.model, args.steps)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model).eval()
 
-    inputs = tokenizer([tokenizer.bos_token + args.prompt], return_tensors="pt")
+    inputs = tokenizer([args.prompt], return_tensors="pt")  # its tokenizer starts every text with BOS
     with attnflow.attach(model, tokens=tokenizer) as rec:  # generate() as usual; its output is unchanged
         out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     trace = rec.trace  # one causal trace over the prompt and the generated tokens

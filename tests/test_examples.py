@@ -13,7 +13,7 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 LIBRARY_ONLY = {"flax_bert.py"}  # a module other examples import, run by its own tests
 OWN_TEST = {"compare_hf_penzai.py"}  # run by a test of its own below, which also reads what it prints
 #: Arguments that keep an example short here: the decoder examples train a few steps into the test's directory
-#: (the real run, 800 steps, takes minutes and is what the README's numbers come from).
+#: (the real run, 3,000 steps, takes about half an hour and is what the README's numbers come from).
 ARGS = {
     "train_decoder.py": ["--out", "decoder", "--steps", "12"],
     "explain_generation.py": ["--model", "decoder", "--steps", "12", "--new-tokens", "4"],
