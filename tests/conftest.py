@@ -7,6 +7,7 @@ import torch or transformers into the pytest process by itself.
 from __future__ import annotations
 
 import importlib.util
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,3 +138,13 @@ def hook_state(model) -> dict[str, tuple]:
 def hooks_of():
     """``hooks_of(model)``: a snapshot of every hook registered on every module of ``model``."""
     return hook_state
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (SIGINT raises KeyboardInterrupt) for the test, whatever the process started
+    with: a shell without job control starts background jobs with SIGINT ignored, and Python keeps that, so
+    tests that send themselves a real SIGINT would see nothing arrive."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

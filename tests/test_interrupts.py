@@ -18,6 +18,8 @@ import torch
 
 import attnflow
 
+pytestmark = pytest.mark.usefixtures("python_sigint")  # tests send this process real SIGINTs
+
 MODELS = ["bert", "gpt2", "encoder"]
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from attnflow._switches import deferred_interrupts, holders, switch
 
+pytestmark = pytest.mark.usefixtures("python_sigint")  # tests send this process real SIGINTs
+
 
 class Flag:
     """A process-wide setting with a log of every change."""
