@@ -57,9 +57,9 @@ HELD_OUT = 20_000
 
 
 def docstrings() -> list[str]:
-    """Every docstring of the modules above, their classes and functions, in a fixed order."""
+    """Every docstring of the modules above, their classes and functions, in a fixed order, each text once."""
     texts: list[str] = []
-    seen: set[int] = set()
+    seen: set[str] = set()
     for name in MODULES:
         try:
             module = importlib.import_module(name)
@@ -68,10 +68,10 @@ def docstrings() -> list[str]:
         objects = [module] + [value for _, value in sorted(vars(module).items()) if inspect.isclass(value) or inspect.isfunction(value)]
         for obj in objects:
             for member in [obj] + ([v for _, v in sorted(vars(obj).items()) if inspect.isfunction(v)] if inspect.isclass(obj) else []):
-                doc = inspect.getdoc(member)
-                if doc and id(doc) not in seen and len(doc) > 40:
-                    seen.add(id(doc))
-                    texts.append(" ".join(doc.split()))
+                text = " ".join((inspect.getdoc(member) or "").split())
+                if len(text) > 40 and text not in seen:
+                    seen.add(text)
+                    texts.append(text)
     return texts
 
 
