@@ -3,21 +3,22 @@
 No decoder weights ship with attnflow, and random weights give near-uniform attention, which says nothing
 about what flow does on a real model. This script trains one: a byte-level BPE tokenizer (2,048 tokens) and
 a GPT-2 (12 layers, 8 heads, width 96, 256 positions) trained for 3,000 steps of 8 x 256 tokens on text every
-Python installation has (about 1.5 M tokens: the top-level modules' source, then every docstring of the modules
+Python installation has (about 1.7 M tokens: the top-level modules' source, then every docstring of the modules
 below). Every training window starts with the ``<|endoftext|>`` token, and the saved tokenizer puts it first
 in every text, as Llama's do: the first token is always the same one, where real decoders grow their attention
-sink. On 64-token held-out docstrings, 17 of its 96 heads put more than 0.3 of their attention on the
-first token (the sink rate of Gu et al., ICLR 2025: 0.18; the strongest head 0.72; the mean over all heads
-0.19, 2.5x a uniform share; the previous recipe, 800 steps of 16 x 64 docstring tokens, had no such head).
-The sink fades with context (3 heads above 0.3 on 256 tokens) and is much weaker than in pretrained
+sink. On 64-token held-out docstrings, 19 of its 96 heads put more than 0.3 of their attention on the
+first token (the sink rate of Gu et al., ICLR 2025: 0.20; the strongest head 0.53; the mean over all heads
+0.20, 2.7x a uniform share; the previous recipe, 800 steps of 16 x 64 docstring tokens, had no such head).
+A rerun trains a similar, not identical, model (the BPE trainer orders tied merges differently per process).
+The sink fades with context (4 heads above 0.3 on 256 tokens) and is much weaker than in pretrained
 decoders, where most heads past the first layers put most of their attention there (Xiao et al., ICLR
-2024): a 1.6 M-parameter model trained on 1.5 M tokens is far from that regime (Gu et al. find the sink
+2024): a 1.6 M-parameter model trained on 1.7 M tokens is far from that regime (Gu et al. find the sink
 grows with data and training).
 The result is saved with ``save_pretrained`` (safetensors) and loads back by path like any Hugging Face model
 directory.
 
 Run: python examples/train_decoder.py [--out DIR] [--steps N]   (default: examples/out/docstring-gpt2;
-36 minutes on one CPU core here)
+36 minutes on one CPU core here, 28 on two)
 Then: python examples/explain_generation.py
 """
 
