@@ -259,6 +259,8 @@ def target_score(output: Any, request: Any, target_tokens: Any, torch: Any) -> A
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, torch.Tensor) and output.ndim in (2, 3):
         logits = output
+    if target == EMBEDDING or (target is None and logits is None and _hidden_states(output, torch) is not None):
+        return embedding_score(output, target_tokens, torch)
     if logits is None:
         raise attnflow.OptionError(
             f"The model's output ({type(output).__name__}) has no logits to take target={target!r} from; pass "
@@ -279,6 +281,38 @@ def target_score(output: Any, request: Any, target_tokens: Any, torch: Any) -> A
             )
         index = torch.full((batch,), target % logits.shape[-1], dtype=torch.long, device=logits.device)
     return logits.gather(1, index[:, None]).sum()
+
+
+#: The target of models without logits: each item's mean-pooled last hidden state projected on its own
+#: (fixed) direction, ``⟨h, h₀/‖h₀‖⟩``: its gradient is that of ``‖h‖`` along ``h₀``, where the cosine to the
+#: unablated embedding (faithfulness' ``"embedding"`` target) has gradient zero.
+EMBEDDING = "embedding"
+
+
+def _hidden_states(output: Any, torch: Any) -> Any:
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        hidden = output[0]
+    return hidden if isinstance(hidden, torch.Tensor) and hidden.ndim == 3 else None
+
+
+def embedding_score(output: Any, target_tokens: Any, torch: Any) -> Any:
+    """``Σ_b ⟨h_b, h_b/‖h_b‖⟩`` with the direction detached; ``h_b``: item b's last hidden state averaged over
+    its real tokens (``target_tokens``' mask; every position where it is unknown)."""
+    hidden = _hidden_states(output, torch)
+    if hidden is None:
+        raise attnflow.OptionError(
+            f"target='embedding' needs the model's last hidden state, (batch, tokens, width); the output "
+            f"({type(output).__name__}) has none. Pass target=a callable that maps the output to per-item scores."
+        )
+    mask = None if target_tokens is None else target_tokens[0]
+    if mask is not None and tuple(np.shape(mask)) == tuple(hidden.shape[:2]):
+        weights = torch.as_tensor(np.asarray(mask, dtype=np.float64), dtype=hidden.dtype, device=hidden.device)
+    else:
+        weights = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+    pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+    direction = pooled.detach() / pooled.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (pooled * direction).sum()
 
 
 def _target_positions(position: int | None, target_tokens: Any, batch: int, length: int, torch: Any) -> Any:

@@ -45,3 +45,13 @@ class ComparisonError(AttnflowError, ValueError):
 
 class MethodError(AttnflowError, TypeError):
     """A method is broken (registration) or cannot run on this trace (it lacks what the method needs)."""
+
+
+class CaptureUnavailableError(AdapterError):
+    """An adapter cannot capture one kind (``kind``: a row of the capture-kinds table, e.g. ``"values"``) for
+    this model, although it declares it: e.g. value vectors of a family it has no path map for. Raised while
+    the hooks are installed; ``methods="all"`` then skips the methods that need the kind."""
+
+    def __init__(self, message: str, *, kind: str):
+        super().__init__(message)
+        self.kind = kind

@@ -14,7 +14,7 @@ from ._errors import MethodError, OptionError, TraceFileError
 from ._tensorfile import read_tensor_file, write_tensor_file
 from .methods._fusion import check_flag, select_layers, stream_layer_indices
 from .methods._options import Options
-from .methods._registry import Method, get_method, list_methods
+from .methods._registry import ALL, SKIPPED, Method, get_method, list_methods, method_names
 from .methods._sources import GeneratedSources, resolve_sources
 from .network._network import explained_stream
 from .trace import AttentionTrace, Stream
@@ -38,7 +38,10 @@ def explain(
 
     Args:
         trace: the captured attention.
-        methods: method names (see :func:`attnflow.list_methods`), or one name.
+        methods: method names (see :func:`attnflow.list_methods`), one name, or ``"all"``: every registered
+            method this trace has what it needs for; those it lacks (and those the capture skipped) are listed
+            in :attr:`Explanation.skipped` with the reason. An explicit list the trace cannot serve is refused
+            in one :class:`MethodError` naming every method and what it lacks.
         sources: positions of the explained stream's output tokens to explain (negative: from each item's
             last real token), or ``"generated"`` for a ``generate()`` trace (see :func:`attnflow.flow`);
             default all.
@@ -51,18 +54,17 @@ def explain(
         An :class:`Explanation`; ``explanation["rollout"]`` is ``(batch, sources, tokens)`` (a dict by input
         stream where the explained stream draws on several).
     """
-    if isinstance(methods, (str, Method)):
-        methods = [methods]
-    if isinstance(methods, (bytes, Mapping)) or not hasattr(methods, "__iter__"):
-        raise OptionError(f"methods must be a method name or a list of them, e.g. ['rollout', 'flow']; got {methods!r}.")
-    names = list(methods)
+    names = method_names(methods)
     for name in names:
         if not isinstance(name, (str, Method)):
             raise OptionError(f"methods must hold method names such as 'rollout', got {name!r}; choose from {list_methods()}.")
     if not names:
-        raise OptionError(f"methods is empty; choose from {list_methods()}.")
+        raise OptionError(f"methods is empty; choose from {list_methods()}, or 'all'.")
     if len(set(names)) != len(names):
         raise OptionError(f"methods names a method twice: {names}.")
+    everything = names == [ALL]
+    if ALL in names and not everything:
+        raise OptionError(f"'all' stands alone (every registered method the trace supports); got {names}.")
     check_flag("all_layers", all_layers, none=True)
     options = options if options is not None else Options()
     if not isinstance(options, Options):
@@ -70,9 +72,8 @@ def explain(
     explained = explained_stream(trace, stream)
     own = stream_layer_indices(trace, explained)
     chosen = [own.index(i) for i in select_layers(trace, options.layers, explained)]
-    resolved = [get_method(name) for name in names]
-    for method in resolved:
-        method.check(trace)
+    resolved, skipped = _runnable(trace, [get_method(name) for name in (list_methods() if everything else names)],
+                                  everything)
     sources = resolve_sources(trace, explained, sources)
     positions = _source_positions(trace, explained, sources)
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -81,7 +82,13 @@ def explain(
     for method in resolved:
         every = method.all_layers_by_default if all_layers is None else bool(all_layers)
         start = time.perf_counter()
-        result = method.compute(trace, options, stream=explained, sources=sources, all_layers=every)
+        try:
+            result = method.compute(trace, options, stream=explained, sources=sources, all_layers=every)
+        except MethodError as exc:
+            if not everything:
+                raise
+            skipped[method.name] = str(exc)  # e.g. a method that needs every head, on a head-fused trace
+            continue
         seconds[method.name] = time.perf_counter() - start
         scores[method.name] = {name: np.asarray(value, dtype=np.float64) for name, value in result.items()}
         depth = next(iter(result.values())).shape[0]
@@ -97,8 +104,35 @@ def explain(
         streams={name: s for name, s in trace.streams.items() if name in used},
         sources=positions, requested_sources=None if sources is None else [int(s) for s in sources],
         options=options, model_name=trace.model_name, framework=trace.framework,
-        metadata={**trace.metadata, "seconds": seconds},
+        metadata={**{k: v for k, v in trace.metadata.items() if k != SKIPPED}, "seconds": seconds,
+                  **({SKIPPED: skipped} if skipped else {})},
     )
+
+
+def _runnable(trace: AttentionTrace, methods: list[Method], everything: bool) -> tuple[list[Method], dict[str, str]]:
+    """The methods that can run on ``trace`` and, for ``"all"``, the others with the reason (what the capture
+    already skipped keeps its reason). An explicit list that cannot run is refused in one error naming every
+    method and what it lacks."""
+    captured = trace.metadata.get(SKIPPED) or {}
+    failed: dict[str, str] = {}
+    for method in methods:
+        if method.name in captured:
+            failed[method.name] = str(captured[method.name])
+            continue
+        try:
+            method.check(trace)
+        except MethodError as exc:
+            failed[method.name] = str(exc)
+    if failed and not everything:
+        if len(failed) == 1:
+            raise MethodError(next(iter(failed.values())))
+        raise MethodError(
+            f"{len(failed)} of the methods asked for cannot run on this trace:\n"
+            + "\n".join(f"  - {name}: {why}" for name, why in failed.items())
+            + "\nCapture what they need in one go with attnflow.capture(model, ..., methods=[...]), or explain with "
+              "methods='all' to run what this trace supports."
+        )
+    return [m for m in methods if m.name not in failed], failed
 
 
 def _source_positions(trace: AttentionTrace, stream: str, sources: Sequence[int] | None) -> np.ndarray:
@@ -161,6 +195,11 @@ class Explanation:
     @property
     def methods(self) -> tuple[str, ...]:
         return tuple(self._scores)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Methods of ``explain(trace, "all")`` (or of a ``methods="all"`` capture) that were left out -> why."""
+        return {str(k): str(v) for k, v in (self.metadata.get(SKIPPED) or {}).items()}
 
     @property
     def batch_size(self) -> int:

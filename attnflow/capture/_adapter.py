@@ -12,19 +12,13 @@ from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 from .._errors import AdapterError, AttnflowError, MissingDependencyError, OptionError
+from .._kinds import CAPABILITIES as _CAPABILITIES
 from ._recorder import Recorder
 
-#: What an adapter can declare it captures (``Adapter.captures``).
-CAPABILITIES = frozenset({
-    "weights",  # attention probabilities (every adapter)
-    "streams",  # several token streams and cross-attention (encoder-decoder, towers)
-    "attn_grad",  # gradients of a target with respect to the attention probabilities
-    "values",  # value vectors, output projection, norms: what norm-based methods need
-    "value_zeroing",  # re-running layers with a token's values zeroed
-    "input_gradients",  # gradients of a target with respect to the input embeddings
-    "ablation",  # blanking input tokens out and re-running the model
-    "generation",  # stitching generate()'s cached steps into one trace
-})
+#: What an adapter can declare it captures (``Adapter.captures``): the capture kinds
+#: (:data:`attnflow._kinds.KINDS`: weights, attn_grad, values, value_zeroing, input_gradients, ablation) and
+#: the features ``streams`` and ``generation``.
+CAPABILITIES = _CAPABILITIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from .._errors import AdapterError
+from .._errors import AdapterError, CaptureUnavailableError
+from ..methods._registry import Method
 from ..trace import AttentionTrace
 from ._adapter import Adapter, check_adapter_options
+from ._plan import CapturePlan, capture_plan
 from ._recorder import NO_TARGET, CaptureRequest, Recorder
 from ._registry import find_adapter, list_adapters
+
+Methods = Iterable[str | Method] | str | None
 
 
 @contextmanager
 def attach(
-    model: Any, *, adapter: str | Adapter | None = None, tokens: Any = None, target: Any = NO_TARGET,
+    model: Any, *, adapter: str | Adapter | None = None, tokens: Any = None, methods: Methods = None,
+    target: Any = NO_TARGET,
     target_position: int | None = None, values: bool = False, value_zeroing: bool = False,
     generation: str | None = None, head_fusion: str | None = None, dtype: str | None = None, **options: Any
 ) -> Iterator[Recorder]:
@@ -25,10 +30,19 @@ def attach(
         model: the model (a ``torch.nn.Module``, a transformers model, a Flax module...).
         adapter: an adapter name or instance; default: the first registered adapter that claims ``model``.
         tokens: token labels (per batch item) or a tokenizer with ``convert_ids_to_tokens`` or ``decode``.
+        methods: record what these methods need (method names, a comma-separated string, or ``"all"``); see
+            :func:`attnflow.capture_plan`. Needs the adapter cannot capture are refused in one message, naming
+            each; with ``"all"`` the methods it cannot serve are skipped, also where the model turns out not to
+            support a kind (e.g. a family without a value path map), and ``trace.metadata["skipped_methods"]``
+            says why. Methods that need attention gradients get ``target`` (default None: the argmax logit, or
+            for a model without logits the ``"embedding"`` target). Adds to ``target``/``values``/
+            ``value_zeroing`` given explicitly.
         target: also record, per layer, the gradient of a target score with respect to the attention
             probabilities (extra ``"attn_grad"``, for gradient-weighted methods): an int indexes the last axis
             of the model's logits (a class, or a vocabulary id), None takes each item's argmax, a callable
-            ``target(output)`` returns per-item scores. Scores are per item (summed for one backward pass).
+            ``target(output)`` returns per-item scores, ``"embedding"`` takes the projection of each item's
+            mean-pooled last hidden state on its own direction (held fixed: ``⟨h, h₀/‖h₀‖⟩``, for models
+            without logits; the cosine to the unablated embedding has zero gradient there). Scores are per item (summed for one backward pass).
             Autograd is switched on for the pass even inside ``torch.no_grad()``; parameters' ``.grad`` are
             left untouched.
         target_position: where the logits are read along the sequence (default: the classification token for
@@ -52,11 +66,43 @@ def attach(
         per forward pass or ``generate()`` call). The hooks are removed (and any switched attention
         implementation restored) when the block exits, also on error.
     """
-    request = CaptureRequest(target=target, target_position=target_position, values=bool(values),
-                             value_zeroing=bool(value_zeroing), generation=generation, head_fusion=head_fusion,
-                             dtype=dtype)
     chosen = find_adapter(model, adapter, options)
     options = check_adapter_options(chosen, options)
+    plan = None if methods is None else capture_plan(methods, chosen)
+    while True:
+        request = _request(plan, target=target, target_position=target_position, values=values,
+                           value_zeroing=value_zeroing, generation=generation, head_fusion=head_fusion, dtype=dtype)
+        _check_captures(chosen, request)
+        recorder = Recorder(
+            framework=chosen.array_library or chosen.framework, model_name=chosen.model_name(model), tokens=tokens,
+            adapter=chosen.name, request=request,
+        )
+        stack = ExitStack()
+        try:
+            stack.enter_context(chosen.hooks(model, recorder, **options))
+        except CaptureUnavailableError as exc:
+            if plan is None or not plan.everything or exc.kind not in plan.kinds or exc.kind == "weights":
+                raise
+            plan = plan.without(exc.kind, f"{exc}")  # installing failed: nothing is left on the model
+            continue
+        break
+    with stack:
+        yield recorder
+
+
+def _request(plan: CapturePlan | None, *, target: Any, values: bool, value_zeroing: bool, **rest: Any) -> CaptureRequest:
+    """The capture request: the explicit keywords, plus what the plan's methods need."""
+    if plan is None:
+        return CaptureRequest(target=target, values=bool(values), value_zeroing=bool(value_zeroing), **rest)
+    wanted = plan.keywords(None if target is NO_TARGET else target)
+    return CaptureRequest(
+        target=wanted.get("target", target), values=bool(values) or bool(wanted.get("values")),
+        value_zeroing=bool(value_zeroing) or bool(wanted.get("value_zeroing")),
+        skipped=tuple(plan.skipped.items()), **rest,
+    )
+
+
+def _check_captures(chosen: Adapter, request: CaptureRequest) -> None:
     missing = sorted(request.needs() - set(chosen.captures))
     if missing:
         able = sorted(a.name for a in list_adapters() if set(missing) <= set(a.captures))
@@ -65,12 +111,6 @@ def attach(
             f"Adapter {chosen.name!r} cannot capture {missing} (it captures {sorted(chosen.captures)}). "
             f"Use an adapter that declares them{where}, or capture the attention weights alone."
         )
-    recorder = Recorder(
-        framework=chosen.array_library or chosen.framework, model_name=chosen.model_name(model), tokens=tokens,
-        adapter=chosen.name, request=request,
-    )
-    with chosen.hooks(model, recorder, **options):
-        yield recorder
 
 
 def capture(
@@ -79,6 +119,7 @@ def capture(
     adapter: str | Adapter | None = None,
     tokens: Any = None,
     adapter_options: Mapping[str, Any] | None = None,
+    methods: Methods = None,
     target: Any = NO_TARGET,
     target_position: int | None = None,
     values: bool = False,
@@ -89,7 +130,7 @@ def capture(
 ) -> AttentionTrace:
     """Run ``model`` once on ``*args, **kwargs`` and return its attention as an :class:`AttentionTrace`.
 
-    ``adapter``, ``tokens``, ``adapter_options``, ``target``, ``target_position``, ``values``,
+    ``adapter``, ``tokens``, ``adapter_options``, ``methods``, ``target``, ``target_position``, ``values``,
     ``value_zeroing``, ``head_fusion`` and ``dtype`` are attnflow's (see :func:`attach`); everything else goes
     to the model (for Flax linen, ``capture(model, variables, x)`` runs ``model.apply(variables, x)``).
 
@@ -98,7 +139,7 @@ def capture(
         with ``head_fusion``).
     """
     chosen = find_adapter(model, adapter, adapter_options)
-    with attach(model, adapter=chosen, tokens=tokens, target=target, target_position=target_position, values=values,
+    with attach(model, adapter=chosen, tokens=tokens, methods=methods, target=target, target_position=target_position, values=values,
                 value_zeroing=value_zeroing, head_fusion=head_fusion, dtype=dtype,
                 **dict(adapter_options or {})) as recorder:
         chosen.run(model, *args, **kwargs)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import AdapterError, OptionError, TraceError
+from .._kinds import KINDS
+from ..methods._registry import SKIPPED
 from ..trace import AttentionTrace, LayerAttention, Link, Stream
 from ..trace._stream import DEFAULT_STREAM, MEMORY_STREAM
 from ._generation import GenerationStep, StepLayer
@@ -51,6 +53,8 @@ class CaptureRequest:
         generation: how a ``generate()`` call becomes one trace: ``"stitch"`` its cached steps, or
             ``"rerun"`` one teacher-forced forward pass over the finished sequences; None: stitch, where the
             adapter can (an explicit choice needs the adapter's ``"generation"`` capability).
+        skipped: ``(method, reason)`` pairs of a ``methods="all"`` capture that this capture cannot serve;
+            stored in every trace's metadata (``"skipped_methods"``).
     """
 
     target: Any = NO_TARGET
@@ -60,6 +64,7 @@ class CaptureRequest:
     generation: str | None = None
     head_fusion: str | None = None
     dtype: str | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.generation not in (None, "stitch", "rerun"):
@@ -83,14 +88,15 @@ class CaptureRequest:
         return self.target is not NO_TARGET
 
     def needs(self) -> set[str]:
-        """The adapter capabilities this request needs (see ``attnflow.capture.CAPABILITIES``)."""
+        """The adapter capabilities this request needs (rows of the capture-kinds table, and ``"generation"``)."""
         needed = {"weights"}
-        if self.gradients:
-            needed.add("attn_grad")
-        if self.values:
-            needed.add("values")
-        if self.value_zeroing:
-            needed.add("value_zeroing")
+        for kind in KINDS.values():
+            if kind.keyword == "target":
+                on = self.gradients
+            else:
+                on = kind.keyword is not None and bool(getattr(self, kind.keyword, False))
+            if on:
+                needed.add(kind.name)
         if self.generation is not None:
             needed.add("generation")
         return needed
@@ -423,6 +429,8 @@ class Recorder:
         metadata = {"adapter": self.adapter, **current.metadata}
         if self.request.head_fusion:
             metadata["head_fusion"] = self.request.head_fusion
+        if self.request.skipped:
+            metadata[SKIPPED] = dict(self.request.skipped)
         built = []
         for layer in layers:
             built.append(LayerAttention(

@@ -13,13 +13,14 @@ import abc
 import inspect
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .._errors import MethodError, OptionError
+from .._kinds import KINDS, how_to_get
 from ..network._network import EdgeWeights
 from ..trace import AttentionTrace
 from ._options import Options
@@ -30,13 +31,6 @@ _DISTRIBUTION = "attnflow"
 #: Scores of one method: input stream -> ``(layers, batch, sources, input tokens)`` float64.
 Scores = dict[str, np.ndarray]
 
-#: What a method may need beyond the attention weights, and how to capture it (for the error message).
-NEEDS: Mapping[str, str] = {
-    "weights": "every trace has them",
-    "attn_grad": "capture with a target: attnflow.capture(model, ..., target=CLASS_OR_TOKEN_ID) (or attach(..., target=...))",
-    "values": "capture the value-side tensors: attnflow.capture(model, ..., values=True)",
-    "value_zeroing": "value zeroing re-runs the model: attnflow.capture(model, ..., value_zeroing=True)",
-}
 
 
 class Method(abc.ABC):
@@ -81,11 +75,12 @@ class Method(abc.ABC):
         for need in self.needs:
             if need == "weights":
                 continue
-            missing = [layer.name for layer in trace.layers if need not in layer.extras]
+            marker = KINDS[need].marker if need in KINDS else need
+            missing = [layer.name for layer in trace.layers if (marker or need) not in layer.extras]
             if missing:
                 raise MethodError(
                     f"Method {self.name!r} needs {need!r} per layer, which this trace lacks (layers {missing[:3]}"
-                    f"{'...' if len(missing) > 3 else ''}). {NEEDS.get(need, 'Capture them with an adapter that provides them')}."
+                    f"{'...' if len(missing) > 3 else ''}). {how_to_get(need)}."
                 )
 
     def __repr__(self) -> str:
@@ -133,6 +128,23 @@ def list_methods() -> list[str]:
     with _lock:
         _load_entry_points()
         return sorted(_methods, key=lambda n: (_methods[n].order, n))
+
+
+#: The method list that stands for every registered method (``explain(trace, "all")``, ``--methods all``).
+ALL = "all"
+#: Trace and explanation metadata key: methods of ``"all"`` left out -> why.
+SKIPPED = "skipped_methods"
+
+
+def method_names(methods: Iterable[str | Method] | str) -> list[str | Method]:
+    """``methods`` as a list: ``"all"`` stays ``["all"]``, ``"a,b"`` is split, one name becomes a list."""
+    if isinstance(methods, Method):
+        return [methods]
+    if isinstance(methods, str):
+        return [m.strip() for m in methods.split(",") if m.strip()]
+    if isinstance(methods, (bytes, Mapping)) or not hasattr(methods, "__iter__"):
+        raise OptionError(f"methods must be method names, a list of them or 'all'; got {methods!r}.")
+    return list(methods)
 
 
 def get_method(name: str | Method) -> Method:

@@ -10,6 +10,8 @@ from typing import Any, cast
 import numpy as np
 
 from .._errors import TraceError
+from .._kinds import EXTRA_TOKEN_AXES as EXTRA_TOKEN_AXES
+from .._kinds import SHARED_EXTRAS as _SHARED_EXTRAS
 from ._arrays import frozen, is_int
 from ._stream import DEFAULT_STREAM, MEMORY_STREAM, Link, Stream, check_name, complete_stream
 
@@ -17,6 +19,8 @@ from ._stream import DEFAULT_STREAM, MEMORY_STREAM, Link, Stream, check_name, co
 ROW_SUM_TOLERANCE = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-4, "float64": 1e-6}
 _DEFAULT_ROW_TOL = 1e-4
 KINDS = ("self", "cross")
+#: How a trace's heads may have been fused at capture (``metadata["head_fusion"]``).
+HEAD_FUSIONS = ("mean", "max", "min")
 _WEIGHT_DTYPES = ("float16", "float32", "float64")
 
 
@@ -160,14 +164,18 @@ class AttentionTrace:
         self._framework = framework
         self._model_name = model_name
         self._metadata = freeze_metadata(metadata)
+        fusion = self._metadata.get("head_fusion")
+        if fusion is not None and fusion not in HEAD_FUSIONS:
+            raise TraceError(f"metadata['head_fusion'] must be one of {HEAD_FUSIONS} (or absent), got {fusion!r}.")
         # heads fused by max or min at capture: rows need not sum to 1 (rollout renormalises them, as it does
-        # when it fuses heads itself)
-        check_rows = check_rows and self._metadata.get("head_fusion") not in ("max", "min")
+        # when it fuses heads itself); they still put nothing on padding or, if causal, on later tokens
+        sums = fusion not in ("max", "min")
         for index, layer in enumerate(self._layers):
             _check_extras(index, layer)
             if check_rows:
                 query, key = layer_streams(layer)
-                _check_rows(index, layer, completed[query]._completed(), completed[key]._completed())
+                _check_rows(index, layer, completed[query]._completed(), completed[key]._completed(),
+                            causal=query == key and bool(completed[query].causal), sums=sums)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -269,7 +277,7 @@ class AttentionTrace:
         }
         arguments.update(changes)
         layers = arguments.pop("layers")
-        return AttentionTrace(layers, check_rows="layers" in changes, **arguments)
+        return AttentionTrace(layers, check_rows="layers" in changes or "streams" in changes, **arguments)
 
     # -- what it holds ------------------------------------------------------------------------------
     @property
@@ -543,14 +551,6 @@ class AttentionTrace:
 
 
 # -- metadata ------------------------------------------------------------------------------------------
-#: The token axes (after the batch axis) of the per-layer extras attnflow's adapters record: "q" for the
-#: layer's query stream, "k" for its key stream, "" for another axis; used to crop an item to its tokens.
-EXTRA_TOKEN_AXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "attn_grad": ("", "q", "k"), "value": ("", "k", ""), "residual": ("q", ""), "norm_input": ("q", ""),
-    "norm_output": ("q", ""), "block_output": ("q", ""), "value_zeroing": ("q", "k"),
-})
-#: Extras that are parameters, the same for every item (first axis 1).
-_SHARED_EXTRAS = frozenset({"out_weight", "out_bias", "norm_weight", "norm_bias", "norm_eps"})
 
 
 def freeze_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -669,10 +669,7 @@ def _default_layer_streams(layers: list[LayerAttention]) -> list[LayerAttention]
         key = layer.key_stream
         if key is None:
             key = MEMORY_STREAM if layer.kind == "cross" else query
-        if layer.kind == "self" and key != query:
-            raise TraceError(
-                f"Layer {index} ({layer.name!r}) is kind='self' but its query and key streams differ ({query!r}, {key!r})."
-            )
+        _check_kind(index, layer, query, key)
         for stream in (query, key):
             if stream not in (DEFAULT_STREAM, MEMORY_STREAM):
                 raise TraceError(
@@ -680,6 +677,18 @@ def _default_layer_streams(layers: list[LayerAttention]) -> list[LayerAttention]
                 )
         out.append(dataclasses.replace(layer, query_stream=query, key_stream=key, source_dtype=_source_dtype(layer)))
     return out
+
+
+def _check_kind(index: int, layer: LayerAttention, query: Any, key: Any) -> None:
+    """A layer's given kind agrees with its streams: self-attention within one, cross between two."""
+    if layer.kind == "self" and key != query:
+        raise TraceError(
+            f"Layer {index} ({layer.name!r}) is kind='self' but its query and key streams differ ({query!r}, {key!r})."
+        )
+    if layer.kind == "cross" and key == query:
+        raise TraceError(
+            f"Layer {index} ({layer.name!r}) is kind='cross' but its queries and keys are both stream {query!r}."
+        )
 
 
 def _stream_list(streams: Any) -> list[Stream]:
@@ -730,14 +739,7 @@ def _named_layer_streams(layers: list[LayerAttention], streams: list[Stream]) ->
         key = layer.key_stream or (query if layer.kind != "cross" else None)
         if key is None:
             raise TraceError(f"Layer {index} ({layer.name!r}) is kind='cross' but names no key_stream.")
-        if layer.kind == "self" and key != query:
-            raise TraceError(
-                f"Layer {index} ({layer.name!r}) is kind='self' but its query and key streams differ ({query!r}, {key!r})."
-            )
-        if layer.kind == "cross" and key == query:
-            raise TraceError(
-                f"Layer {index} ({layer.name!r}) is kind='cross' but its queries and keys are both stream {query!r}."
-            )
+        _check_kind(index, layer, query, key)
         for stream in (query, key):
             if not isinstance(stream, str):
                 raise TraceError(f"Layer {index} ({layer.name!r}): stream names must be strings, got {stream!r}.")
@@ -791,38 +793,79 @@ def _detect_causal(stream: str, layers: list[LayerAttention], weights: list[np.n
 
 
 def _is_causal(w: np.ndarray, mask: np.ndarray) -> bool:
-    """No real query attends to a later real key (padding rows, e.g. of left-padded decoders, don't count)."""
+    """No real query attends to a later real key (padding rows, e.g. of left-padded decoders, don't count).
+
+    One pass without a temporary of the weights' size: the weights are finite and non-negative (checked
+    before), so the mass each row puts on later real keys is exactly 0 where no such weight is."""
     q, k = w.shape[-2:]
     if q != k or q < 2:
         return False
-    real = mask[:, None, :, None] & mask[:, None, None, :]
-    return not np.triu(w * real, k=1).any()
+    later = _later_keys(q)[None] & mask[:, None, :]  # (batch, query, key)
+    mass = _row_mass(w, later)
+    return not mass[np.broadcast_to(mask[:, None, :], mass.shape)].any()
 
 
-def _check_rows(index: int, layer: LayerAttention, query_mask: np.ndarray, key_mask: np.ndarray) -> None:
+def _later_keys(n: int) -> np.ndarray:
+    """``(n, n)`` bool: True where the key comes after the query."""
+    return np.triu(np.ones((n, n), bool), k=1)
+
+
+def _row_mass(w: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``(batch, heads, query)``: per row, the sum of the weights at the ``(batch, query, key)`` positions
+    ``where`` marks, in one pass over the weights (no product array of their size)."""
+    indicator = where.astype(np.promote_types(w.dtype, np.float32))
+    return np.einsum("bhqk,bqk->bhq", w, indicator)
+
+
+def _check_rows(
+    index: int, layer: LayerAttention, query_mask: np.ndarray, key_mask: np.ndarray, *, causal: bool, sums: bool,
+) -> None:
+    """Rows sum to 1 (``sums``; not for heads fused by max or min), put no more than the tolerance on keys the
+    mask marks as padding and, in a ``causal`` self-attention layer, on later real keys. Two passes over the
+    weights: the row sums, and the mass on forbidden keys (padding and, if causal, the future)."""
     w = layer.weights
     tol = max(ROW_SUM_TOLERANCE.get(layer.source_dtype, _DEFAULT_ROW_TOL),
               ROW_SUM_TOLERANCE.get(str(w.dtype), _DEFAULT_ROW_TOL))
-    sums = w.sum(axis=-1, dtype=np.float64)  # (batch, heads, query)
     valid_q = query_mask[:, None, :]
-    bad = (np.abs(sums - 1.0) > tol) & valid_q
-    if bad.any():
-        b, h, q = (int(x) for x in np.argwhere(bad)[0])
+    if sums:
+        row_sums = w.sum(axis=-1, dtype=np.float64)  # (batch, heads, query)
+        bad = (np.abs(row_sums - 1.0) > tol) & valid_q
+        if bad.any():
+            b, h, q = (int(x) for x in np.argwhere(bad)[0])
+            raise TraceError(
+                f"Layer {index} ({layer.name!r}): attention row (batch={b}, head={h}, query={q}) sums to "
+                f"{row_sums[b, h, q]:.6g}, not 1 (tolerance {tol:g} for {layer.source_dtype}). Pass softmax "
+                "probabilities over keys (last axis); if the axes are swapped, transpose to (batch, heads, query, "
+                "key). Weights converted from bfloat16 or float16 need from_arrays(..., source_dtype='bfloat16')."
+            )
+    n_q, n_k = w.shape[-2:]
+    padding = np.broadcast_to(~key_mask[:, None, :], (w.shape[0], n_q, n_k))
+    later = _later_keys(n_q)[None] & key_mask[:, None, :] if causal else None
+    forbidden = padding if later is None else padding | later
+    suspect = np.argwhere((_row_mass(w, forbidden) > tol) & valid_q)
+    if not suspect.size:
+        return
+    # the few rows over the tolerance, again, each part alone (a row may have a little of both)
+    rows = np.asarray(w[suspect[:, 0], suspect[:, 1], suspect[:, 2]], dtype=np.float64)  # (rows, key)
+    leaked = (rows * padding[suspect[:, 0], suspect[:, 2]]).sum(-1)
+    ahead = np.zeros_like(leaked) if later is None else (rows * later[suspect[:, 0], suspect[:, 2]]).sum(-1)
+    over = np.flatnonzero((leaked > tol) | (ahead > tol))
+    if not over.size:
+        return
+    r = int(over[0])
+    b, h, q = (int(x) for x in suspect[r])
+    if leaked[r] > tol:
         raise TraceError(
-            f"Layer {index} ({layer.name!r}): attention row (batch={b}, head={h}, query={q}) sums to "
-            f"{sums[b, h, q]:.6g}, not 1 (tolerance {tol:g} for {layer.source_dtype}). Pass softmax probabilities "
-            "over keys (last axis); if the axes are swapped, transpose to (batch, heads, query, key). Weights "
-            "converted from bfloat16 or float16 need from_arrays(..., source_dtype='bfloat16')."
-        )
-    leaked = (w * (~key_mask)[:, None, None, :]).sum(axis=-1, dtype=np.float64)
-    bad = (leaked > tol) & valid_q
-    if bad.any():
-        b, h, q = (int(x) for x in np.argwhere(bad)[0])
-        raise TraceError(
-            f"Layer {index} ({layer.name!r}): query {q} of batch item {b} (head {h}) puts {leaked[b, h, q]:.3g} of "
+            f"Layer {index} ({layer.name!r}): query {q} of batch item {b} (head {h}) puts {leaked[r]:.3g} of "
             f"its attention on positions the mask of stream {layer.key_stream!r} marks as padding. The mask does "
             "not match the one the model used; pass the model's attention_mask."
         )
+    k = int(np.flatnonzero(rows[r] * later[b, q])[0])  # type: ignore[index]
+    raise TraceError(
+        f"Layer {index} ({layer.name!r}): stream {layer.query_stream!r} is causal, but query {q} of batch item {b} "
+        f"(head {h}) puts {ahead[r]:.3g} of its attention on later tokens (first on key {k}; tolerance {tol:g}). "
+        "Leave causal unset to detect it from the weights, or set causal=False."
+    )
 
 
 def _check_extras(index: int, layer: LayerAttention) -> None:
