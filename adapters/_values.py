@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
+from attnflow.capture import CaptureUnavailableError
 
 from . import _torch_common as common
 
@@ -99,13 +100,14 @@ VALUE_MAPS: Mapping[str, ValueMap] = {
 }
 
 
-def value_map(model: Any) -> ValueMap:
+def value_map(model: Any, kind: str = "values") -> ValueMap:
+    """The family's path map; ``kind``: the capture kind that needs it (named in the error)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in VALUE_MAPS:
-        raise attnflow.AdapterError(
-            f"values=True needs to know where {type(model).__name__} keeps its value vectors, output projection "
+        raise CaptureUnavailableError(
+            f"{kind}=True needs to know where {type(model).__name__} keeps its value vectors, output projection "
             f"and norms; attnflow knows the families {sorted(VALUE_MAPS)} (model_type {model_type!r} is not one). "
-            "Add its path map to attnflow.adapters._values.VALUE_MAPS."
+            "Add its path map to attnflow.adapters._values.VALUE_MAPS.", kind=kind,
         )
     return VALUE_MAPS[model_type]
 
@@ -142,7 +144,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         kv_heads = int(kv_heads_config or heads)
         layers.append((path, f"{layer}:{kind}", layout, parts, heads, kv_heads))
     if not layers:
-        raise attnflow.AdapterError(f"values=True: no self-attention layer of {type(model).__name__} matches its path map.")
+        raise CaptureUnavailableError(
+            f"values=True: no self-attention layer of {type(model).__name__} matches its path map.", kind="values")
 
     def keep(layer: str, slot: str, take_input: bool) -> Any:
         def hook(module: Any, args: tuple, output: Any = None) -> None:
