@@ -1,16 +1,25 @@
-"""Value zeroing (Mohebbi et al., 2023) at capture time: each layer re-run once per token with that token's
-value vectors zeroed.
+"""Value zeroing (Mohebbi, Zuidema, Chrupała & Alishahi, EACL 2023) at capture time: each layer re-run once per
+token with that token's value vectors zeroed.
 
-Private to attnflow.adapters; torch is passed in. For each recorded self-attention layer of a family in
-:data:`attnflow.adapters._values.VALUE_MAPS`, the layer module's inputs and output are kept during the
-forward pass; at its end, for every item and real token ``j``, the layer is run again on that item's inputs
-(all ``n`` variants in one batch) with a hook that zeroes ``j``'s value vectors, and ``1 - cos(output_i,
-original output_i)`` becomes entry ``[i, j]`` of the layer's extra ``"value_zeroing"`` ``(batch, queries,
-keys)``. Cache arguments are left out of the re-runs, so a cache the model returns is not touched.
+Private to attnflow.adapters; torch is passed in. For each recorded attention module of a family in
+:data:`attnflow.adapters._values.VALUE_MAPS`, the inputs and output of its layer (the whole transformer
+block: attention, feed-forward, norms) are kept during the forward pass; at its end, for every item and real
+key token ``j``, the layer is run again on that item's inputs (the variants in batches of :data:`CHUNK`) with
+a hook that zeroes ``j``'s value vectors in that module, and the cosine distance ``1 - cos(output_i, original
+output_i)`` (in float64, as ``‖â - b̂‖² / 2`` of the unit vectors, which has no cancellation when the two are
+close) becomes entry ``[i, j]`` of the module's extra ``"value_zeroing"`` ``(batch, queries, keys)``. Entries
+on padding are 0, and so are a causal stream's future keys (``j > i``).
+
+Encoder-decoders (BART, Marian, mBART, whose map has a ``cross`` part): a decoder layer is re-run with an
+encoder token's values zeroed in its cross-attention too, so the cross-attention module gets
+``(batch, decoder queries, encoder keys)`` distances of the same layer output; the method
+(``attnflow.methods._contributions.ValueZeroing``) normalises each decoder row over both parts together.
+Cache arguments are left out of the re-runs, so a cache the model returns is not touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -19,77 +28,159 @@ import numpy as np
 import attnflow
 
 from . import _torch_common as common
+from ._hf_families import pick_key_stream
 from ._values import value_map
 
 _CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache")
+#: Zeroed variants of one item run through a layer at a time (bounds the memory of long inputs).
+CHUNK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Zeroed:
+    """One recorded attention module whose values are zeroed: its path, kind and value module."""
+
+    path: str
+    kind: str
+    value: Any
+    part: str
 
 
 def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common.TorchPass, torch: Any,
             handles: list[Any]) -> None:
-    layout = value_map(model)
+    try:
+        family = value_map(model)
+    except attnflow.AdapterError as exc:
+        raise attnflow.AdapterError(str(exc).replace("values=True", "value_zeroing=True", 1)) from exc
     modules = dict(model.named_modules())
-    layers = []
+    layers: dict[str, list[_Zeroed]] = {}  # layer (block) path -> the attention modules zeroed in it
     for path, _, kind, _ in targets:
-        if kind == "self" and path.endswith("." + layout.attention):
-            layer = path[: -len(layout.attention) - 1]
-            layers.append((path, modules[layer], modules[f"{layer}.{layout.value}"]))
+        layout = family if kind == "self" else family.cross
+        if layout is None:
+            raise attnflow.AdapterError(
+                f"value_zeroing=True: {type(model).__name__} has cross-attention layers ({path!r}) but its family's "
+                "path map in attnflow.adapters._values.VALUE_MAPS describes no cross-attention block (ValueMap.cross), "
+                "so its encoder tokens' values cannot be zeroed; BART, Marian and mBART have one."
+            )
+        if not path.endswith("." + layout.attention):
+            continue
+        layer = path[: -len(layout.attention) - 1]
+        value = modules.get(f"{layer}.{layout.value}")
+        if value is None:
+            raise attnflow.AdapterError(f"value_zeroing=True: layer {layer!r} has no {layout.value!r} module.")
+        layers.setdefault(layer, []).append(_Zeroed(path, kind, value, layout.value_part))
     if not layers:
-        raise attnflow.AdapterError(f"value_zeroing=True: no self-attention layer of {type(model).__name__} matches its path map.")
+        raise attnflow.AdapterError(f"value_zeroing=True: no attention layer of {type(model).__name__} matches its path map.")
 
-    def keep_inputs(path: str) -> Any:
+    def keep_inputs(layer: str) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
             if passes.active and not passes.paused:
-                passes.state.setdefault("vz_inputs", {}).setdefault(path, []).append((args, kwargs))
+                passes.state.setdefault("vz_inputs", {}).setdefault(layer, []).append((args, kwargs))
 
         return hook
 
-    def keep_output(path: str) -> Any:
+    def keep_output(layer: str) -> Any:
         def hook(module: Any, args: tuple, output: Any) -> None:
             if passes.active and not passes.paused:
                 hidden = output[0] if isinstance(output, tuple) else output
-                passes.state.setdefault("vz_outputs", {}).setdefault(path, []).append(hidden.detach())
+                passes.state.setdefault("vz_outputs", {}).setdefault(layer, []).append(hidden.detach())
 
         return hook
 
-    for path, layer, _ in layers:
-        handles.append(layer.register_forward_pre_hook(keep_inputs(path), with_kwargs=True))
-        handles.append(layer.register_forward_hook(keep_output(path)))
+    for layer in layers:
+        handles.append(modules[layer].register_forward_pre_hook(keep_inputs(layer), with_kwargs=True))
+        handles.append(modules[layer].register_forward_hook(keep_output(layer)))
 
     def finish(p: common.TorchPass) -> None:
         inputs, outputs = p.state.get("vz_inputs", {}), p.state.get("vz_outputs", {})
         indices = p.state.get("indices", {})
-        masks = p.state.get("target_tokens") or (None, None)
         with torch.no_grad():
-            for path, layer, value in layers:
-                for call, index in enumerate(indices.get(path, [])):
-                    args, kwargs = inputs[path][call]
-                    original = outputs[path][call]
-                    scores = _scores(layer, value, layout.value_part, args, kwargs, original, masks[0], torch)
-                    p.recorder.add_extras(index, value_zeroing=scores)
+            for layer, zeroed in layers.items():
+                for call, (args, kwargs) in enumerate(inputs.get(layer, [])):
+                    original = outputs[layer][call]
+                    for target in zeroed:
+                        recorded = indices.get(target.path, [])
+                        if call >= len(recorded):
+                            continue
+                        rows, cols, keys, causal = _token_masks(p, target, original, args, kwargs)
+                        scores = _scores(modules[layer], target, args, kwargs, original, keys, rows, cols, causal,
+                                         torch)
+                        p.recorder.add_extras(recorded[call], value_zeroing=scores)
 
     passes.finishers.append(finish)
 
 
-def _scores(layer: Any, value: Any, part: str, args: tuple, kwargs: dict, original: Any, mask: Any,
-            torch: Any) -> np.ndarray:
-    batch, tokens, _ = original.shape
-    out = np.zeros((batch, tokens, tokens))
+def _token_masks(p: common.TorchPass, target: _Zeroed, original: Any, args: tuple,
+                 kwargs: dict) -> tuple[np.ndarray | None, np.ndarray | None, int, bool]:
+    """``(query mask, key mask, key length, causal)`` of one zeroed module: the real-token masks of its query
+    and key streams as the adapter described them in this pass (None: every token is real), and whether it is
+    the self-attention of a causal stream."""
+    known = _described_streams(p)
+    query = p.stream_of(target.path)
+    info = known.get(query, {})
+    batch, length = int(original.shape[0]), int(original.shape[1])
+    rows = _mask(info.get("mask"), (batch, length))
+    if target.kind == "self":
+        return rows, rows, length, bool(info.get("causal"))
+    keys = _key_length(args, kwargs)
+    if keys is None:
+        raise attnflow.AdapterError(
+            f"value_zeroing=True: {target.path!r} is a cross-attention layer, but its layer was called without "
+            "encoder_hidden_states (batch, keys, hidden), so the encoder tokens to zero are unknown."
+        )
+    key = pick_key_stream(query, keys, p.seen) if query is not None else None
+    cols = _mask(known.get(key, {}).get("mask"), (batch, keys)) if key is not None else None
+    return rows, cols, keys, False
+
+
+def _described_streams(p: common.TorchPass) -> dict[Any, dict[str, Any]]:
+    """What the recorder's open pass knows of each stream (mask, causal flag), {} where it says nothing."""
+    current = getattr(p.recorder, "_pass", None)
+    streams = getattr(current, "streams", None)
+    return dict(streams) if isinstance(streams, dict) else {}
+
+
+def _mask(mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    array = np.asarray(mask).astype(bool)
+    return array if array.shape == shape else None
+
+
+def _key_length(args: tuple, kwargs: dict) -> int | None:
+    """The key length of a decoder layer's cross-attention: its ``encoder_hidden_states``' length."""
+    states = kwargs.get("encoder_hidden_states")
+    if states is None and len(args) > 2:
+        states = args[2]
+    shape = getattr(states, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) == 3 else None
+
+
+def _scores(layer: Any, target: _Zeroed, args: tuple, kwargs: dict, original: Any, keys: int,
+            rows_mask: np.ndarray | None, cols_mask: np.ndarray | None, causal: bool, torch: Any) -> np.ndarray:
+    """``(batch, queries, keys)`` float64 cosine distances of the layer's outputs with each real key token's
+    values zeroed in ``target``'s value module; 0 on padding and, when causal, on future keys."""
+    batch, queries, _ = original.shape
+    out = np.zeros((batch, queries, keys))
     args, kwargs = _without_cache(layer, args, kwargs)
     for b in range(batch):
-        real = np.arange(tokens) if mask is None else np.flatnonzero(np.asarray(mask)[b])
-        count = real.size
-        zeroed = torch.as_tensor(real)
-
-        handle = value.register_forward_hook(_zeroing(zeroed, part, torch))
-        try:
-            result = layer(*_variants(args, b, batch, count, torch), **_variants(kwargs, b, batch, count, torch))
-        finally:
-            handle.remove()
-        hidden = result[0] if isinstance(result, tuple) else result
-        reference = original[b : b + 1].expand(count, -1, -1)
-        cosine = torch.nn.functional.cosine_similarity(hidden.float(), reference.float(), dim=-1)  # (count, tokens)
-        distance = (1.0 - cosine).clamp(min=0.0).T.cpu().double().numpy()  # [i, k]: i's output with real[k] zeroed
-        out[b][np.ix_(real, real)] = distance[real]
+        rows = np.arange(queries) if rows_mask is None else np.flatnonzero(rows_mask[b])
+        cols = np.arange(keys) if cols_mask is None else np.flatnonzero(cols_mask[b])
+        reference = torch.nn.functional.normalize(original[b].double(), dim=-1)  # (queries, d)
+        for start in range(0, cols.size, CHUNK):
+            positions = cols[start : start + CHUNK]
+            count = positions.size
+            handle = target.value.register_forward_hook(_zeroing(torch.as_tensor(positions), target.part, torch))
+            try:
+                result = layer(*_variants(args, b, batch, count, torch), **_variants(kwargs, b, batch, count, torch))
+            finally:
+                handle.remove()
+            hidden = result[0] if isinstance(result, tuple) else result
+            unit = torch.nn.functional.normalize(hidden.double(), dim=-1)  # (count, queries, d)
+            distance = 0.5 * (unit - reference).pow(2).sum(-1)  # ‖â - b̂‖² / 2 = 1 - cos, in float64
+            out[b][np.ix_(rows, positions)] = distance.T.cpu().numpy()[rows]
+        if causal:
+            out[b] = np.tril(out[b])  # j > i: a future token, which a causal layer cannot read
     return out
 
 
@@ -121,11 +212,14 @@ def _zeroing(positions: Any, part: str, torch: Any) -> Any:
 
 
 def _variants(value: Any, b: int, batch: int, count: int, torch: Any) -> Any:
-    """Item ``b`` of every batch-first tensor in ``value``, repeated ``count`` times (shared tensors kept)."""
+    """Item ``b`` of every batch-first tensor in ``value``, repeated ``count`` times (shared tensors kept; a 1-D
+    tensor, such as ``cache_position``, is a position axis, never the batch)."""
     if isinstance(value, torch.Tensor):
-        if value.ndim and value.shape[0] == batch and batch > 1:
+        if value.ndim < 2:
+            return value
+        if value.shape[0] == batch and batch > 1:
             value = value[b : b + 1]
-        if value.ndim and value.shape[0] == 1:
+        if value.shape[0] == 1:
             return value.expand(count, *value.shape[1:])
         return value
     if isinstance(value, tuple):

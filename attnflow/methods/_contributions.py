@@ -269,11 +269,23 @@ class Alti(_Cumulative):
 
 
 class ValueZeroing(Method):
-    """Value zeroing, Mohebbi et al. (2023): for each layer and token ``j``, the layer is re-run with ``j``'s
-    value vectors zeroed (the attention weights unchanged); token ``i``'s score is the cosine distance of its
-    output to the original, rows normalised, then rolled out across layers. The adapter computes the
-    per-layer scores at capture time: ``capture(..., value_zeroing=True)`` (costs one forward of each layer
-    per token)."""
+    """Value zeroing, Mohebbi, Zuidema, Chrupała & Alishahi (EACL 2023): for each layer and token ``j``, the
+    layer (the whole block: attention, feed-forward, norms) is re-run on its original input with ``j``'s value
+    vectors zeroed in every head, the attention weights unchanged; ``[i, j]`` is the cosine distance between
+    token ``i``'s original output and this one (in float64), rows normalised to sum to 1, then rolled out
+    across layers by plain matrix products (no residual added, as in the paper's code). Padding is 0, and
+    so are a causal stream's future tokens (``j > i``).
+
+    Encoder-decoders (BART, Marian, mBART): a decoder layer is re-run with a decoder token's values zeroed in
+    its self-attention (``d_self``) and with an encoder token's values zeroed in its cross-attention
+    (``d_cross``, the distances of the same layer output); each decoder row is normalised over both together,
+    ``[d_cross, d_self] / (Σ d_cross + Σ d_self)``. Routed as ALTI+ is: the self-attention layer's edges are
+    ``d_self`` normalised, the cross-attention layer's ``[d_cross, Σ_j d_self]`` normalised, the residual's share
+    last, so the decoder's rows come as ``{"encoder": ..., "decoder": ...}`` and sum to 1 together (per layer,
+    ``all_layers``, the decoder comes after each sublayer, self- and cross-attention alike).
+
+    The adapter computes the per-layer distances at capture time, ``capture(..., value_zeroing=True)``: about
+    one forward pass of each layer per token (per token of each stream a layer reads), for every item."""
 
     name = "value_zeroing"
     needs = ("weights", "value_zeroing")
@@ -281,6 +293,18 @@ class ValueZeroing(Method):
     reference = MOHEBBI
     edge_residual = 0.0
     order = 43
+
+    def check(self, trace: AttentionTrace) -> None:
+        bare = [layer.name for layer in trace.layers if layer.kind == "cross" and "value_zeroing" not in layer.extras]
+        if bare and any("value_zeroing" in layer.extras for layer in trace.layers):
+            raise MethodError(
+                f"value_zeroing on an encoder-decoder needs the cross-attention layers zeroed too, and {bare[0]!r} "
+                "has no scores: this trace was captured with self-attention zeroed only (by an older attnflow, or "
+                "built by hand). Capture it again with attnflow.capture(model, ..., value_zeroing=True), which zeroes "
+                "the cross-attention of the families whose path map in attnflow.adapters._values.VALUE_MAPS has a "
+                "cross part (BART, Marian, mBART)."
+            )
+        super().check(trace)
 
     def compute(self, trace: AttentionTrace, options: Options, *, stream: str, sources: Sequence[int] | None,
                 all_layers: bool) -> Scores:
@@ -290,11 +314,40 @@ class ValueZeroing(Method):
     def edge_weights(self, trace: AttentionTrace, options: Options) -> EdgeWeights:
         def weights(index: int, b: int) -> np.ndarray:
             layer = trace.layers[index]
-            rows = trace.valid_index(b, layer.query_stream)
-            cols = trace.valid_index(b, layer.key_stream)
-            return normalise_rows(np.asarray(layer.extras["value_zeroing"][b], np.float64)[np.ix_(rows, cols)])
+            own = _zeroing_distances(trace, index, b)
+            if layer.kind != "cross":
+                return normalise_rows(own)
+            partner = _self_partner(trace, index)
+            residual = _zeroing_distances(trace, partner, b).sum(axis=-1, keepdims=True)
+            return normalise_rows(np.concatenate([own, residual], axis=1))  # the residual's share last, as ALTI+
 
         return weights
+
+
+def _zeroing_distances(trace: AttentionTrace, index: int, b: int) -> np.ndarray:
+    """One layer's value-zeroing distances over the real tokens of item ``b``, future keys of a causal
+    self-attention layer set to 0."""
+    layer = trace.layers[index]
+    query, key = layer_streams(layer)
+    rows, cols = trace.valid_index(b, query), trace.valid_index(b, key)
+    scores = np.asarray(layer.extras["value_zeroing"][b], np.float64)[np.ix_(rows, cols)]
+    if layer.kind == "self" and trace.streams[query].causal:
+        scores = np.where(rows[:, None] >= cols[None, :], scores, 0.0)
+    return scores
+
+
+def _self_partner(trace: AttentionTrace, index: int) -> int:
+    """The self-attention layer of the same block as cross-attention layer ``index``: the last self-attention
+    layer of its query stream before it (its output is what the cross-attention block adds to)."""
+    query = trace.layers[index].query_stream
+    for earlier in range(index - 1, -1, -1):
+        layer = trace.layers[earlier]
+        if layer.kind == "self" and layer.query_stream == query:
+            return earlier
+    raise MethodError(
+        f"value_zeroing: cross-attention layer {trace.layers[index].name!r} has no self-attention layer of stream "
+        f"{query!r} before it, whose distances its rows are normalised with."
+    )
 
 
 def _effective(trace: AttentionTrace, index: int, b: int, heads: list[int] | None, fusion: str) -> np.ndarray:
