@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
+from attnflow.capture import CaptureUnavailableError
 
 from . import _torch_common as common
 from ._hf_families import pick_key_stream
@@ -48,19 +49,16 @@ class _Zeroed:
 
 def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common.TorchPass, torch: Any,
             handles: list[Any]) -> None:
-    try:
-        family = value_map(model)
-    except attnflow.AdapterError as exc:
-        raise attnflow.AdapterError(str(exc).replace("values=True", "value_zeroing=True", 1)) from exc
+    family = value_map(model, "value_zeroing")
     modules = dict(model.named_modules())
     layers: dict[str, list[_Zeroed]] = {}  # layer (block) path -> the attention modules zeroed in it
     for path, _, kind, _ in targets:
         layout = family if kind == "self" else family.cross
         if layout is None:
-            raise attnflow.AdapterError(
+            raise CaptureUnavailableError(
                 f"value_zeroing=True: {type(model).__name__} has cross-attention layers ({path!r}) but its family's "
                 "path map in attnflow.adapters._values.VALUE_MAPS describes no cross-attention block (ValueMap.cross), "
-                "so its encoder tokens' values cannot be zeroed; BART, Marian and mBART have one."
+                "so its encoder tokens' values cannot be zeroed; BART, Marian and mBART have one.", kind="value_zeroing",
             )
         if not path.endswith("." + layout.attention):
             continue
@@ -70,7 +68,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
             raise attnflow.AdapterError(f"value_zeroing=True: layer {layer!r} has no {layout.value!r} module.")
         layers.setdefault(layer, []).append(_Zeroed(path, kind, value, layout.value_part))
     if not layers:
-        raise attnflow.AdapterError(f"value_zeroing=True: no attention layer of {type(model).__name__} matches its path map.")
+        raise CaptureUnavailableError(
+            f"value_zeroing=True: no attention layer of {type(model).__name__} matches its path map.", kind="value_zeroing")
 
     def keep_inputs(layer: str) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:

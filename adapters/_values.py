@@ -124,9 +124,10 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         layout = family if kind == "self" else family.cross
         if layout is None:
             if kind == "cross":
-                raise attnflow.AdapterError(
+                raise CaptureUnavailableError(
                     f"values=True: {type(model).__name__} has cross-attention layers ({path!r}) but its family's path "
-                    "map in attnflow.adapters._values.VALUE_MAPS describes no cross-attention block (ValueMap.cross)."
+                    "map in attnflow.adapters._values.VALUE_MAPS describes no cross-attention block (ValueMap.cross).",
+                    kind="values",
                 )
             continue
         if not path.endswith("." + layout.attention):

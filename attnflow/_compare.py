@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import numpy as np
 
-from ._errors import ComparisonError, OptionError
+from ._errors import ComparisonError, MethodError, OptionError
 from .trace import AttentionTrace, LayerAttention
 
 if TYPE_CHECKING:
@@ -355,7 +355,8 @@ def compare(
         head_fusion: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
         residual: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
         max_seconds: passed to :func:`attnflow.flow`.
-        methods: further registered methods to compare (e.g. ``["grad_rollout", "norm", "alti"]``, for traces
+        methods: further registered methods to compare (e.g. ``["grad_rollout", "norm", "alti"]``, or ``"all"``:
+            every method both traces support; for traces
             captured with ``target=``/``values=``): each method's scores after the last layer, for every
             token, computed on both traces with the same options; their max difference is check ``methods``.
         methods_atol: tolerance of those differences (default: ``rollout_atol``).
@@ -474,6 +475,12 @@ def _method_differences(
         return {}
     from ._explanation import explain
     from .methods._options import Options
+    from .methods._registry import ALL, list_methods
+
+    if list(methods) == [ALL]:  # every method both traces support, beside the rollout and flow compared above
+        methods = [m for m in list_methods() if m not in ("raw", "rollout", "flow") and _supports(a, m) and _supports(b, m)]
+        if not methods:
+            return {}
 
     options = Options(head_fusion=head_fusion, residual=residual)
     out: dict[str, float] = {}
@@ -485,6 +492,16 @@ def _method_differences(
             diff = max(float(np.abs(sa[k] - sb[k]).max()) for k in sa)
             out[name] = max(out.get(name, 0.0), diff)
     return out
+
+
+def _supports(trace: AttentionTrace, method: str) -> bool:
+    from .methods._registry import get_method
+
+    try:
+        get_method(method).check(trace)
+    except MethodError:
+        return False
+    return True
 
 
 def spearman(x: np.ndarray, y: np.ndarray, *, tie_tol: float = 0.0) -> float:

@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--head-fusion", default=None, choices=("mean", "max", "min"),
                         help="how heads are fused (default: mean, or what the traces were captured with)")
     parser.add_argument("--methods", default="", metavar="NAMES",
-                        help="also compare these registered methods, comma-separated (e.g. grad_rollout,norm,alti)")
+                        help="also compare these registered methods, comma-separated (e.g. grad_rollout,norm,alti), or all: every method both traces were captured for")
     parser.add_argument("--methods-atol", type=float, default=None, help="their tolerance (default: rollout-atol)")
     parser.add_argument("--residual", type=float, default=0.5)
     parser.add_argument("--png", default=None, metavar="PATH", help="write the per-layer/head difference heatmap")

@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,13 +21,15 @@ from .._models import packaged_model_dir
 from .._tensorfile import atomic_write, check_writable_target, make_directory
 from ..capture._adapter import check_adapter_options, load_model
 from ..capture._capture import capture
+from ..capture._plan import CapturePlan, capture_plan
 from ..capture._registry import get_adapter
 from ..methods._fusion import check_max_seconds
 from ..methods._options import Options
-from ..methods._registry import get_method, list_methods
+from ..methods._registry import ALL, get_method, list_methods
 from ..plot._figure import parse_formats, pyplot, write_figure
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+_TABLE_COLUMNS = 4
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
@@ -57,7 +60,20 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--adapter", default="transformers", help="adapter that loads the model (default: transformers)")
     parser.add_argument("--out", default="attnflow-out", help="output directory (default: attnflow-out/)")
-    parser.add_argument("--methods", default="raw,rollout,flow", help="comma-separated methods (default raw,rollout,flow)")
+    parser.add_argument(
+        "--methods", default="raw,rollout,flow",
+        help="comma-separated methods, or all: every registered method the adapter can capture for the model "
+        f"(those it cannot are listed as skipped, with the reason); any of {', '.join(list_methods())} "
+        "(default raw,rollout,flow). What the methods need (attention gradients, value vectors, value zeroing) is "
+        "captured for them",
+    )
+    parser.add_argument(
+        "--target", default="auto",
+        help="the score gradient methods (grad_rollout, attn_grad) explain: auto (the argmax logit of a classifier; "
+        "for a decoder the next-token logit at each item's last real token; for a model without logits, such as "
+        "the packaged sentence encoder, the embedding target: the mean-pooled last hidden state projected on its "
+        "own direction), embedding, or a logit index (a class or vocabulary id)",
+    )
     parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
     parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
@@ -102,8 +118,8 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def check_arguments(args: argparse.Namespace) -> tuple[list[str], Options]:
-    """Refuse bad settings before anything is loaded; the methods and options to use."""
+def check_arguments(args: argparse.Namespace) -> tuple[CapturePlan, Options]:
+    """Refuse bad settings before anything is loaded; what to capture for which methods, and the options."""
     layers = None
     if args.layer is not None:
         if args.layer < 0:
@@ -117,11 +133,9 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], Options]:
         raise OptionError(f"--top must be at least 1 (input tokens to list per method), got {args.top}.")
     if args.max_length is not None and args.max_length < 2:
         raise OptionError(f"--max-length must be at least 2 tokens, got {args.max_length}.")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:
-        get_method(method)  # an unknown name fails here, listing the registered ones
-    if not methods:
-        raise OptionError(f"--methods names no method; choose from {', '.join(list_methods())}.")
+    # unknown names, and needs the adapter cannot capture (all in one message), fail here, before the model loads
+    plan = capture_plan(args.methods, get_adapter(args.adapter))
+    args.target_value = parse_target(args.target, plan)
     given = [name for name, value in (("TEXT", args.text), ("--texts", args.texts), ("--image", args.image)) if value]
     if len(given) != 1:
         raise OptionError(
@@ -147,7 +161,24 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[str], Options]:
         check_writable_target(args.html, "HTML page")
     if args.texts:
         args.text_list = read_texts(args.texts)
-    return methods, options
+    return plan, options
+
+
+def parse_target(value: str, plan: CapturePlan) -> Any:
+    """``--target``: None (auto), ``"embedding"`` or a logit index; refused when no method asked for needs it."""
+    if value == "auto":
+        return None
+    if "attn_grad" not in plan.kinds:
+        gradient = [m for m in list_methods() if "attn_grad" in get_method(m).needs]
+        raise OptionError(
+            f"--target chooses the score that gradient methods ({', '.join(gradient)}) explain, and none of "
+            f"{', '.join(plan.methods)} is one; leave --target out, or add one of them to --methods."
+        )
+    if value == "embedding":
+        return value
+    if re.fullmatch(r"\d+", value):
+        return int(value)
+    raise OptionError(f"--target must be auto, embedding or a logit index (a class or vocabulary id, >= 0); got {value!r}.")
 
 
 def check_generate(args: argparse.Namespace) -> None:
@@ -220,7 +251,7 @@ def read_texts(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods, options = check_arguments(args)
+    plan, options = check_arguments(args)
     adapter = get_adapter(args.adapter)
     out = make_directory(Path(args.out))
     location = args.model or packaged_model_dir()
@@ -234,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     if args.generate is not None:
         from ._generate import run_generation
 
-        return run_generation(args, methods, options, adapter, model, tokenizer, location, out, timings)
+        return run_generation(args, plan, options, adapter, model, tokenizer, location, out, timings)
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     if seq2seq and args.target_text is None:
         raise OptionError(
@@ -265,18 +296,39 @@ def run(args: argparse.Namespace) -> int:
         inputs = adapter.encode(tokenizer, texts, max_length=args.max_length, targets=targets)
         labels = tokenizer
     inputs = inputs_to(inputs, args.device, args.dtype)
-    trace = capture(model, adapter=adapter, tokens=labels, adapter_options=args.adapter_options or None, **inputs)
+    trace = capture(model, adapter=adapter, tokens=labels, adapter_options=args.adapter_options or None,
+                    **plan_keywords(plan, args.target_value), **inputs)
     timings["capture"] = time.perf_counter() - start
     trace = trace.replace(metadata={**trace.metadata, "model_location": str(location)})
     check_layer(trace, args.layer)
     sources = resolve_sources(trace, args.source_list)
 
-    explanation = explain(trace, methods, options=options, sources=sources)
+    explanation = explain(trace, planned_methods(plan), options=options, sources=sources)
+    print_skipped(explanation)
     timings.update({f"{name}": seconds for name, seconds in explanation.metadata["seconds"].items()})
     written = write_outputs(out, trace, explanation, timings, args=args, image=image)
     print_table(explanation, args.top, timings, exclude_special=args.exclude_special)
     print(f"wrote {out}/ ({', '.join(written)}, trace.safetensors, explanation.safetensors, explanation.json)")
     return 0
+
+
+def plan_keywords(plan: CapturePlan, target: Any) -> dict[str, Any]:
+    """The :func:`attnflow.capture` keywords that record what the plan's methods need."""
+    keywords: dict[str, Any] = {"methods": planned_methods(plan)}
+    if "attn_grad" in plan.kinds:
+        keywords["target"] = target
+    return keywords
+
+
+def planned_methods(plan: CapturePlan) -> Any:
+    """``"all"`` for an all-methods plan (so that kinds the model cannot serve are skipped, not fatal), else the list."""
+    return ALL if plan.everything else list(plan.methods)
+
+
+def print_skipped(explanation: Explanation) -> None:
+    """One line per method of ``--methods all`` that was left out, with the reason (on stderr)."""
+    for method, why in explanation.skipped.items():
+        print(f"attnflow: skipped {method}: {why.splitlines()[0]}", file=sys.stderr)
 
 
 def to_device(model: Any, device: str | None, dtype: str | None) -> Any:
@@ -503,14 +555,17 @@ def _print_one_token(explanation: Explanation, top: int, exclude_special: bool =
         which = f"input {b + 1}: " if explanation.batch_size > 1 else ""
         note = " (special tokens excluded, renormalised)" if exclude_special else ""
         print(f"{which}Top input tokens for {label!r} (position {position}){note}:")
-        print(f"{'rank':>4}  " + "  ".join(f"{name:<22}" for name in matrices))
         order = {name: np.argsort(-m.values[r], kind="stable") for name, m in matrices.items()}
-        for rank in range(min(top, len(tokens))):
-            cells = []
-            for name, m in matrices.items():
-                j = order[name][rank]
-                cells.append(f"{tokens[j][:12]:<12} {m.values[r, j]:8.4f}")
-            print(f"{rank + 1:>4}  " + "  ".join(f"{c:<22}" for c in cells))
+        names = list(matrices)
+        for first_column in range(0, len(names), _TABLE_COLUMNS):  # a table of at most 4 methods side by side
+            shown = names[first_column:first_column + _TABLE_COLUMNS]
+            print(f"{'rank':>4}  " + "  ".join(f"{name:<22}" for name in shown))
+            for rank in range(min(top, len(tokens))):
+                cells = []
+                for name in shown:
+                    j = order[name][rank]
+                    cells.append(f"{tokens[j][:12]:<12} {matrices[name].values[r, j]:8.4f}")
+                print(f"{rank + 1:>4}  " + "  ".join(f"{c:<22}" for c in cells))
 
 
 def _print_per_token(explanation: Explanation, top: int) -> None:

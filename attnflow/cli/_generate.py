@@ -15,12 +15,13 @@ from .._errors import OptionError
 from .._explanation import Explanation, explain
 from .._tensorfile import atomic_write
 from ..capture._capture import attach
+from ..capture._plan import CapturePlan
 from ..methods._options import Options
 from ..plot._figure import pyplot
 
 
 def run_generation(
-    args: argparse.Namespace, methods: list[str], options: Options, adapter: Any, model: Any, tokenizer: Any,
+    args: argparse.Namespace, plan: CapturePlan, options: Options, adapter: Any, model: Any, tokenizer: Any,
     location: Any, out: Path, timings: dict[str, float],
 ) -> int:
     """Generate ``args.generate`` tokens greedily inside ``attach()``, explain them (``sources="generated"``),
@@ -40,13 +41,16 @@ def run_generation(
         )
     start = time.perf_counter()
     inputs = adapter.encode(tokenizer, [args.text], max_length=args.max_length)
-    from ._explain import inputs_to
+    from ._explain import inputs_to, plan_keywords
 
     inputs = inputs_to(inputs, args.device, args.dtype)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
-    with attach(model, adapter=adapter, tokens=tokenizer, **args.adapter_options) as rec:
+    # what the methods need beyond the weights comes from one teacher-forced pass over the finished sequences
+    rerun = "rerun" if plan.kinds - {"weights"} else None
+    with attach(model, adapter=adapter, tokens=tokenizer, generation=rerun, **plan_keywords(plan, args.target_value),
+                **args.adapter_options) as rec:
         model.generate(**inputs, max_new_tokens=args.generate, do_sample=False, pad_token_id=pad)
     trace = rec.trace
     timings["generate+capture"] = time.perf_counter() - start
@@ -57,10 +61,11 @@ def run_generation(
             "is not a decoder's continuation. --generate needs a decoder such as GPT-2 or Llama."
         )
     trace = trace.replace(metadata={**trace.metadata, "model_location": str(location)})
-    from ._explain import check_layer
+    from ._explain import check_layer, planned_methods, print_skipped
 
     check_layer(trace, args.layer)
-    explanation = explain(trace, methods, options=options, sources="generated")
+    explanation = explain(trace, planned_methods(plan), options=options, sources="generated")
+    print_skipped(explanation)
     timings.update(dict(explanation.metadata["seconds"].items()))
     rows = generated_rows(explanation, args.top, exclude_special=args.exclude_special)
     written = write_generation(out, trace, explanation, rows, timings, args)
