@@ -5,7 +5,8 @@ two strings: ``"attnflow"``, the JSON header, and ``"attnflow.sha256"``, the SHA
 string. The header carries the file's ``format`` and ``version`` and, under ``"sha256"``, a digest of
 every array (its dtype, shape and the little-endian bytes safetensors writes). Reading checks all of
 them, so a flipped byte anywhere in the header or an array, a truncated file or an edited shape is a
-:class:`attnflow.TraceFileError`, never a silently different result. This layer knows nothing of what
+:class:`attnflow.TraceFileError`, never a silently different result. A boolean array holding a byte other
+than 0 or 1 (which attnflow never writes) is refused too. This layer knows nothing of what
 the arrays mean; the trace, explanation and batch modules turn their objects into arrays and a header.
 """
 
@@ -207,6 +208,9 @@ def read_tensor_file(
     for key, value in tensors.items():
         if checksum(value) != digests[key]:
             raise TraceFileError(f"{damaged}: array {key!r} does not match its checksum.")
+        if value.dtype == np.bool_ and value.size and value.view(np.uint8).max() > 1:
+            # safetensors hands the bytes over as they are; numpy's operators disagree on a bool byte of 2..255
+            raise TraceFileError(f"{damaged}: boolean array {key!r} holds bytes other than 0 and 1.")
     return tensors, header
 
 

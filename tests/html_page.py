@@ -15,8 +15,30 @@ def page_data(page: str) -> tuple[dict, bytes]:
     """The page's JSON payload and its decompressed binary block."""
     match = re.search(r'<script type="application/json" id="attnflow-data">(.*?)</script>', page, re.S)
     assert match, "the page has no attnflow-data block"
-    data = json.loads(match.group(1).replace("<\\/", "</"))
+    data = json.loads(match.group(1))
     return data, zlib.decompress(base64.b64decode(data["blob"]))
+
+
+#: Comment and script openers and closers a label may carry: each changes the HTML parser's state if it
+#: reaches a <script> element's text unescaped (``<!--<script>`` makes the data block swallow the viewer).
+HOSTILE = ["<!--<script>", "</script>", "<!--", "-->", "<script>x</script>", "</SCRIPT >", "a&amp;b", "]]>"]
+
+
+def hostile_explanation():
+    """``(trace, explanation, labels, title)``: every string the page shows carries the openers above: the
+    token labels, the layer names, the model name, the metadata and the title. Layers 2, batch 1, heads 3,
+    tokens 8."""
+    import attnflow
+
+    rng = np.random.default_rng(11)
+    labels = list(HOSTILE)
+    weights = [rng.dirichlet(np.ones(len(labels)), size=(1, 3, len(labels))) for _ in range(2)]
+    trace = attnflow.AttentionTrace.from_arrays(
+        weights, tokens=[labels], names=["<!--<script>.0", "</script>.1"], model_name="m<!--<script>-->",
+        metadata={"note": "</script><!--<script>", "prompt_length": 3},
+    )
+    explanation = attnflow.explain(trace, ["raw", "rollout"])
+    return trace, explanation, labels, "t</script><!--<script>"
 
 
 def read_array(desc: dict, raw: bytes) -> np.ndarray:

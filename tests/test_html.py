@@ -4,11 +4,12 @@ at 3 significant digits, per-head weights within 8-bit precision, a self-contain
 
 from __future__ import annotations
 
+import html
 import re
 
 import numpy as np
 import pytest
-from html_page import page_data, read_array, same_to_3_digits
+from html_page import hostile_explanation, page_data, read_array, same_to_3_digits
 from plot_traces import decoder_trace, encoder_trace, seq2seq_trace
 
 import attnflow
@@ -86,6 +87,24 @@ def test_the_page_reaches_nothing_outside_itself():
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page, re.I)
     assert not re.search(r"https?://", page)
     assert page.count("<script") == 2  # the data block and the inline script; nothing loaded
+
+
+def test_comment_and_script_openers_in_labels_leave_only_the_pages_script_tags():
+    """A label ``<!--<script>`` in the JSON block would switch the HTML parser to "script data escaped" and the
+    block would swallow the viewer's script; ``</script>`` would end the block early. The data block holds
+    no ``<``, ``>`` or ``&`` at all, and its JSON gives back every string exactly."""
+    trace, explanation, labels, title = hostile_explanation()
+    page = explanation.to_html(trace, title=title)
+    assert len(re.findall(r"<script\b", page, re.I)) == 2 and len(re.findall(r"</script", page, re.I)) == 2
+    assert "<!--" not in page and "-->" not in page
+    block = re.search(r'<script type="application/json" id="attnflow-data">(.*?)</script>', page, re.S).group(1)
+    assert not set("<>&") & set(block)
+    data, _ = page_data(page)
+    assert data["items"][0]["streams"]["tokens"]["tokens"] == labels
+    assert data["items"][0]["source_labels"] == labels
+    assert data["title"] == title and data["model"] == "m<!--<script>-->"
+    assert [layer["name"] for layer in data["layers"]] == ["<!--<script>.0", "</script>.1"]
+    assert f"<title>{html.escape(title)}</title>" in page
 
 
 def test_a_trace_that_is_not_the_explanations_is_refused():

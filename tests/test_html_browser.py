@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from html_page import same_to_3_digits
+from html_page import hostile_explanation, same_to_3_digits
 from plot_traces import decoder_trace, renormalised, seq2seq_trace
 
 import attnflow
@@ -194,3 +194,21 @@ def test_decoder_page_shows_generated_over_prompt(browser, tmp_path):
     same_to_3_digits(shown_scores(browser, "tokens"), explanation.layers("rollout")[-1, 0, 7])
     screenshot(browser, tmp_path, "page-decoder")
     assert console_errors(browser) == []
+
+
+def test_comment_and_script_openers_in_every_string_render(browser, tmp_path):
+    """Labels, layer names, model name, metadata and title carrying ``<!--<script>``, ``</script>``, ``<!--`` and
+    ``-->``: the viewer runs (the page leaves "Loading…"), shows each label as it is and runs nothing else."""
+    trace, explanation, labels, title = hostile_explanation()
+    path = tmp_path / "hostile.html"
+    explanation.to_html(trace, path=path, title=title)
+    open_page(browser, path)
+    assert browser.find_element("id", "status").text != "Loading…"
+    assert browser.title == title and title in browser.find_element("css selector", "h1").text
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#text .tok')).map(s => s.getAttribute('title'))")
+    assert [text.split(" (tokens ")[0] for text in shown] == labels
+    assert browser.execute_script("return document.scripts.length") == 2
+    same_to_3_digits(shown_scores(browser, "tokens"), explanation.layers("raw")[-1, 0, 0])
+    assert console_errors(browser) == []
+    assert requested_urls(browser) == [path.as_uri()]

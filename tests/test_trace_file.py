@@ -21,9 +21,13 @@ LAYERS, BATCH, HEADS, SEQ = 3, 2, 4, 5
 
 
 def sample_trace(rng=None, causal=None) -> AttentionTrace:
+    """Non-causal weights, or with ``causal=True`` weights that are (the flag is checked against them)."""
     rng = rng or np.random.default_rng(0)
     weights = [rng.dirichlet(np.ones(SEQ), size=(BATCH, HEADS, SEQ)).astype(np.float32) for _ in range(LAYERS)]
     for w in weights:
+        if causal:
+            w *= np.tril(np.ones((SEQ, SEQ), np.float32))
+            w /= w.sum(-1, keepdims=True)
         w[1, :, :, 3:] = 0
         w[1] /= w[1].sum(-1, keepdims=True)
     mask = np.ones((BATCH, SEQ), bool)
@@ -174,7 +178,7 @@ def test_format_1_files_still_load(tmp_path):
     """A file as attnflow 0.1 wrote it (written here by hand from that format's description)."""
     from safetensors.numpy import save_file
 
-    trace = sample_trace(causal=True)  # causal flag set by hand, unlike what detection says
+    trace = sample_trace(causal=True)
     tensors = {"mask": trace.mask}
     layers = []
     for i, layer in enumerate(trace.layers):
@@ -206,7 +210,7 @@ def test_format_1_files_still_load(tmp_path):
 
 def test_causal_flag_that_differs_from_detection_round_trips(tmp_path):
     trace = sample_trace(causal=True)
-    assert trace.causal  # forced, although the weights are not causal
+    assert trace.causal
     trace.save(tmp_path / "t.safetensors")
     assert attnflow.load(tmp_path / "t.safetensors").causal
     forced_off = AttentionTrace.from_arrays([np.tril(np.ones((1, 1, 3, 3))) / np.arange(1, 4)[:, None]] * 2,

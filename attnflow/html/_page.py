@@ -17,9 +17,20 @@ def _asset(name: str) -> str:
     return resources.files("attnflow.html").joinpath(name).read_text(encoding="utf-8")
 
 
+#: What the JSON text of the data block never holds literally: ``<`` (so no ``</script>``, ``<!--`` or
+#: ``<script`` can change the HTML parser's state inside the block), ``>`` and ``&`` (so no ``-->`` and no
+#: character reference), as JSON escapes that ``JSON.parse`` reads back to the same characters.
+_JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
+
+
+def data_block(payload: dict[str, Any]) -> str:
+    """The payload's JSON as it sits inside the page's ``<script type="application/json">`` element."""
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).translate(_JSON_ESCAPES)
+
+
 def render_page(payload: dict[str, Any]) -> str:
     """The complete page for a payload from :func:`build_payload`."""
-    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    data = data_block(payload)
     title = html.escape(payload["title"])
     options = html.escape(payload["options"])
     heads = payload["layers"] is not None

@@ -36,8 +36,11 @@ def bool_mask(value: Any, shape: tuple[int, int], what: str) -> np.ndarray:
         raise TraceError(f"{what} must be an array of shape {shape}; got {type(value).__name__}.") from exc
     if array.shape != shape:
         raise TraceError(f"{what} must have shape (batch, length) = {shape}; got {array.shape}.")
-    if array.dtype != np.bool_:
-        numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-        if not numeric or not np.isin(array, (0, 1)).all():
-            raise TraceError(f"{what} must hold only 0/1 or booleans.")
+    if array.dtype == np.bool_:
+        # a bool array viewed from other bytes may hold 2..255; numpy's operators then disagree on them (~ of a
+        # byte 255 is 254, still True): every nonzero byte is True, stored as 1
+        return frozen(array.view(np.uint8) != 0)
+    numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if not numeric or not np.isin(array, (0, 1)).all():
+        raise TraceError(f"{what} must hold only 0/1 or booleans.")
     return frozen(array.astype(bool))

@@ -11,7 +11,11 @@ Format 2 (written since streams exist)::
 
 Format 1 files (attnflow 0.1: one stream, ``mask`` array, ``tokens``/``causal`` in the header) still load;
 their cross-attention layers become layers onto a second stream, ``"memory"``. Every header field is
-type-checked on load, so an edited header is an error, not a different trace.
+type-checked on load, so an edited header is an error, not a different trace; the enumerations the methods
+read (``source_dtype``, ``metadata["head_fusion"]``, ``metadata["generation"]``) must be known values, a
+stream's ``causal`` flag must agree with its weights (no real query puts more than the row-sum tolerance on
+later real keys), and a boolean array holding a byte other than 0 or 1 is refused (in memory, a bool array
+of such bytes is normalised to 0/1 instead: every nonzero byte is True).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from .._errors import TraceError, TraceFileError
 from .._tensorfile import read_tensor_file, write_tensor_file
 from ._stream import DEFAULT_STREAM, MEMORY_STREAM, Link, Stream
-from ._trace import AttentionTrace, LayerAttention, thaw_metadata
+from ._trace import ROW_SUM_TOLERANCE, AttentionTrace, LayerAttention, thaw_metadata
 
 FORMAT = "attnflow.trace"
 FORMAT_VERSION = 2
@@ -149,6 +153,21 @@ def _is_name(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
 
+def _dtype_name(value: str) -> str | None:
+    """The dtype's name (``"float32"`` for ``">f4"``, which traces of big-endian arrays once stored)."""
+    if value in ROW_SUM_TOLERANCE:
+        return value
+    try:
+        return np.dtype(value).name
+    except (TypeError, ValueError):
+        return None
+
+
+def _source_dtype(f: _Fields, meta: dict[str, Any], i: int) -> str:
+    value = f.get(meta, "source_dtype", str, f"layers[{i}].source_dtype", lambda v: _dtype_name(v) in ROW_SUM_TOLERANCE)
+    return _dtype_name(value)  # type: ignore[return-value]
+
+
 def _common(f: _Fields) -> dict[str, Any]:
     h = f.header
     metadata = f.get(h, "metadata", dict, "metadata")
@@ -186,7 +205,7 @@ def _from_version_2(f: _Fields) -> AttentionTrace:
         layers.append(LayerAttention(
             weights=f.array(f"layers.{i}.weights"),
             name=f.get(meta, "name", str, f"layers[{i}].name"),
-            source_dtype=f.get(meta, "source_dtype", str, f"layers[{i}].source_dtype"),
+            source_dtype=_source_dtype(f, meta, i),
             query_stream=f.get(meta, "query_stream", str, f"layers[{i}].query_stream", _is_name),
             key_stream=f.get(meta, "key_stream", str, f"layers[{i}].key_stream", _is_name),
             extras=_extras(f, meta, i),
@@ -212,7 +231,7 @@ def _from_version_1(f: _Fields) -> AttentionTrace:
             weights=f.array(f"layers.{i}.weights"),
             name=f.get(meta, "name", str, f"layers[{i}].name"),
             kind=kind,
-            source_dtype=f.get(meta, "source_dtype", str, f"layers[{i}].source_dtype"),
+            source_dtype=_source_dtype(f, meta, i),
             query_stream=DEFAULT_STREAM,
             key_stream=DEFAULT_STREAM if kind == "self" else MEMORY_STREAM,
             extras=_extras(f, meta, i),

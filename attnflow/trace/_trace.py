@@ -21,6 +21,8 @@ _DEFAULT_ROW_TOL = 1e-4
 KINDS = ("self", "cross")
 #: How a trace's heads may have been fused at capture (``metadata["head_fusion"]``).
 HEAD_FUSIONS = ("mean", "max", "min")
+#: How a generate() call became the trace (``metadata["generation"]["mode"]``).
+GENERATION_MODES = ("stitch", "rerun")
 _WEIGHT_DTYPES = ("float16", "float32", "float64")
 
 
@@ -167,6 +169,7 @@ class AttentionTrace:
         fusion = self._metadata.get("head_fusion")
         if fusion is not None and fusion not in HEAD_FUSIONS:
             raise TraceError(f"metadata['head_fusion'] must be one of {HEAD_FUSIONS} (or absent), got {fusion!r}.")
+        _check_generation(self._metadata.get("generation"), completed, batch)
         # heads fused by max or min at capture: rows need not sum to 1 (rollout renormalises them, as it does
         # when it fuses heads itself); they still put nothing on padding or, if causal, on later tokens
         sums = fusion not in ("max", "min")
@@ -658,7 +661,7 @@ def _checked_weights(index: int, layer: LayerAttention) -> np.ndarray:
 
 
 def _source_dtype(layer: LayerAttention) -> str:
-    return layer.source_dtype or str(layer.weights.dtype)
+    return layer.source_dtype or layer.weights.dtype.name  # the name: "float32" for big-endian ">f4" too
 
 
 def _default_layer_streams(layers: list[LayerAttention]) -> list[LayerAttention]:
@@ -677,6 +680,29 @@ def _default_layer_streams(layers: list[LayerAttention]) -> list[LayerAttention]
                 )
         out.append(dataclasses.replace(layer, query_stream=query, key_stream=key, source_dtype=_source_dtype(layer)))
     return out
+
+
+def _check_generation(info: Any, streams: Mapping[str, Stream], batch: int) -> None:
+    """``metadata["generation"]``, where present, as the methods read it: the generated stream, the position
+    of the first generated token in it, the mode, per-item lengths."""
+    if info is None:
+        return
+    where = "metadata['generation']"
+    if not isinstance(info, Mapping):
+        raise TraceError(f"{where} must be a mapping, got {type(info).__name__}.")
+    if info.get("mode", "stitch") not in GENERATION_MODES:
+        raise TraceError(f"{where}['mode'] must be one of {GENERATION_MODES}, got {info.get('mode')!r}.")
+    stream = info.get("stream")
+    if not isinstance(stream, str) or stream not in streams:
+        raise TraceError(f"{where}['stream'] must name a stream of the trace {list(streams)}, got {stream!r}.")
+    first, length = info.get("first_generated"), streams[stream].length
+    if not is_int(first) or not 0 <= int(first) <= length:  # type: ignore[arg-type]
+        raise TraceError(f"{where}['first_generated'] must be a position in [0, {length}], got {first!r}.")
+    lengths = info.get("lengths")
+    if lengths is not None and not (
+        isinstance(lengths, (list, tuple)) and len(lengths) == batch and all(is_int(n) and n >= 0 for n in lengths)
+    ):
+        raise TraceError(f"{where}['lengths'] must hold one non-negative int per item ({batch}), got {lengths!r}.")
 
 
 def _check_kind(index: int, layer: LayerAttention, query: Any, key: Any) -> None:
