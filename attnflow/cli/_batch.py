@@ -40,7 +40,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--adapter", default="transformers", help="adapter that loads the model (default: transformers)")
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated registered methods, any of {','.join(list_methods())} "
+        help=f"comma-separated registered methods, any of {','.join(list_methods())}, or all: every method the "
+        "adapter can capture for the model (those the model cannot serve are skipped, with the reason) "
         f"(default: {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument(
