@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._errors import MethodError, OptionError, TraceFileError
+from ._errors import MethodError, OptionError
 from ._tensorfile import read_tensor_file, write_tensor_file
 from .methods._fusion import check_flag, select_layers, stream_layer_indices
 from .methods._options import Options
@@ -18,6 +18,7 @@ from .methods._registry import ALL, SKIPPED, Method, get_method, list_methods, m
 from .methods._sources import GeneratedSources, resolve_sources
 from .network._network import explained_stream
 from .trace import AttentionTrace, Stream
+from .trace._file import _Fields
 from .trace._trace import freeze_metadata, thaw_metadata
 
 FORMAT = "attnflow.explanation"
@@ -395,31 +396,95 @@ class Explanation:
 
 
 def load_explanation(path: str | os.PathLike[str]) -> Explanation:
-    """Read an explanation written by :meth:`Explanation.save`."""
+    """Read an explanation written by :meth:`Explanation.save`.
+
+    Every header field is checked for its type and range, and every array against the header (streams and
+    sources within the explained stream, scores finite and of the shape their method and streams give), as
+    the trace loader does: a file that passes builds an Explanation whose writers and pages work.
+
+    Raises:
+        TraceFileError: the file is missing, truncated, corrupted, edited, or inconsistent.
+    """
     tensors, header = read_tensor_file(path, format=FORMAT, versions=(FORMAT_VERSION,), what="explanation")
-    where = f"{str(path)!r} is a damaged attnflow explanation"
+    fields = _Fields(header, tensors, f"{str(path)!r} is a damaged attnflow explanation")
     try:
-        streams = {}
-        for i, meta in enumerate(header["streams"]):
-            stream = Stream(
-                name=meta["name"], mask=tensors[f"streams.{i}.mask"], special=tensors[f"streams.{i}.special"],
-                tokens=meta["tokens"], causal=meta["causal"], grid=None if meta["grid"] is None else tuple(meta["grid"]),
-            )
-            streams[stream.name] = _completed(stream)
-        scores, layers = {}, {}
-        for m, meta in enumerate(header["methods"]):
-            scores[meta["name"]] = {name: tensors[f"scores.{m}.{k}"] for k, name in enumerate(meta["streams"])}
-            layers[meta["name"]] = meta["layers"]
-        return Explanation(
-            scores=scores, layers=layers, stream=header["stream"], streams=streams, sources=tensors["sources"],
-            requested_sources=header["requested_sources"], options=Options.from_dict(header["options"]),
-            model_name=header["model_name"], framework=header["framework"], metadata=header["metadata"],
-            source_labels=header["source_labels"],
-        )
-    except TraceFileError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise TraceFileError(f"{where}: {type(exc).__name__}: {exc}.") from exc
+        return _explanation_from(fields)
+    except (ValueError, MethodError) as exc:  # TraceError and OptionError too: what the constructors refuse
+        raise fields.fail(str(exc).rstrip(".")) from exc
+
+
+def _explanation_from(f: _Fields) -> Explanation:
+    h = f.header
+    streams: dict[str, Stream] = {}
+    for i, meta in enumerate(f.get(h, "streams", list, "streams", lambda v: 0 < len(v) <= _MAX_ITEMS)):
+        name = f.get(meta, "name", str, f"streams[{i}].name", lambda v: bool(v) and v not in streams)
+        grid = f.get(meta, "grid", (list, type(None)), f"streams[{i}].grid",
+                     lambda v: v is None or (len(v) == 2 and all(_is_count(x) for x in v)))
+        mask, special = f.array(f"streams.{i}.mask"), f.array(f"streams.{i}.special")
+        if mask.dtype != np.bool_ or special.dtype != np.bool_ or mask.ndim != 2 or special.shape != mask.shape:
+            raise f.fail(f"the mask and special-token arrays of stream {name!r} are not (batch, length) booleans")
+        tokens = f.labels(f.get(meta, "tokens", list, f"streams[{i}].tokens"), f"streams[{i}].tokens")
+        if tokens and (len(tokens) != mask.shape[0] or any(len(item) != mask.shape[1] for item in tokens)):
+            raise f.fail(f"stream {name!r} has {mask.shape} mask entries but token labels of other lengths")
+        stream = Stream(name=name, mask=mask, special=special, tokens=tokens,
+                        causal=f.get(meta, "causal", bool, f"streams[{i}].causal"),
+                        grid=None if grid is None else tuple(grid))
+        streams[name] = _completed(stream)
+    explained = f.get(h, "stream", str, "stream", lambda v: v in streams)
+    batch, length = streams[explained].mask.shape  # type: ignore[union-attr]
+    sources = f.array("sources")
+    if sources.dtype.kind not in "iu" or sources.ndim != 2 or sources.shape[0] != batch or not (
+            sources.size == 0 or (sources.min() >= 0 and sources.max() < length)):
+        raise f.fail(f"array 'sources' must hold ({batch}, S) positions of the {length} tokens of stream {explained!r}")
+    count = sources.shape[1]
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    layers: dict[str, list[int]] = {}
+    for m, meta in enumerate(f.get(h, "methods", list, "methods", lambda v: 0 < len(v) <= _MAX_METHODS)):
+        name = f.get(meta, "name", str, f"methods[{m}].name", lambda v: v.isidentifier() and v not in scores)
+        inputs = f.get(meta, "streams", list, f"methods[{m}].streams",
+                       lambda v: all(isinstance(x, str) and x in streams for x in v) and 0 < len(v) == len(set(v)))
+        depths = f.get(meta, "layers", list, f"methods[{m}].layers", lambda v: 0 < len(v) and all(
+            _is_index(x) for x in v) and all(a < b for a, b in zip(v, v[1:])))
+        scores[name], layers[name] = {}, depths
+        for k, stream_name in enumerate(inputs):
+            array = f.array(f"scores.{m}.{k}")
+            expected = (len(depths), batch, count, streams[stream_name].length)
+            if array.dtype.kind != "f" or array.shape != expected or not np.isfinite(array).all():
+                raise f.fail(f"scores of {name!r} over {stream_name!r} must be finite floats of shape {expected}")
+            scores[name][stream_name] = array
+    requested = f.get(h, "requested_sources", (list, type(None)), "requested_sources",
+                      lambda v: v is None or (len(v) == count and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                      for x in v)))
+    labels = f.labels(f.get(h, "source_labels", list, "source_labels"), "source_labels")
+    if len(labels) != batch or any(len(row) != count for row in labels):
+        raise f.fail(f"header field source_labels must hold {batch} rows of {count} labels")
+    options = f.get(h, "options", dict, "options")
+    try:
+        parsed = Options.from_dict(options)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise f.fail(f"header field options cannot be read ({type(exc).__name__}: {exc})") from exc
+    metadata = f.get(h, "metadata", dict, "metadata")
+    skipped = metadata.get(SKIPPED, {})
+    if not isinstance(skipped, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in skipped.items()):
+        raise f.fail(f"metadata[{SKIPPED!r}] must map method names to reasons")
+    f.finish()
+    return Explanation(
+        scores=scores, layers=layers, stream=explained, streams=streams, sources=sources, requested_sources=requested,
+        options=parsed, model_name=f.get(h, "model_name", str, "model_name"),
+        framework=f.get(h, "framework", str, "framework"), metadata=metadata, source_labels=labels,
+    )
+
+
+#: Bounds a loaded explanation's header must keep (far above any real one; they stop absurd files early).
+_MAX_ITEMS, _MAX_METHODS, _MAX_LAYER = 64, 1024, 1 << 16
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < (1 << 31)
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_LAYER
 
 
 def _completed(stream: Stream) -> Stream:
