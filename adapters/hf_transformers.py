@@ -18,6 +18,7 @@ torch and transformers are imported inside methods only.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -222,8 +223,12 @@ class TransformersAdapter(attnflow.Adapter):
         else:
             source, kwargs = location, ({"local_files_only": True} if _offline() else {})
         trust = {"trust_remote_code": bool(trust_remote_code)}  # explicit: transformers would otherwise prompt
+        if not trust_remote_code and path.is_dir():
+            _refuse_remote_code(location, path)
         try:
             config = transformers.AutoConfig.from_pretrained(source, **kwargs, **trust)
+            if not trust_remote_code and getattr(config, "auto_map", None):
+                _refuse_remote_code(location, None)
             auto = transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else \
                 transformers.AutoModelForCausalLM if generate else transformers.AutoModel
             model = auto.from_pretrained(source, **kwargs, **trust)
@@ -231,14 +236,11 @@ class TransformersAdapter(attnflow.Adapter):
                 tokenizer = transformers.AutoImageProcessor.from_pretrained(source, **kwargs, **trust)
             else:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs, **trust)
+        except attnflow.AttnflowError:
+            raise
         except Exception as exc:  # safetensors, unpickling and model-class errors too: all mean "cannot load"
             if not trust_remote_code and "trust_remote_code" in str(exc):
-                raise attnflow.AdapterError(
-                    f"{location!r} contains its own Python code for the model (auto_map in its config), and "
-                    "attnflow does not run a model directory's code unless asked to. If you trust it, pass "
-                    "trust_remote_code=True (attnflow explain/batch --trust-remote-code), which runs that code "
-                    "with your permissions."
-                ) from exc
+                _refuse_remote_code(location, None, cause=exc)
             if source == location and not path.is_dir() and isinstance(exc, (OSError, ValueError)):
                 where = (
                     "this machine is offline (HF_HUB_OFFLINE), so it was looked up in the local cache only"
@@ -318,6 +320,13 @@ class TransformersAdapter(attnflow.Adapter):
             tokenizer.pad_token = eos  # the usual choice for decoder-only models; padding is masked out
         limit = _max_tokens(tokenizer)
         if max_length is None and limit is not None:
+            for i, text in enumerate(texts):  # a long text is measured on a bounded prefix, never tokenised whole
+                if _bounded_prefix(tokenizer, text, limit) is not text:
+                    raise attnflow.OptionError(
+                        f"Text {i} ({len(text):,} characters) is more than {limit} tokens long, the most the model "
+                        f"takes. Shorten it, or pass max_length={limit} to explain only its first {limit} tokens "
+                        f"(--max-length {limit})."
+                    )
             lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
             if max(lengths) > limit:
                 i = lengths.index(max(lengths))
@@ -325,6 +334,8 @@ class TransformersAdapter(attnflow.Adapter):
                     f"Text {i} is {lengths[i]} tokens long, but the model takes at most {limit}. Shorten it, or pass "
                     f"max_length={limit} to explain only its first {limit} tokens (--max-length {limit})."
                 )
+        elif max_length is not None:
+            texts = [_bounded_prefix(tokenizer, text, max_length) for text in texts]
         encoded = tokenizer(
             texts, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt"
         )
@@ -679,3 +690,49 @@ def _offline() -> bool:
     except ImportError:
         return False
     return bool(constants.is_offline_mode()) if hasattr(constants, "is_offline_mode") else bool(constants.HF_HUB_OFFLINE)
+
+
+#: The files of a model directory that can map classes onto the directory's own Python code (``auto_map``).
+_CODE_MAPS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def _refuse_remote_code(location: str, path: Path | None, cause: Exception | None = None) -> None:
+    """Refuse a model whose config (or tokenizer/processor config) has ``auto_map``, whatever its
+    ``model_type``: transformers would load its built-in class for a known type, but the directory asks for
+    its own code, and attnflow runs none unless ``trust_remote_code=True``. ``path``: a local directory,
+    whose files are read as plain JSON before anything loads (None: ``cause`` or the config said so)."""
+    found = []
+    for name in _CODE_MAPS if path is not None else ():
+        try:
+            document = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # missing or unreadable: transformers reports it
+        if isinstance(document, dict) and document.get("auto_map"):
+            found.append(name)
+    if path is not None and not found:
+        return
+    where = f" ({', '.join(found)})" if found else ""
+    raise attnflow.AdapterError(
+        f"{location!r} contains its own Python code for the model (auto_map in its config{where}), and attnflow "
+        "does not run a model directory's code unless asked to, even where transformers has a built-in class for "
+        "its model_type. If you trust it, pass trust_remote_code=True (attnflow explain/batch/evaluate "
+        "--trust-remote-code), which runs that code with your permissions."
+    ) from cause
+
+
+#: Characters per token a long text's first measured prefix allows (generous: most tokens are far shorter).
+_CHARS_PER_TOKEN = 16
+_WHITESPACE = re.compile(r"\s")
+
+
+def _bounded_prefix(tokenizer: Any, text: str, tokens: int) -> str:
+    """``text`` itself, or a prefix of it ending before a whitespace that tokenises to more than ``tokens`` + 2
+    tokens: truncating either to ``tokens`` gives the same ids (the words before the cut tokenise as in the whole
+    text), so a 10 MB line costs a tokenisation of a few times the needed characters, not of the whole line."""
+    chars = tokens * _CHARS_PER_TOKEN + 256
+    while chars < len(text):
+        cut = max((m.start() for m in _WHITESPACE.finditer(text, chars // 2, chars)), default=-1)
+        if cut > 0 and len(tokenizer(text[:cut])["input_ids"]) > tokens + 2:
+            return text[:cut]
+        chars *= 4
+    return text

@@ -409,6 +409,29 @@ def test_remote_code_is_refused_even_when_a_prompt_would_be_answered_yes(tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_auto_map_is_refused_whatever_the_model_type(tmp_path, where):
+    """A built-in model_type ('bert') would load transformers' own class, but the directory asks for its own code
+    (auto_map): refused unless trust_remote_code, and nothing of it runs (issue 20, D9)."""
+    import json
+
+    model_dir, marker = remote_code_dir(tmp_path / "built-in-type")
+    config = json.loads((model_dir / "config.json").read_text())
+    mapping = config.pop("auto_map")
+    config["model_type"] = "bert"
+    if where == "tokenizer_config.json":
+        (model_dir / "config.json").write_text(json.dumps(config))
+        tokenizer_config = json.loads((model_dir / where).read_text())
+        tokenizer_config["auto_map"] = {"AutoTokenizer": ["custom.CustomTokenizer", None]}
+        (model_dir / where).write_text(json.dumps(tokenizer_config))
+    else:
+        (model_dir / where).write_text(json.dumps({**config, "auto_map": mapping}))
+    adapter = attnflow.get_adapter("transformers")
+    with pytest.raises(attnflow.AdapterError, match=f"auto_map in its config \\({where}\\)"):
+        adapter.load_model(str(model_dir))
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_remote_code_runs_only_when_asked_for(tmp_path):
     model_dir, marker = remote_code_dir(tmp_path / "custom-optin")

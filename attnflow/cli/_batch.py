@@ -156,4 +156,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnflow: example {example_id!r} failed: {reason}", file=sys.stderr)
     print(f"attnflow batch: {summary}")
     print(f"wrote {summary.out}/ ({EXAMPLES_DIR}/*.safetensors, {TABLE}: {summary.rows} rows, summary.json)")
+    if summary.total == 0:
+        print(f"attnflow: error: {args.input} has no valid line, so nothing was explained; each line needs a JSON "
+              "object with a non-empty \"text\".", file=sys.stderr)
+        return 1
     return 1 if summary.failed else 0
