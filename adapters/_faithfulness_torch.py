@@ -36,6 +36,8 @@ from . import _torch_common as common
 
 # Jacobians of vector targets are computed a few items at a time: at most this many floats at once.
 _JACOBIAN_FLOATS = 1 << 25
+# The references a probe's gradients() computes (attnflow.evaluate's input-gradient references).
+_GRADIENT_REFERENCES = ("grad_norm", "grad_x_input", "grad_norm_proj")
 
 
 def probe(model: Any, request: ProbeRequest, args: tuple, kwargs: dict) -> TorchProbe:
@@ -219,10 +221,16 @@ class TorchProbe(Probe):
             handle.remove()
 
     # -- input gradients ----------------------------------------------------------------------------
+    def jacobian_size(self) -> int | None:
+        return int(self.vectors.shape[1]) if self.vector else None
+
     def gradients(self) -> dict[str, np.ndarray]:
         torch = self.torch
-        norm = np.zeros((self.batch, self.length))
-        times_input = np.zeros((self.batch, self.length))
+        asked = set(self.request.references) & set(_GRADIENT_REFERENCES) or {"grad_norm", "grad_x_input"}
+        # grad_norm and grad_x_input of a vector target need its Jacobian (one backward pass per dimension);
+        # grad_norm_proj, and every reference of a scalar target, one backward pass.
+        full = self.vector and bool(asked & {"grad_norm", "grad_x_input"})
+        out = {name: np.zeros((self.batch, self.length)) for name in asked}
         kept: dict[str, Any] = {}
 
         def hook(module: Any, inputs: Any, output: Any) -> Any:
@@ -231,9 +239,9 @@ class TorchProbe(Probe):
             kept["e"] = leaf
             return leaf
 
-        dim = int(self.vectors.shape[1]) if self.vector else 1
+        dim = int(self.vectors.shape[1]) if full else 1
         width = int(getattr(self.embedding, "embedding_dim", 0) or 1024)
-        step = self.request.max_rows if not self.vector else max(1, _JACOBIAN_FLOATS // (dim * self.length * width))
+        step = self.request.max_rows if not full else max(1, _JACOBIAN_FLOATS // (dim * self.length * width))
         handle = self.embedding.register_forward_hook(hook)
         try:
             with torch.enable_grad():
@@ -247,22 +255,36 @@ class TorchProbe(Probe):
                             "pass; name the module that embeds the input ids with embedding=..."
                         )
                     e = kept.pop("e")
-                    if self.vector:
-                        grad_norm, grad_x_input = self._jacobian(self._vector_or_scores(output, items), e, items)
+                    if full:
+                        values = self._jacobian(self._vector_or_scores(output, items), e, items)
                     else:
-                        (grad,) = torch.autograd.grad(self._score_tensor(output, items).sum(), e, allow_unused=True)
-                        grad = torch.zeros_like(e) if grad is None else grad
-                        grad_norm = grad.double().norm(dim=-1)
-                        grad_x_input = (grad.double() * e.detach().double()).sum(-1)
-                    norm[items] = grad_norm.cpu().numpy()
-                    times_input[items] = grad_x_input.cpu().numpy()
+                        values = self._gradient(self._projection(output, items) if self.vector
+                                                else self._score_tensor(output, items), e)
+                    for name in asked:
+                        out[name][items] = values[name].cpu().numpy()
         finally:
             handle.remove()
-        return {"grad_norm": norm, "grad_x_input": times_input}
+        return out
 
-    def _jacobian(self, vectors: Any, e: Any, items: np.ndarray) -> tuple[Any, Any]:
+    def _projection(self, output: Any, items: np.ndarray) -> Any:
+        """``⟨v, u⟩`` per row: a vector target projected on its unablated direction ``u = v₀/‖v₀‖``."""
+        value = self._vector_or_scores(output, items)
+        u = self.torch.nn.functional.normalize(self.vectors[items].to(value.device), dim=-1)
+        return (value.double() * u).sum(-1)
+
+    def _gradient(self, scores: Any, e: Any) -> dict[str, Any]:
+        """The gradient references of per-row scalar ``scores`` ``(rows,)``: one backward pass."""
+        (grad,) = self.torch.autograd.grad(scores.sum(), e, allow_unused=True)
+        grad = self.torch.zeros_like(e) if grad is None else grad
+        norm = grad.double().norm(dim=-1)
+        return {"grad_norm": norm, "grad_norm_proj": norm, "grad_x_input": (grad.double() * e.detach().double()).sum(-1)}
+
+    def _jacobian(self, vectors: Any, e: Any, items: np.ndarray) -> dict[str, Any]:
         """For vectors ``v`` ``(rows, D)`` of embeddings ``e`` ``(rows, T, E)``: ``‖P J_j‖_F`` and ``‖P J_j e_j‖``
-        with ``J_j = ∂v/∂e_j`` and ``P`` the projection off the unablated vector's direction."""
+        with ``J_j = ∂v/∂e_j`` and ``P`` the projection off the unablated vector's direction ``u``, and
+        ``‖uᵀ J_j‖`` (the gradient of the projection on ``u``). The ``D`` backward passes run as one batched
+        (vmapped) backward: about the time of one backward pass over ``D`` times the rows (measured by
+        benchmarks/bench_references.py)."""
         torch = self.torch
         rows, dim = vectors.shape
         eye = torch.eye(dim, dtype=vectors.dtype, device=vectors.device)[:, None, :].expand(dim, rows, dim)
@@ -279,7 +301,7 @@ class TorchProbe(Probe):
         projected = jacobian - torch.einsum("bd,bte->dbte", u, along)
         grad_norm = projected.pow(2).sum(dim=(0, 3)).sqrt()
         grad_x_input = torch.einsum("dbte,bte->dbt", projected, e.detach().double()).norm(dim=0)
-        return grad_norm, grad_x_input
+        return {"grad_norm": grad_norm, "grad_x_input": grad_x_input, "grad_norm_proj": along.norm(dim=-1)}
 
     # -- helpers ------------------------------------------------------------------------------------
     @property

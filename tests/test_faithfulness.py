@@ -107,6 +107,53 @@ def test_aopc_and_curves_against_a_hand_computed_case():
     np.testing.assert_allclose(report.importances["blankout"][0], [5, 4, 3, 2, 1])
 
 
+def test_aopc_is_the_mean_over_the_bins_on_a_two_item_example():
+    # item 0: weights 4,3,2,1 (base 10); item 1: weights 6,1,2 and a padding token (base 9). The method ranks
+    # item 0 in the true order and item 1 as 1 > 2 > 6. Bins 0.25 and 0.5 remove ceil(0.25 n), ceil(0.5 n) tokens:
+    # item 0: 1 and 2 tokens; item 1: 1 and 2 tokens.
+    mask = np.array([[True] * 4, [True] * 3 + [False]])
+    weights = np.array([[4.0, 3.0, 2.0, 1.0], [6.0, 1.0, 2.0, 0.0]])
+    probe = AdditiveProbe(weights, mask)
+    scores = np.array([[[4.0, 3.0, 2.0, 1.0], [1.0, 3.0, 2.0, 0.0]]])
+    report = evaluate_probe(probe, explanation_of({"m": scores}, mask), references=["blankout"], bins=(0.25, 0.5),
+                            grid=(0.0, 1.0), seed=0)
+    # comprehensiveness: the drop with the top k removed; item 0: (4) and (4+3); item 1: top is token 1 (w 1),
+    # then token 2 (w 2): drops 1 and 3
+    comprehensiveness = [(4 + 7) / 2, (1 + 3) / 2]
+    # sufficiency: the drop with only the top k kept; item 0: keep 4 → 10-4=6, keep 4,3 → 3; item 1: keep
+    # w 1 → 9-1=8, keep 1,2 → 6
+    sufficiency = [(6 + 3) / 2, (8 + 6) / 2]
+    np.testing.assert_allclose(report.comprehensiveness["m"], comprehensiveness)
+    np.testing.assert_allclose(report.sufficiency["m"], sufficiency)
+    assert report.aopc["m"]["comprehensiveness"] == pytest.approx(np.mean(comprehensiveness))  # 3.75
+    assert report.aopc["m"]["sufficiency"] == pytest.approx(np.mean(sufficiency))  # 5.75
+    # not the paper's printed 1/(|B|+1) normalisation, which gives 2/3 of these with two bins
+    assert report.aopc["m"]["comprehensiveness"] != pytest.approx(np.mean(comprehensiveness) * 2 / 3)
+
+
+def test_special_tokens_are_left_out_by_default():
+    mask = np.ones((1, 5), bool)
+    special = np.array([[True, False, False, False, True]])
+    probe = AdditiveProbe(np.array([[0.1, 5.0, 4.0, 3.0, 0.2]]), mask)
+    scores = {"cls_first": np.array([[[9.0, 5.0, 4.0, 3.0, 8.0]]])}  # a method that ranks [CLS] and [SEP] top
+    default = evaluate_probe(probe, explanation_of(scores, mask, special), references=["blankout"], bins=(0.4,),
+                             grid=(0.0,))
+    assert default.settings["special"] is False
+    assert default.correlations["cls_first"]["blankout"][0, 0] == pytest.approx(1.0)  # 5 > 4 > 3 among the words
+    assert default.comprehensiveness["cls_first"][0] == pytest.approx(5.0 + 4.0)  # ceil(0.4 * 3) = 2 words removed
+    kept = evaluate_probe(probe, explanation_of(scores, mask, special), references=["blankout"], special=True,
+                          bins=(0.4,), grid=(0.0,))
+    assert kept.correlations["cls_first"]["blankout"][0, 0] < 0.5
+    assert kept.comprehensiveness["cls_first"][0] == pytest.approx(0.1 + 0.2)  # [CLS] and [SEP] removed first
+
+
+def test_a_negative_seed_is_refused():
+    mask = np.ones((1, 3), bool)
+    probe = AdditiveProbe(np.array([[1.0, 2.0, 3.0]]), mask)
+    with pytest.raises(OptionError, match="seed must be an integer >= 0"):
+        evaluate_probe(probe, explanation_of({"m": np.ones((1, 1, 3))}, mask), seed=-1)
+
+
 def test_the_blankout_itself_scores_one_and_a_random_ranking_about_zero():
     rng = np.random.default_rng(7)
     items, length = 600, 9
@@ -131,7 +178,7 @@ def test_special_tokens_and_padding_are_left_out_when_asked():
     special[:, 0] = True
     probe = AdditiveProbe(np.arange(12.0).reshape(2, 6) + 1, mask)
     scores = {"m": np.arange(12.0).reshape(1, 2, 6)}
-    kept = evaluate_probe(probe, explanation_of(scores, mask, special), references=["blankout"])
+    kept = evaluate_probe(probe, explanation_of(scores, mask, special), references=["blankout"], special=True)
     left_out = evaluate_probe(probe, explanation_of(scores, mask, special), references=["blankout"], special=False)
     assert np.isnan(kept.importances["blankout"][1, 4:]).all() and not np.isnan(kept.importances["blankout"][:, 0]).any()
     assert np.isnan(left_out.importances["blankout"][:, 0]).all()
@@ -149,7 +196,7 @@ def test_report_round_trips_concatenates_and_tabulates():
     np.testing.assert_allclose(merged.correlations["m"]["blankout"], report.correlations["m"]["blankout"])
     frame = merged.to_frame()
     assert list(frame.columns) == ["method", "reference", "layer", "mean", "std", "n"]
-    row = frame[(frame.method == "m") & (frame.reference == "blankout") & (frame.layer == 1)].iloc[0]
+    row = frame[(frame.method == "m") & (frame.reference == "blankout") & (frame.layer == 2)].iloc[0]  # 1-based
     values = report.correlations["m"]["blankout"][1]
     assert row["mean"] == pytest.approx(values.mean()) and row["std"] == pytest.approx(values.std()) and row["n"] == 3
     table = report.table("blankout")
@@ -235,6 +282,11 @@ def test_blankout_and_gradients_of_a_classifier_match_direct_computations(bert_c
     np.testing.assert_allclose(report.importances["grad_x_input"][real], (grad * e).sum(-1).detach().numpy()[real],
                                rtol=1e-4, atol=1e-6)
     assert np.isnan(report.importances["grad_norm"][1, 5:]).all()  # padding is not compared
+    # a scalar target is its own projection: grad_norm_proj is grad_norm
+    projection = attnflow.faithfulness(model, explanation, tokenizer=TOKENIZER, curves=False,
+                                       references=["grad_norm_proj"], **inputs)
+    np.testing.assert_allclose(projection.importances["grad_norm_proj"][real], grad.norm(dim=-1).numpy()[real],
+                               rtol=1e-4)
     # the Spearman correlations are those of the explanation's [CLS] rows with |reference|, per item and layer
     for method in ("raw", "flow"):
         layers = explanation.layers(method)[:, :, 0]
@@ -261,8 +313,16 @@ def test_embedding_target_matches_the_jacobian_computed_directly(tiny_hf, inputs
     model = tiny_hf("bert")  # BertModel: no logits, so the target is the pooled embedding's cosine
     trace = attnflow.capture(model, **inputs)
     explanation = attnflow.explain(trace, ["raw", "rollout"], all_layers=True)  # all tokens: source "mean"
-    report = attnflow.faithfulness(model, explanation, blank="mask", tokenizer=TOKENIZER, curves=False, **inputs)
+    said = []
+    report = attnflow.faithfulness(model, explanation, blank="mask", tokenizer=TOKENIZER, curves=False,
+                                   references=["blankout", "grad_norm", "grad_x_input", "grad_norm_proj"],
+                                   notice=said.append, **inputs)
     assert report.settings["target"].startswith("embedding") and report.settings["source"].startswith("mean")
+    assert len(said) == 1 and f"({HIDDEN} dimensions)" in said[0] and "grad_norm_proj" in said[0]
+    said.clear()
+    alone = attnflow.faithfulness(model, explanation, tokenizer=TOKENIZER, curves=False, references=["grad_norm_proj"],
+                                  notice=said.append, **inputs)
+    assert not said and list(alone.importances) == ["grad_norm_proj"]
     mask = inputs["attention_mask"]
 
     def pooled(model, e, m):
@@ -287,6 +347,10 @@ def test_embedding_target_matches_the_jacobian_computed_directly(tiny_hf, inputs
                                    rtol=1e-4)
         moved = torch.einsum("dte,te->dt", projected, e[0]).norm(dim=0)
         np.testing.assert_allclose(report.importances["grad_x_input"][b, :n], moved, rtol=1e-4, atol=1e-7)
+        # grad_norm_proj: the gradient of <v(x), u>, one backward pass, from the Jacobian and alone
+        along = torch.einsum("dte,d->te", jacobian, u).norm(dim=-1)
+        np.testing.assert_allclose(report.importances["grad_norm_proj"][b, :n], along, rtol=5e-4)  # float32
+        np.testing.assert_allclose(alone.importances["grad_norm_proj"][b, :n], along, rtol=5e-4)
     # the compared rows are the mean over each item's real explained tokens
     rollout = explanation.layers("rollout")
     for b in range(BATCH):
@@ -521,7 +585,7 @@ def test_evaluate_command_writes_the_tables_and_resumes(tmp_path, minilm_dir):
 
     table = pandas.read_csv(out / "faithfulness.csv")
     assert list(table.columns) == ["method", "reference", "layer", "mean", "std", "n"]
-    assert set(table.method) == {"raw", "rollout", "flow", "random"} and sorted(set(table.layer)) == list(range(6))
+    assert set(table.method) == {"raw", "rollout", "flow", "random"} and sorted(set(table.layer)) == list(range(1, 7))
     assert (table.n == 2).all()
     parquet = pandas.read_parquet(out / "faithfulness.parquet")
     pandas.testing.assert_frame_equal(parquet, table, check_dtype=False)

@@ -1,10 +1,22 @@
-"""``attnflow evaluate INPUT.jsonl --out DIR``: faithfulness of raw attention, rollout, flow... over a data set.
+"""``attnflow evaluate INPUT.jsonl --out DIR``: faithfulness of raw attention, rollout, flow, ALTI... over a data set.
 
 Per example the model is run, the methods computed at every layer and compared with blank-out and input
-gradients (:func:`attnflow.faithfulness`); each example's result is written atomically to
-``DIR/examples/NAME.json``, so a re-run of the same command skips what is done. At the end every example's
-result is read back into the long per-layer table ``DIR/faithfulness.csv`` and ``.parquet`` (``method,
-reference, layer, mean, std, n``), ``DIR/aopc.csv`` and the plot ``DIR/faithfulness.png``.
+gradients (:func:`attnflow.faithfulness`). Every option is checked before the model loads (the methods against
+what the adapter can capture: ``--methods all`` runs every method it can and says which it skips and why).
+Each example's result is written atomically to ``DIR/examples/NAME.json`` with its id, a hash of its text and
+the run's settings; ``DIR/settings.json`` is written once the first example is stored. A re-run resumes:
+an example is reused only when its id, text and label match and every setting matches (a larger ``--methods``
+set is allowed: the new methods are computed for the examples already done and merged into their results);
+any other difference is refused, naming the setting. One run at a time writes into DIR (an flock lock).
+
+At the end every example's result is read back into (layers numbered from 1: layer 1 is after the first
+layer):
+
+- ``DIR/leaderboard.csv`` and ``.parquet``: per reference the methods ranked by the item mean of their
+  last-layer Spearman ρ, with the mean ρ over layers, AOPC comprehensiveness and sufficiency, ``n`` and 95%
+  bootstrap intervals (columns: :data:`attnflow.evaluate.LEADERBOARD_COLUMNS`), and ``DIR/leaderboard.png``;
+- ``DIR/faithfulness.csv`` and ``.parquet``, the long per-layer table (``method, reference, layer, mean, std,
+  n``), ``DIR/aopc.csv`` and the plot ``DIR/faithfulness.png``.
 
 It runs in this process, one batch after another (the Dask path of ``attnflow batch`` is not used: each
 example's faithfulness costs hundreds of forward passes, which one process already keeps busy).
@@ -18,6 +30,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -26,21 +39,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._errors import OptionError
+from .._errors import AdapterError, OptionError
 from .._explanation import explain
+from .._kinds import KINDS
 from .._models import packaged_model_dir
 from .._tensorfile import atomic_write, make_directory
-from ..capture._adapter import import_optional, load_model
+from ..batch._store import holding
+from ..capture._adapter import Adapter, import_optional, load_model
 from ..capture._capture import capture
+from ..capture._plan import CapturePlan, capture_plan
 from ..capture._registry import get_adapter
-from ..evaluate import REFERENCES, FaithfulnessReport, faithfulness, plot_rows
+from ..evaluate import (
+    DEFAULT_REFERENCES,
+    LEADERBOARD_COLUMNS,
+    RANDOM,
+    REFERENCES,
+    FaithfulnessReport,
+    faithfulness,
+    format_leaderboard,
+    plot_leaderboard,
+    plot_rows,
+)
+from ..evaluate._leaderboard import RESAMPLES
 from ..methods._fusion import check_max_seconds
 from ..methods._options import Options
-from ..methods._registry import get_method, list_methods
+from ..methods._registry import SKIPPED, list_methods
 
 EXAMPLES_DIR = "examples"
 SETTINGS = "settings.json"
 TABLE = "faithfulness"
+LEADERBOARD = "leaderboard"
+#: The format of OUT/settings.json and OUT/examples/*.json. Version 2: ids checked with a text hash, the run's
+#: settings stored in every example, 1-based layers in the tables. Directories of version 1 are refused.
+FORMAT, EXAMPLE_FORMAT, VERSION = "attnflow.evaluate", "attnflow.evaluate-example", 2
+SPECIAL_CHOICES = ("exclude", "include")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -51,19 +83,27 @@ def add_parser(subparsers: Any) -> None:
             "For every line of INPUT (JSON objects with a \"text\", an optional \"id\" and an optional integer "
             "\"label\", the logit to explain), compute the methods at every layer and compare them with the "
             "model's own sensitivity: Spearman's correlation with blank-out and input-gradient importances, and "
-            "ERASER's comprehensiveness/sufficiency (AOPC) against a random ranking. Writes per-example results "
-            f"(OUT/{EXAMPLES_DIR}/ID.json; a re-run skips them), the per-layer table OUT/{TABLE}.csv and "
-            f".parquet (method, reference, layer, mean, std, n), OUT/aopc.csv and OUT/{TABLE}.png."
+            "ERASER's comprehensiveness/sufficiency (AOPC) against a random ranking. Prints and writes a ranked "
+            f"leaderboard per reference (OUT/{LEADERBOARD}.csv, .parquet, .png: last-layer and mean-over-layers ρ, "
+            "AOPC, each with n and a 95% bootstrap interval over examples) and names the most faithful method; "
+            f"also writes per-example results (OUT/{EXAMPLES_DIR}/ID.json; a re-run resumes), the per-layer table "
+            f"OUT/{TABLE}.csv and .parquet (method, reference, layer from 1, mean, std, n), OUT/aopc.csv and "
+            f"OUT/{TABLE}.png."
         ),
     )
     parser.add_argument("input", help="JSONL file, one {\"text\": ..., \"id\": ..., \"label\": ...} object per line")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
     parser.add_argument("--model", default=None, help="model directory (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--adapter", default="transformers", help="adapter that loads the model (default: transformers)")
-    parser.add_argument("--methods", default="raw,rollout,flow", help="comma-separated methods (default raw,rollout,flow)")
     parser.add_argument(
-        "--references", default=",".join(REFERENCES),
-        help=f"comma-separated reference importances (default {','.join(REFERENCES)})",
+        "--methods", default="raw,rollout,flow",
+        help="comma-separated methods, or all: every method the adapter can capture (default raw,rollout,flow)",
+    )
+    parser.add_argument(
+        "--references", default=",".join(DEFAULT_REFERENCES),
+        help=f"comma-separated reference importances, of {', '.join(REFERENCES)} (default "
+        f"{','.join(DEFAULT_REFERENCES)}; grad_norm_proj: one backward pass where grad_norm of a vector target "
+        "needs one per output dimension)",
     )
     parser.add_argument(
         "--target", default="auto",
@@ -78,10 +118,19 @@ def add_parser(subparsers: Any) -> None:
         help="explained token compared: auto (the mean over all tokens for embedding targets, else the token the "
         "target reads), mean, or a position",
     )
-    parser.add_argument("--no-special", action="store_true", help="leave special tokens ([CLS], [SEP]) out")
+    parser.add_argument(
+        "--special", choices=SPECIAL_CHOICES, default="exclude",
+        help="special tokens ([CLS], [SEP]): exclude them from the rankings and the removal curves (default, as "
+        "ERASER does) or include them",
+    )
+    parser.add_argument("--no-special", dest="special", action="store_const", const="exclude",
+                        help=argparse.SUPPRESS)  # deprecated: excluding is the default now
     parser.add_argument("--signed", action="store_true", help="compare with signed references (default: absolute)")
     parser.add_argument("--no-curves", action="store_true", help="skip deletion/insertion curves and AOPC")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-ranking baseline (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="seed (>= 0) of the random-ranking baseline and of the bootstrap intervals (default 0)",
+    )
     parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
     parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
@@ -159,26 +208,60 @@ def read_lines(path: Path) -> tuple[list[Line], list[str]]:
     return lines, problems
 
 
-def check_arguments(args: argparse.Namespace) -> tuple[list[str], list[str], Options]:
+@dataclass(frozen=True)
+class Config:
+    """A checked command line: everything decided before the model loads."""
+
+    adapter: Adapter
+    plan: CapturePlan
+    references: list[str]
+    options: Options
+    settings: dict[str, Any]  # must match to resume (methods aside)
+
+
+def check_arguments(args: argparse.Namespace) -> Config:
+    """Every option checked, and the methods against what the adapter captures: before the model loads."""
     options = Options(head_fusion=args.head_fusion, residual=args.residual, discard_ratio=args.discard_ratio,
                       max_seconds=check_max_seconds(args.max_seconds))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise OptionError(f"--methods names no method; choose from {', '.join(list_methods())}.")
-    for method in methods:
-        get_method(method)
-    references = [r.strip() for r in args.references.split(",") if r.strip()]
-    if not references or any(r not in REFERENCES for r in references):
-        raise OptionError(f"--references must name some of {', '.join(REFERENCES)}, got {args.references!r}.")
+    if isinstance(args.seed, bool) or not isinstance(args.seed, int) or args.seed < 0:
+        raise OptionError(f"--seed must be an integer >= 0 (numpy's generators take no negative seed), got {args.seed}.")
     if args.batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.max_length is not None and args.max_length < 2:
         raise OptionError(f"--max-length must be at least 2 tokens, got {args.max_length}.")
+    if args.special not in SPECIAL_CHOICES:
+        raise OptionError(f"--special must be exclude or include, got {args.special!r}.")
     _blank(args.blank)
     _source(args.source)
     if args.target not in ("auto", "embedding") and not _is_int(args.target):
         raise OptionError(f"--target must be auto, embedding or a logit index, got {args.target!r}.")
-    return methods, references, options
+    references = [r.strip() for r in args.references.split(",") if r.strip()]
+    unknown = [r for r in references if r not in REFERENCES]
+    if not references or unknown or len(set(references)) != len(references):
+        raise OptionError(f"--references must name some of {', '.join(REFERENCES)} once each, got {args.references!r}.")
+    adapter = get_adapter(args.adapter)
+    if args.methods.strip() == "all":
+        plan = capture_plan("all", adapter)
+    else:
+        plan = capture_plan([m.strip() for m in args.methods.split(",") if m.strip()], adapter)
+    if not plan.methods:
+        raise AdapterError(f"Adapter {adapter.name!r} can capture none of the registered methods ({', '.join(list_methods())}).")
+    captures = set(adapter.captures)
+    lacking = [r for r in references if REFERENCES[r] not in captures]
+    if lacking:
+        raise AdapterError(
+            f"Adapter {adapter.name!r} cannot compute the references {', '.join(lacking)}: it does not declare "
+            f"{sorted({REFERENCES[r] for r in lacking})}. Leave them out of --references."
+        )
+    if not args.no_curves and "ablation" not in captures:
+        raise AdapterError(f"Adapter {adapter.name!r} cannot blank tokens out, which the removal curves need; pass --no-curves.")
+    settings = {
+        "model": str(args.model or packaged_model_dir()), "adapter": adapter.name, "references": references,
+        "target": args.target, "target_position": args.target_position, "blank": args.blank, "source": args.source,
+        "special": args.special, "signed": bool(args.signed), "curves": not args.no_curves, "seed": int(args.seed),
+        "options": options.to_dict(), "max_length": args.max_length,
+    }
+    return Config(adapter, plan, references, options, settings)
 
 
 def _is_int(text: str) -> bool:
@@ -203,79 +286,217 @@ def _source(value: str) -> int | str | None:
     raise OptionError(f"--source must be auto, mean or a position, got {value!r}.")
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Work:
+    """One input line to compute: all its methods, or (``stored`` given) those its stored result lacks."""
+
+    line: Line
+    methods: tuple[str, ...]
+    stored: dict[str, Any] | None = None
+
+
 def run(args: argparse.Namespace) -> int:
-    methods, references, options = check_arguments(args)
+    config = check_arguments(args)
     lines, problems = read_lines(Path(args.input))
     for problem in problems:
         print(f"attnflow: {args.input}: {problem}; skipped", file=sys.stderr)
     if not lines:
         raise OptionError(f"{args.input} has no valid line; each needs a JSON object with a \"text\".")
+    plan = config.plan
+    for method, reason in plan.skipped.items():
+        print(f"attnflow evaluate: skipping {method}: {reason}", file=sys.stderr)
     out = make_directory(Path(args.out))
-    examples = make_directory(out / EXAMPLES_DIR, "examples directory")
-    location = str(args.model or packaged_model_dir())
-    settings = {
-        "model": location, "adapter": args.adapter, "methods": methods, "references": references,
-        "target": args.target, "target_position": args.target_position, "blank": args.blank, "source": args.source,
-        "special": not args.no_special, "signed": args.signed, "curves": not args.no_curves, "seed": args.seed,
-        "options": options.to_dict(), "max_length": args.max_length,
-    }
-    _check_settings(out / SETTINGS, settings)
-    pending = [line for line in lines if not (examples / f"{line.name}.json").is_file()]
-    if pending:
-        adapter = get_adapter(args.adapter)
-        model, tokenizer = load_model(adapter, location, trust_remote_code=args.trust_remote_code)
-        start = time.perf_counter()
-        for first in range(0, len(pending), args.batch_size):
-            batch = pending[first : first + args.batch_size]
-            _evaluate_batch(batch, adapter, model, tokenizer, methods, references, options, args, examples)
+    with holding(out):
+        examples = make_directory(out / EXAMPLES_DIR, "examples directory")
+        _check_settings(out / SETTINGS, config)
+        work, notes = _plan_work(examples, lines, config)
+        for note in notes:
+            print(f"attnflow evaluate: {note}", file=sys.stderr)
+        if work:
+            _announce(work, config, args)
+            adapter = config.adapter
+            model, tokenizer = load_model(adapter, config.settings["model"], trust_remote_code=args.trust_remote_code)
+            start = time.perf_counter()
+            done = 0
+            said: list[str] = []
+
+            def notice(text: str) -> None:  # said once per run, before the first costly step
+                if not said:
+                    said.append(text)
+                    print(f"\nattnflow evaluate: {text}", file=sys.stderr)
+
+            for batch in _batches(work, args.batch_size):
+                _evaluate_batch(batch, model, tokenizer, config, args, examples, notice)
+                if done == 0:
+                    _write_settings(out / SETTINGS, config)  # only once an example is stored
+                done += len(batch)
+                if not args.no_progress:
+                    print(f"\rattnflow evaluate: {done}/{len(work)} examples ({time.perf_counter() - start:.0f} s)",
+                          end="", file=sys.stderr, flush=True)
             if not args.no_progress:
-                done = first + len(batch)
-                print(f"\rattnflow evaluate: {done}/{len(pending)} examples ({time.perf_counter() - start:.0f} s)",
-                      end="", file=sys.stderr, flush=True)
-        if not args.no_progress:
-            print(file=sys.stderr)
-    report = FaithfulnessReport.concat(_read_example(examples / f"{line.name}.json") for line in lines)
-    _write_tables(out, report)
-    skipped = len(lines) - len(pending)
-    print(f"{report.batch_size} examples ({skipped} already done); target: {report.settings.get('target')}")
+                print(file=sys.stderr)
+        documents = [_read_document(examples / f"{line.name}.json") for line in lines]
+        report = FaithfulnessReport.concat(
+            _restrict(FaithfulnessReport.from_dict(d["report"]), plan.methods) for d in documents)
+        skipped = {m: why for d in documents for m, why in (d.get("skipped") or {}).items() if m in plan.methods}
+        _write_tables(out, report, args.seed)
+    fresh = sum(1 for w in work if w.stored is None)
+    print(f"{report.batch_size} examples ({report.batch_size - fresh} already done"
+          + (f", {len(work) - fresh} given new methods" if len(work) > fresh else "")
+          + f"); target: {report.settings.get('target')}")
+    print("special tokens ([CLS], [SEP]...): " + ("included in" if args.special == "include" else "excluded from")
+          + " the rankings and the removal curves (--special " + ("exclude" if args.special == "include" else "include")
+          + " to change)")
+    for method, reason in {**plan.skipped, **skipped}.items():
+        print(f"skipped {method}: {reason}")
     for reference in report.references:
-        print(f"Spearman with {reference}:\n{report.table(reference)}\n")
-    if report.comprehensiveness:
-        print("AOPC (last layer): " + "; ".join(
-            f"{m} comprehensiveness {v['comprehensiveness']:.3f} sufficiency {v['sufficiency']:.3f}"
-            for m, v in report.aopc.items()))
-    print(f"wrote {out}/{TABLE}.csv, {TABLE}.parquet, aopc.csv, {TABLE}.png")
+        print(f"\nSpearman with {reference} per layer (mean±std over examples):\n{report.table(reference)}")
+    for reference in report.references:
+        rows = report.leaderboard(reference, seed=args.seed, resamples=RESAMPLES)
+        verdict = report.lead(reference, seed=args.seed, resamples=RESAMPLES)
+        print("\n" + format_leaderboard(rows, verdict, special=args.special == "include"))
+    print(f"\nwrote {out}/{LEADERBOARD}.csv, {LEADERBOARD}.parquet, {LEADERBOARD}.png, {TABLE}.csv, {TABLE}.parquet, "
+          f"aopc.csv, {TABLE}.png")
     return 0
 
 
-def _check_settings(path: Path, settings: dict[str, Any]) -> None:
-    """The settings of a directory's first run; a re-run with other settings would mix two experiments."""
-    if path.is_file():
-        try:
-            before = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise OptionError(f"{path} is unreadable ({exc}); remove it or choose another --out.") from exc
-        if before != settings:
-            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            raise OptionError(
-                f"{path.parent} holds results made with other settings ({', '.join(changed)}); re-run with the same "
-                "settings to resume, or choose another --out."
-            )
+def _restrict(report: FaithfulnessReport, methods: Sequence[str]) -> FaithfulnessReport:
+    """The report's methods among ``methods`` (and the random baseline), in that order: a directory may hold
+    more methods than this run tables (it never holds fewer: a run may only add methods)."""
+    keep = [m for m in methods if m in report.layers] + [RANDOM]
+    if list(report.methods) == keep:
+        return report
+    document = report.to_dict()
+    for key in ("layers", "correlations", "comprehensiveness", "sufficiency", "item_curves"):
+        document[key] = {m: document[key][m] for m in keep if m in document[key]}
+    return FaithfulnessReport.from_dict(document)
+
+
+def _announce(work: list[Work], config: Config, args: argparse.Namespace) -> None:
+    """Say what costs time before it starts."""
+    methods = set().union(*(w.methods for w in work))
+    if "value_zeroing" in methods:
+        print(f"attnflow evaluate: value_zeroing costs {KINDS['value_zeroing'].cost} per layer (each token's values "
+              "zeroed in turn, every layer re-run): expect it to dominate the capture on long texts.", file=sys.stderr)
+
+
+def _check_settings(path: Path, config: Config) -> None:
+    """A directory's settings must equal this run's (a larger --methods set aside): else two experiments mix."""
+    if not path.is_file():
         return
-    text = json.dumps(settings, indent=1)
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{path} is unreadable ({exc}); remove it or choose another --out.") from exc
+    if not isinstance(before, dict) or before.get("format") != FORMAT or before.get("version") != VERSION:
+        raise OptionError(
+            f"{path.parent} holds results of an older attnflow evaluate (no format {FORMAT!r} version {VERSION}); "
+            "choose another --out, or delete the directory to start again."
+        )
+    _compare(before.get("settings"), before.get("methods"), config, f"{path.parent}")
+
+
+def _compare(settings: Any, methods: Any, config: Config, where: str) -> None:
+    mine = config.settings
+    if not isinstance(settings, dict):
+        raise OptionError(f"{where}: damaged settings; delete it or choose another --out.")
+    changed = sorted(k for k in set(settings) | set(mine) if settings.get(k) != mine.get(k))
+    missing = [m for m in (methods or []) if m not in config.plan.methods]
+    if changed or missing:
+        parts = [f"{k} (stored {_shown(settings.get(k))}, now {_shown(mine.get(k))})" for k in changed]
+        if missing:
+            parts.append(f"methods (stored results have {', '.join(methods)}; this run leaves out {', '.join(missing)}: "
+                         "a re-run may add methods but not drop any)")
+        raise OptionError(
+            f"{where} holds results made with other settings: {'; '.join(parts)}. Re-run with the same settings to "
+            "resume, or choose another --out."
+        )
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _write_settings(path: Path, config: Config) -> None:
+    methods = list(config.plan.methods)
+    try:
+        before = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        before = {}
+    if isinstance(before, dict) and before.get("methods") == methods:
+        return
+    text = json.dumps({"format": FORMAT, "version": VERSION, "settings": config.settings, "methods": methods}, indent=1)
     atomic_write(path, lambda tmp: tmp.write_text(text), what="settings")
 
 
+def _plan_work(examples: Path, lines: list[Line], config: Config) -> tuple[list[Work], list[str]]:
+    """Which lines need computing (all methods, or the ones their stored result lacks), and notes on stored
+    results that are not reused; stored results of other settings are refused."""
+    work: list[Work] = []
+    notes: list[str] = []
+    wanted = config.plan.methods
+    for line in lines:
+        path = examples / f"{line.name}.json"
+        if not path.is_file():
+            work.append(Work(line, wanted))
+            continue
+        try:
+            document = _read_document(path)
+        except OptionError as exc:
+            notes.append(f"{exc} It is computed again.")
+            work.append(Work(line, wanted))
+            continue
+        if (document.get("id"), document.get("text_sha256"), document.get("label")) != (line.id, _sha256(line.text),
+                                                                                          line.label):
+            notes.append(f"line {line.number}: id {line.id!r} has another text or label than its stored result; "
+                         "it is computed again.")
+            work.append(Work(line, wanted))
+            continue
+        _compare(document.get("settings"), document.get("methods"), config, str(path))
+        have = set(document.get("methods") or []) | set(document.get("skipped") or {})
+        lacking = tuple(m for m in wanted if m not in have)
+        if lacking:
+            work.append(Work(line, lacking, document))
+    return work, notes
+
+
+def _batches(work: list[Work], size: int) -> list[list[Work]]:
+    """Batches of at most ``size`` lines that need the same methods."""
+    groups: dict[tuple[str, ...], list[Work]] = {}
+    for item in work:
+        groups.setdefault(item.methods, []).append(item)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def _capture_target(target: Any) -> Any:
+    """The target of the attention gradients (grad_rollout, attn_grad): faithfulness' target where the capture
+    reads it the same way; per-line labels become a callable picking each item's logit."""
+    if target is None or isinstance(target, (int, str)):
+        return target
+
+    labels = list(target)
+
+    def pick(output: Any) -> Any:
+        logits = getattr(output, "logits", output)
+        if getattr(logits, "ndim", 0) == 3:
+            logits = logits[:, 0]
+        return logits[list(range(len(labels))), labels]
+
+    return pick
+
+
 def _evaluate_batch(
-    batch: Sequence[Line], adapter: Any, model: Any, tokenizer: Any, methods: list[str], references: list[str],
-    options: Options, args: argparse.Namespace, examples: Path,
+    batch: Sequence[Work], model: Any, tokenizer: Any, config: Config, args: argparse.Namespace, examples: Path,
+    notice: Any,
 ) -> None:
-    inputs = adapter.encode(tokenizer, [line.text for line in batch], max_length=args.max_length)
-    trace = capture(model, adapter=adapter, tokens=tokenizer, **inputs)
-    source = _source(args.source)
-    sources = [source] if isinstance(source, int) else None
-    explanation = explain(trace, methods, sources=sources, options=options, all_layers=True)
-    labels = [line.label for line in batch]
+    adapter = config.adapter
+    methods = batch[0].methods
+    inputs = adapter.encode(tokenizer, [w.line.text for w in batch], max_length=args.max_length)
+    labels = [w.line.label for w in batch]
     if args.target == "embedding":
         target: Any = "embedding"
     elif args.target != "auto":
@@ -286,44 +507,86 @@ def _evaluate_batch(
         raise OptionError("Some lines have a \"label\" and some do not; give every line one, or none.")
     else:
         target = None
-    report = faithfulness(
-        model, explanation, target=target, target_position=args.target_position, blank=_blank(args.blank),
-        tokenizer=tokenizer, references=references, source=source, special=not args.no_special, signed=args.signed,
-        curves=not args.no_curves, seed=args.seed, adapter=adapter, **inputs,
-    )
-    for b, line in enumerate(batch):
-        document = {"id": line.id, "line": line.number, "text": line.text, "report": report.select([b]).to_dict()}
+    everything = config.plan.everything
+    trace = capture(model, adapter=adapter, tokens=tokenizer, methods="all" if everything else list(methods),
+                    target=_capture_target(target), target_position=args.target_position, **inputs)
+    skipped = {m: str(why) for m, why in (trace.metadata.get(SKIPPED) or {}).items() if m in methods}
+    runnable = [m for m in methods if m not in skipped]
+    source = _source(args.source)
+    sources = [source] if isinstance(source, int) else None
+    report = None
+    if runnable:
+        explanation = explain(trace, runnable, sources=sources, options=config.options, all_layers=True)
+        report = faithfulness(
+            model, explanation, target=target, target_position=args.target_position, blank=_blank(args.blank),
+            tokenizer=tokenizer, references=config.references, source=source, special=args.special == "include",
+            signed=args.signed, curves=not args.no_curves, seed=args.seed, adapter=adapter, notice=notice, **inputs,
+        )
+    for b, item in enumerate(batch):
+        line = item.line
+        mine = report.select([b]) if report is not None else None
+        before = item.stored
+        if before is not None:
+            old = FaithfulnessReport.from_dict(before["report"])
+            merged = old.with_methods(mine) if mine is not None else old
+            done = list(before.get("methods") or []) + runnable
+            gone = {**(before.get("skipped") or {}), **skipped}
+        elif mine is not None:
+            merged, done, gone = mine, runnable, skipped
+        else:
+            raise OptionError(f"line {line.number}: the model supports none of the methods asked for "
+                              f"({'; '.join(f'{m}: {why}' for m, why in skipped.items())}).")
+        document = {
+            "format": EXAMPLE_FORMAT, "version": VERSION, "id": line.id, "line": line.number, "text": line.text,
+            "text_sha256": _sha256(line.text), "label": line.label, "settings": config.settings, "methods": done,
+            "skipped": gone, "report": merged.to_dict(),
+        }
         text = json.dumps(document)
         atomic_write(examples / f"{line.name}.json", functools.partial(Path.write_text, data=text), what="example result")
 
 
-def _read_example(path: Path) -> FaithfulnessReport:
+def _read_document(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text())
-        return FaithfulnessReport.from_dict(document["report"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OptionError(f"{path} is damaged ({exc}); delete it and re-run to compute it again.") from exc
+        if not isinstance(document, dict) or document.get("format") != EXAMPLE_FORMAT or document.get("version") != VERSION:
+            raise ValueError(f"not an {EXAMPLE_FORMAT} file of version {VERSION}")
+        FaithfulnessReport.from_dict(document["report"])
+        return document
+    except (OSError, ValueError, KeyError, TypeError, OptionError) as exc:
+        raise OptionError(f"{path} is damaged or of another version ({exc}).") from exc
 
 
-def _write_tables(out: Path, report: FaithfulnessReport) -> None:
+def _write_tables(out: Path, report: FaithfulnessReport, seed: int) -> None:
     rows = report.rows()
     columns = ["method", "reference", "layer", "mean", "std", "n"]
     atomic_write(out / f"{TABLE}.csv", lambda tmp: tmp.write_text(_csv(rows, columns)), what="table")
     atomic_write(out / "aopc.csv", lambda tmp: tmp.write_text(_csv(report.aopc_rows(),
                                                                    ["method", "metric", "mean", "std", "n"])),
                  what="table")
+    board = [row for reference in report.references
+             for row in report.leaderboard(reference, seed=seed, resamples=RESAMPLES)]
+    atomic_write(out / f"{LEADERBOARD}.csv", lambda tmp: tmp.write_text(_csv(board, list(LEADERBOARD_COLUMNS))),
+                 what="table")
     pyarrow = import_optional("pyarrow", "dask")
     import pyarrow.parquet as parquet
 
     table = pyarrow.table({column: [row[column] for row in rows] for column in columns})
     atomic_write(out / f"{TABLE}.parquet", lambda tmp: parquet.write_table(table, str(tmp)), what="table")
+    board_table = pyarrow.table({column: [_none(row[column]) for row in board] for column in LEADERBOARD_COLUMNS})
+    atomic_write(out / f"{LEADERBOARD}.parquet", lambda tmp: parquet.write_table(board_table, str(tmp)), what="table")
+    title = f"{Path(str(report.settings.get('model', ''))).name}: {report.batch_size} examples"
 
-    def draw(tmp: Path) -> None:
+    def draw(tmp: Path, plot: Any, source: Any) -> None:
         png = tmp.with_name(tmp.name + ".png")  # matplotlib picks the format from the name
-        plot_rows(rows, png, title=f"{report.settings.get('model', '')}: {report.batch_size} examples")
+        plot(source, png, title=title)
         png.replace(tmp)
 
-    atomic_write(out / f"{TABLE}.png", draw, what="plot")
+    atomic_write(out / f"{TABLE}.png", functools.partial(draw, plot=plot_rows, source=rows), what="plot")
+    atomic_write(out / f"{LEADERBOARD}.png", functools.partial(draw, plot=plot_leaderboard, source=board), what="plot")
+
+
+def _none(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:

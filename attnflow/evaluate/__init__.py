@@ -6,9 +6,14 @@ Everything else here is numpy: Spearman's correlation per item and layer, deleti
 ERASER's AOPC, with a random ranking as the baseline.
 """
 
+from ._faithfulness import DEFAULT_REFERENCES as DEFAULT_REFERENCES
 from ._faithfulness import REFERENCES as REFERENCES
 from ._faithfulness import evaluate_probe as evaluate_probe
 from ._faithfulness import faithfulness as faithfulness
+from ._leaderboard import LEADERBOARD_COLUMNS as LEADERBOARD_COLUMNS
+from ._leaderboard import bootstrap_interval as bootstrap_interval
+from ._leaderboard import format_leaderboard as format_leaderboard
+from ._leaderboard import plot_leaderboard as plot_leaderboard
 from ._probe import BLANKS as BLANKS
 from ._probe import Probe as Probe
 from ._probe import ProbeRequest as ProbeRequest
@@ -28,7 +33,7 @@ from ._stats import rankdata as rankdata
 from ._stats import spearman as spearman
 
 __all__ = [
-    "BLANKS", "CURVE_GRID", "ERASER_BINS", "REFERENCES", "RANDOM", "FaithfulnessReport", "Probe", "ProbeRequest",
-    "Target", "blank_error", "evaluate_probe", "faithfulness", "model_token_id", "plot_rows", "rankdata", "resolve_blank",
+    "BLANKS", "CURVE_GRID", "DEFAULT_REFERENCES", "ERASER_BINS", "LEADERBOARD_COLUMNS", "REFERENCES", "RANDOM", "FaithfulnessReport", "Probe", "ProbeRequest",
+    "Target", "blank_error", "bootstrap_interval", "evaluate_probe", "faithfulness", "format_leaderboard", "model_token_id", "plot_leaderboard", "plot_rows", "rankdata", "resolve_blank",
     "resolve_target", "spearman", "target_index", "target_positions",
 ]

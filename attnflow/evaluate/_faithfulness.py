@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,12 +11,19 @@ from .._errors import AdapterError, OptionError
 from .._explanation import Explanation
 from ..capture._adapter import Adapter
 from ..capture._registry import find_adapter
+from ._leaderboard import check_seed
 from ._probe import BLANKS, Probe, ProbeRequest, resolve_target
 from ._report import RANDOM, FaithfulnessReport
 from ._stats import CURVE_GRID, ERASER_BINS, ranking, snap, spearman, steps
 
 #: Reference importances and the adapter capability each needs.
-REFERENCES = {"blankout": "ablation", "grad_norm": "input_gradients", "grad_x_input": "input_gradients"}
+REFERENCES = {"blankout": "ablation", "grad_norm": "input_gradients", "grad_x_input": "input_gradients",
+              "grad_norm_proj": "input_gradients"}
+#: The references computed by default: every one but ``grad_norm_proj`` (the cheap stand-in for ``grad_norm``
+#: on vector targets, asked for by name).
+DEFAULT_REFERENCES = ("blankout", "grad_norm", "grad_x_input")
+#: References that need the Jacobian of a vector target (one backward pass per output dimension).
+JACOBIAN_REFERENCES = ("grad_norm", "grad_x_input")
 
 
 def faithfulness(
@@ -29,7 +36,7 @@ def faithfulness(
     tokenizer: Any = None,
     references: Sequence[str] | None = None,
     source: int | str | None = None,
-    special: bool = True,
+    special: bool = False,
     signed: bool = False,
     curves: bool = True,
     bins: Sequence[float] = ERASER_BINS,
@@ -39,6 +46,7 @@ def faithfulness(
     adapter: str | Adapter | None = None,
     adapter_options: Mapping[str, Any] | None = None,
     max_rows: int = 256,
+    notice: Callable[[str], None] | None = None,
     **model_kwargs: Any,
 ) -> FaithfulnessReport:
     """Compare ``explanation``'s token scores with the model's own sensitivity to its input tokens.
@@ -49,11 +57,16 @@ def faithfulness(
     - ``blankout``: ``s(x) − s(x with token j blanked out)`` (Abnar & Zuidema's ablation), all ``n`` variants
       of an item run as batches;
     - ``grad_norm``: ``‖∂s/∂e_j‖₂`` and ``grad_x_input``: ``∂s/∂e_j · e_j`` (``e_j``: token j's input
-      embedding).
+      embedding). For a vector target (the embedding of a model without logits) these are norms of the
+      Jacobian ``∂v/∂e_j`` projected off the unablated direction: exact, but one backward pass per output
+      dimension (384 on all-MiniLM-L6-v2), batched into one vectorised backward;
+    - ``grad_norm_proj`` (asked for by name): ``‖∂s/∂e_j‖₂`` of the projection ``s(x) = ⟨v(x), v(x₀)/‖v(x₀)‖⟩``
+      of a vector target on its unablated direction: one backward pass (the cosine's own gradient is 0 at
+      ``x₀``, its projection's is not). For a scalar target it equals ``grad_norm``.
 
     Each method's scores for the explained output are ranked against each reference per item and layer
     (Spearman's ρ), and the tokens are removed in the method's order for deletion/insertion curves and
-    ERASER's comprehensiveness and sufficiency (AOPC). A random ranking of each item's tokens (``seed``)
+    ERASER's comprehensiveness and sufficiency (AOPC: see below). A random ranking of each item's tokens (``seed``)
     is reported beside the methods as ``"random"``: the baseline a method has to beat.
 
     Args:
@@ -79,18 +92,29 @@ def faithfulness(
             real token), ``"mean"`` (the mean over every real explained token, for embedding targets; needs an
             explanation of all tokens), or None (the only one; the mean for embedding targets; else the token
             the target reads).
-        special: whether special tokens ([CLS], [SEP]) are among the tokens compared and removed (the paper
-            keeps them).
+        special: whether special tokens ([CLS], [SEP]) are among the tokens compared and removed. Default
+            False: left out of both the correlations and the removal curves, as ERASER does (Abnar & Zuidema
+            kept them; on all-MiniLM-L6-v2 raw attention, rollout and flow rank [CLS] first in every sentence
+            while blank-out ranks it last, which dominates the correlations).
         signed: compare with the signed references (a token that argues against the target ranks low);
             default: their absolute values (attention scores say how much, not which way).
         curves: compute deletion/insertion curves and AOPC (more forward passes: about ``2 × len(grid ∪ bins)``
             per method and item).
         bins: ERASER's fractions of tokens for AOPC; grid: the fractions at which the curves are read.
+            AOPC is the **mean over the bins** ``B``: comprehensiveness ``(1/|B|) Σ_k (s(x) − s(x ∖ top_k))``,
+            sufficiency ``(1/|B|) Σ_k (s(x) − s(top_k))``, as ERASER's released scorer computes it
+            (``_instances_aopc`` in ``rationale_benchmark/metrics.py`` of github.com/jayded/eraserbenchmark
+            takes ``np.average`` over the per-threshold differences). The paper's printed formula (DeYoung et al., 2020, "ERASER: A Benchmark to Evaluate
+            Rationalized NLP Models", ACL, §4.2) has ``1/(|B|+1)`` instead: multiply attnflow's values by
+            ``|B|/(|B|+1)`` (5/6 for the default five bins) to compare with numbers computed that way; the
+            ranking of methods is the same either way.
         seed: the seed of the random ranking, and of the random order in which tied scores are removed.
         embedding: the module giving input embeddings (a module, or its path) when the adapter cannot find it.
         adapter: as for :func:`attnflow.capture`.
         adapter_options: as for :func:`attnflow.capture`.
         max_rows: input rows per forward pass.
+        notice: called with a sentence about a costly step before it starts (the Jacobian of a vector
+            target); default: nothing is said.
 
     Returns:
         A :class:`FaithfulnessReport` (``.spearman[method][reference]`` per layer, ``.aopc``, ``.curves``,
@@ -108,6 +132,7 @@ def faithfulness(
         raise OptionError(f"blank must be one of {BLANKS} or a token id, got {blank!r}.")
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
         raise OptionError(f"max_rows must be a positive int, got {max_rows!r}.")
+    check_seed(seed)
     chosen = find_adapter(model, adapter, adapter_options)
     names = _references(references, chosen, curves)
     make_probe = getattr(chosen, "probe", None)
@@ -119,24 +144,25 @@ def faithfulness(
     request = ProbeRequest(
         target=resolve_target(target, stream.mask.shape[0]), target_position=target_position, blank=blank,
         tokenizer=tokenizer, mask=np.asarray(stream.mask, bool), causal=bool(stream.causal), embedding=embedding,
-        max_rows=max_rows, gradients=any(REFERENCES[n] == "input_gradients" for n in names),
+        max_rows=max_rows, gradients=any(REFERENCES[n] == "input_gradients" for n in names), references=names,
     )
     probe = make_probe(model, request, *args, **model_kwargs)
     try:
         settings = {"adapter": chosen.name, "blank": blank if isinstance(blank, str) else int(blank)}
         return evaluate_probe(probe, explanation, references=names, source=source, special=special, signed=signed,
-                              curves=curves, bins=bins, grid=grid, seed=seed, settings=settings)
+                              curves=curves, bins=bins, grid=grid, seed=seed, settings=settings, notice=notice)
     finally:
         probe.close()
 
 
 def evaluate_probe(
-    probe: Probe, explanation: Explanation, *, references: Sequence[str] = tuple(REFERENCES),
-    source: int | str | None = None, special: bool = True, signed: bool = False, curves: bool = True,
+    probe: Probe, explanation: Explanation, *, references: Sequence[str] = DEFAULT_REFERENCES,
+    source: int | str | None = None, special: bool = False, signed: bool = False, curves: bool = True,
     bins: Sequence[float] = ERASER_BINS, grid: Sequence[float] = CURVE_GRID, seed: int = 0,
-    settings: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None, notice: Callable[[str], None] | None = None,
 ) -> FaithfulnessReport:
     """The framework-free part of :func:`faithfulness`, on a probe made by an adapter (or by hand)."""
+    check_seed(seed)
     stream = _explained_stream(explanation)
     mask = np.asarray(stream.mask, bool)
     batch, length = mask.shape
@@ -149,7 +175,7 @@ def evaluate_probe(
     scores = {method: reduce(explanation.layers(method)) for method in explanation.methods}  # (layers, B, T)
     scores = {method: np.where(compared, snap(np.where(compared, values, 0.0)), 0.0) for method, values in scores.items()}
 
-    importances = _importances(probe, references, compared, base)
+    importances = _importances(probe, references, compared, base, notice)
     rng = np.random.default_rng(seed)
     all_layers = sorted({i for m in explanation.methods for i in explanation.layer_indices(m)})
     scores[RANDOM] = rng.random((len(all_layers), batch, length))
@@ -201,7 +227,7 @@ def _is_token_id(value: Any) -> bool:
 def _references(references: Sequence[str] | None, adapter: Adapter, curves: bool) -> tuple[str, ...]:
     captures = set(adapter.captures)
     if references is None:
-        names = tuple(n for n, needs in REFERENCES.items() if needs in captures)
+        names = tuple(n for n in DEFAULT_REFERENCES if REFERENCES[n] in captures)
         if not names:
             raise AdapterError(
                 f"Adapter {adapter.name!r} can neither blank tokens out nor take input gradients (it captures "
@@ -293,7 +319,8 @@ def _pick(positions: np.ndarray, wanted: np.ndarray, what: str) -> Any:
     return lambda a: a[:, np.arange(positions.shape[0]), rows]
 
 
-def _importances(probe: Probe, references: Sequence[str], compared: np.ndarray, base: np.ndarray) -> dict[str, np.ndarray]:
+def _importances(probe: Probe, references: Sequence[str], compared: np.ndarray, base: np.ndarray,
+                 notice: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     batch, length = compared.shape
     out: dict[str, np.ndarray] = {}
     if "blankout" in references:
@@ -304,9 +331,25 @@ def _importances(probe: Probe, references: Sequence[str], compared: np.ndarray, 
         if items.size:
             values[items, columns] = base[items] - np.asarray(probe.scores(items, blanked), dtype=np.float64)
         out["blankout"] = values
-    if any(name in references for name in ("grad_norm", "grad_x_input")):
-        gradients = probe.gradients()
-        for name in ("grad_norm", "grad_x_input"):
+    wanted = [name for name in references if REFERENCES[name] == "input_gradients"]
+    if wanted:
+        size = probe.jacobian_size()
+        jacobian = [name for name in wanted if name in JACOBIAN_REFERENCES]
+        if size and jacobian and notice is not None:
+            notice(
+                f"{' and '.join(jacobian)} of this vector target ({size} dimensions) need its Jacobian: {size} backward "
+                f"passes per item (batched), about {size}x the gradient of a scalar target; the reference "
+                "grad_norm_proj (the gradient of the projection on the unablated direction) needs one."
+            )
+        gradients = dict(probe.gradients())
+        if "grad_norm_proj" in wanted and "grad_norm_proj" not in gradients:
+            if size:
+                raise OptionError(
+                    f"The probe ({type(probe).__name__}) does not compute grad_norm_proj for a vector target; leave "
+                    "it out of references=."
+                )
+            gradients["grad_norm_proj"] = gradients["grad_norm"]  # a scalar target is its own projection
+        for name in wanted:
             if name in references:
                 array = np.asarray(gradients[name], dtype=np.float64)
                 if array.shape != (batch, length):

@@ -144,6 +144,8 @@ class ProbeRequest:
         embedding: which module gives the input embeddings (a module, or its path), None: the adapter finds it.
         max_rows: at most this many input rows per forward pass.
         gradients: whether :meth:`Probe.gradients` will be asked (input gradients).
+        references: the references asked for (a probe computes only the gradient references among them;
+            empty: ``grad_norm`` and ``grad_x_input``, as before this field existed).
     """
 
     target: Target | None
@@ -155,6 +157,7 @@ class ProbeRequest:
     embedding: Any = None
     max_rows: int = 256
     gradients: bool = True
+    references: tuple[str, ...] = ()
 
 
 class Probe(abc.ABC):
@@ -185,7 +188,17 @@ class Probe(abc.ABC):
         """Input-gradient importances ``{"grad_norm": (batch, tokens), "grad_x_input": (batch, tokens)}``:
         for a scalar target ``s``, ``‖∂s/∂e_j‖₂`` and ``Σ_d (∂s/∂e_j)_d (e_j)_d`` with ``e_j`` the input
         embedding of token ``j``; for a vector target ``v`` (cosine to the unablated ``v₀``, whose gradient is
-        0 there), ``‖P ∂v/∂e_j‖_F`` and ``‖P (∂v/∂e_j) e_j‖₂`` with ``P = I − u uᵀ``, ``u = v₀/‖v₀‖``."""
+        0 there), ``‖P ∂v/∂e_j‖_F`` and ``‖P (∂v/∂e_j) e_j‖₂`` with ``P = I − u uᵀ``, ``u = v₀/‖v₀‖`` (the
+        Jacobian: one backward pass per output dimension).
+
+        A probe may also return ``"grad_norm_proj"``: ``‖∂s/∂e_j‖₂`` of the projection
+        ``s(x) = ⟨v(x), u⟩`` on the unablated direction (one backward pass; for a scalar target, ``grad_norm``
+        itself), and may leave out what :attr:`ProbeRequest.references` does not ask for."""
+
+    def jacobian_size(self) -> int | None:
+        """The output dimension of a vector target (the backward passes per item its Jacobian needs), or None
+        for a scalar target."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (optional to override: most probes change nothing)
         """Undo anything the probe changed on the model (hooks, swapped modules)."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import OptionError
+from ._leaderboard import RESAMPLES, lead, leaderboard_rows, save_figure
 from ._stats import summarize
 
 #: The name of the random-ranking baseline among a report's methods.
@@ -111,15 +112,47 @@ class FaithfulnessReport:
         }
 
     def rows(self) -> list[dict[str, Any]]:
-        """The long per-layer table as dicts: ``method, reference, layer, mean, std, n``."""
+        """The long per-layer table as dicts: ``method, reference, layer, mean, std, n``; ``layer`` is 1-based
+        (layer 1: after the explained stream's first layer, i.e. :attr:`layers` index 0 + 1)."""
         out = []
         for method, by in self.correlations.items():
             for reference, array in by.items():
                 for layer, row in zip(self.layers[method], array):
                     mean, std, n = summarize(row)
-                    out.append({"method": method, "reference": reference, "layer": layer, "mean": mean, "std": std,
-                                "n": n})
+                    out.append({"method": method, "reference": reference, "layer": layer + 1, "mean": mean,
+                                "std": std, "n": n})
         return out
+
+    def leaderboard(self, reference: str = "blankout", *, seed: int = 0,
+                    resamples: int = RESAMPLES) -> list[dict[str, Any]]:
+        """The methods ranked by how well their last-layer token ranking agrees with ``reference``.
+
+        One row per method (the random baseline included), best first, with the columns of
+        :data:`attnflow.evaluate.LEADERBOARD_COLUMNS`: ``rho_last`` (the item mean of the last-layer Spearman ρ,
+        the ranking key), ``rho_layers`` (per item the mean over layers, then the mean over items), AOPC
+        comprehensiveness (higher is better) and sufficiency (lower is better), each with ``n`` and a 95%
+        percentile-bootstrap interval over items (``resamples`` resamples drawn from
+        ``numpy.random.default_rng(seed)`` afresh for each figure; see :mod:`attnflow.evaluate._leaderboard`).
+        ``layer`` is 1-based.
+        """
+        self._check_reference(reference)
+        return leaderboard_rows(
+            {m: by[reference] for m, by in self.correlations.items()}, self.layers, reference,
+            comprehensiveness=self.comprehensiveness, sufficiency=self.sufficiency, seed=seed, resamples=resamples,
+        )
+
+    def lead(self, reference: str = "blankout", *, seed: int = 0, resamples: int = RESAMPLES) -> dict[str, Any]:
+        """The most faithful method against ``reference`` (the first of :meth:`leaderboard` that is not the
+        random baseline) and whether its lead over the second is clear: ``{"best", "second", "difference",
+        "low", "high", "n", "clear"}``, the paired per-item difference of last-layer ρ (first minus second)
+        with its 95% bootstrap interval; ``clear`` when the interval excludes 0."""
+        rows = self.leaderboard(reference, seed=seed, resamples=resamples)
+        return lead({m: by[reference] for m, by in self.correlations.items()}, rows, baseline=RANDOM, seed=seed,
+                    resamples=resamples)
+
+    def _check_reference(self, reference: str) -> None:
+        if reference not in self.references:
+            raise OptionError(f"This report compares with {list(self.references)}, not {reference!r}.")
 
     def aopc_rows(self) -> list[dict[str, Any]]:
         """AOPC as dicts: ``method, metric, mean, std, n`` (metric ``comprehensiveness`` or ``sufficiency``)."""
@@ -141,8 +174,7 @@ class FaithfulnessReport:
     def table(self, reference: str, *, methods: Sequence[str] | None = None, digits: int = 2) -> str:
         """Abnar & Zuidema's Table-1 layout for one reference: a row per method, a column per layer
         (``L1`` is layer index 0), cells ``mean±std`` over the items."""
-        if reference not in self.references:
-            raise OptionError(f"This report compares with {list(self.references)}, not {reference!r}.")
+        self._check_reference(reference)
         methods = list(methods or self.methods)
         layers = sorted({layer for m in methods for layer in self.layers[m]})
         header = ["", *(f"L{layer + 1}" for layer in layers)]
@@ -203,6 +235,31 @@ class FaithfulnessReport:
             base=np.concatenate([x.base for x in reports]), settings=first.settings,
         )
 
+    def with_methods(self, other: FaithfulnessReport) -> FaithfulnessReport:
+        """This report with the methods of ``other`` that it lacks added, e.g. methods computed later for the
+        same items. ``other`` must cover the same items and references with the same curve grid and bins;
+        this report's importances, base scores, settings and random baseline are kept."""
+        if (other.batch_size, other.references, other.grid, other.bins) != (self.batch_size, self.references,
+                                                                            self.grid, self.bins):
+            raise OptionError(
+                "with_methods() needs a report of the same items, references, grid and bins; got "
+                f"{other.batch_size} items/{list(other.references)} for {self.batch_size}/{list(self.references)}."
+            )
+        new = [m for m in other.methods if m not in self.layers and m != RANDOM]
+        order = [m for m in self.methods if m != RANDOM] + new + [m for m in self.methods if m == RANDOM]
+
+        def pick(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, Any]:
+            return {m: (mine[m] if m in mine else theirs[m]) for m in order if m in mine or m in theirs}
+
+        return FaithfulnessReport(
+            layers=pick(self.layers, other.layers), references=self.references,
+            correlations=pick(self.correlations, other.correlations),
+            comprehensiveness=pick(self.comprehensiveness, other.comprehensiveness),
+            sufficiency=pick(self.sufficiency, other.sufficiency),
+            item_curves=pick(self.item_curves, other.item_curves), grid=self.grid, bins=self.bins,
+            importances=self.importances, base=self.base, settings=self.settings,
+        )
+
     def select(self, items: Sequence[int]) -> FaithfulnessReport:
         """The report of some items only (e.g. one example of a batch)."""
         index = np.asarray(items, dtype=np.int64)
@@ -256,7 +313,8 @@ class FaithfulnessReport:
 
 
 def plot_rows(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
-    """The correlation-by-layer figure from long-table rows (``method, reference, layer, mean, std, n``)."""
+    """The correlation-by-layer figure from long-table rows (``method, reference, layer, mean, std, n``; layers
+    1-based, as :meth:`FaithfulnessReport.rows` writes them)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -272,7 +330,7 @@ def plot_rows(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str
                             if row["reference"] == reference and row["method"] == method)
             if not points:
                 continue
-            layers = [p[0] + 1 for p in points]
+            layers = [p[0] for p in points]  # rows() numbers layers from 1
             means = np.array([p[1] for p in points], dtype=float)
             style = {"linestyle": "--", "color": "0.5"} if method == RANDOM else {"marker": "o"}
             axis.plot(layers, means, label=method, **style)
@@ -282,13 +340,7 @@ def plot_rows(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str
         axis.set_ylim(-1.0, 1.0)
     axes[0][0].set_ylabel("mean Spearman ρ over examples")
     axes[0][-1].legend(loc="best", fontsize="small")
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, title)
 
 
 def _cell(stats: tuple[float, float] | None, digits: int) -> str:
