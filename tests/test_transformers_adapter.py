@@ -467,3 +467,32 @@ def test_text_longer_than_the_model_takes_is_refused_or_truncated(tmp_path):
     inputs = adapter.encode(tokenizer, ["a b", text], max_length=16)
     assert inputs["input_ids"].shape == (2, 16)
     assert attnflow.capture(model, **inputs).seq_len == 16
+
+
+def test_cross_attention_found_by_path_when_modules_carry_no_flag():
+    """Blind spot (issue 20): cross-attention modules without an `is_cross_attention` attribute, captured through
+    modules=, are still cross layers onto the encoder stream (by their path), equal to the default capture."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=37, d_model=16, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=2, encoder_ffn_dim=20, decoder_ffn_dim=24, max_position_embeddings=32,
+        attn_implementation="eager",
+    )
+    model = transformers.BartModel(config).eval()
+    for module in model.modules():
+        if hasattr(module, "is_cross_attention"):
+            del module.is_cross_attention
+    assert not any(hasattr(m, "is_cross_attention") for m in model.modules())
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 2]]), "decoder_input_ids": torch.tensor([[2, 11, 12, 13]])}
+    expected = attnflow.capture(model, **inputs)
+    trace = attnflow.capture(model, adapter_options={"modules": ["*.self_attn", "*.encoder_attn"]}, **inputs)
+    cross = [layer for layer in trace.layers if "encoder_attn" in layer.name]
+    assert len(cross) == 3 and all(layer.kind == "cross" for layer in cross)
+    assert {layer.key_stream for layer in cross} == {"encoder"} and {layer.query_stream for layer in cross} == {"decoder"}
+    assert [layer.name for layer in trace.layers] == [layer.name for layer in expected.layers]
+    for ours, theirs in zip(trace.layers, expected.layers):
+        np.testing.assert_array_equal(ours.weights, theirs.weights)
+        assert (ours.kind, ours.query_stream, ours.key_stream) == (theirs.kind, theirs.query_stream, theirs.key_stream)
