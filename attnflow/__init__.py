@@ -24,6 +24,7 @@ from ._explanation import explain as explain
 from ._files import load as load
 from ._files import save as save
 from ._models import packaged_model_dir as packaged_model_dir
+from ._version import __version__ as __version__
 from .batch import OutputInUseError as OutputInUseError
 from .batch import run_batch as run_batch
 from .capture._adapter import Adapter as Adapter
@@ -51,8 +52,6 @@ from .trace import AttentionTrace as AttentionTrace
 from .trace import LayerAttention as LayerAttention
 from .trace import Link as Link
 from .trace import Stream as Stream
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterOption", "AdapterRegistrationError", "AttentionTrace", "AttnflowError",

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import OptionError, TraceFileError
+from ._version import __version__
 
 HEADER_KEY = "attnflow"
 HEADER_DIGEST_KEY = "attnflow.sha256"
@@ -126,7 +127,7 @@ def write_tensor_file(
         if value.dtype.byteorder == ">":
             value = value.astype(value.dtype.newbyteorder("<"))
         arrays[key] = np.ascontiguousarray(value)
-    document = {**header, "format": format, "version": version,
+    document = {**header, "format": format, "version": version, "attnflow": __version__,
                 "sha256": {key: digest(value) for key, value in arrays.items()}}
     try:
         text = canonical_json(document)

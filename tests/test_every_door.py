@@ -163,6 +163,7 @@ def test_cli_all_lists_skipped_methods(distilbert_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipped alti:" in captured.err and "VALUE_MAPS" in captured.err
     document = json.loads((out / "explanation.json").read_text())
+    assert document["attnflow"] == attnflow.__version__
     assert list(document["scores"]) == ["raw", "rollout", "flow", "attn_grad", "grad_rollout"]
     for name in document["scores"]:
         assert (out / f"{name}.png").stat().st_size > 0

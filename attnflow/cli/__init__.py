@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import AttnflowError
+from .._version import __version__
 
 SUBCOMMANDS: tuple[str, ...] = ("attnflow.cli._explain", "attnflow.cli._compare", "attnflow.cli._batch")
 SUBCOMMANDS += ("attnflow.cli._evaluate",)  # faithfulness over a data set
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnflow", description="Attention rollout and attention flow for transformer models."
     )
+    parser.add_argument("--version", action="version", version=f"attnflow {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         importlib.import_module(module).add_parser(subparsers)

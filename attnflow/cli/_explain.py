@@ -19,6 +19,7 @@ from .._errors import AdapterError, OptionError
 from .._explanation import Explanation, explain
 from .._models import packaged_model_dir
 from .._tensorfile import atomic_write, check_writable_target, make_directory
+from .._version import __version__
 from ..capture._adapter import check_adapter_options, load_model
 from ..capture._capture import capture
 from ..capture._plan import CapturePlan, capture_plan
@@ -458,6 +459,7 @@ def write_outputs(out: Path, trace: Any, explanation: Explanation, timings: dict
         matrices = {method: v[explanation.input_streams[0]] for method, v in matrices.items()}
         scores = {method: v[explanation.input_streams[0]] for method, v in scores.items()}
     document = {
+        "attnflow": __version__,
         "model": trace.model_name,
         "model_location": trace.metadata.get("model_location"),
         "stream": stream,

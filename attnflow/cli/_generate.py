@@ -14,6 +14,7 @@ import numpy as np
 from .._errors import OptionError
 from .._explanation import Explanation, explain
 from .._tensorfile import atomic_write
+from .._version import __version__
 from ..capture._capture import attach
 from ..capture._plan import CapturePlan
 from ..methods._options import Options
@@ -152,6 +153,7 @@ def write_generation(
     explanation.save(out / "explanation.safetensors")
     generation = explanation.metadata["generation"]
     document = {
+        "attnflow": __version__,
         "model": trace.model_name,
         "model_location": trace.metadata.get("model_location"),
         "prompt": args.text,
