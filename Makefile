@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint docs bench bench-long clean system-deps
 
-$(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
+$(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml examples/method_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml
 	$(PY) -m pip install -q -c constraints.txt h5py requests
 	$(PY) -m pip install -q --no-deps -c constraints.txt flaxmodels gemma kauldron einops clu jaxtyping wadler-lindig \
 		lark typeguard immutabledict sentencepiece chex ml-collections wrapt
-	# the worked plugin package, installed as a third party would install theirs (its tests run with ours)
-	$(PY) -m pip install -q --no-deps -e examples/plugin
+	# the worked plugin packages (an adapter, a method), installed as a third party would install theirs (their
+	# tests run with ours)
+	$(PY) -m pip install -q --no-deps -e examples/plugin -e examples/method_plugin
 	touch $(STAMP)
 
 # The flow kernel compiled into numba's on-disk cache (attnflow/network/__pycache__), so that a new process's

@@ -42,6 +42,8 @@ from .methods import flow_network as flow_network
 from .methods import fuse_heads as fuse_heads
 from .methods import raw as raw
 from .methods import rollout as rollout
+from .methods._kit import LayerMethod as LayerMethod
+from .methods._kit import RoutedMethod as RoutedMethod
 from .methods._options import Options as Options
 from .methods._registry import Method as Method
 from .methods._registry import get_method as get_method
@@ -56,8 +58,8 @@ from .trace import Stream as Stream
 __all__ = [
     "Adapter", "AdapterError", "AdapterOption", "AdapterRegistrationError", "AttentionTrace", "AttnflowError",
     "ComparisonError", "ComparisonReport", "Explanation", "FlowTooLargeError", "HiddenAttentionError", "LayerAttention",
-    "Link", "Method", "MethodError", "MissingDependencyError", "OptionError", "Options", "OutputInUseError", "Recorder",
-    "Stream", "TraceError",
+    "LayerMethod", "Link", "Method", "MethodError", "MissingDependencyError", "OptionError", "Options", "OutputInUseError", "Recorder",
+    "RoutedMethod", "Stream", "TraceError",
     "TraceFileError", "attach", "capture", "compare", "explain", "flow", "flow_network", "fuse_heads", "get_adapter",
     "get_method", "import_optional", "list_adapters", "list_methods", "load", "packaged_model_dir", "plot", "raw",
     "register_adapter", "register_method", "rollout", "run_batch", "save", "unregister_adapter", "unregister_method",

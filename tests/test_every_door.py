@@ -34,6 +34,11 @@ def _tokenizer():
     return BertTokenizer(vocab={token: i for i, token in enumerate(TOKENS)})
 
 
+def served(*kinds: str) -> tuple[str, ...]:
+    """The registered methods (plugins included) whose needs are among ``kinds`` (and the weights)."""
+    return tuple(m for m in attnflow.list_methods() if set(attnflow.get_method(m).needs) <= {"weights", *kinds})
+
+
 def _hooks(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
@@ -74,8 +79,8 @@ def test_plan_names_every_missing_need_at_once():
         line = next(line for line in message.splitlines() if need in line)
         assert method in line and "transformers" in line, line
     plan = capture_plan("all", penzai)
-    assert plan.methods == ("raw", "rollout", "flow") and plan.kinds == {"weights"}
-    assert set(plan.skipped) == set(attnflow.list_methods()) - {"raw", "rollout", "flow"}
+    assert plan.methods == served() and plan.kinds == {"weights"} and {"raw", "rollout", "flow"} <= set(plan.methods)
+    assert set(plan.skipped) == set(attnflow.list_methods()) - set(served())
     assert "'attn_grad'" in plan.skipped["grad_rollout"]
 
 
@@ -129,7 +134,7 @@ def test_all_skips_kinds_the_model_cannot_serve(distilbert_dir):
     skipped = trace.metadata["skipped_methods"]
     assert {"norm", "norm_residual", "alti", "effective_attention", "value_zeroing"} <= set(skipped)
     explanation = attnflow.explain(trace, "all")
-    assert explanation.methods == ("raw", "rollout", "flow", "attn_grad", "grad_rollout")
+    assert explanation.methods == served("attn_grad")
     assert explanation.skipped["alti"] == skipped["alti"]
 
 
@@ -143,7 +148,7 @@ def test_explicit_list_is_refused_in_one_error_naming_each_method():
     for method in ("alti", "grad_rollout", "value_zeroing"):
         assert any(line.strip().startswith(f"- {method}:") for line in lines), method
     explanation = attnflow.explain(trace, "all")
-    assert explanation.methods == ("raw", "rollout", "flow")
+    assert explanation.methods == served()
     assert "values=True" in explanation.skipped["alti"]
 
 
@@ -164,7 +169,7 @@ def test_cli_all_lists_skipped_methods(distilbert_dir, tmp_path, capsys):
     assert "skipped alti:" in captured.err and "VALUE_MAPS" in captured.err
     document = json.loads((out / "explanation.json").read_text())
     assert document["attnflow"] == attnflow.__version__
-    assert list(document["scores"]) == ["raw", "rollout", "flow", "attn_grad", "grad_rollout"]
+    assert tuple(document["scores"]) == served("attn_grad")
     for name in document["scores"]:
         assert (out / f"{name}.png").stat().st_size > 0
 
@@ -189,7 +194,8 @@ def test_compare_all_methods(tmp_path, capsys):
     trace.save(tmp_path / "a.safetensors")
     trace.save(tmp_path / "b.safetensors")
     report = attnflow.compare(trace, trace, methods="all", flow=False)
-    assert set(report.methods) == {"norm", "norm_residual", "alti", "effective_attention"}
+    assert set(report.methods) == set(served("values")) - {"raw", "rollout", "flow"}
+    assert {"norm", "norm_residual", "alti", "effective_attention"} <= set(report.methods)
     assert all(value == 0.0 for value in report.methods.values())
 
 
@@ -216,7 +222,7 @@ def test_batch_all_skips_what_the_model_cannot_serve(distilbert_dir, tmp_path):
 
     settings = make_settings(adapter="timm", model=None, methods="all", sources=None, all_layers=False, options=None,
                              max_length=None, local=True)
-    assert settings.methods == ("raw", "rollout", "flow", "attn_grad", "grad_rollout") and settings.everything
+    assert settings.methods == served("attn_grad") and settings.everything
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"id": "x", "text": "a b c d"}) + "\n" + json.dumps({"id": "y", "text": "e f"}) + "\n")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
@@ -224,5 +230,5 @@ def test_batch_all_skips_what_the_model_cannot_serve(distilbert_dir, tmp_path):
         summary = attnflow.run_batch(path, tmp_path / "out", model=str(distilbert_dir), methods="all", client=client)
     assert (summary.done, summary.failed) == (2, [])
     stored = load_explanation(tmp_path / "out" / "examples" / "x.safetensors")
-    assert stored.methods == ("raw", "rollout", "flow", "attn_grad", "grad_rollout")
+    assert stored.methods == served("attn_grad")
     assert "VALUE_MAPS" in stored.skipped["alti"] and "VALUE_MAPS" in stored.skipped["value_zeroing"]

@@ -123,18 +123,17 @@ def test_heads_selection_is_per_head_rollout():
         attnflow.rollout(trace, heads=[3])
 
 
-class Uniform(Method):
-    """A method of a third party: uniform scores over the real input tokens."""
+class Uniform(attnflow.LayerMethod):
+    """A method of a third party, on the kit: uniform scores over the real input tokens (padded rows and
+    columns stay 0, as every method's do; attnflow.testing.check_method holds it to that)."""
 
     name = "uniform"
+    row_sum = "one"
 
-    def compute(self, trace, options, *, stream, sources, all_layers):
-        rows = trace.streams[stream].length if sources is None else len(sources)
-        out = np.zeros((1, trace.batch_size, rows, trace.streams[stream].length))
-        for b in range(trace.batch_size):
-            valid = trace.valid_index(b, stream)
-            out[0, b][:, valid] = 1.0 / valid.size
-        return {stream: out}
+    def layer_scores(self, trace, layer, item, options):
+        q = trace.valid_index(item, trace.layers[layer].query_stream).size
+        k = trace.valid_index(item, trace.layers[layer].key_stream).size
+        return np.full((q, k), 1.0 / k)
 
 
 class NeedsGrads(Uniform):

@@ -22,6 +22,7 @@ class Raw(Method):
     view; row ``s`` of layer ``l`` is what output token ``s`` attends to in that layer alone."""
 
     name = "raw"
+    row_sum = "one"
     order = 0
     reference = ABNAR_ZUIDEMA + " (the baseline they compare against)"
 
@@ -55,6 +56,7 @@ class Rollout(Method):
     """Attention rollout: proportional routing through the attention network (see :func:`attnflow.rollout`)."""
 
     name = "rollout"
+    row_sum = "one"
     order = 10
     cumulative = True
     reference = ABNAR_ZUIDEMA

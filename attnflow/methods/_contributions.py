@@ -248,6 +248,7 @@ class Alti(_Cumulative):
     other families whose path map has no cross part) is refused."""
 
     name = "alti"
+    row_sum = "one"
     reference = f"{FERRANDO}; ALTI+: {FERRANDO_PLUS}"
     measure = staticmethod(alti)
     edge_residual = 0.0
@@ -288,6 +289,7 @@ class ValueZeroing(Method):
     one forward pass of each layer per token (per token of each stream a layer reads), for every item."""
 
     name = "value_zeroing"
+    row_sum = "one"
     needs = ("weights", "value_zeroing")
     cumulative = True
     reference = MOHEBBI

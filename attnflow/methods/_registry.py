@@ -48,6 +48,10 @@ class Method(abc.ABC):
         edge_residual: the residual rollout and flow mix into this method's edge weights when
             ``options.weights`` names it (None: ``options.residual``; 0 for contributions that already
             include the residual connection).
+        row_sum: what each real explained token's scores sum to, over every input stream together:
+            ``"one"`` (a distribution: entries >= 0, rows sum to 1), ``"at_most_one"`` (entries >= 0, rows
+            sum to at most 1) or ``"free"`` (no constraint: flow, where each entry is its own max-flow;
+            gradients; norms). :func:`attnflow.testing.check_method` holds a method to it.
     """
 
     name: ClassVar[str] = ""
@@ -57,6 +61,7 @@ class Method(abc.ABC):
     reference: ClassVar[str] = ""
     order: ClassVar[int] = 100
     edge_residual: ClassVar[float | None] = None
+    row_sum: ClassVar[str] = "free"
 
     @abc.abstractmethod
     def compute(
@@ -130,6 +135,8 @@ def list_methods() -> list[str]:
         return sorted(_methods, key=lambda n: (_methods[n].order, n))
 
 
+#: What a method's rows may sum to (``Method.row_sum``).
+ROW_SUMS = ("one", "at_most_one", "free")
 #: The method list that stands for every registered method (``explain(trace, "all")``, ``--methods all``).
 ALL = "all"
 #: Trace and explanation metadata key: methods of ``"all"`` left out -> why.
@@ -176,6 +183,8 @@ def _validate(method: Any, *, source: str) -> Method:
         raise MethodError(f"{source}: {cls}.name must be an identifier-like string, got {method.name!r}.")
     if isinstance(method.needs, str) or not all(isinstance(n, str) for n in method.needs) or "weights" not in method.needs:
         raise MethodError(f"{source}: {cls}.needs must be a tuple of names including 'weights', got {method.needs!r}.")
+    if method.row_sum not in ROW_SUMS:
+        raise MethodError(f"{source}: {cls}.row_sum must be one of {list(ROW_SUMS)}, got {method.row_sum!r}.")
     for flag in ("cumulative", "all_layers_by_default"):
         if not isinstance(getattr(method, flag), bool):
             raise MethodError(f"{source}: {cls}.{flag} must be True or False.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from ._fusion import (
     stream_layer_indices,
 )
 from ._options import HeadFusion, HeadSelection, Options
+
+if TYPE_CHECKING:
+    from ._registry import Method
 
 
 def raw(
@@ -99,15 +102,18 @@ def rollout(
 
 
 def rollout_scores(
-    trace: AttentionTrace, options: Options, *, stream: str | None, sources: Sequence[int] | None, all_layers: bool
+    trace: AttentionTrace, options: Options, *, stream: str | None, sources: Sequence[int] | None, all_layers: bool,
+    method: Method | None = None,
 ) -> dict[str, np.ndarray]:
-    """Rollout of ``sources`` (all tokens when None) as input stream -> ``(layers, batch, S, in)``."""
+    """Rollout of ``sources`` (all tokens when None) as input stream -> ``(layers, batch, S, in)``, through the
+    edges ``options.weights`` names, or ``method``'s edge weights when given (a method that need not be
+    registered)."""
     from ._flow import local_sources
 
     explained = explained_stream(trace, stream)
     chosen = select_layers(trace, options.layers, explained)
     skip = [i for i in stream_layer_indices(trace, explained) if i not in chosen]
-    weights, residual = edge_weights(trace, options, explained)
+    weights, residual = edge_weights(trace, options, explained, method)
     inputs = trace.input_streams(explained)
     plans = [local_sources(trace, explained, b, sources) for b in range(trace.batch_size)]
     rows = trace.streams[explained].length if sources is None else len(sources)
@@ -131,15 +137,17 @@ def rollout_scores(
     return result
 
 
-def edge_weights(trace: AttentionTrace, options: Options, stream: str) -> tuple[EdgeWeights, float]:
-    """The edge weights ``options.weights`` names, and the residual to mix in (0 for contributions that
-    already account for the residual stream)."""
-    if options.weights == "attention":
+def edge_weights(
+    trace: AttentionTrace, options: Options, stream: str, method: Method | None = None
+) -> tuple[EdgeWeights, float]:
+    """The edge weights ``options.weights`` names (or ``method``'s), and the residual to mix in (0 for
+    contributions that already account for the residual stream)."""
+    if method is None and options.weights == "attention":
         heads = head_choice(trace, options.heads, stream)
         return attention_weights(trace, options.fusion(trace), options.discard_ratio, heads), options.residual
     from ._registry import get_method
 
-    method = get_method(options.weights)
+    method = method if method is not None else get_method(options.weights)
     method.check(trace)
     weights = method.edge_weights(trace, options)
     if weights is None:
