@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt examples/plugin/pyproject.toml examples
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	# the test extra includes interop (transformer-lens==3.9.0, nnsight==0.8.1: about 27 packages, no torch; checked
+	# with pip install --dry-run against the pinned CPU torch above)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# timm without its dependencies: its torchvision requirement has no CPU build on this index, and a
 	# CUDA torchvision beside the CPU torch breaks transformers' imports (see tests/timm_import.py).

@@ -367,3 +367,54 @@ def run_without_grad(model: Any, args: tuple, kwargs: dict) -> Any:
     torch = attnflow.import_optional("torch", "torch")
     with torch.no_grad():
         return model(*args, **kwargs)
+
+
+def unwrap(model: Any) -> Any:
+    """The ``torch.nn.Module`` behind wrappers that hold one: ``torch.compile``'s ``OptimizedModule`` (see
+    :func:`unwrap_compiled`) and nnsight's envoys (``NNsight``, ``LanguageModel``, ``TransformersModel``... keep
+    the module they wrap as ``_module``); else ``model``. nnsight is never imported here: a model can only be
+    an envoy once nnsight is."""
+    import sys
+
+    for _ in range(8):
+        nnsight = sys.modules.get("nnsight")
+        envoy = getattr(nnsight, "Envoy", None) if nnsight is not None else None
+        if envoy is not None and isinstance(model, envoy):
+            inner = model.__dict__.get("_module")
+        else:
+            inner = unwrap_compiled(model)
+        if inner is None or inner is model:
+            return model
+        model = inner
+    return model
+
+
+def forward_signature(module: Any) -> Any:
+    """The signature a call of ``module`` is bound against: its real ``forward``'s, without ``self``.
+
+    ``inspect.signature(module.forward)`` is wrong where a wrapper object was put in the instance's ``forward``
+    slot with ``functools.update_wrapper`` around the class's (unbound) function, as nnsight does for every module
+    it wraps: the reported signature then starts with ``self``, and a positional first argument (token ids) would
+    be bound to it. None where there is no signature."""
+    import inspect
+
+    forward = getattr(module, "forward", None)
+    if forward is None:
+        return None
+    try:
+        functions = {vars(cls).get("forward") for cls in type(module).__mro__} - {None}
+        wrapped = forward
+        for _ in range(8 if not (inspect.ismethod(forward) or inspect.isfunction(forward)) else 0):
+            wrapped = getattr(wrapped, "__wrapped__", None)  # one step at a time: the class's may be decorated
+            if wrapped is None:
+                break
+            if wrapped in functions:
+                signature = inspect.signature(wrapped)
+                parameters = list(signature.parameters.values())
+                if parameters and parameters[0].kind in (
+                    inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                ):
+                    return signature.replace(parameters=parameters[1:])
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
