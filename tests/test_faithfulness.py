@@ -597,7 +597,8 @@ def test_evaluate_command_writes_the_tables_and_resumes(tmp_path, minilm_dir):
     model = AutoModel.from_pretrained(minilm_dir).eval()
     encoded = dict(tokenizer(["The keys are here."], return_tensors="pt"))
     direct = attnflow.faithfulness(
-        model, attnflow.explain(attnflow.capture(model, **encoded), ["raw", "rollout", "flow"], all_layers=True),
+        model, attnflow.explain(attnflow.capture(model, tokens=tokenizer, **encoded), ["raw", "rollout", "flow"],
+                                all_layers=True),  # tokens=: [CLS] and [SEP] are known special, and left out
         tokenizer=tokenizer, references=["blankout"], **encoded)
     saved = attnflow.FaithfulnessReport.from_dict(json.loads((out / "examples" / "keys.json").read_text())["report"])
     np.testing.assert_allclose(saved.correlations["flow"]["blankout"], direct.correlations["flow"]["blankout"], atol=1e-6)
