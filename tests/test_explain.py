@@ -30,16 +30,8 @@ def sample_trace(seed=0, tokens=None):
 
 @pytest.fixture
 def fresh_methods():
-    saved = (dict(_registry._methods), set(_registry._builtin), _registry._loaded)
-    _registry._methods.clear()
-    _registry._builtin.clear()
-    _registry._loaded = False
-    yield
-    _registry._methods.clear()
-    _registry._methods.update(saved[0])
-    _registry._builtin.clear()
-    _registry._builtin.update(saved[1])
-    _registry._loaded = saved[2]
+    with _registry.METHODS.fresh():
+        yield
 
 
 def test_explain_equals_the_functions():
@@ -57,7 +49,7 @@ def test_explain_equals_the_functions():
     assert e.sources.tolist() == [[0, 5], [0, 4]] and e.source_tokens(1) == ["[CLS]", "[SEP]"]
     every = attnflow.explain(trace, "flow", sources=[0], all_layers=True)
     np.testing.assert_allclose(every.layers("flow")[:, :, 0], attnflow.flow(trace, sources=[0], all_layers=True)[:, :, 0])
-    assert attnflow.list_methods()[:3] == ["raw", "rollout", "flow"]
+    assert attnflow.list_methods()[:3] == ("raw", "rollout", "flow")
 
 
 def test_encoder_decoder_explanation_is_keyed_by_input_stream():

@@ -16,16 +16,8 @@ from attnflow.capture import _registry
 @pytest.fixture
 def fresh_registry():
     """Run with an empty registry that re-reads entry points, then put the real one back."""
-    saved = (dict(_registry._adapters), set(_registry._builtin), _registry._entry_points_loaded)
-    _registry._adapters.clear()
-    _registry._builtin.clear()
-    _registry._entry_points_loaded = False
-    yield
-    _registry._adapters.clear()
-    _registry._adapters.update(saved[0])
-    _registry._builtin.clear()
-    _registry._builtin.update(saved[1])
-    _registry._entry_points_loaded = saved[2]
+    with _registry.ADAPTERS.fresh():
+        yield
 
 
 class ListModel:
@@ -164,7 +156,7 @@ def test_entry_point_plugins_are_loaded_warned_and_skipped(fresh_registry, tmp_p
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(RuntimeWarning) as caught:
-        names = [a.name for a in attnflow.list_adapters()]
+        names = list(attnflow.list_adapters())
     messages = " | ".join(str(w.message) for w in caught)
     assert "good_plugin" in names
     assert "override the built-in adapter 'torch'" in messages
@@ -175,7 +167,7 @@ def test_entry_point_plugins_are_loaded_warned_and_skipped(fresh_registry, tmp_p
 
 
 def test_builtin_adapters_come_from_entry_points():
-    adapters = {a.name: a for a in attnflow.list_adapters()}
+    adapters = {name: attnflow.get_adapter(name) for name in attnflow.list_adapters()}
     assert {"torch", "transformers", "flax_linen", "flax_nnx"} <= set(adapters)
     assert adapters["transformers"].priority > adapters["torch"].priority
     for name in ("torch", "transformers", "flax_linen", "flax_nnx", "timm"):
@@ -215,7 +207,7 @@ def test_threads_loading_the_registry_at_once_all_see_every_adapter(fresh_regist
 
     def worker():
         barrier.wait()
-        seen.append({a.name for a in attnflow.list_adapters()})
+        seen.append(set(attnflow.list_adapters()))
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for thread in threads:
@@ -241,9 +233,9 @@ def test_interrupt_during_the_first_load_leaves_a_registry_that_loads_later(fres
     patch_entry_point_loading(monkeypatch, interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         attnflow.list_adapters()
-    names = {a.name for a in attnflow.list_adapters()}
+    names = set(attnflow.list_adapters())
     assert names >= BUILTIN
-    assert {a.name for a in attnflow.list_adapters()} == names  # loaded once, complete
+    assert set(attnflow.list_adapters()) == names  # loaded once, complete
     assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters.torch_hooks"
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 import attnflow
 from attnflow._tensorfile import read_tensor_file

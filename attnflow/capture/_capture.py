@@ -12,7 +12,7 @@ from ..trace import AttentionTrace
 from ._adapter import Adapter, check_adapter_options
 from ._plan import CapturePlan, capture_plan
 from ._recorder import NO_TARGET, CaptureRequest, Recorder
-from ._registry import find_adapter, list_adapters
+from ._registry import ADAPTERS, find_adapter
 
 Methods = Iterable[str | Method] | str | None
 
@@ -105,7 +105,7 @@ def _request(plan: CapturePlan | None, *, target: Any, values: bool, value_zeroi
 def _check_captures(chosen: Adapter, request: CaptureRequest) -> None:
     missing = sorted(request.needs() - set(chosen.captures))
     if missing:
-        able = sorted(a.name for a in list_adapters() if set(missing) <= set(a.captures))
+        able = sorted(a.name for a in ADAPTERS.instances() if set(missing) <= set(a.captures))
         where = f" (adapters that capture them: {', '.join(able)})" if able else ""
         raise AdapterError(
             f"Adapter {chosen.name!r} cannot capture {missing} (it captures {sorted(chosen.captures)}). "

@@ -92,7 +92,7 @@ def capture_plan(methods: Iterable[str | Method] | str, adapter: Adapter | None 
 def missing_message(missing: Mapping[str, list[str]], adapter: Adapter | None) -> str:
     """One message for every method whose needs ``adapter`` cannot capture: per need, the methods that need
     it, how to get it, and the adapters that capture it."""
-    from ._registry import list_adapters
+    from ._registry import ADAPTERS
 
     by_need: dict[str, list[str]] = {}
     for method, needs in missing.items():
@@ -100,7 +100,7 @@ def missing_message(missing: Mapping[str, list[str]], adapter: Adapter | None) -
             by_need.setdefault(need, []).append(method)
     lines = []
     for need, methods in sorted(by_need.items()):
-        able = sorted(a.name for a in list_adapters() if need in a.captures)
+        able = sorted(a.name for a in ADAPTERS.instances() if need in a.captures)
         where = f"adapters that capture it: {', '.join(able)}" if able else "no installed adapter captures it"
         lines.append(f"  - {need!r} ({', '.join(methods)}): {where}")
     who = f"Adapter {adapter.name!r} cannot capture" if adapter is not None else "Nothing captures"

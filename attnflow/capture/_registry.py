@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import inspect
 import sys
-import threading
-import warnings
 from collections.abc import Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
 from .._errors import AdapterError, AdapterRegistrationError, MissingDependencyError
-from .._switches import deferred_interrupts
+from .._plugins import Registry
 from ._adapter import Adapter
 
 ENTRY_POINT_GROUP = "attnflow.adapters"
-_DISTRIBUTION = "attnflow"
 
-_adapters: dict[str, Adapter] = {}
-_builtin: set[str] = set()
-_entry_points_loaded = False
-_loading = False
-# Guards the tables above. Re-entrant: loading a plugin may import code that registers an adapter.
-_lock = threading.RLock()
+
+def _missing(name: str, registered: tuple[str, ...]) -> AdapterError:
+    return AdapterError(f"No adapter named {name!r}. {_installed_text()}")
+
+
+def _validate_plugin(adapter: Any, source: str) -> Adapter:
+    return _validate(adapter, source=source)
+
+
+#: The adapters: built-ins and plugins, asked to claim a model highest priority first.
+ADAPTERS: Registry[Adapter] = Registry(
+    group=ENTRY_POINT_GROUP, what="adapter", validate=_validate_plugin, duplicate=AdapterRegistrationError,
+    missing=_missing, order=lambda a: (-a.priority, a.name),
+)
 
 
 def register_adapter(adapter: Adapter | type[Adapter], *, replace: bool = False) -> Adapter:
@@ -36,45 +40,23 @@ def register_adapter(adapter: Adapter | type[Adapter], *, replace: bool = False)
         AdapterRegistrationError: the adapter breaks the contract (the message says which part), or
             its name is taken and ``replace`` is False.
     """
-    _load_entry_points()
-    instance = _validate(adapter, source=f"adapter {adapter!r}")
-    with _lock:
-        if instance.name in _adapters and not replace:
-            raise AdapterRegistrationError(
-                f"An adapter named {instance.name!r} is already registered ({_adapters[instance.name]!r}); "
-                "choose another name, or pass replace=True to override it on purpose."
-            )
-        _adapters[instance.name] = instance
-        _builtin.discard(instance.name)
-    return instance
+    return ADAPTERS.register(adapter, replace=replace)
 
 
 def unregister_adapter(name: str) -> None:
     """Remove an adapter by name (built-ins too; they come back in a new process)."""
-    _load_entry_points()
-    with _lock:
-        if name not in _adapters:
-            raise AdapterError(f"No adapter named {name!r} is registered; registered: {sorted(_adapters)}.")
-        del _adapters[name]
-        _builtin.discard(name)
+    ADAPTERS.unregister(name)
 
 
-def list_adapters() -> list[Adapter]:
-    """Registered adapters, in the order they are asked to claim a model (highest priority first)."""
-    _load_entry_points()
-    with _lock:
-        adapters = list(_adapters.values())
-    return sorted(adapters, key=lambda a: (-a.priority, a.name))
+def list_adapters() -> tuple[str, ...]:
+    """Names of the registered adapters, in the order they are asked to claim a model (highest priority
+    first); :func:`get_adapter` gives the adapter itself."""
+    return ADAPTERS.names()
 
 
 def get_adapter(name: str) -> Adapter:
     """The adapter registered under ``name``."""
-    _load_entry_points()
-    with _lock:
-        adapter = _adapters.get(name)
-    if adapter is None:
-        raise AdapterError(f"No adapter named {name!r}. {_installed_text()}")
-    return adapter
+    return ADAPTERS.get(name)
 
 
 def find_adapter(model: Any, adapter: str | Adapter | None = None, options: Mapping[str, Any] | None = None) -> Adapter:
@@ -95,7 +77,7 @@ def find_adapter(model: Any, adapter: str | Adapter | None = None, options: Mapp
 
             import_optional(chosen.framework, chosen.extra)
         return chosen
-    candidates = [a for a in list_adapters() if not a.framework or a.framework in sys.modules]
+    candidates = [a for a in ADAPTERS.instances() if not a.framework or a.framework in sys.modules]
     # A model of a framework that was never imported cannot exist: those adapters are never asked.
     for candidate in candidates:
         try:
@@ -120,7 +102,7 @@ def find_adapter(model: Any, adapter: str | Adapter | None = None, options: Mapp
 
 
 def _installed_text() -> str:
-    rows = ", ".join(f"{a.name} ({a.framework or 'any'})" for a in list_adapters()) or "none"
+    rows = ", ".join(f"{a.name} ({a.framework or 'any'})" for a in ADAPTERS.instances()) or "none"
     return f"Installed adapters: {rows}."
 
 
@@ -198,66 +180,3 @@ def _validate_declarations(adapter: Adapter, cls: str, source: str, hooks_params
             isinstance(types, tuple) and all(isinstance(t, type) for t in types)
         )):
             raise AdapterRegistrationError(f"{source}: {cls}.options[{option.name!r}].types must be a type or tuple of types.")
-
-
-def _load_entry_points() -> None:
-    """Read the entry-point group once. Broken plugins are warned about and skipped; a plugin cannot
-    silently replace a built-in adapter.
-
-    Loading happens under the registry lock (threads arriving meanwhile wait for it), into local tables
-    that are published only once every entry point was read: an interrupted load (Ctrl-C) publishes
-    nothing, and the next call loads again.
-    """
-    global _entry_points_loaded, _loading
-    if _entry_points_loaded:
-        return
-    with _lock:
-        if _entry_points_loaded or _loading:  # _loading: a plugin's import registering an adapter itself
-            return
-        _loading = True
-        try:
-            found: dict[str, Adapter] = {}
-            builtin: set[str] = set()
-            for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep)):
-                source = f"entry point {ep.name!r} ({ep.value}) of {_dist_name(ep) or 'an unknown distribution'}"
-                try:
-                    instance = _validate(ep.load(), source=source)
-                except Exception as exc:  # a broken plugin must not break attnflow
-                    warnings.warn(f"attnflow skipped {source}: {exc}", RuntimeWarning, stacklevel=3)
-                    continue
-                if instance.name != ep.name:
-                    warnings.warn(
-                        f"attnflow skipped {source}: the entry point is named {ep.name!r} but the adapter's name is "
-                        f"{instance.name!r}; make them equal.", RuntimeWarning, stacklevel=3,
-                    )
-                    continue
-                if instance.name in found or instance.name in _adapters:
-                    if instance.name in builtin or instance.name in _builtin:
-                        warnings.warn(
-                            f"attnflow skipped {source}: it tries to override the built-in adapter "
-                            f"{instance.name!r}. Give the plugin another name, or call "
-                            "attnflow.register_adapter(..., replace=True).", RuntimeWarning, stacklevel=3,
-                        )
-                    else:
-                        warnings.warn(
-                            f"attnflow skipped {source}: name {instance.name!r} is taken.", RuntimeWarning, stacklevel=3
-                        )
-                    continue
-                found[instance.name] = instance
-                if _is_builtin(ep):
-                    builtin.add(instance.name)
-            with deferred_interrupts():  # all or nothing
-                _adapters.update(found)
-                _builtin.update(builtin)
-                _entry_points_loaded = True
-        finally:
-            _loading = False
-
-
-def _dist_name(ep: Any) -> str:
-    dist = getattr(ep, "dist", None)
-    return getattr(dist, "name", "") or ""
-
-
-def _is_builtin(ep: Any) -> bool:
-    return _dist_name(ep).replace("_", "-").lower() == _DISTRIBUTION

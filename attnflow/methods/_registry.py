@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import abc
 import inspect
-import threading
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .._errors import MethodError, OptionError
 from .._kinds import KINDS, how_to_get
+from .._plugins import Registry
 from ..network._network import EdgeWeights
 from ..trace import AttentionTrace
 from ._options import Options
 
 ENTRY_POINT_GROUP = "attnflow.methods"
-_DISTRIBUTION = "attnflow"
 
 #: Scores of one method: input stream -> ``(layers, batch, sources, input tokens)`` float64.
 Scores = dict[str, np.ndarray]
@@ -92,10 +89,19 @@ class Method(abc.ABC):
         return f"<method {self.name!r}>"
 
 
-_methods: dict[str, Method] = {}
-_builtin: set[str] = set()
-_loaded = False
-_lock = threading.RLock()
+def _missing(name: Any, registered: tuple[str, ...]) -> OptionError:
+    return OptionError(f"No method named {name!r}; registered methods: {', '.join(registered)}.")
+
+
+def _validate_plugin(method: Any, source: str) -> Method:
+    return _validate(method, source=source)
+
+
+#: The methods: built-ins and plugins, in their ``order``.
+METHODS: Registry[Method] = Registry(
+    group=ENTRY_POINT_GROUP, what="method", validate=_validate_plugin, duplicate=MethodError, missing=_missing,
+    order=lambda m: (m.order, m.name),
+)
 
 
 def register_method(method: Method | type[Method], *, replace: bool = False) -> Method:
@@ -105,34 +111,21 @@ def register_method(method: Method | type[Method], *, replace: bool = False) -> 
         MethodError: the method breaks the contract (the message says which part), or its name is taken
             and ``replace`` is False.
     """
-    with _lock:
-        _load_entry_points()
-        instance = _validate(method, source=f"method {method!r}")
-        if instance.name in _methods and not replace:
-            raise MethodError(
-                f"A method named {instance.name!r} is already registered ({_methods[instance.name]!r}); choose "
-                "another name, or pass replace=True to override it on purpose."
-            )
-        _methods[instance.name] = instance
-        _builtin.discard(instance.name)
-        return instance
+    return METHODS.register(method, replace=replace)
 
 
 def unregister_method(name: str) -> None:
     """Remove a method by name (built-ins come back in a new process)."""
-    with _lock:
-        _load_entry_points()
-        if name not in _methods:
-            raise MethodError(f"No method named {name!r} is registered; registered: {sorted(_methods)}.")
-        del _methods[name]
-        _builtin.discard(name)
+    try:
+        METHODS.unregister(name)
+    except OptionError as exc:
+        raise MethodError(str(exc)) from None
 
 
-def list_methods() -> list[str]:
-    """Names of the registered methods, built-ins first."""
-    with _lock:
-        _load_entry_points()
-        return sorted(_methods, key=lambda n: (_methods[n].order, n))
+def list_methods() -> tuple[str, ...]:
+    """Names of the registered methods, built-ins first (in their ``order``); :func:`get_method` gives the
+    method itself."""
+    return METHODS.names()
 
 
 #: What a method's rows may sum to (``Method.row_sum``).
@@ -158,11 +151,7 @@ def get_method(name: str | Method) -> Method:
     """The method registered under ``name`` (a :class:`Method` instance is returned as it is)."""
     if isinstance(name, Method):
         return name
-    with _lock:
-        _load_entry_points()
-        if not isinstance(name, str) or name not in _methods:
-            raise OptionError(f"No method named {name!r}; registered methods: {', '.join(list_methods())}.")
-        return _methods[name]
+    return METHODS.get(name)
 
 
 def _validate(method: Any, *, source: str) -> Method:
@@ -197,48 +186,3 @@ def _validate(method: Any, *, source: str) -> Method:
             f"{missing_params}."
         )
     return method
-
-
-def _load_entry_points() -> None:
-    """Read the entry-point group once (under the lock); broken plugins are warned about and skipped."""
-    global _loaded
-    if _loaded:
-        return
-    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
-    loaded: dict[str, Method] = {}
-    builtin: set[str] = set()
-    for ep in found:
-        source = f"entry point {ep.name!r} ({ep.value}) of {_dist_name(ep) or 'an unknown distribution'}"
-        try:
-            instance = _validate(ep.load(), source=source)
-        except Exception as exc:  # a broken plugin must not break attnflow
-            warnings.warn(f"attnflow skipped {source}: {exc}", RuntimeWarning, stacklevel=4)
-            continue
-        if instance.name != ep.name:
-            warnings.warn(
-                f"attnflow skipped {source}: the entry point is named {ep.name!r} but the method's name is "
-                f"{instance.name!r}; make them equal.", RuntimeWarning, stacklevel=4,
-            )
-            continue
-        if instance.name in loaded:
-            warnings.warn(
-                f"attnflow skipped {source}: the name {instance.name!r} is taken"
-                + (" by a built-in method" if instance.name in builtin else "") + ".", RuntimeWarning, stacklevel=4,
-            )
-            continue
-        loaded[instance.name] = instance
-        if _is_builtin(ep):
-            builtin.add(instance.name)
-    for name, instance in loaded.items():
-        _methods.setdefault(name, instance)
-    _builtin.update(builtin)
-    _loaded = True
-
-
-def _dist_name(ep: Any) -> str:
-    dist = getattr(ep, "dist", None)
-    return getattr(dist, "name", "") or ""
-
-
-def _is_builtin(ep: Any) -> bool:
-    return _dist_name(ep).replace("_", "-").lower() == _DISTRIBUTION

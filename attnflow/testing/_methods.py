@@ -133,8 +133,8 @@ def _padding(method: Method, trace: AttentionTrace, options: Options, where: str
     explained = trace.default_stream()
     for stream, array in _computed(method, trace, options).items():
         for b in range(trace.batch_size):
-            rows = ~np.asarray(trace.streams[explained].mask[b], bool)
-            cols = ~np.asarray(trace.streams[stream].mask[b], bool)
+            rows = ~_real(trace, explained, b)
+            cols = ~_real(trace, stream, b)
             _require(
                 not array[:, b][:, rows].any(),
                 (
@@ -151,6 +151,13 @@ def _padding(method: Method, trace: AttentionTrace, options: Options, where: str
             )
 
 
+def _real(trace: AttentionTrace, stream: str, item: int) -> np.ndarray:
+    """``(length,)`` True at the item's real tokens of ``stream``."""
+    real = np.zeros(trace.streams[stream].length, dtype=np.bool_)
+    real[trace.valid_index(item, stream)] = True
+    return real
+
+
 def _row_sum(method: Method, trace: AttentionTrace, options: Options, where: str) -> None:
     if method.row_sum == "free":
         return
@@ -160,7 +167,7 @@ def _row_sum(method: Method, trace: AttentionTrace, options: Options, where: str
     lowest = min(float(array.min()) for array in result.values())
     _require(lowest >= -_TOLERANCE, f"row_sum: {where}: declared {method.row_sum!r} but a score is {lowest:.3g} < 0.")
     for b in range(trace.batch_size):
-        sums = total[:, b][:, np.asarray(explained.mask[b], bool)]
+        sums = total[:, b][:, _real(trace, explained.name, b)]
         if method.row_sum == "one":
             worst = float(np.abs(sums - 1).max())
             _require(worst <= 1e-6, f"row_sum: {where}: declared 'one' but item {b}'s rows are off by {worst:.3g}.")

@@ -66,7 +66,7 @@ class TestHandAttnAdapter(AdapterConformance):
 
 
 def test_the_entry_point_registers_it_and_capture_finds_it():
-    assert "handattn" in [a.name for a in attnflow.list_adapters()]
+    assert "handattn" in list(attnflow.list_adapters())
     model = make_model()
     args, kwargs = make_inputs(model)
     trace = attnflow.capture(model, *args, **kwargs)
