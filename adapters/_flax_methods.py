@@ -170,10 +170,37 @@ def value_map(class_name: str) -> FlaxValueMap:
     if class_name not in VALUE_MAPS:
         raise attnflow.AdapterError(
             f"values=True needs to know where {class_name} keeps its value vectors, output projection and norms; "
-            f"for Flax models attnflow knows {sorted(VALUE_MAPS)} (the BERT port in examples/flax_bert.py). Add a "
-            "path map for it to attnflow.adapters._flax_methods.VALUE_MAPS (a FlaxValueMap keyed by the class name)."
+            f"for Flax models attnflow knows {sorted(VALUE_MAPS)} (the BERT port in examples/flax_bert.py). Describe "
+            "where its layers keep them with attnflow.adapters.register_flax_value_map(class_name, "
+            "attnflow.adapters.FlaxValueMap(...)) (see docs/adapters.md, 'Value maps')."
         )
     return VALUE_MAPS[class_name]
+
+
+def register_flax_value_map(class_name: str, value_map: FlaxValueMap, *, replace: bool = False) -> None:
+    """The Flax twin of :func:`attnflow.adapters.register_value_map`: where the layers of the Flax NNX model class
+    ``class_name`` (the root module's class name) keep their value vectors, output projection and norms, so that
+    ``values=True`` works on it through the ``flax_nnx`` adapter.
+
+    Raises:
+        attnflow.OptionError: the map is malformed (the message names the field), or ``class_name`` has one and
+            ``replace`` is False.
+    """
+    if not isinstance(class_name, str) or not class_name:
+        raise attnflow.OptionError(f"class_name must be the root model's class name, got {class_name!r}.")
+    if not isinstance(value_map, FlaxValueMap):
+        raise attnflow.OptionError(f"value_map must be an attnflow.adapters.FlaxValueMap, got {type(value_map).__name__}.")
+    for field in ("attention", "value", "out", "residual"):
+        if not isinstance(getattr(value_map, field), str) or not getattr(value_map, field):
+            raise attnflow.OptionError(f"The Flax value map for {class_name!r}: {field} must be a module path, got "
+                                       f"{getattr(value_map, field)!r}.")
+    needed = {"post_ln": "norm", "pre_ln": "block_output"}.get(value_map.layout)
+    if needed is None or not getattr(value_map, needed):
+        raise attnflow.OptionError(f"The Flax value map for {class_name!r}: layout must be 'post_ln' (with norm) or "
+                                   f"'pre_ln' (with block_output), got {value_map.layout!r}.")
+    if class_name in VALUE_MAPS and not replace:
+        raise attnflow.OptionError(f"A Flax value map for {class_name!r} is already registered; pass replace=True.")
+    VALUE_MAPS[class_name] = value_map
 
 
 def layer_of(name: str, layout: FlaxValueMap) -> str | None:

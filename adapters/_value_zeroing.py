@@ -57,7 +57,7 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         if layout is None:
             raise CaptureUnavailableError(
                 f"value_zeroing=True: {type(model).__name__} has cross-attention layers ({path!r}) but its family's "
-                "path map in attnflow.adapters._values.VALUE_MAPS describes no cross-attention block (ValueMap.cross), "
+                "path map describes no cross-attention block (ValueMap.cross; attnflow.adapters.register_value_map), "
                 "so its encoder tokens' values cannot be zeroed; BART, Marian and mBART have one.", kind="value_zeroing",
             )
         if not path.endswith("." + layout.attention):

@@ -91,8 +91,8 @@ _MBART = ValueMap(
         residual="encoder_attn_layer_norm", block_output="final_layer_norm", layout="pre_ln",
     ),
 )
-#: ``config.model_type`` -> where its layers keep values, projections and norms.
-VALUE_MAPS: Mapping[str, ValueMap] = {
+#: ``config.model_type`` -> where its layers keep values, projections and norms (add one: register_value_map).
+VALUE_MAPS: dict[str, ValueMap] = {
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
     "gpt2": _GPT2,
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
@@ -107,7 +107,8 @@ def value_map(model: Any, kind: str = "values") -> ValueMap:
         raise CaptureUnavailableError(
             f"{kind}=True needs to know where {type(model).__name__} keeps its value vectors, output projection "
             f"and norms; attnflow knows the families {sorted(VALUE_MAPS)} (model_type {model_type!r} is not one). "
-            "Add its path map to attnflow.adapters._values.VALUE_MAPS.", kind=kind,
+            "Describe where its layers keep them with attnflow.adapters.register_value_map(model_type, "
+            "attnflow.adapters.ValueMap(...)) (see docs/adapters.md, 'Value maps').", kind=kind,
         )
     return VALUE_MAPS[model_type]
 
@@ -126,7 +127,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
             if kind == "cross":
                 raise CaptureUnavailableError(
                     f"values=True: {type(model).__name__} has cross-attention layers ({path!r}) but its family's path "
-                    "map in attnflow.adapters._values.VALUE_MAPS describes no cross-attention block (ValueMap.cross).",
+                    "map describes no cross-attention block: register one with a ValueMap(cross=...) through "
+                    "attnflow.adapters.register_value_map(..., replace=True).",
                     kind="values",
                 )
             continue
@@ -157,13 +159,13 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         return hook
 
     for _, layer, _, parts, _, _ in layers:
-        handles.append(parts["value"].register_forward_hook(keep(layer, "value", False)))
-        handles.append(parts["residual"].register_forward_pre_hook(keep(layer, "residual", True)))
+        common.register(handles, parts["value"].register_forward_hook, keep(layer, "value", False))
+        common.register(handles, parts["residual"].register_forward_pre_hook, keep(layer, "residual", True))
         if "norm" in parts:
-            handles.append(parts["norm"].register_forward_pre_hook(keep(layer, "norm_input", True)))
-            handles.append(parts["norm"].register_forward_hook(keep(layer, "norm_output", False)))
+            common.register(handles, parts["norm"].register_forward_pre_hook, keep(layer, "norm_input", True))
+            common.register(handles, parts["norm"].register_forward_hook, keep(layer, "norm_output", False))
         if "block_output" in parts:
-            handles.append(parts["block_output"].register_forward_pre_hook(keep(layer, "block_output", True)))
+            common.register(handles, parts["block_output"].register_forward_pre_hook, keep(layer, "block_output", True))
 
     def finish(p: common.TorchPass) -> None:
         kept = p.state.get("values", {})
@@ -226,3 +228,50 @@ def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]],
     else:
         extras["block_output"] = take("block_output").cpu().numpy()
     return extras
+
+
+_LAYOUTS = ("post_ln", "pre_ln")
+
+
+def register_value_map(model_type: str, value_map: ValueMap, *, replace: bool = False) -> None:
+    """Tell the transformers adapter where a family keeps its value vectors, output projection and norms, so
+    that ``values=True`` (norm, norm_residual, alti, effective_attention) and ``value_zeroing=True`` work on it.
+
+    Args:
+        model_type: the family's ``config.model_type`` (``"distilbert"``).
+        value_map: a :class:`ValueMap` of paths relative to one layer's module (its ``cross`` part for
+            encoder-decoders' cross-attention blocks).
+        replace: allow replacing a map already registered for ``model_type`` (attnflow's own included).
+
+    Raises:
+        attnflow.OptionError: the map is malformed (the message names the field), or ``model_type`` has one
+            and ``replace`` is False.
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise attnflow.OptionError(f"model_type must be a config.model_type string, got {model_type!r}.")
+    _check_map(value_map, f"the value map for {model_type!r}")
+    if model_type in VALUE_MAPS and not replace:
+        raise attnflow.OptionError(
+            f"A value map for {model_type!r} is already registered; pass replace=True to override it on purpose."
+        )
+    VALUE_MAPS[model_type] = value_map
+
+
+def _check_map(value_map: Any, where: str) -> None:
+    if not isinstance(value_map, ValueMap):
+        raise attnflow.OptionError(f"{where} must be an attnflow.adapters.ValueMap, got {type(value_map).__name__}.")
+    for field in ("attention", "value", "out", "residual"):
+        if not isinstance(getattr(value_map, field), str) or not getattr(value_map, field):
+            raise attnflow.OptionError(f"{where}: {field} must be a module path relative to the layer, got "
+                                       f"{getattr(value_map, field)!r}.")
+    if value_map.layout not in _LAYOUTS:
+        raise attnflow.OptionError(f"{where}: layout must be one of {list(_LAYOUTS)}, got {value_map.layout!r}.")
+    needed = "norm" if value_map.layout == "post_ln" else "block_output"
+    if not getattr(value_map, needed):
+        raise attnflow.OptionError(f"{where}: a {value_map.layout} map needs {needed} (see ValueMap's docstring).")
+    if value_map.value_part not in ("all", "qkv"):
+        raise attnflow.OptionError(f"{where}: value_part must be 'all' or 'qkv', got {value_map.value_part!r}.")
+    if value_map.out_kind not in ("linear", "conv1d"):
+        raise attnflow.OptionError(f"{where}: out_kind must be 'linear' or 'conv1d', got {value_map.out_kind!r}.")
+    if value_map.cross is not None:
+        _check_map(value_map.cross, f"{where} (its cross part)")

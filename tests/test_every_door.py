@@ -127,7 +127,7 @@ def test_all_skips_kinds_the_model_cannot_serve(distilbert_dir):
     inputs = tokenizer(["a b c d e"], return_tensors="pt")
     with pytest.raises(CaptureUnavailableError) as info:
         attnflow.capture(model, tokens=tokenizer, methods=["alti"], **inputs)
-    assert info.value.kind == "values" and "VALUE_MAPS" in str(info.value)
+    assert info.value.kind == "values" and "register_value_map" in str(info.value)
     assert _hooks(model) == 0
     trace = attnflow.capture(model, tokens=tokenizer, methods="all", **inputs)
     assert _hooks(model) == 0
@@ -166,7 +166,7 @@ def test_cli_all_lists_skipped_methods(distilbert_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["explain", "a b c d e", "--model", str(distilbert_dir), "--methods", "all", "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "skipped alti:" in captured.err and "VALUE_MAPS" in captured.err
+    assert "skipped alti:" in captured.err and "register_value_map" in captured.err
     document = json.loads((out / "explanation.json").read_text())
     assert document["attnflow"] == attnflow.__version__
     assert tuple(document["scores"]) == served("attn_grad")
@@ -231,4 +231,4 @@ def test_batch_all_skips_what_the_model_cannot_serve(distilbert_dir, tmp_path):
     assert (summary.done, summary.failed) == (2, [])
     stored = load_explanation(tmp_path / "out" / "examples" / "x.safetensors")
     assert stored.methods == served("attn_grad")
-    assert "VALUE_MAPS" in stored.skipped["alti"] and "VALUE_MAPS" in stored.skipped["value_zeroing"]
+    assert "register_value_map" in stored.skipped["alti"] and "register_value_map" in stored.skipped["value_zeroing"]

@@ -172,7 +172,7 @@ def test_errors_name_the_fix_and_undo_everything(models, hf_inputs):
         def __call__(self, x):
             return self.attention(x)
 
-    with pytest.raises(attnflow.AdapterError, match=r"VALUE_MAPS.*FlaxValueMap"):
+    with pytest.raises(attnflow.AdapterError, match=r"register_flax_value_map.*FlaxValueMap"):
         attnflow.capture(Other(), np.ones((1, 3, 4), np.float32), values=True)
     assert attnflow.capture(port, ids, mask).layers[0].extras == {}  # and the next capture is plain again
 

@@ -569,5 +569,5 @@ def test_alti_plus_says_what_it_needs():
         attnflow.explain(bare, ["alti"])
     t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=VOCAB, d_model=12, d_kv=4, d_ff=FFN, num_layers=1, num_heads=3)).eval()
-    with pytest.raises(attnflow.AdapterError, match=r"VALUE_MAPS"):
+    with pytest.raises(attnflow.AdapterError, match=r"register_value_map"):
         attnflow.capture(t5, values=True, input_ids=torch.tensor([[1, 2, 3]]), decoder_input_ids=torch.tensor([[0, 1]]))

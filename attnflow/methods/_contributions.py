@@ -261,8 +261,8 @@ class Alti(_Cumulative):
             raise MethodError(
                 f"alti on an encoder-decoder (ALTI+) needs the value-side tensors of the cross-attention layers too, "
                 f"and {bare[0]!r} has none. Capture with attnflow.capture(model, ..., values=True) on a family whose "
-                "path map in attnflow.adapters._values.VALUE_MAPS has a cross part (BART, Marian, mBART); T5 is not "
-                "supported yet (add its map, RMSNorm pre-LN, to VALUE_MAPS), so use grad_rollout or rollout/flow there."
+                "path map has a cross part (BART, Marian, mBART; others: attnflow.adapters.register_value_map with "
+                "ValueMap(cross=...)); T5 has no map yet (RMSNorm pre-LN), so use grad_rollout or rollout/flow there."
             )
 
     def edge_weights(self, trace: AttentionTrace, options: Options) -> EdgeWeights:
@@ -303,7 +303,7 @@ class ValueZeroing(Method):
                 f"value_zeroing on an encoder-decoder needs the cross-attention layers zeroed too, and {bare[0]!r} "
                 "has no scores: this trace was captured with self-attention zeroed only (by an older attnflow, or "
                 "built by hand). Capture it again with attnflow.capture(model, ..., value_zeroing=True), which zeroes "
-                "the cross-attention of the families whose path map in attnflow.adapters._values.VALUE_MAPS has a "
+                "the cross-attention of the families whose path map (attnflow.adapters.register_value_map) has a "
                 "cross part (BART, Marian, mBART)."
             )
         super().check(trace)

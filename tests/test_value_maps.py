@@ -1,0 +1,80 @@
+"""Public family maps (issue 22): register_value_map teaches the transformers adapter a family's value path map;
+the decomposition it yields must reproduce the block's own output (a check independent of attnflow's methods)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attnflow
+from attnflow.adapters import FlaxValueMap, ValueMap, register_flax_value_map, register_value_map
+from attnflow.adapters import _flax_methods, _values
+from attnflow.methods._contributions import decomposition_identity
+
+DISTILBERT = ValueMap(attention="attention", value="attention.v_lin", out="attention.out_lin",
+                      residual="attention", norm="sa_layer_norm", layout="post_ln")
+
+
+@pytest.fixture()
+def distilbert():
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(3)
+    model = DistilBertModel(DistilBertConfig(vocab_size=29, dim=18, n_layers=2, n_heads=3, hidden_dim=22,
+                                             max_position_embeddings=16, attn_implementation="eager")).eval()
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 0, 0, 0]]),
+              "attention_mask": torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])}
+    saved = dict(_values.VALUE_MAPS)
+    yield model, inputs
+    _values.VALUE_MAPS.clear()
+    _values.VALUE_MAPS.update(saved)
+
+
+def test_a_registered_map_serves_the_value_methods(distilbert):
+    model, inputs = distilbert
+    with pytest.raises(attnflow.AdapterError, match=r"register_value_map\(model_type"):
+        attnflow.capture(model, values=True, **inputs)
+    register_value_map("distilbert", DISTILBERT)
+    trace = attnflow.capture(model, methods=["alti", "norm"], **inputs)
+    for index in range(trace.num_layers):
+        for b in range(trace.batch_size):
+            total, output = decomposition_identity(trace, index, b)
+            np.testing.assert_allclose(total, output, atol=2e-5)  # the map reproduces the block's own output
+    explanation = attnflow.explain(trace, ["alti", "norm"])
+    np.testing.assert_allclose(explanation["alti"][1][:4].sum(-1), 1.0, atol=1e-9)
+    with pytest.raises(attnflow.OptionError, match="already registered"):
+        register_value_map("distilbert", DISTILBERT)
+    register_value_map("distilbert", DISTILBERT, replace=True)
+
+
+@pytest.mark.parametrize(("value_map", "message"), [
+    ("attention", "must be an attnflow.adapters.ValueMap"),
+    (ValueMap(attention="", value="v", out="o", residual="r", layout="post_ln", norm="n"), "attention must be"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="middle", norm="n"), "layout must be one of"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="post_ln"), "needs norm"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="pre_ln"), "needs block_output"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="post_ln", norm="n", value_part="kv"),
+     "value_part"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="post_ln", norm="n",
+              cross=ValueMap(attention="c", value="v", out="o", residual="r", layout="pre_ln")), "cross part"),
+])
+def test_malformed_maps_are_refused_naming_the_field(value_map, message):
+    with pytest.raises(attnflow.OptionError, match=message):
+        register_value_map("tiny-family", value_map)
+    assert "tiny-family" not in _values.VALUE_MAPS
+
+
+def test_flax_twin_validates_and_registers():
+    saved = dict(_flax_methods.VALUE_MAPS)
+    try:
+        with pytest.raises(attnflow.OptionError, match="layout must be"):
+            register_flax_value_map("Mine", FlaxValueMap(attention="a", value="v", out="o", residual="r", layout="pre_ln"))
+        good = FlaxValueMap(attention="a", value="a/value", out="a/out", residual="a", layout="post_ln", norm="n")
+        register_flax_value_map("Mine", good)
+        assert _flax_methods.value_map("Mine") is good
+        with pytest.raises(attnflow.OptionError, match="already registered"):
+            register_flax_value_map("FlaxBert", good)
+    finally:
+        _flax_methods.VALUE_MAPS.clear()
+        _flax_methods.VALUE_MAPS.update(saved)
