@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from attnflow.adapters import (
+    FlaxValueMap,
+    ValueMap,
+    _flax_methods,
+    _values,
+    register_flax_value_map,
+    register_value_map,
+)
 
 import attnflow
-from attnflow.adapters import FlaxValueMap, ValueMap, register_flax_value_map, register_value_map
-from attnflow.adapters import _flax_methods, _values
 from attnflow.methods._contributions import decomposition_identity
 
 DISTILBERT = ValueMap(attention="attention", value="attention.v_lin", out="attention.out_lin",
