@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -178,8 +179,10 @@ class TransformersAdapter(attnflow.Adapter):
             return found, False
         found = _declared_attention_modules(model, transformers)
         if found:
+            _note_frame_owners(model, found)
             return found, False
         found = _generic_attention_modules(model)
+        _note_frame_owners(model, found)
         if not found:
             raise attnflow.AdapterError(
                 f"{type(model).__name__} declares no attention outputs (its class has no "
@@ -509,6 +512,7 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
                 f"{path} ({type(module).__name__}) returned {shape} as its attention; expected (batch, heads, "
                 "query, key). Pass adapter_options={'output_index': ...} if the weights sit elsewhere."
             )
+        _fit_frame_mask(module, path, kind, int(weights.shape[-1]), passes, torch)
         if passes.stream_of(path) is None:
             passes.state.setdefault("single_length", int(weights.shape[-1]))  # an image's patch count, below
         recorded = passes.add(path, weights, kind=kind, training=module.training)
@@ -516,6 +520,56 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
             passes.state.setdefault("indices", {}).setdefault(path, []).append(recorded)
 
     return hook
+
+
+#: Attention module -> the model that maps its input samples onto the module's positions (audio models with a
+#: convolutional feature extractor: Wav2Vec2, HuBERT, WavLM, Data2VecAudio, SEW, UniSpeech...).
+_FRAME_OWNERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _note_frame_owners(model: Any, found: list[tuple[str, Any, str, int]]) -> None:
+    """Remember, for each attention module, the innermost model on its path that reduces a per-sample
+    ``attention_mask`` to its frames (``_get_feature_vector_attention_mask``), for :func:`_fit_frame_mask`."""
+    modules = dict(model.named_modules())
+    for path, module, _, _ in found:
+        parts = path.split(".")
+        for end in range(len(parts), -1, -1):
+            owner = modules.get(".".join(parts[:end]))
+            if callable(getattr(owner, "_get_feature_vector_attention_mask", None)):
+                _FRAME_OWNERS[module] = weakref.ref(owner)
+                break
+
+
+def _fit_frame_mask(module: Any, path: str, kind: str, keys: int, passes: common.TorchPass, torch: Any) -> None:
+    """Where a stream's ``attention_mask`` is per input sample but its attention runs over frames, describe the
+    frame mask the model itself derives (``_get_feature_vector_attention_mask``, the convolutional feature
+    extractor's output lengths), once per stream and pass. Without such a model the recorder refuses the mask."""
+    if kind == "cross":
+        return
+    stream = passes.stream_of(path)
+    done = passes.state.setdefault("frame_masks", set())
+    if stream in done:
+        return
+    if stream is None:
+        mask = (passes.state.get("target_tokens") or (None, None))[0]
+    else:
+        mask = (passes.state.get("stream_masks") or {}).get(stream)
+    reference = _FRAME_OWNERS.get(module)
+    owner = reference() if reference is not None else None
+    if mask is None or mask.ndim != 2 or mask.shape[1] == keys or owner is None:
+        return
+    derive = owner._get_feature_vector_attention_mask
+    given = torch.as_tensor(np.asarray(mask, dtype=np.int64))
+    with torch.no_grad():
+        if "add_adapter" in inspect.signature(derive).parameters:
+            frames = derive(keys, given, add_adapter=False)  # the adapter runs after the encoder, as in forward
+        else:
+            frames = derive(keys, given)
+    derived = frames.detach().cpu().numpy().astype(bool)
+    done.add(stream)
+    passes.recorder.describe_stream(stream, mask=derived, overwrite=True)
+    if stream is None:
+        passes.state["target_tokens"] = (derived, (passes.state.get("target_tokens") or (None, None))[1])
 
 
 def _kind_of(path: str, module: Any) -> str:
@@ -570,6 +624,7 @@ def _tower_hook(stream: str, signature: inspect.Signature | None, passes: common
             return
         named = _bind(signature, args, kwargs)
         mask = _mask_array(named.get("attention_mask"), torch)
+        passes.state.setdefault("stream_masks", {})[stream] = mask
         passes.recorder.describe_stream(stream, input_ids=common.int_ids(named.get("input_ids"), torch), mask=mask)
         if stream == "decoder":  # an encoder-decoder's logits are the decoder's
             passes.state["target_tokens"] = (mask, True)

@@ -4,8 +4,8 @@ Each :class:`Family` builds a tiny randomly initialised model (as a user's would
 default attention implementation), a padded batch, and the reference: the attention the model itself
 returns with ``output_attentions=True`` under eager, in the order the layers run, with the streams they
 belong to. ``tests/test_families.py`` captures every family with one ``attnflow.capture`` call and
-compares; ``python tests/families.py --table`` writes the README's table of supported families from this
-list, and a test fails when the README's copy is out of date.
+compares; ``python tests/families.py --table`` writes the table of supported families in docs/families.md from
+this list, and a test fails when that copy is out of date.
 
 Sizes differ on every axis: batch 2, encoder/text 7 tokens, decoder 5, heads 4 (encoder) and 2 (decoder),
 layers 2 (encoder) and 3 (decoder), hidden 24.
@@ -445,6 +445,101 @@ def _bert_output_reference(model, inputs) -> Reference:
     return [("tokens", None, a) for a in out.attentions]
 
 
+# -- round two: families a new user tries (issue 21) ------------------------------------------------------
+TEXT = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=ENC_LAYERS, num_attention_heads=ENC_HEADS,
+            intermediate_size=20, max_position_embeddings=32)
+DECODER = dict(TEXT, num_key_value_heads=DEC_HEADS, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+
+
+def _encoder_decoder_reference(model, inputs) -> Reference:
+    return _seq2seq_reference(model, inputs)
+
+
+def _vision_reference(model, inputs) -> Reference:
+    import torch
+
+    with torch.no_grad():
+        out = _eager(model)(**inputs, output_attentions=True)
+    return [("tokens", None, a) for a in out.attentions]
+
+
+def _vision_inputs(model) -> dict[str, Any]:
+    return {"pixel_values": _pixels(14)}
+
+
+def _vit_like(config_class: str, model_class: str, **extra):
+    return _single(config_class, model_class, hidden_size=HIDDEN, num_hidden_layers=ENC_LAYERS,
+                   num_attention_heads=ENC_HEADS, intermediate_size=20, image_size=IMAGE, patch_size=PATCH, **extra)
+
+
+def _vit_mae_inputs(model) -> dict[str, Any]:
+    import torch
+
+    # ViT-MAE keeps a random quarter of the patches: fixed noise makes the kept patches the same on every call
+    return {"pixel_values": _pixels(15), "noise": torch.rand(BATCH, (IMAGE // PATCH) ** 2,
+                                                             generator=torch.Generator().manual_seed(16))}
+
+
+def _vit_gpt2():
+    import transformers
+
+    return transformers.VisionEncoderDecoderModel(transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(hidden_size=32, num_hidden_layers=ENC_LAYERS, num_attention_heads=ENC_HEADS,
+                               intermediate_size=20, image_size=IMAGE, patch_size=PATCH),
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=DEC_LAYERS, n_head=DEC_HEADS, n_inner=20,
+                                n_positions=32, bos_token_id=0, eos_token_id=1, add_cross_attention=True,
+                                is_decoder=True),
+    ))
+
+
+def _vit_gpt2_inputs(model) -> dict[str, Any]:
+    return {"pixel_values": _pixels(17), "decoder_input_ids": _ids(DEC, 18),
+            "decoder_attention_mask": _right_padded(DEC, 4)}
+
+
+def _detr():
+    import transformers
+
+    return transformers.DetrModel(transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+        backbone_config=transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 12], depths=[1, 1],
+                                                  out_features=["stage2"]),
+        d_model=HIDDEN, encoder_layers=ENC_LAYERS, decoder_layers=DEC_LAYERS, encoder_attention_heads=ENC_HEADS,
+        decoder_attention_heads=DEC_HEADS, encoder_ffn_dim=20, decoder_ffn_dim=20, num_queries=DEC,
+    ))
+
+
+def _detr_inputs(model) -> dict[str, Any]:
+    import torch
+
+    pixels = torch.randn(BATCH, 3, 48, 40, generator=torch.Generator().manual_seed(19))
+    mask = torch.ones(BATCH, 48, 40, dtype=torch.long)
+    return {"pixel_values": pixels, "pixel_mask": mask}
+
+
+def _hybrid(config_class: str, model_class: str, **extra):
+    return _single(config_class, model_class, vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=ENC_HEADS,
+                   num_key_value_heads=DEC_HEADS, intermediate_size=20, max_position_embeddings=32, pad_token_id=0,
+                   bos_token_id=0, eos_token_id=1, mamba_d_state=4, mamba_d_conv=2,
+                   mamba_expand=2, **extra)
+
+
+AUDIO_SAMPLES, AUDIO_REAL = 200, 130  # 19 frames; the padded item has 12 real frames
+AUDIO = dict(hidden_size=HIDDEN, num_hidden_layers=ENC_LAYERS, num_attention_heads=ENC_HEADS, intermediate_size=20,
+             conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+             num_conv_pos_embedding_groups=2, feat_extract_norm="layer", vocab_size=10)
+
+
+def _audio_inputs(model) -> dict[str, Any]:
+    import torch
+
+    audio = torch.randn(BATCH, AUDIO_SAMPLES, generator=torch.Generator().manual_seed(20))
+    audio[1, AUDIO_REAL:] = 0.0
+    mask = torch.ones(BATCH, AUDIO_SAMPLES, dtype=torch.long)
+    mask[1, AUDIO_REAL:] = 0
+    return {"input_values": audio, "attention_mask": mask}
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("T5", "T5Model, T5ForConditionalGeneration", ("encoder", "decoder"), "declared outputs (index -1)",
            _seeded(_t5), _seq2seq_inputs, _seq2seq_reference),
@@ -494,15 +589,130 @@ FAMILIES: tuple[Family, ...] = (
     Family("torch.compile", "torch.compile(BertModel)", ("tokens",),
            "the compiled module's original model is captured (run uncompiled, exact)", _seeded(_compiled_bert),
            _text_inputs, _bert_output_reference, plain=lambda model: model._orig_mod),
+    # decoders (left-padded, grouped-query where the family has it)
+    Family("Mistral", "MistralModel", ("tokens",), "declared outputs; grouped-query heads repeated",
+           _seeded(_single("MistralConfig", "MistralModel", **DECODER, head_dim=6, sliding_window=4)),
+           _left_padded_text_inputs, _output_reference, note="sliding window kept in the mask"),
+    Family("Qwen3", "Qwen3Model", ("tokens",), "declared outputs",
+           _seeded(_single("Qwen3Config", "Qwen3Model", **DECODER, head_dim=6)), _left_padded_text_inputs,
+           _output_reference),
+    Family("Phi3", "Phi3Model", ("tokens",), "declared outputs",
+           _seeded(_single("Phi3Config", "Phi3Model", **DECODER)), _left_padded_text_inputs, _output_reference),
+    Family("OPT", "OPTModel", ("tokens",), "declared outputs",
+           _seeded(_single("OPTConfig", "OPTModel", vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=ENC_LAYERS,
+                           num_attention_heads=ENC_HEADS, ffn_dim=20, max_position_embeddings=32,
+                           word_embed_proj_dim=HIDDEN, pad_token_id=0)),
+           _left_padded_text_inputs, _output_reference),
+    Family("GPT-J", "GPTJModel", ("tokens",), "declared outputs",
+           _seeded(_single("GPTJConfig", "GPTJModel", vocab_size=VOCAB, n_embd=HIDDEN, n_layer=ENC_LAYERS,
+                           n_head=ENC_HEADS, n_inner=20, n_positions=32, rotary_dim=4, bos_token_id=0,
+                           eos_token_id=1)),
+           _left_padded_text_inputs, _output_reference),
+    Family("GPT-Neo", "GPTNeoModel", ("tokens",), "declared outputs; local layers' window kept in the mask",
+           _seeded(_single("GPTNeoConfig", "GPTNeoModel", vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=ENC_LAYERS,
+                           num_heads=ENC_HEADS, intermediate_size=20, max_position_embeddings=32,
+                           attention_types=[[["global", "local"], 1]], window_size=4, bos_token_id=0,
+                           eos_token_id=1)),
+           _left_padded_text_inputs, _output_reference),
+    Family("GPT-BigCode", "GPTBigCodeModel", ("tokens",), "declared outputs (multi-query)",
+           _seeded(_single("GPTBigCodeConfig", "GPTBigCodeModel", vocab_size=VOCAB, n_embd=HIDDEN, n_layer=ENC_LAYERS,
+                           n_head=ENC_HEADS, n_inner=20, n_positions=32, multi_query=True, bos_token_id=0,
+                           eos_token_id=1)),
+           _left_padded_text_inputs, _output_reference),
+    Family("Gemma3", "Gemma3TextModel", ("tokens",), "declared outputs; sliding and global layers",
+           _seeded(_single("Gemma3TextConfig", "Gemma3TextModel", **DECODER, head_dim=6, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"])),
+           _left_padded_text_inputs, _output_reference),
+    # encoders (right-padded)
+    Family("ModernBERT", "ModernBertModel", ("tokens",), "declared outputs; local and global layers",
+           _seeded(_single("ModernBertConfig", "ModernBertModel", vocab_size=VOCAB, hidden_size=HIDDEN,
+                           num_hidden_layers=ENC_LAYERS, num_attention_heads=ENC_HEADS, intermediate_size=20,
+                           max_position_embeddings=32, local_attention=4, global_attn_every_n_layers=2,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1)),
+           _text_inputs, _output_reference),
+    Family("ELECTRA", "ElectraModel", ("tokens",), "declared outputs",
+           _seeded(_single("ElectraConfig", "ElectraModel", **TEXT, embedding_size=12)), _text_inputs,
+           _output_reference),
+    Family("ALBERT", "AlbertModel", ("tokens",), "declared outputs (one shared layer, numbered per use)",
+           _seeded(_single("AlbertConfig", "AlbertModel", **TEXT, embedding_size=12)), _text_inputs,
+           _output_reference),
+    Family("XLM-R", "XLMRobertaModel", ("tokens",), "declared outputs",
+           _seeded(_single("XLMRobertaConfig", "XLMRobertaModel", **TEXT, pad_token_id=0)), _text_inputs,
+           _output_reference),
+    Family("DistilBERT", "DistilBertModel", ("tokens",), "declared outputs",
+           _seeded(_single("DistilBertConfig", "DistilBertModel", vocab_size=VOCAB, dim=HIDDEN, n_layers=ENC_LAYERS,
+                           n_heads=ENC_HEADS, hidden_dim=20, max_position_embeddings=32)),
+           _text_inputs, _output_reference),
+    # encoder-decoders
+    Family("Blenderbot", "BlenderbotModel", ("encoder", "decoder"), "declared outputs",
+           _seeded(_bart_like("BlenderbotConfig", "BlenderbotModel", max_position_embeddings=32)), _seq2seq_inputs,
+           _seq2seq_reference),
+    Family("mT5", "MT5Model", ("encoder", "decoder"), "declared outputs (index -1)",
+           _seeded(_single("MT5Config", "MT5Model", vocab_size=VOCAB, d_model=HIDDEN, d_kv=6, d_ff=20,
+                           num_layers=ENC_LAYERS, num_decoder_layers=DEC_LAYERS, num_heads=ENC_HEADS,
+                           decoder_start_token_id=0, pad_token_id=0)),
+           _seq2seq_inputs, _seq2seq_reference),
+    Family("BigBird-Pegasus", "BigBirdPegasusModel (attention_type='original_full')", ("encoder", "decoder"),
+           "declared outputs", _seeded(_bart_like("BigBirdPegasusConfig", "BigBirdPegasusModel",
+                                                  max_position_embeddings=32, attention_type="original_full")),
+           _seq2seq_inputs, _seq2seq_reference, note="block_sparse is refused: load with attention_type='original_full'"),
+    # vision
+    Family("ViT-MAE", "ViTMAEModel", ("tokens",), "declared outputs (the kept patches, fixed by noise=)",
+           _seeded(_vit_like("ViTMAEConfig", "ViTMAEModel")), _vit_mae_inputs, _vision_reference),
+    Family("DINOv2", "Dinov2Model", ("tokens",), "declared outputs; CLS and patch grid",
+           _seeded(_vit_like("Dinov2Config", "Dinov2Model")), _vision_inputs, _vision_reference),
+    Family("BEiT", "BeitModel", ("tokens",), "declared outputs (relative position bias)",
+           _seeded(_vit_like("BeitConfig", "BeitModel", use_relative_position_bias=True)), _vision_inputs,
+           _vision_reference),
+    Family("ViT+GPT-2", "VisionEncoderDecoderModel (ViT, GPT2LMHeadModel)", ("encoder", "decoder"),
+           "declared outputs; cross-attention onto the image", _seeded(_vit_gpt2), _vit_gpt2_inputs,
+           _seq2seq_reference),
+    Family("DETR", "DetrModel (ResNet backbone)", ("encoder", "decoder"),
+           "declared outputs; encoder over the feature map, decoder over the object queries",
+           _seeded(_detr), _detr_inputs, _seq2seq_reference),
+    # hybrids (state-space layers between attention layers)
+    Family("Jamba", "JambaModel", ("tokens",), "declared outputs (attention layers only)",
+           _seeded(_hybrid("JambaConfig", "JambaModel", num_hidden_layers=3, attn_layer_period=2, attn_layer_offset=1,
+                           expert_layer_period=4, expert_layer_offset=3, num_experts=2)),
+           _left_padded_text_inputs, _output_reference),
+    Family("Zamba", "ZambaModel", ("tokens",), "declared outputs (the shared attention block, numbered per use)",
+           _seeded(_hybrid("ZambaConfig", "ZambaModel", num_hidden_layers=5, attn_layer_period=2, attn_layer_offset=1,
+                           attention_head_dim=12)),
+           _left_padded_text_inputs, _output_reference),
+    # audio: the padding mask is per sample, attention runs over frames
+    Family("Wav2Vec2", "Wav2Vec2Model", ("tokens",),
+           "declared outputs; the sample mask reduced to frames by the model's own conv lengths",
+           _seeded(_single("Wav2Vec2Config", "Wav2Vec2Model", **AUDIO)), _audio_inputs, _output_reference),
+    Family("HuBERT", "HubertModel", ("tokens",), "as Wav2Vec2",
+           _seeded(_single("HubertConfig", "HubertModel", **AUDIO)), _audio_inputs, _output_reference),
+    Family("WavLM", "WavLMModel", ("tokens",), "as Wav2Vec2 (gated relative position bias)",
+           _seeded(_single("WavLMConfig", "WavLMModel", **AUDIO, num_buckets=8, max_bucket_distance=16)),
+           _audio_inputs, _output_reference),
+    Family("Data2VecAudio", "Data2VecAudioModel", ("tokens",), "as Wav2Vec2",
+           _seeded(_single("Data2VecAudioConfig", "Data2VecAudioModel",
+                           **{k: v for k, v in AUDIO.items() if k not in ("feat_extract_norm", "num_conv_pos_embeddings")},
+                           num_conv_pos_embeddings=2, conv_pos_kernel_size=3)),
+           _audio_inputs, _output_reference),
 )
 
 
+#: Families attnflow refuses, each with the message a test pins (tests/test_refusals.py): (name, classes, why).
+REFUSED: tuple[tuple[str, str, str], ...] = ()
+#: Families not captured yet: (name, classes, why).
+LEFT: tuple[tuple[str, str, str], ...] = ()
+
+
 def table() -> str:
-    """The README's table of supported families, from :data:`FAMILIES`."""
+    """docs/families.md's tables of supported, refused and pending families, from :data:`FAMILIES`,
+    :data:`REFUSED` and :data:`LEFT`."""
     rows = ["| family | classes tested | streams | how attnflow captures it |", "|---|---|---|---|"]
     for family in FAMILIES:
         how = family.how + (f"; {family.note}" if family.note else "")
         rows.append(f"| {family.name} | {family.classes} | {', '.join(family.streams)} | {how} |")
+    for title, entries in (("Refused, with a message naming the cause and the fix", REFUSED), ("Not yet", LEFT)):
+        if entries:
+            rows += ["", f"**{title}**", "", "| family | classes | why |", "|---|---|---|"]
+            rows += [f"| {name} | {classes} | {why} |" for name, classes, why in entries]
     return "\n".join(rows)
 
 

@@ -502,6 +502,8 @@ class Recorder:
         """Stream constructor arguments: the mask, labels and special tokens that fit the stream's shape."""
         shape = None if length is None else (batch, length)
         mask = _fitting(info.get("mask"), shape)
+        if mask is None and info.get("mask") is not None:
+            raise AdapterError(_unfitting_mask(name, np.shape(info["mask"]), shape, self.adapter))
         ids = _fitting(info.get("input_ids"), shape)
         tokens = info.get("tokens")
         labeler = self._labels.get(name) if isinstance(self._labels, Mapping) else self._labels
@@ -592,6 +594,19 @@ def _fitting(value: Any, shape: tuple[int, int] | None) -> np.ndarray | None:
     if array.ndim == 2 and array.T.shape == shape:
         return array.T
     return None
+
+
+def _unfitting_mask(name: str, given: tuple[int, ...], shape: tuple[int, int] | None, adapter: str) -> str:
+    """Why a stream's mask cannot be used: attnflow never drops a mask and marks every position real."""
+    where = "its positions" if shape is None else f"its {shape[1]} positions (batch {shape[0]})"
+    return (
+        f"The padding mask of stream {name!r} has shape {tuple(given)}, but the attention runs over {where}, so "
+        "attnflow cannot tell which positions are padding (it never drops a mask and marks every position real). "
+        "The model maps its inputs onto other positions (an audio model's convolutional feature extractor turns "
+        f"samples into frames, a pooled or merged sequence...), and adapter {adapter!r} does not derive the mask "
+        "the model uses for them. Capture the items one at a time without padding, or describe the stream's mask "
+        "over its own positions (recorder.describe_stream(stream, mask=..., overwrite=True) in the adapter)."
+    )
 
 
 def _query_length(layers: Sequence[_Layer], stream: str | None) -> int:
