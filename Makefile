@@ -42,7 +42,7 @@ $(KERNEL_CACHE): $(STAMP) attnflow/network/_dinic.py
 install: $(STAMP) $(KERNEL_CACHE)
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/attnflow explain "The keys to the cabinet are on the table." --out attnflow-out
+	HF_HUB_OFFLINE=1 $(VENV)/bin/attnflow explain "The keys to the cabinet are on the table." --methods raw,rollout,flow,alti --html --out attnflow-out
 
 # mypy type-checks the core package (settings in pyproject.toml, [tool.mypy]). adapters/ is left out for now: it
 # is glue to torch, JAX/Flax and the model libraries, whose type information is partial and changes with their

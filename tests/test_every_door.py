@@ -232,3 +232,23 @@ def test_batch_all_skips_what_the_model_cannot_serve(distilbert_dir, tmp_path):
     stored = load_explanation(tmp_path / "out" / "examples" / "x.safetensors")
     assert stored.methods == served("attn_grad")
     assert "register_value_map" in stored.skipped["alti"] and "register_value_map" in stored.skipped["value_zeroing"]
+
+
+@pytest.mark.slow
+def test_the_demo_command_runs_and_shows_alti(tmp_path):
+    """`make demo`'s command line, read from the Makefile and run as written (into a temporary --out)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n\t(.*)$", makefile, re.M).group(1)
+    words = shlex.split(recipe)
+    assert words[0] == "HF_HUB_OFFLINE=1" and words[1].endswith("/bin/attnflow")
+    args = words[2:]
+    args[args.index("--out") + 1] = str(tmp_path / "out")
+    assert main(args) == 0
+    document = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    assert list(document["scores"]) == ["raw", "rollout", "flow", "alti"]
+    assert (tmp_path / "out" / "alti.png").stat().st_size > 0
+    assert "alti" in (tmp_path / "out" / "explanation.html").read_text()
