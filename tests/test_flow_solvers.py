@@ -345,6 +345,87 @@ def test_causal_decoder_of_sixty_tokens_matches_igraph():
         np.testing.assert_allclose(max_flow_values(adj, [59], method=method, n_jobs=2), reference[:1], atol=ATOL)
 
 
+
+def peaked_local(rng: np.random.Generator, layers: int, n: int, *, mixed: bool = False) -> np.ndarray:
+    """Causal heads that are peaked and local (temperature 0.5, a recency bias per position back, a weak sink),
+    or with ``mixed`` each head drawn from local, sink and peaked ones: the attention on which most sinks need
+    the residual phases of the solver."""
+    tri = np.tril(np.ones((n, n), bool))
+    distance = np.subtract.outer(np.arange(n), np.arange(n)).astype(float)
+    out = np.empty((layers, n, n))
+    for lay in range(layers):
+        heads = []
+        for _ in range(int(rng.integers(2, 5))):
+            kind = int(rng.integers(0, 3)) if mixed else 0
+            logits = rng.standard_normal((n, n))
+            if kind == 0:
+                logits = (logits - rng.uniform(0.1, 0.4) * distance) / 0.5
+                logits[:, 0] += 1.0
+            elif kind == 1:
+                logits[:, 0] += 3.0
+            else:
+                logits /= 0.3
+            logits = np.where(tri, logits, -np.inf)
+            att = np.exp(logits - logits.max(-1, keepdims=True))
+            heads.append(att / att.sum(-1, keepdims=True))
+        out[lay] = np.mean(heads, axis=0)
+    return residual_mix(out)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_peaked_local_causal_attention_matches_igraph_per_pair(mixed):
+    """Peaked, local causal heads (alone and mixed with sink and peaked heads), 7 layers x 41 tokens, two
+    sources at two levels: every pair against igraph, to 1e-9; some pairs lie strictly below both trivial
+    bounds (the cheap bounds do not settle them)."""
+    rng = np.random.default_rng(5 if mixed else 4)
+    adj = peaked_local(rng, 7, 41, mixed=mixed)
+    sources, tops = [40, 17], [7, 5]
+    reference = np.stack([igraph_flows(adj, sources, top) for top in tops])
+    bounds = trivial_bounds(adj, sources)
+    assert (reference[0] < bounds - 1e-3).any()
+    for method in ("dinic", "dinic-v1"):
+        got = max_flow_values(adj, sources, method=method, tops=tops)
+        np.testing.assert_allclose(got, reference, rtol=0, atol=ATOL, err_msg=method)
+        alone = max_flow_values(adj, [40], method=method)
+        np.testing.assert_allclose(alone, reference[0, :1], rtol=0, atol=ATOL, err_msg=method)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_row_wise_labels_equal_the_queue_labels(seed):
+    """The pruned solver's row-wise BFS gives the same distance labels as the first kernel's queue BFS on
+    residual networks that carry flow (after the first phase, for several sinks); 6 layers x 23 tokens."""
+    from attnflow.network import _dinic as kernel
+
+    rng = np.random.default_rng(seed)
+    adj = peaked_local(rng, 6, 23, mixed=bool(seed % 2))
+    num_layers, n, _ = adj.shape
+    top, s = num_layers, n - 1
+    span = kernel.spans(adj)
+    diag = np.diagonal(adj, axis1=1, axis2=2).copy()
+    q = np.empty((num_layers, n))
+    kernel.source_chain(adj, top, s, q)
+    compared = 0
+    for j in (0, 3, 11, 20):
+        res = adj.copy()
+        work = np.zeros((9, (num_layers + 1) * (n + 1)), dtype=np.int64)
+        fwork = np.zeros((3, (num_layers + 1) * (n + 1)))
+        log = np.empty(adj.size, dtype=np.int64)
+        reach = np.zeros((num_layers + 1, n), dtype=bool)
+        live = np.zeros(num_layers + 1, dtype=np.int64)
+        kernel.reach_to_sink(adj, diag, span, j, reach, live)
+        kernel._phase_one(adj, res, top, s, j, reach, span, 1.0, 1e-12, work, fwork[0], fwork[1], fwork[2], log)
+        res[0, :, j] = fwork[2][:n]
+        kernel._relevant_nodes(top, s, j, reach, q, work[7], work[8])
+        for eps in (2.0**-50, 1e-3):
+            queue, rows = work.copy(), work.copy()
+            found = kernel._bfs_labels(adj, res, top, s, j, eps, queue)
+            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows) == found
+            size = (top + 1) * n
+            np.testing.assert_array_equal(rows[0, :size], queue[0, :size])
+            compared += int((queue[0, :size] >= 0).sum())
+    assert compared > 100
+
+
 # ------------------------------------------------------------------------------------------ numba or not
 
 

@@ -9,6 +9,20 @@ layers ``0..top`` take part, and of them only ``s`` in layer ``top`` and only ``
 ``(l, i)`` has label ``d[l * n + i]``: its distance to the sink in the level graph, or -1 (dead/unreachable).
 
 ``res`` equals ``cap`` between pairs: every entry a pair changes is logged and restored.
+
+Exactness: a pair's value is a feasible flow (phase one, then augmenting paths) that is stopped only when it
+meets an upper bound (a cut: :func:`live_bound`, :func:`layer_bound`) to within ``tol``, or when no augmenting
+path with more than ``eps`` of residual capacity is left (max-flow min-cut).
+
+The pruned solver's residual phases (:func:`_later_phases` with ``row_bfs``) label nodes with
+:func:`_row_bfs_labels`: the same exact distance-to-sink labels as the first kernel's queue BFS
+(:func:`_bfs_labels`), hence the same level graphs, augmenting paths and values, but computed
+layer-synchronously with row accesses only (forward arcs pulled by the unlabelled nodes, which stop at the first
+usable arc; reverse arcs pushed from the frontier). On peaked, local causal heads (12 x 256 to 512 tokens, flow
+from the last token) about half the sinks need those phases, and their cost is dominated not by the labelling
+but by the number of augmenting paths: the minimum cut of a far sink is a staircase (tokens at or after a
+threshold per layer, the threshold falling by the reach of one layer) crossed by ~1e4-1e6 small arcs that each
+need a path of their own, for every sink anew.
 """
 
 from __future__ import annotations
@@ -240,13 +254,81 @@ def _bfs_labels(cap, res, top, s, j, eps, work):
 
 
 @njit(cache=True, nogil=True)
-def _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len):
+def _row_bfs_labels(cap, res, top, s, j, eps, work):
+    """:func:`_bfs_labels` (the same exact distance-to-sink labels over the same arcs), level by level with
+    every access along a row of ``res``: a forward arc ``(l + 1, i) -> (l, k)`` is *pulled* (each unlabelled
+    node scans its own row over the frontier of the layer below and stops at the first arc with spare
+    capacity; on dense attention that is almost always the first one), a reverse arc is *pushed* (each
+    frontier node scans its own row of flows). The queue-driven version reads a column per node, one cache
+    miss per arc. Scratch: ``work[1]`` (frontier sizes per layer) and ``work[4]`` (frontier lists)."""
+    n = cap.shape[1]
+    w = n + 1
+    d, fcnt, flist, ql, qi, rel, cnt = work[0], work[1], work[4], work[5], work[6], work[7], work[8]
+    for v in range((top + 1) * n):
+        d[v] = -1
+    src = top * n + s
+    d[j] = 0
+    ql[0] = 0
+    qi[0] = j
+    start = 0
+    end = 1
+    level = 0
+    while start < end and d[src] < 0:
+        for lay in range(top + 1):
+            fcnt[lay] = 0
+        for p in range(start, end):
+            lay = ql[p]
+            flist[lay * w + fcnt[lay]] = qi[p]
+            fcnt[lay] += 1
+        tail = end
+        level += 1
+        for lay in range(top):  # forward arcs into the frontier, pulled by the layer above
+            c = fcnt[lay]
+            if c == 0:
+                continue
+            base = (lay + 1) * n
+            fb = lay * w
+            for p in range(cnt[lay + 1]):
+                i = rel[base + p]
+                if d[base + i] >= 0:
+                    continue
+                for r in range(c):
+                    if res[lay, i, flist[fb + r]] > eps:
+                        d[base + i] = level
+                        ql[tail] = lay + 1
+                        qi[tail] = i
+                        tail += 1
+                        break
+        for p in range(start, end):  # reverse arcs into the frontier, pushed from it
+            lv = ql[p]
+            if lv < 2:
+                continue
+            kv = qi[p]
+            base = (lv - 1) * n
+            for r in range(cnt[lv - 1]):
+                i = rel[base + r]
+                if d[base + i] < 0 and cap[lv - 1, kv, i] - res[lv - 1, kv, i] > eps:
+                    d[base + i] = level
+                    ql[tail] = lv - 1
+                    qi[tail] = i
+                    tail += 1
+        start = end
+        end = tail
+    return d[src] >= 0
+
+
+@njit(cache=True, nogil=True)
+def _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, row_bfs):
     """Dinic phases on the residual network (BFS levels, arcs both ways) until no augmenting path is left,
-    over the nodes of :func:`_relevant_nodes` only."""
+    over the nodes of :func:`_relevant_nodes` only. ``row_bfs``: label with :func:`_row_bfs_labels` (the
+    pruned solver) instead of :func:`_bfs_labels` (``"dinic-v1"``); the labels, and so the phases, are the
+    same."""
     n = cap.shape[1]
     d, cur, sl, si, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
     _relevant_nodes(top, s, j, reach, q, rel, cnt)
-    while _bfs_labels(cap, res, top, s, j, eps, work):
+    while (
+        _row_bfs_labels(cap, res, top, s, j, eps, work) if row_bfs else _bfs_labels(cap, res, top, s, j, eps, work)
+    ):
         for v in range((top + 1) * n):
             cur[v] = 0
         depth = 0
@@ -404,7 +486,7 @@ def pair_flow(cap, res, top, s, j, reach, span, bound, eps, tol, work, fwork, lo
             for k in range(n):
                 res[0, k, j] = col[k]
             total, log_len = _later_phases(
-                cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len
+                cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, False
             )
     for k in range(n):
         res[0, k, j] = cap[0, k, j]
@@ -650,7 +732,7 @@ def pruned_source_flows(
                 for k in range(n):
                     res[0, k, j] = col[k]
                 total, log_len = _later_phases(
-                    cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len
+                    cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, True
                 )
         for k in range(n):
             res[0, k, j] = cap[0, k, j]
