@@ -174,7 +174,7 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]], verdict: Mapping[str, 
              f"ranked by the last layer, layer {layer}; higher ρ and comprehensiveness are better, lower "
              "sufficiency is better")
     if special is not None:
-        title += "; special tokens " + ("included" if special else "excluded") + " from rankings and removal curves"
+        title += "; special tokens " + ("included in" if special else "excluded from") + " rankings and removal curves"
     parts = [title + "):", table, verdict_text(verdict, reference, level=level)]
     return "\n".join(parts)
 
