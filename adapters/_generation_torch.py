@@ -42,8 +42,10 @@ _NOT_INPUTS = {
     "use_cache", "generation_config", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
     "synced_gpus", "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
     "output_attentions", "output_hidden_states", "return_dict_in_generate", "labels", "cache_position",
-    "position_ids",
+    "position_ids", "cache",
 }
+#: ``cache_implementation`` values that give every step a cache of fixed length (unwritten slots included).
+_FIXED_CACHES = ("static", "offloaded_static")
 
 
 class Listener:
@@ -72,6 +74,15 @@ class Listener:
             why = f"beam search (num_beams={call.setting('num_beams', 1)}) reorders the cache between steps"
         elif call.kwargs.get("assistant_model") is not None or call.setting("prompt_lookup_num_tokens", None):
             why = "assisted generation runs candidate tokens it later drops"
+        local = _self_masked_local_layers(self.model)
+        if why is None and local and _fixed_cache(call):
+            raise attnflow.OptionError(
+                f"attnflow refuses this generate() call before it runs: {type(self.model).__name__}'s local attention "
+                f"layers ({local[0]}...) mask keys by their own position table, which assumes the keys end at the "
+                "query; with a static cache (cache_implementation='static') they attend to unwritten cache slots, so "
+                "no trace of the steps is the model's real attention. Generate with the default dynamic cache (leave "
+                "cache_implementation out)."
+            )
         if why is not None:
             raise attnflow.OptionError(
                 f"attnflow cannot stitch this generate() call's steps into one trace: {why}. Attach with "
@@ -109,23 +120,26 @@ class Listener:
                 "generate() returned no token sequences attnflow can read (expected a (batch, length) tensor or an "
                 f"output with .sequences, got {type(output).__name__})."
             )
-        layout = self._layout(call, sequences, torch)
-        if self.mode == "stitch":
-            self.recorder.end_generation(streams=layout["streams"], metadata=layout["metadata"])
-            return
-        self.recorder.start_generation()
-        for other in others:
-            other.passes.muted += 1
         try:
-            with torch.no_grad():
-                self.model(**layout["rerun"])
-        except BaseException:
-            self.recorder.abort_generation()
-            raise
-        finally:
+            layout = self._layout(call, sequences, torch)
+            if self.mode == "stitch":
+                self.recorder.end_generation(streams=layout["streams"], metadata=layout["metadata"])
+                return
+            self.recorder.start_generation()
             for other in others:
-                other.passes.muted -= 1
-        self.recorder.end_generation(streams=layout["streams"], metadata=layout["metadata"])
+                other.passes.muted += 1
+            try:
+                with torch.no_grad():
+                    self.model(**layout["rerun"])
+            except BaseException:
+                self.recorder.abort_generation()
+                raise
+            finally:
+                for other in others:
+                    other.passes.muted -= 1
+            self.recorder.end_generation(streams=layout["streams"], metadata=layout["metadata"])
+        except attnflow.AttnflowError as exc:
+            raise _keeping(exc, output, sequences) from exc
 
     def _layout(self, call: GenerateCall, sequences: Any, torch: Any) -> dict[str, Any]:
         """The stitched streams' masks and ids, the trace's generation metadata and the re-run's inputs."""
@@ -158,21 +172,82 @@ class Listener:
                 )
             own = None if prompt_mask is None else prompt_mask.detach().cpu().numpy()
             mask = generated_mask(own, first, ids[:, first:-1], eos)
-            streams = {self.decoder: {"input_ids": ids[:, :-1], "mask": mask}}
+            streams = {self._generated_stream(first): {"input_ids": ids[:, :-1], "mask": mask}}
             full = torch.ones_like(sequences[:, :-1])
             if prompt_mask is not None:
                 full[:, :first] = prompt_mask
             rerun = {**inputs, "input_ids": sequences[:, :-1], "attention_mask": full, "use_cache": False}
+            types = call.tensor("token_type_ids")
+            if types is not None and types.ndim == 2 and types.shape[1] == first:
+                # PaliGemma: the prompt is the prefix (0, attended both ways), what generate() adds the suffix (1)
+                added = 1 if str(getattr(self.model.config, "model_type", "")).startswith("paligemma") else 0
+                rerun["token_type_ids"] = torch.cat([types, torch.full_like(sequences[:, first:-1], added)], dim=1)
             if call.model_takes("position_ids"):
                 positions = full.long().cumsum(-1) - 1
                 rerun["position_ids"] = positions.masked_fill(full == 0, 1)
         produced = generated_mask(None, 0, ids[:, first:], eos)
         metadata = {"generation": {
-            "mode": self.mode, "stream": self.decoder, "first_generated": first,
+            "mode": self.mode, "stream": next(iter(streams)), "first_generated": first,
             "new_tokens": int(ids.shape[1] - first), "generated_ids": ids[:, first:].tolist(),
             "lengths": produced.sum(axis=1).tolist(),  # per item, its tokens up to its end of sequence
         }}
         return {"streams": streams, "metadata": metadata, "rerun": {k: v for k, v in rerun.items() if v is not None}}
+
+
+    def _generated_stream(self, first: int) -> str | None:
+        """The stream generate() extends: the adapter's (``self.decoder``); for a multi-stream model whose
+        language model does not say ``is_causal`` (PaliGemma's prefix attends both ways) the text stream, or the
+        one named stream that ran the one-token steps (or the prompt's length in a one-step generation)."""
+        if self.decoder is not None:
+            return self.decoder
+        named = {stream for stream in self.passes.streams.values() if stream is not None}
+        if not named:
+            return None
+        if "text" in named:
+            return "text"
+        steps = self.recorder.steps if self.mode == "stitch" else []
+        later = {s for step in steps[1:] for s in step.queries if s is not None}
+        if not later and steps:
+            later = {s for s, q in steps[0].queries.items() if s is not None and q == first}
+        if len(later) == 1:
+            return later.pop()
+        raise attnflow.AdapterError(
+            f"attnflow cannot tell which of the streams {sorted(named)} generate() extends; capture the language "
+            "model alone with adapter_options={'modules': [...]}."
+        )
+
+
+def _self_masked_local_layers(model: Any) -> list[str]:
+    """Paths of attention modules that mask a local window with their own causal table (GPT-Neo's
+    ``attention_type == "local"`` with a ``bias`` buffer sliced by the key length)."""
+    torch = attnflow.import_optional("torch", "torch")
+    return [
+        path for path, module in model.named_modules()
+        if getattr(module, "attention_type", None) == "local" and isinstance(getattr(module, "bias", None), torch.Tensor)
+    ]
+
+
+def _fixed_cache(call: GenerateCall) -> bool:
+    """Whether the generate() call gives the model a cache of fixed length (a static cache)."""
+    if call.setting("cache_implementation", None) in _FIXED_CACHES:
+        return True
+    cache = call.kwargs.get("past_key_values", call.kwargs.get("cache"))
+    return cache is not None and "Static" in type(cache).__name__
+
+
+def _keeping(exc: attnflow.AttnflowError, output: Any, sequences: Any) -> attnflow.AttnflowError:
+    """``exc`` (raised after generate() ran) with what it generated kept on it: ``exc.output`` (generate()'s
+    return value) and ``exc.sequences``, and said so in the message."""
+    try:
+        error = type(exc)(
+            f"{exc} (generate() had finished; its output is kept on this error as .output, its token ids as "
+            ".sequences)"
+        )
+    except Exception:  # a subclass with other arguments: the same error, with the output on it
+        error = exc
+    error.output = output  # type: ignore[attr-defined]
+    error.sequences = sequences  # type: ignore[attr-defined]
+    return error
 
 
 class GenerateCall:

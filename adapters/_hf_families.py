@@ -114,30 +114,6 @@ def vision_layout(length: int, pixel_shape: tuple[int, ...] | None, patch_size: 
     return special, (rows, cols)
 
 
-def image_token_link(
-    input_ids: np.ndarray, image_token_id: int, vision_length: int, prefix: int, vision_batch: int
-) -> np.ndarray:
-    """LLaVA's projector as link weights ``(batch, text length, vision length)``: the k-th image token of
-    item b is patch k of image b (vision token ``prefix + k``). Raises ``ValueError`` with the reason when
-    the images do not map one to one (one image per item, as many image tokens as patches)."""
-    batch, length = input_ids.shape
-    if vision_batch != batch:
-        raise ValueError(
-            f"the batch has {batch} text items but {vision_batch} images; attnflow links one image per item"
-        )
-    patches = vision_length - prefix
-    weights = np.zeros((batch, length, vision_length))
-    for b in range(batch):
-        positions = np.flatnonzero(input_ids[b] == image_token_id)
-        if positions.size != patches:
-            raise ValueError(
-                f"item {b} has {positions.size} image tokens but its image has {patches} patches; attnflow links "
-                "one image per item, one image token per patch"
-            )
-        weights[b, positions, prefix + np.arange(patches)] = 1.0
-    return weights
-
-
 def feature_depth(layer: Any, num_layers: int) -> int:
     """The vision depth LLaVA's ``vision_feature_layer`` selects (``hidden_states[layer]``: 0 = embeddings)."""
     if isinstance(layer, (list, tuple)):

@@ -17,6 +17,7 @@ torch and transformers are imported inside methods only.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 import attnflow
 from attnflow.capture import deferred_interrupts, switch
 
-from . import _generation_torch, _swin, _value_zeroing, _values
+from . import _generation_torch, _swin, _value_zeroing, _values, _vision_language
 from . import _hf_families as families
 from . import _torch_common as common
 
@@ -114,6 +115,7 @@ class TransformersAdapter(attnflow.Adapter):
             mask = _mask_array(named.get("attention_mask"), torch)
             ids = common.int_ids(named.get("input_ids"), torch)
             call: dict[str, Any] = {"metadata": {"attn_implementation": str(original), "captured_with": _EAGER}}
+            call["metadata"].update(_vision_language.describe(model))
             if recorder.request.values:
                 call["metadata"]["values_layout"] = _values.value_map(model).layout
             passes.state["target_tokens"] = (mask, causal.get(None))
@@ -131,8 +133,8 @@ class TransformersAdapter(attnflow.Adapter):
             return call
 
         def after(output: Any) -> Any:
-            if passes.state.get("injected") and getattr(output, "attentions", None) is not None:
-                output.attentions = None  # asked for by attnflow, not by the caller
+            if passes.state.get("injected") and not getattr(model.config, "output_attentions", False):
+                return _without_attentions(output, torch)  # asked for by attnflow, not by the caller
             return None
 
         handles: list[Any] = []
@@ -600,6 +602,36 @@ def _causal_streams(targets: list[tuple[str, Any, str, int]], plan: families.Str
     return {stream: found == {True} for stream, found in flags.items()}
 
 
+#: The fields ``output_attentions=True`` adds to a model's output.
+_ATTENTION_FIELDS = ("attentions", "cross_attentions", "encoder_attentions", "decoder_attentions")
+
+
+def _without_attentions(output: Any, torch: Any) -> Any:
+    """The output the caller would have had without attnflow's ``output_attentions=True``: a new object of the
+    same class without the attention fields (a ``ModelOutput`` keeps a key set to None, so it is rebuilt), or the
+    tuple without its tuples of attention maps (``return_dict=False``); None: ``output`` is left as it is."""
+    if isinstance(output, dict) and any(output.get(key) is not None for key in _ATTENTION_FIELDS):
+        kept = {key: value for key, value in output.items() if key not in _ATTENTION_FIELDS}
+        try:
+            return type(output)(**kept)
+        except TypeError:  # a class that cannot be rebuilt from its fields: drop them in place
+            base = collections.OrderedDict if isinstance(output, collections.OrderedDict) else dict
+            for key in _ATTENTION_FIELDS:
+                if key in output:
+                    base.__delitem__(output, key)
+                    object.__setattr__(output, key, None)
+            return None
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+
+        def maps(item: Any) -> bool:
+            return isinstance(item, (tuple, list)) and len(item) > 0 and all(
+                isinstance(t, torch.Tensor) and t.ndim == 4 for t in item)
+
+        if any(maps(item) for item in output):
+            return tuple(item for item in output if not maps(item))
+    return None
+
+
 def _generated_streams(model: Any, plan: families.StreamPlan, causal: dict[str | None, bool]) -> tuple[Any, Any]:
     """``(generated stream, encoder stream)`` of ``generate()``: the decoder and encoder of an encoder-decoder,
     else the causal stream of a multi-stream model (LLaVA's text), else the only stream (None, None)."""
@@ -679,28 +711,9 @@ def is_image_model(config: Any) -> bool:
 
 
 def _link_image_tokens(passes: common.TorchPass, model: Any, input_ids: Any) -> None:
-    """LLaVA-style models: the projector maps each vision patch (at ``vision_feature_layer``) to one image
-    token of the language model; record that as a link."""
-    config = model.config
-    token = getattr(config, "image_token_id", None)
-    if token is None:
-        token = getattr(config, "image_token_index", None)
-    layer = getattr(config, "vision_feature_layer", None)
-    if token is None or layer is None or input_ids is None or not {"vision", "text"} <= set(passes.seen):
-        return
-    vision_layers = passes.layer_counts.get("vision", 0)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    prefix = 1 if strategy == "default" else 0
-    try:
-        depth = families.feature_depth(layer, vision_layers)
-        shape = passes.state.get("pixels", {}).get("vision", ((input_ids.shape[0],), None))[0]
-        weights = families.image_token_link(input_ids, int(token), passes.seen["vision"], prefix, int(shape[0]))
-    except ValueError as exc:
-        raise attnflow.AdapterError(
-            f"Cannot link {type(model).__name__}'s image tokens to its vision patches: {exc}. Capture one image per "
-            "batch item, with the model's own number of image tokens."
-        ) from exc
-    passes.recorder.link("text", "vision", depth, weights)
+    """Vision-language models: the vision patches feeding each image token, as a link (see
+    :mod:`attnflow.adapters._vision_language`)."""
+    _vision_language.link_image_tokens(passes, model, input_ids)
 
 
 def _takes(signature: inspect.Signature | None, name: str) -> bool:

@@ -31,6 +31,9 @@ from .._errors import AdapterError
 
 __all__ = ["GenerationStep", "StepLayer", "generated_mask"]
 
+#: Attention on key slots past the last written position above this is an error (float32 rounding is below).
+_UNWRITTEN = 1e-6
+
 
 @dataclasses.dataclass(frozen=True)
 class StepLayer:
@@ -133,11 +136,39 @@ def stitch(steps: Sequence[Any]) -> list[Any]:
             if cross:
                 weights[:, :, start:end, :] = w
             elif k >= end:
+                # the step's last query is a real token (a padded query row spreads over every slot)
+                unwritten = float(np.abs(w[..., -1, end:]).max(initial=0.0))
+                if unwritten > _UNWRITTEN:
+                    raise AdapterError(
+                        f"Layer {key[0]!r} attends to unwritten cache slots in generation step {s}: its query at "
+                        f"position {end - 1} puts up to {unwritten:.3g} of its attention on the "
+                        f"{k - end} key slots after position {end - 1}, which no token has filled (a static cache the "
+                        "model masks wrongly). The model's outputs under this cache are not those of its real "
+                        "attention; generate with the default dynamic cache (leave cache_implementation out)."
+                    )
                 weights[:, :, start:end, :end] = w[..., :end]
             else:
                 weights[:, :, start:end, end - k:end] = w
         out.append(dataclasses.replace(first, weights=weights))
+    _stitch_links(steps, running)
     return out
+
+
+def _stitch_links(steps: Sequence[Any], lengths: dict[str | None, int]) -> None:
+    """The links a step recorded (a vision-language prefill's image tokens fed by vision patches), widened in
+    place to the stitched length of the stream they feed: the generated tokens are fed by nothing."""
+    for step in steps:
+        links = getattr(step, "links", None)
+        if not links:
+            continue
+        widened = []
+        for link in links:
+            total = lengths.get(link.stream, int(link.weights.shape[1]))
+            short = total - int(link.weights.shape[1])
+            if short > 0:
+                link = dataclasses.replace(link, weights=np.pad(link.weights, ((0, 0), (0, short), (0, 0))))
+            widened.append(link)
+        step.links = widened
 
 
 def generated_mask(

@@ -1,0 +1,232 @@
+"""Vision-language models: which vision patches feed each image token of the language model.
+
+A vision-language model runs a vision tower over an image, projects (some of) its output tokens into the
+language model's embedding space and puts them where the prompt has image tokens. attnflow records that as
+a fixed :class:`attnflow.Link` from the ``vision`` stream (at the depth whose output is projected) into the
+``text`` stream, so rollout and flow from a text token reach the patches. How a family's projector maps
+patches to image tokens is a fixed map per family, written here as data (:class:`ImageMap`) and described
+in every trace's metadata (``metadata["image_links"]``):
+
+* ``one_to_one``: each patch feature is projected on its own into one image token (LLaVA at its
+  ``vision_feature_layer``, without CLS under the ``default`` strategy; PaliGemma at SigLIP's output).
+* ``pixel_shuffle``: Idefics3 and SmolVLM concatenate each ``s x s`` block of neighbouring patches
+  (``scale_factor`` s) into one token before the projector; the token is linked to the ``s**2`` patches of
+  its block with weight ``1 / s**2`` each (the block's patches enter the projector as equal parts of one
+  input vector; attnflow does not weigh them by the projector's parameters).
+* ``merge_window``: Qwen2-VL's and Qwen2.5-VL's ``PatchMerger`` concatenates each window of
+  ``spatial_merge_size**2`` consecutive vision tokens (the image processor orders the patches window by
+  window) into one token: linked with weight ``1 / m**2`` each.
+* ``anyres`` (LLaVA-Next, LLaVA-OneVision): not linked. The vision tower runs on several crops of each
+  image (the whole image resized, then tiles), so the vision stream's batch is the number of crops, not of
+  prompts, and the projected tiles are unpadded and interleaved with learned newline tokens; one trace holds
+  one vision item per text item, so attnflow refuses with that reason (capture the language model alone with
+  ``adapter_options={"modules": [...]}``).
+
+Private to attnflow.adapters; imports no framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+import attnflow
+
+from . import _hf_families as families
+
+ONE_TO_ONE, PIXEL_SHUFFLE, MERGE_WINDOW, ANYRES = "one_to_one", "pixel_shuffle", "merge_window", "anyres"
+
+_WHY = {
+    ONE_TO_ONE: "the projector maps each vision patch to one image token",
+    PIXEL_SHUFFLE: (
+        "pixel shuffle: the connector concatenates each {s}x{s} block of patches into one image token; each "
+        "token is linked to its block's {n} patches with weight 1/{n}"
+    ),
+    MERGE_WINDOW: (
+        "patch merger: each window of {n} consecutive vision tokens ({s}x{s} patches) becomes one image token; "
+        "each token is linked to its window's tokens with weight 1/{n}"
+    ),
+    ANYRES: (
+        "anyres: the vision tower runs on several crops of each image (vision batch = crops, not prompts) and the "
+        "projected tiles are unpadded and joined by learned newline tokens; not linked"
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMap:
+    """How one family's projector feeds image tokens from vision tokens.
+
+    Attributes:
+        kind: ``one_to_one``, ``pixel_shuffle``, ``merge_window`` or ``anyres`` (not linked).
+        image_token: the id of the language model's image placeholder token.
+        layer: the vision layer whose output is projected, as ``hidden_states[layer]`` (negative from the
+            end); None: the tower's last layer.
+        prefix: vision tokens before the patches that are not projected (LLaVA's CLS under ``default``).
+        scale: patches per side of one token's block (pixel shuffle, merge window); 1 for one to one.
+    """
+
+    kind: str
+    image_token: int | None
+    layer: Any = None
+    prefix: int = 0
+    scale: int = 1
+
+    def describe(self) -> dict[str, Any]:
+        """The trace metadata entry ``image_links``."""
+        n = self.scale * self.scale
+        out: dict[str, Any] = {
+            "map": self.kind, "linked": self.kind != ANYRES,
+            "why": _WHY[self.kind].format(s=self.scale, n=n),
+        }
+        if self.kind != ANYRES:
+            out.update(patches_per_token=n, skipped_prefix=self.prefix)
+            out["vision_layer"] = "last" if self.layer is None else (
+                list(self.layer) if isinstance(self.layer, (list, tuple)) else int(self.layer))
+        return out
+
+
+def image_map(model: Any) -> ImageMap | None:
+    """The family's :class:`ImageMap`, or None for a model that has no image tokens to link."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    model_type = str(getattr(config, "model_type", "") or "")
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    if token is None:
+        return None
+    token = int(token)
+    if getattr(config, "image_grid_pinpoints", None) is not None:
+        return ImageMap(ANYRES, token)
+    if model_type in ("idefics3", "smolvlm"):
+        return ImageMap(PIXEL_SHUFFLE, token, scale=int(getattr(config, "scale_factor", 2) or 1))
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 2)
+        return ImageMap(MERGE_WINDOW, token, scale=int(merge))
+    layer = getattr(config, "vision_feature_layer", None)
+    if layer is not None:  # LLaVA and its relatives
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        return ImageMap(ONE_TO_ONE, token, layer=layer, prefix=1 if strategy == "default" else 0)
+    if model_type.startswith("paligemma"):
+        return ImageMap(ONE_TO_ONE, token)
+    return None
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """``{"image_links": ...}`` for the trace metadata of a vision-language model, else ``{}``."""
+    found = image_map(model)
+    return {} if found is None else {"image_links": found.describe()}
+
+
+def token_sources(found: ImageMap, patches: int, grid: tuple[int, int] | None) -> np.ndarray:
+    """``(image tokens, vision tokens per image token)`` indices (after the prefix) of the patches feeding
+    each image token of one image of ``patches`` patches (``grid``: its rows and columns)."""
+    s = found.scale
+    if found.kind == ONE_TO_ONE:
+        return np.arange(patches)[:, None]
+    if found.kind == MERGE_WINDOW:
+        n = s * s
+        if patches % n:
+            raise ValueError(f"the image's {patches} vision tokens are not whole {s}x{s} merge windows")
+        return np.arange(patches).reshape(patches // n, n)
+    if grid is None:  # Idefics3's connector assumes a square grid
+        side = int(round(patches ** 0.5))
+        grid = (side, side)
+    rows, cols = grid
+    if rows * cols != patches or rows % s or cols % s:
+        raise ValueError(f"the image's {rows}x{cols} patch grid is not made of whole {s}x{s} blocks")
+    r = np.arange(rows).reshape(rows // s, s)  # block row i holds patch rows s*i .. s*i+s-1
+    c = np.arange(cols).reshape(cols // s, s)
+    # token (i, j), row-major over blocks, fed by patches (s*i + a, s*j + b)
+    return (r[:, None, :, None] * cols + c[None, :, None, :]).reshape((rows // s) * (cols // s), s * s)
+
+
+def link_weights(
+    found: ImageMap, input_ids: np.ndarray, vision_length: int, vision_batch: int, grid: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Link weights ``(batch, text length, vision length)``: the k-th image token of item b is fed by the
+    vision tokens of image b that :func:`token_sources` gives for token k, equally. Raises ``ValueError`` with
+    the reason when the images do not fit the prompts (one image per item, the model's number of image
+    tokens)."""
+    batch, length = input_ids.shape
+    if vision_batch != batch:
+        raise ValueError(
+            f"the batch has {batch} text items but the vision tower ran {vision_batch} images; attnflow links one "
+            "image per item"
+        )
+    patches = vision_length - found.prefix
+    sources = token_sources(found, patches, grid)
+    weights = np.zeros((batch, length, vision_length))
+    for b in range(batch):
+        positions = np.flatnonzero(input_ids[b] == found.image_token)
+        if positions.size != sources.shape[0]:
+            raise ValueError(
+                f"item {b} has {positions.size} image tokens but its image gives {sources.shape[0]} ({patches} "
+                "patches); attnflow links one image per item"
+            )
+        weights[b, positions[:, None], found.prefix + sources] = 1.0 / sources.shape[1]
+    return weights
+
+
+def link_image_tokens(passes: Any, model: Any, input_ids: Any) -> None:
+    """At the end of a pass (a ``TorchPass`` finisher): link the image tokens of ``input_ids`` (the root call's)
+    to the vision patches, per the family's :class:`ImageMap`. Nothing where the pass ran no vision layer (a
+    generation step after the prefill) or has no image tokens."""
+    found = image_map(model)
+    if found is None or input_ids is None or not {"vision", "text"} <= set(passes.seen):
+        return
+    ids = np.asarray(input_ids)
+    if not (ids == found.image_token).any():
+        return
+    pixels = passes.state.get("pixels", {}).get("vision")
+    shape = pixels[0] if pixels is not None else (ids.shape[0],)
+    tower = pixels[1] if pixels is not None else None
+    vision_layers, vision_length = passes.layer_counts.get("vision", 0), passes.seen["vision"]
+    if not vision_layers:
+        earlier = _encoded_before(passes)
+        if earlier is None:
+            return  # a step of generate() that reused the cache: the prefill linked the image
+        vision_layers, batch, vision_length = earlier
+        shape = (batch,)
+    name = type(model).__name__
+    if found.kind == ANYRES:
+        raise attnflow.AdapterError(
+            f"Cannot link {name}'s image tokens to its vision patches: {_WHY[ANYRES]}. attnflow's trace holds one "
+            "vision item per text item. Capture the language model alone, e.g. adapter_options={'modules': "
+            "['model.language_model.layers.*.self_attn']}, or use a LLaVA-style model."
+        )
+    try:
+        depth = vision_layers if found.layer is None else families.feature_depth(found.layer, vision_layers)
+        grid = None
+        config = getattr(tower, "config", None) or getattr(model.config, "vision_config", None)
+        layout = families.vision_layout(vision_length, shape, getattr(config, "patch_size", None))
+        if layout is not None and int(layout[0].sum()) == found.prefix:
+            grid = layout[1]
+        weights = link_weights(found, ids, vision_length, int(shape[0]), grid)
+    except ValueError as exc:
+        raise attnflow.AdapterError(
+            f"Cannot link {name}'s image tokens to its vision patches: {exc}. Capture one image per batch item, "
+            "with the model's own number of image tokens."
+        ) from exc
+    passes.recorder.link("text", "vision", depth, weights)
+
+
+def _encoded_before(passes: Any) -> tuple[int, int, int] | None:
+    """``(vision layers, images, vision length)`` of the vision tower run that a ``generate()`` call made before its
+    prefill (transformers encodes the images first, through ``get_image_features``, outside any forward call of
+    the model), when the current pass is that prefill; else None."""
+    recorder = passes.recorder
+    if not passes.generating or not getattr(recorder, "generating", False):
+        return None
+    steps = recorder.steps
+    layers = [layer for step in steps for layer in step.layers]
+    if any(layer.query_stream == "text" for layer in layers):
+        return None  # a later step: the prefill (the first pass with text) linked the image
+    vision = [layer for layer in layers if layer.query_stream == "vision"]
+    if not vision:
+        return None
+    return len(vision), int(vision[0].weights.shape[0]), int(vision[0].weights.shape[-1])
