@@ -33,7 +33,7 @@ import numpy as np
 import attnflow
 from attnflow.capture import deferred_interrupts, switch
 
-from . import _generation_torch, _swin, _value_zeroing, _values, _vision_language
+from . import _banded, _generation_torch, _swin, _value_zeroing, _values, _vision_language
 from . import _hf_families as families
 from . import _torch_common as common
 
@@ -179,11 +179,11 @@ class TransformersAdapter(attnflow.Adapter):
             if not found:
                 raise common.no_match_error(self.name, model, modules)
             return found, False
-        found = _declared_attention_modules(model, transformers)
+        found = _family_targets(model, _declared_attention_modules(model, transformers))
         if found:
             _note_frame_owners(model, found)
             return found, False
-        found = _generic_attention_modules(model)
+        found = _family_targets(model, _generic_attention_modules(model))
         _note_frame_owners(model, found)
         if not found:
             raise attnflow.AdapterError(
@@ -501,7 +501,14 @@ def _no_weights_hint(model: Any, original: Any) -> str:
 
 def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torch: Any, hint: str) -> Any:
     def hook(module: Any, args: tuple, output: Any) -> None:
-        weights = output[index] if isinstance(output, (tuple, list)) and -len(output) <= index < len(output) else None
+        if _banded.is_banded(module):
+            weights = _banded.dense(path, module, output, _mask_length(passes, passes.stream_of(path)), torch)
+        else:
+            weights = _weights_at(output, index, torch)
+            if module in _SCORES and isinstance(weights, torch.Tensor):
+                weights = torch.softmax(weights, dim=-1)  # the module returned its scores (ProphetNet)
+                if module in _MAIN_ROWS:
+                    weights = weights[:, :, : weights.shape[2] // _MAIN_ROWS[module]]  # the main stream's queries
         if weights is None:
             implementation = getattr(getattr(module, "config", None), "_attn_implementation", "unknown")
             raise attnflow.HiddenAttentionError(
@@ -522,6 +529,48 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
             passes.state.setdefault("indices", {}).setdefault(path, []).append(recorded)
 
     return hook
+
+
+#: Attention classes that return their scores (masked, before the softmax) as their "attention weights":
+#: attnflow records the softmax of them, which is exactly what the module multiplies its values by.
+_RETURNS_SCORES = frozenset({"ProphetNetAttention", "XLMProphetNetAttention"})
+_SCORES: weakref.WeakSet[Any] = weakref.WeakSet()
+#: ProphetNet's cross-attention runs the main stream's queries and the n-gram predict streams' queries together:
+#: module -> how many streams its query rows hold (the main stream's come first).
+_MAIN_ROWS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[tuple[str, Any, str, int]]:
+    """The attention modules as found, adjusted for families whose attention is not one map per layer: n-gram
+    self-attention (ProphetNet) is captured on its main stream (output 1: the main stream's tokens over the main
+    stream's keys; the predict streams never feed it); block-sparse attention (BigBird) is refused."""
+    adjusted = []
+    for path, module, kind, index in found:
+        name = type(module).__name__
+        sparse = [type(m).__name__ for m in module.modules() if "BlockSparse" in type(m).__name__]
+        if sparse or getattr(module, "attention_type", None) == "block_sparse":
+            name = sparse[0] if sparse else name
+            config = getattr(model, "config", None)
+            block, random = getattr(config, "block_size", None), getattr(config, "num_random_blocks", None)
+            full = "" if block is None or random is None else (
+                f" (BigBird itself runs full attention on sequences of at most {(5 + 2 * random) * block} tokens)"
+            )
+            raise attnflow.AdapterError(
+                f"{type(model).__name__} runs block-sparse attention ({path} is {name}, attention_type="
+                f"'block_sparse'): each query attends to blocks of keys (its window, global and random blocks), and "
+                "the dense probabilities transformers returns for it leave the random blocks' share out (rows sum to "
+                "0.8-1.0), so attnflow cannot reconstruct them exactly. Capture it with full attention: load it with "
+                f"attention_type=\"original_full\" (from_pretrained(path, attention_type=\"original_full\")){full}."
+            )
+        if "Ngram" in name and index == -1:
+            index = 1  # (output, main stream probabilities, predict streams' probabilities)
+        if name in _RETURNS_SCORES:
+            _SCORES.add(module)
+            ngram = getattr(getattr(model, "config", None), "ngram", None)
+            if kind == "cross" and isinstance(ngram, int) and ngram > 0:
+                _MAIN_ROWS[module] = ngram + 1  # its queries are the main stream then each predict stream
+        adjusted.append((path, module, kind, index))
+    return adjusted
 
 
 #: Attention module -> the model that maps its input samples onto the module's positions (audio models with a
@@ -572,6 +621,27 @@ def _fit_frame_mask(module: Any, path: str, kind: str, keys: int, passes: common
     passes.recorder.describe_stream(stream, mask=derived, overwrite=True)
     if stream is None:
         passes.state["target_tokens"] = (derived, (passes.state.get("target_tokens") or (None, None))[1])
+
+
+def _weights_at(output: Any, index: int, torch: Any) -> Any:
+    """The weights a module returned at ``index``; for the generic search (index -1, "last"), the last 4-D tensor
+    where the last element is something else (LED's decoder returns its cache after the weights)."""
+    if not isinstance(output, (tuple, list)) or not -len(output) <= index < len(output):
+        return None
+    weights = output[index]
+    if index == -1 and weights is not None and not isinstance(weights, torch.Tensor):
+        tensors = [item for item in output[1:] if isinstance(item, torch.Tensor) and item.ndim == 4]
+        return tensors[-1] if tensors else weights
+    return weights
+
+
+def _mask_length(passes: common.TorchPass, stream: str | None) -> int | None:
+    """How many positions the stream's padding mask (the call's, or its tower's) covers; None without one."""
+    if stream is None:
+        mask = (passes.state.get("target_tokens") or (None, None))[0]
+    else:
+        mask = (passes.state.get("stream_masks") or {}).get(stream)
+    return None if mask is None or np.ndim(mask) != 2 else int(np.shape(mask)[1])
 
 
 def _kind_of(path: str, module: Any) -> str:
