@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
+from attnflow.capture import deferred_interrupts
 from attnflow.evaluate import (
     Probe,
     ProbeRequest,
@@ -214,11 +215,10 @@ class TorchProbe(Probe):
             output[torch.as_tensor(blanked, device=output.device)] = 0.0
             return output
 
-        handle = self.embedding.register_forward_hook(hook)
-        try:
+        with common.removing([]) as handles:
+            with deferred_interrupts():
+                common.register(handles, self.embedding.register_forward_hook, hook)
             yield
-        finally:
-            handle.remove()
 
     # -- input gradients ----------------------------------------------------------------------------
     def jacobian_size(self) -> int | None:
@@ -242,28 +242,26 @@ class TorchProbe(Probe):
         dim = int(self.vectors.shape[1]) if full else 1
         width = int(getattr(self.embedding, "embedding_dim", 0) or 1024)
         step = self.request.max_rows if not full else max(1, _JACOBIAN_FLOATS // (dim * self.length * width))
-        handle = self.embedding.register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                for start in range(0, self.batch, step):
-                    items = np.arange(start, min(start + step, self.batch))
-                    args, kwargs = self._variant_call(items, None)
-                    output = self.model(*args, **kwargs)
-                    if "e" not in kept:
-                        raise attnflow.AdapterError(
-                            f"The input embedding module ({type(self.embedding).__name__}) did not run in the forward "
-                            "pass; name the module that embeds the input ids with embedding=..."
-                        )
-                    e = kept.pop("e")
-                    if full:
-                        values = self._jacobian(self._vector_or_scores(output, items), e, items)
-                    else:
-                        values = self._gradient(self._projection(output, items) if self.vector
-                                                else self._score_tensor(output, items), e)
-                    for name in asked:
-                        out[name][items] = values[name].cpu().numpy()
-        finally:
-            handle.remove()
+        with common.removing([]) as handles, torch.enable_grad():
+            with deferred_interrupts():
+                common.register(handles, self.embedding.register_forward_hook, hook)
+            for start in range(0, self.batch, step):
+                items = np.arange(start, min(start + step, self.batch))
+                args, kwargs = self._variant_call(items, None)
+                output = self.model(*args, **kwargs)
+                if "e" not in kept:
+                    raise attnflow.AdapterError(
+                        f"The input embedding module ({type(self.embedding).__name__}) did not run in the forward "
+                        "pass; name the module that embeds the input ids with embedding=..."
+                    )
+                e = kept.pop("e")
+                if full:
+                    values = self._jacobian(self._vector_or_scores(output, items), e, items)
+                else:
+                    values = self._gradient(self._projection(output, items) if self.vector
+                                            else self._score_tensor(output, items), e)
+                for name in asked:
+                    out[name][items] = values[name].cpu().numpy()
         return out
 
     def _projection(self, output: Any, items: np.ndarray) -> Any:

@@ -316,16 +316,24 @@ def wrap_generate(model: Any, listener: Listener) -> Iterator[None]:
     if not callable(getattr(model, "generate", None)):
         yield
         return
-    with switch(("transformers.generate", key), turn_on, turn_off):
-        with _lock:
-            _listeners.setdefault(key, []).append(listener)
-        try:
-            yield
-        finally:
-            with _lock:
-                _listeners[key].remove(listener)
-                if not _listeners[key]:
-                    del _listeners[key]
+    # both switches: each is undone whatever arrives on the way in or out (a signal handler's exception)
+    with switch(("transformers.generate", key), turn_on, turn_off), switch(
+        ("transformers.generate listener", id(listener)), lambda: _listen(key, listener), lambda _: _unlisten(key, listener)
+    ):
+        yield
+
+
+def _listen(key: int, listener: Listener) -> None:
+    with _lock:
+        _listeners.setdefault(key, []).append(listener)
+
+
+def _unlisten(key: int, listener: Listener) -> None:
+    with _lock:
+        listeners = _listeners[key]
+        listeners.remove(listener)
+        if not listeners:
+            del _listeners[key]
 
 
 def _wrapper(model: Any, original: Any, key: int) -> Any:

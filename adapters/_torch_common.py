@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import deferred_interrupts, module_selector
+from attnflow.capture import deferred_interrupts, module_selector, switch
 
 from ._hf_families import pick_key_stream
 
@@ -215,9 +215,9 @@ def install_pass_hooks(
         else:
             passes.abort()
 
-    handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
-    handles.append(model.register_forward_hook(end_hook))
-    handles.append(model.register_forward_hook(cleanup_hook, always_call=True))
+    register(handles, model.register_forward_pre_hook, pre_hook, with_kwargs=True, prepend=True)
+    register(handles, model.register_forward_hook, end_hook)
+    register(handles, model.register_forward_hook, cleanup_hook, always_call=True)
 
 
 def attention_gradients(passes: TorchPass) -> None:
@@ -340,17 +340,69 @@ def unwrap_compiled(model: Any) -> Any:
     return model
 
 
+def register(handles: list[Any], method: Callable[..., Any], hook: Callable[..., Any], **options: Any) -> None:
+    """``method(hook, **options)`` (a module's ``register_forward_hook`` or ``register_forward_pre_hook``) with
+    its handle kept in ``handles`` (a :func:`removing` list). Call it under
+    ``attnflow.capture.deferred_interrupts()``, which holds back signals, so that no signal handler's exception
+    can fall between registering and keeping. If registering raises, whatever it added to the module's hook
+    dicts is taken out again (found by ``hook``'s identity: pass a function of this attach's own)."""
+    try:
+        handles.append(method(hook, **options))
+    except BaseException:
+        _unregister(method.__self__, hook)
+        raise
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_EXTRA_DICTS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def _unregister(module: Any, hook: Any) -> None:
+    for name in _HOOK_DICTS:
+        hooks = getattr(module, name, None) or {}
+        for key in [key for key, value in hooks.items() if value is hook]:
+            del hooks[key]
+            for extra in _EXTRA_DICTS:
+                (getattr(module, extra, None) or {}).pop(key, None)
+
+
 @contextmanager
 def removing(handles: list[Any]) -> Iterator[list[Any]]:
-    """Remove every hook handle in ``handles`` on exit, also when the body raises. Register the hooks under
-    ``attnflow.capture.deferred_interrupts()``, so that a Ctrl-C cannot fall between registering a hook
-    and keeping its handle."""
-    try:
+    """Remove every hook handle in ``handles`` on exit, also when the body raises and when an exception (a
+    signal handler's) arrives on the way out. Register the hooks with :func:`register` under
+    ``attnflow.capture.deferred_interrupts()``.
+
+    The removal is a switch of its own (released once, with a second start if an exception arrives as the first
+    begins); a ``remove()`` that raises does not stop it: see :func:`remove_all`."""
+    with switch(("torch hooks", id(handles)), lambda: handles, remove_all):
         yield handles
-    finally:
-        with deferred_interrupts():  # a Ctrl-C between pop() and remove() would leave a hook behind
-            while handles:
-                handles.pop().remove()
+
+
+def remove_all(handles: list[Any]) -> None:
+    """Remove every handle in ``handles`` (last first) with signals held back. A ``remove()`` that raises does
+    not stop the others: its hook is taken out of the dicts the handle names, and the first such error is
+    raised once every handle is gone."""
+    error: BaseException | None = None
+    with deferred_interrupts():
+        while handles:
+            handle = handles[-1]
+            try:
+                handle.remove()
+            except BaseException as exc:  # survived: the removal goes on
+                error = error or exc
+                _forget(handle)
+            handles.pop()
+    if error is not None:
+        raise error
+
+
+def _forget(handle: Any) -> None:
+    """What ``RemovableHandle.remove`` does, without calling it: the handle's id out of the dicts it names."""
+    refs = (getattr(handle, "hooks_dict_ref", None), *getattr(handle, "extra_dict_ref", ()))
+    for ref in refs:
+        hooks = ref() if callable(ref) else None
+        if isinstance(hooks, dict):
+            hooks.pop(getattr(handle, "id", None), None)
 
 
 def int_ids(value: Any, torch: Any) -> np.ndarray | None:

@@ -583,7 +583,8 @@ class NNXAdapter(Adapter):
         if request.values:
             value_map = methods.value_map(getattr(type(root), "__attnflow_root__", type(root)).__name__)
         capture = _NNXCapture(recorder, settings, modules, value_map)
-        with undoing() as undo:
+        # the switch undoes everything even when an exception (a signal handler's) arrives as undoing() ends
+        with undoing() as undo, switch(("flax_nnx.undo", id(undo)), lambda: undo, contextlib.ExitStack.close):
             with deferred_interrupts():
                 if request.gradients:
                     undo.enter_context(softmax_hook())

@@ -142,10 +142,11 @@ class TransformersAdapter(attnflow.Adapter):
             hint = _no_weights_hint(model, original)
             with deferred_interrupts():
                 for path, module, kind, index in targets if not swin else []:
-                    handles.append(module.register_forward_hook(_layer_hook(path, kind, index, passes, torch, hint)))
+                    common.register(handles, module.register_forward_hook,
+                                    _layer_hook(path, kind, index, passes, torch, hint))
                 for path, block, stream in swin:
                     hook = _swin.block_hook(path, stream, passes, torch)
-                    handles.append(block.register_forward_hook(hook, with_kwargs=True))
+                    common.register(handles, block.register_forward_hook, hook, with_kwargs=True)
                 if swin:
                     passes.finishers.append(_swin.finish)
                 if recorder.request.values:
@@ -154,7 +155,7 @@ class TransformersAdapter(attnflow.Adapter):
                     _value_zeroing.install(model, targets, passes, torch, handles)
                 for tower, stream in plan.towers.items():
                     hook = _tower_hook(stream, _signature(towers[tower]), passes, torch)
-                    handles.append(towers[tower].register_forward_pre_hook(hook, with_kwargs=True))
+                    common.register(handles, towers[tower].register_forward_pre_hook, hook, with_kwargs=True)
                 if plan.multi:
                     passes.finishers.append(lambda p: _finish_streams(p, model, plan, towers))
                 elif not swin:
@@ -432,7 +433,10 @@ def _eager(model: Any, targets: list[tuple[str, Any, str, int]], transformers: A
     """The model on eager attention for the block; yields the implementation its config had before any
     attach. Each config's implementation is a reference-counted switch, so overlapping attaches on one
     model (or on a model and its base model) leave every config as the first of them found it."""
-    with ExitStack() as held:
+    # `again` closes `held` (again) when an exception (a signal handler's) arrives as the block is left, before
+    # `held` is closed; both on one line, so that nothing can arrive between the two exits
+    with ExitStack() as again, ExitStack() as held:
+        again.callback(held.close)
         originals = {
             id(config): held.enter_context(switch(
                 ("transformers.attn_implementation", id(config)),
