@@ -566,6 +566,19 @@ def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[
                 "0.8-1.0), so attnflow cannot reconstruct them exactly. Capture it with full attention: load it with "
                 f"attention_type=\"original_full\" (from_pretrained(path, attention_type=\"original_full\")){full}."
             )
+        ratio = _reduction(module)
+        if ratio > 1:
+            full = [other for other, m, _, _ in found if _reduction(m) == 1]
+            fix = (
+                "Capture the layers whose keys are their own tokens (reduction 1) alone: adapter_options={'modules': "
+                f"{full!r}}}" if full else "No layer of this model attends over its own tokens"
+            )
+            raise attnflow.AdapterError(
+                f"{type(model).__name__} runs spatial-reduction attention ({path} reduces its keys by {ratio}): its patch "
+                f"queries attend to keys pooled over {ratio}x{ratio} patches by a strided convolution, so its keys "
+                "are not its tokens, and attnflow does not capture reduced keys yet (it would need the pooled keys "
+                f"as a stream of their own, linked to the patches). {fix}."
+            )
         if "Ngram" in name and index == -1:
             index = 1  # (output, main stream probabilities, predict streams' probabilities)
         if name in _RETURNS_SCORES:
@@ -575,6 +588,15 @@ def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[
                 _MAIN_ROWS[module] = ngram + 1  # its queries are the main stream then each predict stream
         adjusted.append((path, module, kind, index))
     return adjusted
+
+
+def _reduction(module: Any) -> int:
+    """The spatial-reduction ratio of a SegFormer-style attention module (1: its keys are its tokens)."""
+    for name in ("sequence_reduction_ratio", "sr_ratio"):
+        ratio = getattr(module, name, None)
+        if isinstance(ratio, int):
+            return ratio
+    return 1
 
 
 #: Attention module -> the model that maps its input samples onto the module's positions (audio models with a
