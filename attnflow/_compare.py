@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 import numpy as np
 
 from ._errors import ComparisonError, MethodError, OptionError
+from ._ranks import spearman as shared_spearman
 from .trace import AttentionTrace, LayerAttention
 
 if TYPE_CHECKING:
@@ -138,7 +139,8 @@ class ComparisonReport:
         if self.flow_max_abs is not None:
             self.checks["flow"] = self.flow_max_abs <= self.tolerances["flow_atol"]
         if min_rho is not None:
-            self.checks["spearman"] = all(rho >= min_rho for rho in self.spearman.values())
+            # an undefined correlation (constant scores: no ranking) neither passes nor fails the check
+            self.checks["spearman"] = all(rho >= min_rho for rho in self.spearman.values() if not math.isnan(rho))
         if self.methods:
             self.checks["methods"] = all(v <= self.tolerances["methods_atol"] for v in self.methods.values())
         self.allow_unmatched = allow_unmatched
@@ -274,7 +276,7 @@ class ComparisonReport:
         else:
             summary.append("flow skipped")
         for key, value in self.spearman.items():
-            summary.append(f"spearman {key} {value:.4f}")
+            summary.append(f"spearman {key} " + ("undefined (constant scores)" if math.isnan(value) else f"{value:.4f}"))
         lines.append("; ".join(summary))
         if self.methods:
             lines.append("methods max|diff| (after the last layer, every token; tolerance "
@@ -505,36 +507,17 @@ def _supports(trace: AttentionTrace, method: str) -> bool:
 
 
 def spearman(x: np.ndarray, y: np.ndarray, *, tie_tol: float = 0.0) -> float:
-    """Spearman rank correlation of two 1-D arrays (ties get their average rank, as in scipy).
+    """Spearman rank correlation of two 1-D arrays: the one faithfulness uses (:func:`attnflow._ranks.spearman`,
+    ties given their average rank, as in scipy).
 
-    ``tie_tol``: values of one array closer than this to their sorted neighbour count as tied, so
-    that rounding noise between two frameworks does not reorder tokens whose scores are (nearly)
-    equal; attention flow often gives exactly equal values to several tokens. Two constant arrays
-    correlate 1.0 (they order the tokens alike); one constant array against another 0.0.
+    ``tie_tol``: values of one array closer than this to their sorted neighbour count as tied, so that rounding
+    noise between two frameworks does not reorder tokens whose scores are (nearly) equal. A constant array has
+    no ranking: the correlation is NaN, which :func:`compare` reports as undefined.
     """
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
         raise OptionError(f"spearman needs arrays of equal length, got {x.size} and {y.size}.")
-    rx, ry = _rankdata(x, tie_tol), _rankdata(y, tie_tol)
-    if np.array_equal(rx, ry):
-        return 1.0
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    sx, sy = float(np.sqrt((rx * rx).sum())), float(np.sqrt((ry * ry).sum()))
-    if sx == 0.0 or sy == 0.0:
-        return 1.0 if sx == sy else 0.0
-    return float(np.clip((rx * ry).sum() / (sx * sy), -1.0, 1.0))
-
-
-def _rankdata(x: np.ndarray, tie_tol: float = 0.0) -> np.ndarray:
-    """Average ranks (1-based); sorted neighbours within ``tie_tol`` of each other share a rank."""
-    order = np.argsort(x, kind="mergesort")
-    ordered = x[order]
-    group = np.concatenate([[0], np.cumsum(np.diff(ordered) > tie_tol)])  # tie group of each sorted value
-    positions = np.arange(1, x.size + 1, dtype=np.float64)
-    mean_rank = np.bincount(group, weights=positions) / np.bincount(group)
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = mean_rank[group]
-    return ranks
+    return float(shared_spearman(x, y, tie_tol=tie_tol))
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -700,7 +683,8 @@ def _min_spearman(
         xa = np.concatenate([ma[name][b, row, trace.valid_index(b, name)] for name in ma])
         xb = np.concatenate([mb[name][b, row, trace.valid_index(b, name)] for name in mb])
         values.append(spearman(xa, xb, tie_tol=tie_tol))
-    return min(values, default=1.0)
+    defined = [value for value in values if not math.isnan(value)]
+    return min(defined) if defined else math.nan  # every row constant: no ranking to compare
 
 
 def _default_atol(a: AttentionTrace, b: AttentionTrace) -> float:

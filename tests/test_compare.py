@@ -173,10 +173,24 @@ def test_spearman_matches_scipy_with_ties():
         y = x + rng.normal(scale=2.0, size=9)
         assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([1, 1, 1], [2, 2, 2]) == 1.0 and spearman([1, 1, 1], [1, 2, 3]) == 0.0
+    # a constant array has no ranking: undefined (NaN), as scipy and faithfulness say (one Spearman for both)
+    assert np.isnan(spearman([1, 1, 1], [2, 2, 2])) and np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    from attnflow.evaluate import spearman as faithfulness_spearman
+
+    assert faithfulness_spearman is __import__("attnflow._ranks", fromlist=["spearman"]).spearman
     # rounding noise between equal scores is not a reordering once it is below the tie tolerance
     noisy_a, noisy_b = [0.2, 0.2 + 1e-9, 0.2 - 1e-9, 0.4], [0.2 - 1e-9, 0.2, 0.2 + 1e-9, 0.4]
     assert spearman(noisy_a, noisy_b) < 0.5 and spearman(noisy_a, noisy_b, tie_tol=1e-6) == 1.0
+
+
+def test_constant_scores_make_spearman_undefined_not_failed():
+    """Uniform attention without the residual gives every token the same score: no ranking, so the check can neither
+    pass nor fail on it."""
+    weights = [np.full((2, 3, 5, 5), 0.2) for _ in range(LAYERS)]
+    a = AttentionTrace.from_arrays(weights, tokens=[list("abcde")] * 2)
+    report = attnflow.compare(a, a, residual=0.0)
+    assert all(np.isnan(value) for value in report.spearman.values()) and report.ok
+    assert "undefined (constant scores)" in report.to_table()
 
 
 def test_spearman_check_fails_on_reordered_scores():

@@ -7,54 +7,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._ranks import rankdata as rankdata
+from .._ranks import spearman as spearman
+
 #: ERASER's bins (DeYoung et al., 2020): the fractions of an item's tokens removed (comprehensiveness) or kept
 #: (sufficiency), averaged into AOPC.
 ERASER_BINS = (0.01, 0.05, 0.10, 0.20, 0.50)
 #: Fractions of the tokens at which deletion and insertion curves are read.
 CURVE_GRID = tuple(i / 10 for i in range(11))
-
-
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks ``1..n`` along the last axis, ties given their average rank (scipy's ``method="average"``).
-
-    ``values``: ``(..., n)`` finite numbers. Returns float64 ``(..., n)``.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, axis=-1, kind="stable")
-    ordered = np.take_along_axis(values, order, axis=-1)
-    n = values.shape[-1]
-    ranks = np.empty_like(values)
-    flat_ordered = ordered.reshape(-1, n)
-    flat_order = order.reshape(-1, n)
-    flat_ranks = ranks.reshape(-1, n)
-    for row in range(flat_ordered.shape[0]):
-        sorted_row = flat_ordered[row]
-        # starts of runs of equal values; each run gets the mean of the ranks it spans
-        starts = np.flatnonzero(np.r_[True, sorted_row[1:] != sorted_row[:-1]])
-        ends = np.r_[starts[1:], n]
-        average = (starts + ends + 1) / 2.0  # mean of (start+1 .. end)
-        flat_ranks[row, flat_order[row]] = np.repeat(average, ends - starts)
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman's rank correlation along the last axis: Pearson's correlation of average ranks.
-
-    ``x``, ``y``: ``(..., n)`` (broadcast against each other). Returns ``(...)``; NaN where either side is
-    constant or ``n < 2`` (no ranking to compare), as scipy.stats.spearmanr does.
-    """
-    x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
-    if x.shape[-1] < 2:
-        return np.full(x.shape[:-1], np.nan)
-    rx = rankdata(x)
-    ry = rankdata(y)
-    rx -= rx.mean(axis=-1, keepdims=True)
-    ry -= ry.mean(axis=-1, keepdims=True)
-    denominator = np.sqrt((rx * rx).sum(axis=-1) * (ry * ry).sum(axis=-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (rx * ry).sum(axis=-1) / denominator
-    out = np.where(denominator > 0, out, np.nan)
-    return np.clip(out, -1.0, 1.0)
 
 
 def ranking(scores: np.ndarray, positions: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
