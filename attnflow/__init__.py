@@ -27,16 +27,6 @@ from ._models import packaged_model_dir as packaged_model_dir
 from ._version import __version__ as __version__
 from .batch import OutputInUseError as OutputInUseError
 from .batch import run_batch as run_batch
-from .capture._adapter import Adapter as Adapter
-from .capture._adapter import AdapterOption as AdapterOption
-from .capture._adapter import import_optional as import_optional
-from .capture._capture import attach as attach
-from .capture._capture import capture as capture
-from .capture._recorder import Recorder as Recorder
-from .capture._registry import get_adapter as get_adapter
-from .capture._registry import list_adapters as list_adapters
-from .capture._registry import register_adapter as register_adapter
-from .capture._registry import unregister_adapter as unregister_adapter
 from .methods import flow as flow
 from .methods import flow_network as flow_network
 from .methods import fuse_heads as fuse_heads
@@ -50,6 +40,16 @@ from .methods._registry import get_method as get_method
 from .methods._registry import list_methods as list_methods
 from .methods._registry import register_method as register_method
 from .methods._registry import unregister_method as unregister_method
+from .recording._adapter import Adapter as Adapter
+from .recording._adapter import AdapterOption as AdapterOption
+from .recording._adapter import import_optional as import_optional
+from .recording._capture import attach as attach
+from .recording._capture import capture as capture
+from .recording._recorder import Recorder as Recorder
+from .recording._registry import get_adapter as get_adapter
+from .recording._registry import list_adapters as list_adapters
+from .recording._registry import register_adapter as register_adapter
+from .recording._registry import unregister_adapter as unregister_adapter
 from .trace import AttentionTrace as AttentionTrace
 from .trace import LayerAttention as LayerAttention
 from .trace import Link as Link
@@ -70,3 +70,11 @@ from .evaluate import FaithfulnessReport as FaithfulnessReport  # noqa: E402
 from .evaluate import faithfulness as faithfulness  # noqa: E402
 
 __all__ += ["FaithfulnessReport", "faithfulness"]
+
+# ``attnflow.capture`` is the function; the package of the adapter contract is ``attnflow.recording``. Until the
+# next release the package also answers to its old import path (``from attnflow.capture import switch``): every
+# submodule is registered under both names, so no module is ever loaded twice.
+from . import recording as recording  # noqa: E402
+from .recording import _aliases  # noqa: E402
+
+_aliases.alias("attnflow.recording", "attnflow.capture")

@@ -319,7 +319,7 @@ class Explanation:
     def to_frame(self) -> Any:
         """A long pandas table: one row per method, layer, item, explained token and input token (real
         tokens only), columns ``method, layer, batch, source, source_token, stream, token_index, token, score``."""
-        from .capture._adapter import import_optional
+        from .recording._adapter import import_optional
 
         pandas = import_optional("pandas", "dask")
         rows: dict[str, list[Any]] = {key: [] for key in (

@@ -16,5 +16,5 @@ def test_api_reference_builds_without_warnings(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     page = (tmp_path / "site" / "api" / "attnflow" / "index.html").read_text()
-    for name in ("capture._capture.capture", "attach", "explain", "Explanation", "rollout", "flow", "Options"):
+    for name in ("recording._capture.capture", "attach", "explain", "Explanation", "rollout", "flow", "Options"):
         assert f'id="attnflow.{name}"' in page, name

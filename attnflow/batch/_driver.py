@@ -23,9 +23,9 @@ from typing import Any
 
 from .._errors import AdapterError, AttnflowError, OptionError
 from .._tensorfile import file_mode, make_directory
-from ..capture._adapter import import_optional
 from ..methods._options import Options
 from ..methods._registry import get_method
+from ..recording._adapter import import_optional
 from ._inputs import Example, Malformed, read_inputs
 from ._settings import DEFAULT_METHODS, DEFAULT_SOURCES, Settings, make_settings
 from ._store import (

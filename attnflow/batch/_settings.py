@@ -14,10 +14,10 @@ import numpy as np
 
 from .._errors import OptionError
 from .._kinds import request_keywords
-from ..capture._plan import capture_plan
-from ..capture._registry import get_adapter
 from ..methods._options import Options
 from ..methods._registry import ALL, get_method, list_methods, method_names
+from ..recording._plan import capture_plan
+from ..recording._registry import get_adapter
 
 DEFAULT_METHODS = ("rollout", "flow")
 DEFAULT_SOURCES = (0,)

@@ -33,7 +33,7 @@ import numpy as np
 from .._errors import AttnflowError, OptionError, TraceFileError
 from .._explanation import Explanation, load_explanation
 from .._tensorfile import atomic_write, peek_format
-from ..capture._adapter import import_optional
+from ..recording._adapter import import_optional
 from ._inputs import Example, safe_name
 from ._settings import Settings
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from .._errors import AdapterError
 from .._explanation import explain
-from ..capture._adapter import load_model
-from ..capture._capture import capture
-from ..capture._registry import get_adapter
 from ..methods._registry import ALL, Method
+from ..recording._adapter import load_model
+from ..recording._capture import capture
+from ..recording._registry import get_adapter
 from ..trace import AttentionTrace
 from ._inputs import Example
 from ._settings import Settings

@@ -9,8 +9,8 @@ import numpy as np
 
 from .._errors import AdapterError, OptionError
 from .._explanation import Explanation
-from ..capture._adapter import Adapter
-from ..capture._registry import find_adapter
+from ..recording._adapter import Adapter
+from ..recording._registry import find_adapter
 from ._leaderboard import check_seed
 from ._probe import BLANKS, Probe, ProbeRequest, resolve_target
 from ._report import RANDOM, FaithfulnessReport

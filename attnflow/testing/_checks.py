@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from .._files import load
-from ..capture._adapter import Adapter
-from ..capture._capture import attach, capture
+from ..recording._adapter import Adapter
+from ..recording._capture import attach, capture
 from ..trace import AttentionTrace
 from ._state import differences, output_of, snapshot
 
@@ -115,7 +115,7 @@ def _fail(condition: bool, why: str) -> None:
 def check_declaration(subject: Subject) -> None:
     """The adapter passes the registry's validation (name, framework, hooks signature, options, captures)."""
     from .._errors import AdapterRegistrationError
-    from ..capture._registry import _validate
+    from ..recording._registry import _validate
 
     try:
         _validate(subject.adapter, source=f"adapter {subject.adapter.name!r}")

@@ -28,8 +28,8 @@ def method_traces(method: Method | str) -> dict[str, AttentionTrace]:
     """The kit's traces, captured with what ``method`` needs: ``"encoder"`` (padded BERT batch), ``"causal"``
     (padded GPT-2 batch) and ``"encoder_decoder"`` (BART, decoder rows over encoder and decoder tokens).
     A model the method's needs cannot be captured for is left out (its family has no value path map)."""
-    from ..capture._adapter import import_optional
-    from ..capture._capture import capture
+    from ..recording._adapter import import_optional
+    from ..recording._capture import capture
 
     resolved = get_method(method)
     torch = import_optional("torch", "torch")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..capture._adapter import import_optional
+from ..recording._adapter import import_optional
 
 BATCH, TOKENS, DECODER_TOKENS, HEADS, HEAD_SIZE, LAYERS, DECODER_LAYERS, FFN, VOCAB = 2, 7, 5, 3, 5, 3, 2, 11, 13
 HIDDEN = HEADS * HEAD_SIZE

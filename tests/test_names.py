@@ -1,0 +1,54 @@
+"""Names that resolve (issue 22): every `attnflow.*` name the README and the guides write resolves as written, and
+the adapter contract's old import path (`attnflow.capture`, hidden by the function) loads no module twice."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import attnflow
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the CHANGELOG names history too
+
+
+def _resolve(dotted: str) -> object:
+    """``attnflow.a.b``: attribute access from the package, importing submodules the way a user would."""
+    parts = dotted.split(".")
+    obj: object = attnflow
+    for i, part in enumerate(parts[1:], start=1):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        obj = importlib.import_module(".".join(parts[: i + 1]))
+    return obj
+
+
+def test_every_attnflow_name_in_the_readme_and_guides_resolves():
+    names = set()
+    for path in DOCS:
+        for name in re.findall(r"`(attnflow(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", path.read_text()):
+            names.add((name, path.name))
+    assert len(names) > 30
+    broken = []
+    for name, where in sorted(names):
+        try:
+            _resolve(name)
+        except (AttributeError, ImportError) as exc:
+            broken.append(f"{where}: {name} ({type(exc).__name__}: {exc})")
+    assert not broken, "names that do not resolve:\n" + "\n".join(broken)
+
+
+def test_the_function_and_the_package_both_resolve():
+    assert callable(attnflow.capture) and attnflow.capture.__module__ == "attnflow.recording._capture"
+    from attnflow.capture import CAPABILITIES, KINDS, deferred_interrupts, switch  # the old path, one release
+    from attnflow.capture._recorder import Recorder
+
+    assert Recorder is attnflow.Recorder and switch is attnflow.recording.switch
+    assert KINDS is attnflow.recording.KINDS and CAPABILITIES is attnflow.recording.CAPABILITIES
+    assert deferred_interrupts is attnflow.recording.deferred_interrupts
+    for name, module in list(sys.modules.items()):
+        if name.startswith("attnflow.capture."):
+            assert module is sys.modules["attnflow.recording." + name[len("attnflow.capture."):]], name
