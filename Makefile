@@ -76,7 +76,7 @@ bench: install
 
 # The long-input figures (tens of minutes on 2 cores): 32 x 2048 causal flow, 4096-token capture.
 bench-long: install
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_causal.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_causal.py --long
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_long_capture.py
 
 clean:

@@ -5,6 +5,7 @@ Capture a model's attention into an :class:`AttentionTrace`, then compute :func:
 Importing attnflow imports no deep-learning framework; adapters load theirs when used.
 """
 
+from . import errors as errors
 from . import plot as plot
 from ._compare import ComparisonReport as ComparisonReport
 from ._compare import compare as compare

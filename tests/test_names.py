@@ -52,3 +52,15 @@ def test_the_function_and_the_package_both_resolve():
     for name, module in list(sys.modules.items()):
         if name.startswith("attnflow.capture."):
             assert module is sys.modules["attnflow.recording." + name[len("attnflow.capture."):]], name
+
+
+def test_every_error_class_lives_in_attnflow_errors():
+    import inspect
+
+    from attnflow import _errors, errors
+
+    classes = {name for name, obj in vars(_errors).items() if inspect.isclass(obj) and issubclass(obj, Exception)}
+    assert classes <= set(errors.__all__)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), attnflow.AttnflowError), name
+    assert attnflow.errors.TraceError is attnflow.TraceError  # the top-level name, kept for one release
