@@ -64,3 +64,17 @@ def test_every_error_class_lives_in_attnflow_errors():
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), attnflow.AttnflowError), name
     assert attnflow.errors.TraceError is attnflow.TraceError  # the top-level name, kept for one release
+
+
+def test_reprs_that_fit():
+    """Displays (issue 22): a layer prints its dtype and shape, never its values; a trace has an HTML view."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    weights = [rng.dirichlet(np.ones(128), size=(1, 12, 128)).astype(np.float32) for _ in range(2)]
+    trace = attnflow.AttentionTrace.from_arrays(weights, tokens=[[f"t{i}" for i in range(128)]])
+    text = repr(trace.layers[0])
+    assert text == "LayerAttention('layer.0', self, tokens, f32[1,12,128,128])" and "\n" not in text
+    page = trace._repr_html_()
+    assert page.count("<tr>") == 1 + len(trace.streams) + trace.num_layers and "f32[1,12,128,128]" in page
+    assert page.count('title="t') == 2 * 48  # a strip of the first 48 keys per layer, each labelled

@@ -55,6 +55,13 @@ class LayerAttention:
     def shape(self) -> tuple[int, int, int, int]:
         return tuple(self.weights.shape)
 
+    def __repr__(self) -> str:
+        streams = "" if self.query_stream is None else (
+            f", {self.query_stream}" if self.key_stream == self.query_stream else f", {self.query_stream}->{self.key_stream}")
+        extras = "" if not self.extras else ", extras={" + ", ".join(
+            f"{name}: {array_summary(value)}" for name, value in self.extras.items()) + "}"
+        return f"LayerAttention({self.name!r}, {self.kind or '?'}{streams}, {array_summary(self.weights)}{extras})"
+
 
 def layer_streams(layer: LayerAttention) -> tuple[str, str]:
     """``(query stream, key stream)`` of a layer of a trace, where both are always set."""
@@ -539,6 +546,10 @@ class AttentionTrace:
 
         save_trace(self, path)
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the streams and layers as a table, with a heat strip per layer."""
+        return trace_html(self)
+
     def __repr__(self) -> str:
         heads = sorted(set(self.num_heads))
         head_text = heads[0] if len(heads) == 1 else heads
@@ -974,3 +985,49 @@ def _as_layer_list(weights: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarra
         arrays.append(w[None] if w.ndim == 3 else w)
     return arrays
 
+
+_SHORT_DTYPES = {"float16": "f16", "float32": "f32", "float64": "f64", "bool": "bool", "int64": "i64", "int32": "i32"}
+
+
+def array_summary(array: Any) -> str:
+    """``f32[1,12,128,128]``: an array's dtype and shape, as equinox prints them (never its values)."""
+    shape = getattr(array, "shape", None)
+    if shape is None:
+        return type(array).__name__
+    dtype = str(getattr(array, "dtype", "?"))
+    return f"{_SHORT_DTYPES.get(dtype, dtype)}[{','.join(str(n) for n in shape)}]"
+
+
+def trace_html(trace: AttentionTrace, *, strip: int = 48) -> str:
+    """A small HTML table of a trace for notebooks: its streams, and per layer its kind, streams, weights'
+    dtype and shape and a heat strip of the attention each key receives (item 0, mean over heads and real
+    queries; at most ``strip`` keys; darker = more)."""
+    import html
+
+    rows = []
+    for name, stream in trace.streams.items():
+        rows.append(f"<tr><td>stream</td><td>{html.escape(name)}</td><td colspan=2>length {stream.length}"
+                    f"{', causal' if stream.causal else ''}{'' if stream.grid is None else f', grid {stream.grid}'}</td>"
+                    "<td></td></tr>")
+    for layer in trace.layers:
+        real = trace.valid_index(0, layer.query_stream)
+        keys = trace.valid_index(0, layer.key_stream)[:strip]
+        received = np.asarray(layer.weights[0], dtype=np.float64)[:, real][:, :, keys].mean(axis=(0, 1)) if real.size \
+            else np.zeros(keys.size)
+        top = float(received.max()) if received.size else 0.0
+        cells = "".join(
+            f'<span title="{html.escape(str(_label(trace, layer.key_stream, int(k))))}: {v:.3f}" style="display:inline-block;'
+            f'width:6px;height:12px;background:rgba(31,119,180,{(v / top if top > 0 else 0):.2f})"></span>'
+            for k, v in zip(keys, received))
+        flow = layer.query_stream if layer.query_stream == layer.key_stream else f"{layer.query_stream} → {layer.key_stream}"
+        rows.append(f"<tr><td>{html.escape(layer.kind or '')}</td><td>{html.escape(layer.name)}</td>"
+                    f"<td>{html.escape(str(flow))}</td><td><code>{array_summary(layer.weights)}</code>"
+                    f"{' +' + ','.join(sorted(layer.extras)) if layer.extras else ''}</td><td>{cells}</td></tr>")
+    head = html.escape(repr(trace))
+    return (f"<div><p><b>{head}</b></p><table><tr><th></th><th>name</th><th>streams</th><th>weights</th>"
+            f"<th>attention received (item 0)</th></tr>{''.join(rows)}</table></div>")
+
+
+def _label(trace: AttentionTrace, stream: str | None, position: int) -> str:
+    tokens = trace.streams[stream].tokens if stream is not None and stream in trace.streams else None
+    return str(tokens[0][position]) if tokens else str(position)
