@@ -435,7 +435,7 @@ def test_link_depth_runs_from_0_to_the_sources_layer_count():
 
 def test_link_weights_are_kept_as_float64_and_fed_tokens_are_reported():
     weights = np.zeros((2, 4, 6), np.float32)
-    weights[:, 2, :3] = 1 / 3
+    weights[:, 2, 1:3] = 0.5  # rows summing to exactly 1
     trace = linked(weights)
     assert trace.links[0].weights.dtype == np.float64
     np.testing.assert_array_equal(trace.links[0].fed(1), [False, False, True, False])
