@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 
 from attnflow import Adapter, AdapterError, Recorder, import_optional
-from attnflow.capture import deferred_interrupts
+from attnflow._switches import deferred_interrupts
 
+from . import _penzai_methods as methods
 from ._flax_common import (
     UNKNOWN,
     PassCollector,
@@ -76,16 +77,7 @@ def _attention_layers(model: Any, pz: Any) -> dict[str, Any]:
     return {_path_name(path) or type(layer).__name__: layer for path, layer in found.items()}
 
 
-def _path_name(path: tuple) -> str:
-    parts = []
-    for key in path:
-        for attribute in ("name", "idx", "key"):
-            if hasattr(key, attribute):
-                parts.append(str(getattr(key, attribute)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+_path_name = methods.path_name
 
 
 def _defining_class(cls: type, attribute: str = "__call__") -> type:
@@ -155,6 +147,7 @@ class _PenzaiCapture:
     def __init__(self, recorder: Recorder, root: Any, pz: Any):
         self.root = root
         self.pz = pz
+        self.request = recorder.request
         self.layers = _attention_layers(root, pz)
         self.names = {id(layer): name for name, layer in self.layers.items()}
         # LayerStacks rebuild their layers for every scanned layer: their attention is known by the stack
@@ -166,9 +159,126 @@ class _PenzaiCapture:
             inside = [name for name in self.layers if name.startswith(stack_path + "/")]
             self.stacked[stack_path] = inside[0] if len(inside) == 1 else None
         self.running: list[str] = []  # the stacks running now
+        # values= / value_zeroing=: the blocks a penzai value map finds, and the layers whose inputs and outputs
+        # are kept during the pass: id -> [(block path, slot of the input, slot of the output)]
+        self.map_name: str | None = None
+        self.blocks: dict[str, methods.Block] = {}
+        self.taps: dict[int, list[tuple[str, str | None, str | None]]] = {}
+        request = self.request
+        if request.values or request.value_zeroing:
+            kind = "values" if request.values else "value_zeroing"
+            self.map_name, blocks = methods.value_blocks(root, list(self.layers), kind)
+            everything = methods.layers_by_path(root)
+            for block in blocks:
+                self.blocks[block.attention] = block
+                wanted: list[tuple[Any, str | None, str | None]] = []
+                if request.values:
+                    wanted += [(everything[block.value], None, "value"), (everything[block.branch], "residual", "branch")]
+                if request.value_zeroing:
+                    wanted.append((everything[block.path], "block_input", "block_output"))
+                for layer, before, after in wanted:
+                    self.taps.setdefault(id(layer), []).append((block.attention, before, after))
+        self.kept: dict[str, dict[str, list[Any]]] = {}  # attention path -> slot -> values, this pass
+        self.shapes: dict[str, list[tuple[tuple[tuple[str, int], ...], str]]] = {}  # named shapes of the probabilities
+        self.call_of_pass: tuple[Any, dict[str, Any]] | None = None  # the root call's argument and side inputs
+        extra = request.gradients or request.values or request.value_zeroing
         self.collector = PassCollector(recorder, api="penzai", metadata_key="jax_library",
-                                       repeat_prefix=self._repeat_prefix, no_attention=self._no_attention)
+                                       repeat_prefix=self._repeat_prefix, no_attention=self._no_attention,
+                                       after_pass=self._after_pass if extra else None,
+                                       metadata={"values_layout": "pre_ln", "penzai_value_map": self.map_name}
+                                       if request.values else None)
         self.closed = False
+
+    def tapped_classes(self) -> set[type]:
+        everything = methods.layers_by_path(self.root)
+        return {type(layer) for layer in everything.values() if id(layer) in self.taps}
+
+    def _keep(self, layer: Any, argument: Any, result: Any, side_inputs: dict) -> None:
+        if not self.collector.active:
+            return
+        for attention, before, after in self.taps.get(id(layer), ()):
+            slots = self.kept.setdefault(attention, {})
+            for slot, value in ((before, argument), (after, result)):
+                if slot is not None:
+                    slots.setdefault(slot, []).append(None if is_tracer(getattr(value, "data_array", value)) else value)
+            if before == "block_input":
+                slots.setdefault("side_inputs", []).append(dict(side_inputs))
+
+    # -- what the methods need beside the weights (target=, values=, value_zeroing=) ---------------------------
+    def _after_pass(self, layers: list) -> None:
+        try:
+            current = self.collector.current
+            if current is not None and current.pending:
+                raise AdapterError(
+                    "target=, values= and value_zeroing= need the penzai model called eagerly: this pass ran its "
+                    "attention as JAX tracers (under jax.vmap, jax.grad, or a pz.nn.LayerStack's scan). Capture the "
+                    "model called directly (a LayerStack model: convert it with use_layer_stack=False)."
+                )
+            calls: dict[str, int] = {}
+            for layer in layers:
+                call = calls[layer.name] = calls.get(layer.name, -1) + 1
+                block = self.blocks.get(layer.name)
+                if block is None or layer.kind != "self":
+                    continue
+                kept = {slot: values[call] if call < len(values) else None
+                        for slot, values in self.kept.get(layer.name, {}).items()}
+                if self.request.values:
+                    layer.extras.update(methods.value_extras(block, kept, layer.weights.shape[1]))
+                if self.request.value_zeroing:
+                    self._value_zeroing(block, layer, kept)
+            if (self.request.values or self.request.value_zeroing) and not any(
+                    layer.name in self.blocks for layer in layers):
+                raise AdapterError("values=/value_zeroing=: no recorded attention layer is one its penzai value map "
+                                   "describes.")
+            if self.request.gradients and layers:
+                self._gradients(layers)
+        finally:
+            self.kept, self.shapes = {}, {}
+
+    def _value_zeroing(self, block: methods.Block, layer: Any, kept: dict[str, Any]) -> None:
+        if kept.get("block_input") is None or kept.get("block_output") is None:
+            raise AdapterError(
+                f"value_zeroing=True: block {block.path!r} was not seen running eagerly during the forward pass "
+                "(under jax.vmap, jax.grad or a LayerStack's scan); capture the model called directly."
+            )
+        everything = methods.layers_by_path(self.root)
+        value_path = block.value[len(block.path) + 1:] if block.path else block.value
+        layer.extras["value_zeroing"] = methods.value_zeroing(
+            everything[block.path], kept["block_input"], kept.get("side_inputs") or {}, kept["block_output"],
+            value_path, layer.keys, bool(layer.causal))
+
+    def _gradients(self, layers: list) -> None:
+        """The forward call once more under ``jax.grad`` (compiled), nothing recorded, with a zero added to each
+        recorded layer's probabilities (see ``adapters/_penzai_methods.py``)."""
+        if self.call_of_pass is None:
+            raise AdapterError("target=: the forward call of the pass is unknown; call the model itself inside the "
+                               "block.")
+        names = [layer.name for layer in layers]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise AdapterError(f"target=: the attention layers {repeated} ran more than once in one pass, so the "
+                               "gradient of each call's probabilities cannot be told apart; capture without target=.")
+        unknown = [name for name in names if name not in self.layers]
+        if unknown:
+            raise AdapterError(f"target=: the attention layers {unknown} are not layers of the captured model "
+                               "(rebuilt by a LayerStack); convert it with use_layer_stack=False.")
+        argument, side_inputs = self.call_of_pass
+        mask, causal = _pass_tokens(layers)
+        first = layers[0].weights
+        length = first.shape[-2]
+        positions = methods.target_positions(self.request.target_position, mask, causal, first.shape[0], length)
+        shapes = {name: self.shapes[name][0][0] for name in names}
+        dtypes = {name: self.shapes[name][0][1] for name in names}
+        try:
+            grads = methods.gradients(self.root, argument, side_inputs, shapes, dtypes, positions, self.request.target)
+        except Exception as exc:
+            if type(exc).__module__.startswith("attnflow"):
+                raise
+            raise AdapterError(f"target=: the gradient pass (the forward call again under jax.grad) failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        for layer in layers:
+            array = np.asarray(positional(grads[layer.name]))
+            layer.extras["attn_grad"] = array.astype(np.float32) if array.dtype != np.float64 else array
 
     def _repeat_prefix(self, name: str, count: int) -> str | None:
         return max((path for path in self.stacks.values() if name.startswith(path + "/")), key=len, default=None)
@@ -178,10 +288,20 @@ class _PenzaiCapture:
         """One call of a patched ``__call__``: pass boundaries for the root, a frame for an attention layer,
         the probabilities for the ``query_key_to_attn`` of the innermost frame."""
         if layer is self.root:
+            if self.collector.depth == 0:
+                self.call_of_pass, self.kept, self.shapes = (argument, dict(side_inputs)), {}, {}
             ids = _batch_seq(argument)
             ids = np.asarray(ids) if ids is not None and not is_tracer(ids) and np.issubdtype(ids.dtype, np.integer) \
                 else None
             return self.collector.outermost(lambda: inner(argument, side_inputs), ids)
+        if id(layer) in self.taps:
+            result = self._call(original, layer, argument, side_inputs, frames, inner)
+            self._keep(layer, argument, result, side_inputs)
+            return result
+        return self._call(original, layer, argument, side_inputs, frames, inner)
+
+    def _call(self, original: Any, layer: Any, argument: Any, side_inputs: dict, frames: list[_Frame],
+              inner: Any) -> Any:
         if id(layer) in self.stacks:
             self.running.append(self.stacks[id(layer)])
             try:
@@ -207,6 +327,8 @@ class _PenzaiCapture:
             frame = mine[-1]
             result = inner(argument, side_inputs)
             frame.seen = True
+            if self.collector.active and hasattr(result, "named_shape"):
+                self.shapes.setdefault(frame.name, []).append((methods.named_shape(result), str(result.dtype)))
             self.collector.add(frame.name, positional(result), kind="self", mask=frame.mask,
                                is_causal=frame.is_causal)
             return result
@@ -229,7 +351,7 @@ _frames = threading.local()
 def _wrapped_call(original: Any) -> Any:
     def __call__(self: Any, argument: Any, /, **side_inputs: Any) -> Any:
         captures = tuple(_ACTIVE.get(threading.get_ident(), ()))
-        if not captures:
+        if not captures or methods.quiet():  # a gradient or value-zeroing pass of attnflow's: not recorded
             return original(self, argument, **side_inputs)
         frames = getattr(_frames, "stack", None)
         if frames is None:
@@ -247,6 +369,14 @@ def _wrapped_call(original: Any) -> Any:
     return __call__
 
 
+def _pass_tokens(layers: list) -> tuple[Any, Any]:
+    """``(key mask, causal)`` of the pass's first self-attention layer (what the target position needs)."""
+    for layer in layers:
+        if layer.kind == "self":
+            return layer.keys, layer.causal
+    return None, None
+
+
 class PenzaiAdapter(Adapter):
     """Captures penzai models (``pz.nn`` layers with ``pz.nn.Attention``); see the module docstring."""
 
@@ -256,6 +386,7 @@ class PenzaiAdapter(Adapter):
     extra = "penzai"
     priority = 10
     options = ()
+    captures = Adapter.captures | {"attn_grad", "values", "value_zeroing"}
 
     def claims(self, model: Any) -> bool:
         layer = sys.modules.get("penzai.nn.layer")
@@ -273,6 +404,7 @@ class PenzaiAdapter(Adapter):
         classes = {type(model)} | set(_attention_types(pz)) | {type(stack) for stack in
                                                                 pz.select(model).at_instances_of(pz.nn.LayerStack).get_sequence()}
         classes |= {type(layer.query_key_to_attn) for layer in capture.layers.values()}
+        classes |= capture.tapped_classes()
         owners = sorted({_defining_class(cls) for cls in classes}, key=lambda cls: cls.__qualname__)
         with undoing() as undo:
             with deferred_interrupts():

@@ -22,7 +22,7 @@ import pytest
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from penzai import pz  # noqa: E402
-from penzai.models.transformer.variants import gpt_neox, llama, llamalike_common, mistral  # noqa: E402
+from penzai.models.transformer.variants import gpt_neox, llamalike_common  # noqa: E402
 from penzai.toolshed.save_intermediates import SaveIntermediate  # noqa: E402
 
 import attnflow  # noqa: E402
@@ -30,6 +30,7 @@ from attnflow.testing import AdapterConformance  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from compare_hf_penzai import gpt_neox_from_hf, transformers4_view  # noqa: E402
+from compare_hf_penzai import mistral_from_hf as llama_from_hf  # noqa: E402
 
 BATCH, SEQ = 2, 7
 
@@ -54,14 +55,6 @@ def hf_llama(kv_heads: int, sliding_window: int | None = None) -> transformers.P
     if sliding_window is not None:
         return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=sliding_window, **common)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
-
-
-def llama_from_hf(model: transformers.PreTrainedModel) -> pz.nn.Layer:
-    """penzai's Llama / Mistral converter under transformers 5 (rope_theta moved into rope_parameters)."""
-    convert = mistral.mistral_from_huggingface_model if isinstance(model, transformers.MistralForCausalLM) \
-        else llama.llama_from_huggingface_model
-    with transformers4_view(model, {"rope_theta": model.config.rope_parameters["rope_theta"]}, {}):
-        return convert(model)
 
 
 def padded_batch(vocab: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
