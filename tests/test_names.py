@@ -78,3 +78,17 @@ def test_reprs_that_fit():
     page = trace._repr_html_()
     assert page.count("<tr>") == 1 + len(trace.streams) + trace.num_layers and "f32[1,12,128,128]" in page
     assert page.count('title="t') == 2 * 48  # a strip of the first 48 keys per layer, each labelled
+
+
+def test_replacing_the_recorded_head_fusion_checks_the_rows_again():
+    """Found by the mutation pass: dropping head_fusion='max' from a max-fused trace's metadata used to give a trace
+    whose rows sum to more than 1 while it claims unfused heads."""
+    import numpy as np
+    import pytest
+
+    rng = np.random.default_rng(0)
+    weights = [rng.dirichlet(np.ones(6), size=(1, 4, 6)).max(axis=1, keepdims=True) for _ in range(2)]
+    fused = attnflow.AttentionTrace.from_arrays(weights, tokens=[list("abcdef")], metadata={"head_fusion": "max"})
+    with pytest.raises(attnflow.TraceError, match="sums to"):
+        fused.replace(metadata={})
+    assert fused.replace(metadata={"head_fusion": "max", "note": 1}).metadata["note"] == 1

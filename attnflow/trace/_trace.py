@@ -287,7 +287,11 @@ class AttentionTrace:
         }
         arguments.update(changes)
         layers = arguments.pop("layers")
-        return AttentionTrace(layers, check_rows="layers" in changes or "streams" in changes, **arguments)
+        # the rows' tolerance depends on the head fusion the metadata records: a change there re-checks them
+        fusion_changed = "metadata" in changes and (changes["metadata"] or {}).get("head_fusion") != \
+            self._metadata.get("head_fusion")
+        return AttentionTrace(layers, check_rows="layers" in changes or "streams" in changes or fusion_changed,
+                              **arguments)
 
     # -- what it holds ------------------------------------------------------------------------------
     @property
