@@ -355,6 +355,36 @@ class TransformersAdapter(attnflow.Adapter):
 
         return probe(model, request, args, kwargs)
 
+    # -- placement (the command line's --device/--dtype; attnflow.cli imports no framework)
+    def place(self, model: Any, inputs: Any, *, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+        """``(model, inputs)`` on torch ``device`` (``cpu``, ``cuda:1``, ``mps``...) and in ``dtype`` (a torch
+        dtype name; floating inputs such as pixels are cast too). Either may be None (left as it is); with both
+        None, checks only that ``device`` exists on this machine (the command line asks before loading)."""
+        torch = attnflow.import_optional("torch", self.extra)
+        if device is not None and device != "cpu":
+            kind = device.split(":")[0]
+            backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+                       "xpu": getattr(torch, "xpu", None)}.get(kind)
+            available = backend is not None and backend.is_available()
+            if available and kind in ("cuda", "xpu") and ":" in device:
+                available = int(device.split(":")[1]) < backend.device_count()
+            if not available:
+                raise attnflow.OptionError(f"--device {device}: this machine has no such device; use --device cpu.")
+        cast = None if dtype is None else getattr(torch, dtype, None)
+        if dtype is not None and not isinstance(cast, torch.dtype):
+            raise attnflow.OptionError(f"--dtype {dtype!r} is not a torch dtype (float32, float16, bfloat16, float64).")
+        if model is not None and (device is not None or cast is not None):
+            model = model.to(**{k: v for k, v in (("device", device), ("dtype", cast)) if v is not None})
+        if inputs is not None and (device is not None or cast is not None):
+            moved = {}
+            for key, value in inputs.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.to(device) if device is not None else value
+                    value = value.to(cast) if cast is not None and value.is_floating_point() else value
+                moved[key] = value
+            inputs = moved
+        return model, inputs
+
 
 # -- helpers -------------------------------------------------------------------------------------------
 def _declared_attention_modules(model: Any, transformers: Any) -> list[tuple[str, Any, str, int]]:

@@ -208,7 +208,8 @@ class ComparisonReport:
             "failing_heads": [list(x) for x in self.failing_heads],
             "layers": [
                 {
-                    "index": layer.index, "name_a": layer.name_a, "name_b": layer.name_b, "kind": layer.kind,
+                    "index": layer.index, "layer": layer.index + 1,  # Python index; number from 1 (as printed)
+                    "name_a": layer.name_a, "name_b": layer.name_b, "kind": layer.kind,
                     "ok": layer.ok, "max_abs": _num(layer.max_abs), "mean_abs": _num(layer.mean_abs),
                     "rollout_max_abs": _num(layer.rollout_max_abs),
                     "heads": [
@@ -251,10 +252,11 @@ class ComparisonReport:
             if layer.rollout_max_abs is not None and layer.rollout_max_abs > rollout_tol:
                 status += " / rollout FAIL" if not layer.ok else " (rollout FAIL)"
             lines.append(
-                f"{layer.index:>3}  {layer.name_a:<{name_a}}  {layer.name_b:<{name_b}}  {len(layer.heads):>5}  "
+                f"{layer.index + 1:>3}  {layer.name_a:<{name_a}}  {layer.name_b:<{name_b}}  {len(layer.heads):>5}  "
                 f"{_fmt(layer.max_abs):>9}  {_fmt(layer.mean_abs):>10}  {_fmt(layer.rollout_max_abs):>9}  {status}"
             )
-        lines.append("(rollout: max|diff| of the rollout up to and including the layer)")
+        lines.append("(#: layer numbers from 1, in trace A's order; rollout: max|diff| of the rollout up to and including "
+                     "the layer)")
         grid = self.head_matrix()
         lines.append("")
         lines.append("max|diff| per head (* = beyond tolerance):")
@@ -268,7 +270,7 @@ class ComparisonReport:
                 value = grid[i, h]
                 bad = not math.isnan(value) and h in layer.failing_heads
                 cells.append(f"{'' if math.isnan(value) else _fmt(value):>{width}}{'*' if bad else ' '}")
-            lines.append(f"{layer.index:>3}  " + " ".join(cells).rstrip())
+            lines.append(f"{layer.index + 1:>3}  " + " ".join(cells).rstrip())
         lines.append("")
         summary = [f"rollout max|diff| {_fmt(self.rollout_max_abs)}"]
         if self.flow_max_abs is not None:
@@ -287,10 +289,10 @@ class ComparisonReport:
         else:
             detail = []
             if self.failing_heads:
-                detail.append("heads " + ", ".join(f"layer {li} head {h}" for li, h in self.failing_heads))
+                detail.append("heads " + ", ".join(f"layer {li + 1} head {h}" for li, h in self.failing_heads))
             first = self.first_rollout_failure
             if first is not None:
-                detail.append(f"rollout from layer {first}")
+                detail.append(f"rollout from layer {first + 1}")
             if not self.checks.get("layers", True):
                 detail.append("layers only one trace has (allow_unmatched=True / --allow-unmatched to accept)")
             lines.append(f"verdict: DIFFERENT ({', '.join(failed)} beyond tolerance"

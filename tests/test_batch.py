@@ -187,11 +187,15 @@ def test_cli_method_flags_become_options():
         return options_from(build_parser().parse_args(["batch", "in.jsonl", *flags]))
 
     assert options() == attnflow.Options()
-    got = options("--head-fusion", "max", "--residual", "0.3", "--discard-ratio", "0.1", "--layers", "2:", "--max-seconds", "9")
+    got = options("--head-fusion", "max", "--residual", "0.3", "--discard-ratio", "0.1", "--layers", "3..", "--max-seconds", "9")
     assert got == attnflow.Options(head_fusion="max", residual=0.3, discard_ratio=0.1, layers=(2, None), max_seconds=9.0)
-    assert options("--layers=-3:-1").layers == (-3, -1) and options("--layers", "0,2,5").layers == [0, 2, 5]
-    with pytest.raises(OptionError, match="--layers must be START:END"):
+    # --layers takes layer numbers from 1 (as every output numbers them), inclusive; Options keeps 0-based indices
+    assert options("--layers=-3..-2").layers == (-3, -1) and options("--layers", "1,3,6").layers == [0, 2, 5]
+    assert options("--layers", "..4").layers == (None, 4) and options("--layers=-2..").layers == (-2, None)
+    with pytest.raises(OptionError, match="--layers must be A..B"):
         options("--layers", "two")
+    with pytest.raises(OptionError, match=r"2:6 is now 3\.\.6"):
+        options("--layers", "2:6")
     with pytest.raises(OptionError, match="max_seconds must be a non-negative number"):
         options("--max-seconds", "nan")
 
@@ -566,7 +570,7 @@ def test_cli_killed_and_resumed_with_worker_processes(tmp_path):
     out = tmp_path / "out"
     examples = out / "examples"
     args = (str(path), "--out", str(out), "--workers", "2", "--batch-size", "1", "--methods", "rollout,flow",
-            "--head-fusion", "max", "--layers", "1:")
+            "--head-fusion", "max", "--layers", "2..")
 
     first = run_cli(*args, start_new_session=True)
     deadline = time.monotonic() + 120

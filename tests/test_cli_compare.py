@@ -35,7 +35,7 @@ def test_flagged_values_do_not_run_into_their_neighbours():
     assert report.failing_heads == [(0, 0), (0, 1), (0, 3)]
     header, row = head_rows(report.to_table())
     cells = row.split()
-    assert cells[0] == "0" and len(cells) == 5, row  # the layer index, then one cell per head
+    assert cells[0] == "1" and len(cells) == 5, row  # the layer number (from 1), then one cell per head
     assert cells[1].endswith("*") and cells[2].endswith("*") and not cells[3].endswith("*") and cells[4].endswith("*")
     values = [float(cell.rstrip("*")) for cell in cells[1:]]
     np.testing.assert_allclose(values, [5.05e-3, 1.25e-2, 0.0, 1.0e-1], rtol=0.01)

@@ -108,7 +108,7 @@ def test_encoder_decoder_directory_with_target_text(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["explain", "a b c", "--target-text", "x y", "--model", str(model_dir), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "Top encoder tokens per decoder token (flow):" in stdout
+    assert "Top encoder tokens per decoder token (flow, after layer 6 of 6 of the decoder):" in stdout  # 3 blocks: self+cross
     document = json.loads((out / "explanation.json").read_text())
     assert document["stream"] == "decoder" and document["input_tokens"]["encoder"] == ["[CLS]", "a", "b", "c", "[SEP]"]
     # the decoder runs on the target shifted right behind the start token
@@ -134,6 +134,10 @@ def test_new_settings_are_checked_before_the_model_loads(tmp_path, capsys):
     cases = [
         (["hello", "--format", "png,gif"], "Unknown picture format 'gif'"),
         (["hello", "--layer", "-1"], "--layer must be a layer index"),
+        (["hello", "--layers", "2:6"], "2:6 is now 3..6"),
+        (["hello", "--layers", "0,2"], "numbers layers from 1"),
+        (["hello", "--layers", "two"], "--layers must be A..B"),
+        (["hello", "--layer", "2", "--layers", "..3"], "give only --layers"),
         (["hello", "--sources", "0", "0"], "names a token twice"),
         (["hello", "--adapter-option", "output_index"], "KEY=VALUE"),
         (["hello", "--adapter-option", "colour=1"], "unknown option(s) ['colour']"),
@@ -159,7 +163,7 @@ def test_several_texts_sources_layer_formats_and_html(minilm_dir, tmp_path, caps
     texts.write_text(TEXT + "\n\nThe key of the cabinet is old.\n")
     out = tmp_path / "out"
     status = main([
-        "explain", "--texts", str(texts), "--out", str(out), "--sources", "cabinet", "0", "--layer", "3",
+        "explain", "--texts", str(texts), "--out", str(out), "--sources", "cabinet,0", "--layers", "..4",
         "--exclude-special", "--format", "png,svg,pdf", "--html", "--adapter-option", "output_index=1",
         "--device", "cpu", "--dtype", "float32", "--dpi", "60",
     ])
@@ -173,8 +177,8 @@ def test_several_texts_sources_layer_formats_and_html(minilm_dir, tmp_path, caps
     document = json.loads((out / "explanation.json").read_text())
     cabinet = document["tokens"].index("cabinet")
     assert document["sources"] == [cabinet, 0] and document["explained_position"] == cabinet
-    assert document["layers"] == {"raw": [0, 1, 2, 3], "rollout": [0, 1, 2, 3], "flow": [3]}
-    assert document["batch_size"] == 2 and document["options"]["layers"] == {"pair": [0, 4]}
+    assert document["layers"] == {"raw": [1, 2, 3, 4], "rollout": [1, 2, 3, 4], "flow": [4]}  # numbered from 1
+    assert document["batch_size"] == 2 and document["options"]["layers"] == {"pair": [None, 4]}  # Python's indices
     # the methods ran over layers 0..3 only: rollout equals rollout of the saved trace's first four layers
     trace = attnflow.load(out / "trace.safetensors")
     np.testing.assert_allclose(document["scores"]["rollout"], attnflow.rollout(trace, layers=(0, 4))[0, cabinet],
@@ -198,8 +202,11 @@ def test_several_texts_sources_layer_formats_and_html(minilm_dir, tmp_path, caps
     real = saved.streams["tokens"].valid_index(1)
     same_to_3_digits(read_array(data["items"][1]["scores"]["rollout"]["tokens"], raw),
                      saved.layers("rollout")[:, 1][:, :, real])
-    assert main(["explain", TEXT, "--layer", "6", "--out", str(tmp_path / "o2")]) == 1
-    assert "--layer 6 is past the last layer" in capsys.readouterr().err
+    assert main(["explain", TEXT, "--layers", "..7", "--out", str(tmp_path / "o2")]) == 1
+    assert "layer 7 is past the last layer: the explained stream has 6 layers" in capsys.readouterr().err
+    assert main(["explain", TEXT, "--layer", "6", "--out", str(tmp_path / "o2")]) == 1  # deprecated, 0-based
+    err = capsys.readouterr().err
+    assert "--layer 6 (0-based) is deprecated; use --layers ..7" in err and "past the last layer" in err
     assert main(["explain", TEXT, "--sources", "door", "--out", str(tmp_path / "o3")]) == 1
     assert "no token of input 0 reads so" in capsys.readouterr().err
 

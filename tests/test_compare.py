@@ -78,7 +78,7 @@ def test_a_perturbed_head_is_the_only_failing_head():
     assert report.first_rollout_failure == 2
     assert report.checks["attention"] is False and report.checks["rollout"] is False
     table = report.to_table()
-    assert "FAIL heads [1]" in table and "layer 2 head 1" in table and "DIFFERENT" in table
+    assert "FAIL heads [1]" in table and "layer 3 head 1" in table and "DIFFERENT" in table
 
 
 def test_tolerances_decide_the_verdict():
@@ -230,7 +230,7 @@ def test_cli_compare_exit_codes_and_outputs(tmp_path, capsys):
         "--png", str(png), "--html", str(page), "--json", str(js),
     ])
     out = capsys.readouterr().out
-    assert code == 1 and "DIFFERENT" in out and "layer 3 head 0" in out
+    assert code == 1 and "DIFFERENT" in out and "layer 4 head 0" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert "data:image/png;base64," in page.read_text() and "differ beyond tolerance" in page.read_text()
     assert json.loads(js.read_text())["failing_heads"] == [[3, 0]]

@@ -49,7 +49,7 @@ def test_heatmap_draws_each_methods_scores_on_one_scale(encoder):
     largest = max(float(explanation[m][1][np.ix_(real, real)].max()) for m in ("raw", "rollout", "flow"))
     assert len(tops) == 1 and next(iter(tops)) == (0.0, pytest.approx(largest))
     text = heading(figure)
-    assert "after layer 2" in text and "paper defaults" in text and "special tokens" not in text
+    assert "after layer 3 of 3" in text and "paper defaults" in text and "special tokens" not in text
 
 
 def test_heatmap_own_scales_log_and_limits(encoder):

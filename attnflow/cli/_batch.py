@@ -8,12 +8,21 @@ from typing import Any
 
 from .._errors import OptionError
 from ..batch import Malformed, run_batch
-from ..batch._driver import DEFAULT_BATCH_SIZE
-from ..batch._settings import DEFAULT_METHODS
+from ..batch._settings import DEFAULT_SOURCES
 from ..batch._store import EXAMPLES_DIR, TABLE
-from ..methods._flow import DEFAULT_MAX_SECONDS
-from ..methods._options import Options
-from ..methods._registry import list_methods
+from ._common import (
+    add_batch_size_flag,
+    add_methods_flag,
+    add_model_flags,
+    add_option_flags,
+    add_progress_flag,
+    add_sources_flag,
+    add_target_flag,
+    options_from,
+    parse_sources,
+    parse_target,
+    warn_deprecated,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -32,53 +41,16 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("input", help="JSONL file, one {\"text\": ..., \"id\": ..., \"target\": ...} object per line")
-    parser.add_argument("--out", default="results", help="output directory (default: results/)")
-    parser.add_argument(
-        "--model", default=None,
-        help="model directory on the workers (default: the packaged all-MiniLM-L6-v2)",
-    )
-    parser.add_argument("--adapter", default="transformers", help="adapter that loads the model (default: transformers)")
-    parser.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated registered methods, any of {','.join(list_methods())}, or all: every method the "
-        "adapter can capture for the model (those the model cannot serve are skipped, with the reason) "
-        f"(default: {','.join(DEFAULT_METHODS)})",
-    )
-    parser.add_argument(
-        "--sources", default="0",
-        help="explained token positions, comma-separated (negative counts back from the last token, e.g. "
-        "--sources=-1), or 'all'; of the decoder for encoder-decoder models (default: 0, the first token)",
-    )
+    add_model_flags(parser, out="results")
+    add_methods_flag(parser)
+    add_sources_flag(parser)
     parser.add_argument(
         "--all-layers", action="store_true",
         help="keep every layer (per-layer methods at each layer, cumulative ones up to each layer), not only the last",
     )
-    parser.add_argument(
-        "--head-fusion", default=None, choices=("mean", "max", "min"),
-        help="how heads are combined (default: the capture's fusion, else mean)",
-    )
-    parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
-    parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
-    parser.add_argument(
-        "--layers", default=None,
-        help="layers taking part, of the explained stream: START:END (end exclusive, either may be left out, "
-        "negatives count from the end: --layers=-2:) or comma-separated indices (default: all)",
-    )
-    parser.add_argument(
-        "--target", default=None,
-        help="for methods that need attention gradients (grad_rollout, attn_grad): the logit index (class or "
-        "vocabulary id) whose gradient weighs the attention, or 'argmax' (default); the model must have logits. "
-        "Not the lines' \"target\" (an encoder-decoder's decoder text)",
-    )
-    parser.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
-    parser.add_argument(
-        "--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
-        help="per example, refuse flow problems estimated to take longer (the example is reported as failed)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-        help=f"texts per forward pass and per Dask task (default {DEFAULT_BATCH_SIZE})",
-    )
+    add_target_flag(parser)
+    add_option_flags(parser)
+    add_batch_size_flag(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, default=None, help="worker processes of the embedded cluster (default: one per core)")
     where.add_argument(
@@ -88,47 +60,39 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--tls-ca-file", default=None, help="with --scheduler tls://...: CA certificate (PEM) to check the scheduler")
     parser.add_argument("--tls-cert", default=None, help="with --scheduler tls://...: this client's certificate (PEM)")
     parser.add_argument("--tls-key", default=None, help="with --scheduler tls://...: this client's private key (PEM)")
-    parser.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="allow a model directory that ships its own Python code (auto_map in config.json): this RUNS that "
-        "code with your permissions on every worker; only for directories you trust",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(parser)
     parser.set_defaults(func=run)
 
 
-def options_from(args: argparse.Namespace) -> Options:
-    """The :class:`Options` of the command line's method flags (checked)."""
-    return Options(
-        head_fusion=args.head_fusion, residual=args.residual, discard_ratio=args.discard_ratio,
-        layers=parse_layers(args.layers), max_seconds=args.max_seconds,
-    )
-
-
-def parse_layers(text: str | None) -> Any:
-    """``--layers``: None, ``START:END`` as a ``(start, end)`` pair (either may be None), or a list of indices."""
-    if text is None:
-        return None
-    try:
-        if ":" in text:
-            start, end = (part.strip() for part in text.split(":"))
-            return (int(start) if start else None, int(end) if end else None)
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+def sources_from(items: list[str] | None) -> Any:
+    """``--sources`` for :func:`attnflow.batch.run_batch`: positions (token texts are refused: the same text
+    may sit at other positions in other lines), ``"all"``, or the default (0)."""
+    if items is None:
+        return DEFAULT_SOURCES
+    sources = parse_sources(items)
+    if sources is None:
+        return "all"
+    texts = [s for s in sources if isinstance(s, str)]
+    if texts:
         raise OptionError(
-            f"--layers must be START:END (e.g. 2:6, or -2: for the last two) or comma-separated layer indices "
-            f"(e.g. 0,3,5); got {text!r}."
-        ) from None
+            f"batch --sources takes token positions (or all), not token texts ({', '.join(map(repr, texts))}): a "
+            "text may sit at different positions in different lines. Give positions, e.g. --sources 0,-1."
+        )
+    return sources
 
 
-def parse_target(text: str | None) -> int | str | None:
-    """``--target``: None (not given), ``"argmax"``, or a logit index."""
-    if text is None or text == "argmax":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise OptionError(f"--target must be a logit index (e.g. 3) or 'argmax'; got {text!r}.") from None
+def target_from(value: str) -> int | None:
+    """``--target`` for :func:`attnflow.batch.run_batch` (auto: the argmax logit; argmax: a deprecated alias)."""
+    if value == "argmax":
+        warn_deprecated("--target argmax", "--target auto")
+        return None
+    target = parse_target(value)
+    if target == "embedding":
+        raise OptionError(
+            "batch cannot explain the embedding target yet (attnflow.batch captures the gradient of a logit): use "
+            "attnflow explain --target embedding, or give batch a logit index."
+        )
+    return target  # type: ignore[return-value]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnflow: {args.input}: {item}; skipped", file=sys.stderr)
 
     options = options_from(args)
+    sources = sources_from(args.sources)
+    target = target_from(args.target)
     try:
         summary = run_batch(
             args.input, args.out, model=args.model, adapter=args.adapter, methods=args.methods,
-            sources=args.sources, all_layers=args.all_layers, options=options, target=parse_target(args.target),
+            sources=sources, all_layers=args.all_layers, options=options, target=target,
             max_length=args.max_length,
             batch_size=args.batch_size, workers=args.workers, scheduler=args.scheduler,
             progress=not args.no_progress, on_malformed=report, trust_remote_code=args.trust_remote_code,

@@ -20,8 +20,22 @@ from typing import Any
 import numpy as np
 
 from .._compare import ALIGN_HELP, ComparisonReport, compare
+from .._errors import OptionError
 from .._tensorfile import atomic_write, check_writable_target
 from ..trace import load
+from ._common import (
+    add_methods_flag,
+    add_option_flags,
+    add_sources_flag,
+    parse_sources,
+    resolve_sources,
+    warn_deprecated,
+)
+
+#: The Options flags compare takes (what attnflow.compare() reads).
+COMPARE_OPTIONS = ("head_fusion", "residual")
+#: Compared whatever --methods says: raw attention and rollout, and flow unless --no-flow.
+ALWAYS_COMPARED = ("raw", "rollout", "flow")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -43,17 +57,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--spearman-tie-tol", type=float, default=None,
                         help="scores closer than this rank as ties (default: by dtype, 1e-5 for float32)")
     parser.add_argument("--no-flow", action="store_true", help="skip attention flow (the costly part)")
-    parser.add_argument("--flow-sources", type=int, nargs="+", default=None, metavar="POS",
-                        help="source token positions for flow and Spearman (default: 0, or -1 for causal traces)")
+    add_sources_flag(parser)  # the tokens whose flow and Spearman correlation are compared
+    parser.add_argument("--flow-sources", nargs="+", default=None, help=argparse.SUPPRESS)  # deprecated: --sources
     parser.add_argument("--align", default="index", help=f"how to pair layers: {ALIGN_HELP}")
     parser.add_argument("--allow-unmatched", action="store_true",
                         help="with --align names/numbers, accept layers that only one trace has")
-    parser.add_argument("--head-fusion", default=None, choices=("mean", "max", "min"),
-                        help="how heads are fused (default: mean, or what the traces were captured with)")
-    parser.add_argument("--methods", default="", metavar="NAMES",
-                        help="also compare these registered methods, comma-separated (e.g. grad_rollout,norm,alti), or all: every method both traces were captured for")
+    add_methods_flag(parser)  # raw attention and rollout are always compared, flow unless --no-flow
     parser.add_argument("--methods-atol", type=float, default=None, help="their tolerance (default: rollout-atol)")
-    parser.add_argument("--residual", type=float, default=0.5)
+    add_option_flags(parser, COMPARE_OPTIONS)
     parser.add_argument("--png", default=None, metavar="PATH", help="write the per-layer/head difference heatmap")
     parser.add_argument("--html", default=None, metavar="PATH", help="write the table and heatmap as one HTML page")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
@@ -61,15 +72,25 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.flow_sources is not None:
+        if args.sources is not None:
+            raise OptionError("--flow-sources is the deprecated form of --sources; give only --sources.")
+        warn_deprecated("--flow-sources", "--sources")
+        args.sources = args.flow_sources
+    sources = parse_sources(args.sources)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    extra = [m for m in names if m not in ALWAYS_COMPARED]
     for path, what in ((args.png, "heatmap"), (args.html, "HTML report"), (args.json, "JSON report")):
         if path:
             check_writable_target(path, what)  # before the (possibly long) comparison
+    trace_a, trace_b = load(args.trace_a), load(args.trace_b)
     report = compare(
-        load(args.trace_a), load(args.trace_b), atol=args.atol, mean_atol=args.mean_atol,
+        trace_a, trace_b, atol=args.atol, mean_atol=args.mean_atol,
         rollout_atol=args.rollout_atol, flow_atol=args.flow_atol, min_spearman=args.min_spearman,
-        spearman_tie_tol=args.spearman_tie_tol, flow=not args.no_flow, flow_sources=args.flow_sources,
+        spearman_tie_tol=args.spearman_tie_tol, flow=not args.no_flow,
+        flow_sources=compared_sources(trace_a, args.sources, sources),
         align=args.align, allow_unmatched=args.allow_unmatched, head_fusion=args.head_fusion, residual=args.residual,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()], methods_atol=args.methods_atol,
+        methods=extra, methods_atol=args.methods_atol,
     )
     print(f"A = {args.trace_a}\nB = {args.trace_b}")
     print(report.to_table())
@@ -84,6 +105,16 @@ def run(args: argparse.Namespace) -> int:
             atomic_write(path, functools.partial(Path.write_bytes, data=data), what=what)
             print(f"wrote {path}")
     return 0 if report.ok else 1
+
+
+def compared_sources(trace: Any, given: Any, sources: list[int | str] | None) -> list[int] | None:
+    """``--sources`` as positions of trace A's explained stream (token texts looked up in it); ``all``: every
+    position of the shortest item; not given: compare()'s default."""
+    if given is None:
+        return None
+    if sources is None:
+        return list(range(int(trace.streams[trace.default_stream()].lengths().min())))
+    return resolve_sources(trace, sources)
 
 
 def heatmap_png(report: ComparisonReport) -> bytes:
@@ -106,9 +137,9 @@ def heatmap_png(report: ComparisonReport) -> bytes:
     for layer, head in report.failing_heads:
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_xticks(range(heads), labels=[str(h) for h in range(heads)])
-    ax.set_yticks(range(layers), labels=[f"{layer.index}: {layer.name_a}"[:40] for layer in report.layers], fontsize=7)
+    ax.set_yticks(range(layers), labels=[f"{layer.index + 1}: {layer.name_a}"[:40] for layer in report.layers], fontsize=7)
     ax.set_xlabel("head")
-    ax.set_ylabel("layer (trace A)")
+    ax.set_ylabel("layer (trace A, numbered from 1)")
     verdict = "agree" if report.ok else "DIFFER"
     ax.set_title(f"max |attention difference| per head (tolerance {report.tolerances['atol']:.0e}): {verdict}")
     colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)

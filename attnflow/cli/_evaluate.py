@@ -61,9 +61,19 @@ from ..evaluate import (
     plot_rows,
 )
 from ..evaluate._leaderboard import RESAMPLES
-from ..methods._fusion import check_max_seconds
 from ..methods._options import Options
 from ..methods._registry import SKIPPED, list_methods
+from ._common import (
+    OPTION_FIELDS,
+    add_batch_size_flag,
+    add_methods_flag,
+    add_model_flags,
+    add_option_flags,
+    add_progress_flag,
+    add_target_flag,
+    options_from,
+    parse_target,
+)
 
 EXAMPLES_DIR = "examples"
 SETTINGS = "settings.json"
@@ -73,6 +83,8 @@ LEADERBOARD = "leaderboard"
 #: settings stored in every example, 1-based layers in the tables. Directories of version 1 are refused.
 FORMAT, EXAMPLE_FORMAT, VERSION = "attnflow.evaluate", "attnflow.evaluate-example", 2
 SPECIAL_CHOICES = ("exclude", "include")
+#: The Options flags of evaluate: every one but --layers (every layer is evaluated; the tables have a row per layer).
+EVALUATE_OPTIONS = tuple(name for name in OPTION_FIELDS if name != "layers")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -92,25 +104,15 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("input", help="JSONL file, one {\"text\": ..., \"id\": ..., \"label\": ...} object per line")
-    parser.add_argument("--out", default="results", help="output directory (default: results/)")
-    parser.add_argument("--model", default=None, help="model directory (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--adapter", default="transformers", help="adapter that loads the model (default: transformers)")
-    parser.add_argument(
-        "--methods", default="raw,rollout,flow",
-        help="comma-separated methods, or all: every method the adapter can capture (default raw,rollout,flow)",
-    )
+    add_model_flags(parser, out="results")
+    add_methods_flag(parser)
     parser.add_argument(
         "--references", default=",".join(DEFAULT_REFERENCES),
         help=f"comma-separated reference importances, of {', '.join(REFERENCES)} (default "
         f"{','.join(DEFAULT_REFERENCES)}; grad_norm_proj: one backward pass where grad_norm of a vector target "
         "needs one per output dimension)",
     )
-    parser.add_argument(
-        "--target", default="auto",
-        help="what is explained: auto (each line's \"label\" logit if given, else the argmax logit, or for a "
-        "model without logits the cosine of its mean-pooled embedding to the unablated one), embedding, or a "
-        "logit index",
-    )
+    add_target_flag(parser)
     parser.add_argument("--target-position", type=int, default=None, help="token whose logits are read (per-token logits)")
     parser.add_argument("--blank", default="mask", help="how a token is blanked out: mask, unk, zero or a token id (default mask)")
     parser.add_argument(
@@ -131,18 +133,9 @@ def add_parser(subparsers: Any) -> None:
         "--seed", type=int, default=0,
         help="seed (>= 0) of the random-ranking baseline and of the bootstrap intervals (default 0)",
     )
-    parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
-    parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
-    parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
-    parser.add_argument("--max-seconds", type=float, default=1800.0, help="refuse flow problems estimated longer")
-    parser.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
-    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
-    parser.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="allow a model directory that ships its own Python code (auto_map in config.json): this RUNS that "
-        "code with your permissions; only for directories you trust",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress line")
+    add_option_flags(parser, EVALUATE_OPTIONS)
+    add_batch_size_flag(parser)
+    add_progress_flag(parser)
     parser.set_defaults(func=run)
 
 
@@ -221,8 +214,7 @@ class Config:
 
 def check_arguments(args: argparse.Namespace) -> Config:
     """Every option checked, and the methods against what the adapter captures: before the model loads."""
-    options = Options(head_fusion=args.head_fusion, residual=args.residual, discard_ratio=args.discard_ratio,
-                      max_seconds=check_max_seconds(args.max_seconds))
+    options = options_from(args, EVALUATE_OPTIONS)
     if isinstance(args.seed, bool) or not isinstance(args.seed, int) or args.seed < 0:
         raise OptionError(f"--seed must be an integer >= 0 (numpy's generators take no negative seed), got {args.seed}.")
     if args.batch_size < 1:
@@ -233,8 +225,7 @@ def check_arguments(args: argparse.Namespace) -> Config:
         raise OptionError(f"--special must be exclude or include, got {args.special!r}.")
     _blank(args.blank)
     _source(args.source)
-    if args.target not in ("auto", "embedding") and not _is_int(args.target):
-        raise OptionError(f"--target must be auto, embedding or a logit index, got {args.target!r}.")
+    parse_target(args.target)
     references = [r.strip() for r in args.references.split(",") if r.strip()]
     unknown = [r for r in references if r not in REFERENCES]
     if not references or unknown or len(set(references)) != len(references):
@@ -354,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
     for method, reason in {**plan.skipped, **skipped}.items():
         print(f"skipped {method}: {reason}")
     for reference in report.references:
-        print(f"\nSpearman with {reference} per layer (mean±std over examples):\n{report.table(reference)}")
+        print(f"\nSpearman with {reference} per layer (mean±std over examples; L1 = after the first layer):\n"
+              f"{report.table(reference)}")
     for reference in report.references:
         rows = report.leaderboard(reference, seed=args.seed, resamples=RESAMPLES)
         verdict = report.lead(reference, seed=args.seed, resamples=RESAMPLES)

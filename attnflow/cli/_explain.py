@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,14 +23,29 @@ from ..capture._adapter import check_adapter_options, load_model
 from ..capture._capture import capture
 from ..capture._plan import CapturePlan, capture_plan
 from ..capture._registry import get_adapter
-from ..methods._fusion import check_max_seconds
+from ..methods._fusion import stream_layer_indices
 from ..methods._options import Options
 from ..methods._registry import ALL, get_method, list_methods
 from ..plot._figure import parse_formats, pyplot, write_figure
+from ..plot._layers import NUMBERING, after_layer
+from ._common import (
+    add_methods_flag,
+    add_model_flags,
+    add_option_flags,
+    add_placement_flags,
+    add_sources_flag,
+    add_target_flag,
+    check_device,
+    check_layers,
+    options_from,
+    parse_sources,
+    parse_target,
+    place,
+    resolve_sources,
+    warn_deprecated,
+)
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 _TABLE_COLUMNS = 4
-_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -54,41 +68,12 @@ def add_parser(subparsers: Any) -> None:
         help="let a decoder (--model DIR with a language-model head) continue TEXT by N tokens (greedy), then "
         "explain every generated token: its top prompt tokens, and a generated x prompt heatmap",
     )
-    parser.add_argument(
-        "--model", default=None,
-        help="local Hugging Face model directory, or a hub id on machines with network "
-        "(default: the packaged all-MiniLM-L6-v2)",
-    )
-    parser.add_argument("--adapter", default="transformers", help="adapter that loads the model (default: transformers)")
-    parser.add_argument("--out", default="attnflow-out", help="output directory (default: attnflow-out/)")
-    parser.add_argument(
-        "--methods", default="raw,rollout,flow",
-        help="comma-separated methods, or all: every registered method the adapter can capture for the model "
-        f"(those it cannot are listed as skipped, with the reason); any of {', '.join(list_methods())} "
-        "(default raw,rollout,flow). What the methods need (attention gradients, value vectors, value zeroing) is "
-        "captured for them",
-    )
-    parser.add_argument(
-        "--target", default="auto",
-        help="the score gradient methods (grad_rollout, attn_grad) explain: auto (the argmax logit of a classifier; "
-        "for a decoder the next-token logit at each item's last real token; for a model without logits, such as "
-        "the packaged sentence encoder, the embedding target: the mean-pooled last hidden state projected on its "
-        "own direction), embedding, or a logit index (a class or vocabulary id)",
-    )
-    parser.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"))
-    parser.add_argument("--residual", type=float, default=0.5, help="residual weight r in (1-r)A + rI (default 0.5)")
-    parser.add_argument("--discard-ratio", type=float, default=0.0, help="drop this fraction of lowest weights")
+    add_model_flags(parser, out="attnflow-out")
+    add_methods_flag(parser)
+    add_target_flag(parser)
     parser.add_argument("--top", type=int, default=5, help="input tokens to list per method (default 5)")
-    parser.add_argument(
-        "--sources", nargs="+", default=None, metavar="TOKEN",
-        help="explain only these tokens: positions (negative counts back from the last real token) or token texts, "
-        "e.g. --sources 0 cabinet -1 (default: every token; pictures and the table show the first)",
-    )
-    parser.add_argument(
-        "--layer", type=int, default=None,
-        help="show the scores after this layer (an index among the explained stream's layers; the methods then run "
-        "over layers 0..LAYER); default the last",
-    )
+    add_sources_flag(parser)
+    parser.add_argument("--layer", type=int, default=None, help=argparse.SUPPRESS)  # deprecated: --layers ..N+1
     parser.add_argument(
         "--exclude-special", action="store_true",
         help="leave special tokens (CLS, SEP, BOS...) out of the pictures and the table and renormalise the rest "
@@ -104,39 +89,28 @@ def add_parser(subparsers: Any) -> None:
         "--adapter-option", action="append", default=[], metavar="KEY=VALUE",
         help="an option of the adapter (VALUE read as JSON when it parses, else as text); repeat for several",
     )
-    parser.add_argument("--device", default=None, help="run the model on this torch device: cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default=None, choices=DTYPES, help="run the model in this dtype (default: as loaded)")
-    parser.add_argument("--max-seconds", type=float, default=1800.0, help="refuse flow problems estimated longer")
-    parser.add_argument(
-        "--max-length", type=int, default=None,
-        help="explain only the first N tokens of a text longer than the model takes (default: refuse such a text)",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="allow a model directory that ships its own Python code (auto_map in config.json): this RUNS that "
-        "code with your permissions; only for directories you trust",
-    )
+    add_placement_flags(parser)
+    add_option_flags(parser)
     parser.set_defaults(func=run)
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[CapturePlan, Options]:
     """Refuse bad settings before anything is loaded; what to capture for which methods, and the options."""
-    layers = None
-    if args.layer is not None:
+    if args.layer is not None:  # deprecated: the scores after layer index LAYER (0-based) = --layers ..LAYER+1
+        if args.layers is not None:
+            raise OptionError("--layer is the deprecated form of --layers; give only --layers.")
         if args.layer < 0:
             raise OptionError(f"--layer must be a layer index (0 = the first layer), got {args.layer}.")
-        layers = (0, args.layer + 1)
-    options = Options(
-        head_fusion=args.head_fusion, residual=args.residual, discard_ratio=args.discard_ratio,
-        max_seconds=check_max_seconds(args.max_seconds), layers=layers,
-    )
+        warn_deprecated(f"--layer {args.layer} (0-based)", f"--layers ..{args.layer + 1} (layer numbers from 1)")
+        args.layers = f"..{args.layer + 1}"
+    options = options_from(args)
     if args.top < 1:
         raise OptionError(f"--top must be at least 1 (input tokens to list per method), got {args.top}.")
     if args.max_length is not None and args.max_length < 2:
         raise OptionError(f"--max-length must be at least 2 tokens, got {args.max_length}.")
     # unknown names, and needs the adapter cannot capture (all in one message), fail here, before the model loads
     plan = capture_plan(args.methods, get_adapter(args.adapter))
-    args.target_value = parse_target(args.target, plan)
+    args.target_value = target_for(args.target, plan)
     given = [name for name, value in (("TEXT", args.text), ("--texts", args.texts), ("--image", args.image)) if value]
     if len(given) != 1:
         raise OptionError(
@@ -156,8 +130,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[CapturePlan, Options]:
     args.source_list = parse_sources(args.sources)
     args.adapter_options = parse_adapter_options(args.adapter_option)
     check_adapter_options(get_adapter(args.adapter), args.adapter_options)
-    if args.device is not None:
-        check_device(args.device)
+    check_device(get_adapter(args.adapter), args.device)
     if args.html:
         check_writable_target(args.html, "HTML page")
     if args.texts:
@@ -165,21 +138,16 @@ def check_arguments(args: argparse.Namespace) -> tuple[CapturePlan, Options]:
     return plan, options
 
 
-def parse_target(value: str, plan: CapturePlan) -> Any:
+def target_for(value: str, plan: CapturePlan) -> Any:
     """``--target``: None (auto), ``"embedding"`` or a logit index; refused when no method asked for needs it."""
-    if value == "auto":
-        return None
-    if "attn_grad" not in plan.kinds:
+    target = parse_target(value)
+    if target is not None and "attn_grad" not in plan.kinds:
         gradient = [m for m in list_methods() if "attn_grad" in get_method(m).needs]
         raise OptionError(
             f"--target chooses the score that gradient methods ({', '.join(gradient)}) explain, and none of "
             f"{', '.join(plan.methods)} is one; leave --target out, or add one of them to --methods."
         )
-    if value == "embedding":
-        return value
-    if re.fullmatch(r"\d+", value):
-        return int(value)
-    raise OptionError(f"--target must be auto, embedding or a logit index (a class or vocabulary id, >= 0); got {value!r}.")
+    return target
 
 
 def check_generate(args: argparse.Namespace) -> None:
@@ -195,19 +163,6 @@ def check_generate(args: argparse.Namespace) -> None:
         )
 
 
-def parse_sources(items: Sequence[str] | None) -> list[int | str] | None:
-    """``--sources`` items: ints are positions, anything else token text; None: every token."""
-    if items is None:
-        return None
-    out: list[int | str] = []
-    for item in items:
-        for part in [item] if not re.fullmatch(r"-?\d+(,-?\d+)+", item) else item.split(","):
-            out.append(int(part) if re.fullmatch(r"-?\d+", part) else part)
-    if len(set(map(str, out))) != len(out):
-        raise OptionError(f"--sources names a token twice: {items}.")
-    return out
-
-
 def parse_adapter_options(items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` items as a dict (values read as JSON when they parse, else kept as text)."""
     options: dict[str, Any] = {}
@@ -220,24 +175,6 @@ def parse_adapter_options(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             options[key.strip()] = value
     return options
-
-
-def check_device(device: str) -> None:
-    """A device name torch knows, and present on this machine (asked before the model loads)."""
-    if not _DEVICE.match(device):
-        raise OptionError(f"--device must be cpu, cuda, cuda:N, mps or xpu:N; got {device!r}.")
-    if device == "cpu":
-        return
-    from ..capture._adapter import import_optional
-
-    torch = import_optional("torch", "torch")
-    kind = device.split(":")[0]
-    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}[kind]
-    available = backend is not None and backend.is_available()
-    if available and kind in ("cuda", "xpu") and ":" in device:
-        available = int(device.split(":")[1]) < backend.device_count()
-    if not available:
-        raise OptionError(f"--device {device}: this machine has no such device; use --device cpu.")
 
 
 def read_texts(path: str) -> list[str]:
@@ -261,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model(adapter, location, trust_remote_code=args.trust_remote_code,
                                   generate=args.generate is not None)
-    model = to_device(model, args.device, args.dtype)
+    model, _ = place(adapter, model, None, device=args.device, dtype=args.dtype)
     timings["load"] = time.perf_counter() - start
     if args.generate is not None:
         from ._generate import run_generation
@@ -296,12 +233,12 @@ def run(args: argparse.Namespace) -> int:
         targets = None if args.target_text is None else [args.target_text] * len(texts)
         inputs = adapter.encode(tokenizer, texts, max_length=args.max_length, targets=targets)
         labels = tokenizer
-    inputs = inputs_to(inputs, args.device, args.dtype)
+    _, inputs = place(adapter, None, inputs, device=args.device, dtype=args.dtype)
     trace = capture(model, adapter=adapter, tokens=labels, adapter_options=args.adapter_options or None,
                     **plan_keywords(plan, args.target_value), **inputs)
     timings["capture"] = time.perf_counter() - start
     trace = trace.replace(metadata={**trace.metadata, "model_location": str(location)})
-    check_layer(trace, args.layer)
+    check_layers(trace, args.layers)
     sources = resolve_sources(trace, args.source_list)
 
     explanation = explain(trace, planned_methods(plan), options=options, sources=sources)
@@ -330,84 +267,6 @@ def print_skipped(explanation: Explanation) -> None:
     """One line per method of ``--methods all`` that was left out, with the reason (on stderr)."""
     for method, why in explanation.skipped.items():
         print(f"attnflow: skipped {method}: {why.splitlines()[0]}", file=sys.stderr)
-
-
-def to_device(model: Any, device: str | None, dtype: str | None) -> Any:
-    """The model moved to ``device`` and cast to ``dtype`` (torch models; others refuse with the reason)."""
-    if device is None and dtype is None:
-        return model
-    if not hasattr(model, "to"):
-        raise OptionError(f"--device/--dtype move torch models; {type(model).__name__} has no .to().")
-    from ..capture._adapter import import_optional
-
-    torch = import_optional("torch", "torch")
-    kwargs: dict[str, Any] = {}
-    if device is not None:
-        kwargs["device"] = device
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype)
-    return model.to(**kwargs)
-
-
-def inputs_to(inputs: dict[str, Any], device: str | None, dtype: str | None) -> dict[str, Any]:
-    """Tensors moved to ``device``; floating ones (pixels) cast to ``dtype``."""
-    if device is None and dtype is None:
-        return inputs
-    from ..capture._adapter import import_optional
-
-    torch = import_optional("torch", "torch")
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            if device is not None:
-                value = value.to(device)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(getattr(torch, dtype))
-        out[key] = value
-    return out
-
-
-def check_layer(trace: Any, layer: int | None) -> None:
-    if layer is None:
-        return
-    from ..methods._fusion import stream_layer_indices
-
-    count = len(stream_layer_indices(trace, trace.default_stream()))
-    if layer >= count:
-        raise OptionError(f"--layer {layer} is past the last layer: the explained stream has {count} layers (0..{count - 1}).")
-
-
-def resolve_sources(trace: Any, items: list[int | str] | None) -> list[int] | None:
-    """``--sources`` as positions of the explained stream, the same in every item; token texts are looked up."""
-    if items is None:
-        return None
-    stream = trace.streams[trace.default_stream()]
-    out = []
-    for item in items:
-        if isinstance(item, int):
-            lengths = stream.lengths()
-            if not -int(lengths.min()) <= item < int(lengths.min()):
-                raise OptionError(
-                    f"--sources {item} is outside the {int(lengths.min())} real tokens of the shortest input; tokens are "
-                    f"{list(stream.tokens[0][p] for p in stream.valid_index(0))}."
-                )
-            out.append(item)
-            continue
-        found = []
-        for b in range(trace.batch_size):
-            hits = [int(p) for p in stream.valid_index(b) if stream.tokens[b][p] == item]
-            if not hits:
-                raise OptionError(
-                    f"--sources {item!r}: no token of input {b} reads so; its tokens are "
-                    f"{[stream.tokens[b][p] for p in stream.valid_index(b)]}. Give the token text exactly, or its position."
-                )
-            found.append(hits[0])
-        if len(set(found)) != 1:
-            raise OptionError(f"--sources {item!r} sits at different positions in the inputs ({found}); give positions.")
-        out.append(found[0])
-    if len(set(out)) != len(out):
-        raise OptionError(f"--sources names the same token twice ({items} -> positions {out}).")
-    return out
 
 
 def explained_row(explanation: Explanation, b: int = 0) -> int:
@@ -470,7 +329,9 @@ def write_outputs(out: Path, trace: Any, explanation: Explanation, timings: dict
         "batch_size": explanation.batch_size,
         "causal": bool(trace.streams[stream].causal),
         "options": explanation.options.to_dict(),
-        "layers": {method: list(explanation.layer_indices(method)) for method in explanation.methods},
+        "layer_numbering": NUMBERING,
+        "layers": {method: [i + 1 for i in explanation.layer_indices(method)] for method in explanation.methods},
+        "stream_layers": [trace.layers[i].name for i in stream_layer_indices(trace, stream)],
         "matrices": matrices,
         "scores": scores,
         "seconds": timings,
@@ -506,8 +367,6 @@ def pictures(trace: Any, explanation: Explanation, b: int, *, exclude: bool, ima
         found.append(("text", lambda: plot.text_highlight(explanation, batch_index=b, source=source, stream=other,
                                                           exclude_special=exclude, dpi=dpi)))
     shown = explanation.layer_indices(explanation.methods[0])[-1]
-    from ..methods._fusion import stream_layer_indices
-
     layer = stream_layer_indices(trace, explanation.stream)[shown]
     found.append(("heads", lambda: plot.head_grid(trace, layer, batch_index=b, exclude_special=exclude, dpi=dpi)))
     found.append(("flow-graph", lambda: plot.flow_graph(trace, batch_index=b, source=source, options=explanation.options,
@@ -542,6 +401,11 @@ def print_table(explanation: Explanation, top: int, timings: dict[str, float], *
     print("seconds: " + ", ".join(f"{k} {v:.4f}" for k, v in timings.items()))
 
 
+def shown_layer(explanation: Explanation, method: str | None = None) -> str:
+    """``"after layer 6 of 6"``: the layer the table shows (the last computed), numbered from 1."""
+    return after_layer(explanation, explanation.layer_indices(method or explanation.methods[0])[-1])
+
+
 def _print_one_token(explanation: Explanation, top: int, exclude_special: bool = False) -> None:
     from ..plot._scores import score_matrix
 
@@ -556,7 +420,7 @@ def _print_one_token(explanation: Explanation, top: int, exclude_special: bool =
         label = explanation.source_tokens(b)[row]
         which = f"input {b + 1}: " if explanation.batch_size > 1 else ""
         note = " (special tokens excluded, renormalised)" if exclude_special else ""
-        print(f"{which}Top input tokens for {label!r} (position {position}){note}:")
+        print(f"{which}Top input tokens for {label!r} (position {position}), {shown_layer(explanation)}{note}:")
         order = {name: np.argsort(-m.values[r], kind="stable") for name, m in matrices.items()}
         names = list(matrices)
         for first_column in range(0, len(names), _TABLE_COLUMNS):  # a table of at most 4 methods side by side
@@ -580,7 +444,7 @@ def _print_per_token(explanation: Explanation, top: int) -> None:
     valid_columns = explanation.streams[source].valid_index(0)
     for method in explanation.methods:
         matrix = explanation.scores(method, source)[0]
-        print(f"Top {source} tokens per {stream} token ({method}):")
+        print(f"Top {source} tokens per {stream} token ({method}, {shown_layer(explanation, method)} of the {stream}):")
         for i in valid_rows:
             order = valid_columns[np.argsort(-matrix[i, valid_columns], kind="stable")][:top]
             cells = "  ".join(f"{columns[j][:12]} {matrix[i, j]:.3f}" for j in order)

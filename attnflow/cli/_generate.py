@@ -17,8 +17,10 @@ from .._tensorfile import atomic_write
 from .._version import __version__
 from ..capture._capture import attach
 from ..capture._plan import CapturePlan
+from ..methods._fusion import stream_layer_indices
 from ..methods._options import Options
 from ..plot._figure import pyplot
+from ..plot._layers import NUMBERING
 
 
 def run_generation(
@@ -42,9 +44,10 @@ def run_generation(
         )
     start = time.perf_counter()
     inputs = adapter.encode(tokenizer, [args.text], max_length=args.max_length)
-    from ._explain import inputs_to, plan_keywords
+    from ._common import place
+    from ._explain import plan_keywords
 
-    inputs = inputs_to(inputs, args.device, args.dtype)
+    _, inputs = place(adapter, None, inputs, device=args.device, dtype=args.dtype)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -62,9 +65,10 @@ def run_generation(
             "is not a decoder's continuation. --generate needs a decoder such as GPT-2 or Llama."
         )
     trace = trace.replace(metadata={**trace.metadata, "model_location": str(location)})
-    from ._explain import check_layer, planned_methods, print_skipped
+    from ._common import check_layers
+    from ._explain import planned_methods, print_skipped
 
-    check_layer(trace, args.layer)
+    check_layers(trace, args.layers)
     explanation = explain(trace, planned_methods(plan), options=options, sources="generated")
     print_skipped(explanation)
     timings.update(dict(explanation.metadata["seconds"].items()))
@@ -113,6 +117,8 @@ def generated_rows(explanation: Explanation, top: int, *, exclude_special: bool)
 
 
 def print_generation(explanation: Explanation, rows: list[dict[str, Any]]) -> None:
+    from ._explain import shown_layer
+
     generation = explanation.metadata["generation"]
     first = int(generation["first_generated"])
     stream = explanation.streams[explanation.stream]
@@ -121,7 +127,8 @@ def print_generation(explanation: Explanation, rows: list[dict[str, Any]]) -> No
     print(f"prompt ({len(prompt)} tokens): {' '.join(prompt)}")
     print(f"generated ({len(rows)} tokens): {' '.join(row['token'] for row in rows)}")
     for method in explanation.methods:
-        print(f"Top prompt tokens per generated token ({method}; each explained at the position that predicts it):")
+        print(f"Top prompt tokens per generated token ({method}, {shown_layer(explanation, method)}; each explained at "
+              "the position that predicts it):")
         for row in rows:
             cells = "  ".join(f"{token[:12]} {score:.3f}" for token, _, score in row["methods"][method])
             print(f"  {row['token'][:14]:<14} {cells}")
@@ -166,6 +173,9 @@ def write_generation(
                      for m, cells in row["methods"].items()}}
             for row in rows
         ],
+        "layer_numbering": NUMBERING,
+        "layers": {method: [i + 1 for i in explanation.layer_indices(method)] for method in explanation.methods},
+        "stream_layers": [trace.layers[i].name for i in stream_layer_indices(trace, explanation.stream)],
         "options": explanation.options.to_dict(),
         "seconds": timings,
     }

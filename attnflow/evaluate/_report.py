@@ -336,7 +336,7 @@ def plot_rows(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str
             axis.plot(layers, means, label=method, **style)
         axis.axhline(0.0, color="0.8", linewidth=0.8)
         axis.set_title(f"Spearman with {reference}")
-        axis.set_xlabel("layer")
+        axis.set_xlabel("layer (1 = after the first layer)")
         axis.set_ylim(-1.0, 1.0)
     axes[0][0].set_ylabel("mean Spearman ρ over examples")
     axes[0][-1].legend(loc="best", fontsize="small")

@@ -63,7 +63,7 @@ def render_page(payload: dict[str, Any]) -> str:
 </header>
 <div id="controls">
 <span id="methods"></span>
-<span>layer <input type="range" id="layer" min="0" max="0" step="1" value="0"> <b id="layer-value"></b></span>
+<span title="layers numbered from 1: layer l = after the l-th attention layer of the explained stream">after layer <input type="range" id="layer" min="0" max="0" step="1" value="0"> <b id="layer-value"></b></span>
 <label><input type="checkbox" id="exclude-special"> exclude special tokens (renormalise)</label>
 <label><input type="checkbox" id="shared-scale" checked> one colour scale for all methods</label>
 <label><input type="checkbox" id="log-scale"> log colours</label>

@@ -134,7 +134,11 @@ def build_payload(explanation: Any, trace: Any | None, *, title: str | None = No
     layers = None
     if trace is not None:
         stream_layers = [i for i, layer in enumerate(trace.layers) if layer.query_stream == explained]
-        layers = [{"index": i, "name": layer.name, "kind": layer.kind, "query": layer.query_stream,
+        from ..plot._layers import stream_layer
+
+        # "number" of "count": the layer's number from 1 among its query stream's layers, as every output shows it
+        layers = [{"index": i, "number": stream_layer(trace, i)[0], "count": stream_layer(trace, i)[1],
+                   "name": layer.name, "kind": layer.kind, "query": layer.query_stream,
                    "key": layer.key_stream, "heads": int(layer.weights.shape[1])}
                   for i, layer in enumerate(trace.layers) if _shown_layer(layer, explanation)]
     if prompt_length is None:

@@ -122,9 +122,9 @@
     const it = item();
     const position = it.sources[state.source];
     const { shown, exact } = layerSlot(state.method, state.layer);
-    $("status").textContent = `Explaining “${it.source_labels[state.source]}” (position ${it.streams[DATA.explained].positions[position]} of ${DATA.explained}) · ${methodInfo(state.method).title} after layer ${shown}` +
-      (exact ? "" : ` (computed after layer ${shown} only)`) + (state.exclude ? " · special tokens excluded, renormalised" : "");
-    $("layer-value").textContent = String(state.layer);
+    $("status").textContent = `Explaining “${it.source_labels[state.source]}” (position ${it.streams[DATA.explained].positions[position]} of ${DATA.explained}) · ${methodInfo(state.method).title} after layer ${shown + 1} of ${depth}` +
+      (exact ? "" : ` (computed after layer ${shown + 1} only)`) + (state.exclude ? " · special tokens excluded, renormalised" : "");
+    $("layer-value").textContent = `${state.layer + 1} of ${depth}`;
   }
 
   function renderText() {
@@ -167,7 +167,7 @@
     head.appendChild(el("th", {}, "token"));
     DATA.methods.forEach((m) => {
       const { shown, exact } = layerSlot(m.name, state.layer);
-      head.appendChild(el("th", {}, m.title + (exact ? "" : ` (layer ${shown})`)));
+      head.appendChild(el("th", {}, m.title + (exact ? "" : ` (layer ${shown + 1})`)));
     });
     table.appendChild(head);
     for (const name of DATA.streams) {
@@ -305,7 +305,7 @@
     ctx.textAlign = "left";
     ctx.fillStyle = "#111";
     keys.forEach((t, j) => ctx.fillText(t, xr + 4, 24 + j * row));
-    box.querySelector(".note").textContent = `Layer ${layer.index} (${layer.name}, ${layer.kind}: ${layer.query} → ${layer.key}); ` +
+    box.querySelector(".note").textContent = `Layer ${layer.number} of ${layer.count} of ${layer.query} (${layer.name}, ${layer.kind}: ${layer.query} → ${layer.key}); ` +
       `lines from each query token (left) to the key tokens (right) it attends to, opacity = weight (weights under 0.005 not drawn). ` +
       `Weights are stored with 8 bits per weight (within 0.2% of each row's largest weight).`;
   }
@@ -365,7 +365,7 @@
     items.onchange = () => { state.item = Number(items.value); state.source = 0; CACHE.clear(); render(); };
     if (DATA.items.length < 2) items.parentElement.style.display = "none";
     const heads = $("head-layer");
-    (DATA.layers || []).forEach((l, k) => heads.appendChild(el("option", { value: String(k) }, `${l.index}: ${l.name} (${l.kind})`)));
+    (DATA.layers || []).forEach((l, k) => heads.appendChild(el("option", { value: String(k) }, `${l.query} L${l.number}: ${l.name} (${l.kind})`)));
     heads.onchange = () => { state.headLayer = Number(heads.value); renderHeads(); };
     if (DATA.layers && DATA.stream_layers) {
       const at = DATA.layers.findIndex((l) => l.index === DATA.stream_layers[state.layer]);

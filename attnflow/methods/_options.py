@@ -41,16 +41,29 @@ class Options:
         max_seconds: flow refuses problems estimated to take longer.
     """
 
-    head_fusion: HeadFusion | None = None
-    residual: float = 0.5
-    discard_ratio: float = 0.0
-    layers: Any = None
-    heads: HeadSelection = None
-    weights: str = "attention"
-    normalize: bool = True
-    flow_solver: FlowSolver = "auto"
-    n_jobs: int = 1
-    max_seconds: float = 1800.0
+    # ``metadata["help"]`` is the command line's help for the field's flag (``--head-fusion`` ...): every
+    # subcommand generates its option flags from these fields (attnflow.cli._common.add_option_flags).
+    head_fusion: HeadFusion | None = dataclasses.field(default=None, metadata={
+        "help": "how the heads of a layer are fused into one matrix: mean (the paper's), max or min (default: the "
+        "fusion the trace was captured with, else mean)"})
+    residual: float = dataclasses.field(default=0.5, metadata={
+        "help": "residual weight r in (1-r)A + rI (default 0.5, the paper's)"})
+    discard_ratio: float = dataclasses.field(default=0.0, metadata={
+        "help": "drop this fraction in [0, 1) of each layer's lowest fused weights (default 0)"})
+    layers: Any = dataclasses.field(default=None, metadata={
+        "help": "which layers of the explained stream take part, numbered from 1 as every output numbers them "
+        "(layer l = after the l-th layer): A..B (inclusive; either end may be left out; negatives count from the "
+        "end: -2.. is the last two), or comma-separated layer numbers (default: all); the scores shown are after "
+        "the last layer taking part", "metavar": "A..B|L1,L2"})
+    heads: HeadSelection = dataclasses.field(default=None, metadata={"cli": False})
+    weights: str = dataclasses.field(default="attention", metadata={"cli": False})
+    normalize: bool = dataclasses.field(default=True, metadata={
+        "help": "divide flow rows by their sum over the input tokens, as the paper's code does (default: on)"})
+    flow_solver: FlowSolver = dataclasses.field(default="auto", metadata={
+        "help": "the max-flow solver (default auto)"})
+    n_jobs: int = dataclasses.field(default=1, metadata={"help": "worker threads for flow (default 1)"})
+    max_seconds: float = dataclasses.field(default=1800.0, metadata={
+        "help": "refuse flow problems estimated to take longer than this many seconds (default 1800)"})
 
     def __post_init__(self) -> None:
         check_head_fusion(self.head_fusion)

@@ -240,6 +240,7 @@ def flow_graph(
                  if v["input"] and streams.index(v["stream"]) == first}
     label_ticks(ax.yaxis, [labels_of.get(t, "") for t in range(tokens)], height - 1.6, fontsize=7)
     ax.set_ylabel("token", fontsize=8)
+    ax.set_xlabel("after layer l (L1 = the stream's first attention layer)", fontsize=8)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="path flow → input token",
               title_fontsize=7, frameon=False)
     explained = graph.vs[found.source]["label"]

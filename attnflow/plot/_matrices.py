@@ -230,6 +230,8 @@ def head_grid(
     if not chosen or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -count <= i < count
                          for i in chosen):
         raise OptionError(f"layers must be trace layer indices in [-{count}, {count}), got {layers!r}.")
+    from ._layers import layer_label, short_label
+
     grid = []
     for index in chosen:
         layer = trace.layers[index]
@@ -247,14 +249,14 @@ def head_grid(
             if exclude_special:
                 sums = values.sum(axis=1, keepdims=True)
                 values = np.divide(values, sums, out=np.zeros_like(values), where=sums != 0)
-            row.append(Panel(f"L{index % count} H{h}", values, [query.tokens[b][i] for i in rows],
+            row.append(Panel(f"{short_label(trace, index)} H{h}", values, [query.tokens[b][i] for i in rows],
                              [key.tokens[b][j] for j in cols]))
         grid.append(row)
     several = len(grid) > 1
     if not several and len(grid[0]) > 6:  # one layer's many heads: wrap into rows of at most 6
         per_row = -(-len(grid[0]) // -(-len(grid[0]) // 6))
         grid = [grid[0][i:i + per_row] for i in range(0, len(grid[0]), per_row)]
-    name = f"layers {chosen}" if several else f"layer {chosen[0] % count} ({trace.layers[chosen[0]].name})"
+    name = ("layers " + ", ".join(short_label(trace, i) for i in chosen)) if several else layer_label(trace, chosen[0])
     heading = title or "; ".join(
         ["raw attention per head, " + name, f"item {b}"]
         + (["special tokens excluded, rows renormalised"] if exclude_special else [])

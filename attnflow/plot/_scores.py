@@ -176,15 +176,13 @@ def starts_word(label: str, index: int) -> bool:
 def describe(explanation: Any, method: str, *, layer: int, renormalised: bool, log: bool = False) -> str:
     """A title line naming the method, the layer and every setting."""
     name = METHOD_TITLES.get(method, method)
-    last = layer == max(_all_layers(explanation))
-    where = f"after layer {layer}" + (" (last)" if last else "")
+    from ._layers import after_layer
+
+    several = len(explanation.input_streams) > 1
+    where = after_layer(explanation, layer) + (f" of the {explanation.stream}" if several else "")
     parts = [f"{name} {where}", explanation.options.describe()]
     if renormalised:
         parts.append("special tokens excluded, rows renormalised")
     if log:
         parts.append("log colour scale")
     return "; ".join(parts)
-
-
-def _all_layers(explanation: Any) -> list[int]:
-    return [i for m in explanation.methods for i in explanation.layer_indices(m)]
