@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import deferred_interrupts
 from attnflow.evaluate import (
     Probe,
     ProbeRequest,
@@ -32,6 +31,7 @@ from attnflow.evaluate import (
     target_index,
     target_positions,
 )
+from attnflow.recording import deferred_interrupts
 
 from . import _torch_common as common
 

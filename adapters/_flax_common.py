@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from attnflow import AdapterError, AdapterOption, HiddenAttentionError, OptionError, Recorder
-from attnflow.capture import deferred_interrupts, module_selector, switch
+from attnflow.recording import deferred_interrupts, module_selector, switch
 
 from ._hf_families import pick_key_stream, plan_streams
 
@@ -171,7 +171,7 @@ def check_options(adapter: str, options: Mapping[str, Any], base: type | None = 
 
 
 def selector_matcher(adapter: str, modules: Any, base: type | None) -> Callable[[str, Any], bool]:
-    """:func:`attnflow.capture.module_selector` over ``/``-separated module paths (``"layers_*/attn"``;
+    """:func:`attnflow.recording.module_selector` over ``/``-separated module paths (``"layers_*/attn"``;
     ``.`` works too)."""
     return module_selector(adapter, modules, base=base, example="layers_*/attn")
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import generated_mask, switch
+from attnflow.recording import generated_mask, switch
 
 from . import _torch_common as common
 

@@ -29,9 +29,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import attnflow
-from attnflow.capture import CAPABILITIES, CaptureUnavailableError, deferred_interrupts, switch
-from attnflow.capture._adapter import check_adapter_options
-from attnflow.capture._registry import find_adapter
+from attnflow.recording import CAPABILITIES, CaptureUnavailableError, deferred_interrupts, switch
+from attnflow.recording._adapter import check_adapter_options
+from attnflow.recording._registry import find_adapter
 
 from . import _torch_common as common
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import deferred_interrupts, module_selector, switch
+from attnflow.recording import deferred_interrupts, module_selector, switch
 
 from ._hf_families import pick_key_stream
 
@@ -48,7 +48,7 @@ def reduced(weights: Any, request: Any) -> Any:
 
 
 def selector_matcher(adapter: str, modules: Any, torch: Any) -> Callable[[str, Any], bool]:
-    """:func:`attnflow.capture.module_selector` for ``nn.Module`` subclasses and dotted module paths."""
+    """:func:`attnflow.recording.module_selector` for ``nn.Module`` subclasses and dotted module paths."""
     return module_selector(adapter, modules, base=torch.nn.Module, base_name="torch.nn.Module",
                            example="layers.*.attn")
 
@@ -343,7 +343,7 @@ def unwrap_compiled(model: Any) -> Any:
 def register(handles: list[Any], method: Callable[..., Any], hook: Callable[..., Any], **options: Any) -> None:
     """``method(hook, **options)`` (a module's ``register_forward_hook`` or ``register_forward_pre_hook``) with
     its handle kept in ``handles`` (a :func:`removing` list). Call it under
-    ``attnflow.capture.deferred_interrupts()``, which holds back signals, so that no signal handler's exception
+    ``attnflow.recording.deferred_interrupts()``, which holds back signals, so that no signal handler's exception
     can fall between registering and keeping. If registering raises, whatever it added to the module's hook
     dicts is taken out again (found by ``hook``'s identity: pass a function of this attach's own)."""
     try:
@@ -370,7 +370,7 @@ def _unregister(module: Any, hook: Any) -> None:
 def removing(handles: list[Any]) -> Iterator[list[Any]]:
     """Remove every hook handle in ``handles`` on exit, also when the body raises and when an exception (a
     signal handler's) arrives on the way out. Register the hooks with :func:`register` under
-    ``attnflow.capture.deferred_interrupts()``.
+    ``attnflow.recording.deferred_interrupts()``.
 
     The removal is a switch of its own (released once, with a second start if an exception arrives as the first
     begins); a ``remove()`` that raises does not stop it: see :func:`remove_all`."""

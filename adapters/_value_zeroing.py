@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import CaptureUnavailableError
+from attnflow.recording import CaptureUnavailableError, deferred_interrupts
 
 from . import _torch_common as common
 from ._hf_families import pick_key_stream
@@ -87,8 +87,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         return hook
 
     for layer in layers:
-        handles.append(modules[layer].register_forward_pre_hook(keep_inputs(layer), with_kwargs=True))
-        handles.append(modules[layer].register_forward_hook(keep_output(layer)))
+        common.register(handles, modules[layer].register_forward_pre_hook, keep_inputs(layer), with_kwargs=True)
+        common.register(handles, modules[layer].register_forward_hook, keep_output(layer))
 
     def finish(p: common.TorchPass) -> None:
         inputs, outputs = p.state.get("vz_inputs", {}), p.state.get("vz_outputs", {})
@@ -169,11 +169,11 @@ def _scores(layer: Any, target: _Zeroed, args: tuple, kwargs: dict, original: An
         for start in range(0, cols.size, CHUNK):
             positions = cols[start : start + CHUNK]
             count = positions.size
-            handle = target.value.register_forward_hook(_zeroing(torch.as_tensor(positions), target.part, torch))
-            try:
+            with common.removing([]) as zeroing:  # the zeroing hook is gone when the re-run ends, however
+                with deferred_interrupts():
+                    common.register(zeroing, target.value.register_forward_hook,
+                                    _zeroing(torch.as_tensor(positions), target.part, torch))
                 result = layer(*_variants(args, b, batch, count, torch), **_variants(kwargs, b, batch, count, torch))
-            finally:
-                handle.remove()
             hidden = result[0] if isinstance(result, tuple) else result
             unit = torch.nn.functional.normalize(hidden.double(), dim=-1)  # (count, queries, d)
             distance = 0.5 * (unit - reference).pow(2).sum(-1)  # ‖â - b̂‖² / 2 = 1 - cos, in float64

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import CaptureUnavailableError
+from attnflow.recording import CaptureUnavailableError
 
 from . import _torch_common as common
 
@@ -197,7 +197,7 @@ def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]],
                 f"values=True: the forward pass ran {layer!r} without its {slot!r} module (a cached key-value state, "
                 "or a block the model skipped); capture a single forward pass without past_key_values."
             )
-        return kept[call].float()
+        return _wide(kept[call])
 
     value = take("value")
     if layout.value_part == "qkv":
@@ -208,21 +208,21 @@ def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]],
     if kv_heads != heads:
         value = value.repeat_interleave(heads // kv_heads, dim=1)  # query head h reads KV head h // group
     out = parts["out"]
-    weight = out.weight.detach().float()
+    weight = _wide(out.weight.detach())
     matrix = weight.T if layout.out_kind == "linear" else weight  # (heads * head_size, d_model)
     bias = getattr(out, "bias", None)
     extras = {
         "value": value.cpu().numpy(),
         "out_weight": matrix.reshape(heads, head_size, matrix.shape[-1]).cpu().numpy()[None],
-        "out_bias": (np.zeros(matrix.shape[-1], np.float32) if bias is None else bias.detach().float().cpu().numpy())[None],
+        "out_bias": (np.zeros(matrix.shape[-1], np.float32) if bias is None else _wide(bias.detach()).cpu().numpy())[None],
         "residual": take("residual").cpu().numpy(),
     }
     if layout.norm is not None:
         norm = parts["norm"]
         extras.update(
             norm_input=take("norm_input").cpu().numpy(), norm_output=take("norm_output").cpu().numpy(),
-            norm_weight=norm.weight.detach().float().cpu().numpy()[None],
-            norm_bias=norm.bias.detach().float().cpu().numpy()[None],
+            norm_weight=_wide(norm.weight.detach()).cpu().numpy()[None],
+            norm_bias=_wide(norm.bias.detach()).cpu().numpy()[None],
             norm_eps=np.array([float(norm.eps)], np.float64),
         )
     else:
@@ -231,6 +231,12 @@ def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]],
 
 
 _LAYOUTS = ("post_ln", "pre_ln")
+
+
+def _wide(tensor: Any) -> Any:
+    """A float64 model's tensors stay float64 (value-side methods to 1e-9 against another float64 framework);
+    others become float32."""
+    return tensor.double() if str(tensor.dtype) == "torch.float64" else tensor.float()
 
 
 def register_value_map(model_type: str, value_map: ValueMap, *, replace: bool = False) -> None:

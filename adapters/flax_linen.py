@@ -58,7 +58,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
-from attnflow.capture import deferred_interrupts, switch
+from attnflow.recording import deferred_interrupts, switch
 
 from ._flax_common import (
     OPTIONS,

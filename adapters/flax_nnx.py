@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, OptionError, Recorder, import_optional
-from attnflow.capture import deferred_interrupts, switch
+from attnflow.recording import deferred_interrupts, switch
 
 from . import _flax_methods as methods
 from ._flax_common import (

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import deferred_interrupts, switch
+from attnflow.recording import deferred_interrupts, switch
 
 from . import _banded, _generation_torch, _swin, _value_zeroing, _values, _vision_language
 from . import _hf_families as families

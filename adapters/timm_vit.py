@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow.capture import deferred_interrupts, switch
+from attnflow.recording import deferred_interrupts, switch
 
 from . import _torch_common as common
 
@@ -85,7 +85,7 @@ class TimmAdapter(attnflow.Adapter):
                 held.enter_context(switch(("timm.fused_attn", id(module)), _unfuse(module), _refuse(module)))
             with deferred_interrupts():
                 for path, module in targets:
-                    handles.append(module.attn_drop.register_forward_pre_hook(_probabilities(path, module, passes, torch)))
+                    common.register(handles, module.attn_drop.register_forward_pre_hook, _probabilities(path, module, passes, torch))
                 common.install_pass_hooks(model, passes, describe_call, handles)
             yield
 

@@ -29,7 +29,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import attnflow
-from attnflow.capture import deferred_interrupts, switch
+from attnflow.recording import deferred_interrupts, switch
 
 from . import _torch_common as common
 from ._flax_common import Layout
@@ -245,16 +245,16 @@ class TorchAdapter(attnflow.Adapter):
                 return (output[0], averaged)
             return None
 
-        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        common.register(handles, module.register_forward_pre_hook, pre_hook, with_kwargs=True)
         # prepend: under nested attaches the innermost hook sees the full weights first, and the outermost
         # one (whose pre-hook saw the caller's own request) runs last and gives the caller what it asked for.
-        handles.append(module.register_forward_hook(hook, prepend=True))
+        common.register(handles, module.register_forward_hook, hook, prepend=True)
 
         def forget(mod: Any, args: tuple, output: Any) -> None:  # the call raised: drop its stack entry
             if calls and output is None:
                 calls.pop()
 
-        handles.append(module.register_forward_hook(forget, always_call=True))
+        common.register(handles, module.register_forward_hook, forget, always_call=True)
 
     def _hook_module(
         self, torch: Any, module: Any, path: str, name: str, index: int, passes: common.TorchPass, handles: list
@@ -291,7 +291,7 @@ class TorchAdapter(attnflow.Adapter):
             if pattern:
                 _describe_from_weights(passes, path, weights)
 
-        handles.append(module.register_forward_hook(hook))
+        common.register(handles, module.register_forward_hook, hook)
 
     # -- faithfulness (attnflow.faithfulness): blank-out and input gradients, in adapters/_faithfulness_torch.py
     captures = captures | {"input_gradients", "ablation"}
@@ -515,8 +515,8 @@ def _hook_computed(
         _describe_from_weights(passes, path, weights)
 
     with deferred_interrupts():
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(hook, always_call=True))
+        common.register(handles, module.register_forward_pre_hook, pre_hook)
+        common.register(handles, module.register_forward_hook, hook, always_call=True)
 
 
 def _fit(layout: Layout, ndim: int) -> tuple[str, ...] | None:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import attnflow
-from attnflow.capture import deferred_interrupts, switch
+from attnflow.recording import deferred_interrupts, switch
 
 from . import _torch_common as common
 
@@ -126,11 +126,11 @@ class TransformerLensAdapter(attnflow.Adapter):
             with deferred_interrupts():
                 for index, block in enumerate(model.blocks):
                     name = f"blocks.{index}.attn"
-                    handles.append(block.attn.hook_pattern.register_forward_hook(_pattern_hook(name, passes)))
+                    common.register(handles, block.attn.hook_pattern.register_forward_hook, _pattern_hook(name, passes))
                     if index == 0:
-                        handles.append(block.attn.register_forward_pre_hook(mask_hook, with_kwargs=True))
+                        common.register(handles, block.attn.register_forward_pre_hook, mask_hook, with_kwargs=True)
                 if hasattr(model, "embed"):
-                    handles.append(model.embed.register_forward_pre_hook(embed_hook, with_kwargs=True))
+                    common.register(handles, model.embed.register_forward_pre_hook, embed_hook, with_kwargs=True)
                 common.install_pass_hooks(model, passes, describe_call, handles)
             with _listening(model, (passes, generation)):
                 yield

@@ -37,8 +37,8 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     import attnflow
-    from attnflow.capture._registry import get_adapter
     from attnflow.evaluate import ProbeRequest, resolve_target
+    from attnflow.recording._registry import get_adapter
 
     torch.set_num_threads(1)
     directory = attnflow.packaged_model_dir()

@@ -107,7 +107,7 @@ def test_fusion_also_where_the_adapter_leaves_it_to_the_recorder():
     fused = attnflow.capture(encoder, x, head_fusion="min", dtype="float16")
     for a, b in zip(full.layers, fused.layers, strict=True):
         np.testing.assert_array_equal(b.weights[:, 0], a.weights.min(axis=1).astype(np.float16))
-    from attnflow.capture import CaptureRequest
+    from attnflow.recording import CaptureRequest
 
     recorder = attnflow.Recorder(framework="numpy", request=CaptureRequest(head_fusion="mean"))
     recorder.start_call()

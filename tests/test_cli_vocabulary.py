@@ -141,7 +141,7 @@ def test_placement_goes_through_the_adapter():
 
 def test_transformers_adapter_places_model_and_inputs():
     torch = pytest.importorskip("torch")
-    from attnflow.capture._registry import get_adapter
+    from attnflow.recording._registry import get_adapter
 
     adapter = get_adapter("transformers")
     model = torch.nn.Linear(2, 2)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import attnflow
-from attnflow.capture import CAPABILITIES, KINDS, CaptureUnavailableError, capture_plan
 from attnflow.cli import main
+from attnflow.recording import CAPABILITIES, KINDS, CaptureUnavailableError, capture_plan
 
 TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 

@@ -10,7 +10,7 @@ import pytest
 
 import attnflow
 from attnflow import Adapter, AdapterError, AdapterRegistrationError
-from attnflow.capture import _registry
+from attnflow.recording import _registry
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ class Settings:
     every token; ``methods`` are registered method names in the registry's order (for ``"all"``: every
     method the adapter declares it can serve; ``everything`` is then True and methods the model itself
     cannot serve are skipped per example, with the reason in the explanation); ``needs`` the capture kinds
-    they need (rows of :data:`attnflow.capture.KINDS`); ``target`` the logit whose gradient is captured (an
+    they need (rows of :data:`attnflow.recording.KINDS`); ``target`` the logit whose gradient is captured (an
     index, or :data:`ARGMAX`) where a method needs attention gradients, else None.
     """
 

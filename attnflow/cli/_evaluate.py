@@ -45,10 +45,6 @@ from .._kinds import KINDS
 from .._models import packaged_model_dir
 from .._tensorfile import atomic_write, make_directory
 from ..batch._store import holding
-from ..capture._adapter import Adapter, import_optional, load_model
-from ..capture._capture import capture
-from ..capture._plan import CapturePlan, capture_plan
-from ..capture._registry import get_adapter
 from ..evaluate import (
     DEFAULT_REFERENCES,
     LEADERBOARD_COLUMNS,
@@ -63,6 +59,10 @@ from ..evaluate import (
 from ..evaluate._leaderboard import RESAMPLES
 from ..methods._options import Options
 from ..methods._registry import SKIPPED, list_methods
+from ..recording._adapter import Adapter, import_optional, load_model
+from ..recording._capture import capture
+from ..recording._plan import CapturePlan, capture_plan
+from ..recording._registry import get_adapter
 from ._common import (
     OPTION_FIELDS,
     add_batch_size_flag,

@@ -19,15 +19,15 @@ from .._explanation import Explanation, explain
 from .._models import packaged_model_dir
 from .._tensorfile import atomic_write, check_writable_target, make_directory
 from .._version import __version__
-from ..capture._adapter import check_adapter_options, load_model
-from ..capture._capture import capture
-from ..capture._plan import CapturePlan, capture_plan
-from ..capture._registry import get_adapter
 from ..methods._fusion import stream_layer_indices
 from ..methods._options import Options
 from ..methods._registry import ALL, get_method, list_methods
 from ..plot._figure import parse_formats, pyplot, write_figure
 from ..plot._layers import NUMBERING, after_layer
+from ..recording._adapter import check_adapter_options, load_model
+from ..recording._capture import capture
+from ..recording._plan import CapturePlan, capture_plan
+from ..recording._registry import get_adapter
 from ._common import (
     add_methods_flag,
     add_model_flags,

@@ -15,12 +15,12 @@ from .._errors import OptionError
 from .._explanation import Explanation, explain
 from .._tensorfile import atomic_write
 from .._version import __version__
-from ..capture._capture import attach
-from ..capture._plan import CapturePlan
 from ..methods._fusion import stream_layer_indices
 from ..methods._options import Options
 from ..plot._figure import pyplot
 from ..plot._layers import NUMBERING
+from ..recording._capture import attach
+from ..recording._plan import CapturePlan
 
 
 def run_generation(

@@ -166,7 +166,7 @@ class FaithfulnessReport:
 
     def to_frame(self) -> Any:
         """The long per-layer table as a pandas DataFrame: ``method, reference, layer, mean, std, n``."""
-        from ..capture._adapter import import_optional
+        from ..recording._adapter import import_optional
 
         pandas = import_optional("pandas", "dask")
         return pandas.DataFrame(self.rows(), columns=["method", "reference", "layer", "mean", "std", "n"])

@@ -314,7 +314,7 @@ class Recorder:
             streams: per stream (None: the only stream) what the stitched trace should say of it:
                 ``mask``, ``input_ids``, ``tokens``... over the stitched positions (e.g. the prompt's mask
                 followed by the generated tokens up to each item's end of sequence, see
-                :func:`attnflow.capture.generated_mask`).
+                :func:`attnflow.recording.generated_mask`).
             metadata: stored in the trace's metadata (e.g. ``{"generation": {...}}``).
         """
         with self._lock:
