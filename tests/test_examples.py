@@ -60,3 +60,46 @@ def test_graphml_export_is_readable(tmp_path):
     graph = igraph.Graph.Read_GraphML(str(out))
     assert graph.vcount() % 7 == 0  # 6 layers + inputs = 7 copies of the tokens
     assert min(graph.es["capacity"]) > 0 and all(label.startswith("L") for label in graph.vs["label"])
+
+
+def test_sva_evaluate_prints_the_leaderboard_of_every_method(tmp_path):
+    """examples/sva: a tiny model trained in seconds, evaluated with every method the torch adapter captures;
+    the leaderboard is printed per reference (with the special-token setting) and written as CSV."""
+    import csv
+    import json
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    sva = Path(__file__).parent.parent / "examples" / "sva"
+    subprocess.run([sys.executable, str(sva / "train.py"), "--out", str(tmp_path), "--train", "300", "--test", "60",
+                    "--epochs", "1", "--width", "16", "--heads", "2"], check=True, env=env, capture_output=True,
+                   timeout=600)
+
+    def evaluate(*args: str) -> str:
+        result = subprocess.run([sys.executable, str(sva / "evaluate.py"), "--model", str(tmp_path), *args],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    out = evaluate("--examples", "12")
+    assert "Abnar & Zuidema Table 1" in out and "Spearman with blankout" in out
+    summary = json.loads((tmp_path / "faithfulness" / "summary.json").read_text())
+    methods = [m for m in summary["spearman"] if m != "random"]
+    assert {"raw", "rollout", "flow"} <= set(methods)
+    for method in summary["skipped"]:  # what the torch adapter cannot capture is named, not raised
+        assert f"skipped {method}: " in out
+    with open(tmp_path / "faithfulness" / "leaderboard.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for reference in ("blankout", "grad_norm", "grad_x_input"):
+        assert f"Leaderboard against {reference} " in out and f"Most faithful to {reference} on this data: " in out
+        ranked = [row for row in rows if row["reference"] == reference]
+        assert sorted(row["method"] for row in ranked) == sorted([*methods, "random"])
+        assert [int(row["rank"]) for row in ranked] == list(range(1, len(ranked) + 1))
+        assert all(int(row["n"]) == 12 and float(row["rho_last_low"]) <= float(row["rho_last"])
+                   <= float(row["rho_last_high"]) for row in ranked)
+    assert "special tokens excluded from rankings and removal curves" in out
+    assert summary["special"] == "exclude" and summary["lead"]["blankout"]["best"] in methods
+
+    out = evaluate("--examples", "6", "--methods", "rollout", "--special", "include", "--out", str(tmp_path / "inc"))
+    assert "special tokens included in rankings and removal curves" in out
+    assert list(json.loads((tmp_path / "inc" / "summary.json").read_text())["spearman"]) == [
+        "raw", "rollout", "flow", "random"]
