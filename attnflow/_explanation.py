@@ -318,7 +318,9 @@ class Explanation:
 
     def to_frame(self) -> Any:
         """A long pandas table: one row per method, layer, item, explained token and input token (real
-        tokens only), columns ``method, layer, batch, source, source_token, stream, token_index, token, score``."""
+        tokens only), columns ``method, layer, batch, source, source_token, stream, token_index, token, score``;
+        ``layer`` is numbered from 1 as in every output ("after layer l of the explained stream's layers"),
+        while :meth:`layer_indices` stays 0-based, as Python indices are."""
         from .recording._adapter import import_optional
 
         pandas = import_optional("pandas", "dask")
@@ -334,7 +336,7 @@ class Explanation:
                             source_token = self._source_labels[b][s]
                             for j in valid:
                                 rows["method"].append(method)
-                                rows["layer"].append(layer)
+                                rows["layer"].append(layer + 1)
                                 rows["batch"].append(b)
                                 rows["source"].append(int(position))
                                 rows["source_token"].append(source_token)

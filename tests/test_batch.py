@@ -285,7 +285,7 @@ def test_outputs_equal_direct_computation(tmp_path, minilm, threads_cluster):
             assert stored.layer_indices(method) == (5,)
             np.testing.assert_allclose(stored[method][0], scores, atol=2e-6, err_msg=method)
         rows = table[table["id"] == f"ex-{i}"]
-        assert len(rows) == 3 * n and set(rows["layer"]) == {5} and set(rows["source"]) == {0}
+        assert len(rows) == 3 * n and set(rows["layer"]) == {6} and set(rows["source"]) == {0}
         assert set(rows["stream"]) == {"tokens"} and set(rows["source_token"]) == {"[CLS]"}
         for method, scores in expected.items():
             part = rows[rows["method"] == method].sort_values("token_index")
@@ -339,7 +339,7 @@ def test_existing_scheduler_options_all_layers_and_per_example_failures(tmp_path
     )
     table = read_table(out).to_pandas()
     long_rows = table[table["id"] == "long"]
-    assert len(long_rows) == 2 * 4 * 3 * n and set(long_rows["layer"]) == {2, 3, 4, 5}
+    assert len(long_rows) == 2 * 4 * 3 * n and set(long_rows["layer"]) == {3, 4, 5, 6}
     assert set(table["id"]) == {"long", "other"}
 
     # Resume after editing one text: only that example is recomputed; the failures are retried and fail again.

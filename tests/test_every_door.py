@@ -265,3 +265,18 @@ def test_the_demo_command_runs_and_shows_alti(tmp_path):
     assert list(document["scores"]) == ["raw", "rollout", "flow", "alti"]
     assert (tmp_path / "out" / "alti.png").stat().st_size > 0
     assert "alti" in (tmp_path / "out" / "explanation.html").read_text()
+
+
+def test_all_with_a_target_on_an_adapter_without_gradients_skips_instead_of_failing():
+    """methods='all' with target= through the generic torch adapter: the gradient methods are skipped (the
+    target serves none of the others), not an AdapterError."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(12, 3, dim_feedforward=10, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    trace = attnflow.capture(model, torch.randn(2, 5, 12), adapter="torch", methods="all", target=0)
+    assert "attn_grad" not in trace.layers[0].extras
+    assert "'attn_grad'" in trace.metadata["skipped_methods"]["grad_rollout"]
+    with pytest.raises(attnflow.AdapterError, match="attn_grad"):  # asked for explicitly: refused
+        attnflow.capture(model, torch.randn(2, 5, 12), adapter="torch", methods=["grad_rollout"])

@@ -142,8 +142,6 @@ def test_one_numbering_on_an_encoder_explain_evaluate_and_compare(bert_dir, tmp_
     assert rows == [(1, 0), (2, 1), (3, 2)]  # number = module index + 1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="batch's scores.parquet writes Explanation.to_frame()'s 0-based layer index "
-                   "(attnflow/_explanation.py, attnflow/batch/_store.py: not the CLI's files); lead to change")
 def test_batch_table_numbers_layers_from_one(bert_dir, tmp_path):
     from attnflow.batch import run_batch
 

@@ -95,6 +95,8 @@ def _request(plan: CapturePlan | None, *, target: Any, values: bool, value_zeroi
     if plan is None:
         return CaptureRequest(target=target, values=bool(values), value_zeroing=bool(value_zeroing), **rest)
     wanted = plan.keywords(None if target is NO_TARGET else target)
+    if plan.everything and "attn_grad" not in plan.kinds:
+        target = NO_TARGET  # the methods that read gradients were skipped: the target serves none of them
     return CaptureRequest(
         target=wanted.get("target", target), values=bool(values) or bool(wanted.get("values")),
         value_zeroing=bool(value_zeroing) or bool(wanted.get("value_zeroing")),
