@@ -1,7 +1,7 @@
 """attnflow: attention rollout and attention flow for PyTorch and JAX/Flax models.
 
-Capture a model's attention into an :class:`AttentionTrace`, then compute :func:`raw`,
-:func:`rollout` and :func:`flow` (Abnar & Zuidema, ACL 2020) on a framework-free core.
+Capture a model's attention into an [`AttentionTrace`][attnflow.AttentionTrace], then compute [`raw`][attnflow.raw],
+[`rollout`][attnflow.rollout] and [`flow`][attnflow.flow] (Abnar & Zuidema, ACL 2020) on a framework-free core.
 Importing attnflow imports no deep-learning framework; adapters load theirs when used.
 """
 

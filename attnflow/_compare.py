@@ -40,7 +40,7 @@ ALIGN_HELP = (
 
 
 class Tolerances(TypedDict):
-    """The tolerances a :class:`ComparisonReport` judged by (``mean_atol`` and ``min_spearman`` may be None:
+    """The tolerances a [`ComparisonReport`][attnflow.ComparisonReport] judged by (``mean_atol`` and ``min_spearman`` may be None:
     not checked)."""
 
     atol: float
@@ -94,11 +94,11 @@ class LayerComparison:
 
 
 class ComparisonReport:
-    """What :func:`compare` found. ``ok`` is the verdict; ``str(report)`` / :meth:`to_table` a readable
-    table; :meth:`to_dict` a JSON-ready dict.
+    """What [`compare`][attnflow.compare] found. ``ok`` is the verdict; ``str(report)`` / [`to_table`][attnflow.ComparisonReport.to_table] a readable
+    table; [`to_dict`][attnflow.ComparisonReport.to_dict] a JSON-ready dict.
 
     Attributes:
-        layers: one :class:`LayerComparison` per paired layer, in trace A's order.
+        layers: one `LayerComparison` per paired layer, in trace A's order.
         rollout_max_abs: max difference of the rollout over all paired self-attention layers.
         flow_max_abs: max difference of the flow from ``sources`` (None when flow was skipped).
         spearman: lowest Spearman correlation over batch items and sources of the rollout row
@@ -163,6 +163,7 @@ class ComparisonReport:
 
     @property
     def attention_max_abs(self) -> float:
+        """The largest absolute attention-weight difference over every layer."""
         return max(layer.max_abs for layer in self.layers)
 
     @property
@@ -353,12 +354,12 @@ def compare(
             last real token). Default ``[0]`` (the first token, e.g. [CLS]), ``[-1]`` for causal traces.
         align: how to pair layers, and whether token labels must match: ``"index"`` (default),
             ``"names"``, ``"numbers"``, optionally with ``"+tokens"``; ``"tokens"`` = index ignoring
-            labels. See :data:`ALIGN_HELP`.
+            labels. See `ALIGN_HELP`.
         allow_unmatched: with ``align="names"``/``"numbers"``, layers that only one trace has are listed
             in the report and fail the verdict (check ``layers``) unless this is True.
-        head_fusion: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
-        residual: as in :func:`attnflow.rollout` / :func:`attnflow.flow`.
-        max_seconds: passed to :func:`attnflow.flow`.
+        head_fusion: as in [`attnflow.rollout`][attnflow.rollout] / [`attnflow.flow`][attnflow.flow].
+        residual: as in [`attnflow.rollout`][attnflow.rollout] / [`attnflow.flow`][attnflow.flow].
+        max_seconds: passed to [`attnflow.flow`][attnflow.flow].
         methods: further registered methods to compare (e.g. ``["grad_rollout", "norm", "alti"]``, or ``"all"``:
             every method both traces support; for traces
             captured with ``target=``/``values=``): each method's scores after the last layer, for every
@@ -366,7 +367,7 @@ def compare(
         methods_atol: tolerance of those differences (default: ``rollout_atol``).
 
     Returns:
-        A :class:`ComparisonReport`; ``report.ok`` is the verdict.
+        A [`ComparisonReport`][attnflow.ComparisonReport]; ``report.ok`` is the verdict.
 
     Raises:
         ComparisonError: the traces cannot be compared; the message names the first mismatch (batch
@@ -509,12 +510,12 @@ def _supports(trace: AttentionTrace, method: str) -> bool:
 
 
 def spearman(x: np.ndarray, y: np.ndarray, *, tie_tol: float = 0.0) -> float:
-    """Spearman rank correlation of two 1-D arrays: the one faithfulness uses (:func:`attnflow._ranks.spearman`,
+    """Spearman rank correlation of two 1-D arrays: the one faithfulness uses (`attnflow._ranks.spearman`,
     ties given their average rank, as in scipy).
 
     ``tie_tol``: values of one array closer than this to their sorted neighbour count as tied, so that rounding
     noise between two frameworks does not reorder tokens whose scores are (nearly) equal. A constant array has
-    no ranking: the correlation is NaN, which :func:`compare` reports as undefined.
+    no ranking: the correlation is NaN, which [`compare`][attnflow.compare] reports as undefined.
     """
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:

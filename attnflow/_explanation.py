@@ -39,20 +39,20 @@ def explain(
 
     Args:
         trace: the captured attention.
-        methods: method names (see :func:`attnflow.list_methods`), one name, or ``"all"``: every registered
+        methods: method names (see [`attnflow.list_methods`][attnflow.list_methods]), one name, or ``"all"``: every registered
             method this trace has what it needs for; those it lacks (and those the capture skipped) are listed
-            in :attr:`Explanation.skipped` with the reason. An explicit list the trace cannot serve is refused
-            in one :class:`MethodError` naming every method and what it lacks.
+            in [`Explanation.skipped`][attnflow.Explanation.skipped] with the reason. An explicit list the trace cannot serve is refused
+            in one [`MethodError`][attnflow.MethodError] naming every method and what it lacks.
         sources: positions of the explained stream's output tokens to explain (negative: from each item's
-            last real token), or ``"generated"`` for a ``generate()`` trace (see :func:`attnflow.flow`);
+            last real token), or ``"generated"`` for a ``generate()`` trace (see [`attnflow.flow`][attnflow.flow]);
             default all.
-        stream: the explained stream (default: :meth:`AttentionTrace.default_stream`).
-        options: the settings every method reads (:class:`attnflow.Options`); default the paper's.
+        stream: the explained stream (default: [`AttentionTrace.default_stream`][attnflow.AttentionTrace.default_stream]).
+        options: the settings every method reads ([`attnflow.Options`][attnflow.Options]); default the paper's.
         all_layers: compute each method after every layer (True), only the last (False), or as each method
             prefers (None: all layers for the cheap ones, the last for flow).
 
     Returns:
-        An :class:`Explanation`; ``explanation["rollout"]`` is ``(batch, sources, tokens)`` (a dict by input
+        An [`Explanation`][attnflow.Explanation]; ``explanation["rollout"]`` is ``(batch, sources, tokens)`` (a dict by input
         stream where the explained stream draws on several).
     """
     names = method_names(methods)
@@ -158,15 +158,15 @@ class Explanation:
     ``explanation[method]`` is the method's scores after the last layer, ``(batch, sources, tokens)``
     float64 (``[b, s, j]``: how much explained token ``s`` draws on input token ``j``), or a dict from
     input stream to such arrays where the explained stream draws on several (an encoder-decoder's
-    decoder). :meth:`layers` gives the per-layer ``(layers, batch, sources, tokens)`` scores.
+    decoder). [`layers`][attnflow.Explanation.layers] gives the per-layer ``(layers, batch, sources, tokens)`` scores.
 
     Attributes:
         methods: the method names, in the order they were asked for.
         stream: the explained stream.
-        streams: the streams involved (:class:`attnflow.Stream`: tokens, masks...).
+        streams: the streams involved ([`attnflow.Stream`][attnflow.Stream]: tokens, masks...).
         sources: ``(batch, S)`` positions of the explained tokens in their stream.
         requested_sources: the ``sources=`` given (None: all tokens).
-        options: the :class:`attnflow.Options` used.
+        options: the [`attnflow.Options`][attnflow.Options] used.
         model_name, framework, metadata: from the trace (``metadata["seconds"]``: time per method).
     """
 
@@ -195,6 +195,7 @@ class Explanation:
     # -- reading ------------------------------------------------------------------------------------
     @property
     def methods(self) -> tuple[str, ...]:
+        """The methods computed, in the order they were asked for."""
         return tuple(self._scores)
 
     @property
@@ -204,6 +205,7 @@ class Explanation:
 
     @property
     def batch_size(self) -> int:
+        """The number of batch items explained."""
         return int(self.sources.shape[0])
 
     @property
@@ -220,11 +222,11 @@ class Explanation:
 
     def layers(self, method: str) -> Any:
         """``(layers, batch, sources, tokens)`` scores after each computed layer (dict by input stream where
-        there are several); :meth:`layer_indices` says which layers."""
+        there are several); [`layer_indices`][attnflow.Explanation.layer_indices] says which layers."""
         return self._shaped(method, last=False)
 
     def layer_indices(self, method: str) -> tuple[int, ...]:
-        """Indices (among the explained stream's layers) of the layers in :meth:`layers`."""
+        """Indices (among the explained stream's layers) of the layers in [`layers`][attnflow.Explanation.layers]."""
         self._require(method)
         return self._layers[method]
 
@@ -320,7 +322,7 @@ class Explanation:
         """A long pandas table: one row per method, layer, item, explained token and input token (real
         tokens only), columns ``method, layer, batch, source, source_token, stream, token_index, token, score``;
         ``layer`` is numbered from 1 as in every output ("after layer l of the explained stream's layers"),
-        while :meth:`layer_indices` stays 0-based, as Python indices are."""
+        while [`layer_indices`][attnflow.Explanation.layer_indices] stays 0-based, as Python indices are."""
         from .recording._adapter import import_optional
 
         pandas = import_optional("pandas", "dask")
@@ -373,7 +375,7 @@ class Explanation:
     # -- pictures -----------------------------------------------------------------------------------
     def to_html(self, trace: AttentionTrace | None = None, path: str | os.PathLike[str] | None = None, *,
                 title: str | None = None, prompt_length: int | None = None) -> str:
-        """One self-contained interactive HTML page of this explanation (see :mod:`attnflow.html`): the text
+        """One self-contained interactive HTML page of this explanation (see [`attnflow.html`][attnflow.html]): the text
         highlighted by the selected method (click a token to explain it), a layer slider, the methods side by
         side, the explained x input map and, given the ``trace`` it was computed from, per-head attention.
         Written to ``path`` too when given. Scores are stored as 16-bit log codes (within 0.05%), per-head
@@ -398,7 +400,7 @@ class Explanation:
 
 
 def load_explanation(path: str | os.PathLike[str]) -> Explanation:
-    """Read an explanation written by :meth:`Explanation.save`.
+    """Read an explanation written by [`Explanation.save`][attnflow.Explanation.save].
 
     Every header field is checked for its type and range, and every array against the header (streams and
     sources within the explained stream, scores finite and of the shape their method and streams give), as

@@ -21,8 +21,8 @@ def save(obj: AttentionTrace | Explanation, path: str | os.PathLike[str]) -> Non
 
 
 def load(path: str | os.PathLike[str]) -> Any:
-    """Read a file written by :func:`save` (or ``AttentionTrace.save`` / ``Explanation.save``, or an
-    ``attnflow batch`` example file): an :class:`AttentionTrace` or an :class:`Explanation`.
+    """Read a file written by [`save`][attnflow.save] (or ``AttentionTrace.save`` / ``Explanation.save``, or an
+    ``attnflow batch`` example file): an [`AttentionTrace`][attnflow.AttentionTrace] or an [`Explanation`][attnflow.Explanation].
 
     Raises:
         TraceFileError: the file is missing, truncated, corrupted, edited, or not an attnflow file.

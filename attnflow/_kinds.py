@@ -1,7 +1,7 @@
 """The capture kinds: everything a capture can record beside the attention weights, declared once.
 
-Each :class:`CaptureKind` says, in one place, the adapter capability that provides it, the keyword of
-:func:`attnflow.capture` / :func:`attnflow.attach` that turns it on, the per-layer extras it records (with
+Each [`CaptureKind`][attnflow.recording.CaptureKind] says, in one place, the adapter capability that provides it, the keyword of
+[`attnflow.capture`][attnflow.recording.capture] / [`attnflow.attach`][attnflow.attach] that turns it on, the per-layer extras it records (with
 their token axes, used to crop an item to its tokens), and the sentence that tells a user how to get it.
 Method needs (``Method.needs``), the capture request, adapters' declared capabilities, ``attnflow batch``'s
 settings and the trace's extras axes all read this table; adding a kind means adding a row here and
@@ -23,14 +23,14 @@ class CaptureKind:
     Attributes:
         name: the name methods list in ``needs`` and adapters in ``captures``.
         summary: one line, what it is.
-        keyword: the keyword of :func:`attnflow.capture` that records it (None: always recorded, or recorded
+        keyword: the keyword of [`attnflow.capture`][attnflow.recording.capture] that records it (None: always recorded, or recorded
             by a faithfulness probe rather than into the trace).
         extras: per-layer extras it records -> their token axes after the batch axis (``"q"``: the layer's
             query stream, ``"k"``: its key stream, ``""``: another axis).
         shared: extras among ``extras`` that are parameters, the same for every item (first axis 1).
         marker: the extra whose presence on a layer shows the kind was captured for that layer.
         how: how a user gets it (ends without a full stop).
-        in_trace: recorded into the trace (False: used by :func:`attnflow.faithfulness` probes).
+        in_trace: recorded into the trace (False: used by `attnflow.faithfulness` probes).
         cost: what it costs beyond one forward pass ('' when nothing worth saying).
     """
 
@@ -45,7 +45,7 @@ class CaptureKind:
     cost: str = ""
 
     def keywords(self, target: Any = None) -> dict[str, Any]:
-        """The :func:`attnflow.capture` keywords that record this kind (``target`` for attention gradients)."""
+        """The [`attnflow.capture`][attnflow.recording.capture] keywords that record this kind (``target`` for attention gradients)."""
         if self.keyword is None:
             return {}
         return {self.keyword: target} if self.keyword == "target" else {self.keyword: True}
@@ -92,6 +92,7 @@ KINDS: Mapping[str, CaptureKind] = MappingProxyType({kind.name: kind for kind in
         in_trace=False, how="Computed by attnflow.faithfulness through an adapter that declares it",
     ),
 )})
+"""Every capture kind, by name: name -> [`CaptureKind`][attnflow.recording.CaptureKind] (read-only)."""
 
 #: Adapter capabilities that are not capture kinds: what kind of models and calls an adapter handles.
 FEATURES: Mapping[str, str] = MappingProxyType({
@@ -117,7 +118,7 @@ def how_to_get(kind: str) -> str:
 
 
 def request_keywords(kinds: Iterable[str], target: Any = None) -> dict[str, Any]:
-    """The :func:`attnflow.capture` keywords that record ``kinds`` (unknown names and probe kinds add nothing)."""
+    """The [`attnflow.capture`][attnflow.recording.capture] keywords that record ``kinds`` (unknown names and probe kinds add nothing)."""
     keywords: dict[str, Any] = {}
     for name in kinds:
         kind = KINDS.get(name)

@@ -1,6 +1,6 @@
 """One registry implementation behind adapters and methods: built-ins and plugins found through entry points.
 
-A :class:`Registry` holds named objects of one kind. Built-ins register exactly as a third party does, through
+A `Registry` holds named objects of one kind. Built-ins register exactly as a third party does, through
 an entry-point group (``attnflow.adapters``, ``attnflow.methods``). Entry points are read once, under a
 re-entrant lock (a plugin's import may register something itself), into local tables published all at once:
 an interrupted load publishes nothing and the next call loads again. A broken plugin, a plugin whose entry
@@ -38,7 +38,7 @@ class Registry(Generic[T]):
             error naming ``source`` and the bad part.
         duplicate: the exception class for a name taken without ``replace=True``.
         missing: ``missing(name, registered_names)`` returns the exception for an unknown name.
-        order: the sort key of :meth:`names` and :meth:`instances`.
+        order: the sort key of `names` and `instances`.
     """
 
     def __init__(

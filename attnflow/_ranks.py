@@ -32,7 +32,7 @@ def rankdata(values: np.ndarray, *, tie_tol: float = 0.0) -> np.ndarray:
 def spearman(x: np.ndarray, y: np.ndarray, *, tie_tol: float = 0.0) -> np.ndarray:
     """Spearman's rank correlation along the last axis: Pearson's correlation of average ranks.
 
-    ``x``, ``y``: ``(..., n)`` (broadcast against each other). ``tie_tol``: see :func:`rankdata`. Returns
+    ``x``, ``y``: ``(..., n)`` (broadcast against each other). ``tie_tol``: see [`rankdata`][attnflow.evaluate.rankdata]. Returns
     ``(...)`` float64 (a 0-d array for 1-D input); NaN where either side is constant or ``n < 2`` — there is
     no ranking to compare — as ``scipy.stats.spearmanr`` does.
     """

@@ -2,11 +2,11 @@
 
 Adapters change state that is not theirs alone: PyTorch's MHA fast path is one flag for the whole
 process, and a transformers model's attention implementation is shared by every ``attach`` on that
-model. :func:`switch` reference-counts such a change: the first holder turns it on and remembers the
+model. [`switch`][attnflow.recording.switch] reference-counts such a change: the first holder turns it on and remembers the
 state it found, later holders only join, and the last holder to leave puts the remembered state back,
 whatever order the holders leave in and whichever thread they run in.
 
-:func:`deferred_interrupts` holds back SIGINT (Ctrl-C) and every other signal that has a Python
+[`deferred_interrupts`][attnflow.recording.deferred_interrupts] holds back SIGINT (Ctrl-C) and every other signal that has a Python
 handler while hooks and switches are installed or removed, so that an exception raised by a signal
 handler cannot land between "installed" and "remembered for removal", and delivers them as soon as the
 critical section is over.
@@ -40,7 +40,7 @@ def deferred_interrupts() -> Iterator[None]:
     taken by another thread, which a mask does not hold back). On exit SIGINT's handler is put back, the
     signal mask is restored exactly as found (blocked signals are delivered then, and their handlers
     run), and a noted SIGINT is handed to its handler (the default one raises
-    :class:`KeyboardInterrupt`), also when the block raised. In other threads, inside an enclosing
+    `KeyboardInterrupt`), also when the block raised. In other threads, inside an enclosing
     deferral, or where SIGINT is not handled by Python (no handler to swap), it does less or nothing.
 
     Nothing that arrives while the guard is being set up or taken down leaves its handler or mask
@@ -130,7 +130,7 @@ def _deliver(handler: Any, frame: Any) -> None:
 
 
 class _Claim:
-    """One holder's claim on the switch ``key``: entering acquires it, :meth:`release` gives it back once."""
+    """One holder's claim on the switch ``key``: entering acquires it, `release` gives it back once."""
 
     def __init__(self, key: Hashable, turn_on: Callable[[], Any], turn_off: Callable[[Any], None]):
         self.key, self.turn_on, self.turn_off = key, turn_on, turn_off

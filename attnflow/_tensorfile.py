@@ -5,7 +5,7 @@ two strings: ``"attnflow"``, the JSON header, and ``"attnflow.sha256"``, the SHA
 string. The header carries the file's ``format`` and ``version`` and, under ``"sha256"``, a digest of
 every array (its dtype, shape and the little-endian bytes safetensors writes). Reading checks all of
 them, so a flipped byte anywhere in the header or an array, a truncated file or an edited shape is a
-:class:`attnflow.TraceFileError`, never a silently different result. A boolean array holding a byte other
+[`attnflow.TraceFileError`][attnflow.TraceFileError], never a silently different result. A boolean array holding a byte other
 than 0 or 1 (which attnflow never writes) is refused too. This layer knows nothing of what
 the arrays mean; the trace, explanation and batch modules turn their objects into arrays and a header.
 """
@@ -48,7 +48,7 @@ def file_mode() -> int:
 
 
 def check_writable_target(path: str | os.PathLike[str], what: str = "file") -> Path:
-    """``path`` as a Path, or a :class:`TraceFileError` saying why a file cannot be written there."""
+    """``path`` as a Path, or a [`TraceFileError`][attnflow.TraceFileError] saying why a file cannot be written there."""
     try:
         path = Path(os.fspath(path))
     except TypeError as exc:
@@ -73,7 +73,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     """``write(tmp)`` then rename onto ``path``: readers see the old file or the whole new one, never part.
 
     The temporary name is ``.NAME.PID.THREAD.tmp`` beside ``path``; it is removed if ``write`` fails. An
-    operating-system failure (no such directory, permission, full disk) is a :class:`TraceFileError`.
+    operating-system failure (no such directory, permission, full disk) is a [`TraceFileError`][attnflow.TraceFileError].
     """
     path = check_writable_target(path, what)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -150,7 +150,7 @@ def read_tensor_file(
     path: str | os.PathLike[str], *, format: str, versions: Collection[int], what: str = "file",
     require_header_digest: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a file written by :func:`write_tensor_file`, checking everything that can be checked.
+    """Read a file written by `write_tensor_file`, checking everything that can be checked.
 
     ``versions``: the format versions this reader understands. Files written before header checksums
     existed (no ``"attnflow.sha256"``) are accepted unless ``require_header_digest``; their header is then
@@ -221,7 +221,7 @@ def _legacy_digest(array: np.ndarray) -> str:
 
 
 def parse_json_object(text: str, what: str) -> dict[str, Any]:
-    """``json.loads(text)`` that must give an object; any failure is a :class:`TraceFileError` about ``what``."""
+    """``json.loads(text)`` that must give an object; any failure is a [`TraceFileError`][attnflow.TraceFileError] about ``what``."""
     depth = 0
     deepest = 0
     in_string = escaped = False
@@ -265,7 +265,7 @@ def peek_format(path: str | os.PathLike[str]) -> str | None:
 
 
 def make_directory(path: Path, what: str = "output directory") -> Path:
-    """Create ``path`` and its parents (fine if it exists), or raise an :class:`OptionError` saying why it
+    """Create ``path`` and its parents (fine if it exists), or raise an [`OptionError`][attnflow.OptionError] saying why it
     cannot be: a file in the way, a parent that is a file, no permission, a full disk."""
     if path.exists() and not path.is_dir():
         raise OptionError(f"The {what} {str(path)!r} exists and is not a directory; choose another path.")

@@ -1,4 +1,4 @@
-"""Every error attnflow raises on purpose, in one place; all derive from :class:`AttnflowError`.
+"""Every error attnflow raises on purpose, in one place; all derive from [`AttnflowError`][attnflow.AttnflowError].
 
 ``attnflow.AttnflowError`` stays at the top level; the other classes live here (``attnflow.errors.TraceError``).
 The top-level names of the others (``attnflow.TraceError``...) still work for one release.

@@ -1,9 +1,9 @@
-"""Dataset-scale explanations on Dask: :func:`run_batch`, which ``attnflow batch`` wraps.
+"""Dataset-scale explanations on Dask: [`run_batch`][attnflow.run_batch], which ``attnflow batch`` wraps.
 
-The run reads a JSONL input (:mod:`._inputs`), checks and records its settings (:mod:`._settings`), has
-Dask workers capture and explain batches of examples (:mod:`._worker`), and keeps per example an
-:class:`attnflow.Explanation` file plus one Parquet score table in the output directory (:mod:`._store`);
-:mod:`._driver` ties them together.
+The run reads a JSONL input (`._inputs`), checks and records its settings (`._settings`), has
+Dask workers capture and explain batches of examples (`._worker`), and keeps per example an
+[`attnflow.Explanation`][attnflow.Explanation] file plus one Parquet score table in the output directory (`._store`);
+`._driver` ties them together.
 """
 
 from ._driver import BatchSummary, run_batch

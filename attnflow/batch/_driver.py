@@ -1,10 +1,10 @@
-"""The driver of a batch run: :func:`run_batch`, its :class:`BatchSummary`, and the Dask connection.
+"""The driver of a batch run: [`run_batch`][attnflow.run_batch], its [`BatchSummary`][attnflow.batch.BatchSummary], and the Dask connection.
 
 How it runs: the driver (this process) reads the JSONL input, skips the examples whose file already exists
 for the same text, target and settings, and submits batches of them to a ``dask.distributed`` cluster (an
 embedded ``LocalCluster`` with one single-threaded worker process per core, or an existing one). Each worker
-loads the model once and returns per example its explanation file's bytes (:mod:`._worker`); the driver
-writes them (:mod:`._store`), so workers need no shared filesystem and a killed run loses only the examples
+loads the model once and returns per example its explanation file's bytes (`._worker`); the driver
+writes them (`._store`), so workers need no shared filesystem and a killed run loses only the examples
 in flight. At the end the Parquet table is rebuilt from the example files of the input, so it always
 matches them. One run at a time writes into an output directory (an exclusive lock, held start to end).
 
@@ -47,7 +47,7 @@ DEFAULT_BATCH_SIZE = 8
 
 @dataclasses.dataclass
 class BatchSummary:
-    """What :func:`run_batch` did.
+    """What [`run_batch`][attnflow.run_batch] did.
 
     Attributes:
         out: the output directory.
@@ -83,10 +83,12 @@ class BatchSummary:
 
     @property
     def examples_per_second(self) -> float:
+        """Examples explained per second of this run (0 when nothing ran)."""
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def table(self) -> Path:
+        """The path of the run's score table, ``OUT/scores.parquet``."""
         return self.out / TABLE
 
     def as_dict(self) -> dict[str, Any]:
@@ -143,9 +145,9 @@ def run_batch(
     """Explain every line of a JSONL file on a Dask cluster: one explanation file per example and a score table.
 
     Each example is captured in a batch, cropped to its own real tokens (``trace.select(b, crop=True)``) and
-    explained with :func:`attnflow.explain`; its file ``OUT/examples/ID.safetensors`` is that
-    :class:`attnflow.Explanation` (read it with :func:`attnflow.load` or :func:`load_example`), and
-    ``OUT/scores.parquet`` holds every example's :meth:`~attnflow.Explanation.to_frame` rows with an ``id``
+    explained with [`attnflow.explain`][attnflow.explain]; its file ``OUT/examples/ID.safetensors`` is that
+    [`attnflow.Explanation`][attnflow.Explanation] (read it with [`attnflow.load`][attnflow.load] or [`load_example`][attnflow.batch.load_example]), and
+    ``OUT/scores.parquet`` holds every example's [`to_frame`][attnflow.Explanation.to_frame] rows with an ``id``
     column: ``id, method, layer, source, source_token, stream, token_index, token, score``.
 
     Args:
@@ -155,17 +157,17 @@ def run_batch(
         model: model directory as the workers see it (default: the packaged all-MiniLM-L6-v2, located by each
             worker). With the embedded cluster it is checked here and recorded as an absolute path.
         adapter: registered adapter that loads and tokenises (``load_model``/``encode``).
-        methods: registered method names (:func:`attnflow.list_methods`; a list or a comma-separated string).
+        methods: registered method names ([`attnflow.list_methods`][attnflow.list_methods]; a list or a comma-separated string).
             What they need beside the weights is captured with them (attention gradients, value tensors,
             value-zeroing scores). A method registered in this process reaches the workers with the task.
         sources: explained output-token positions (negative: from the last real token), or ``"all"``/None.
         all_layers: keep every layer (per-layer methods at each layer, cumulative ones up to each layer),
             not only the last.
-        options: the :class:`attnflow.Options` every method reads (head fusion, residual, discard ratio,
+        options: the [`attnflow.Options`][attnflow.Options] every method reads (head fusion, residual, discard ratio,
             layers, flow's ``max_seconds`` per example...); default the paper's.
         target: for methods that need attention gradients (``grad_rollout``, ``attn_grad``): the index of the
             model's logits (a class, or a vocabulary id) whose gradient weighs the attention, or ``"argmax"``
-            (the default), read where :func:`attnflow.capture` reads it. Not the lines' ``"target"``, which is
+            (the default), read where [`attnflow.capture`][attnflow.recording.capture] reads it. Not the lines' ``"target"``, which is
             an encoder-decoder's decoder text. The model must have logits (a classifier, a language model).
         max_length: token limit passed to the adapter's ``encode`` (None: the adapter's default).
         batch_size: texts per forward pass (one Dask task).
@@ -189,7 +191,7 @@ def run_batch(
     scheduler with TLS (``distributed.security.Security``) and pass ``scheduler`` with the TLS options.
 
     Returns:
-        A :class:`BatchSummary` (also written to ``OUT/summary.json``). An example fails alone (listed in
+        A [`BatchSummary`][attnflow.batch.BatchSummary] (also written to ``OUT/summary.json``). An example fails alone (listed in
         ``failed``) when its source is out of range, its flow is too large, or its line lacks a target for
         an encoder-decoder model (or has one for a model that is not).
 

@@ -1,4 +1,4 @@
-"""The JSONL input of a batch run: :class:`Example` lines, :class:`Malformed` ones, and their file names."""
+"""The JSONL input of a batch run: [`Example`][attnflow.batch.Example] lines, [`Malformed`][attnflow.batch.Malformed] ones, and their file names."""
 
 from __future__ import annotations
 

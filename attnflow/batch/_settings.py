@@ -35,8 +35,8 @@ class Settings:
     every token; ``methods`` are registered method names in the registry's order (for ``"all"``: every
     method the adapter declares it can serve; ``everything`` is then True and methods the model itself
     cannot serve are skipped per example, with the reason in the explanation); ``needs`` the capture kinds
-    they need (rows of :data:`attnflow.recording.KINDS`); ``target`` the logit whose gradient is captured (an
-    index, or :data:`ARGMAX`) where a method needs attention gradients, else None.
+    they need (rows of `attnflow.recording.KINDS`); ``target`` the logit whose gradient is captured (an
+    index, or `ARGMAX`) where a method needs attention gradients, else None.
     """
 
     adapter: str
@@ -52,7 +52,7 @@ class Settings:
     everything: bool = False
 
     def capture_options(self) -> dict[str, Any]:
-        """The keywords of :func:`attnflow.capture` that record what the methods need beside the weights."""
+        """The keywords of [`attnflow.capture`][attnflow.recording.capture] that record what the methods need beside the weights."""
         target = None if self.target == ARGMAX else self.target
         if self.everything:  # kinds the model cannot serve are dropped, their methods skipped
             return {"methods": ALL, **({"target": target} if "attn_grad" in self.needs else {})}

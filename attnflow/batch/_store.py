@@ -81,7 +81,7 @@ def write_example(out: Path, example: Example, data: bytes) -> None:
 
 
 def read_example(path: Path) -> Explanation:
-    """An example file as an :class:`Explanation`, every checksum and its batch metadata checked.
+    """An example file as an [`Explanation`][attnflow.Explanation], every checksum and its batch metadata checked.
 
     Raises:
         TraceFileError: missing, damaged (a flipped byte anywhere), of the old ``attnflow.batch-example``
@@ -133,14 +133,14 @@ def example_state(out: Path, example: Example, digest: str) -> tuple[bool, str |
 
 
 def load_example(out: str | os.PathLike[str], example_id: str | None = None) -> Explanation:
-    """Read one example written by :func:`attnflow.run_batch` (``attnflow.load`` reads the file too).
+    """Read one example written by [`attnflow.run_batch`][attnflow.run_batch] (``attnflow.load`` reads the file too).
 
     Args:
         out: the output directory (then give ``example_id``), or the path of an example file.
         example_id: the example's id.
 
     Returns:
-        The example's :class:`attnflow.Explanation`: one item (batch 1) over its real tokens, the run's
+        The example's [`attnflow.Explanation`][attnflow.Explanation]: one item (batch 1) over its real tokens, the run's
         methods, sources and options; ``metadata["batch"]`` holds its ``id``, input ``line``, ``text``,
         ``target`` (None without one), their SHA-256 and the run's ``settings`` digest.
 
@@ -198,7 +198,7 @@ def write_table(out: Path, examples: Sequence[Example], digest: str, failed: lis
 
 
 def _table_part(pa: Any, schema: Any, explanation: Explanation, example_id: str) -> Any:
-    """The rows of one example: its explanation's :meth:`~attnflow.Explanation.to_frame`, with its id."""
+    """The rows of one example: its explanation's [`to_frame`][attnflow.Explanation.to_frame], with its id."""
     frame = explanation.to_frame()
     columns = {
         "id": pa.array([example_id] * len(frame), pa.string()),
@@ -287,7 +287,7 @@ def _pid_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def holding(out: Path) -> Iterator[None]:
     """Hold ``OUT/.attnflow-batch.lock`` exclusively for the block (fcntl.flock, released however this process
-    ends), with who holds it written inside; raise :class:`OutputInUseError` at once if another run holds it."""
+    ends), with who holds it written inside; raise [`OutputInUseError`][attnflow.OutputInUseError] at once if another run holds it."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): concurrent runs into one directory are not detected there

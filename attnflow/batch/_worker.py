@@ -175,7 +175,7 @@ def _capture_items(
 def _explanation_file(
     trace: AttentionTrace, example: Example, settings: Settings, methods: Sequence[Method], digest: str
 ) -> bytes:
-    """The bytes of the example's explanation file (:meth:`Explanation.save`, every checksum included)."""
+    """The bytes of the example's explanation file ([`Explanation.save`][attnflow.Explanation.save], every checksum included)."""
     trace = trace.replace(metadata={**trace.metadata, "batch": example_metadata(example, digest)})
     # "all": the methods this model serves; the others are in the explanation's skipped, with the reason
     explanation = explain(

@@ -1,4 +1,4 @@
-"""``attnflow batch INPUT.jsonl --out DIR``: explain a whole file of texts on Dask (see :mod:`attnflow.batch`)."""
+"""``attnflow batch INPUT.jsonl --out DIR``: explain a whole file of texts on Dask (see [`attnflow.batch`][attnflow.batch])."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def sources_from(items: list[str] | None) -> Any:
-    """``--sources`` for :func:`attnflow.batch.run_batch`: positions (token texts are refused: the same text
+    """``--sources`` for [`attnflow.batch.run_batch`][attnflow.batch.run_batch]: positions (token texts are refused: the same text
     may sit at other positions in other lines), ``"all"``, or the default (0)."""
     if items is None:
         return DEFAULT_SOURCES
@@ -82,7 +82,7 @@ def sources_from(items: list[str] | None) -> Any:
 
 
 def target_from(value: str) -> int | None:
-    """``--target`` for :func:`attnflow.batch.run_batch` (auto: the argmax logit; argmax: a deprecated alias)."""
+    """``--target`` for [`attnflow.batch.run_batch`][attnflow.batch.run_batch] (auto: the argmax logit; argmax: a deprecated alias)."""
     if value == "argmax":
         warn_deprecated("--target argmax", "--target auto")
         return None

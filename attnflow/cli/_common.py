@@ -1,7 +1,7 @@
 """The flags every subcommand shares, defined once: the same names, syntax, defaults and help everywhere.
 
 The method options (``--head-fusion``, ``--residual``, ``--discard-ratio``, ``--layers``, ``--normalize``,
-``--flow-solver``, ``--n-jobs``, ``--max-seconds``) are generated from the fields of :class:`attnflow.Options`
+``--flow-solver``, ``--n-jobs``, ``--max-seconds``) are generated from the fields of [`attnflow.Options`][attnflow.Options]
 (their help is the field's ``metadata["help"]``); ``--methods``, ``--sources``, ``--target`` and the model
 flags are written here once. Device and dtype placement goes through the adapter (``Adapter.place``), so
 this module, like every subcommand module, imports no framework.
@@ -24,7 +24,7 @@ from ..methods._registry import list_methods
 
 #: ``--methods``' default in every subcommand.
 DEFAULT_METHODS = "raw,rollout,flow"
-#: The :class:`Options` fields that have a flag (``heads`` and ``weights`` are Python-only for now).
+#: The `Options` fields that have a flag (``heads`` and ``weights`` are Python-only for now).
 OPTION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Options) if f.metadata.get("cli", True))
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
@@ -46,7 +46,7 @@ def _choices(field: dataclasses.Field[Any]) -> tuple[Any, ...] | None:
 
 
 def add_option_flags(parser: argparse.ArgumentParser, names: Sequence[str] = OPTION_FIELDS) -> None:
-    """One flag per :class:`Options` field in ``names``, generated from the field: its default, its choices
+    """One flag per [`Options`][attnflow.Options] field in ``names``, generated from the field: its default, its choices
     (``Literal`` fields), its type (from the default) and its help (``metadata["help"]``)."""
     group = parser.add_argument_group("method options (attnflow.Options)")
     for field in dataclasses.fields(Options):
@@ -69,7 +69,7 @@ def add_option_flags(parser: argparse.ArgumentParser, names: Sequence[str] = OPT
 
 
 def options_from(args: argparse.Namespace, names: Sequence[str] = OPTION_FIELDS) -> Options:
-    """The :class:`Options` of the flags in ``names`` (checked; ``--layers`` read as 1-based layer numbers)."""
+    """The [`Options`][attnflow.Options] of the flags in ``names`` (checked; ``--layers`` read as 1-based layer numbers)."""
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if "layers" in values:
         values["layers"] = parse_layers(values["layers"])
@@ -79,7 +79,7 @@ def options_from(args: argparse.Namespace, names: Sequence[str] = OPTION_FIELDS)
 
 
 def parse_layers(text: str | None) -> Any:
-    """``--layers`` (1-based layer numbers, as every output numbers layers) as :attr:`Options.layers` (0-based
+    """``--layers`` (1-based layer numbers, as every output numbers layers) as `Options.layers` (0-based
     indices): None; ``A..B`` (inclusive, either end optional, negatives from the end) as a ``(start, end)``
     pair; ``L1,L2,...`` as a list of indices."""
     if text is None:

@@ -1,6 +1,6 @@
 """``attnflow compare A.safetensors B.safetensors``: are two saved traces the same, within tolerance?
 
-Prints the :class:`~attnflow.ComparisonReport` table. Exit status: 0 when the traces agree, 1 when
+Prints the [`ComparisonReport`][attnflow.ComparisonReport] table. Exit status: 0 when the traces agree, 1 when
 they disagree beyond tolerance (like ``diff``; an error, e.g. traces that cannot be compared, also
 exits 1 with an ``attnflow: error:`` message). ``--png`` / ``--html`` write a per-layer/head heatmap
 of the max absolute attention difference, ``--json`` the report as JSON.

@@ -1,7 +1,7 @@
 """``attnflow evaluate INPUT.jsonl --out DIR``: faithfulness of raw attention, rollout, flow, ALTI... over a data set.
 
 Per example the model is run, the methods computed at every layer and compared with blank-out and input
-gradients (:func:`attnflow.faithfulness`). Every option is checked before the model loads (the methods against
+gradients (`attnflow.faithfulness`). Every option is checked before the model loads (the methods against
 what the adapter can capture: ``--methods all`` runs every method it can and says which it skips and why).
 Each example's result is written atomically to ``DIR/examples/NAME.json`` with its id, a hash of its text and
 the run's settings; ``DIR/settings.json`` is written once the first example is stored. A re-run resumes:
@@ -14,7 +14,7 @@ layer):
 
 - ``DIR/leaderboard.csv`` and ``.parquet``: per reference the methods ranked by the item mean of their
   last-layer Spearman ρ, with the mean ρ over layers, AOPC comprehensiveness and sufficiency, ``n`` and 95%
-  bootstrap intervals (columns: :data:`attnflow.evaluate.LEADERBOARD_COLUMNS`), and ``DIR/leaderboard.png``;
+  bootstrap intervals (columns: `attnflow.evaluate.LEADERBOARD_COLUMNS`), and ``DIR/leaderboard.png``;
 - ``DIR/faithfulness.csv`` and ``.parquet``, the long per-layer table (``method, reference, layer, mean, std,
   n``), ``DIR/aopc.csv`` and the plot ``DIR/faithfulness.png``.
 

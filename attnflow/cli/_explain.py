@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plan_keywords(plan: CapturePlan, target: Any) -> dict[str, Any]:
-    """The :func:`attnflow.capture` keywords that record what the plan's methods need."""
+    """The [`attnflow.capture`][attnflow.recording.capture] keywords that record what the plan's methods need."""
     keywords: dict[str, Any] = {"methods": planned_methods(plan)}
     if "attn_grad" in plan.kinds:
         keywords["target"] = target
@@ -384,7 +384,7 @@ def _shared_top(explanation: Explanation, b: int, stream: str, exclude: bool) ->
 
 
 def write_picture(path: Path, figure: Any, fmt: str, dpi: float) -> None:
-    """``figure`` written atomically to ``path`` in format ``fmt``; a failed write is a :class:`TraceFileError`."""
+    """``figure`` written atomically to ``path`` in format ``fmt``; a failed write is a [`TraceFileError`][attnflow.TraceFileError]."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:

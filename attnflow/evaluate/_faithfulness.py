@@ -19,9 +19,12 @@ from ._stats import CURVE_GRID, ERASER_BINS, ranking, snap, spearman, steps
 #: Reference importances and the adapter capability each needs.
 REFERENCES = {"blankout": "ablation", "grad_norm": "input_gradients", "grad_x_input": "input_gradients",
               "grad_norm_proj": "input_gradients"}
+"""Reference importances and the adapter capability each needs."""
 #: The references computed by default: every one but ``grad_norm_proj`` (the cheap stand-in for ``grad_norm``
 #: on vector targets, asked for by name).
 DEFAULT_REFERENCES = ("blankout", "grad_norm", "grad_x_input")
+"""The references computed by default: every one but ``grad_norm_proj`` (the cheap stand-in for ``grad_norm``
+on vector targets, asked for by name)."""
 #: References that need the Jacobian of a vector target (one backward pass per output dimension).
 JACOBIAN_REFERENCES = ("grad_norm", "grad_x_input")
 
@@ -72,7 +75,7 @@ def faithfulness(
     Args:
         model: the model (PyTorch, transformers, Flax), through an adapter declaring ``"ablation"`` (blank-out,
             curves) and ``"input_gradients"`` (gradients).
-        explanation: from :func:`attnflow.explain` on a trace of this call; use ``all_layers=True`` for a
+        explanation: from [`attnflow.explain`][attnflow.explain] on a trace of this call; use ``all_layers=True`` for a
             correlation per layer (flow computes only the last layer by default).
         *args: the model's positional inputs.
         **model_kwargs: the model's keyword inputs (e.g. ``input_ids=..., attention_mask=...``).
@@ -110,14 +113,14 @@ def faithfulness(
             ranking of methods is the same either way.
         seed: the seed of the random ranking, and of the random order in which tied scores are removed.
         embedding: the module giving input embeddings (a module, or its path) when the adapter cannot find it.
-        adapter: as for :func:`attnflow.capture`.
-        adapter_options: as for :func:`attnflow.capture`.
+        adapter: as for [`attnflow.capture`][attnflow.recording.capture].
+        adapter_options: as for [`attnflow.capture`][attnflow.recording.capture].
         max_rows: input rows per forward pass.
         notice: called with a sentence about a costly step before it starts (the Jacobian of a vector
             target); default: nothing is said.
 
     Returns:
-        A :class:`FaithfulnessReport` (``.spearman[method][reference]`` per layer, ``.aopc``, ``.curves``,
+        A [`FaithfulnessReport`][attnflow.evaluate.FaithfulnessReport] (``.spearman[method][reference]`` per layer, ``.aopc``, ``.curves``,
         ``.to_frame()``).
 
     Raises:
@@ -161,7 +164,7 @@ def evaluate_probe(
     bins: Sequence[float] = ERASER_BINS, grid: Sequence[float] = CURVE_GRID, seed: int = 0,
     settings: Mapping[str, Any] | None = None, notice: Callable[[str], None] | None = None,
 ) -> FaithfulnessReport:
-    """The framework-free part of :func:`faithfulness`, on a probe made by an adapter (or by hand)."""
+    """The framework-free part of [`faithfulness`][attnflow.evaluate.faithfulness], on a probe made by an adapter (or by hand)."""
     check_seed(seed)
     stream = _explained_stream(explanation)
     mask = np.asarray(stream.mask, bool)

@@ -37,6 +37,7 @@ LEADERBOARD_COLUMNS = (
     "comprehensiveness", "comprehensiveness_low", "comprehensiveness_high",
     "sufficiency", "sufficiency_low", "sufficiency_high", "n_aopc",
 )
+"""Columns of the leaderboard table (``OUT/leaderboard.csv`` and ``.parquet`` of ``attnflow evaluate``)."""
 #: What each column means (docs/faithfulness.md repeats it).
 LEADERBOARD_DOC = {
     "reference": "the reference importance the ranks are compared with (blankout, grad_norm, ...)",
@@ -98,7 +99,7 @@ def leaderboard_rows(
     comprehensiveness: Mapping[str, np.ndarray] | None = None, sufficiency: Mapping[str, np.ndarray] | None = None,
     seed: int = 0, resamples: int = RESAMPLES,
 ) -> list[dict[str, Any]]:
-    """The ranked rows of one reference (columns :data:`LEADERBOARD_COLUMNS`), from per-method
+    """The ranked rows of one reference (columns `LEADERBOARD_COLUMNS`), from per-method
     ``(layers, items)`` correlations with that reference and 0-based layer indices; best first, ties and NaN
     means ordered by name (NaN last)."""
     rows = []

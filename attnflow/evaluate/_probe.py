@@ -4,7 +4,7 @@
 An adapter that declares either capability implements ``probe(model, request, *args, **kwargs) -> Probe``;
 the probe runs the model on the call's inputs with chosen tokens blanked out (``ablation``) and takes
 gradients of the target with respect to the input embeddings (``input_gradients``). Everything else (which
-variants to run, Spearman, AOPC, curves) is numpy in :mod:`attnflow.evaluate`.
+variants to run, Spearman, AOPC, curves) is numpy in [`attnflow.evaluate`][attnflow.evaluate].
 
 The target is resolved here, framework-free, so that every adapter reads it the same way: the rules are
 those of ``capture(..., target=...)`` (an int indexes the last axis of the logits, None takes each item's
@@ -25,6 +25,8 @@ import numpy as np
 from .._errors import OptionError
 
 BLANKS = ("mask", "unk", "zero")
+"""How a blanked-out token is replaced: ``"mask"`` (the mask token), ``"unk"`` (the unknown token) or
+``"zero"`` (a zero input embedding)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Target:
     takes_items: bool = False
 
     def describe(self) -> str:
+        """One line saying what the target scores, e.g. ``"logits (each item's argmax)"``."""
         if self.kind == "embedding":
             return "embedding (cosine of the mean-pooled last hidden state to the unablated one)"
         if self.kind == "callable":
@@ -132,18 +135,18 @@ def target_positions(
 
 @dataclasses.dataclass(frozen=True)
 class ProbeRequest:
-    """What :func:`attnflow.faithfulness` asks of an adapter's probe.
+    """What `attnflow.faithfulness` asks of an adapter's probe.
 
     Attributes:
-        target: the resolved target (None: decide from the output, see :func:`resolve_target`).
-        target_position: where per-token logits are read (see :func:`target_positions`).
+        target: the resolved target (None: decide from the output, see [`resolve_target`][attnflow.evaluate.resolve_target]).
+        target_position: where per-token logits are read (see [`target_positions`][attnflow.evaluate.target_positions]).
         blank: ``"mask"``, ``"unk"``, ``"zero"`` (the token's input embedding set to zero) or a token id.
         tokenizer: the tokenizer (for its mask/unk token ids), or None.
         mask: ``(batch, tokens)`` bool, the real tokens of the explained input (from the explanation).
         causal: whether the explained stream is causal (a decoder).
         embedding: which module gives the input embeddings (a module, or its path), None: the adapter finds it.
         max_rows: at most this many input rows per forward pass.
-        gradients: whether :meth:`Probe.gradients` will be asked (input gradients).
+        gradients: whether [`Probe.gradients`][attnflow.evaluate.Probe.gradients] will be asked (input gradients).
         references: the references asked for (a probe computes only the gradient references among them;
             empty: ``grad_norm`` and ``grad_x_input``, as before this field existed).
     """
@@ -167,7 +170,7 @@ class Probe(abc.ABC):
         base: ``(batch,)`` the target score of each item's unablated input (1.0 for embedding targets: the
             cosine of the output with itself).
         positions: ``(batch,)`` where per-token logits are read, or None (the target reads no token).
-        target: the resolved :class:`Target`.
+        target: the resolved [`Target`][attnflow.evaluate.Target].
         vector: whether the target is a vector compared by cosine similarity to the unablated one (the
             embedding target, or a callable returning ``(rows, dim)``).
     """
@@ -193,7 +196,7 @@ class Probe(abc.ABC):
 
         A probe may also return ``"grad_norm_proj"``: ``‖∂s/∂e_j‖₂`` of the projection
         ``s(x) = ⟨v(x), u⟩`` on the unablated direction (one backward pass; for a scalar target, ``grad_norm``
-        itself), and may leave out what :attr:`ProbeRequest.references` does not ask for."""
+        itself), and may leave out what `ProbeRequest.references` does not ask for."""
 
     def jacobian_size(self) -> int | None:
         """The output dimension of a vector target (the backward passes per item its Jacobian needs), or None
@@ -246,7 +249,7 @@ def resolve_blank(blank: Any, tokenizer: Any, model: Any, vocabulary: int | None
 
 def target_index(index: Any, classes: int, batch: int, shown: str) -> np.ndarray:
     """``(batch,)`` class or vocabulary indices of a ``target=`` int (or per-item ints), negative ones counted
-    from the end; an :class:`OptionError` naming ``shown`` (the target as the user wrote it) when one is out of
+    from the end; an [`OptionError`][attnflow.OptionError] naming ``shown`` (the target as the user wrote it) when one is out of
     range of the model's ``classes`` outputs."""
     out = np.broadcast_to(np.asarray(index, dtype=np.int64), (batch,))
     if ((out < -classes) | (out >= classes)).any():

@@ -15,6 +15,7 @@ from ._stats import summarize
 
 #: The name of the random-ranking baseline among a report's methods.
 RANDOM = "random"
+"""The name of the random-ranking baseline among a report's methods."""
 #: The AOPC metrics (ERASER): the mean drop when the top tokens are removed, and when only they are kept.
 AOPC_METRICS = ("comprehensiveness", "sufficiency")
 CURVE_KINDS = ("deletion", "insertion")
@@ -23,7 +24,7 @@ CURVE_KINDS = ("deletion", "insertion")
 class FaithfulnessReport:
     """How well each method's scores agree with the model's own sensitivity to its input tokens.
 
-    All per-item arrays have the items of the explanation (or of every report merged by :meth:`concat`)
+    All per-item arrays have the items of the explanation (or of every report merged by [`concat`][attnflow.evaluate.FaithfulnessReport.concat])
     along one axis. A correlation is NaN where it is undefined (an item with fewer than two tokens
     compared, or constant scores); means skip NaN and ``n`` counts what was averaged.
 
@@ -33,7 +34,7 @@ class FaithfulnessReport:
         references: the reference importances compared against (``"blankout"``, ``"grad_norm"``,
             ``"grad_x_input"``).
         layers: per method, the layer indices (among the explained stream's layers, 0-based, as
-            :meth:`attnflow.Explanation.layer_indices`) of its correlations.
+            [`attnflow.Explanation.layer_indices`][attnflow.Explanation.layer_indices]) of its correlations.
         correlations: ``correlations[method][reference]``: ``(layers, items)`` Spearman correlation per item.
         comprehensiveness, sufficiency: per method ``(items,)``: ERASER's AOPC per item, from the method's
             scores at its last layer.
@@ -86,7 +87,7 @@ class FaithfulnessReport:
     @property
     def spearman(self) -> dict[str, dict[str, np.ndarray]]:
         """``spearman[method][reference]``: ``(layers,)`` mean Spearman correlation over the items, per layer
-        of :attr:`layers` (NaN where no item has one)."""
+        of `layers` (NaN where no item has one)."""
         return {
             method: {ref: np.array([summarize(row)[0] for row in array]) for ref, array in by.items()}
             for method, by in self.correlations.items()
@@ -105,7 +106,7 @@ class FaithfulnessReport:
     @property
     def curves(self) -> dict[str, dict[str, np.ndarray]]:
         """``curves[method]["deletion" | "insertion"]``: ``(len(grid),)`` the mean target score over items at
-        each fraction of :attr:`grid` (per item: :attr:`item_curves`)."""
+        each fraction of `grid` (per item: `item_curves`)."""
         return {
             method: {kind: np.array([summarize(col)[0] for col in array.T]) for kind, array in by.items()}
             for method, by in self.item_curves.items()
@@ -113,7 +114,7 @@ class FaithfulnessReport:
 
     def rows(self) -> list[dict[str, Any]]:
         """The long per-layer table as dicts: ``method, reference, layer, mean, std, n``; ``layer`` is 1-based
-        (layer 1: after the explained stream's first layer, i.e. :attr:`layers` index 0 + 1)."""
+        (layer 1: after the explained stream's first layer, i.e. `layers` index 0 + 1)."""
         out = []
         for method, by in self.correlations.items():
             for reference, array in by.items():
@@ -128,11 +129,11 @@ class FaithfulnessReport:
         """The methods ranked by how well their last-layer token ranking agrees with ``reference``.
 
         One row per method (the random baseline included), best first, with the columns of
-        :data:`attnflow.evaluate.LEADERBOARD_COLUMNS`: ``rho_last`` (the item mean of the last-layer Spearman ρ,
+        `attnflow.evaluate.LEADERBOARD_COLUMNS`: ``rho_last`` (the item mean of the last-layer Spearman ρ,
         the ranking key), ``rho_layers`` (per item the mean over layers, then the mean over items), AOPC
         comprehensiveness (higher is better) and sufficiency (lower is better), each with ``n`` and a 95%
         percentile-bootstrap interval over items (``resamples`` resamples drawn from
-        ``numpy.random.default_rng(seed)`` afresh for each figure; see :mod:`attnflow.evaluate._leaderboard`).
+        ``numpy.random.default_rng(seed)`` afresh for each figure; see `attnflow.evaluate._leaderboard`).
         ``layer`` is 1-based.
         """
         self._check_reference(reference)
@@ -142,7 +143,7 @@ class FaithfulnessReport:
         )
 
     def lead(self, reference: str = "blankout", *, seed: int = 0, resamples: int = RESAMPLES) -> dict[str, Any]:
-        """The most faithful method against ``reference`` (the first of :meth:`leaderboard` that is not the
+        """The most faithful method against ``reference`` (the first of [`leaderboard`][attnflow.evaluate.FaithfulnessReport.leaderboard] that is not the
         random baseline) and whether its lead over the second is clear: ``{"best", "second", "difference",
         "low", "high", "n", "clear"}``, the paired per-item difference of last-layer ρ (first minus second)
         with its 95% bootstrap interval; ``clear`` when the interval excludes 0."""
@@ -274,7 +275,7 @@ class FaithfulnessReport:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (NaN as None) that :meth:`from_dict` reads back."""
+        """A JSON-ready dict (NaN as None) that [`from_dict`][attnflow.evaluate.FaithfulnessReport.from_dict] reads back."""
         return {
             "format": "attnflow.faithfulness", "version": 1,
             "layers": {m: list(v) for m, v in self.layers.items()}, "references": list(self.references),
@@ -289,7 +290,7 @@ class FaithfulnessReport:
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any]) -> FaithfulnessReport:
-        """The report :meth:`to_dict` wrote; a document of another kind is an :class:`OptionError`."""
+        """The report [`to_dict`][attnflow.evaluate.FaithfulnessReport.to_dict] wrote; a document of another kind is an [`OptionError`][attnflow.OptionError]."""
         if not isinstance(document, Mapping) or document.get("format") != "attnflow.faithfulness":
             raise OptionError("This is not an attnflow faithfulness document (no format 'attnflow.faithfulness').")
         try:
@@ -314,7 +315,7 @@ class FaithfulnessReport:
 
 def plot_rows(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
     """The correlation-by-layer figure from long-table rows (``method, reference, layer, mean, std, n``; layers
-    1-based, as :meth:`FaithfulnessReport.rows` writes them)."""
+    1-based, as [`FaithfulnessReport.rows`][attnflow.evaluate.FaithfulnessReport.rows] writes them)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)

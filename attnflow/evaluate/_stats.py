@@ -13,8 +13,11 @@ from .._ranks import spearman as spearman
 #: ERASER's bins (DeYoung et al., 2020): the fractions of an item's tokens removed (comprehensiveness) or kept
 #: (sufficiency), averaged into AOPC.
 ERASER_BINS = (0.01, 0.05, 0.10, 0.20, 0.50)
+"""ERASER's bins (DeYoung et al., 2020): the fractions of an item's tokens removed (comprehensiveness) or kept
+(sufficiency), averaged into AOPC."""
 #: Fractions of the tokens at which deletion and insertion curves are read.
 CURVE_GRID = tuple(i / 10 for i in range(11))
+"""Fractions of the tokens at which deletion and insertion curves are read."""
 
 
 def ranking(scores: np.ndarray, positions: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The methods: raw attention, attention rollout and attention flow over a trace's network, and the base
-classes a method author builds on (:class:`Method`, :class:`LayerMethod`, :class:`RoutedMethod`)."""
+classes a method author builds on ([`Method`][attnflow.Method], [`LayerMethod`][attnflow.LayerMethod], [`RoutedMethod`][attnflow.RoutedMethod])."""
 
 from ._flow import flow as flow
 from ._flow import flow_network as flow_network

@@ -53,7 +53,7 @@ class Raw(Method):
 
 
 class Rollout(Method):
-    """Attention rollout: proportional routing through the attention network (see :func:`attnflow.rollout`)."""
+    """Attention rollout: proportional routing through the attention network (see [`attnflow.rollout`][attnflow.rollout])."""
 
     name = "rollout"
     row_sum = "one"
@@ -68,8 +68,8 @@ class Rollout(Method):
 
 
 class Flow(Method):
-    """Attention flow: max-flow through the attention network (see :func:`attnflow.flow`). Every layer
-    costs about as much as the last, so :func:`attnflow.explain` computes only the last unless asked."""
+    """Attention flow: max-flow through the attention network (see [`attnflow.flow`][attnflow.flow]). Every layer
+    costs about as much as the last, so [`attnflow.explain`][attnflow.explain] computes only the last unless asked."""
 
     name = "flow"
     order = 20

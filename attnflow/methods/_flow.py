@@ -51,18 +51,18 @@ def flow(
     On one stream the network has ``L + 1`` layers of ``n`` nodes (layer 0 = input tokens); node ``(l+1, i)``
     has an edge to ``(l, j)`` with capacity ``Â_l[i, j]`` where ``Â = (1 - r) A + r I`` (heads fused, rows
     renormalised), exactly as in the paper's code. Across streams (encoder-decoder, linked vision tokens)
-    it is the same network :func:`attnflow.rollout` routes through, with cross-attention and link edges
-    (see :mod:`attnflow.network`), so ``flow(normalize=False) >= rollout`` entry by entry. Each batch item
+    it is the same network [`attnflow.rollout`][attnflow.rollout] routes through, with cross-attention and link edges
+    (see `attnflow.network`), so ``flow(normalize=False) >= rollout`` entry by entry. Each batch item
     uses only its real tokens.
 
     Args:
         trace: the captured attention.
-        head_fusion: as in :func:`attnflow.rollout`.
-        residual: as in :func:`attnflow.rollout`.
-        discard_ratio: as in :func:`attnflow.rollout`.
-        layers: as in :func:`attnflow.rollout`.
-        stream: as in :func:`attnflow.rollout`.
-        heads: as in :func:`attnflow.rollout`.
+        head_fusion: as in [`attnflow.rollout`][attnflow.rollout].
+        residual: as in [`attnflow.rollout`][attnflow.rollout].
+        discard_ratio: as in [`attnflow.rollout`][attnflow.rollout].
+        layers: as in [`attnflow.rollout`][attnflow.rollout].
+        stream: as in [`attnflow.rollout`][attnflow.rollout].
+        heads: as in [`attnflow.rollout`][attnflow.rollout].
         normalize: divide each row by its sum over all input tokens (the paper's code does); ``False``
             returns raw max-flow values.
         sources: output-token positions to compute (e.g. ``[0]`` for CLS); negative values count back
@@ -171,7 +171,7 @@ def flow_scores(
 def estimate_flow_seconds(
     trace: AttentionTrace, options: Options, *, stream: str | None, sources: Sequence[int] | None, all_layers: bool,
 ) -> float:
-    """Estimated seconds :func:`flow_scores` takes with ``n_jobs=1`` (what ``max_seconds`` is checked against).
+    """Estimated seconds `flow_scores` takes with ``n_jobs=1`` (what ``max_seconds`` is checked against).
 
     Under causal attention on one stream a source's flow reaches only the tokens up to it, so each source is
     costed over its own prefix (the last token over the whole sequence, the first over one token).
@@ -287,7 +287,7 @@ def flow_network(
     ``layer`` (depth), ``token`` (index among real tokens), ``position`` (index in the padded stream),
     ``input`` and ``label`` (``"L{layer}:{token text}"``, prefixed by the stream name when there are
     several). Edges run from upper to lower nodes with edge attribute ``capacity``.
-    ``graph.maxflow_value(src, dst, capacity="capacity")`` on it gives :func:`flow` with ``normalize=False``.
+    ``graph.maxflow_value(src, dst, capacity="capacity")`` on it gives [`flow`][attnflow.flow] with ``normalize=False``.
     """
     from ..network._igraph import network_graph
 

@@ -17,14 +17,14 @@ LayerSelection = slice | range | tuple[int, int] | Sequence[int] | None
 
 
 def check_head_fusion(head_fusion: object) -> str | None:
-    """``head_fusion`` if it is None or one of :data:`HEAD_FUSIONS`; an :class:`OptionError` otherwise."""
+    """``head_fusion`` if it is None or one of `HEAD_FUSIONS`; an [`OptionError`][attnflow.OptionError] otherwise."""
     if head_fusion is not None and (not isinstance(head_fusion, str) or head_fusion not in HEAD_FUSIONS):
         raise OptionError(f"head_fusion must be one of {HEAD_FUSIONS} (or None), got {head_fusion!r}.")
     return head_fusion
 
 
 def check_flag(name: str, value: object, *, none: bool = False) -> None:
-    """An :class:`OptionError` unless ``value`` is True or False (or None where ``none``)."""
+    """An [`OptionError`][attnflow.OptionError] unless ``value`` is True or False (or None where ``none``)."""
     if not (isinstance(value, (bool, np.bool_)) or (none and value is None)):
         raise OptionError(f"{name} must be True or False{' (or None)' if none else ''}, got {value!r}.")
 

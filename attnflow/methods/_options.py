@@ -36,7 +36,7 @@ class Options:
             paper's), or the name of a contribution method (e.g. ``"alti"``, ``"norm"``) whose per-layer
             matrices replace attention.
         normalize: divide flow rows by their sum over the input tokens (the paper's code does).
-        flow_solver: the max-flow solver (see :func:`attnflow.flow`).
+        flow_solver: the max-flow solver (see [`attnflow.flow`][attnflow.flow]).
         n_jobs: workers for flow.
         max_seconds: flow refuses problems estimated to take longer.
     """
@@ -124,7 +124,7 @@ class Options:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Options:
-        """The inverse of :meth:`to_dict`."""
+        """The inverse of [`to_dict`][attnflow.Options.to_dict]."""
         values = dict(values)
         layers = values.get("layers")
         if isinstance(layers, Mapping) and "slice" in layers:

@@ -1,9 +1,9 @@
 """The method registry: built-in and third-party methods, found the same way (``attnflow.methods``).
 
-A method is a small object (:class:`Method`): a name, what it needs from the trace, whether it is a
+A method is a small object ([`Method`][attnflow.Method]): a name, what it needs from the trace, whether it is a
 per-layer view or cumulative, the paper it implements, and ``compute``, which turns a trace into scores
-on the trace's network. Third-party methods subclass :class:`Method` and are registered with
-:func:`register_method` or published under the ``attnflow.methods`` entry-point group; attnflow's own
+on the trace's network. Third-party methods subclass [`Method`][attnflow.Method] and are registered with
+[`register_method`][attnflow.register_method] or published under the ``attnflow.methods`` entry-point group; attnflow's own
 methods register through that group too.
 """
 
@@ -34,11 +34,11 @@ class Method(abc.ABC):
     """Base class of every method (built-in or third-party).
 
     Class attributes:
-        name: what users pass to :func:`attnflow.explain` (``"rollout"``).
+        name: what users pass to [`attnflow.explain`][attnflow.explain] (``"rollout"``).
         needs: trace fields it needs: ``"weights"``, and per-layer extras such as ``"attn_grad"`` or ``"values"``.
         cumulative: True for methods that roll information through the layers (rollout, flow); False for
             per-layer views (raw attention).
-        all_layers_by_default: whether :func:`attnflow.explain` computes every layer unless told otherwise
+        all_layers_by_default: whether [`attnflow.explain`][attnflow.explain] computes every layer unless told otherwise
             (False where every layer costs as much as the last, e.g. flow).
         reference: the paper, for documentation and titles.
         order: where the method sorts in listings and tables (lower first).
@@ -48,7 +48,7 @@ class Method(abc.ABC):
         row_sum: what each real explained token's scores sum to, over every input stream together:
             ``"one"`` (a distribution: entries >= 0, rows sum to 1), ``"at_most_one"`` (entries >= 0, rows
             sum to at most 1) or ``"free"`` (no constraint: flow, where each entry is its own max-flow;
-            gradients; norms). :func:`attnflow.testing.check_method` holds a method to it.
+            gradients; norms). [`attnflow.testing.check_method`][attnflow.testing.check_method] holds a method to it.
     """
 
     name: ClassVar[str] = ""
@@ -73,7 +73,7 @@ class Method(abc.ABC):
         return None
 
     def check(self, trace: AttentionTrace) -> None:
-        """Raise :class:`MethodError` when the trace lacks what the method needs."""
+        """Raise [`MethodError`][attnflow.MethodError] when the trace lacks what the method needs."""
         for need in self.needs:
             if need == "weights":
                 continue
@@ -123,7 +123,7 @@ def unregister_method(name: str) -> None:
 
 
 def list_methods() -> tuple[str, ...]:
-    """Names of the registered methods, built-ins first (in their ``order``); :func:`get_method` gives the
+    """Names of the registered methods, built-ins first (in their ``order``); [`get_method`][attnflow.get_method] gives the
     method itself."""
     return METHODS.names()
 
@@ -148,7 +148,7 @@ def method_names(methods: Iterable[str | Method] | str) -> list[str | Method]:
 
 
 def get_method(name: str | Method) -> Method:
-    """The method registered under ``name`` (a :class:`Method` instance is returned as it is)."""
+    """The method registered under ``name`` (a [`Method`][attnflow.Method] instance is returned as it is)."""
     if isinstance(name, Method):
         return name
     return METHODS.get(name)

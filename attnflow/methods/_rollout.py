@@ -35,7 +35,7 @@ def raw(
         layer: index among the layers of ``stream`` (its self- and cross-attention layers, in model order;
             negative counts from the end). For a single-stream trace, among all layers.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-        stream: whose layers (default: the explained stream, see :meth:`AttentionTrace.default_stream`).
+        stream: whose layers (default: the explained stream, see [`AttentionTrace.default_stream`][attnflow.AttentionTrace.default_stream]).
 
     Returns:
         ``(batch, query, key)`` float64, ``[b, i, j]`` = attention of query ``i`` on key ``j`` (the key
@@ -68,7 +68,7 @@ def rollout(
     On one stream this is ``R = Â_L ··· Â_1`` with ``Â = (1 - r) A + r I`` (rows renormalised), heads fused
     before the residual is added; ``discard_ratio`` drops the lowest fused weights of each layer first
     (vit-explain), never entry ``[0, 0]``. Across streams (encoder-decoder, linked vision tokens) the mass
-    follows cross-attention and links into the other streams; see :mod:`attnflow.network`.
+    follows cross-attention and links into the other streams; see `attnflow.network`.
 
     Args:
         trace: the captured attention.
@@ -82,7 +82,7 @@ def rollout(
         stream: the stream whose output tokens are explained (default: the decoder of an encoder-decoder,
             the only stream of a single-stream trace; required where it is ambiguous, e.g. CLIP).
         heads: fuse only these heads (a list for every layer, or per layer: ``{layer: [heads]}``).
-        sources: only these output tokens' rows, as in :func:`attnflow.flow` (``"generated"``: one row per
+        sources: only these output tokens' rows, as in [`attnflow.flow`][attnflow.flow] (``"generated"``: one row per
             generated token of a ``generate()`` trace); default all.
 
     Returns:

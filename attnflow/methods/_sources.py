@@ -23,7 +23,7 @@ class GeneratedSources(list):
 
 
 def resolve_sources(trace: AttentionTrace, stream: str, sources: Any) -> Sequence[int] | None:
-    """``sources`` as positions: ``"generated"`` becomes :class:`GeneratedSources`; anything else is returned
+    """``sources`` as positions: ``"generated"`` becomes `GeneratedSources`; anything else is returned
     as given (checked where it is used)."""
     if sources is None:
         return None

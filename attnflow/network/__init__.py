@@ -1,7 +1,7 @@
 """The attention network of a trace: one layered DAG per batch item that every method routes through.
 
-See :mod:`attnflow.network._network` for its nodes and edges, :func:`route` for proportional routing
-(rollout) and :mod:`attnflow.network._layered` for the layout the exact max-flow solvers take.
+See `attnflow.network._network` for its nodes and edges, `route` for proportional routing
+(rollout) and `attnflow.network._layered` for the layout the exact max-flow solvers take.
 """
 
 from ._network import Network as Network

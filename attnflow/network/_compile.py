@@ -17,7 +17,7 @@ import numpy as np
 
 
 def compile_kernel() -> dict[str, int]:
-    """Run the kernel's entry points with the argument types :func:`attnflow.flow` passes them, so that numba
+    """Run the kernel's entry points with the argument types [`attnflow.flow`][attnflow.flow] passes them, so that numba
     compiles (or loads) and caches them. Returns the number of signatures each entry point compiled now."""
     from . import _dinic
     from ._solvers import max_flow_values

@@ -1,6 +1,6 @@
 """Compiled (numba) Dinic max-flow kernel for the layered attention network.
 
-Imported lazily by :mod:`attnflow.network._solvers` only; importing this module imports numba.
+Imported lazily by `attnflow.network._solvers` only; importing this module imports numba.
 
 Layout: ``cap`` is ``(L, n, n)`` with ``cap[l, i, k]`` the capacity of the edge ``(l + 1, i) -> (l, k)``;
 ``res`` (same shape) holds the residual capacity ``cap - flow`` of each edge, so ``cap - res`` is the flow
@@ -11,12 +11,12 @@ layers ``0..top`` take part, and of them only ``s`` in layer ``top`` and only ``
 ``res`` equals ``cap`` between pairs: every entry a pair changes is logged and restored.
 
 Exactness: a pair's value is a feasible flow (phase one, then augmenting paths) that is stopped only when it
-meets an upper bound (a cut: :func:`live_bound`, :func:`layer_bound`) to within ``tol``, or when no augmenting
+meets an upper bound (a cut: `live_bound`, `layer_bound`) to within ``tol``, or when no augmenting
 path with more than ``eps`` of residual capacity is left (max-flow min-cut).
 
-The pruned solver's residual phases (:func:`_later_phases` with ``row_bfs``) label nodes with
-:func:`_row_bfs_labels`: the same exact distance-to-sink labels as the first kernel's queue BFS
-(:func:`_bfs_labels`), hence the same level graphs, augmenting paths and values, but computed
+The pruned solver's residual phases (`_later_phases` with ``row_bfs``) label nodes with
+`_row_bfs_labels`: the same exact distance-to-sink labels as the first kernel's queue BFS
+(`_bfs_labels`), hence the same level graphs, augmenting paths and values, but computed
 layer-synchronously with row accesses only (forward arcs pulled by the unlabelled nodes, which stop at the first
 usable arc; reverse arcs pushed from the frontier). On peaked, local causal heads (12 x 256 to 512 tokens, flow
 from the last token) about half the sinks need those phases, and their cost is dominated not by the labelling
@@ -196,7 +196,7 @@ def _relevant_nodes(top, s, j, reach, q, rel, cnt):
 
     Only they can lie on an augmenting path: a node that reaches the sink in the residual network reached it
     in the original one (reverse arcs start at nodes that carry flow), and likewise from the source; ``q > 0``
-    marks the nodes reachable from ``(top, s)`` (see :func:`source_chain`).
+    marks the nodes reachable from ``(top, s)`` (see `source_chain`).
     """
     n = q.shape[1]
     cnt[0] = 1
@@ -255,7 +255,7 @@ def _bfs_labels(cap, res, top, s, j, eps, work):
 
 @njit(cache=True, nogil=True)
 def _row_bfs_labels(cap, res, top, s, j, eps, work):
-    """:func:`_bfs_labels` (the same exact distance-to-sink labels over the same arcs), level by level with
+    """`_bfs_labels` (the same exact distance-to-sink labels over the same arcs), level by level with
     every access along a row of ``res``: a forward arc ``(l + 1, i) -> (l, k)`` is *pulled* (each unlabelled
     node scans its own row over the frontier of the layer below and stops at the first arc with spare
     capacity; on dense attention that is almost always the first one), a reverse arc is *pushed* (each
@@ -320,8 +320,8 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work):
 @njit(cache=True, nogil=True)
 def _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, row_bfs):
     """Dinic phases on the residual network (BFS levels, arcs both ways) until no augmenting path is left,
-    over the nodes of :func:`_relevant_nodes` only. ``row_bfs``: label with :func:`_row_bfs_labels` (the
-    pruned solver) instead of :func:`_bfs_labels` (``"dinic-v1"``); the labels, and so the phases, are the
+    over the nodes of `_relevant_nodes` only. ``row_bfs``: label with `_row_bfs_labels` (the
+    pruned solver) instead of `_bfs_labels` (``"dinic-v1"``); the labels, and so the phases, are the
     same."""
     n = cap.shape[1]
     d, cur, sl, si, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
@@ -462,8 +462,8 @@ def pair_flow(cap, res, top, s, j, reach, span, bound, eps, tol, work, fwork, lo
     ``reach[l, i]``: node ``(l, i)`` has a path of positive capacity down to ``(0, j)``. ``span[l, i]`` is the
     first and last ``k`` with ``cap[l, i, k] > 0`` (``(n, -1)`` for none). ``bound`` is an upper bound on the
     value (a cut). The search stops once the flow found is within ``tol`` of it, or of the sharper
-    :func:`layer_bound` (from ``q``, the :func:`source_chain` of ``(top, s)``, and ``hc[j]``, the
-    :func:`sink_chain` of ``j``, computed here on first use and flagged in ``hdone[j]``), otherwise when no
+    `layer_bound` (from ``q``, the `source_chain` of ``(top, s)``, and ``hc[j]``, the
+    `sink_chain` of ``j``, computed here on first use and flagged in ``hdone[j]``), otherwise when no
     augmenting path is left. Scratch: ``work`` ``(9, (L + 1) * (n + 1))`` int64, ``fwork``
     ``(3, (L + 1) * (n + 1))`` float64, ``log`` int64 of any length (a full log costs a full reset of
     ``res``).
@@ -507,7 +507,7 @@ def source_flows(cap, res, top, s, reach, span, bounds, sinks, eps, tol, out, wo
     ``reach`` is ``(n, L + 1, n)`` bool, ``reach[j, l, i]``: node ``(l, i)`` reaches ``(0, j)``. ``bounds``
     and ``out`` are ``(n,)``; ``bounds[j]`` is an upper bound on the ``j``-th value (used only to stop early).
     ``q`` is ``(L, n)`` scratch, ``hc`` ``(n, L, n)`` and ``hdone`` ``(n,)`` bool a cache of sink chains that
-    may be kept across calls on the same ``cap``. Other arguments as in :func:`pair_flow`.
+    may be kept across calls on the same ``cap``. Other arguments as in `pair_flow`.
     """
     source_chain(cap, top, s, q)
     for p in range(sinks.size):
@@ -521,7 +521,7 @@ def source_flows(cap, res, top, s, reach, span, bounds, sinks, eps, tol, out, wo
 def reach_to_sinks(cap, span):
     """``(n, L + 1, n)`` bool; ``[j, l, i]``: node ``(l, i)`` has a positive-capacity path to ``(0, j)``.
 
-    Same as :func:`attnflow.network._solvers.reach_to_sinks`, without BLAS (whose idle worker threads would spin
+    Same as `attnflow.network._solvers.reach_to_sinks`, without BLAS (whose idle worker threads would spin
     beside the solver); scans each row (diagonal first, then from its last positive entry back) only until it
     finds a way down.
     """
@@ -631,7 +631,7 @@ def live_bound(q, qsum, reach, live, top, j):
     """Upper bound on the flow from ``(top, s)`` to ``(0, j)`` from the source chain ``q`` alone: every path
     crosses layer ``m`` at a node that reaches the sink, and at most ``q[m, k]`` flows through ``(m, k)``. Also
     at most ``q[0, j]`` (which is at most the sink's in-capacity). ``qsum[m]`` is ``q[m].sum()``, used where
-    every node of the layer is live (``live`` as from :func:`reach_to_sink`)."""
+    every node of the layer is live (``live`` as from `reach_to_sink`)."""
     n = q.shape[1]
     bound = q[0, j]
     for m in range(1, top):
@@ -649,8 +649,8 @@ def live_bound(q, qsum, reach, live, top, j):
 
 @njit(cache=True, nogil=True)
 def pruned_sink_chain(cap, j, reach, h, rel, cnt):
-    """:func:`sink_chain` over the nodes that reach ``(0, j)`` only (``h`` is 0 elsewhere); cost
-    ``sum_m live_m * live_(m-1)`` instead of ``L n^2``. ``rel``/``cnt`` as in :func:`_relevant_nodes`."""
+    """`sink_chain` over the nodes that reach ``(0, j)`` only (``h`` is 0 elsewhere); cost
+    ``sum_m live_m * live_(m-1)`` instead of ``L n^2``. ``rel``/``cnt`` as in `_relevant_nodes`."""
     num_layers, n, _ = cap.shape
     for m in range(num_layers):
         c = 0
@@ -691,13 +691,13 @@ def pruned_source_flows(
     """``out[j]`` = max-flow from ``(top, s)`` to ``(0, j)`` for every ``j`` in ``sinks``; ``res == cap`` on
     entry and again on return.
 
-    Per sink: the nodes that reach it (:func:`reach_to_sink`), a cut bound from the source chain over them
-    (:func:`live_bound`), then :func:`_phase_one` up to that bound; only when its flow falls short, the
-    :func:`pruned_sink_chain` sharpens the bound and :func:`_later_phases` finish the proof. Per-sink data is
+    Per sink: the nodes that reach it (`reach_to_sink`), a cut bound from the source chain over them
+    (`live_bound`), then `_phase_one` up to that bound; only when its flow falls short, the
+    `pruned_sink_chain` sharpens the bound and `_later_phases` finish the proof. Per-sink data is
     kept across calls on the same ``cap`` when the arrays have one entry per sink, else recomputed in entry 0:
     ``reaches`` ``(n or 1, L + 1, n)`` bool, ``lives`` ``(n or 1, L + 1)`` int64, ``chains`` ``(n or 1, L, n)``,
     ``done`` ``(n or 1, 2)`` bool (reach, chain computed). ``q`` is ``(L, n)``, ``diag`` ``(L, n)`` the
-    diagonals of ``cap``; other arguments as in :func:`pair_flow`.
+    diagonals of ``cap``; other arguments as in `pair_flow`.
     """
     num_layers, n, _ = cap.shape
     cached = chains.shape[0] > 1

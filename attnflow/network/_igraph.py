@@ -1,4 +1,4 @@
-"""The attention network as an igraph graph: the user-visible :func:`attnflow.flow_network` and the
+"""The attention network as an igraph graph: the user-visible [`attnflow.flow_network`][attnflow.flow_network] and the
 reference the solvers are checked against."""
 
 from __future__ import annotations

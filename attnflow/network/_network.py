@@ -15,8 +15,8 @@ sublayer, in the order the model ran them) connects the new group to groups belo
 * a link (vision patches feeding image tokens): a new depth-0 group of S whose fed tokens point at the
   source's group with the link's weights and whose other tokens point at their own input node (weight 1).
 
-Rollout is proportional routing through it (:func:`route`), flow is max-flow through it
-(:mod:`attnflow.network._layered`); methods only change the matrices ``A`` the steps are built from.
+Rollout is proportional routing through it (`route`), flow is max-flow through it
+(`attnflow.network._layered`); methods only change the matrices ``A`` the steps are built from.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class NodeGroup:
 class Step:
     """What makes group ``creates`` from the groups ``below``: one ``(n_creates, n_below)`` matrix per group.
 
-    The matrices are computed from the trace each time :attr:`blocks` is read and are not kept, so a network
+    The matrices are computed from the trace each time `blocks` is read and are not kept, so a network
     holds no more than one layer's matrices at a time while a method walks it (read ``below`` for the group
     indices alone).
     """
@@ -146,7 +146,7 @@ def build_network(
         batch_index: which item.
         weights: the matrix of each layer over the real tokens (heads fused, or a method's contributions).
         residual: ``r``; see the module docstring.
-        stream: the explained stream (default: :meth:`AttentionTrace.default_stream`).
+        stream: the explained stream (default: [`AttentionTrace.default_stream`][attnflow.AttentionTrace.default_stream]).
         skip: trace layer indices to leave out (their step is the identity).
     """
     explained = explained_stream(trace, stream)
@@ -259,7 +259,7 @@ def _pruned(network: Network) -> Network:
 
 
 def route_rows(network: Network, rows: Sequence[int]) -> dict[str, np.ndarray]:
-    """:func:`route` for some output rows only: the same numbers as ``route(network)[0][name][rows]``,
+    """`route` for some output rows only: the same numbers as ``route(network)[0][name][rows]``,
     computed from the output down (``e_rows^T Â_L ··· Â_1``), in ``O(len(rows) · n²)`` per layer instead of
     the ``O(n³)`` of routing every output node.
 

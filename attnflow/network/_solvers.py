@@ -21,7 +21,7 @@ tokens. The flow value ``F[s, j]`` is the max-flow from ``(L, s)`` to ``(0, j)``
              two layers, zero for pairs with a zero cut bound, and otherwise one igraph max-flow per pair on
              the network cut down to the nodes that lie on some source-to-sink path (``n_jobs`` processes).
 ``"igraph"`` the reference: one ``Graph.maxflow_value`` per (source, sink) pair on
-             :func:`attnflow._network.layered_graph` (``n_jobs`` processes).
+             `attnflow._network.layered_graph` (``n_jobs`` processes).
 ``"auto"``   ``"dinic"`` when numba can be imported, else ``"pruned"``.
 
 numba is imported lazily, only when a compiled solve runs; importing attnflow never imports it.
@@ -82,7 +82,7 @@ def max_flow_values(
     Args:
         adj: ``(L, n, n)`` non-negative capacities; ``adj[l, i, j]`` is the edge ``(l + 1, i) -> (l, j)``.
         sources: token indices ``s`` (``0 <= s < n``, or negative counting from the end) of the source nodes.
-        method: one of :data:`METHODS`; all give the same values (to about ``1e-12 * adj.max()``).
+        method: one of `METHODS`; all give the same values (to about ``1e-12 * adj.max()``).
         all_layers: also compute the flows from every layer's nodes (the paper's ``compute_flows``).
         tops: the levels (``1..L``) the sources sit at, instead of ``L`` (or every level with ``all_layers``).
         n_jobs: worker threads (``"dinic"``) or processes (``"pruned"``, ``"igraph"``).
@@ -129,11 +129,11 @@ def estimate_seconds(
     num_layers: int, n: int, num_sources: int, *, method: str = "auto", all_layers: bool = False,
     tops: Sequence[int] | None = None, widths: Sequence[int] | None = None, causal: bool = False,
 ) -> float:
-    """Estimated run time of :func:`max_flow_values` with ``n_jobs=1`` (within about 3x on the attention
+    """Estimated run time of `max_flow_values` with ``n_jobs=1`` (within about 3x on the attention
     measured, either side); solves nothing.
 
     ``num_layers`` is ``L``, ``n`` the tokens per layer, ``num_sources`` the number of sources, ``tops`` the
-    source levels as in :func:`max_flow_values`. ``widths``: per source, how many tokens of each layer its flow
+    source levels as in `max_flow_values`. ``widths``: per source, how many tokens of each layer its flow
     can reach (default ``n``); under causal attention (``causal=True``) a source at position ``p`` reaches
     ``p + 1``, which is what the ``"dinic"`` solver's work follows: per source and level ``T`` about
     ``T^0.5 * width^2.6``. The igraph methods grow like ``T * width^2`` per pair; layers 1 and 2 have closed

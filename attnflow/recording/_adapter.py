@@ -1,4 +1,4 @@
-"""The adapter contract: what a framework or model-family adapter implements (it fills a :class:`Recorder`)."""
+"""The adapter contract: what a framework or model-family adapter implements (it fills a [`Recorder`][attnflow.recording.Recorder])."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from .._kinds import CAPABILITIES as _CAPABILITIES
 from ._recorder import Recorder
 
 #: What an adapter can declare it captures (``Adapter.captures``): the capture kinds
-#: (:data:`attnflow._kinds.KINDS`: weights, attn_grad, values, value_zeroing, input_gradients, ablation) and
+#: (`attnflow._kinds.KINDS`: weights, attn_grad, values, value_zeroing, input_gradients, ablation) and
 #: the features ``streams`` and ``generation``.
 CAPABILITIES = _CAPABILITIES
+"""What an adapter can declare it captures (``Adapter.captures``): the capture kinds
+(`attnflow._kinds.KINDS`: weights, attn_grad, values, value_zeroing, input_gradients, ablation) and
+the features ``streams`` and ``generation``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,7 @@ class AdapterOption:
 
 
 def import_optional(module: str, extra: str) -> Any:
-    """Import an optional framework, or raise :class:`MissingDependencyError` naming the extra to install.
+    """Import an optional framework, or raise [`MissingDependencyError`][attnflow.MissingDependencyError] naming the extra to install.
 
     Adapters call this instead of a top-level ``import torch`` so that ``import attnflow`` stays light.
     """
@@ -55,10 +58,10 @@ def import_optional(module: str, extra: str) -> Any:
 class Adapter(abc.ABC):
     """Base class of every adapter: a built-in one or a third party's.
 
-    Subclasses set the class attributes and implement :meth:`claims` and :meth:`hooks`. Register an
-    instance with :func:`attnflow.register_adapter`, or through the ``attnflow.adapters`` entry-point
+    Subclasses set the class attributes and implement [`claims`][attnflow.recording.Adapter.claims] and [`hooks`][attnflow.recording.Adapter.hooks]. Register an
+    instance with `attnflow.register_adapter`, or through the ``attnflow.adapters`` entry-point
     group (value: ``"package.module:AdapterClass"``). Import the framework inside methods (use
-    :func:`attnflow.import_optional`), never at module top level: entry points are loaded by
+    `attnflow.import_optional`), never at module top level: entry points are loaded by
     ``attnflow.capture`` on machines that may not have your framework.
     """
 
@@ -77,7 +80,7 @@ class Adapter(abc.ABC):
     #: The options ``hooks`` takes, checked centrally (unknown names and wrong types are refused before the
     #: adapter runs). None: undeclared, everything is passed on.
     options: ClassVar[tuple[AdapterOption, ...] | None] = None
-    #: What the adapter captures (see :data:`CAPABILITIES`); every adapter captures ``"weights"``.
+    #: What the adapter captures (see `CAPABILITIES`); every adapter captures ``"weights"``.
     captures: ClassVar[frozenset[str]] = frozenset({"weights"})
 
     @abc.abstractmethod
@@ -86,7 +89,7 @@ class Adapter(abc.ABC):
 
     def accepts(self, model: Any) -> bool:
         """Whether this adapter could capture ``model`` when told which modules to hook (with its
-        options), although :meth:`claims` is False; by default the same as :meth:`claims`."""
+        options), although [`claims`][attnflow.recording.Adapter.claims] is False; by default the same as [`claims`][attnflow.recording.Adapter.claims]."""
         return self.claims(model)
 
     @abc.abstractmethod
@@ -95,7 +98,7 @@ class Adapter(abc.ABC):
         also when the body raises."""
 
     def run(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one forward pass for :func:`attnflow.capture`; by default ``model(*args, **kwargs)``."""
+        """Run one forward pass for [`attnflow.capture`][attnflow.recording.capture]; by default ``model(*args, **kwargs)``."""
         return model(*args, **kwargs)
 
     def model_name(self, model: Any) -> str:
@@ -148,7 +151,7 @@ def load_model(
 ) -> tuple[Any, Any]:
     """``adapter.load_model(location)``, passing ``trust_remote_code=True`` and ``generate=True`` (a model
     that can ``generate()``) only when asked (adapters that cannot take them refuse then); any failure of an
-    adapter's own loader becomes an :class:`AdapterError`."""
+    adapter's own loader becomes an [`AdapterError`][attnflow.AdapterError]."""
     kwargs: dict[str, Any] = {}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True

@@ -1,7 +1,7 @@
 """The old import path of this package (``attnflow.capture``), kept for one release.
 
 ``attnflow.capture`` is the function users call; the package moved to ``attnflow.recording`` so that both
-resolve. :func:`alias` loads every submodule of the package and registers it under the old name too, so
+resolve. `alias` loads every submodule of the package and registers it under the old name too, so
 ``from attnflow.capture._recorder import Recorder`` gives the very module ``attnflow.recording._recorder`` is.
 """
 

@@ -31,7 +31,7 @@ def attach(
         adapter: an adapter name or instance; default: the first registered adapter that claims ``model``.
         tokens: token labels (per batch item) or a tokenizer with ``convert_ids_to_tokens`` or ``decode``.
         methods: record what these methods need (method names, a comma-separated string, or ``"all"``); see
-            :func:`attnflow.capture_plan`. Needs the adapter cannot capture are refused in one message, naming
+            `attnflow.capture_plan`. Needs the adapter cannot capture are refused in one message, naming
             each; with ``"all"`` the methods it cannot serve are skipped, also where the model turns out not to
             support a kind (e.g. a family without a value path map), and ``trace.metadata["skipped_methods"]``
             says why. Methods that need attention gradients get ``target`` (default None: the argmax logit, or
@@ -62,7 +62,7 @@ def attach(
         **options: adapter options (e.g. module selectors for the generic PyTorch adapter).
 
     Yields:
-        A :class:`Recorder`; after the pass, ``rec.trace`` is an :class:`AttentionTrace` (``rec.traces``: one
+        A [`Recorder`][attnflow.recording.Recorder]; after the pass, ``rec.trace`` is an [`AttentionTrace`][attnflow.AttentionTrace] (``rec.traces``: one
         per forward pass or ``generate()`` call). The hooks are removed (and any switched attention
         implementation restored) when the block exits, also on error.
     """
@@ -130,10 +130,10 @@ def capture(
     dtype: str | None = None,
     **kwargs: Any,
 ) -> AttentionTrace:
-    """Run ``model`` once on ``*args, **kwargs`` and return its attention as an :class:`AttentionTrace`.
+    """Run ``model`` once on ``*args, **kwargs`` and return its attention as an [`AttentionTrace`][attnflow.AttentionTrace].
 
     ``adapter``, ``tokens``, ``adapter_options``, ``methods``, ``target``, ``target_position``, ``values``,
-    ``value_zeroing``, ``head_fusion`` and ``dtype`` are attnflow's (see :func:`attach`); everything else goes
+    ``value_zeroing``, ``head_fusion`` and ``dtype`` are attnflow's (see [`attach`][attnflow.attach]); everything else goes
     to the model (for Flax linen, ``capture(model, variables, x)`` runs ``model.apply(variables, x)``).
 
     Returns:

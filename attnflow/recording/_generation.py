@@ -43,7 +43,7 @@ class StepLayer:
         name: the module path (unnumbered: a path recorded twice in a step appears twice).
         weights: ``(batch, heads, q, K)``: the step's queries against the keys its cache handed over.
         kind: ``"self"``, ``"cross"`` or None (self-attention of the only stream).
-        query_stream, key_stream: as in :class:`attnflow.LayerAttention` (None: the only stream).
+        query_stream, key_stream: as in [`attnflow.LayerAttention`][attnflow.LayerAttention] (None: the only stream).
     """
 
     name: str

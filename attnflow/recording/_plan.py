@@ -1,7 +1,7 @@
 """From the methods a user asks for to what a capture records: one path for every door.
 
-:func:`capture_plan` turns method names (or ``"all"``) into the capture kinds they need (rows of
-:data:`attnflow._kinds.KINDS`) and checks them against what an adapter declares. An explicit list that an
+[`capture_plan`][attnflow.recording.capture_plan] turns method names (or ``"all"``) into the capture kinds they need (rows of
+`attnflow._kinds.KINDS`) and checks them against what an adapter declares. An explicit list that an
 adapter cannot serve is refused in one message naming every missing need; ``"all"`` keeps the methods the
 adapter can serve and says why the others are skipped.
 """
@@ -36,12 +36,12 @@ class CapturePlan:
     everything: bool = False
 
     def keywords(self, target: Any = None) -> dict[str, Any]:
-        """The :func:`attnflow.capture` keywords that record :attr:`kinds` (``target``: the score whose
+        """The [`attnflow.capture`][attnflow.recording.capture] keywords that record `kinds` (``target``: the score whose
         attention gradients are recorded, when a method needs them)."""
         return request_keywords(self.kinds, target)
 
     def without(self, kind: str, reason: str) -> CapturePlan:
-        """This plan with ``kind`` dropped and the methods that need it moved to :attr:`skipped`."""
+        """This plan with ``kind`` dropped and the methods that need it moved to `skipped`."""
         dropped = {m: reason for m in self.methods if kind in get_method(m).needs}
         kept = tuple(m for m in self.methods if m not in dropped)
         kinds = frozenset({"weights"}.union(*(get_method(m).needs for m in kept)) & _recorded())
@@ -52,12 +52,12 @@ def capture_plan(methods: Iterable[str | Method] | str, adapter: Adapter | None 
     """The capture kinds ``methods`` need, checked against what ``adapter`` declares it captures.
 
     Args:
-        methods: registered method names (or :class:`attnflow.Method` instances), a comma-separated string of
+        methods: registered method names (or [`attnflow.Method`][attnflow.Method] instances), a comma-separated string of
             them, or ``"all"``: every registered method whose needs the adapter declares.
         adapter: the adapter that will capture; None: check nothing (every kind is assumed available).
 
     Returns:
-        A :class:`CapturePlan`.
+        A [`CapturePlan`][attnflow.recording.CapturePlan].
 
     Raises:
         OptionError: an unknown method name (the message lists the registered ones), or an empty list.

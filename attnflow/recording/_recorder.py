@@ -1,11 +1,11 @@
 """The Recorder: what adapters hand attention to, one forward pass at a time.
 
-An adapter says a pass begins (:meth:`Recorder.start_call`), hands over each attention layer as it runs
-(:meth:`Recorder.record`), says what it learns about the token streams (:meth:`Recorder.describe_stream`,
-:meth:`Recorder.link`), and says the pass ended (:meth:`Recorder.end_call`) or failed
-(:meth:`Recorder.abort_call`). The recorder buffers the pass, names repeated layers by one rule, labels
-tokens, and builds one validated :class:`AttentionTrace` per pass. Users read :attr:`Recorder.trace` (the
-last pass) or :attr:`Recorder.traces`.
+An adapter says a pass begins ([`Recorder.start_call`][attnflow.recording.Recorder.start_call]), hands over each attention layer as it runs
+([`Recorder.record`][attnflow.recording.Recorder.record]), says what it learns about the token streams ([`Recorder.describe_stream`][attnflow.recording.Recorder.describe_stream],
+[`Recorder.link`][attnflow.recording.Recorder.link]), and says the pass ended ([`Recorder.end_call`][attnflow.recording.Recorder.end_call]) or failed
+([`Recorder.abort_call`][attnflow.recording.Recorder.abort_call]). The recorder buffers the pass, names repeated layers by one rule, labels
+tokens, and builds one validated [`AttentionTrace`][attnflow.AttentionTrace] per pass. Users read [`Recorder.trace`][attnflow.recording.Recorder.trace] (the
+last pass) or [`Recorder.traces`][attnflow.recording.Recorder.traces].
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 
 #: ``target`` when no gradient is asked for (``None`` means "each item's argmax").
 NO_TARGET: Any = type("NoTarget", (), {"__repr__": lambda self: "NO_TARGET"})()
+"""The ``target`` of a capture that asks for no gradient (``None`` means "each item's argmax")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class CaptureRequest:
     Attributes:
         target: the score whose gradient is recorded per layer as extra ``"attn_grad"``: an int (an index
             of the last axis of the model's logits), None (each item's argmax), a callable
-            ``target(output) -> per-item scores``; :data:`NO_TARGET` (the default) records no gradients.
+            ``target(output) -> per-item scores``; `NO_TARGET` (the default) records no gradients.
         target_position: where along the sequence the logits are read (default: the classification token for
             classifiers, each item's last real token for decoders).
         values: record the value-side tensors norm-based methods need (value vectors, output projection,
@@ -81,10 +82,12 @@ class CaptureRequest:
 
     @property
     def generation_mode(self) -> str:
+        """How a ``generate()`` capture is recorded: the ``generation`` setting, default ``"stitch"``."""
         return self.generation or "stitch"
 
     @property
     def gradients(self) -> bool:
+        """Whether the capture asks for gradients (a ``target`` was given)."""
         return self.target is not NO_TARGET
 
     def needs(self) -> set[str]:
@@ -126,7 +129,7 @@ class _Pass:
 
 
 class Recorder:
-    """Collects attention while hooks are live; one :class:`AttentionTrace` per forward pass.
+    """Collects attention while hooks are live; one [`AttentionTrace`][attnflow.AttentionTrace] per forward pass.
 
     Args:
         framework: the array library the model computes in (stored as ``trace.framework``).
@@ -189,7 +192,7 @@ class Recorder:
         key_stream: str | None = None, repeat_prefix: str | None = None, training: bool = False,
     ) -> int:
         """Record one layer's ``(batch, heads, query, key)`` attention probabilities (a numpy array); returns
-        the layer's index in the pass (for :meth:`add_extras`).
+        the layer's index in the pass (for [`add_extras`][attnflow.recording.Recorder.add_extras]).
 
         Args:
             name: the module path; a path recorded several times in one pass (a shared module, a scanned
@@ -259,7 +262,7 @@ class Recorder:
             self._describe(stream, info, overwrite=overwrite)
 
     def link(self, stream: str, source: str, depth: int, weights: np.ndarray) -> None:
-        """Fixed edges feeding ``stream``'s input tokens from ``source`` at ``depth`` (see :class:`Link`)."""
+        """Fixed edges feeding ``stream``'s input tokens from ``source`` at ``depth`` (see [`Link`][attnflow.Link])."""
         with self._lock:
             if self._pass is not None:
                 self._pass.links.append(Link(stream=stream, source=source, depth=depth, weights=np.asarray(weights)))
@@ -297,7 +300,7 @@ class Recorder:
 
     # -- generation ---------------------------------------------------------------------------------
     def start_generation(self) -> None:
-        """A ``generate()`` call begins: until :meth:`end_generation`, each pass is a step to stitch, not a
+        """A ``generate()`` call begins: until [`end_generation`][attnflow.recording.Recorder.end_generation], each pass is a step to stitch, not a
         trace of its own (a one-query step of a cached decoder is not a valid trace)."""
         with self._lock:
             if self._pass is not None and self._pass.implicit:
@@ -308,13 +311,13 @@ class Recorder:
         self, *, streams: Mapping[str | None, Mapping[str, Any]] | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> AttentionTrace:
-        """Stitch the steps of the ``generate()`` call into one trace (kept in :attr:`traces`) and return it.
+        """Stitch the steps of the ``generate()`` call into one trace (kept in [`traces`][attnflow.recording.Recorder.traces]) and return it.
 
         Args:
             streams: per stream (None: the only stream) what the stitched trace should say of it:
                 ``mask``, ``input_ids``, ``tokens``... over the stitched positions (e.g. the prompt's mask
                 followed by the generated tokens up to each item's end of sequence, see
-                :func:`attnflow.recording.generated_mask`).
+                [`attnflow.recording.generated_mask`][attnflow.recording.generated_mask]).
             metadata: stored in the trace's metadata (e.g. ``{"generation": {...}}``).
         """
         with self._lock:

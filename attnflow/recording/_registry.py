@@ -33,7 +33,7 @@ def register_adapter(adapter: Adapter | type[Adapter], *, replace: bool = False)
     """Add an adapter to the registry; returns the registered instance.
 
     Args:
-        adapter: an :class:`attnflow.Adapter` subclass or instance.
+        adapter: an `attnflow.Adapter` subclass or instance.
         replace: allow replacing an adapter registered under the same name (built-ins included).
 
     Raises:
@@ -50,7 +50,7 @@ def unregister_adapter(name: str) -> None:
 
 def list_adapters() -> tuple[str, ...]:
     """Names of the registered adapters, in the order they are asked to claim a model (highest priority
-    first); :func:`get_adapter` gives the adapter itself."""
+    first); [`get_adapter`][attnflow.recording.get_adapter] gives the adapter itself."""
     return ADAPTERS.names()
 
 

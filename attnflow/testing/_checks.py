@@ -31,6 +31,8 @@ CHECKS = (
     "declaration", "weights", "restored", "raises", "interrupt", "nested", "overlapping", "threads", "save_load",
     "unregistered", "light_import",
 )
+"""The conformance checks [`check_adapter`][attnflow.testing.check_adapter] runs, in order (each one test of
+[`AdapterConformance`][attnflow.testing.AdapterConformance])."""
 #: Frameworks an adapter module must not import when it is loaded (it imports them when it runs).
 FRAMEWORKS = ("torch", "jax", "flax", "transformers", "timm", "tensorflow", "penzai")
 _DEFAULT_ATOL = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-9}
@@ -87,7 +89,7 @@ def check_adapter(
             order: arrays ``(batch, heads, query, key)``, or ``(query_stream, key_stream, array)`` triples
             (key_stream None for self-attention). Default: the model's own eager attention where the kit knows
             how to get it (Hugging Face models), else the ``weights`` check fails asking for one.
-        checks: which of :data:`CHECKS` to run.
+        checks: which of `CHECKS` to run.
         atol: tolerance of the ``weights`` check (default by the dtype the model computed in: 1e-5 for float32).
     """
     if isinstance(adapter, type):

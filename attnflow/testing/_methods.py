@@ -19,8 +19,9 @@ from ..methods._registry import Method, get_method
 from ..trace import AttentionTrace
 from ._models import BATCH, DECODER_LAYERS, DECODER_TOKENS, FFN, HEADS, HIDDEN, LAYERS, TOKENS, VOCAB
 
-#: The invariants :func:`check_method` checks, in order.
+#: The invariants `check_method` checks, in order.
 METHOD_CHECKS = ("shapes", "finite", "padding", "row_sum", "sources", "all_layers")
+"""The invariants `check_method` checks, in order."""
 _TOLERANCE = 1e-9
 
 
@@ -57,7 +58,7 @@ def check_method(
 ) -> None:
     """Hold ``method`` to the invariants every method keeps; raise ``AssertionError`` naming the first broken one.
 
-    Invariants (:data:`METHOD_CHECKS`): ``shapes`` (``compute`` returns ``(layers, batch, sources, tokens)``
+    Invariants (`METHOD_CHECKS`): ``shapes`` (``compute`` returns ``(layers, batch, sources, tokens)``
     float arrays per input stream, 1 or every selected layer); ``finite``; ``padding`` (rows of padded
     explained tokens and columns of padded input tokens are 0); ``row_sum`` (each real row keeps the method's
     declared ``row_sum``: ``"one"``, ``"at_most_one"`` or ``"free"``, summed over every input stream);
@@ -66,8 +67,8 @@ def check_method(
     the default run).
 
     Args:
-        method: a registered name or a :class:`attnflow.Method` instance (it need not be registered).
-        traces: the traces to check on (default: :func:`method_traces`).
+        method: a registered name or a [`attnflow.Method`][attnflow.Method] instance (it need not be registered).
+        traces: the traces to check on (default: [`method_traces`][attnflow.testing.method_traces]).
         checks: which invariants (default all).
         options: the options every run uses (default ``Options()``; ``row_sum`` is declared for these).
     """
@@ -232,7 +233,7 @@ _CHECKS: dict[str, Callable[[Method, AttentionTrace, Options, str], None]] = {
 
 
 def _models(torch: Any, transformers: Any) -> dict[str, tuple[Callable[[], Any], Callable[[Any], dict[str, Any]]]]:
-    """The kit's models (fresh, eval, eager) and their padded inputs; sizes from :mod:`attnflow.testing.models`."""
+    """The kit's models (fresh, eval, eager) and their padded inputs; sizes from `attnflow.testing.models`."""
 
     def bert() -> Any:
         torch.manual_seed(11)

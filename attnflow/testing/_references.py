@@ -1,9 +1,9 @@
 """References the project trusts, written from the papers' definitions (not from attnflow's code).
 
-* :func:`paper_rollout`: Abnar & Zuidema's released ``compute_joint_attention`` (numpy).
-* :func:`paper_flow`: their networkx max-flow per (output, input) pair.
-* :func:`numpy_attention`: multi-head scaled dot-product attention probabilities in float64.
-* :func:`eager_attention`: what a Hugging Face model itself returns with ``output_attentions=True`` under
+* [`paper_rollout`][attnflow.testing.paper_rollout]: Abnar & Zuidema's released ``compute_joint_attention`` (numpy).
+* [`paper_flow`][attnflow.testing.paper_flow]: their networkx max-flow per (output, input) pair.
+* [`numpy_attention`][attnflow.testing.numpy_attention]: multi-head scaled dot-product attention probabilities in float64.
+* [`eager_attention`][attnflow.testing.eager_attention]: what a Hugging Face model itself returns with ``output_attentions=True`` under
   eager attention, in the order the layers run (the conformance kit's default reference).
 """
 

@@ -1,4 +1,4 @@
-"""Trace files: an :class:`AttentionTrace` as named arrays plus a typed, checksummed JSON header.
+"""Trace files: an [`AttentionTrace`][attnflow.AttentionTrace] as named arrays plus a typed, checksummed JSON header.
 
 Format 2 (written since streams exist)::
 
@@ -74,14 +74,14 @@ def save_trace(trace: AttentionTrace, path: str | os.PathLike[str]) -> None:
 
 
 def save(obj: AttentionTrace, path: str | os.PathLike[str]) -> None:
-    """Save an attnflow object (an :class:`AttentionTrace`) to ``path``; :func:`load` reads it back."""
+    """Save an attnflow object (an [`AttentionTrace`][attnflow.AttentionTrace]) to ``path``; [`load`][attnflow.load] reads it back."""
     if not isinstance(obj, AttentionTrace):
         raise TraceFileError(f"attnflow.save() writes attnflow traces; got {type(obj).__name__}.")
     save_trace(obj, path)
 
 
 def load(path: str | os.PathLike[str]) -> AttentionTrace:
-    """Read a trace written by :meth:`AttentionTrace.save` (format 2, or format 1 of attnflow 0.1).
+    """Read a trace written by [`AttentionTrace.save`][attnflow.AttentionTrace.save] (format 2, or format 1 of attnflow 0.1).
 
     Raises:
         TraceFileError: the file is missing, truncated, corrupted, edited, or not an attnflow trace.
@@ -91,7 +91,7 @@ def load(path: str | os.PathLike[str]) -> AttentionTrace:
 
 
 def trace_from_arrays(tensors: dict[str, np.ndarray], header: dict[str, Any], *, where: str) -> AttentionTrace:
-    """Rebuild a trace from :func:`trace_arrays` output (or a format-1 file's arrays and header)."""
+    """Rebuild a trace from `trace_arrays` output (or a format-1 file's arrays and header)."""
     fields = _Fields(header, tensors, where)
     try:
         if header["version"] == 1:

@@ -33,7 +33,7 @@ def check_name(name: Any, what: str = "stream") -> str:
 class Stream:
     """One token stream of a trace: the tokens one side of the model runs over.
 
-    Build one to pass to :class:`AttentionTrace` / :meth:`AttentionTrace.from_arrays` (only ``name`` is
+    Build one to pass to [`AttentionTrace`][attnflow.AttentionTrace] / [`AttentionTrace.from_arrays`][attnflow.AttentionTrace.from_arrays] (only ``name`` is
     required); the trace completes and validates it. In a trace every field is set and read-only.
 
     Attributes:
@@ -57,6 +57,7 @@ class Stream:
 
     @property
     def batch_size(self) -> int:
+        """The number of batch items."""
         return int(self._completed().shape[0])
 
     @property

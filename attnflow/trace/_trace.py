@@ -53,6 +53,7 @@ class LayerAttention:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
+        """The weights' shape, ``(batch, heads, query, key)``."""
         return tuple(self.weights.shape)
 
     def __repr__(self) -> str:
@@ -73,21 +74,21 @@ def layer_streams(layer: LayerAttention) -> tuple[str, str]:
 class AttentionTrace:
     """Per-layer attention of one forward pass over one or more token streams.
 
-    Build one with :meth:`from_arrays` (no model needed) or get one from :func:`attnflow.capture`.
+    Build one with [`from_arrays`][attnflow.AttentionTrace.from_arrays] (no model needed) or get one from [`attnflow.capture`][attnflow.recording.capture].
     Construction validates everything and copies the arrays (read-only afterwards): a trace that exists
     is well-formed and cannot change.
 
     Attributes:
-        layers: tuple of :class:`LayerAttention`, in the order the model ran them.
-        streams: read-only mapping, in execution order, from stream name to :class:`Stream`. A
+        layers: tuple of [`LayerAttention`][attnflow.LayerAttention], in the order the model ran them.
+        streams: read-only mapping, in execution order, from stream name to [`Stream`][attnflow.Stream]. A
             single-stream trace has one stream, ``"tokens"``.
-        links: fixed links between streams (:class:`Link`), e.g. vision patches feeding image tokens.
+        links: fixed links between streams ([`Link`][attnflow.Link]), e.g. vision patches feeding image tokens.
         framework: ``"torch"``, ``"jax"``, ``"numpy"``...
         model_name: free text naming the model.
         metadata: read-only JSON-like mapping of anything else.
 
     On a single-stream trace, ``mask``, ``tokens``, ``causal``, ``special`` and ``seq_len`` describe that
-    stream (as in attnflow 0.1); on a multi-stream trace they raise :class:`TraceError`: use
+    stream (as in attnflow 0.1); on a multi-stream trace they raise [`TraceError`][attnflow.TraceError]: use
     ``trace.streams[name]``.
     """
 
@@ -223,16 +224,16 @@ class AttentionTrace:
             names: module path of each layer; default ``"layer.{i}"``.
             kinds: ``"self"``/``"cross"`` per layer, for a trace without ``streams``: cross layers then
                 attend to a second stream, ``"memory"`` (default all ``"self"``).
-            streams: the token streams, as :class:`Stream` objects or a mapping from name to a Stream or to
+            streams: the token streams, as [`Stream`][attnflow.Stream] objects or a mapping from name to a Stream or to
                 its keyword arguments (``{"encoder": {"tokens": [...], "mask": m}, "decoder": {}}``).
             layer_streams: per layer, the query stream name (self-attention) or a ``(query, key)`` pair
                 (cross-attention), e.g. ``["encoder", "decoder", ("decoder", "encoder")]``.
-            links: fixed links between streams (:class:`Link`).
+            links: fixed links between streams ([`Link`][attnflow.Link]).
             source_dtype: the dtype the model computed in, when the arrays were converted from it (e.g.
                 ``"bfloat16"`` for weights upcast to float32, which widens the row-sum tolerance).
 
         Returns:
-            A validated :class:`AttentionTrace`.
+            A validated [`AttentionTrace`][attnflow.AttentionTrace].
         """
         if causal is not None and not isinstance(causal, (bool, np.bool_)):
             raise TraceError(f"causal must be True, False or None (detect it), got {causal!r}.")
@@ -296,26 +297,32 @@ class AttentionTrace:
     # -- what it holds ------------------------------------------------------------------------------
     @property
     def layers(self) -> tuple[LayerAttention, ...]:
+        """The captured layers in model order, one [`LayerAttention`][attnflow.LayerAttention] each."""
         return self._layers
 
     @property
     def streams(self) -> Mapping[str, Stream]:
+        """The token streams by name (``{"tokens": ...}`` for a single-stream trace), as [`Stream`][attnflow.Stream] objects."""
         return self._streams
 
     @property
     def links(self) -> tuple[Link, ...]:
+        """The fixed links between streams ([`Link`][attnflow.Link]); empty for most models."""
         return self._links
 
     @property
     def framework(self) -> str:
+        """The framework the trace was captured from (``"torch"``, ``"jax"``, ``"numpy"`` for hand-made traces)."""
         return self._framework
 
     @property
     def model_name(self) -> str:
+        """The captured model's name or path (``""`` when unknown)."""
         return self._model_name
 
     @property
     def metadata(self) -> Mapping[str, Any]:
+        """Free-form JSON-able facts about the capture (adapter, settings, skipped methods, ...), read-only."""
         return self._metadata
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -358,6 +365,7 @@ class AttentionTrace:
 
     @property
     def seq_len(self) -> int:
+        """Positions per batch item, padding included (single-stream traces)."""
         return self._single("seq_len").length
 
     def lengths(self, stream: str | None = None) -> np.ndarray:
@@ -379,10 +387,12 @@ class AttentionTrace:
     # -- shape --------------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
+        """The number of captured layers."""
         return len(self._layers)
 
     @property
     def batch_size(self) -> int:
+        """The number of batch items."""
         return int(self._layers[0].weights.shape[0])
 
     @property
@@ -392,6 +402,7 @@ class AttentionTrace:
 
     @property
     def layer_names(self) -> list[str]:
+        """The module path of each layer, in model order."""
         return [layer.name for layer in self._layers]
 
     def self_layers(self) -> list[LayerAttention]:
@@ -422,7 +433,7 @@ class AttentionTrace:
         return [name for name in self._streams if name in found]
 
     def input_streams(self, stream: str) -> list[str]:
-        """The streams whose input tokens ``stream``'s output draws on: :meth:`inputs_of`, less the streams
+        """The streams whose input tokens ``stream``'s output draws on: [`inputs_of`][attnflow.AttentionTrace.inputs_of], less the streams
         whose every real token is fed by a link (e.g. a later Swin stage), which have no inputs of their own."""
         fed: dict[str, np.ndarray] = {}
         for link in self._links:
@@ -436,7 +447,7 @@ class AttentionTrace:
     def default_stream(self) -> str:
         """The stream rollout and flow explain by default: the one no other stream draws on (the decoder of
         an encoder-decoder, the language model of a LLaVA-style model, the only stream of a single-stream
-        trace). Raises :class:`TraceError` where several qualify (e.g. CLIP's two towers)."""
+        trace). Raises [`TraceError`][attnflow.TraceError] where several qualify (e.g. CLIP's two towers)."""
         drawn = {layer.key_stream for layer in self._layers if layer.kind == "cross"}
         drawn |= {link.source for link in self._links}
         candidates = [name for name in self._streams if name not in drawn]
@@ -465,7 +476,7 @@ class AttentionTrace:
 
         With ``crop=True`` every stream keeps only the item's real tokens (what capturing that item alone
         gives); per-layer extras are cropped along their token axes where attnflow knows them
-        (:data:`EXTRA_TOKEN_AXES`), kept whole where shared by the batch, and left out otherwise.
+        (`EXTRA_TOKEN_AXES`), kept whole where shared by the batch, and left out otherwise.
         """
         if not is_int(batch_index) or not -self.batch_size <= batch_index < self.batch_size:
             raise TraceError(f"batch_index {batch_index!r} is out of range for a batch of {self.batch_size}.")
@@ -573,7 +584,7 @@ class AttentionTrace:
 
 def freeze_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """A read-only deep copy of JSON-like metadata (mappings with string keys, lists, str, numbers, bools,
-    None); anything else is a :class:`TraceError`."""
+    None); anything else is a [`TraceError`][attnflow.TraceError]."""
     if metadata is None:
         return MappingProxyType({})
     if not isinstance(metadata, Mapping):
