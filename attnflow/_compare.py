@@ -372,6 +372,15 @@ def compare(
     Raises:
         ComparisonError: the traces cannot be compared; the message names the first mismatch (batch
             size, token count, layer count, layer kind, head count, shape, mask, token label).
+
+    Examples:
+        >>> import numpy as np
+        >>> import attnflow
+        >>> w = np.array([[[[1.0, 0.0], [0.5, 0.5]]]])  # (batch, heads, query, key)
+        >>> trace = attnflow.AttentionTrace.from_arrays([w, w], tokens=["a", "b"])
+        >>> report = attnflow.compare(trace, trace.replace(framework="jax"))
+        >>> report.ok
+        True
     """
     from .methods import flow as attention_flow
     from .methods import rollout

@@ -54,6 +54,17 @@ def explain(
     Returns:
         An [`Explanation`][attnflow.Explanation]; ``explanation["rollout"]`` is ``(batch, sources, tokens)`` (a dict by input
         stream where the explained stream draws on several).
+
+    Examples:
+        >>> import numpy as np
+        >>> import attnflow
+        >>> w = np.array([[[[1.0, 0.0], [0.5, 0.5]]]])  # (batch, heads, query, key)
+        >>> trace = attnflow.AttentionTrace.from_arrays([w, w], tokens=["a", "b"])
+        >>> explanation = attnflow.explain(trace, ["raw", "rollout"])
+        >>> explanation.methods
+        ('raw', 'rollout')
+        >>> explanation["rollout"].shape  # (batch, sources, tokens)
+        (1, 2, 2)
     """
     names = method_names(methods)
     for name in names:
@@ -168,6 +179,19 @@ class Explanation:
         requested_sources: the ``sources=`` given (None: all tokens).
         options: the [`attnflow.Options`][attnflow.Options] used.
         model_name, framework, metadata: from the trace (``metadata["seconds"]``: time per method).
+
+    Examples:
+        >>> import numpy as np
+        >>> import attnflow
+        >>> w = np.array([[[[1.0, 0.0], [0.5, 0.5]]]])  # (batch, heads, query, key)
+        >>> trace = attnflow.AttentionTrace.from_arrays([w, w], tokens=["a", "b"])
+        >>> explanation = attnflow.explain(trace, "rollout", all_layers=True)
+        >>> explanation
+        Explanation(methods=['rollout'], stream='tokens', batch=1, sources=2, inputs=['tokens'], model='')
+        >>> explanation.layers("rollout").shape  # (layers, batch, sources, tokens)
+        (2, 1, 2, 2)
+        >>> explanation.layers("rollout")[0, 0, 1]  # after the first layer, token "b"
+        array([0.25, 0.75])
     """
 
     def __init__(

@@ -95,6 +95,15 @@ def flow(
         stream draws on several input streams, a dict from input stream name to such an array (normalised
         together). With ``all_layers=True`` each array is ``(layers, batch, S, in)``, entry ``l`` the flow
         from selected layer ``l``'s nodes.
+
+    Examples:
+        >>> import numpy as np
+        >>> import attnflow
+        >>> w = np.array([[[[1.0, 0.0], [0.5, 0.5]]]])  # (batch, heads, query, key)
+        >>> trace = attnflow.AttentionTrace.from_arrays([w, w], tokens=["a", "b"])
+        >>> attnflow.flow(trace)  # max flow from each output token to each input token
+        array([[[1. , 0. ],
+                [0.4, 0.6]]])
     """
     from ..network._solvers import METHODS
 

@@ -40,6 +40,15 @@ def raw(
     Returns:
         ``(batch, query, key)`` float64, ``[b, i, j]`` = attention of query ``i`` on key ``j`` (the key
         stream's tokens for a cross-attention layer); rows and columns of padding positions are 0.
+
+    Examples:
+        >>> import numpy as np
+        >>> import attnflow
+        >>> w = np.array([[[[1.0, 0.0], [0.5, 0.5]]]])  # (batch, heads, query, key)
+        >>> trace = attnflow.AttentionTrace.from_arrays([w, w], tokens=["a", "b"])
+        >>> attnflow.raw(trace)  # the last layer, (batch, sources, tokens)
+        array([[[1. , 0. ],
+                [0.5, 0.5]]])
     """
     own = stream_layer_indices(trace, explained_stream(trace, stream))
     if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) or not -len(own) <= layer < len(own):
@@ -92,6 +101,15 @@ def rollout(
         explained stream draws on several input streams (an encoder-decoder's decoder), a dict from input
         stream name to such an array, whose rows together sum to 1. With ``all_layers=True`` each array is
         ``(layers, batch, out, in)``, entry ``l`` the rollout up to and including selected layer ``l``.
+
+    Examples:
+        >>> import numpy as np
+        >>> import attnflow
+        >>> w = np.array([[[[1.0, 0.0], [0.5, 0.5]]]])  # (batch, heads, query, key)
+        >>> trace = attnflow.AttentionTrace.from_arrays([w, w], tokens=["a", "b"])
+        >>> attnflow.rollout(trace)  # residual 0.5: 0.5 * A + 0.5 * I per layer, multiplied
+        array([[[1.    , 0.    ],
+                [0.4375, 0.5625]]])
     """
     check_flag("all_layers", all_layers)
     options = Options(head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio, layers=layers, heads=heads)

@@ -65,6 +65,19 @@ def attach(
         A [`Recorder`][attnflow.recording.Recorder]; after the pass, ``rec.trace`` is an [`AttentionTrace`][attnflow.AttentionTrace] (``rec.traces``: one
         per forward pass or ``generate()`` call). The hooks are removed (and any switched attention
         implementation restored) when the block exits, also on error.
+
+    Examples:
+        One encoder layer, two heads; the recorder holds the trace of the calls made inside the block:
+
+        >>> import torch
+        >>> import attnflow
+        >>> encoder = torch.nn.TransformerEncoder(
+        ...     torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False,
+        ... ).eval()
+        >>> with attnflow.attach(encoder) as recorder:
+        ...     _ = encoder(torch.zeros(2, 4, 8))  # (batch, tokens, features)
+        >>> recorder.trace.layers[0].shape  # (batch, heads, query, key)
+        (2, 2, 4, 4)
     """
     chosen = find_adapter(model, adapter, options)
     options = check_adapter_options(chosen, options)
@@ -139,6 +152,19 @@ def capture(
     Returns:
         The trace: per layer ``(batch, heads, query, key)`` probabilities plus mask and labels (``heads`` 1
         with ``head_fusion``).
+
+    Examples:
+        >>> import torch
+        >>> import attnflow
+        >>> _ = torch.manual_seed(0)
+        >>> layer = torch.nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, batch_first=True)
+        >>> model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+        >>> x = torch.randn(1, 3, 8)  # (batch, tokens, features)
+        >>> trace = attnflow.capture(model, x)
+        >>> trace
+        AttentionTrace(layers=2, batch=1, heads=2, seq=3, causal=False, framework='torch', model='TransformerEncoder')
+        >>> trace.layers[0].shape  # (batch, heads, query, key)
+        (1, 2, 3, 3)
     """
     chosen = find_adapter(model, adapter, adapter_options)
     with attach(model, adapter=chosen, tokens=tokens, methods=methods, target=target, target_position=target_position, values=values,

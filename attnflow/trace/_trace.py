@@ -234,6 +234,18 @@ class AttentionTrace:
 
         Returns:
             A validated [`AttentionTrace`][attnflow.AttentionTrace].
+
+        Examples:
+            Two layers, one head, two tokens (a causal pattern, so the trace is marked causal):
+
+            >>> import numpy as np
+            >>> import attnflow
+            >>> w = np.array([[[[1.0, 0.0], [0.5, 0.5]]]])  # (batch, heads, query, key)
+            >>> trace = attnflow.AttentionTrace.from_arrays([w, w], tokens=["a", "b"])
+            >>> trace
+            AttentionTrace(layers=2, batch=1, heads=1, seq=2, causal=True, framework='numpy', model='')
+            >>> trace.tokens
+            [['a', 'b']]
         """
         if causal is not None and not isinstance(causal, (bool, np.bool_)):
             raise TraceError(f"causal must be True, False or None (detect it), got {causal!r}.")
