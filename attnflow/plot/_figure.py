@@ -113,8 +113,25 @@ def label_ticks(axis: Any, labels: Sequence[str], room_inches: float, *, rotatio
     axis.set_ticklabels(texts, fontsize=fontsize, rotation=rotation)
 
 
+_SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def positioned(labels: Sequence[str], positions: Any = None) -> list[str]:
+    """``labels`` with the token's position (from 0, as subscript digits: ``"the₃"``) added to every label
+    whose text appears more than once, so that no axis or list reads "the, the, the"."""
+    from collections import Counter
+
+    where = range(len(labels)) if positions is None else [int(p) for p in positions]
+    counts = Counter(labels)
+    return [f"{label}{str(p).translate(_SUBSCRIPTS)}" if counts[label] > 1 else label
+            for label, p in zip(labels, where)]
+
+
 def _short(label: str, limit: int) -> str:
-    return label if len(label) <= limit else label[: limit - 1] + "…"
+    if len(label) <= limit:
+        return label
+    tail = len(label) - len(label.rstrip("₀₁₂₃₄₅₆₇₈₉"))  # a position subscript survives the ellipsis
+    return label[: limit - 1 - tail] + "…" + label[len(label) - tail:] if tail else label[: limit - 1] + "…"
 
 
 def save(figure: Any, path: str | os.PathLike[str], *, formats: str | Sequence[str] | None = None,

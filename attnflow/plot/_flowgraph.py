@@ -12,12 +12,13 @@ is the max-flow to *each* input token alone, which can exceed what that token re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .._errors import OptionError
-from ._figure import capped_size, check_view_options, label_ticks, make_scale, new_figure
+from ._figure import capped_size, check_view_options, label_ticks, make_scale, new_figure, positioned
 from ._matrices import _wrap
 
 _EPS = 1e-12
@@ -97,9 +98,22 @@ def _source_vertex(graph: Any, trace: Any, explained: str, batch_index: int, sou
     raise OptionError(f"Stream {explained!r} has no layer above its inputs; there is no flow to draw.")
 
 
-def _short_label(graph: Any, vertex: int, several: bool) -> str:
-    v = graph.vs[vertex]
-    return f"{v['stream']}:{v['label'].split(':', 2)[-1]}" if several else v["label"].split(":", 1)[-1]
+def _stream_labels(graph: Any, trace: Any, b: int, streams: list[str], explained: str,
+                   predicted: Sequence[str] | None) -> dict[str, dict[int, str]]:
+    """Per stream, row (``token``) -> its label: the stream's own token at that position (``predicted``'s for
+    the explained stream when given), with the position added where a text repeats."""
+    out = {}
+    for name in streams:
+        rows = sorted({(v["token"], v["position"]) for v in graph.vs if v["stream"] == name})
+        if name == explained and predicted is not None:
+            if len(predicted) != len(rows):
+                raise OptionError(f"predicted has {len(predicted)} tokens; stream {name!r} has {len(rows)} real "
+                                  "tokens in this item (one predicted token per position).")
+            texts = [str(t) for t in predicted]
+        else:
+            texts = [trace.streams[name].tokens[b][p] for _, p in rows]
+        out[name] = dict(zip([t for t, _ in rows], positioned(texts, [p for _, p in rows])))
+    return out
 
 
 def _widest_paths(ends: np.ndarray, flow: np.ndarray, start: int, sink: int, count: int,
@@ -158,6 +172,7 @@ def flow_graph(
     trace: Any, *, batch_index: int = 0, source: int = 0, top_k: int = 10, options: Any = None,
     stream: str | None = None, exclude_special: bool = False, log: bool = False, vmin: float | None = None,
     vmax: float | None = None, cmap: str = "viridis", dpi: float = 150, title: str | None = None,
+    predicted: Sequence[str] | None = None,
 ) -> Any:
     """The layered flow graph of one explained token (see the module docstring for what is drawn).
 
@@ -181,6 +196,12 @@ def flow_graph(
         cmap: a matplotlib colour map for the input nodes.
         dpi: resolution.
         title: replaces the generated title.
+        predicted: the token each position of the explained stream predicts (a decoder's next tokens, e.g.
+            the generated or target tokens), one per real token; its rows are then labelled by them and the
+            axis says so (default: labelled by the input token at each position, and the axis says that).
+
+    Rows are labelled with each stream's own tokens (an encoder-decoder: the encoder's on the left axis, the
+    decoder's on the right); a token text that repeats carries its position (``"the₃"``).
 
     Returns:
         A matplotlib Figure.
@@ -206,7 +227,7 @@ def flow_graph(
     columns = sorted({(streams.index(v["stream"]), v["layer"]) for v in graph.vs})
     x_of = {key: i for i, key in enumerate(columns)}
     tokens = max(graph.vs["token"]) + 1
-    width, height = capped_size(2.5 + 1.1 * len(columns), 1.6 + 0.2 * tokens)
+    width, height = capped_size(2.5 + 1.1 * len(columns), 1.6 + 0.2 * tokens + (0.8 if len(streams) > 1 else 0))
     figure, axes = new_figure(width, height, dpi=dpi, layout="constrained")
     ax = axes[0, 0]
     xs = np.array([x_of[(streams.index(v["stream"]), v["layer"])] for v in graph.vs], dtype=float)
@@ -217,12 +238,16 @@ def flow_graph(
     norm = scale.norm()
     import matplotlib
 
-    several_streams = len({graph.vs[p[-1]]["stream"] for _, p in paths}) > 1 or len(trace.streams) > 1
+    several = len(streams) > 1
+    explained_stream = graph.vs[found.source]["stream"]
+    shown = _stream_labels(graph, trace, b, streams, explained_stream, predicted)
     for rank, (w, path) in enumerate(paths):
         level = float(np.clip(norm(w), 0, 1)) if w > 0 else 0.0
-        chain = path
-        ax.plot(xs[chain], ys[chain], color=f"C{rank % 10}", linewidth=0.6 + 7 * level, alpha=0.75,
-                solid_capstyle="round", zorder=2, label=f"{w:.3f} → {_short_label(graph, path[-1], several_streams)}")
+        end = graph.vs[path[-1]]
+        into = shown[end["stream"]].get(end["token"], end["label"])
+        ax.plot(xs[path], ys[path], color=f"C{rank % 10}", linewidth=0.6 + 7 * level, alpha=0.75,
+                solid_capstyle="round", zorder=2,
+                label=f"{w:.3f} → " + (f"{end['stream']}:{into}" if several else into))
     colours = matplotlib.colormaps[cmap]
     for v, w in received.items():
         ax.scatter([xs[v]], [ys[v]], s=40, color=colours(float(np.clip(norm(w), 0, 1))), edgecolor="black",
@@ -231,18 +256,28 @@ def flow_graph(
                linewidth=2, zorder=4)
     ax.set_xlim(-0.5, len(columns) - 0.5)
     ax.set_ylim(tokens - 0.5, -0.5)
-    several = len(streams) > 1
     ax.set_xticks(range(len(columns)),
                   [(f"{streams[s]}\n" if several else "") + ("inputs" if layer == 0 else f"L{layer}")
                    for s, layer in columns], fontsize=7)
-    first = streams.index(graph.vs[paths[0][1][-1]]["stream"]) if paths else 0
-    labels_of = {v["token"]: v["label"].split(":", 2 if several else 1)[-1] for v in graph.vs
-                 if v["input"] and streams.index(v["stream"]) == first}
-    label_ticks(ax.yaxis, [labels_of.get(t, "") for t in range(tokens)], height - 1.6, fontsize=7)
-    ax.set_ylabel("token", fontsize=8)
+    causal = trace.streams[explained_stream].causal or predicted is not None
+    row_name = (f"{explained_stream}: " + ("the token each position predicts" if predicted is not None
+                                           else "input token at each position")) if causal else f"{explained_stream} token"
+    if several:  # each stream's own tokens: the other (encoder) stream's on the left, the explained stream's right
+        other = next(name for name in streams if name != explained_stream)
+        label_ticks(ax.yaxis, [shown[other].get(t, "") for t in range(tokens)], height - 1.6, fontsize=7)
+        ax.set_ylabel(f"{other} token", fontsize=8)
+        right = ax.twinx()
+        right.set_ylim(ax.get_ylim())
+        label_ticks(right.yaxis, [shown[explained_stream].get(t, "") for t in range(tokens)], height - 1.6, fontsize=7)
+        right.set_ylabel(row_name, fontsize=8)
+        figure.legend(*ax.get_legend_handles_labels(), fontsize=6, loc="outside lower center", ncol=3,
+                      title="path flow → input token", title_fontsize=7, frameon=False)
+    else:
+        label_ticks(ax.yaxis, [shown[explained_stream].get(t, "") for t in range(tokens)], height - 1.6, fontsize=7)
+        ax.set_ylabel(row_name, fontsize=8)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="path flow → input token",
+                  title_fontsize=7, frameon=False)
     ax.set_xlabel("after layer l (L1 = the stream's first attention layer)", fontsize=8)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="path flow → input token",
-              title_fontsize=7, frameon=False)
     explained = graph.vs[found.source]["label"]
     opts = options.describe() if options is not None else "paper defaults (mean heads, residual 0.5)"
     heading = title or "; ".join(

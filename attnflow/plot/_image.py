@@ -140,7 +140,8 @@ def image_overlay(
         shown = np.where(heat > 0, heat, np.nan) if log else heat
         image_artist = ax.imshow(shown, cmap=cmap, norm=scale.norm(), alpha=alpha, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(METHOD_TITLES.get(method, method), fontsize=9)
+        if len(names) > 1:  # one panel: the figure's title names the method already
+            ax.set_title(METHOD_TITLES.get(method, method), fontsize=9)
         if shared is None:
             colorbar(figure, image_artist, ax, "share of the patches")
     if shared is not None and image_artist is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import OptionError
-from ._figure import capped_size, check_view_options, colorbar, label_ticks, make_scale, new_figure
+from ._figure import capped_size, check_view_options, colorbar, label_ticks, make_scale, new_figure, positioned
 from ._scores import METHOD_TITLES, check_batch_index, describe, method_names, score_matrix
 
 
@@ -21,6 +21,8 @@ class Panel:
     rows: list[str]
     columns: list[str]
     divider: float | None = None  # a vertical line between columns (prompt | generated)
+    row_positions: Any = None  # token positions (ints): repeated labels get them ("the₃"); None: as given
+    column_positions: Any = None
 
 
 def heatmap(
@@ -56,9 +58,12 @@ def heatmap(
     names = method_names(explanation, methods)
     matrices = [score_matrix(explanation, m, batch_index=batch_index, stream=stream, layer=layer,
                              exclude_special=exclude_special, special_rows=False) for m in names]
-    panels = [Panel(METHOD_TITLES.get(m.method, m.method), m.values, m.row_labels, m.column_labels) for m in matrices]
+    panels = [Panel(METHOD_TITLES.get(m.method, m.method), m.values, m.row_labels, m.column_labels,
+                    row_positions=m.rows, column_positions=m.columns) for m in matrices]
     first = matrices[0]
     ylabel = f"explained token ({explanation.stream})"
+    if explanation.streams[explanation.stream].causal:
+        ylabel = f"explained {explanation.stream} position, labelled by its input token"
     xlabel = f"input token ({first.stream})"
     heading = title or _heading(explanation, first, names, exclude_special, log)
     return draw_panels([panels], heading=heading, xlabel=xlabel, ylabel=ylabel, shared_scale=shared_scale, log=log,
@@ -155,7 +160,8 @@ def generation_map(
             divider = float(np.searchsorted(shown, valid[prompt_length])) - 0.5
         panels.append(Panel(
             METHOD_TITLES.get(m, m), matrix.values[np.ix_(rows, columns)], [matrix.row_labels[r] for r in rows],
-            [matrix.column_labels[c] for c in columns], divider,
+            [matrix.column_labels[c] for c in columns], divider, row_positions=matrix.rows[rows],
+            column_positions=matrix.columns[columns],
         ))
         first = matrix
     heading = title or _heading(explanation, first, names, exclude_special, log)
@@ -197,7 +203,7 @@ def _generated_map(
             divider = float(np.searchsorted(matrix.columns[columns], first)) - 0.5
         panels.append(Panel(
             METHOD_TITLES.get(m, m), matrix.values[np.ix_(rows, columns)], row_labels,
-            [matrix.column_labels[c] for c in columns], divider,
+            [matrix.column_labels[c] for c in columns], divider, column_positions=matrix.columns[columns],
         ))
         shown = matrix
     heading = title or _heading(explanation, shown, names, exclude_special, log)
@@ -250,7 +256,7 @@ def head_grid(
                 sums = values.sum(axis=1, keepdims=True)
                 values = np.divide(values, sums, out=np.zeros_like(values), where=sums != 0)
             row.append(Panel(f"{short_label(trace, index)} H{h}", values, [query.tokens[b][i] for i in rows],
-                             [key.tokens[b][j] for j in cols]))
+                             [key.tokens[b][j] for j in cols], row_positions=rows, column_positions=cols))
         grid.append(row)
     several = len(grid) > 1
     if not several and len(grid[0]) > 6:  # one layer's many heads: wrap into rows of at most 6
@@ -294,12 +300,15 @@ def draw_panels(
             scale = shared or make_scale([panel.values], log=log, vmin=vmin, vmax=vmax)
             shown = np.where(panel.values > 0, panel.values, np.nan) if log else panel.values
             image = ax.imshow(shown, cmap=cmap, norm=scale.norm(), aspect="auto", interpolation="nearest")
-            ax.set_title(panel.title, fontsize=8 if compact else 10)
+            if compact or nrows * ncols > 1:  # one panel: the figure's title names it already
+                ax.set_title(panel.title, fontsize=8 if compact else 10)
             if panel.divider is not None:
                 ax.axvline(panel.divider, color="white", linewidth=1.5)
-            label_ticks(ax.yaxis, panel.rows if c == 0 or not compact else [], room_h,
-                        fontsize=6 if compact else 8)
-            label_ticks(ax.xaxis, panel.columns if r == nrows - 1 or not compact else [], room_w, rotation=90,
+            rows = panel.rows if panel.row_positions is None else positioned(panel.rows, panel.row_positions)
+            columns = panel.columns if panel.column_positions is None else positioned(panel.columns,
+                                                                                     panel.column_positions)
+            label_ticks(ax.yaxis, rows if c == 0 or not compact else [], room_h, fontsize=6 if compact else 8)
+            label_ticks(ax.xaxis, columns if r == nrows - 1 or not compact else [], room_w, rotation=90,
                         fontsize=6 if compact else 8)
             if c == 0:
                 ax.set_ylabel(ylabel, fontsize=8)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import OptionError
-from ._figure import MAX_INCHES, capped_size, check_view_options, label_ticks, make_scale, new_figure
+from ._figure import MAX_INCHES, capped_size, check_view_options, label_ticks, make_scale, new_figure, positioned
 from ._matrices import _wrap
 from ._scores import (
     METHOD_TITLES,
@@ -67,7 +67,7 @@ def token_bars(
     """
     check_view_options(log=log, vmin=vmin, vmax=vmax, dpi=dpi)
     names, matrices, r, label = _rows(explanation, methods, batch_index, source, stream, layer, exclude_special)
-    labels = matrices[0].column_labels
+    labels = positioned(matrices[0].column_labels, matrices[0].columns)
     n = len(labels)
     width, height = capped_size(1.6 + 2.6 * len(names), 1.4 + 0.16 * n)
     figure, axes = new_figure(width, height, dpi=dpi, panels=(1, len(names)), sharey=True, layout="constrained")
@@ -81,7 +81,8 @@ def token_bars(
         if log:
             ax.set_xscale("log")
         ax.set_xlim(own.vmin, own.vmax * (1 if log or vmax is not None else 1.05))
-        ax.set_title(METHOD_TITLES.get(matrix.method, matrix.method), fontsize=9)
+        if len(matrices) > 1:  # one panel: the figure's title names the method already
+            ax.set_title(METHOD_TITLES.get(matrix.method, matrix.method), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(axis="x", labelsize=7)
         ax.set_xlabel("share" if not exclude_special else "share among ordinary tokens", fontsize=8)
