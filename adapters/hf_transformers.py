@@ -33,7 +33,7 @@ import numpy as np
 import attnflow
 from attnflow.recording import deferred_interrupts, switch
 
-from . import _banded, _generation_torch, _swin, _value_zeroing, _values, _vision_language
+from . import _banded, _generation_torch, _reduced, _swin, _value_zeroing, _values, _vision_language
 from . import _hf_families as families
 from . import _torch_common as common
 
@@ -98,9 +98,14 @@ class TransformersAdapter(attnflow.Adapter):
         if not isinstance(output_index, int) or isinstance(output_index, bool):
             raise attnflow.OptionError(f"Adapter 'transformers': output_index must be an int, got {output_index!r}.")
         swin = _swin.swin_blocks(model) if modules is None else []
+        reduced = _reduced.segformer_blocks(model) if modules is None and not swin else []
         if swin:
             targets, generic = [(path, block, "self", 1) for path, block, _ in swin], False
             plan = families.StreamPlan({path: stream for path, _, stream in swin}, {})
+        elif reduced:  # SegFormer: stages as streams, pooled keys as streams linked to their patches
+            targets = [(path, m, "cross" if ratio > 1 else "self", 1) for path, m, _, _, ratio in reduced]
+            generic = False
+            plan = families.StreamPlan({path: _reduced.stream_of(stage) for path, _, stage, _, _ in reduced}, {})
         else:
             targets, generic = self._targets(model, transformers, torch, modules, output_index)
             plan = families.plan_streams([path for path, *_ in targets], getattr(model.config, "model_type", None))
@@ -119,7 +124,7 @@ class TransformersAdapter(attnflow.Adapter):
             if recorder.request.values:
                 call["metadata"]["values_layout"] = _values.value_map(model).layout
             passes.state["target_tokens"] = (mask, causal.get(None))
-            if plan.multi or swin:
+            if plan.multi or swin or reduced:
                 passes.state["root"] = {"input_ids": ids, "mask": mask}
                 call["streams"] = {stream: {"causal": flag} for stream, flag in causal.items() if flag}
             else:
@@ -141,7 +146,7 @@ class TransformersAdapter(attnflow.Adapter):
         with _eager(model, targets, transformers) as original, common.removing(handles):
             hint = _no_weights_hint(model, original)
             with deferred_interrupts():
-                for path, module, kind, index in targets if not swin else []:
+                for path, module, kind, index in targets if not (swin or reduced) else []:
                     common.register(handles, module.register_forward_hook,
                                     _layer_hook(path, kind, index, passes, torch, hint))
                 for path, block, stream in swin:
@@ -149,6 +154,11 @@ class TransformersAdapter(attnflow.Adapter):
                     common.register(handles, block.register_forward_hook, hook, with_kwargs=True)
                 if swin:
                     passes.finishers.append(_swin.finish)
+                for path, module, stage, block, _ in reduced:
+                    hook = _reduced.attention_hook(path, stage, block, passes, torch)
+                    common.register(handles, module.register_forward_hook, hook, with_kwargs=True)
+                if reduced:
+                    passes.finishers.append(lambda p: _reduced.finish(p, model.config))
                 if recorder.request.values:
                     _values.install(model, targets, passes, torch, handles)
                 if recorder.request.value_zeroing:
@@ -158,7 +168,7 @@ class TransformersAdapter(attnflow.Adapter):
                     common.register(handles, towers[tower].register_forward_pre_hook, hook, with_kwargs=True)
                 if plan.multi:
                     passes.finishers.append(lambda p: _finish_streams(p, model, plan, towers))
-                elif not swin:
+                elif not (swin or reduced):
                     passes.finishers.append(lambda p: _finish_single_vision(p, model))
                 common.install_pass_hooks(model, passes, describe_call, handles, after=after)
             listener = _generation_torch.Listener(
@@ -596,9 +606,9 @@ def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[
                 "0.8-1.0), so attnflow cannot reconstruct them exactly. Capture it with full attention: load it with "
                 f"attention_type=\"original_full\" (from_pretrained(path, attention_type=\"original_full\")){full}."
             )
-        ratio = _reduction(module)
+        ratio = _reduced.ratio_of(module)
         if ratio > 1:
-            full = [other for other, m, _, _ in found if _reduction(m) == 1]
+            full = [other for other, m, _, _ in found if _reduced.ratio_of(m) == 1]
             fix = (
                 "Capture the layers whose keys are their own tokens (reduction 1) alone: adapter_options={'modules': "
                 f"{full!r}}}" if full else "No layer of this model attends over its own tokens"
@@ -606,8 +616,8 @@ def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[
             raise attnflow.AdapterError(
                 f"{type(model).__name__} runs spatial-reduction attention ({path} reduces its keys by {ratio}): its patch "
                 f"queries attend to keys pooled over {ratio}x{ratio} patches by a strided convolution, so its keys "
-                "are not its tokens, and attnflow does not capture reduced keys yet (it would need the pooled keys "
-                f"as a stream of their own, linked to the patches). {fix}."
+                "are not its tokens, and attnflow links pooled keys to their patches only for SegFormer's layout "
+                f"(stages.<i>.blocks.<j>.attention, found without modules=). {fix}."
             )
         if "Ngram" in name and index == -1:
             index = 1  # (output, main stream probabilities, predict streams' probabilities)
@@ -618,15 +628,6 @@ def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[
                 _MAIN_ROWS[module] = ngram + 1  # its queries are the main stream then each predict stream
         adjusted.append((path, module, kind, index))
     return adjusted
-
-
-def _reduction(module: Any) -> int:
-    """The spatial-reduction ratio of a SegFormer-style attention module (1: its keys are its tokens)."""
-    for name in ("sequence_reduction_ratio", "sr_ratio"):
-        ratio = getattr(module, name, None)
-        if isinstance(ratio, int):
-            return ratio
-    return 1
 
 
 #: Attention module -> the model that maps its input samples onto the module's positions (audio models with a

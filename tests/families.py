@@ -848,13 +848,14 @@ REFUSED: tuple[tuple[str, str, str], ...] = (
     ("BigBird, BigBird-Pegasus (block-sparse)", "BigBirdModel, BigBirdPegasusModel with attention_type='block_sparse'",
      "the dense weights transformers returns leave the random blocks' share out (rows sum to 0.8-1.0); the error "
      "says to load with attention_type=\"original_full\" (tests/test_banded.py)"),
-    ("SegFormer", "SegformerModel (spatial-reduction attention)",
-     "its patch queries attend to keys pooled by a strided convolution, not to its tokens; the error names the "
-     "layers whose keys are their tokens and the modules= option that captures them (tests/test_reduced.py). "
-     "Reduced keys as a linked stream of their own are not built yet"),
 )
 #: Families not captured yet: (name, classes, why).
 LEFT: tuple[tuple[str, str, str], ...] = (
+    ("SegFormer", "SegformerModel (spatial-reduction attention)",
+     "captured exactly (0.0 against eager): each block's patches over a stream of its pooled keys 'stage{i}.keys{j}', "
+     "linked to the sr x sr patches they pool (1/sr² each), stages linked by the overlapping patch embedding's "
+     "receptive field (equal weights); rollout and flow route through the pooled keys once attnflow's network "
+     "feeds a stream that is only attended to through its link (tests/test_reduced.py, strict xfail until then)"),
     ("Qwen2-VL vision tower", "Qwen2VLForConditionalGeneration",
      "returns no weights even under eager: softmax-level capture (issue 21, point 4), tested outside this matrix"),
     ("PaliGemma, Idefics3", "PaliGemmaForConditionalGeneration, Idefics3ForConditionalGeneration",
