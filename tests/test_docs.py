@@ -104,3 +104,30 @@ def undocumented() -> list[str]:
 
 def test_every_public_member_has_a_docstring():
     assert undocumented() == []
+
+
+def _documented_keys() -> list[str]:
+    """The keys docs/outputs.md lists for explanation.json: the first column of the table after its marker."""
+    text = (ROOT / "docs" / "outputs.md").read_text()
+    table = text.split("<!-- explanation.json keys", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return [row.split("`")[1] for row in rows]
+
+
+def test_outputs_page_lists_exactly_the_keys_of_explanation_json(tmp_path):
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from attnflow.cli import main
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    config = transformers.BertConfig(vocab_size=len(tokens), hidden_size=20, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=28, max_position_embeddings=40)
+    model_dir = tmp_path / "tiny-bert"
+    transformers.BertModel(config).eval().save_pretrained(model_dir)
+    transformers.BertTokenizer(vocab={token: i for i, token in enumerate(tokens)}).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert main(["explain", "a b c", "--model", str(model_dir), "--methods", "raw,rollout", "--out", str(out)]) == 0
+    document = json.loads((out / "explanation.json").read_text())
+    assert list(document) == _documented_keys()
