@@ -59,7 +59,9 @@ def render_page(payload: dict[str, Any]) -> str:
 <h1>{title}</h1>
 <p>Model {html.escape(payload["model"] or "?")} ({html.escape(payload["framework"] or "?")}), explained stream
 <b>{html.escape(payload["explained"])}</b>; settings: {options}.</p>
+<details id="storage-notes"><summary>How this page stores and shows the numbers</summary>
 {note_html}
+</details>
 </header>
 <div id="controls">
 <span id="methods"></span>
@@ -78,11 +80,16 @@ def render_page(payload: dict[str, Any]) -> str:
 <div id="compare-wrap"><table id="compare"></table></div></section>
 <section id="map-panel"><h2>Map</h2>
 <p class="note">input stream: <select id="map-stream"></select></p>
-<p class="note" id="map-caption"></p><canvas id="map" width="10" height="10"></canvas></section>
+<p class="note" id="map-caption"></p>
+<div id="map-legend"><span class="lo"></span><canvas id="map-legend-bar" width="160" height="10"></canvas><span class="hi"></span> <span class="kind"></span></div>
+<canvas id="map" width="10" height="10"></canvas></section>
 <section id="heads-panel"><h2>Attention heads</h2>
 <p>layer <select id="head-layer"></select>
 <label><input type="checkbox" id="only-source" checked> only the explained token's lines</label></p>
 <div id="head-buttons"></div><p class="note"></p><canvas id="heads" width="10" height="10"></canvas></section>
+<section id="model-panel"><h2>Model view</h2>
+<p class="note">Every layer × head of this text's attention (rows: layers, columns: heads; each thumbnail query × key, darker = more weight, scaled to each row's largest). Click one to open it in the heads view.</p>
+<div id="model"></div></section>
 </main>
 <script type="application/json" id="attnflow-data">{data}</script>
 <script>

@@ -18,7 +18,7 @@
   const depth = Math.max(...DATA.methods.map((m) => Math.max(...m.layers))) + 1;
   const state = {
     item: 0, method: DATA.methods[0].name, layer: depth - 1, source: 0, exclude: false, shared: true,
-    log: false, head: "mean", headLayer: 0, mapStream: null, onlySource: true,
+    log: false, heads: [], headLayer: 0, mapStream: null, onlySource: true,
   };
 
   async function inflate(text) {
@@ -115,6 +115,14 @@
     const text = (continued ? label.slice(2) : label).replace(/[▁Ġ]/g, "").replace(/Ċ/g, "⏎") || label;
     return { text, space: !first && !continued };
   };
+  // Labels with the position added where a text repeats ("the₃"), as the pictures show them.
+  const SUB = "₀₁₂₃₄₅₆₇₈₉";
+  function positioned(labels, positions) {
+    const counts = new Map();
+    labels.forEach((l) => counts.set(l, (counts.get(l) || 0) + 1));
+    return labels.map((l, i) => (counts.get(l) > 1 ? l + String(positions[i]).replace(/[0-9]/g, (d) => SUB[Number(d)]) : l));
+  }
+  const hue = (h, heads) => (h * 360) / heads;
   const fmt = (v) => (Number.isFinite(v) ? (Math.abs(v) >= 0.001 || v === 0 ? v.toFixed(4) : v.toExponential(2)) : "–");
 
   // -- panels -----------------------------------------------------------------------------------------
@@ -210,42 +218,147 @@
     else if (DATA.causal && DATA.prompt_length) caption += `: generated × prompt view (the prompt is the first ${DATA.prompt_length} tokens, left of the line)`;
     else if (DATA.causal) caption += ": each token over the tokens before it (causal)";
     $("map-caption").textContent = caption + ". Click a row to explain that token.";
-    const left = 90;
+    const left = 90, topPad = 64;
     const room = Math.max(200, (canvas0().parentElement.clientWidth || 640) - left - 30);
     const cell = Math.max(2, Math.min(14, Math.floor(room / Math.max(cols, 1))));
     const canvas = $("map");
     canvas.width = left + cols * cell + 4;
-    canvas.height = rowsLabels.length * cell + 4;
+    canvas.height = topPad + rowsLabels.length * cell + 4;
     const ctx = canvas.getContext("2d");
     ctx.clearRect(0, 0, canvas.width, canvas.height);
     const all = rowsLabels.map((_, s) => rowScores(state.method, s, state.layer)[name]);
     const top = scaleMax(all.map((r) => ({ r })));
+    const explainedPositions = it.sources.map((p) => it.streams[DATA.explained].positions[p]);
+    const rowNames = positioned(rowsLabels, explainedPositions);
+    const colNames = positioned(it.streams[name].tokens, it.streams[name].positions);
+    canvas.dataset.columns = JSON.stringify(colNames);
+    canvas.dataset.rows = JSON.stringify(rowNames);
+    ctx.font = `${Math.max(6, Math.min(cell, 11))}px sans-serif`;
+    const every = Math.max(1, Math.ceil(7 / cell));
     all.forEach((values, s) => {
       values.forEach((v, j) => {
         ctx.fillStyle = Number.isFinite(v) ? heat(level(v, top)) : "#ddd";
-        ctx.fillRect(left + j * cell, s * cell, cell, cell);
+        ctx.fillRect(left + j * cell, topPad + s * cell, cell, cell);
       });
-      if (cell >= 7 || s % Math.ceil(7 / cell) === 0) {
+      if (s % every === 0) {
         ctx.fillStyle = s === state.source ? "#1f4fbf" : "#333";
-        ctx.font = `${Math.min(cell, 11)}px sans-serif`;
         ctx.textAlign = "right";
-        ctx.fillText(rowsLabels[s].slice(0, 12), left - 4, s * cell + cell * 0.8);
+        ctx.fillText(rowNames[s].slice(0, 12), left - 4, topPad + s * cell + cell * 0.8);
       }
     });
+    ctx.fillStyle = "#333";
+    ctx.textAlign = "left";
+    colNames.forEach((label, j) => {  // column labels, rotated, above the columns
+      if (j % every !== 0) return;
+      ctx.save();
+      ctx.translate(left + j * cell + cell * 0.75, topPad - 3);
+      ctx.rotate(-Math.PI / 2);
+      ctx.fillText(label.slice(0, 10), 0, 0);
+      ctx.restore();
+    });
     ctx.strokeStyle = "#1f4fbf";
-    ctx.strokeRect(left, state.source * cell, cols * cell, cell);
+    ctx.strokeRect(left, topPad + state.source * cell, cols * cell, cell);
     if (name === DATA.explained && DATA.causal && DATA.prompt_length) {
       ctx.strokeStyle = "#000";
       ctx.beginPath();
-      ctx.moveTo(left + DATA.prompt_length * cell, 0);
+      ctx.moveTo(left + DATA.prompt_length * cell, topPad);
       ctx.lineTo(left + DATA.prompt_length * cell, canvas.height);
       ctx.stroke();
     }
-    canvas.onclick = (event) => {
+    renderLegend(top);
+    const cellAt = (event) => {
       const rect = canvas.getBoundingClientRect();
-      const s = Math.floor((event.clientY - rect.top) * (canvas.height / rect.height) / cell);
+      const x = (event.clientX - rect.left) * (canvas.width / rect.width);
+      const y = (event.clientY - rect.top) * (canvas.height / rect.height);
+      return { s: Math.floor((y - topPad) / cell), j: Math.floor((x - left) / cell) };
+    };
+    canvas.onclick = (event) => {
+      const { s } = cellAt(event);
       if (s >= 0 && s < rowsLabels.length) { state.source = s; render(); }
     };
+    canvas.onmousemove = (event) => {
+      const { s, j } = cellAt(event);
+      canvas.title = s >= 0 && s < rowsLabels.length && j >= 0 && j < cols
+        ? `${rowNames[s]} → ${colNames[j]}: ${fmt(all[s][j])}` : "";
+    };
+  }
+
+  // The map's colour legend: the colour ramp from 0 to the largest value shown, and the scale's kind.
+  function renderLegend(top) {
+    const legend = $("map-legend");
+    const bar = $("map-legend-bar");
+    const ctx = bar.getContext("2d");
+    for (let x = 0; x < bar.width; x++) {
+      const t = x / (bar.width - 1);
+      ctx.fillStyle = heat(t);
+      ctx.fillRect(x, 0, 1, bar.height);
+    }
+    legend.querySelector(".lo").textContent = state.log ? fmt(top * 1e-4) : "0";
+    legend.querySelector(".hi").textContent = fmt(top);
+    legend.querySelector(".kind").textContent = state.log ? "log colours (4 decades)" : "linear colours";
+    legend.dataset.top = String(top);
+  }
+
+  // Every layer × head as a thumbnail (query × key, each row scaled to its largest weight); click to open.
+  function renderModel() {
+    const box = $("model");
+    const it = item();
+    if (!it.heads || !DATA.layers) {
+      $("model-panel").style.display = "none";
+      return;
+    }
+    if (box.dataset.item !== String(state.item)) {
+      box.dataset.item = String(state.item);
+      const table = el("table");
+      const most = Math.max(...DATA.layers.map((l) => l.heads));
+      const head = el("tr");
+      head.appendChild(el("th"));
+      for (let h = 0; h < most; h++) head.appendChild(el("th", {}, `head ${h}`));
+      table.appendChild(head);
+      DATA.layers.forEach((layer, k) => {
+        const desc = it.heads[k];
+        const tr = el("tr");
+        tr.appendChild(el("th", {}, `${DATA.streams.length > 1 ? layer.query + " " : ""}L${layer.number}${layer.query !== layer.key ? " (cross)" : ""}`));
+        if (desc) {
+          const [heads, nq, nk] = desc.shape;
+          const weights = decode(desc);
+          for (let h = 0; h < heads; h++) {
+            const canvas = el("canvas", { class: "thumb", width: String(nk), height: String(nq), "data-layer": String(k),
+              "data-head": String(h), title: `${layer.query} L${layer.number} head ${h} (${layer.name})` });
+            const ctx = canvas.getContext("2d");
+            const image = ctx.createImageData(nk, nq);
+            for (let i = 0; i < nq; i++) {
+              let top = 0;
+              for (let j = 0; j < nk; j++) top = Math.max(top, weights[(h * nq + i) * nk + j]);
+              for (let j = 0; j < nk; j++) {
+                const t = top > 0 ? weights[(h * nq + i) * nk + j] / top : 0;
+                const at = 4 * (i * nk + j);
+                image.data[at] = 255 - Math.round(t * 224);
+                image.data[at + 1] = 255 - Math.round(t * 176);
+                image.data[at + 2] = 255 - Math.round(t * 64);
+                image.data[at + 3] = 255;
+              }
+            }
+            ctx.putImageData(image, 0, 0);
+            canvas.onclick = () => {
+              state.headLayer = k;
+              state.heads = [h];
+              $("head-layer").value = String(k);
+              renderHeads();
+              $("heads-panel").scrollIntoView({ block: "nearest" });
+            };
+            const td = el("td");
+            td.appendChild(canvas);
+            tr.appendChild(td);
+          }
+        }
+        table.appendChild(tr);
+      });
+      box.replaceChildren(table);
+    }
+    box.querySelectorAll("canvas.thumb").forEach((c) => {
+      c.classList.toggle("on", Number(c.dataset.layer) === state.headLayer && state.heads.indexOf(Number(c.dataset.head)) >= 0);
+    });
   }
 
   function renderHeads() {
@@ -260,16 +373,23 @@
     const desc = it.heads[state.headLayer];
     const [heads, nq, nk] = desc.shape;
     const weights = decode(desc);
+    state.heads = state.heads.filter((h) => h < heads);
     const buttons = $("head-buttons");
     buttons.replaceChildren();
     ["mean"].concat([...Array(heads).keys()]).forEach((h) => {
-      const button = el("button", { type: "button", class: String(h) === String(state.head) ? "on" : "", "data-head": String(h) },
+      const on = h === "mean" ? state.heads.length === 0 : state.heads.indexOf(h) >= 0;
+      const button = el("button", { type: "button", class: on ? "on" : "", "data-head": String(h),
+        title: h === "mean" ? "the mean of every head" : "click to add or remove this head (several are overlaid, each in its colour)" },
         h === "mean" ? "mean of heads" : `head ${h}`);
-      if (h !== "mean") button.style.borderColor = `hsl(${(h * 360) / heads},70%,45%)`;
-      button.onclick = () => { state.head = h; renderHeads(); };
+      if (h !== "mean") { button.style.borderColor = `hsl(${hue(h, heads)},70%,45%)`; if (on) button.style.background = `hsla(${hue(h, heads)},70%,45%,0.18)`; }
+      button.onclick = () => {
+        if (h === "mean") state.heads = [];
+        else if (state.heads.indexOf(h) >= 0) state.heads = state.heads.filter((x) => x !== h);
+        else state.heads = state.heads.concat([h]).sort((a, b) => a - b);
+        renderHeads();
+      };
       buttons.appendChild(button);
     });
-    if (state.head !== "mean" && state.head >= heads) state.head = "mean";
     const queries = it.streams[layer.query].tokens;
     const keys = it.streams[layer.key].tokens;
     const row = 15;
@@ -282,15 +402,18 @@
     ctx.font = "12px sans-serif";
     const xl = 150, xr = 410;
     const explainedRow = layer.query === DATA.explained ? it.sources[state.source] : -1;
-    const picked = state.head === "mean" ? [...Array(heads).keys()] : [state.head];
+    const mean = state.heads.length === 0;
+    const picked = mean ? [...Array(heads).keys()] : state.heads;
+    canvas.dataset.heads = mean ? "mean" : state.heads.join(",");
+    canvas.dataset.layer = String(state.headLayer);
     for (let i = 0; i < nq; i++) {
       if (state.onlySource && explainedRow >= 0 && i !== explainedRow) continue;
       for (const h of picked) {
         for (let j = 0; j < nk; j++) {
           let w = weights[(h * nq + i) * nk + j];
-          if (state.head === "mean") w /= heads;
+          if (mean) w /= heads;
           if (w < 0.005) continue;
-          ctx.strokeStyle = state.head === "mean" ? `rgba(31,79,191,${Math.min(1, w * (picked.length > 1 ? heads : 1))})` : `hsla(${(h * 360) / heads},70%,45%,${w})`;
+          ctx.strokeStyle = mean ? `rgba(31,79,191,${Math.min(1, w * heads)})` : `hsla(${hue(h, heads)},70%,45%,${w})`;
           ctx.lineWidth = i === explainedRow ? 2 : 1;
           ctx.beginPath();
           ctx.moveTo(xl + 4, 20 + i * row);
@@ -305,7 +428,8 @@
     ctx.textAlign = "left";
     ctx.fillStyle = "#111";
     keys.forEach((t, j) => ctx.fillText(t, xr + 4, 24 + j * row));
-    box.querySelector(".note").textContent = `Layer ${layer.number} of ${layer.count} of ${layer.query} (${layer.name}, ${layer.kind}: ${layer.query} → ${layer.key}); ` +
+    renderModel();
+    box.querySelector(".note").textContent = (mean ? "" : `Heads ${state.heads.join(", ")} overlaid, each in its button's colour. `) + `Layer ${layer.number} of ${layer.count} of ${layer.query} (${layer.name}, ${layer.kind}: ${layer.query} → ${layer.key}); ` +
       `lines from each query token (left) to the key tokens (right) it attends to, opacity = weight (weights under 0.005 not drawn). ` +
       `Weights are stored with 8 bits per weight (within 0.2% of each row's largest weight).`;
   }
@@ -316,6 +440,7 @@
     renderCompare();
     renderMap();
     renderHeads();
+    renderModel();
     document.body.dataset.source = String(state.source);
     document.body.dataset.layer = String(state.layer);
     document.body.dataset.method = state.method;
