@@ -13,6 +13,7 @@ Dask and pyarrow are imported inside functions only (``attnflow[dask]``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -407,10 +408,11 @@ class _connect:
             options["env"] = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         # silence_logs: a worker's heartbeat racing the shutdown logs a harmless error; task errors reach
         # the driver through the futures anyway.
-        cluster = self.dd.LocalCluster(
-            n_workers=self.workers, threads_per_worker=1, processes=self.processes,
-            dashboard_address=None, silence_logs=logging.CRITICAL, **options,
-        )
+        with _workers_ignore_ctrl_c(self.processes):
+            cluster = self.dd.LocalCluster(
+                n_workers=self.workers, threads_per_worker=1, processes=self.processes,
+                dashboard_address=None, silence_logs=logging.CRITICAL, **options,
+            )
         self.owned.append(cluster)
         client = self.dd.Client(cluster)
         self.owned.append(client)
@@ -422,6 +424,32 @@ class _connect:
                 thing.close()
             except Exception:  # closing must not hide the run's own error
                 pass
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c(processes: bool) -> Iterator[None]:
+    """Worker processes started in the block ignore SIGINT: a Ctrl-C at the terminal reaches the whole process
+    group, and each worker would print its own KeyboardInterrupt traceback (about 30 lines per worker) before
+    this process shuts the cluster down and prints its one line. SIGINT is blocked while its disposition is
+    set to ignore (children inherit both through exec), then restored and unblocked here, so a Ctrl-C that
+    arrived meanwhile reaches this process afterwards, not never."""
+    import signal
+    import threading
+
+    blockable = hasattr(signal, "pthread_sigmask")
+    if not processes or threading.current_thread() is not threading.main_thread() or not blockable:
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _cpu_count() -> int:
