@@ -171,6 +171,8 @@ def build_network(
             continue
         if query in links:  # feed the linked inputs just before the stream's first layer
             _add_link(trace, b, links.pop(query), groups, steps, current, history)
+        if layer.kind == "cross" and key in links:  # a linked stream that is only attended to (pooled keys)
+            _add_link(trace, b, links.pop(key), groups, steps, current, history)
         if index in skipped:
             depth[query] += 1
             history[query].append(current[query])
