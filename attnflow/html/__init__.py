@@ -24,9 +24,9 @@ def to_html(explanation: Any, trace: Any | None = None, *, title: str | None = N
     """The page as one HTML string (see the module docstring).
 
     Args:
-        explanation: an :class:`attnflow.Explanation`; every method, layer, item and explained token it
+        explanation: an `attnflow.Explanation`; every method, layer, item and explained token it
             holds is in the page (scores as 16-bit log codes, within 0.05%).
-        trace: the :class:`attnflow.AttentionTrace` it was computed from, for the per-head view (8 bits per
+        trace: the `attnflow.AttentionTrace` it was computed from, for the per-head view (8 bits per
             weight, scaled per row); None leaves that view out.
         title: the page's heading (default: model and methods).
         prompt_length: for a decoder, how many tokens are the prompt (the map then marks generated x
@@ -38,7 +38,7 @@ def to_html(explanation: Any, trace: Any | None = None, *, title: str | None = N
 
 
 def write_html(explanation: Any, path: str | os.PathLike[str], trace: Any | None = None, **kwargs: Any) -> Path:
-    """Write :func:`to_html` to ``path`` atomically; returns the path."""
+    """Write `to_html` to ``path`` atomically; returns the path."""
     from .._tensorfile import atomic_write
 
     page = to_html(explanation, trace, **kwargs).encode("utf-8")

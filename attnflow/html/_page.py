@@ -29,7 +29,7 @@ def data_block(payload: dict[str, Any]) -> str:
 
 
 def render_page(payload: dict[str, Any]) -> str:
-    """The complete page for a payload from :func:`build_payload`."""
+    """The complete page for a payload from `build_payload`."""
     data = data_block(payload)
     title = html.escape(payload["title"])
     options = html.escape(payload["options"])

@@ -75,7 +75,7 @@ def encode_log16(values: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def decode_log16(codes: np.ndarray, lo: float, step: float) -> np.ndarray:
-    """The inverse of :func:`encode_log16` (what the page computes)."""
+    """The inverse of `encode_log16` (what the page computes)."""
     codes = np.asarray(codes, dtype=np.int64)
     negative = codes >= 32769
     index = np.where(negative, codes - 32769, codes - 1)

@@ -1,12 +1,12 @@
 """Pictures of attention and explanations, as matplotlib Figures to compose, show or save.
 
-Every view returns a ``matplotlib.figure.Figure``; :func:`save` writes it as PNG, SVG and/or PDF.
+Every view returns a ``matplotlib.figure.Figure``; `save` writes it as PNG, SVG and/or PDF.
 matplotlib is imported only when a view is drawn, so ``import attnflow`` stays light.
 
-Views of an :class:`attnflow.Explanation`: :func:`heatmap` (explained x input tokens, one panel per
-method), :func:`token_bars`, :func:`text_highlight`, :func:`encoder_decoder_map`, :func:`generation_map`,
-:func:`image_overlay`. Views of an :class:`attnflow.AttentionTrace`: :func:`head_grid`, :func:`flow_graph`
-(with the paths from :func:`flow_paths`). Each takes ``exclude_special`` (special tokens left out, rows
+Views of an `attnflow.Explanation`: `heatmap` (explained x input tokens, one panel per
+method), `token_bars`, `text_highlight`, `encoder_decoder_map`, `generation_map`,
+`image_overlay`. Views of an `attnflow.AttentionTrace`: `head_grid`, `flow_graph`
+(with the paths from `flow_paths`). Each takes ``exclude_special`` (special tokens left out, rows
 renormalised, said in the title), ``shared_scale``, ``log``, ``vmin``/``vmax``, ``dpi`` and ``title``.
 """
 

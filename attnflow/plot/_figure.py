@@ -191,7 +191,7 @@ def parse_formats(formats: str | Sequence[str]) -> list[str]:
 
 def new_figure(width: float, height: float, *, dpi: float | None, panels: tuple[int, int] = (1, 1),
                **kwargs: Any) -> tuple[Any, Any]:
-    """A figure of at most :data:`MAX_INCHES` with ``panels`` (rows, columns) of axes (a 2-D array)."""
+    """A figure of at most `MAX_INCHES` with ``panels`` (rows, columns) of axes (a 2-D array)."""
     check_view_options(log=False, vmin=None, vmax=None, dpi=dpi)
     plt = pyplot()
     size = capped_size(width, height)

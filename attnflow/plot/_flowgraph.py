@@ -1,5 +1,5 @@
 """The flow graph: layers as columns, tokens as nodes, and the widest paths of one maximum flow from the
-explained token down to the input tokens, drawn from :func:`attnflow.flow_network`.
+explained token down to the input tokens, drawn from `attnflow.flow_network`.
 
 What is drawn: a super-sink is joined to every input-token node; one maximum flow from the explained
 token's output node to that sink is computed on the network's capacities (igraph); the flow is then
@@ -29,7 +29,7 @@ class FlowPaths:
     """Paths of one maximum flow from an explained token's output node to the input tokens.
 
     Attributes:
-        graph: the ``igraph.Graph`` of :func:`attnflow.flow_network` (vertex attributes ``stream``, ``layer``,
+        graph: the ``igraph.Graph`` of `attnflow.flow_network` (vertex attributes ``stream``, ``layer``,
             ``token``, ``position``, ``label``, ``input``; edge attribute ``capacity``).
         source: the vertex id of the explained token's output node.
         paths: ``(flow, vertex ids from the source to an input token, both included)``, widest first.
@@ -49,11 +49,11 @@ def flow_paths(trace: Any, *, batch_index: int = 0, source: int = 0, top_k: int 
     """Decompose one maximum flow from an explained token into paths (see the module docstring).
 
     Args:
-        trace: an :class:`attnflow.AttentionTrace`.
+        trace: an `attnflow.AttentionTrace`.
         batch_index: which item.
         source: the explained token's position in the explained stream (negative: from the last real token).
         top_k: how many paths to keep (widest first).
-        options: an :class:`attnflow.Options` (head fusion, residual, discard ratio, layers, heads).
+        options: an `attnflow.Options` (head fusion, residual, discard ratio, layers, heads).
         stream: the explained stream (default: the trace's default stream).
     """
     from ..methods._flow import flow_network
@@ -182,12 +182,12 @@ def flow_graph(
     coloured by the flow they receive.
 
     Args:
-        trace: as in :func:`flow_paths`.
-        batch_index: as in :func:`flow_paths`.
-        source: as in :func:`flow_paths`.
-        top_k: as in :func:`flow_paths`.
-        options: as in :func:`flow_paths`.
-        stream: as in :func:`flow_paths`.
+        trace: as in `flow_paths`.
+        batch_index: as in `flow_paths`.
+        source: as in `flow_paths`.
+        top_k: as in `flow_paths`.
+        options: as in `flow_paths`.
+        stream: as in `flow_paths`.
         exclude_special: leave out paths that end at special tokens (CLS, SEP...) and show the others'
             flow as shares of what remains (the title says so).
         log: a logarithmic scale for line widths and node colours.

@@ -109,13 +109,13 @@ def image_overlay(
         source: the explained token (default the first explained: CLS).
         stream: the vision stream (default the input stream with a grid).
         alpha: opacity of the heatmap over the image (0 to 1).
-        cmap: as in :func:`heatmap`.
-        shared_scale: as in :func:`heatmap`.
-        log: as in :func:`heatmap`.
-        vmin: as in :func:`heatmap`.
-        vmax: as in :func:`heatmap`.
-        dpi: as in :func:`heatmap`.
-        title: as in :func:`heatmap`.
+        cmap: as in `heatmap`.
+        shared_scale: as in `heatmap`.
+        log: as in `heatmap`.
+        vmin: as in `heatmap`.
+        vmax: as in `heatmap`.
+        dpi: as in `heatmap`.
+        title: as in `heatmap`.
 
     Returns:
         A matplotlib Figure.

@@ -37,7 +37,7 @@ def heatmap(
     explained tokens (``explanation.sources``), columns the input tokens of ``stream``, ``(S, tokens)``.
 
     Args:
-        explanation: an :class:`attnflow.Explanation`.
+        explanation: an `attnflow.Explanation`.
         methods: one method name or several (default: all the explanation holds).
         batch_index: which item.
         stream: the input stream of the columns (default: the explained stream, or the only input stream).
@@ -78,7 +78,7 @@ def encoder_decoder_map(
     encoder's tokens (through cross-attention), ``(decoder tokens, encoder tokens)`` per method.
 
     ``encoder`` names the other input stream (default: the only input stream besides the explained one);
-    the other keywords are :func:`heatmap`'s. The rows do not sum to 1 over the encoder alone: the rest of
+    the other keywords are `heatmap`'s. The rows do not sum to 1 over the encoder alone: the rest of
     each row's share sits on earlier decoder tokens (``heatmap(..., stream="decoder")``), unless
     ``exclude_special`` renormalises over the encoder's ordinary tokens.
     """
@@ -112,7 +112,7 @@ def generation_map(
     are its shares of the explained token's total (which also covers earlier generated tokens), unless
     ``exclude_special`` renormalises over the ordinary tokens.
 
-    Other parameters are as in :func:`heatmap`.
+    Other parameters are as in `heatmap`.
 
     Args:
         prompt_length: how many of the item's real tokens are the prompt (default: the trace's
@@ -220,10 +220,10 @@ def head_grid(
     """Raw attention of single heads: a grid with one row per layer and one column per head, each panel the
     ``(query, key)`` weights of that head over the real tokens.
 
-    Other parameters are as in :func:`heatmap`; with ``shared_scale`` every head shares one colour scale.
+    Other parameters are as in `heatmap`; with ``shared_scale`` every head shares one colour scale.
 
     Args:
-        trace: an :class:`attnflow.AttentionTrace`.
+        trace: an `attnflow.AttentionTrace`.
         layers: trace layer index or indices (default: all; one layer gives one row of its heads).
         heads: head indices to show (default: all).
         exclude_special: leave special tokens out of queries and keys and renormalise each row.

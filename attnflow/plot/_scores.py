@@ -1,4 +1,4 @@
-"""What a picture shows, taken out of an :class:`~attnflow.Explanation`: one method's scores of one item,
+"""What a picture shows, taken out of an `Explanation`: one method's scores of one item,
 over the real tokens, optionally without special tokens (rows renormalised), with the labels to print."""
 
 from __future__ import annotations

@@ -48,18 +48,18 @@ def token_bars(
     down the shared vertical axis (``(tokens,)`` scores per panel).
 
     Args:
-        explanation: an :class:`attnflow.Explanation`.
+        explanation: an `attnflow.Explanation`.
         methods: one or several method names (default all).
         source: the explained token: its position in the explained stream (negative: from the last real
             token), its text, or None (the first explained token: [CLS], or what ``sources=`` named first).
-        stream: as in :func:`heatmap`.
-        layer: as in :func:`heatmap`.
-        exclude_special: as in :func:`heatmap`.
-        log: as in :func:`heatmap`.
-        vmin: as in :func:`heatmap`.
-        vmax: as in :func:`heatmap`.
-        dpi: as in :func:`heatmap`.
-        title: as in :func:`heatmap`.
+        stream: as in `heatmap`.
+        layer: as in `heatmap`.
+        exclude_special: as in `heatmap`.
+        log: as in `heatmap`.
+        vmin: as in `heatmap`.
+        vmax: as in `heatmap`.
+        dpi: as in `heatmap`.
+        title: as in `heatmap`.
         shared_scale: one score axis for every panel (otherwise each panel spans its own values).
 
     Returns:
