@@ -42,20 +42,31 @@ from attnflow.evaluate import (
 )
 
 
-def probe(model: Any, request: ProbeRequest, args: tuple, kwargs: dict) -> FlaxProbe:
-    """The probe for a Flax linen or NNX model (see the module docstring)."""
-    return FlaxProbe(model, request, args, kwargs)
+def probe(model: Any, request: ProbeRequest, args: tuple, kwargs: dict, *,
+          embedding_method: tuple[type, str] | None = None, no_inner_jit: bool = False) -> FlaxProbe:
+    """The probe for a Flax linen or NNX model (see the module docstring).
+
+    For a linen library whose token embedding is not an ``nn.Embed`` called on the ids, ``embedding_method``
+    names it: ``(module class, method name)`` (gemma: ``(Embedder, "encode")``), the first such call on the
+    input ids being the one perturbed. ``no_inner_jit``: the model's own ``nn.jit`` is turned off while the probe
+    calls it (a compiled call would run no interceptor; the probe's own ``jax.jit`` compiles the pass)."""
+    return FlaxProbe(model, request, args, kwargs, embedding_method=embedding_method, no_inner_jit=no_inner_jit)
 
 
 class FlaxProbe(Probe):
-    def __init__(self, model: Any, request: ProbeRequest, args: tuple, kwargs: dict):
+    def __init__(self, model: Any, request: ProbeRequest, args: tuple, kwargs: dict, *,
+                 embedding_method: tuple[type, str] | None = None, no_inner_jit: bool = False):
         self.jax = attnflow.import_optional("jax", "jax")
         self.jnp = attnflow.import_optional("jax.numpy", "jax")
         flax = attnflow.import_optional("flax", "jax")
         from flax import linen, nnx
 
         self.nnx, self.linen = nnx, linen
-        if isinstance(model, nnx.Module):
+        self._embedding_method = embedding_method or (linen.Embed, "__call__")
+        self._no_inner_jit = no_inner_jit
+        if getattr(self, "kind", None) == "penzai":
+            pass  # a PenzaiProbe: the call is already positional ids and side inputs
+        elif isinstance(model, nnx.Module):
             self.kind = "nnx"
         elif isinstance(model, linen.Module):
             self.kind = "linen"
@@ -102,7 +113,10 @@ class FlaxProbe(Probe):
     def _call(self, args: tuple, kwargs: dict) -> Any:
         if self.kind == "nnx":
             return self.model(*args, **kwargs)
-        with self.linen.intercept_methods(self._linen_interceptor):
+        with contextlib.ExitStack() as stack:
+            if self._no_inner_jit:
+                stack.enter_context(self.jax.disable_jit())
+            stack.enter_context(self.linen.intercept_methods(self._linen_interceptor))
             return self.model.apply(args[0], *args[1:], **kwargs)
 
     def _embedding_output(self, output: Any) -> Any:
@@ -129,7 +143,8 @@ class FlaxProbe(Probe):
 
     def _linen_interceptor(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, self.linen.Embed):
+        kind, method = self._embedding_method
+        if context.method_name != method or not isinstance(module, kind):
             return next_fun(*args, **kwargs)
         path = tuple(str(p) for p in module.path) if hasattr(module, "path") else (module.name or "",)
         if self._linen_path is None and self.ids is not None and args and _same_ids(args[0], self._current_ids):
@@ -378,6 +393,91 @@ class FlaxProbe(Probe):
         return resolve_blank(blank, self.request.tokenizer, self.model, getattr(self, "_vocabulary", None))
 
 
+def penzai_probe(model: Any, request: ProbeRequest, args: tuple, kwargs: dict) -> PenzaiProbe:
+    """The probe for a penzai model called as ``model(tokens, **side_inputs)`` (see :class:`PenzaiProbe`)."""
+    return PenzaiProbe(model, request, args, kwargs)
+
+
+_TAP_CLASS: list[type] = []
+
+
+def _embedding_tap(pz: Any) -> type:
+    """A penzai layer that hands its input (the embedding lookup's output) to a probe (made once, lazily)."""
+    if not _TAP_CLASS:
+        import dataclasses
+
+        @pz.pytree_dataclass
+        class EmbeddingTap(pz.nn.Layer):  # type: ignore[misc]
+            probe: Any = dataclasses.field(metadata={"pytree_node": False})
+
+            def __call__(self, value: Any, **side_inputs: Any) -> Any:
+                return self.probe._named_embedding(value)
+
+        _TAP_CLASS.append(EmbeddingTap)
+    return _TAP_CLASS[0]
+
+
+class PenzaiProbe(FlaxProbe):
+    """Blank-out and input gradients for penzai models: the output of the model's ``pz.nn.EmbeddingLookup`` is
+    perturbed by a layer placed after it in a copy of the model (penzai layers are immutable; the model itself
+    is untouched). The call's named ``{batch, seq}`` tokens and side inputs (``token_positions``...) become
+    positional arrays for the rows of each variant, and are named again for each call; the output
+    ``{batch, seq, vocabulary}`` logits become positional ``(batch, seq, vocabulary)``."""
+
+    def __init__(self, model: Any, request: ProbeRequest, args: tuple, kwargs: dict):
+        pz = attnflow.import_optional("penzai.pz", "penzai")
+        self.pz, self.kind = pz, "penzai"
+        if len(args) != 1:
+            raise attnflow.OptionError(
+                f"A penzai model is called as faithfulness(model, explanation, tokens, **side_inputs); got {len(args)} "
+                "positional inputs."
+            )
+        self._names: dict[str, list[str]] = {}
+        positional = {}
+        for key, value in {"": args[0], **kwargs}.items():
+            names = list(getattr(value, "named_shape", ()))
+            if not names or getattr(value, "positional_shape", ()) or "batch" not in names:
+                raise attnflow.OptionError(
+                    f"penzai input {key or 'tokens'!r}: expected a named array with a 'batch' axis, got "
+                    f"{type(value).__name__} {names or ''}."
+                )
+            order = ["batch", *[n for n in names if n != "batch"]]
+            self._names[key] = order
+            positional[key] = value.untag(*order).unwrap()
+        lookups = pz.select(model).at_instances_of(pz.nn.EmbeddingLookup)
+        if lookups.count() != 1:
+            raise attnflow.OptionError(
+                f"The penzai model has {lookups.count()} pz.nn.EmbeddingLookup layers; the probe needs exactly one "
+                "(the token embedding)."
+            )
+        tap = _embedding_tap(pz)
+        self._perturbed_model = lookups.apply(lambda layer: pz.nn.Sequential([layer, tap(probe=self)]))
+        super().__init__(model, request, (positional.pop(""),), positional)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        wrap = self.pz.nx.wrap
+        tokens = wrap(args[0]).tag(*self._names[""])
+        side = {key: wrap(value).tag(*self._names[key]) for key, value in kwargs.items()}
+        output = self._perturbed_model(tokens, **side)
+        names = list(getattr(output, "named_shape", ()))
+        if output.positional_shape or "batch" not in names or "seq" not in names or len(names) != 3:
+            raise attnflow.OptionError(
+                f"The penzai model's output has named axes {names} (positional {output.positional_shape}); the probe "
+                "reads logits named {batch, seq, vocabulary}."
+            )
+        return output.untag("batch", "seq", *[n for n in names if n not in ("batch", "seq")]).unwrap()
+
+    def _named_embedding(self, value: Any) -> Any:
+        names = list(value.named_shape)
+        rest = [n for n in names if n not in ("batch", "seq")]
+        if value.positional_shape or len(rest) != 1 or len(names) != 3:
+            raise attnflow.OptionError(
+                f"The penzai embedding lookup's output has named axes {names}; expected {{batch, seq, embedding}}."
+            )
+        output = self._embedding_output(value.untag("batch", "seq", *rest).unwrap())
+        return self.pz.nx.wrap(output).tag("batch", "seq", *rest)
+
+
 def _int_ids(value: Any) -> bool:
     return (hasattr(value, "ndim") and hasattr(value, "dtype") and value.ndim == 2
             and np.issubdtype(np.dtype(value.dtype), np.integer))
@@ -406,7 +506,7 @@ def _index(value: Any, items: np.ndarray, batch: int) -> Any:
 
 
 def _logits(output: Any) -> Any:
-    logits = getattr(output, "logits", None)
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
     if logits is None and hasattr(output, "ndim") and output.ndim in (2, 3):
         logits = output
     return logits
@@ -414,7 +514,7 @@ def _logits(output: Any) -> Any:
 
 def _hidden(output: Any) -> Any:
     """The last hidden state: ``output.last_hidden_state``, a tuple's first array, or the output itself."""
-    hidden = getattr(output, "last_hidden_state", None)
+    hidden = output.get("last_hidden_state") if isinstance(output, dict) else getattr(output, "last_hidden_state", None)
     if hidden is None and isinstance(output, (tuple, list)) and output and hasattr(output[0], "ndim"):
         hidden = output[0]
     if hidden is None:

@@ -11,11 +11,17 @@ computes the probabilities in ``flaxmodels.gpt2.ops.attention`` with ``nn.softma
 softmax, for the duration of each attention call only. Causal (GPT-2 always applies its causal mask);
 padding from the ``attn_mask=`` the model takes (``(batch, seq)``, 0 for padding), token ids from
 ``input_ids=``, labels from the Hugging Face GPT-2 tokenizer passed as ``tokens=``.
+
+Faithfulness (``attnflow.faithfulness`` / ``attnflow evaluate``): the Flax probe, on the output of the
+token ``nn.Embed`` (the one GPT-2 calls on ``input_ids``; not the position embedding). GPT-2 has no mask or
+unknown token: pass ``blank="zero"`` or a token id.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from attnflow import Adapter
 
 from .flax_linen import LinenFamilyAdapter
 
@@ -29,6 +35,8 @@ class FlaxmodelsAdapter(LinenFamilyAdapter):
     package = "flaxmodels.gpt2"
     attention = {"flaxmodels.gpt2.gpt2:GPT2SelfAttention": None}  # taken at its softmax
     layout = "bhqk"
+    # faithfulness: the token embedding is the nn.Embed GPT-2 calls on input_ids (the position one is not)
+    captures = Adapter.captures | {"input_gradients", "ablation"}
 
     @staticmethod
     def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:

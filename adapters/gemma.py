@@ -28,11 +28,18 @@ multimodal models is not recorded (text layers only).
 jit: ``Transformer.__call__`` is wrapped in ``nn.jit``; while attached jit is disabled, so the forward runs
 eagerly and the interception sees every layer (a cached compiled call would run no Python). The first
 eager call compiles each operation once (seconds); later calls are fast.
+
+Faithfulness (``attnflow.faithfulness(model, explanation, {"params": params}, ids, ...)`` / ``attnflow
+evaluate``): the Flax probe, blanking and differentiating the output of ``Embedder.encode`` (the token
+embedding times ``sqrt(embed_dim)``, before any multimodal merge). Blanking by id 0 would make the token
+padding, so ``blank="zero"`` or another token id is the usual choice.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from attnflow import Adapter
 
 from ._flax_common import UNKNOWN
 from .flax_linen import LinenFamilyAdapter
@@ -50,6 +57,20 @@ class GemmaAdapter(LinenFamilyAdapter):
     attention = {"gemma.gm.nn._modules:Attention": "attention_weights", "gemma.modules:Attention": None}
     layout = "btns"
     ids = ("tokens",)
+    captures = Adapter.captures | {"input_gradients", "ablation"}
+
+    def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """The Flax probe on the output of ``Embedder.encode`` (the embedding already scaled by
+        ``sqrt(embed_dim)``), with the model's ``nn.jit`` off inside the probe's own compiled pass."""
+        import sys
+
+        from ._faithfulness_flax import probe
+
+        embedder = getattr(sys.modules.get("gemma.gm.nn._modules"), "Embedder", None)
+        if embedder is None:
+            embedder = getattr(sys.modules.get("gemma.modules"), "Embedder", None)
+        return probe(model, request, args, kwargs, embedding_method=(embedder, "encode") if embedder else None,
+                     no_inner_jit=True)
 
     @staticmethod
     def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:

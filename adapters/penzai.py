@@ -386,7 +386,14 @@ class PenzaiAdapter(Adapter):
     extra = "penzai"
     priority = 10
     options = ()
-    captures = Adapter.captures | {"attn_grad", "values", "value_zeroing"}
+    captures = Adapter.captures | {"attn_grad", "values", "value_zeroing", "input_gradients", "ablation"}
+
+    def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """Faithfulness: blank-out and input gradients on the output of the model's ``pz.nn.EmbeddingLookup``
+        (``faithfulness(model, explanation, tokens, token_positions=...)``, penzai's call convention)."""
+        from ._faithfulness_flax import penzai_probe
+
+        return penzai_probe(model, request, args, kwargs)
 
     def claims(self, model: Any) -> bool:
         layer = sys.modules.get("penzai.nn.layer")
