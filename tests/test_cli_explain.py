@@ -122,6 +122,20 @@ def test_encoder_decoder_directory_with_target_text(tmp_path, capsys):
     np.testing.assert_allclose(total, 1.0, atol=1e-9)
     for name in ("rollout-encoder.png", "flow-decoder.png", "explanation.safetensors"):
         assert (out / name).stat().st_size > 0
+    # the flow graph labels the decoder's rows by the token each position predicts (the target's tokens)
+    from transformers import AutoTokenizer
+
+    from attnflow._explanation import load_explanation
+    from attnflow.cli._explain import pictures, predicted_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    predicted = predicted_tokens(attnflow.get_adapter("transformers").encode(tokenizer, ["a b c"], targets=["x y"]),
+                                 tokenizer)
+    assert predicted == [["[CLS]", "x", "y", "[SEP]"]]
+    drawn = dict(pictures(trace, load_explanation(out / "explanation.safetensors"), 0, exclude=False, image=None,
+                          dpi=40, predicted=predicted[0]))["flow-graph"]()
+    texts = {label.get_text() for axis in drawn.axes for label in axis.get_yticklabels()}
+    assert {"x", "y", "[SEP]"} <= texts and any("predict" in axis.get_ylabel() for axis in drawn.axes)
     assert main(["explain", "a b", "--model", str(model_dir), "--out", str(tmp_path / "o2")]) == 1
     assert "--target-text" in capsys.readouterr().err
 

@@ -244,10 +244,20 @@ def run(args: argparse.Namespace) -> int:
     explanation = explain(trace, planned_methods(plan), options=options, sources=sources)
     print_skipped(explanation)
     timings.update({f"{name}": seconds for name, seconds in explanation.metadata["seconds"].items()})
-    written = write_outputs(out, trace, explanation, timings, args=args, image=image)
+    written = write_outputs(out, trace, explanation, timings, args=args, image=image,
+                            predicted=predicted_tokens(inputs, tokenizer))
     print_table(explanation, args.top, timings, exclude_special=args.exclude_special)
     print(f"wrote {out}/ ({', '.join(written)}, trace.safetensors, explanation.safetensors, explanation.json)")
     return 0
+
+
+def predicted_tokens(inputs: dict[str, Any], tokenizer: Any) -> list[list[str]] | None:
+    """An encoder-decoder given ``--target-text``: per item, the token each real decoder position predicts (its
+    ``labels``; the decoder reads the start token and the labels shifted right); None otherwise."""
+    labels = inputs.get("labels")
+    if labels is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return None
+    return [list(tokenizer.convert_ids_to_tokens([i for i in row if i != -100])) for row in labels.tolist()]
 
 
 def plan_keywords(plan: CapturePlan, target: Any) -> dict[str, Any]:
@@ -279,16 +289,19 @@ def explained_row(explanation: Explanation, b: int = 0) -> int:
 
 
 def write_outputs(out: Path, trace: Any, explanation: Explanation, timings: dict[str, float], *,
-                  args: argparse.Namespace | None = None, image: Any = None) -> list[str]:
+                  args: argparse.Namespace | None = None, image: Any = None,
+                  predicted: list[list[str]] | None = None) -> list[str]:
     """Pictures (in every ``--format``), the optional HTML page, the trace, the explanation and the JSON;
-    returns the picture and page names written."""
+    returns the picture and page names written. ``predicted``: per item, the token each decoder position
+    predicts (the flow graph labels the decoder's rows by them)."""
     formats = getattr(args, "format_list", ["png"])
     dpi = getattr(args, "dpi", 150)
     exclude = bool(getattr(args, "exclude_special", False))
     written: list[str] = []
     for b in range(explanation.batch_size):
         suffix = "" if explanation.batch_size == 1 else f"-{b + 1}"
-        for name, draw in pictures(trace, explanation, b, exclude=exclude, image=image, dpi=dpi):
+        for name, draw in pictures(trace, explanation, b, exclude=exclude, image=image, dpi=dpi,
+                                   predicted=None if predicted is None else predicted[b]):
             figure = draw()
             try:
                 for fmt in formats:
@@ -342,7 +355,7 @@ def write_outputs(out: Path, trace: Any, explanation: Explanation, timings: dict
 
 
 def pictures(trace: Any, explanation: Explanation, b: int, *, exclude: bool, image: Any,
-             dpi: float) -> list[tuple[str, Callable[[], Any]]]:
+             dpi: float, predicted: list[str] | None = None) -> list[tuple[str, Callable[[], Any]]]:
     """``(name, draw)`` of every picture of item ``b``; ``draw()`` returns a matplotlib Figure."""
     from .. import plot
 
@@ -370,7 +383,8 @@ def pictures(trace: Any, explanation: Explanation, b: int, *, exclude: bool, ima
     layer = stream_layer_indices(trace, explanation.stream)[shown]
     found.append(("heads", lambda: plot.head_grid(trace, layer, batch_index=b, exclude_special=exclude, dpi=dpi)))
     found.append(("flow-graph", lambda: plot.flow_graph(trace, batch_index=b, source=source, options=explanation.options,
-                                                        stream=explanation.stream, exclude_special=exclude, dpi=dpi)))
+                                                        stream=explanation.stream, exclude_special=exclude, dpi=dpi,
+                                                        predicted=predicted)))
     return found
 
 
