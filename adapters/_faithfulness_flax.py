@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class FlaxProbe(Probe):
         from flax import linen, nnx
 
         self.nnx, self.linen = nnx, linen
-        self._embedding_method = embedding_method or (linen.Embed, "__call__")
+        self._embedding_method: tuple[type[Any], str] = embedding_method or (linen.Embed, "__call__")
         self._no_inner_jit = no_inner_jit
         if getattr(self, "kind", None) == "penzai":
             pass  # a PenzaiProbe: the call is already positional ids and side inputs
@@ -174,7 +174,7 @@ class FlaxProbe(Probe):
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
         probe = self
 
-        class _Perturbed(nnx.Module):  # stands in for the Embed while the probe runs
+        class _Perturbed(nnx.Module):  # type: ignore[name-defined]  # nnx is imported at run time; stands in for the Embed while the probe runs
             def __init__(self, inner: Any):
                 self.inner = inner
 
@@ -232,7 +232,10 @@ class FlaxProbe(Probe):
                     "target=a callable mapping the output to per-item scores (or vectors)."
                 )
         self.target = target
-        self.positions, self.index, self.vectors = None, None, None
+        # set from the target below: None, or arrays
+        self.positions: Any = None
+        self.index: Any = None
+        self.vectors: Any = None
         items = np.arange(self.batch)
         if target.kind == "logits":
             logits = _logits(output)
@@ -327,9 +330,9 @@ class FlaxProbe(Probe):
         args = self.args[:first] + tuple(_index(v, items, self.batch) for v in self.args[first:])
         kwargs = {k: _index(v, items, self.batch) for k, v in self.kwargs.items()}
         if blanked is not None:
-            ids = np.array(self.ids[items])
+            ids = np.array(cast(np.ndarray, self.ids)[items])  # blanking needs ids: both set
             ids[blanked] = self.blank_id
-            args, kwargs = self._put(args, kwargs, self.ids_at, self.jnp.asarray(ids))
+            args, kwargs = self._put(args, kwargs, cast("tuple[str, Any]", self.ids_at), self.jnp.asarray(ids))
         return args, kwargs
 
     # -- input gradients ----------------------------------------------------------------------------
@@ -407,7 +410,7 @@ def _embedding_tap(pz: Any) -> type:
         import dataclasses
 
         @pz.pytree_dataclass
-        class EmbeddingTap(pz.nn.Layer):  # type: ignore[misc]
+        class EmbeddingTap(pz.nn.Layer):
             probe: Any = dataclasses.field(metadata={"pytree_node": False})
 
             def __call__(self, value: Any, **side_inputs: Any) -> Any:
@@ -436,7 +439,7 @@ class PenzaiProbe(FlaxProbe):
         positional = {}
         for key, value in {"": args[0], **kwargs}.items():
             names = list(getattr(value, "named_shape", ()))
-            if not names or getattr(value, "positional_shape", ()) or "batch" not in names:
+            if not names or getattr(value, "positional_shape", None) or "batch" not in names:
                 raise attnflow.OptionError(
                     f"penzai input {key or 'tokens'!r}: expected a named array with a 'batch' axis, got "
                     f"{type(value).__name__} {names or ''}."

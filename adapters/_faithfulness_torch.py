@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class TorchProbe(Probe):
                     "target=a callable mapping the output to per-item scores (or vectors)."
                 )
         self.target = target
-        self.positions = None
+        self.positions: Any = None  # set from the target below: None, or an array
         self.index: Any = None
         self.vectors: Any = None
         items = np.arange(self.batch)
@@ -200,9 +200,10 @@ class TorchProbe(Probe):
         torch = self.torch
         args, kwargs = _index(self.args, items, self.batch, torch), _index(self.kwargs, items, self.batch, torch)
         if blanked is not None:
-            ids = self._get(args, kwargs, self.ids_at).clone()
+            ids_at = cast("tuple[str, Any]", self.ids_at)  # blanking needs ids: found
+            ids = self._get(args, kwargs, ids_at).clone()
             ids[torch.as_tensor(blanked, device=ids.device)] = self.blank_id
-            args, kwargs = self._put(args, kwargs, self.ids_at, ids)
+            args, kwargs = self._put(args, kwargs, ids_at, ids)
         return args, kwargs
 
     @contextmanager

@@ -31,7 +31,7 @@ import sys
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from ._hf_families import pick_key_stream, plan_streams
 UNKNOWN = object()
 
 #: Adapter options both Flax adapters accept (checked centrally by attnflow before the adapter runs).
-OPTIONS = (
+OPTIONS: tuple[AdapterOption, ...] = (
     AdapterOption("cross", None, None, "layer names (or a predicate) to treat as cross-attention"),
     AdapterOption(
         "modules", None, None,
@@ -426,7 +426,7 @@ def mask_info(mask: Any, is_causal: bool, shape: tuple[int, ...]) -> tuple[np.nd
         return None, None
     if is_causal and q == k:
         m = m & np.tril(np.ones((q, k), dtype=bool))
-    keys = m.any(axis=(1, 2))
+    keys = cast(np.ndarray, m.any(axis=(1, 2)))  # an array: m is 4-d
     causal = q == k and q >= 2 and not np.triu(m, k=1).any()
     return keys, bool(causal) if q == k else False
 
@@ -435,7 +435,7 @@ def weights_mask(weights: np.ndarray) -> tuple[np.ndarray, bool]:
     """Key validity and causality read from probabilities ``(batch, heads, q, k)`` themselves: a key no query
     of any head attends to is padding; nothing above the diagonal (two or more tokens) is causal."""
     q, k = weights.shape[-2:]
-    keys = (weights > 0).any(axis=(1, 2))
+    keys = cast(np.ndarray, (weights > 0).any(axis=(1, 2)))  # an array: weights is 4-d
     causal = q == k and q >= 2 and not np.triu(weights, k=1).any()
     return keys, bool(causal)
 
@@ -567,6 +567,8 @@ class PassCollector:
             kind = "cross"
         elif kind is None:
             kind = "self" if array.shape[-2] == array.shape[-1] else "cross"
+        keys: np.ndarray | None
+        causal: bool | None
         if infer:
             keys, causal = weights_mask(array)
         else:
@@ -729,7 +731,7 @@ class PassCollector:
             described[stream] = {"mask": mask, "causal": causal}
         if input_ids is not None:  # the call's token ids belong to the first stream of their length
             for stream, info in described.items():
-                length = lengths.get(stream) if stream is not None else layers[0].weights.shape[2]  # type: ignore[arg-type]
+                length = lengths.get(stream) if stream is not None else layers[0].weights.shape[2]
                 if stream != "memory" and length == input_ids.shape[1]:
                     info["input_ids"] = input_ids
                     break

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -243,7 +243,7 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
     if kv_heads != heads:
         value = np.repeat(value, heads // kv_heads, axis=1)  # query head h reads KV head h // group
     out = modules[f"{layer}/{layout.out}"]
-    kernel = _parameter(out, "kernel")
+    kernel = cast(np.ndarray, _parameter(out, "kernel"))  # an output projection has a kernel
     d_head = value.shape[-1]
     matrix = kernel.reshape(heads, d_head, kernel.shape[-1])
     bias = _parameter(out, "bias")

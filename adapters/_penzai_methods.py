@@ -117,7 +117,7 @@ def _layer_classes() -> tuple[type, type]:
     pz = _pz()
 
     @pz.pytree_dataclass
-    class AddZero(pz.nn.Layer):  # type: ignore[name-defined,misc]
+    class AddZero(pz.nn.Layer):  # type: ignore[name-defined]
         """``x + delta``: the additive zero whose gradient is the gradient of ``x`` (attnflow's target=)."""
 
         delta: Any
@@ -126,7 +126,7 @@ def _layer_classes() -> tuple[type, type]:
             return x + self.delta
 
     @pz.pytree_dataclass
-    class Rescale(pz.nn.Layer):  # type: ignore[name-defined,misc]
+    class Rescale(pz.nn.Layer):  # type: ignore[name-defined]
         """``x * keep``: ``keep`` is 0 at the token whose values are zeroed (attnflow's value_zeroing=)."""
 
         keep: Any
@@ -165,7 +165,7 @@ def named_shape(array: Any) -> tuple[tuple[str, int], ...]:
 def positional_logits(output: Any) -> Any:
     """The model's logits as a positional ``(batch, seq, vocab)`` (or ``(batch, vocab)``) array, or None."""
     names = list(getattr(output, "named_shape", ()))
-    if not names or getattr(output, "positional_shape", ()):
+    if not names or getattr(output, "positional_shape", None):
         return None
     rest = [name for name in names if name not in ("batch", "seq")]
     if "batch" not in names or len(rest) != 1:

@@ -349,7 +349,7 @@ def register(handles: list[Any], method: Callable[..., Any], hook: Callable[...,
     try:
         handles.append(method(hook, **options))
     except BaseException:
-        _unregister(method.__self__, hook)
+        _unregister(method.__self__, hook)  # type: ignore[attr-defined]  # a bound method: its module
         raise
 
 

@@ -53,7 +53,7 @@ import functools
 import inspect
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -199,8 +199,8 @@ class _LinenCapture:
     def _selected_call(self, module: Any, path: str, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         selection: Selection = self.selection  # type: ignore[assignment]
         if self.taps and context.method_name == "__call__":
-            parent, tap, frame = self.taps[-1]
-            if module.name == tap and path.rpartition("/")[0] == parent:
+            parent, waiting, frame = self.taps[-1]
+            if module.name == waiting and path.rpartition("/")[0] == parent:
                 result = next_fun(*args, **kwargs)
                 frame.accept(result)
                 return result
@@ -251,6 +251,7 @@ class _LinenCapture:
             return args, kwargs  # a subclass with its own signature: rely on its own module= sowing
         info.user_sow = bool(given.get("sow_weights", False))
         if not info.user_sow:
+            parameters: Mapping[str, Any]
             try:
                 parameters = inspect.signature(module.attention_fn).parameters
             except (TypeError, ValueError):  # no signature to read: try, and check that it sowed afterwards

@@ -56,7 +56,7 @@ import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -68,6 +68,7 @@ from ._flax_common import (
     OPTIONS,
     UNKNOWN,
     PassCollector,
+    Selection,
     Settings,
     SoftmaxFrame,
     check_options,
@@ -131,7 +132,7 @@ class _NNXCapture:
             self.kept = {}
 
     def _values(self, layers: list) -> None:
-        layout = self.value_map
+        layout = cast(methods.FlaxValueMap, self.value_map)  # called when there is one
         calls: dict[str, int] = {}
         matched = 0
         for layer in layers:
@@ -284,7 +285,7 @@ class _Injection:
         proxy = _SowProxy([], forward=module, mask=None, is_causal=False)
         with perturbing_softmax(perturb):
             result = original(*args, module=proxy, **kwargs)
-        if not perturb.seen[0]:  # type: ignore[attr-defined]
+        if not perturb.seen[0]:
             raise AdapterError(
                 f"target=: {name!r} computed its attention without jax.nn.softmax, so the gradient of its "
                 "probabilities cannot be read; use nnx.dot_product_attention (Flax's default attention_fn)."
@@ -315,7 +316,7 @@ def _selected_class(module: Any) -> type:
         frames = []
         with contextlib.ExitStack() as watching:
             for capture, name in listeners:
-                layout = capture.selection.layout
+                layout = cast(Selection, capture.selection).layout  # listeners have a selection
 
                 def take(probabilities: Any, collector: PassCollector = capture.collector, name: str = name,
                          layout: Any = layout) -> None:
@@ -330,7 +331,9 @@ def _selected_class(module: Any) -> type:
 
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": __call__,
                  "__attnflow_selected__": cls}
-    return type(cls)(cls.__name__, (cls,), namespace, pytree=getattr(cls, "_pytree__is_pytree", True))
+    # misc ignored: mypy cannot type a call of the metaclass (nnx's, which takes pytree=)
+    return type(cls)(cls.__name__, (cls,), namespace,  # type: ignore[misc]
+                     pytree=getattr(cls, "_pytree__is_pytree", True))
 
 
 #: Per module (by id), for values=True: (capture, layer, slot, "input" or "output") to keep at each call.
@@ -357,7 +360,9 @@ def _tap_class(module: Any) -> type:
 
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": __call__,
                  "__attnflow_tapped__": cls}
-    return type(cls)(cls.__name__, (cls,), namespace, pytree=getattr(cls, "_pytree__is_pytree", True))
+    # misc ignored: mypy cannot type a call of the metaclass (nnx's, which takes pytree=)
+    return type(cls)(cls.__name__, (cls,), namespace,  # type: ignore[misc]
+                     pytree=getattr(cls, "_pytree__is_pytree", True))
 
 
 def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any) -> None:
@@ -380,7 +385,9 @@ def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any)
                     raise AdapterError(f"values=True: layer {layer!r} has no module {extra!r} that its value map names.")
             if id(module) not in _TAPS:
                 undo.enter_context(switch(("flax_nnx.tap_class", id(module)),
-                                          lambda m=module: _swap_class(m, _tap_class(m)), _unswap(module)))
+                                          # misc ignored: no type inferred for a lambda whose default binds the module
+                                          lambda m=module: _swap_class(m, _tap_class(m)),  # type: ignore[misc]
+                                          _unswap(module)))
             entries = _TAPS.setdefault(id(module), [])
             entry = (capture, layer, slot, which)
             entries.append(entry)
@@ -600,7 +607,10 @@ class NNXAdapter(Adapter):
                         if not selection.match(name, module):
                             continue
                         undo.enter_context(switch(("flax_nnx.selected_class", id(module)),
-                                                  lambda m=module: _swap_class(m, _selected_class(m)), _unswap(module)))
+                                                  # misc ignored: no type inferred for a lambda whose default
+                                                  # binds the module
+                                                  lambda m=module: _swap_class(m, _selected_class(m)),  # type: ignore[misc]
+                                                  _unswap(module)))
                     elif isinstance(module, nnx.MultiHeadAttention):
                         undo.enter_context(_patched(module, "attention_fn", _dispatching_attention_fn))
                     else:

@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -84,7 +84,8 @@ class TransformersAdapter(attnflow.Adapter):
 
     # -- capture ------------------------------------------------------------------------------------
     @contextmanager
-    def hooks(
+    # override ignored: an adapter takes only the options it declares (attnflow.capture checks them first)
+    def hooks(  # type: ignore[override]
         self, model: Any, recorder: attnflow.Recorder, *, modules: Any = None, output_index: int = 1,
     ) -> Iterator[None]:
         torch = attnflow.import_optional("torch", self.extra)
@@ -373,7 +374,7 @@ class TransformersAdapter(attnflow.Adapter):
         torch = attnflow.import_optional("torch", self.extra)
         if device is not None and device != "cpu":
             kind = device.split(":")[0]
-            backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+            backend: Any = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
                        "xpu": getattr(torch, "xpu", None)}.get(kind)
             available = backend is not None and backend.is_available()
             if available and kind in ("cuda", "xpu") and ":" in device:
@@ -426,7 +427,7 @@ def _declared_attention_modules(model: Any, transformers: Any) -> list[tuple[str
 def _specs(model: Any) -> list[tuple[str, Any, str | None, str | None, int]]:
     """``(kind, target_class, class_name, layer_name, index)`` from a model's ``_can_record_outputs``."""
     declared = getattr(model, "_can_record_outputs", None) or {}
-    specs = []
+    specs: list[tuple[str, Any, str | None, str | None, int]] = []
     for key, kind in _RECORDABLE:
         entries = declared.get(key)
         if entries is None:
@@ -480,8 +481,9 @@ def _eager(model: Any, targets: list[tuple[str, Any, str, int]], transformers: A
         originals = {
             id(config): held.enter_context(switch(
                 ("transformers.attn_implementation", id(config)),
-                lambda config=config: config._attn_implementation,
-                lambda implementation, config=config: _restore([(config, implementation)]),
+                # misc ignored: mypy infers no type for a lambda whose default binds the loop's config
+                lambda config=config: config._attn_implementation,  # type: ignore[misc]
+                lambda implementation, config=config: _restore([(config, implementation)]),  # type: ignore[misc]
             ))
             for config, _ in _implementations(model, transformers)
         }
@@ -608,10 +610,10 @@ def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[
             )
         ratio = _reduced.ratio_of(module)
         if ratio > 1:
-            full = [other for other, m, _, _ in found if _reduced.ratio_of(m) == 1]
+            own = [other for other, m, _, _ in found if _reduced.ratio_of(m) == 1]
             fix = (
                 "Capture the layers whose keys are their own tokens (reduction 1) alone: adapter_options={'modules': "
-                f"{full!r}}}" if full else "No layer of this model attends over its own tokens"
+                f"{own!r}}}" if own else "No layer of this model attends over its own tokens"
             )
             raise attnflow.AdapterError(
                 f"{type(model).__name__} runs spatial-reduction attention ({path} reduces its keys by {ratio}): its patch "
@@ -899,7 +901,7 @@ def _refuse_remote_code(location: str, path: Path | None, cause: Exception | Non
     found = []
     for name in _CODE_MAPS if path is not None else ():
         try:
-            document = json.loads((path / name).read_text(encoding="utf-8"))
+            document = json.loads((cast(Path, path) / name).read_text(encoding="utf-8"))  # the loop runs with a path
         except (OSError, ValueError):
             continue  # missing or unreadable: transformers reports it
         if isinstance(document, dict) and document.get("auto_map"):

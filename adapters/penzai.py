@@ -67,7 +67,7 @@ def _pz() -> Any:
     return import_optional("penzai.pz", "penzai")
 
 
-def _attention_types(pz: Any) -> tuple[type, ...]:
+def _attention_types(pz: Any) -> tuple[type[Any], ...]:
     return tuple(getattr(pz.nn, name) for name in _ATTENTION_CLASSES if hasattr(pz.nn, name))
 
 
@@ -125,7 +125,7 @@ def _mask_of(attention: Any, side_inputs: dict[str, Any], pz: Any) -> tuple[Any,
                 return None, True
             return (positions >= 0)[:, None, None, :], True
         if isinstance(layer, pz.nn.ApplyExplicitAttentionMask):
-            mask = side_inputs.get(layer.mask_input_name)
+            mask: Any = side_inputs.get(layer.mask_input_name)
             names = list(getattr(mask, "named_shape", ()))
             if "seq" in names and "kv_seq" in names and not set(names) - {"batch", "seq", "kv_seq"}:
                 array = mask.untag(*(["batch"] if "batch" in names else []), "seq", "kv_seq").unwrap()

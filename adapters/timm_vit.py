@@ -54,7 +54,8 @@ class TimmAdapter(attnflow.Adapter):
         return common.run_without_grad(common.unwrap_compiled(model), args, kwargs)
 
     @contextmanager
-    def hooks(self, model: Any, recorder: attnflow.Recorder) -> Iterator[None]:
+    # override ignored: an adapter takes only the options it declares (attnflow.capture checks them first)
+    def hooks(self, model: Any, recorder: attnflow.Recorder) -> Iterator[None]:  # type: ignore[override]
         torch = attnflow.import_optional("torch", self.extra)
         model = common.unwrap_compiled(model)
         targets = [(path, m) for path, m in model.named_modules() if is_timm_attention(m)]

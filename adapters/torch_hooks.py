@@ -143,7 +143,8 @@ class TorchAdapter(attnflow.Adapter):
         return common.run_without_grad(common.unwrap(model), args, kwargs)
 
     @contextmanager
-    def hooks(
+    # override ignored: an adapter takes only the options it declares (attnflow.capture checks them first)
+    def hooks(  # type: ignore[override]
         self, model: Any, recorder: attnflow.Recorder, *, modules: Any = None, output_index: int = 1,
         disable_fastpath: bool = True, layout: str | None = None,
     ) -> Iterator[None]:
@@ -209,17 +210,17 @@ class TorchAdapter(attnflow.Adapter):
         calls: list[dict[str, Any]] = []  # one entry per running call of this module (a stack)
 
         def pre_hook(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            args, kwargs = list(args), dict(kwargs)
-            query, key = _get_arg(args, kwargs, "query"), _get_arg(args, kwargs, "key")
+            listed, kwargs = list(args), dict(kwargs)
+            query, key = _get_arg(listed, kwargs, "query"), _get_arg(listed, kwargs, "key")
             calls.append({
-                "need_weights": _get_arg(args, kwargs, "need_weights", _MHA_DEFAULTS["need_weights"]),
-                "average": _get_arg(args, kwargs, "average_attn_weights", _MHA_DEFAULTS["average_attn_weights"]),
+                "need_weights": _get_arg(listed, kwargs, "need_weights", _MHA_DEFAULTS["need_weights"]),
+                "average": _get_arg(listed, kwargs, "average_attn_weights", _MHA_DEFAULTS["average_attn_weights"]),
                 "self": _same_tensor(torch, query, key),
-                "padding": _get_arg(args, kwargs, "key_padding_mask"),
+                "padding": _get_arg(listed, kwargs, "key_padding_mask"),
             })
-            _set_arg(args, kwargs, "need_weights", True)
-            _set_arg(args, kwargs, "average_attn_weights", False)
-            return tuple(args), kwargs
+            _set_arg(listed, kwargs, "need_weights", True)
+            _set_arg(listed, kwargs, "average_attn_weights", False)
+            return tuple(listed), kwargs
 
         def hook(mod: Any, args: tuple, output: Any) -> Any:
             call = calls.pop() if calls else {"need_weights": True, "average": False, "self": True, "padding": None}
