@@ -109,7 +109,7 @@ def attention_hook(path: str, stage: int, block: int, passes: common.TorchPass, 
             passes.add(path, weights, kind="cross", key_stream=keys_stream(stage, block), training=module.training)
         else:
             passes.add(path, weights, kind="self", training=module.training)
-        stages = passes.state.setdefault("segformer", {})
+        stages = passes.state.segformer
         stages.setdefault(stage, {"batch": batch, "grid": (int(height), int(width)), "pooled": []})
         if ratio > 1:
             stages[stage]["pooled"].append((block, ratio))
@@ -119,7 +119,7 @@ def attention_hook(path: str, stage: int, block: int, passes: common.TorchPass, 
 
 def finish(passes: common.TorchPass, config: Any) -> None:
     """Patch grids of the stages and of the pooled keys, the pooling links and the links between stages."""
-    stages = passes.state.get("segformer", {})
+    stages = passes.state.segformer
     recorder = passes.recorder
     order = sorted(stages)
     for stage in order:

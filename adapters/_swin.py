@@ -85,7 +85,7 @@ def block_hook(path: str, stream: str, passes: common.TorchPass, torch: Any) -> 
         batch = int(args[0].shape[0])
         passes.add(path, window_to_global(weights, batch, height, width, window, shift, torch),
                    training=module.training)
-        stages = passes.state.setdefault("swin", {})
+        stages = passes.state.swin
         stages.setdefault(stream, (batch, height, width))
 
     return hook
@@ -93,7 +93,7 @@ def block_hook(path: str, stream: str, passes: common.TorchPass, torch: Any) -> 
 
 def finish(passes: common.TorchPass) -> None:
     """Patch grids of the stages, and the patch-merging links between them."""
-    stages = passes.state.get("swin", {})
+    stages = passes.state.swin
     names = sorted(stages, key=lambda name: int(name.removeprefix("stage")))
     for name in names:
         batch, height, width = stages[name]

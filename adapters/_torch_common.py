@@ -6,6 +6,7 @@ function that needs torch receives it or imports it lazily.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -65,6 +66,30 @@ def layer_name(path: str, model: Any) -> str:
     return path or type(model).__name__
 
 
+@dataclasses.dataclass
+class PassState:
+    """What hooks learn during one forward pass, for the finishing steps (a fresh one each pass)."""
+
+    output: Any = None  # the root module's output (the target's scores are taken from it)
+    grad_tensors: list[tuple[int, Any]] = dataclasses.field(default_factory=list)  # (layer index, weights) to differentiate
+    target_tokens: tuple[Any, bool | None] | None = None  # (padding mask, causal) of the tokens the target reads
+    root: dict[str, Any] | None = None  # the root call's input_ids and mask (several streams)
+    injected: bool = False  # attnflow asked for output_attentions: take them out of the output
+    single_pixels: tuple[int, ...] | None = None  # pixel input's shape (one-stream vision models)
+    single_length: int | None = None  # keys of the first layer (one-stream vision models)
+    length: int | None = None  # keys of the first layer (timm)
+    batch: int | None = None  # batch size of the first layer (timm)
+    pixels: dict[str | None, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)  # stream -> (shape, tower)
+    stream_masks: dict[str | None, Any] = dataclasses.field(default_factory=dict)  # stream -> its padding mask
+    frame_masks: set[str | None] = dataclasses.field(default_factory=set)  # streams whose frame mask is derived
+    indices: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # module path -> its layers' indices
+    values: dict[str, dict[str, list[Any]]] = dataclasses.field(default_factory=dict)  # layer -> slot -> kept tensors
+    vz_inputs: dict[str, list[tuple[tuple, dict]]] = dataclasses.field(default_factory=dict)  # layer -> its calls
+    vz_outputs: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # layer -> its outputs
+    swin: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # stage -> (batch, height, width)
+    segformer: dict[Any, dict[str, Any]] = dataclasses.field(default_factory=dict)  # stage -> batch, grid, pooled
+
+
 class TorchPass:
     """What a torch-based adapter knows while attached: the recorder, which stream each hooked module's
     queries belong to, and what the current forward pass has shown so far.
@@ -86,7 +111,7 @@ class TorchPass:
         self.generating = False  # the passes are steps of one generate() call: streams seen stay known
         self.seen: dict[str, int] = {}  # stream -> its length, from the layers of this pass
         self.layer_counts: dict[str | None, int] = {}  # stream -> layers of it recorded in this pass
-        self.state: dict[str, Any] = {}  # what hooks learn during the pass, for the finishing steps
+        self.state = PassState()  # what hooks learn during the pass, for the finishing steps
         self.finishers: list[Callable[[TorchPass], None]] = []
 
     @property
@@ -96,7 +121,7 @@ class TorchPass:
     def reset(self) -> None:
         """Forget the last pass's details (before an outermost call is described); while generating, the
         streams seen so far (an encoder run once before the decoder's steps) stay known."""
-        self.state, self.layer_counts = {}, {}
+        self.state, self.layer_counts = PassState(), {}
         if not self.generating:
             self.seen = {}
 
@@ -161,7 +186,7 @@ class TorchPass:
             training=training,
         )
         if self.request.gradients and self.active:
-            self.state.setdefault("grad_tensors", []).append((index, weights))
+            self.state.grad_tensors.append((index, weights))
         return index
 
 
@@ -200,7 +225,7 @@ def install_pass_hooks(
             return None
         ended[0] += 1
         if passes.depth == 1:
-            passes.state["output"] = output
+            passes.state.output = output
         replaced = after(output) if after is not None and passes.depth == 1 else None
         passes.finish()
         return replaced
@@ -224,13 +249,14 @@ def attention_gradients(passes: TorchPass) -> None:
     """The gradient of the target score with respect to every recorded attention tensor of the pass, added to
     its layer as extra ``"attn_grad"``. One backward pass; nothing accumulates into parameters' ``.grad``."""
     torch = attnflow.import_optional("torch", "torch")
-    kept = [(i, t) for i, t in passes.state.pop("grad_tensors", []) if t.requires_grad]
+    tensors, passes.state.grad_tensors = passes.state.grad_tensors, []
+    kept = [(i, t) for i, t in tensors if t.requires_grad]
     if not kept:
         raise attnflow.AdapterError(
             "Gradients were asked for (target=...), but no recorded attention took part in autograd; the model "
             "may detach its attention weights, or run its attention in a way autograd does not follow."
         )
-    score = target_score(passes.state.get("output"), passes.request, passes.state.get("target_tokens"), torch)
+    score = target_score(passes.state.output, passes.request, passes.state.target_tokens, torch)
     grads = torch.autograd.grad(score, [t for _, t in kept], allow_unused=True)
     if all(grad is None for grad in grads):
         raise attnflow.AdapterError(

@@ -74,7 +74,7 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
     def keep_inputs(layer: str) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
             if passes.active and not passes.paused:
-                passes.state.setdefault("vz_inputs", {}).setdefault(layer, []).append((args, kwargs))
+                passes.state.vz_inputs.setdefault(layer, []).append((args, kwargs))
 
         return hook
 
@@ -82,7 +82,7 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         def hook(module: Any, args: tuple, output: Any) -> None:
             if passes.active and not passes.paused:
                 hidden = output[0] if isinstance(output, tuple) else output
-                passes.state.setdefault("vz_outputs", {}).setdefault(layer, []).append(hidden.detach())
+                passes.state.vz_outputs.setdefault(layer, []).append(hidden.detach())
 
         return hook
 
@@ -91,8 +91,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         common.register(handles, modules[layer].register_forward_hook, keep_output(layer))
 
     def finish(p: common.TorchPass) -> None:
-        inputs, outputs = p.state.get("vz_inputs", {}), p.state.get("vz_outputs", {})
-        indices = p.state.get("indices", {})
+        inputs, outputs = p.state.vz_inputs, p.state.vz_outputs
+        indices = p.state.indices
         with torch.no_grad():
             for layer, zeroed in layers.items():
                 for call, (args, kwargs) in enumerate(inputs.get(layer, [])):

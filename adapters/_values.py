@@ -154,7 +154,7 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         def hook(module: Any, args: tuple, output: Any = None) -> None:
             if passes.active:
                 value = args[0] if take_input else (output[0] if isinstance(output, tuple) else output)
-                passes.state.setdefault("values", {}).setdefault(layer, {}).setdefault(slot, []).append(value.detach())
+                passes.state.values.setdefault(layer, {}).setdefault(slot, []).append(value.detach())
 
         return hook
 
@@ -168,8 +168,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
             common.register(handles, parts["block_output"].register_forward_pre_hook, keep(layer, "block_output", True))
 
     def finish(p: common.TorchPass) -> None:
-        kept = p.state.get("values", {})
-        indices = p.state.get("indices", {})
+        kept = p.state.values
+        indices = p.state.indices
         for path, layer, layout, parts, heads, kv_heads in layers:
             seen = kept.get(layer, {})
             for call, index in enumerate(indices.get(path, [])):

@@ -182,7 +182,7 @@ def link_image_tokens(passes: Any, model: Any, input_ids: Any) -> None:
     ids = np.asarray(input_ids)
     if not (ids == found.image_token).any():
         return
-    pixels = passes.state.get("pixels", {}).get("vision")
+    pixels = passes.state.pixels.get("vision")
     shape = pixels[0] if pixels is not None else (ids.shape[0],)
     tower = pixels[1] if pixels is not None else None
     vision_layers, vision_length = passes.layer_counts.get("vision", 0), passes.seen["vision"]

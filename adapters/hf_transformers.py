@@ -124,22 +124,22 @@ class TransformersAdapter(attnflow.Adapter):
             call["metadata"].update(_vision_language.describe(model))
             if recorder.request.values:
                 call["metadata"]["values_layout"] = _values.value_map(model).layout
-            passes.state["target_tokens"] = (mask, causal.get(None))
+            passes.state.target_tokens = (mask, causal.get(None))
             if plan.multi or swin or reduced:
-                passes.state["root"] = {"input_ids": ids, "mask": mask}
+                passes.state.root = {"input_ids": ids, "mask": mask}
                 call["streams"] = {stream: {"causal": flag} for stream, flag in causal.items() if flag}
             else:
                 call.update(mask=mask, input_ids=ids, causal=causal.get(None))
                 pixels = named.get("pixel_values")
                 if isinstance(pixels, torch.Tensor) and not swin:
-                    passes.state["single_pixels"] = tuple(pixels.shape)
+                    passes.state.single_pixels = tuple(pixels.shape)
             if inject and named.get("output_attentions") is None:
-                passes.state["injected"] = True
+                passes.state.injected = True
                 call["inject"] = {"output_attentions": True}
             return call
 
         def after(output: Any) -> Any:
-            if passes.state.get("injected") and not getattr(model.config, "output_attentions", False):
+            if passes.state.injected and not getattr(model.config, "output_attentions", False):
                 return _without_attentions(output, torch)  # asked for by attnflow, not by the caller
             return None
 
@@ -569,10 +569,11 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
             )
         _fit_frame_mask(module, path, kind, int(weights.shape[-1]), passes, torch)
         if passes.stream_of(path) is None:
-            passes.state.setdefault("single_length", int(weights.shape[-1]))  # an image's patch count, below
+            if passes.state.single_length is None:  # an image's patch count, below
+                passes.state.single_length = int(weights.shape[-1])
         recorded = passes.add(path, weights, kind=kind, training=module.training)
         if recorded >= 0:
-            passes.state.setdefault("indices", {}).setdefault(path, []).append(recorded)
+            passes.state.indices.setdefault(path, []).append(recorded)
 
     return hook
 
@@ -657,13 +658,13 @@ def _fit_frame_mask(module: Any, path: str, kind: str, keys: int, passes: common
     if kind == "cross":
         return
     stream = passes.stream_of(path)
-    done = passes.state.setdefault("frame_masks", set())
+    done = passes.state.frame_masks
     if stream in done:
         return
     if stream is None:
-        mask = (passes.state.get("target_tokens") or (None, None))[0]
+        mask = (passes.state.target_tokens or (None, None))[0]
     else:
-        mask = (passes.state.get("stream_masks") or {}).get(stream)
+        mask = passes.state.stream_masks.get(stream)
     reference = _FRAME_OWNERS.get(module)
     owner = reference() if reference is not None else None
     if mask is None or mask.ndim != 2 or mask.shape[1] == keys or owner is None:
@@ -679,7 +680,7 @@ def _fit_frame_mask(module: Any, path: str, kind: str, keys: int, passes: common
     done.add(stream)
     passes.recorder.describe_stream(stream, mask=derived, overwrite=True)
     if stream is None:
-        passes.state["target_tokens"] = (derived, (passes.state.get("target_tokens") or (None, None))[1])
+        passes.state.target_tokens = (derived, (passes.state.target_tokens or (None, None))[1])
 
 
 def _weights_at(output: Any, index: int, torch: Any) -> Any:
@@ -697,9 +698,9 @@ def _weights_at(output: Any, index: int, torch: Any) -> Any:
 def _mask_length(passes: common.TorchPass, stream: str | None) -> int | None:
     """How many positions the stream's padding mask (the call's, or its tower's) covers; None without one."""
     if stream is None:
-        mask = (passes.state.get("target_tokens") or (None, None))[0]
+        mask = (passes.state.target_tokens or (None, None))[0]
     else:
-        mask = (passes.state.get("stream_masks") or {}).get(stream)
+        mask = passes.state.stream_masks.get(stream)
     return None if mask is None or np.ndim(mask) != 2 else int(np.shape(mask)[1])
 
 
@@ -785,13 +786,13 @@ def _tower_hook(stream: str, signature: inspect.Signature | None, passes: common
             return
         named = _bind(signature, args, kwargs)
         mask = _mask_array(named.get("attention_mask"), torch)
-        passes.state.setdefault("stream_masks", {})[stream] = mask
+        passes.state.stream_masks[stream] = mask
         passes.recorder.describe_stream(stream, input_ids=common.int_ids(named.get("input_ids"), torch), mask=mask)
         if stream == "decoder":  # an encoder-decoder's logits are the decoder's
-            passes.state["target_tokens"] = (mask, True)
+            passes.state.target_tokens = (mask, True)
         pixels = named.get("pixel_values")
         if isinstance(pixels, torch.Tensor):
-            passes.state.setdefault("pixels", {})[stream] = (tuple(pixels.shape), module)
+            passes.state.pixels[stream] = (tuple(pixels.shape), module)
 
     return hook
 
@@ -800,10 +801,10 @@ def _finish_streams(passes: common.TorchPass, model: Any, plan: families.StreamP
     """What is known only once every layer ran: vision streams' patch grids, the root's ids for a stream
     that got embeddings (LLaVA's language model), and LLaVA-style links from image tokens to patches."""
     recorder = passes.recorder
-    root = passes.state.get("root") or {}
+    root = passes.state.root or {}
     for stream, length in passes.seen.items():
-        if stream in passes.state.get("pixels", {}):
-            shape, tower = passes.state["pixels"][stream]
+        if stream in passes.state.pixels:
+            shape, tower = passes.state.pixels[stream]
             config = getattr(tower, "config", None) or getattr(model.config, "vision_config", None)
             layout = families.vision_layout(length, shape, getattr(config, "patch_size", None))
             if layout is not None:
@@ -818,7 +819,7 @@ def _finish_streams(passes: common.TorchPass, model: Any, plan: families.StreamP
 def _finish_single_vision(passes: common.TorchPass, model: Any) -> None:
     """A plain ViT-family model (one stream, pixel inputs): its prefix tokens (CLS, distillation, registers)
     are special, the rest is the patch grid; labels ``[CLS]``, ``[PREFIX1]``... and ``r{row}c{col}``."""
-    shape, length = passes.state.get("single_pixels"), passes.state.get("single_length")
+    shape, length = passes.state.single_pixels, passes.state.single_length
     if shape is None or length is None:
         return
     layout = families.vision_layout(length, shape, getattr(model.config, "patch_size", None))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -72,10 +72,10 @@ class TimmAdapter(attnflow.Adapter):
             return {"metadata": {"captured_with": "fused_attn=False"}}
 
         def finish(p: common.TorchPass) -> None:
-            length = p.state.get("length")
+            length = p.state.length
             if grid is None or length is None or length != prefix + int(grid[0]) * int(grid[1]):
                 return
-            special = np.zeros((p.state["batch"], length), bool)
+            special = np.zeros((cast(int, p.state.batch), length), bool)  # set with the length
             special[:, :prefix] = True
             p.recorder.describe_stream(None, special=special, grid=(int(grid[0]), int(grid[1])))
 
@@ -115,8 +115,10 @@ def _probabilities(path: str, attention: Any, passes: common.TorchPass, torch: A
                 f"{path} ({type(attention).__name__}): its attn_drop received {type(weights).__name__}, not the "
                 "(batch, heads, query, key) probabilities; this timm attention module works differently."
             )
-        passes.state.setdefault("length", int(weights.shape[-1]))
-        passes.state.setdefault("batch", int(weights.shape[0]))
+        if passes.state.length is None:
+            passes.state.length = int(weights.shape[-1])
+        if passes.state.batch is None:
+            passes.state.batch = int(weights.shape[0])
         passes.add(path, weights, training=attention.training and dropout.p > 0)
 
     return hook

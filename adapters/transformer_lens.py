@@ -105,7 +105,7 @@ class TransformerLensAdapter(attnflow.Adapter):
             first = kwargs.get("input", args[0] if args else None)
             mask = kwargs.get("attention_mask")
             mask = mask.detach().cpu().numpy().astype(bool) if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-            passes.state["target_tokens"] = (mask, causal)  # target=: each item's last real token
+            passes.state.target_tokens = (mask, causal)  # target=: each item's last real token
             metadata = {"generation": generation.pop("metadata")} if "metadata" in generation else {}
             return {"input_ids": _ids(first, torch), "causal": causal, "metadata": metadata}
 
@@ -119,7 +119,7 @@ class TransformerLensAdapter(attnflow.Adapter):
             if passes.active and not passes.paused and isinstance(mask, torch.Tensor) and mask.ndim == 2:
                 real = mask.detach().cpu().numpy().astype(bool)
                 passes.recorder.describe_stream(None, mask=real)
-                passes.state["target_tokens"] = (real, causal)
+                passes.state.target_tokens = (real, causal)
 
         handles: list[Any] = []
         with common.removing(handles):
