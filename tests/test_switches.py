@@ -177,3 +177,24 @@ def test_every_holder_is_told_the_state_the_first_one_found():
     with held(flag) as first, held(flag) as second:
         assert first == second == "original" and flag.value == "on"
     assert flag.value == "original"
+
+
+def test_holders_without_a_key_counts_every_switch_and_with_a_key_its_own():
+    """Killed mutants of holders(): the total over switches, and a key's own count (0 once released)."""
+    from attnflow._switches import holders, switch
+
+    state = {"a": 0, "b": 0}
+
+    def on(name):
+        return lambda: state.__setitem__(name, state[name] + 1)
+
+    def off(name):
+        return lambda _: state.__setitem__(name, state[name] - 1)
+
+    before = holders()
+    with switch("holders-test-a", on("a"), off("a")):
+        with switch("holders-test-a", on("a"), off("a")), switch("holders-test-b", on("b"), off("b")):
+            assert holders("holders-test-a") == 2 and holders("holders-test-b") == 1
+            assert holders() == before + 3
+        assert holders("holders-test-b") == 0 and holders() == before + 1
+    assert holders() == before and holders("holders-test-a") == 0 and state == {"a": 0, "b": 0}
