@@ -142,6 +142,7 @@ def run_batch(
     tls_ca_file: str | os.PathLike[str] | None = None,
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
+    target_field: str = "target",
 ) -> BatchSummary:
     """Explain every line of a JSONL file on a Dask cluster: one explanation file per example and a score table.
 
@@ -186,6 +187,7 @@ def run_batch(
             against this CA certificate (a PEM file), through Dask's ``distributed.security.Security``.
         tls_cert: the client certificate presented to the scheduler (PEM), with ``tls_ca_file``.
         tls_key: the client certificate's key (PEM), with ``tls_ca_file``.
+        target_field: the JSONL field holding an encoder-decoder's decoder text (default ``"target"``).
 
     Security: the embedded cluster's scheduler and workers listen on 127.0.0.1 without authentication while
     the run lasts, so any local user could submit work to them (it runs as you). On a shared machine, run a
@@ -219,7 +221,10 @@ def run_batch(
     tls = _tls_files(scheduler, client, tls_ca_file, tls_cert, tls_key)
     if scheduler is not None and client is None:
         _check_scheduler_address(scheduler, tls)
-    examples, malformed = read_inputs(path)
+    if not isinstance(target_field, str) or not target_field or target_field in ("text", "id"):
+        raise OptionError(f"target_field must name the JSONL field holding the decoder's text (not 'text' or 'id'); "
+                          f"got {target_field!r}.")
+    examples, malformed = read_inputs(path, target_field=target_field)
     out = Path(out)
     make_directory(out)
     make_directory(out / EXAMPLES_DIR, "examples directory")

@@ -69,10 +69,13 @@ def safe_name(example_id: str) -> str:
     return f"{prefix}-{_sha256(example_id)[:12]}"
 
 
-def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malformed]]:
+def read_inputs(
+    path: str | os.PathLike[str], *, target_field: str = "target"
+) -> tuple[list[Example], list[Malformed]]:
     """Parse a JSONL file: one JSON object per line with a non-empty string ``text``, an optional ``id``
-    (string or integer; default: the line number) and an optional ``target`` (a non-empty string: the
-    decoder's text, for encoder-decoder models). Blank lines are ignored.
+    (string or integer; default: the line number) and an optional decoder text under ``target_field``
+    (default ``"target"``; a non-empty string: the decoder's text, for encoder-decoder models). Blank lines are
+    ignored.
 
     Returns:
         ``(examples, malformed)``: the valid lines in file order, and the lines skipped with the reason
@@ -110,7 +113,7 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
             malformed.append(Malformed(number, "no \"text\" field"))
             continue
         problem = _text_problem("text", record["text"]) or (
-            _text_problem("target", record["target"]) if "target" in record else None
+            _text_problem(target_field, record[target_field]) if target_field in record else None
         )
         if problem:
             malformed.append(Malformed(number, problem))
@@ -138,7 +141,8 @@ def read_inputs(path: str | os.PathLike[str]) -> tuple[list[Example], list[Malfo
             continue
         first_line[example_id] = number
         names[name] = example_id
-        examples.append(Example(id=example_id, text=record["text"], line=number, name=name, target=record.get("target")))
+        examples.append(Example(id=example_id, text=record["text"], line=number, name=name,
+                                target=record.get(target_field)))
     return examples, malformed
 
 

@@ -49,6 +49,11 @@ def add_parser(subparsers: Any) -> None:
         help="keep every layer (per-layer methods at each layer, cumulative ones up to each layer), not only the last",
     )
     add_target_flag(parser)
+    parser.add_argument(
+        "--target-field", default="target", metavar="NAME",
+        help="the JSONL field holding an encoder-decoder's decoder text, whose tokens are explained (default: "
+        "target); not to be confused with --target, the score gradient methods explain",
+    )
     add_option_flags(parser)
     add_batch_size_flag(parser)
     where = parser.add_mutually_exclusive_group()
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, scheduler=args.scheduler,
             progress=not args.no_progress, on_malformed=report, trust_remote_code=args.trust_remote_code,
             tls_ca_file=args.tls_ca_file, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            target_field=args.target_field,
         )
     except KeyboardInterrupt:
         print("attnflow: interrupted; the examples written so far are kept: run the same command to resume.", file=sys.stderr)
