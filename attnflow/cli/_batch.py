@@ -86,18 +86,13 @@ def sources_from(items: list[str] | None) -> Any:
     return sources
 
 
-def target_from(value: str) -> int | None:
-    """``--target`` for [`attnflow.batch.run_batch`][attnflow.batch.run_batch] (auto: the argmax logit; argmax: a deprecated alias)."""
+def target_from(value: str) -> int | str | None:
+    """``--target`` for [`attnflow.batch.run_batch`][attnflow.batch.run_batch] (auto: the argmax logit, or the
+    embedding target for a model without logits; embedding; a logit index; argmax: a deprecated alias of auto)."""
     if value == "argmax":
         warn_deprecated("--target argmax", "--target auto")
         return None
-    target = parse_target(value)
-    if target == "embedding":
-        raise OptionError(
-            "batch cannot explain the embedding target yet (attnflow.batch captures the gradient of a logit): use "
-            "attnflow explain --target embedding, or give batch a logit index."
-        )
-    return target  # type: ignore[return-value]
+    return parse_target(value)
 
 
 def run(args: argparse.Namespace) -> int:
