@@ -154,3 +154,13 @@ def test_full_disk_is_one_clear_line(command, files, tmp_path):
     assert result.returncode == 1, result.stderr
     assert_one_error_line(result.stderr, "File too large (free some disk space or write elsewhere)")
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written temporary files
+
+
+def test_generate_without_its_model_names_the_recipe(tmp_path, capsys):
+    """The guide's --generate example needs a trained decoder; a missing directory says how to make one."""
+    from attnflow.cli import main
+
+    missing = tmp_path / "docstring-gpt2"
+    assert main(["explain", "--generate", "3", "Return True", "--model", str(missing), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"python examples/train_decoder.py --out {missing} --steps 300" in err

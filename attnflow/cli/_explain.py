@@ -193,6 +193,14 @@ def run(args: argparse.Namespace) -> int:
     adapter = get_adapter(args.adapter)
     out = make_directory(Path(args.out))
     location = args.model or packaged_model_dir()
+    if args.generate is not None and args.model is not None and str(args.model).startswith((".", "/", "~", "examples")) \
+            and not Path(args.model).expanduser().exists():
+        raise OptionError(
+            f"No model directory at {args.model!r}. --generate needs a decoder with a language-model head; the "
+            f"guide's one is trained by: python examples/train_decoder.py --out {args.model} --steps 300 (a few "
+            "minutes: a tenth of the default 3,000 steps, which take about 36 minutes and give a stronger first-token "
+            "sink)."
+        )
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
