@@ -19,6 +19,7 @@ import numpy as np
 
 from ._errors import ComparisonError, MethodError, OptionError
 from ._ranks import spearman as shared_spearman
+from .plot._layers import stream_layer
 from .trace import AttentionTrace, LayerAttention
 
 if TYPE_CHECKING:
@@ -74,6 +75,22 @@ class LayerComparison:
     kind: str
     heads: tuple[HeadComparison, ...]
     rollout_max_abs: float | None
+    #: the layer's number from 1 among its query stream's layers (docs/format.md, "Layer numbers"), and that stream
+    number: int = 0
+    stream: str = ""
+
+    @property
+    def label(self) -> str:
+        """``"4"``, or ``"decoder 4"`` for a layer of a trace of several streams (the number every output uses)."""
+        if not self.number:
+            return str(self.index + 1)
+        return (f"{self.stream} " if self.stream not in ("", "tokens") else "") + str(self.number)
+
+    @property
+    def title(self) -> str:
+        """``"layer 4"``, or ``"decoder layer 4"``."""
+        words = self.label.split(" ")
+        return " ".join([*words[:-1], "layer", words[-1]])
 
     @property
     def max_abs(self) -> float:
@@ -209,7 +226,8 @@ class ComparisonReport:
             "failing_heads": [list(x) for x in self.failing_heads],
             "layers": [
                 {
-                    "index": layer.index, "layer": layer.index + 1,  # Python index; number from 1 (as printed)
+                    # index: the pair's Python index; layer: the number from 1 among the layers of its stream
+                    "index": layer.index, "layer": layer.number, "stream": layer.stream, "label": layer.label,
                     "name_a": layer.name_a, "name_b": layer.name_b, "kind": layer.kind,
                     "ok": layer.ok, "max_abs": _num(layer.max_abs), "mean_abs": _num(layer.mean_abs),
                     "rollout_max_abs": _num(layer.rollout_max_abs),
@@ -243,8 +261,9 @@ class ComparisonReport:
         name_a = max([len("layer A")] + [len(layer.name_a) for layer in self.layers])
         name_b = max([len("layer B")] + [len(layer.name_b) for layer in self.layers])
         lines.append("")
+        label_width = max([3] + [len(layer.label) for layer in self.layers])
         lines.append(
-            f"{'#':>3}  {'layer A':<{name_a}}  {'layer B':<{name_b}}  {'heads':>5}  {'max|diff|':>9}  "
+            f"{'#':>{label_width}}  {'layer A':<{name_a}}  {'layer B':<{name_b}}  {'heads':>5}  {'max|diff|':>9}  "
             f"{'mean|diff|':>10}  {'rollout':>9}  status"
         )
         rollout_tol = tol["rollout_atol"]
@@ -253,25 +272,25 @@ class ComparisonReport:
             if layer.rollout_max_abs is not None and layer.rollout_max_abs > rollout_tol:
                 status += " / rollout FAIL" if not layer.ok else " (rollout FAIL)"
             lines.append(
-                f"{layer.index + 1:>3}  {layer.name_a:<{name_a}}  {layer.name_b:<{name_b}}  {len(layer.heads):>5}  "
+                f"{layer.label:>{label_width}}  {layer.name_a:<{name_a}}  {layer.name_b:<{name_b}}  {len(layer.heads):>5}  "
                 f"{_fmt(layer.max_abs):>9}  {_fmt(layer.mean_abs):>10}  {_fmt(layer.rollout_max_abs):>9}  {status}"
             )
-        lines.append("(#: layer numbers from 1, in trace A's order; rollout: max|diff| of the rollout up to and including "
-                     "the layer)")
+        lines.append("(#: each layer's number from 1 among its stream's layers, as every output numbers them; rollout: "
+                     "max|diff| of the rollout up to and including the layer)")
         grid = self.head_matrix()
         lines.append("")
         lines.append("max|diff| per head (* = beyond tolerance):")
         # Each cell: the value right-aligned, then one column for the flag, then a space: a flagged value can
         # never run into the next one.
         width = max([9] + [len(_fmt(v)) for v in grid.flat if not math.isnan(v)])
-        lines.append(("  #  " + " ".join(f"{'h' + str(h):>{width}} " for h in range(grid.shape[1]))).rstrip())
+        lines.append((f"{'#':>{label_width}}  " + " ".join(f"{'h' + str(h):>{width}} " for h in range(grid.shape[1]))).rstrip())
         for i, layer in enumerate(self.layers):
             cells = []
             for h in range(grid.shape[1]):
                 value = grid[i, h]
                 bad = not math.isnan(value) and h in layer.failing_heads
                 cells.append(f"{'' if math.isnan(value) else _fmt(value):>{width}}{'*' if bad else ' '}")
-            lines.append(f"{layer.index + 1:>3}  " + " ".join(cells).rstrip())
+            lines.append(f"{layer.label:>{label_width}}  " + " ".join(cells).rstrip())
         lines.append("")
         summary = [f"rollout max|diff| {_fmt(self.rollout_max_abs)}"]
         if self.flow_max_abs is not None:
@@ -290,7 +309,8 @@ class ComparisonReport:
         else:
             detail = []
             if self.failing_heads:
-                detail.append("heads " + ", ".join(f"layer {li + 1} head {h}" for li, h in self.failing_heads))
+                titles = {layer.index: layer.title for layer in self.layers}
+                detail.append("heads " + ", ".join(f"{titles[li]} head {h}" for li, h in self.failing_heads))
             first = self.first_rollout_failure
             if first is not None:
                 detail.append(f"rollout from layer {first + 1}")
@@ -467,6 +487,7 @@ def compare(
         LayerComparison(  # a trace sets every layer's kind ("self" or "cross")
             index=index, name_a=trace_a.layers[i].name, name_b=trace_b.layers[j].name, kind=cast(str, trace_a.layers[i].kind),
             heads=tuple(heads_rows[index]), rollout_max_abs=rollout_per_layer.get(index),
+            number=stream_layer(trace_a, i)[0], stream=str(stream_layer(trace_a, i)[2]),
         )
         for index, (i, j) in enumerate(pairs)
     ]

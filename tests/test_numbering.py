@@ -98,6 +98,17 @@ def test_the_last_cross_attention_layer_is_layer_4_of_4_everywhere(bart_dir, tmp
     assert main(["explain", "a b c", "--target-text", "x y", "--model", str(bart_dir), "--out", str(tmp_path / "o2"),
                  "--layers", "..5", "--methods", "rollout"]) == 1
     assert "layer 5 is past the last layer: the explained stream has 4 layers" in capsys.readouterr().err
+    # compare: the same layer is "decoder layer 4" in its table, verdict and JSON
+    import dataclasses
+
+    import numpy as np
+
+    bent = [dataclasses.replace(layer, weights=np.roll(layer.weights, 1, axis=-1)) if layer.name == LAST_CROSS
+            else layer for layer in trace.layers]
+    report = attnflow.compare(trace, trace.replace(layers=bent, metadata={}), flow=False)
+    assert "decoder layer 4 head" in report.to_table() and "decoder layer 6" not in report.to_table()
+    row = next(layer for layer in report.to_dict()["layers"] if layer["name_a"] == LAST_CROSS)
+    assert (row["layer"], row["stream"], row["label"]) == (4, "decoder", "decoder 4")
 
 
 def test_one_numbering_on_an_encoder_explain_evaluate_and_compare(bert_dir, tmp_path, capsys):

@@ -137,7 +137,7 @@ def heatmap_png(report: ComparisonReport) -> bytes:
     for layer, head in report.failing_heads:
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_xticks(range(heads), labels=[str(h) for h in range(heads)])
-    ax.set_yticks(range(layers), labels=[f"{layer.index + 1}: {layer.name_a}"[:40] for layer in report.layers], fontsize=7)
+    ax.set_yticks(range(layers), labels=[f"{layer.label}: {layer.name_a}"[:40] for layer in report.layers], fontsize=7)
     ax.set_xlabel("head")
     ax.set_ylabel("layer (trace A, numbered from 1)")
     verdict = "agree" if report.ok else "DIFFER"
