@@ -245,7 +245,10 @@ def test_generated_sources_and_the_node_that_predicts_each_token():
         shown = next(a for a in figure.axes[0].get_children() if isinstance(a, AxesImage)).get_array()
         np.testing.assert_allclose(np.asarray(shown), rows[b, :count, pad:PROMPT], atol=1e-12)
         labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
-        assert labels == [str(t) for t in out[b, PROMPT:PROMPT + count].tolist()]
+        produced = [str(t) for t in out[b, PROMPT:PROMPT + count].tolist()]
+        subscript = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")  # a repeated token carries its position
+        assert labels == [f"{t}{str(PROMPT + k).translate(subscript)}" if produced.count(t) > 1 else t
+                          for k, t in enumerate(produced)]
     # one item alone, padding cropped: the same rows, over its real tokens
     alone = trace.select(1, crop=True)
     assert alone.metadata["generation"]["first_generated"] == PROMPT - 2

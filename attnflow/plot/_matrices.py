@@ -204,6 +204,7 @@ def _generated_map(
         panels.append(Panel(
             METHOD_TITLES.get(m, m), matrix.values[np.ix_(rows, columns)], row_labels,
             [matrix.column_labels[c] for c in columns], divider, column_positions=matrix.columns[columns],
+            row_positions=matrix.rows[rows] + 1,  # a generated token sits one after the position predicting it
         ))
         shown = matrix
     heading = title or _heading(explanation, shown, names, exclude_special, log)
