@@ -42,12 +42,7 @@ def target_score(output: Any, request: Any, mask: np.ndarray | None, causal: boo
     jnp = attnflow.import_optional("jax.numpy", "jax")
     target = request.target
     if callable(target):
-        score = target(output)
-        if not isinstance(score, jax.Array):
-            raise attnflow.OptionError(
-                f"target(output) must return a jax array of per-item scores, got {type(score).__name__}."
-            )
-        return jnp.sum(score)
+        return callable_score(target, output)
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
@@ -64,6 +59,22 @@ def target_score(output: Any, request: Any, mask: np.ndarray | None, causal: boo
         logits = logits[jnp.arange(batch), positions]
     if logits.ndim != 2:
         raise attnflow.OptionError(f"Cannot read a target from logits of shape {tuple(logits.shape)}; pass target=a callable.")
+    return logit_score(logits, target)
+
+
+def callable_score(target: Any, output: Any) -> Any:
+    """``target(output)``'s per-item scores, summed (one backward pass for every item)."""
+    jax = attnflow.import_optional("jax", "jax")
+    score = target(output)
+    if not isinstance(score, jax.Array):
+        raise attnflow.OptionError(f"target(output) must return a jax array of per-item scores, got {type(score).__name__}.")
+    return jax.numpy.sum(score)
+
+
+def logit_score(logits: Any, target: int | None) -> Any:
+    """The summed ``(batch, outputs)`` logit each item's target names: its argmax for None, else that index."""
+    jax = attnflow.import_optional("jax", "jax")
+    jnp = jax.numpy
     if target is None:
         index = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
     else:
@@ -71,7 +82,7 @@ def target_score(output: Any, request: Any, mask: np.ndarray | None, causal: boo
             raise attnflow.OptionError(
                 f"target={target!r} is not an index of the model's {logits.shape[-1]} outputs (classes or vocabulary)."
             )
-        index = jnp.full((batch,), target % logits.shape[-1])
+        index = jnp.full((logits.shape[0],), target % logits.shape[-1])
     return jnp.sum(jnp.take_along_axis(logits, index[:, None], axis=1))
 
 

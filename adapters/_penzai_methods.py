@@ -51,6 +51,8 @@ import numpy as np
 import attnflow
 from attnflow._errors import CaptureUnavailableError
 
+from ._flax_methods import callable_score, logit_score
+
 _HEAD_ORDER = ("head_groups", "query_heads", "heads")
 
 # -- the quiet passes: nothing is recorded while one runs (the gradient pass, the value-zeroing re-runs) ------
@@ -193,7 +195,6 @@ def _score(model: Any, deltas: dict[str, Any], argument: Any, side_inputs: dict[
            target: Any) -> Any:
     """The target score of the model's output with ``deltas`` added to the probabilities of the attention
     layers at their paths (traced under jax.grad and jax.jit)."""
-    jax = attnflow.import_optional("jax", "jax")
     jnp = attnflow.import_optional("jax.numpy", "jax")
     pz = _pz()
     add_zero, _ = _layer_classes()
@@ -204,12 +205,7 @@ def _score(model: Any, deltas: dict[str, Any], argument: Any, side_inputs: dict[
     })
     output = perturbed(argument, **side_inputs)
     if callable(target):
-        score = target(output)
-        if not isinstance(score, jax.Array):
-            raise attnflow.OptionError(
-                f"target(output) must return a jax array of per-item scores, got {type(score).__name__}."
-            )
-        return jnp.sum(score)
+        return callable_score(target, output)
     logits = positional_logits(output)
     if logits is None or logits.ndim not in (2, 3):
         raise attnflow.OptionError(
@@ -217,18 +213,9 @@ def _score(model: Any, deltas: dict[str, Any], argument: Any, side_inputs: dict[
             "{batch, seq, vocabulary} to take target=" + repr(target) + " from; pass target=a callable that maps "
             "the output to per-item scores."
         )
-    batch = logits.shape[0]
     if logits.ndim == 3:
-        logits = logits[jnp.arange(batch), positions]
-    if target is None:
-        index = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
-    else:
-        if not isinstance(target, int) or isinstance(target, bool) or not -logits.shape[-1] <= target < logits.shape[-1]:
-            raise attnflow.OptionError(
-                f"target={target!r} is not an index of the model's {logits.shape[-1]} outputs (vocabulary)."
-            )
-        index = jnp.full((batch,), target % logits.shape[-1])
-    return jnp.sum(jnp.take_along_axis(logits, index[:, None], axis=1))
+        logits = logits[jnp.arange(logits.shape[0]), positions]
+    return logit_score(logits, target)
 
 
 @functools.cache

@@ -4,7 +4,6 @@ examples build a two-layer torch encoder, and are skipped without torch)."""
 from __future__ import annotations
 
 import doctest
-import importlib.util
 
 import pytest
 
@@ -26,9 +25,7 @@ EXAMPLES = {
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_docstring_example_runs(name):
-    obj, needs_torch = EXAMPLES[name]
-    if needs_torch and importlib.util.find_spec("torch") is None:
-        pytest.skip("the example captures a torch model")
+    obj, _ = EXAMPLES[name]  # the torch examples need torch, which make test installs: a missing one fails
     obj = getattr(obj, "__wrapped__", obj)
     test = doctest.DocTestParser().get_doctest(obj.__doc__ or "", {}, name, None, 0)
     assert test.examples, f"{name}'s docstring has no example"

@@ -11,17 +11,16 @@ from __future__ import annotations
 import inspect
 import warnings
 
+import nnsight
 import numpy as np
 import pytest
 import torch
+import transformer_lens
+import transformers
 from attnflow.adapters.transformer_lens import TransformerLensAdapter
 
 import attnflow
 from attnflow.testing import AdapterConformance
-
-transformer_lens = pytest.importorskip("transformer_lens")
-nnsight = pytest.importorskip("nnsight")
-transformers = pytest.importorskip("transformers")
 
 # every axis its own size: layers, heads, head width, model width, sequence, batch (and vocabulary, MLP)
 LAYERS, HEADS, D_HEAD, D_MODEL, SEQ, BATCH, VOCAB, D_MLP = 2, 3, 5, 11, 7, 4, 13, 17
@@ -134,7 +133,7 @@ WORDS = ["<pad>", "<unk>", "<eos>", *"the cat sat on a mat dog ran far away".spl
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     words = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>",

@@ -25,9 +25,8 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("python_sigint")
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
+import torch  # noqa: E402  (make test installs both: a missing one fails the suite)
+import transformers  # noqa: E402
 from attnflow.adapters import (  # noqa: E402
     _generation_torch,
     _torch_common,
@@ -466,9 +465,9 @@ def test_the_traced_functions_exist():
 
 
 def test_flax_nnx_at_every_line(alarm_handler):
-    jax = pytest.importorskip("jax")
-    nnx = pytest.importorskip("flax.nnx")
+    import jax
     from attnflow.adapters import _flax_common, flax_nnx
+    from flax import nnx
 
     class Model(nnx.Module):
         def __init__(self, rngs):

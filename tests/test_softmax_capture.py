@@ -30,7 +30,7 @@ def no_modes_left() -> bool:
 
 @pytest.fixture(scope="module")
 def gpt2():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=13, n_positions=16, n_embd=HEADS * 4, n_layer=LAYERS, n_head=HEADS,
                                      bos_token_id=0, eos_token_id=0)
@@ -174,7 +174,7 @@ def test_without_layout_a_module_returning_no_weights_points_to_layout():
 
 @pytest.fixture(scope="module")
 def lens():
-    pytest.importorskip("transformer_lens")
+    import transformer_lens  # noqa: F401  (installed by make test: a missing one fails)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     config = HookedTransformerConfig(n_layers=LAYERS, n_heads=HEADS, d_head=D_HEAD, d_model=11, d_mlp=17, n_ctx=16,
