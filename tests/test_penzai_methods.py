@@ -282,3 +282,22 @@ def test_values_refused_where_no_penzai_map_fits():
     args, kwargs = example.penzai_inputs(np.ones((1, 3), dtype=np.int64), np.ones((1, 3), dtype=bool))
     with pytest.raises(CaptureUnavailableError, match="register_penzai_value_map"):
         attnflow.capture(model, *args, **kwargs, values=True)
+
+
+def test_penzai_value_maps_are_registered_through_the_public_api():
+    """attnflow.adapters.register_penzai_value_map is the adapter's registry: a new name is kept, a taken name
+    needs replace=True, a map whose attention is outside its branch is refused with the field named."""
+    from attnflow.adapters import PenzaiValueMap, _penzai_methods, register_penzai_value_map
+
+    custom = PenzaiValueMap(attention="sublayers/0/delta/sublayers/1", branch="sublayers/0/delta")
+    try:
+        register_penzai_value_map("test_custom", custom)
+        assert _penzai_methods.VALUE_MAPS["test_custom"] is custom
+        with pytest.raises(attnflow.OptionError, match="already registered; pass replace=True"):
+            register_penzai_value_map("test_custom", custom)
+        register_penzai_value_map("test_custom", custom, replace=True)
+        with pytest.raises(attnflow.OptionError, match="must be inside the branch"):
+            register_penzai_value_map("test_other", PenzaiValueMap(attention="a/b", branch="c"))
+    finally:
+        _penzai_methods.VALUE_MAPS.pop("test_custom", None)
+    assert "test_other" not in _penzai_methods.VALUE_MAPS
