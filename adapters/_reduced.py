@@ -28,7 +28,7 @@ import attnflow
 
 from . import _torch_common as common
 
-_BLOCK = re.compile(r"(?:.*\.)?stages\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.attention$")
+BLOCK = re.compile(r"(?:.*\.)?stages\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.attention$")
 
 
 def ratio_of(module: Any) -> int:
@@ -45,7 +45,7 @@ def segformer_blocks(model: Any) -> list[tuple[str, Any, int, int, int]]:
     module of the model reduces its keys."""
     found = []
     for path, module in model.named_modules():
-        match = _BLOCK.fullmatch(path)
+        match = BLOCK.fullmatch(path)
         if match and hasattr(module, "sequence_reduction_ratio"):
             found.append((path, module, int(match.group("stage")), int(match.group("block")), ratio_of(module)))
     return found if any(ratio > 1 for *_, ratio in found) else []
@@ -94,6 +94,8 @@ def attention_hook(path: str, stage: int, block: int, passes: common.TorchPass, 
     pooled keys (or to the stage itself where it reduces nothing)."""
 
     def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if passes.paused or passes.muted:  # value zeroing re-running the block, or a muted call
+            return
         weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
         height = kwargs.get("height", args[1] if len(args) > 1 else None)
         width = kwargs.get("width", args[2] if len(args) > 2 else None)
@@ -106,9 +108,12 @@ def attention_hook(path: str, stage: int, block: int, passes: common.TorchPass, 
         ratio = ratio_of(module)
         batch = int(weights.shape[0])
         if ratio > 1:
-            passes.add(path, weights, kind="cross", key_stream=keys_stream(stage, block), training=module.training)
+            recorded = passes.add(path, weights, kind="cross", key_stream=keys_stream(stage, block),
+                                  training=module.training)
         else:
-            passes.add(path, weights, kind="self", training=module.training)
+            recorded = passes.add(path, weights, kind="self", training=module.training)
+        if recorded >= 0:  # where values=True and value_zeroing=True add their extras
+            passes.state.indices.setdefault(path, []).append(recorded)
         stages = passes.state.segformer
         stages.setdefault(stage, {"batch": batch, "grid": (int(height), int(width)), "pooled": []})
         if ratio > 1:

@@ -28,9 +28,10 @@ import numpy as np
 import attnflow
 from attnflow.recording import CaptureUnavailableError, deferred_interrupts
 
+from . import _reduced
 from . import _torch_common as common
 from ._hf_families import pick_key_stream
-from ._values import value_map
+from ._values import heads_of, value_map
 
 _CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache")
 #: Zeroed variants of one item run through a layer at a time (bounds the memory of long inputs).
@@ -45,6 +46,7 @@ class _Zeroed:
     kind: str
     value: Any
     part: str
+    heads: int = 1
 
 
 def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common.TorchPass, torch: Any,
@@ -52,7 +54,7 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
     family = value_map(model, "value_zeroing")
     modules = dict(model.named_modules())
     layers: dict[str, list[_Zeroed]] = {}  # layer (block) path -> the attention modules zeroed in it
-    for path, _, kind, _ in targets:
+    for path, attention, kind, _ in targets:
         layout = family if kind == "self" else family.cross
         if layout is None:
             raise CaptureUnavailableError(
@@ -63,10 +65,19 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         if not path.endswith("." + layout.attention):
             continue
         layer = path[: -len(layout.attention) - 1]
+        if kind == "cross" and _reduced.BLOCK.fullmatch(path) and not _routes_pooled_keys():
+            raise CaptureUnavailableError(
+                f"value_zeroing=True: {type(model).__name__}'s {path!r} is spatial-reduction attention, recorded as "
+                "attention from the stage's patches to its pooled keys; the value_zeroing method normalises such a "
+                "row together with its block's self-attention (ALTI+, for encoder-decoders), which this block has "
+                "not, so its distances could not be rolled out. Use alti, norm or norm_residual (values=True), "
+                "which decompose these blocks exactly, or rollout and flow.", kind="value_zeroing",
+            )
         value = modules.get(f"{layer}.{layout.value}")
         if value is None:
             raise attnflow.AdapterError(f"value_zeroing=True: layer {layer!r} has no {layout.value!r} module.")
-        layers.setdefault(layer, []).append(_Zeroed(path, kind, value, layout.value_part))
+        heads = heads_of(attention, model.config) if layout.value_part == "qkv_heads" else 1
+        layers.setdefault(layer, []).append(_Zeroed(path, kind, value, layout.value_part, heads))
     if not layers:
         raise CaptureUnavailableError(
             f"value_zeroing=True: no attention layer of {type(model).__name__} matches its path map.", kind="value_zeroing")
@@ -101,7 +112,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
                         recorded = indices.get(target.path, [])
                         if call >= len(recorded):
                             continue
-                        rows, cols, keys, causal = _token_masks(p, target, original, args, kwargs)
+                        rows, cols, keys, causal = _token_masks(p, target, original, modules[layer], args, kwargs,
+                                                                torch)
                         scores = _scores(modules[layer], target, args, kwargs, original, keys, rows, cols, causal,
                                          torch)
                         p.recorder.add_extras(recorded[call], value_zeroing=scores)
@@ -109,11 +121,20 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
     passes.finishers.append(finish)
 
 
-def _token_masks(p: common.TorchPass, target: _Zeroed, original: Any, args: tuple,
-                 kwargs: dict) -> tuple[np.ndarray | None, np.ndarray | None, int, bool]:
-    """``(query mask, key mask, key length, causal)`` of one zeroed module: the real-token masks of its query
-    and key streams as the adapter described them in this pass (None: every token is real), and whether it is
-    the self-attention of a causal stream."""
+def _routes_pooled_keys() -> bool:
+    """Whether the registered value_zeroing method rolls out a cross-attention layer over pooled keys (a key
+    stream linked to its own query stream) on its own rows, as it says with ``pooled_keys = True``."""
+    try:
+        return bool(getattr(attnflow.get_method("value_zeroing"), "pooled_keys", False))
+    except attnflow.AttnflowError:
+        return False
+
+
+def _token_masks(p: common.TorchPass, target: _Zeroed, original: Any, layer: Any, args: tuple, kwargs: dict,
+                 torch: Any) -> tuple[np.ndarray | None, np.ndarray | None, int, bool]:
+    """``(query mask, key mask, key length, causal)`` of one zeroed module in a call of ``layer``: the real-token
+    masks of its query and key streams as the adapter described them in this pass (None: every token is real),
+    and whether it is the self-attention of a causal stream."""
     known = _described_streams(p)
     query = p.stream_of(target.path)
     info = known.get(query, {})
@@ -122,6 +143,8 @@ def _token_masks(p: common.TorchPass, target: _Zeroed, original: Any, args: tupl
     if target.kind == "self":
         return rows, rows, length, bool(info.get("causal"))
     keys = _key_length(args, kwargs)
+    if keys is None and _reduced.BLOCK.fullmatch(target.path):
+        return rows, None, _probe_keys(layer, target, args, kwargs, torch), False  # pooled keys: every one real
     if keys is None:
         raise attnflow.AdapterError(
             f"value_zeroing=True: {target.path!r} is a cross-attention layer, but its layer was called without "
@@ -155,6 +178,20 @@ def _key_length(args: tuple, kwargs: dict) -> int | None:
     return int(shape[1]) if shape is not None and len(shape) == 3 else None
 
 
+def _probe_keys(layer: Any, target: _Zeroed, args: tuple, kwargs: dict, torch: Any) -> int:
+    """The key length of ``target``: the token axis of its value module's output, in a run of the layer on
+    the first item alone (its keys are computed inside the layer, as SegFormer's pooling is)."""
+    seen: list[int] = []
+    args, kwargs = _without_cache(layer, args, kwargs)
+    batch = int(next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)).shape[0])
+    with common.removing([]) as probing:
+        with deferred_interrupts():
+            common.register(probing, target.value.register_forward_hook,
+                            lambda module, inputs, output: seen.append(int(output.shape[1])))
+        layer(*_variants(args, 0, batch, 1, torch), **_variants(kwargs, 0, batch, 1, torch))
+    return seen[0]
+
+
 def _scores(layer: Any, target: _Zeroed, args: tuple, kwargs: dict, original: Any, keys: int,
             rows_mask: np.ndarray | None, cols_mask: np.ndarray | None, causal: bool, torch: Any) -> np.ndarray:
     """``(batch, queries, keys)`` float64 cosine distances of the layer's outputs with each real key token's
@@ -172,7 +209,7 @@ def _scores(layer: Any, target: _Zeroed, args: tuple, kwargs: dict, original: An
             with common.removing([]) as zeroing:  # the zeroing hook is gone when the re-run ends, however
                 with deferred_interrupts():
                     common.register(zeroing, target.value.register_forward_hook,
-                                    _zeroing(torch.as_tensor(positions), target.part, torch))
+                                    _zeroing(torch.as_tensor(positions), target.part, target.heads, torch))
                 result = layer(*_variants(args, b, batch, count, torch), **_variants(kwargs, b, batch, count, torch))
             hidden = result[0] if isinstance(result, tuple) else result
             unit = torch.nn.functional.normalize(hidden.double(), dim=-1)  # (count, queries, d)
@@ -198,13 +235,20 @@ def _without_cache(layer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(bound.args), dict(bound.kwargs)
 
 
-def _zeroing(positions: Any, part: str, torch: Any) -> Any:
-    """A value module's forward hook: in variant ``k`` of the batch, token ``positions[k]``'s values are zero."""
+def _zeroing(positions: Any, part: str, heads: int, torch: Any) -> Any:
+    """A value module's forward hook: in variant ``k`` of the batch, token ``positions[k]``'s values are zero
+    (a fused projection: only its value third, or each head's value third where it is laid out per head)."""
 
     def zero(module: Any, args: tuple, output: Any) -> Any:
         output = output.clone()
-        start = 2 * output.shape[-1] // 3 if part == "qkv" else 0  # a fused projection: only its value third
-        output[torch.arange(positions.numel()), positions, start:] = 0.0
+        variants = torch.arange(positions.numel())
+        if part == "qkv_heads":
+            size = output.shape[-1] // (3 * heads)
+            per_head = output.view(*output.shape[:-1], heads, 3 * size)
+            per_head[variants, positions, :, 2 * size :] = 0.0
+            return output
+        start = 2 * output.shape[-1] // 3 if part == "qkv" else 0
+        output[variants, positions, start:] = 0.0
         return output
 
     return zero

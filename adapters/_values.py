@@ -13,11 +13,16 @@ Private to attnflow.adapters; torch is passed in. Per recorded attention layer i
 ``norm_input``     (batch, queries, d_model)     post-LN only: the input of the norm after attention
 ``norm_output``    (batch, queries, d_model)     post-LN only: its output
 ``norm_weight``    (1, d_model), ``norm_bias``   post-LN only: its affine parameters, ``norm_eps`` (1,)
-``block_output``   (batch, queries, d_model)     pre-LN only: the residual stream after attention
+``block_output``   (batch, queries, d_model)     pre-LN only: the residual stream after attention (with a
+                                                 parallel residual, GPT-NeoX's ``x + attn(ln1(x)) +
+                                                 mlp(ln2(x))``: ``residual`` plus the attention block's
+                                                 output, the feed-forward branch left out)
 =================  ===========================  =====================================================
 
 and ``values_layout`` (``"post_ln"`` or ``"pre_ln"``) to the trace's metadata. Cross-attention layers
-(encoder-decoders: BART, Marian, mBART) get the same extras where the family's map has a ``cross`` part.
+(encoder-decoders: BART, Marian, mBART) get the same extras where the family's map has a ``cross`` part, and
+so do SegFormer's spatial-reduction blocks, recorded as attention from the stage's patches to their pooled keys
+(``value`` then holds the pooled keys' values, ``residual`` the patches' residual stream).
 """
 
 from __future__ import annotations
@@ -40,12 +45,20 @@ class ValueMap:
 
     Attributes:
         attention: the recorded attention module (``"attention.self"``).
-        value: the module whose output holds the values; ``value_part`` says which part ("all", or "qkv": the
-            last third of a fused query-key-value projection).
+        value: the module whose output holds the values; ``value_part`` says which part: "all"; "qkv", the
+            last third of a fused query-key-value projection laid out ``[q | k | v]`` (GPT-2); "qkv_heads", the
+            last third of each head's slice of a fused projection laid out per head ``[q_h, k_h, v_h]``
+            (GPT-NeoX's ``query_key_value``).
         out: the output projection; ``out_kind`` "linear" (``y = x W^T + b``) or "conv1d" (``y = x W + b``).
         residual: the module whose input is the residual stream the attention block adds to.
         norm: post-LN: the norm after attention. block_output: pre-LN: the module whose input is the residual
             stream after attention (the second norm).
+        parallel_residual: True where the block adds attention and feed-forward to the same residual stream,
+            ``x + attn(ln1(x)) + mlp(ln2(x))`` (GPT-NeoX, GPT-J): the stream after attention is then the
+            residual plus ``out``'s output, and ``block_output`` is not read; a string names the config flag
+            that says so per model (``"use_parallel_residual"``), ``block_output`` serving where it is false.
+        cross: the map of an encoder-decoder's cross-attention block (and of the reduced-key blocks that
+            SegFormer records as attention to their pooled keys).
     """
 
     attention: str
@@ -57,6 +70,7 @@ class ValueMap:
     out_kind: str = "linear"
     norm: str | None = None
     block_output: str | None = None
+    parallel_residual: bool | str = False
     cross: ValueMap | None = None
 
 
@@ -91,12 +105,27 @@ _MBART = ValueMap(
         residual="encoder_attn_layer_norm", block_output="final_layer_norm", layout="pre_ln",
     ),
 )
+# GPT-NeoX (Pythia): one fused projection laid out per head as [q, k, v]; with config.use_parallel_residual the
+# attention and the feed-forward both add to the layer's input, else the second norm reads the stream after attention.
+_GPT_NEOX = ValueMap(
+    attention="attention", value="attention.query_key_value", value_part="qkv_heads", out="attention.dense",
+    residual="input_layernorm", block_output="post_attention_layernorm", parallel_residual="use_parallel_residual",
+    layout="pre_ln",
+)
+# SegFormer: pre-LN; a block with sr > 1 is recorded as cross-attention from the patches to its pooled keys, whose
+# values v_proj computes from the pooled (convolved, normalised) patches: the same paths serve both kinds.
+_SEGFORMER_BLOCK = ValueMap(
+    attention="attention", value="attention.v_proj", out="attention.o_proj", residual="layernorm_before",
+    block_output="layernorm_after", layout="pre_ln",
+)
+_SEGFORMER = dataclasses.replace(_SEGFORMER_BLOCK, cross=_SEGFORMER_BLOCK)
 #: ``config.model_type`` -> where its layers keep values, projections and norms (add one: register_value_map).
 VALUE_MAPS: dict[str, ValueMap] = {
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
     "gpt2": _GPT2,
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
     "bart": _BART, "marian": _BART, "mbart": _MBART,
+    "gpt_neox": _GPT_NEOX, "segformer": _SEGFORMER,
 }
 
 
@@ -135,15 +164,15 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         if not path.endswith("." + layout.attention):
             continue
         layer = path[: -len(layout.attention) - 1]
+        parallel = is_parallel(layout, config)
         parts = {name: _find(modules, layer, relative) for name, relative in (
             ("value", layout.value), ("out", layout.out), ("residual", layout.residual),
-            ("norm", layout.norm), ("block_output", layout.block_output),
+            ("norm", layout.norm), ("block_output", None if parallel else layout.block_output),
         ) if relative is not None}
         missing = [name for name, module in parts.items() if module is None]
         if missing:
             raise attnflow.AdapterError(f"values=True: layer {layer!r} has no {missing} where its family keeps them.")
-        # heads per block (an encoder-decoder's encoder and decoder may differ), else the config's
-        heads = int(getattr(attention, "num_heads", None) or config.num_attention_heads)
+        heads = heads_of(attention, config)
         kv_heads = int(kv_heads_config or heads)
         layers.append((path, f"{layer}:{kind}", layout, parts, heads, kv_heads))
     if not layers:
@@ -166,6 +195,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
             common.register(handles, parts["norm"].register_forward_hook, keep(layer, "norm_output", False))
         if "block_output" in parts:
             common.register(handles, parts["block_output"].register_forward_pre_hook, keep(layer, "block_output", True))
+        elif "norm" not in parts:  # a parallel residual: the stream after attention is the residual plus this
+            common.register(handles, parts["out"].register_forward_hook, keep(layer, "attention_output", False))
 
     def finish(p: common.TorchPass) -> None:
         kept = p.state.values
@@ -177,6 +208,39 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
 
     passes.finishers.append(finish)
     passes.values_layout = family.layout  # type: ignore[attr-defined]
+
+
+def is_parallel(layout: ValueMap, config: Any) -> bool:
+    """Whether ``layout``'s blocks add attention and feed-forward to one residual stream in this model."""
+    flag = layout.parallel_residual
+    return bool(getattr(config, flag, False)) if isinstance(flag, str) else bool(flag)
+
+
+def heads_of(attention: Any, config: Any) -> int:
+    """The query heads of one attention module: its own count (an encoder-decoder's encoder and decoder, or
+    SegFormer's stages, may differ), else the config's."""
+    for name in ("num_heads", "num_attention_heads"):
+        count = getattr(attention, name, None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count
+    count = getattr(config, "num_attention_heads", None)
+    if not isinstance(count, int):
+        raise attnflow.AdapterError(
+            f"values=True: {type(attention).__name__} does not say how many heads it has (num_heads or "
+            f"num_attention_heads), and the config's num_attention_heads is {count!r}, not one number."
+        )
+    return count
+
+
+def value_slice(value: Any, part: str, heads: int) -> Any:
+    """The values in the output of a family's value module: ``(..., heads · d_head)``, each head's slice."""
+    if part == "qkv":
+        return value[..., 2 * value.shape[-1] // 3 :]
+    if part == "qkv_heads":
+        size = value.shape[-1] // (3 * heads)
+        per_head = value.reshape(*value.shape[:-1], heads, 3 * size)[..., 2 * size :]
+        return per_head.reshape(*value.shape[:-1], heads * size)
+    return value
 
 
 def _find(modules: Mapping[str, Any], layer: str, relative: str) -> Any:
@@ -199,9 +263,7 @@ def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]],
             )
         return _wide(kept[call])
 
-    value = take("value")
-    if layout.value_part == "qkv":
-        value = value[..., 2 * value.shape[-1] // 3 :]
+    value = value_slice(take("value"), layout.value_part, heads)
     batch, tokens, width = value.shape
     head_size = width // kv_heads
     value = value.reshape(batch, tokens, kv_heads, head_size).transpose(1, 2)
@@ -225,12 +287,15 @@ def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]],
             norm_bias=_wide(norm.bias.detach()).cpu().numpy()[None],
             norm_eps=np.array([float(norm.eps)], np.float64),
         )
-    else:
+    elif "block_output" in parts:
         extras["block_output"] = take("block_output").cpu().numpy()
+    else:  # a parallel residual: x + attn(ln1(x)), the feed-forward branch left out
+        extras["block_output"] = (take("residual") + take("attention_output")).cpu().numpy()
     return extras
 
 
 _LAYOUTS = ("post_ln", "pre_ln")
+_PARTS = ("all", "qkv", "qkv_heads")
 
 
 def _wide(tensor: Any) -> Any:
@@ -272,11 +337,25 @@ def _check_map(value_map: Any, where: str) -> None:
                                        f"{getattr(value_map, field)!r}.")
     if value_map.layout not in _LAYOUTS:
         raise attnflow.OptionError(f"{where}: layout must be one of {list(_LAYOUTS)}, got {value_map.layout!r}.")
+    parallel = value_map.parallel_residual
+    if not isinstance(parallel, (bool, str)) or parallel == "":
+        raise attnflow.OptionError(
+            f"{where}: parallel_residual must be True, False or the name of the config flag that says so "
+            f"(\"use_parallel_residual\"), got {parallel!r}."
+        )
+    if parallel and value_map.layout == "post_ln":
+        raise attnflow.OptionError(
+            f"{where}: parallel_residual describes a pre-LN block (x + attn(ln1(x)) + mlp(ln2(x))); use "
+            "layout='pre_ln', or leave parallel_residual False for a post-LN block."
+        )
     needed = "norm" if value_map.layout == "post_ln" else "block_output"
-    if not getattr(value_map, needed):
-        raise attnflow.OptionError(f"{where}: a {value_map.layout} map needs {needed} (see ValueMap's docstring).")
-    if value_map.value_part not in ("all", "qkv"):
-        raise attnflow.OptionError(f"{where}: value_part must be 'all' or 'qkv', got {value_map.value_part!r}.")
+    if not getattr(value_map, needed) and parallel is not True:
+        raise attnflow.OptionError(
+            f"{where}: a {value_map.layout} map needs {needed} (see ValueMap's docstring)"
+            + (" for the models whose parallel_residual flag is false." if parallel else ".")
+        )
+    if value_map.value_part not in _PARTS:
+        raise attnflow.OptionError(f"{where}: value_part must be one of {list(_PARTS)}, got {value_map.value_part!r}.")
     if value_map.out_kind not in ("linear", "conv1d"):
         raise attnflow.OptionError(f"{where}: out_kind must be 'linear' or 'conv1d', got {value_map.out_kind!r}.")
     if value_map.cross is not None:

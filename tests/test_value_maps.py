@@ -54,6 +54,46 @@ def test_a_registered_map_serves_the_value_methods(distilbert):
     register_value_map("distilbert", DISTILBERT, replace=True)
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel-residual", "sequential"])
+def test_gpt_neox_fused_per_head_values_follow_the_papers(parallel):
+    """GPT-NeoX (``query_key_value`` laid out per head as [q_h | k_h | v_h]; with use_parallel_residual the
+    attention block's output is ``x + attn(ln1(x))`` beside the feed-forward, else the second norm's input):
+    norm (Kobayashi et al., 2020), norm_residual and ALTI (Ferrando et al., 2022) against a float64
+    reimplementation from the model's own eager attention and hidden states."""
+    import torch
+    from test_methods import alti_rows
+    from test_value_zeroing import gpt_neox, neox_values, run_eager
+
+    model, kwargs = gpt_neox(parallel)
+    trace = attnflow.capture(model, values=True, **kwargs)
+    assert trace.metadata["values_layout"] == "pre_ln"
+    e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
+    reference, out = run_eager(model, kwargs)
+    heads = model.config.num_attention_heads
+    with torch.no_grad():
+        for b in range(kwargs["input_ids"].shape[0]):
+            keep = np.flatnonzero(kwargs["attention_mask"][b].numpy())
+            joint = np.eye(keep.size)
+            for li, layer in enumerate(reference.layers):
+                x = out.hidden_states[li][b][keep]
+                a = out.attentions[li][b][:, keep][:, :, keep].numpy()
+                v = neox_values(layer, x).numpy()
+                size = v.shape[-1] // heads
+                w_o = layer.attention.dense.weight.numpy().T  # rows: heads x head size
+                f = np.stack([v[:, h * size:(h + 1) * size] @ w_o[h * size:(h + 1) * size] for h in range(heads)])
+                moved = np.einsum("hij,hjd->ijd", a, f)
+                shares = moved.copy()
+                shares[np.arange(keep.size), np.arange(keep.size)] += x.numpy()
+                y = x.numpy() + moved.sum(1) + layer.attention.dense.bias.numpy()  # the stream after attention
+                cell = np.ix_(keep, keep)
+                np.testing.assert_allclose(e.layers("norm")[li, b][cell], np.linalg.norm(moved, axis=-1), atol=1e-9)
+                np.testing.assert_allclose(e.layers("norm_residual")[li, b][cell], np.linalg.norm(shares, axis=-1),
+                                           atol=1e-9)
+                joint = alti_rows(shares, y) @ joint
+                np.testing.assert_allclose(e.layers("alti")[li, b][cell], joint, atol=1e-9)
+                np.testing.assert_allclose(trace.layers[li].extras["block_output"][b][keep], y, atol=1e-9)
+
+
 @pytest.mark.parametrize(("value_map", "message"), [
     ("attention", "must be an attnflow.adapters.ValueMap"),
     (ValueMap(attention="", value="v", out="o", residual="r", layout="post_ln", norm="n"), "attention must be"),
@@ -64,11 +104,27 @@ def test_a_registered_map_serves_the_value_methods(distilbert):
      "value_part"),
     (ValueMap(attention="a", value="v", out="o", residual="r", layout="post_ln", norm="n",
               cross=ValueMap(attention="c", value="v", out="o", residual="r", layout="pre_ln")), "cross part"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="pre_ln", parallel_residual=1),
+     "parallel_residual must be True, False or the name of the config flag"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="post_ln", norm="n", parallel_residual=True),
+     "parallel_residual describes a pre-LN block"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="pre_ln", parallel_residual="use_parallel"),
+     "needs block_output .*for the models whose parallel_residual flag is false"),
 ])
 def test_malformed_maps_are_refused_naming_the_field(value_map, message):
     with pytest.raises(attnflow.OptionError, match=message):
         register_value_map("tiny-family", value_map)
     assert "tiny-family" not in _values.VALUE_MAPS
+
+
+def test_a_parallel_residual_map_needs_no_second_norm():
+    parallel = ValueMap(attention="a", value="a.qkv", value_part="qkv_heads", out="a.o", residual="ln_1",
+                        layout="pre_ln", parallel_residual=True)
+    try:
+        register_value_map("tiny-parallel", parallel)
+        assert _values.VALUE_MAPS["tiny-parallel"] is parallel
+    finally:
+        _values.VALUE_MAPS.pop("tiny-parallel", None)
 
 
 def test_flax_twin_validates_and_registers():

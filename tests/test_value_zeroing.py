@@ -145,7 +145,7 @@ def test_value_zeroing_on_an_encoder_equals_the_paper():
     check_rollout(trace, kwargs, per_item)
 
 
-# -- decoders: GPT-2 (fused query-key-value) and Llama (grouped-query attention) ---------------------------------
+# -- decoders: GPT-2 (fused query-key-value), Llama (grouped-query attention), GPT-NeoX (fused per head) ----------
 # GPT-2: batch 2, tokens 6 (item 1 has 4 real, right-padded), heads 3 of size 4 (hidden 12), layers 5, ffn 7.
 # Llama: batch 3, tokens 8 (items with 8, 5, 7 real), heads 4 over 2 KV heads of size 6 (hidden
 # 24), layers 5, ffn 11.
@@ -175,11 +175,14 @@ def llama():
         intermediate_size=11, max_position_embeddings=16, initializer_range=0.4, bos_token_id=0, eos_token_id=0,
         pad_token_id=0,
     )
-    ids = torch.randint(1, 13, (3, 8), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, 8, dtype=torch.long)
-    mask[1, 5:] = 0
-    mask[2, 7:] = 0
-    return transformers.LlamaModel(config).double().eval(), {"input_ids": ids, "attention_mask": mask}
+    return transformers.LlamaModel(config).double().eval(), right_padded(8, [8, 5, 7])
+
+
+def right_padded(tokens, lengths):
+    """Token ids 1-12 (seeded) for items of ``lengths`` real tokens, right-padded to ``tokens``."""
+    ids = torch.randint(1, 13, (len(lengths), tokens), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(tokens)[None] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def rms_norm(x, norm):
@@ -197,12 +200,51 @@ def llama_layer(layer, x, attention, zero=None):
     return x2 + F.linear(F.silu(F.linear(h, m.gate_proj.weight)) * F.linear(h, m.up_proj.weight), m.down_proj.weight)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+# GPT-NeoX: batch 3, tokens 7 (items with 7, 4, 6 real), heads 3 of size 8 (hidden 24) from one projection laid out
+# per head as [q_h | k_h | v_h], layers 4, ffn 10; attention and feed-forward added to the same residual stream
+# (use_parallel_residual) or one after the other.
+def gpt_neox(parallel=True):
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=13, hidden_size=24, num_hidden_layers=4, num_attention_heads=3, intermediate_size=10,
+        max_position_embeddings=16, initializer_range=0.3, use_parallel_residual=parallel, bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPTNeoXModel(config).double().eval(), right_padded(7, [7, 4, 6])
+
+
+def neox_values(layer, x, zero=None):
+    """GPT-NeoX's values from its fused projection: per head ``h`` the last third of columns ``h·3d ... (h+1)·3d``
+    (``[q_h | k_h | v_h]``), heads side by side; token ``zero``'s row zeroed."""
+    fused = layer.attention.query_key_value
+    heads = layer.attention.config.num_attention_heads
+    qkv = F.linear(layer_norm(x, layer.input_layernorm), fused.weight, fused.bias)
+    size = qkv.shape[-1] // (3 * heads)
+    return zero_row(torch.cat([qkv[:, h * 3 * size + 2 * size:(h + 1) * 3 * size] for h in range(heads)], -1), zero)
+
+
+def neox_layer(layer, x, attention, zero=None):
+    """``x + attn(ln1(x)) + mlp(ln2(x))`` with a parallel residual, else ``y = x + attn(ln1(x)); y + mlp(ln2(y))``."""
+    dense, m = layer.attention.dense, layer.mlp
+    y = x + F.linear(heads_times(attention, neox_values(layer, x, zero)), dense.weight, dense.bias)
+    h = layer_norm(x if layer.use_parallel_residual else y, layer.post_attention_layernorm)
+    return y + F.linear(F.gelu(F.linear(h, m.dense_h_to_4h.weight, m.dense_h_to_4h.bias)), m.dense_4h_to_h.weight,
+                        m.dense_4h_to_h.bias)
+
+
+DECODERS = {
+    "gpt2": (gpt2, lambda m: m.h, gpt2_layer, lambda m: m.ln_f, layer_norm),
+    "llama": (llama, lambda m: m.layers, llama_layer, lambda m: m.norm, rms_norm),
+    # the parallel residual only; the sequential block differs in the model's own re-run, not in what is zeroed
+    "gpt_neox": (gpt_neox, lambda m: m.layers, neox_layer, lambda m: m.final_layer_norm, layer_norm),
+}
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
 def test_value_zeroing_on_a_decoder_equals_the_paper_and_masks_the_future(family):
-    model, kwargs = {"gpt2": gpt2, "llama": llama}[family]()
-    blocks = model.h if family == "gpt2" else model.layers
-    layer_out = gpt2_layer if family == "gpt2" else llama_layer
-    final = model.ln_f if family == "gpt2" else model.norm
+    build, layers, layer_out, final_norm, norm = DECODERS[family]
+    model, kwargs = build()
+    blocks, final = layers(model), final_norm(model)
     trace = attnflow.capture(model, value_zeroing=True, **kwargs)
     assert trace.causal
     _, out = run_eager(model, kwargs)
@@ -216,7 +258,7 @@ def test_value_zeroing_on_a_decoder_equals_the_paper_and_masks_the_future(family
                 original, d = by_layer(lambda x, a, j=None, block=block: layer_out(block, x, a, j), x, a, keep.numel())
                 expected = out.hidden_states[li + 1][b][keep]
                 if li == len(blocks) - 1:  # the last hidden state comes after the final norm
-                    original = rms_norm(original, final) if family == "llama" else layer_norm(original, final)
+                    original = norm(original, final)
                 torch.testing.assert_close(original, expected, rtol=0, atol=1e-12)
                 assert d.triu(1).abs().max() < 1e-12  # the reference's own check: a causal layer ignores j > i
                 scores.append(d.numpy())
