@@ -197,6 +197,58 @@ def test_all_layers():
         np.testing.assert_allclose(every[layer], expected, atol=1e-9)
 
 
+def igraph_level_flows(mixed: list[np.ndarray]) -> np.ndarray:
+    """Per-pair igraph max-flow on the layered network of ``mixed`` ((n, n) capacity matrices, layer 1 first):
+    ``[l - 1, s, j]`` is the max-flow from node ``(l, s)`` to input ``(0, j)``, for every level ``l``."""
+    import igraph
+
+    n = mixed[0].shape[0]
+    edges, capacities = [], []
+    for layer, matrix in enumerate(mixed):
+        for i, k in zip(*np.nonzero(matrix > 0)):
+            edges.append(((layer + 1) * n + int(i), layer * n + int(k)))
+            capacities.append(float(matrix[i, k]))
+    graph = igraph.Graph(n=(len(mixed) + 1) * n, edges=edges, directed=True)
+    graph.es["capacity"] = capacities
+    return np.array([[[graph.maxflow_value(level * n + s, j, capacity="capacity") for j in range(n)]
+                      for s in range(n)] for level in range(1, len(mixed) + 1)])
+
+
+@pytest.fixture(scope="module")
+def padded_trace():
+    """5 layers x 3 heads x 2 items x 7 tokens; item 1 left-padded to 4 real tokens (no weight on padding)."""
+    rng = np.random.default_rng(23)
+    layers, heads, batch, seq = 5, 3, 2, 7
+    mask = np.ones((batch, seq), dtype=bool)
+    mask[1, :3] = False
+    weights = []
+    for _ in range(layers):
+        w = rng.dirichlet(np.full(seq, 0.4), size=(batch, heads, seq)) * mask[:, None, None, :]
+        weights.append(w / w.sum(-1, keepdims=True))
+    return AttentionTrace.from_arrays(weights, mask=mask), weights, mask
+
+
+def test_all_layers_equal_per_pair_igraph_max_flow(padded_trace):
+    """Every level's flow (the page's flow at every layer) against one igraph max-flow per (level, source,
+    sink) on the paper's network over each item's real tokens: levels 1-2 have closed forms, 3-5 go to the
+    solver."""
+    trace, weights, mask = padded_trace
+    every = attnflow.flow(trace, all_layers=True, normalize=False)
+    assert every.shape == (5, 2, 7, 7)
+    some = attnflow.flow(trace, all_layers=True, normalize=False, sources=[-1, -3])
+    for b in range(2):
+        real = np.flatnonzero(mask[b])
+        mixed = []
+        for w in weights:
+            a = 0.5 * w[b].mean(axis=0)[np.ix_(real, real)] + 0.5 * np.eye(real.size)
+            mixed.append(a / a.sum(axis=-1, keepdims=True))
+        expected = igraph_level_flows(mixed)
+        np.testing.assert_allclose(every[:, b][:, real][:, :, real], expected, rtol=0, atol=1e-9)
+        padding = ~mask[b]
+        assert not every[:, b][:, padding].any() and not every[:, b][:, :, padding].any()
+        np.testing.assert_allclose(some[:, b][:, :, real], expected[:, [-1, -3]], rtol=0, atol=1e-9)
+
+
 def test_oversized_problem_is_refused_with_advice():
     rng = np.random.default_rng(6)
     seq = 1024

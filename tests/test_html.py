@@ -68,6 +68,27 @@ def test_every_score_and_head_weight_is_in_the_page(make):
         assert data["streams"] == ["decoder", "encoder"]
 
 
+def test_the_page_with_flow_at_every_layer_holds_each_layers_max_flow():
+    """The page asked for flow at every layer (``explain(..., all_layers=True)``, as the CLI's --html does with
+    every layer): each layer's flow in the page is the per-pair igraph max-flow from that layer's nodes on the
+    paper's network, row-normalised, to the page's 3 digits."""
+    from test_flow import igraph_level_flows
+
+    rng = np.random.default_rng(41)
+    layers, heads, seq = 4, 3, 6
+    weights = [rng.dirichlet(np.full(seq, 0.5), size=(1, heads, seq)) for _ in range(layers)]
+    trace = attnflow.AttentionTrace.from_arrays(weights)
+    explanation = attnflow.explain(trace, ["rollout", "flow"], all_layers=True)
+    page = explanation.to_html(trace)
+    check_page(explanation, trace, page)
+    data, raw = page_data(page)
+    assert [m["layers"] for m in data["methods"]] == [list(range(layers))] * 2
+    mixed = [0.5 * w[0].mean(axis=0) + 0.5 * np.eye(seq) for w in weights]
+    expected = igraph_level_flows([a / a.sum(axis=-1, keepdims=True) for a in mixed])
+    same_to_3_digits(read_array(data["items"][0]["scores"]["flow"]["tokens"], raw),
+                     expected / expected.sum(axis=-1, keepdims=True))
+
+
 def test_page_without_trace_and_with_some_sources(tmp_path):
     trace = encoder_trace()
     explanation = attnflow.explain(trace, ["rollout", "flow"], sources=[0, 3])
