@@ -34,6 +34,8 @@ TOWERS: Mapping[str, str] = {
 #: Per ``config.model_type``: tower names that differ from :data:`TOWERS`.
 FAMILY_TOWERS: Mapping[str, Mapping[str, str]] = {
     "whisper": {"encoder": "audio"},
+    "qwen2_vl": {"visual": "vision"},
+    "qwen2_5_vl": {"visual": "vision"},
 }
 #: Path components that mark a cross-attention module when the model declares nothing.
 CROSS_NAMES = ("encoder_attn", "crossattention", "cross_attn", "EncDecAttention", "multihead_attn", "cross_attention")

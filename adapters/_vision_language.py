@@ -13,9 +13,10 @@ in every trace's metadata (``metadata["image_links"]``):
   (``scale_factor`` s) into one token before the projector; the token is linked to the ``s**2`` patches of
   its block with weight ``1 / s**2`` each (the block's patches enter the projector as equal parts of one
   input vector; attnflow does not weigh them by the projector's parameters).
-* ``merge_window``: Qwen2-VL's and Qwen2.5-VL's ``PatchMerger`` concatenates each window of
-  ``spatial_merge_size**2`` consecutive vision tokens (the image processor orders the patches window by
-  window) into one token: linked with weight ``1 / m**2`` each.
+* ``merge_window``: Qwen2-VL's and Qwen2.5-VL's ``PatchMerger`` concatenates each ``m x m`` block of
+  neighbouring patches (``spatial_merge_size`` m; the image processor hands them to the tower block by block,
+  and attnflow's vision stream holds them in row-major order, see :mod:`._qwen_vision`) into one token, row-major
+  over the blocks: linked with weight ``1 / m**2`` each, as pixel shuffle.
 * ``anyres`` (LLaVA-Next, LLaVA-OneVision): not linked. The vision tower runs on several crops of each
   image (the whole image resized, then tiles), so the vision stream's batch is the number of crops, not of
   prompts, and the projected tiles are unpadded and interleaved with learned newline tokens; one trace holds
@@ -35,6 +36,7 @@ import numpy as np
 import attnflow
 
 from . import _hf_families as families
+from . import _qwen_vision
 
 ONE_TO_ONE, PIXEL_SHUFFLE, MERGE_WINDOW, ANYRES = "one_to_one", "pixel_shuffle", "merge_window", "anyres"
 
@@ -45,8 +47,8 @@ _WHY = {
         "token is linked to its block's {n} patches with weight 1/{n}"
     ),
     MERGE_WINDOW: (
-        "patch merger: each window of {n} consecutive vision tokens ({s}x{s} patches) becomes one image token; "
-        "each token is linked to its window's tokens with weight 1/{n}"
+        "patch merger: each {s}x{s} block of neighbouring patches becomes one image token (row-major over the "
+        "blocks); each token is linked to its block's {n} patches with weight 1/{n}"
     ),
     ANYRES: (
         "anyres: the vision tower runs on several crops of each image (vision batch = crops, not prompts) and the "
@@ -128,11 +130,6 @@ def token_sources(found: ImageMap, patches: int, grid: tuple[int, int] | None) -
     s = found.scale
     if found.kind == ONE_TO_ONE:
         return np.arange(patches)[:, None]
-    if found.kind == MERGE_WINDOW:
-        n = s * s
-        if patches % n:
-            raise ValueError(f"the image's {patches} vision tokens are not whole {s}x{s} merge windows")
-        return np.arange(patches).reshape(patches // n, n)
     if grid is None:  # Idefics3's connector assumes a square grid
         side = int(round(patches ** 0.5))
         grid = (side, side)
@@ -191,7 +188,10 @@ def link_image_tokens(passes: Any, model: Any, input_ids: Any) -> None:
         if earlier is None:
             return  # a step of generate() that reused the cache: the prefill linked the image
         vision_layers, batch, vision_length = earlier
-        shape = (batch,)
+        shape, tower = (batch,), None
+        seen = _qwen_vision.images_seen(passes)
+        if seen is not None and seen[0][0] == batch:
+            shape, tower = seen
     name = type(model).__name__
     if found.kind == ANYRES:
         raise attnflow.AdapterError(

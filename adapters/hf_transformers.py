@@ -33,7 +33,7 @@ import numpy as np
 import attnflow
 from attnflow.recording import deferred_interrupts, switch
 
-from . import _banded, _generation_torch, _reduced, _swin, _value_zeroing, _values, _vision_language
+from . import _banded, _generation_torch, _qwen_vision, _reduced, _swin, _value_zeroing, _values, _vision_language
 from . import _hf_families as families
 from . import _torch_common as common
 
@@ -143,13 +143,19 @@ class TransformersAdapter(attnflow.Adapter):
                 return _without_attentions(output, torch)  # asked for by attnflow, not by the caller
             return None
 
+        # vision towers whose attention returns no weights (Qwen2-VL): their probabilities, window by window
+        windowed = _qwen_vision.windowed(targets, plan.streams) if plan.multi and not modules else {}
+        vision_tower = next((towers[t] for t, stream in plan.towers.items() if stream == "vision"), None)
         handles: list[Any] = []
-        with _eager(model, targets, transformers) as original, common.removing(handles):
+        watch = _qwen_vision.watch()
+        with _eager(model, targets, transformers) as original, common.removing(handles), watch.closing():
             hint = _no_weights_hint(model, original)
             with deferred_interrupts():
                 for path, module, kind, index in targets if not (swin or reduced) else []:
-                    common.register(handles, module.register_forward_hook,
-                                    _layer_hook(path, kind, index, passes, torch, hint))
+                    if path not in windowed:
+                        common.register(handles, module.register_forward_hook,
+                                        _layer_hook(path, kind, index, passes, torch, hint))
+                _qwen_vision.install(windowed, vision_tower, passes, torch, handles, watch)
                 for path, block, stream in swin:
                     hook = _swin.block_hook(path, stream, passes, torch)
                     common.register(handles, block.register_forward_hook, hook, with_kwargs=True)
@@ -533,8 +539,9 @@ def _no_weights_hint(model: Any, original: Any) -> str:
     can_switch = getattr(model, "_can_set_attn_implementation", lambda: True)()
     if can_switch or original == _EAGER:
         return (
-            "its attention hides them. Load the model with attn_implementation='eager', or capture modules that "
-            "return their weights with adapter='torch'."
+            "its forward returns no weights even under eager (attnflow runs the model on eager while attached, so "
+            "loading it with eager changes nothing). Record the probabilities it computes instead (softmax-level "
+            "capture): adapter='torch', adapter_options={'modules': [{modules!r}], 'layout': 'bhqk'}."
         )
     return (
         f"{type(model).__name__} was loaded with attn_implementation={original!r}, and transformers cannot switch it "
@@ -557,9 +564,15 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
                     weights = weights[:, :, : weights.shape[2] // _MAIN_ROWS[module]]  # the main stream's queries
         if weights is None:
             implementation = getattr(getattr(module, "config", None), "_attn_implementation", "unknown")
+            fix = hint.replace("{modules!r}", repr(re.sub(r"\.\d+(\.|$)", r".*\1", path)))
+            if _qwen_vision.packs_windows(module):
+                fix = (
+                    "it splits packed images at cu_seqlens and returns only its output. Leave out modules=: the "
+                    "transformers adapter records each window's probabilities of such a vision tower itself."
+                )
             raise attnflow.HiddenAttentionError(
                 f"{path} ({type(module).__name__}) returned no attention weights under attn_implementation="
-                f"{implementation!r}; {hint}"
+                f"{implementation!r}; {fix}"
             )
         if not isinstance(weights, torch.Tensor) or weights.ndim != 4:
             shape = tuple(weights.shape) if hasattr(weights, "shape") else type(weights).__name__

@@ -172,6 +172,31 @@ def test_without_layout_a_module_returning_no_weights_points_to_layout():
         attnflow.capture(model, torch.randint(0, 11, (BATCH, SEQ)), adapter_options={"modules": [HandAttention]})
 
 
+def test_transformers_adapter_advice_for_hidden_weights_works(gpt2):
+    """An attention module that returns no weights even under eager: the transformers adapter's message names the
+    softmax-level capture for that module (not "load with eager", which changes nothing), and that capture gives
+    eager's own weights."""
+    import ast
+    import copy
+
+    model = copy.deepcopy(gpt2)
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(0, 13, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = [a.numpy() for a in model(input_ids=ids, output_attentions=True).attentions]
+    for block in model.transformer.h:
+        block.attn.forward = lambda *args, original=block.attn.forward, **kwargs: (original(*args, **kwargs)[0], None)
+    with pytest.raises(attnflow.HiddenAttentionError, match=r"returned no attention weights under "
+                       r"attn_implementation='eager'; its forward returns no weights even under eager") as caught:
+        attnflow.capture(model, input_ids=ids)
+    assert "Load the model with" not in str(caught.value)
+    options = ast.literal_eval(str(caught.value).split("adapter_options=")[1].rstrip("."))  # the advice, as given
+    assert options == {"modules": ["transformer.h.*.attn"], "layout": "bhqk"}
+    trace = attnflow.capture(model, input_ids=ids, adapter="torch", adapter_options=options)
+    for layer, ref in zip(trace.layers, reference, strict=True):
+        assert np.abs(layer.weights - ref).max() <= 1e-6
+
+
 @pytest.fixture(scope="module")
 def lens():
     import transformer_lens  # noqa: F401  (installed by make test: a missing one fails)

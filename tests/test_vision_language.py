@@ -61,22 +61,80 @@ def llava():
     )).eval()
 
 
-# family -> (builder, image tokens, start of the image tokens per item, pixel shape per item)
+def qwen_vl(version="2"):
+    """Qwen2-VL (or Qwen2.5-VL, whose blocks 0 and 2 attend within windows of 4x4 patches and block 1 over the
+    whole image): vision tower of 3 blocks, 4 heads, width 16, 2x2 patches merged 2x2; language model of 2 layers, 3
+    query heads over 1 key/value head, width 24 (its mrope sections add up to half of its head size 8)."""
+    torch.manual_seed(0)
+    vision = dict(depth=3, num_heads=4, patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=18, num_hidden_layers=2, num_attention_heads=3,
+                num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    special = dict(image_token_id=IMAGE_TOKEN, video_token_id=57, vision_start_token_id=58, vision_end_token_id=59)
+    if version == "2.5":
+        vision.update(hidden_size=16, out_hidden_size=24, intermediate_size=20, window_size=8, fullatt_block_indexes=[1])
+        config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **special)
+        return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    vision.update(embed_dim=16, hidden_size=24, mlp_ratio=2)
+    return transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+        vision_config=vision, text_config=text, **special)).eval()
+
+
+# family -> (builder, image tokens, start of the image tokens per item, pixel shape per item; for Qwen: the
+# image's (frames, rows, columns) of patches, whose pixels the processor packs as one row of 3*2*2*2 per patch)
 FAMILIES = {
     "paligemma": (paligemma, 9, (0, 0), (3, 12, 12)),
     "idefics3": (idefics3, 4, (2, 3), (1, 3, 16, 16)),
     "llava": (llava, 9, (1, 4), (3, 12, 12)),
+    "qwen2_vl": (qwen_vl, 6, (1, 3), (1, 4, 6)),
+    "qwen2_5_vl": (lambda: qwen_vl("2.5"), 8, (0, 4), (1, 4, 8)),
 }
 
 
 def inputs(family, extra=5):
     _, tokens, starts, pixel_shape = FAMILIES[family]
     generator = torch.Generator().manual_seed(4)
-    ids = torch.randint(2, IMAGE_TOKEN - 1, (2, tokens + extra), generator=generator)
+    high = IMAGE_TOKEN - (4 if family.startswith("qwen") else 1)  # Qwen's video and vision start/end tokens: 57-59
+    ids = torch.randint(2, high, (2, tokens + extra), generator=generator)
     for b, start in enumerate(starts):
         ids[b, start:start + tokens] = IMAGE_TOKEN
-    pixels = torch.randn(2, *pixel_shape, generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    given = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if family.startswith("qwen"):  # one image per item, packed: patches of both images, and each image's grid
+        given["image_grid_thw"] = torch.tensor([pixel_shape] * 2)
+        given["pixel_values"] = torch.randn(2 * int(np.prod(pixel_shape)), 24, generator=generator)
+        given["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+    else:
+        given["pixel_values"] = torch.randn(2, *pixel_shape, generator=generator)
+    return given
+
+
+def with_ids(given, ids):
+    """The inputs of ``given`` for other token ids (a generated sequence): its mask and Qwen's token types too."""
+    out = dict(given, input_ids=ids, attention_mask=torch.ones_like(ids))
+    if "mm_token_type_ids" in given:
+        out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+    return out
+
+
+def qwen_order(model, grid):
+    """Block position -> row-major patch position over the packed images, from the model's own rotary position
+    ids (each processor-ordered patch's row and column) and, for Qwen2.5-VL, its window index (the order of the
+    merge units its blocks run in)."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    visual = model.model.visual
+    merge = visual.spatial_merge_size
+    rows_cols = get_vision_position_ids(grid, merge).numpy()
+    sizes = grid.prod(-1).numpy()
+    image = np.repeat(np.arange(len(sizes)), sizes)
+    row_major = np.concatenate([[0], np.cumsum(sizes)[:-1]])[image] + rows_cols[:, 0] * grid[image, 2].numpy() \
+        + rows_cols[:, 1]
+    if getattr(visual, "window_size", None) is None:
+        return row_major
+    units, _ = get_vision_window_index(grid, spatial_merge_size=merge, window_size=visual.window_size,
+                                       patch_size=visual.patch_size)
+    unit = merge * merge
+    return row_major[(units.numpy()[:, None] * unit + np.arange(unit)).reshape(-1)]
 
 
 def eager(model):
@@ -89,6 +147,8 @@ def projector_pattern(family, model, pixels):
     """``(batch, image features, vision tokens)``: which vision tokens of the projected layer each image
     feature depends on, from the Jacobian of the family's own feature code (vision tower output -> projector)."""
     inner = model.model
+    if family.startswith("qwen"):
+        return qwen_projector_pattern(model, pixels)
     with torch.no_grad():
         if family == "idefics3":
             hidden = inner.vision_model(pixel_values=pixels[:, 0]).last_hidden_state
@@ -121,18 +181,42 @@ def test_links_follow_the_projector(family):
     assert (link.stream, link.source) == ("text", "vision")
     vision_layers = sum(layer.query_stream == "vision" for layer in trace.layers)
     assert link.depth == (vision_layers - 1 if family == "llava" else vision_layers)
-    pattern = projector_pattern(family, model, given["pixel_values"])
+    pattern = projector_pattern(family, model, given if family.startswith("qwen") else given["pixel_values"])
     ids = given["input_ids"].numpy()
     for b in range(2):
         positions = np.flatnonzero(ids[b] == IMAGE_TOKEN)
         expected = np.zeros_like(link.weights[b])
         expected[positions] = pattern[b] / pattern[b].sum(-1, keepdims=True)
         np.testing.assert_array_equal(link.weights[b], expected)
-    per_token = {"paligemma": 1, "idefics3": 4, "llava": 1}[family]
+    per_token = {"paligemma": 1, "idefics3": 4, "llava": 1}.get(family, 4)
     assert (pattern.sum(-1) == per_token).all()
     described = trace.metadata["image_links"]
     assert described["linked"] and described["patches_per_token"] == per_token
-    assert described["map"] == ("pixel_shuffle" if family == "idefics3" else "one_to_one")
+    maps = {"idefics3": "pixel_shuffle", "qwen2_vl": "merge_window", "qwen2_5_vl": "merge_window"}
+    assert described["map"] == maps.get(family, "one_to_one")
+
+
+def qwen_projector_pattern(model, given):
+    """Qwen: the image features' dependence on the last block's output (block order), through the tower's own merger
+    and its reordering, put in row-major patch order per image."""
+    visual, grid = model.model.visual, given["image_grid_thw"]
+    kept = []
+    handle = visual.blocks[-1].register_forward_hook(lambda m, a, out: kept.append(out))
+    try:
+        features = visual(given["pixel_values"], grid_thw=grid).pooler_output
+    finally:
+        handle.remove()
+    order, patches = qwen_order(model, grid), int(grid[0].prod())
+    per_image = features.shape[0] // 2
+    pattern = np.zeros((2, per_image, patches), bool)
+    for k in range(features.shape[0]):
+        (grad,) = torch.autograd.grad(features[k].square().sum(), kept[0], retain_graph=True)
+        depends = np.zeros(2 * patches, bool)
+        depends[order] = grad.abs().sum(-1).numpy() > 0
+        b = k // per_image
+        pattern[b, k % per_image] = depends[b * patches:(b + 1) * patches]
+        assert not depends[(1 - b) * patches:(2 - b) * patches].any()  # no image feeds another item's tokens
+    return pattern
 
 
 def residual(a, r=0.5):
@@ -164,11 +248,11 @@ def test_rollout_from_text_reaches_the_patches(family):
     assert flows["vision"][:, -1].sum() > 0
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "qwen2_5_vl"])  # its tower's as 2's
 def test_generate_gives_one_stitched_trace_equal_to_teacher_forcing(family):
     model = FAMILIES[family][0]()
     given = inputs(family)
-    settings = {"max_new_tokens": NEW, "do_sample": False, "suppress_tokens": [IMAGE_TOKEN, 1]}
+    settings = {"max_new_tokens": NEW, "do_sample": False, "suppress_tokens": [IMAGE_TOKEN, 1, 57, 58, 59]}
     expected = model.generate(**given, **settings)
     with attnflow.attach(model) as rec:
         out = model.generate(**given, **settings)
@@ -178,9 +262,7 @@ def test_generate_gives_one_stitched_trace_equal_to_teacher_forcing(family):
     prompt = given["input_ids"].shape[1]
     assert trace.metadata["generation"]["stream"] == "text" and trace.metadata["generation"]["first_generated"] == prompt
     assert trace.streams["text"].length == prompt + NEW - 1
-    reference = attnflow.capture(
-        model, input_ids=out[:, :-1], attention_mask=torch.ones_like(out[:, :-1]), pixel_values=given["pixel_values"]
-    )
+    reference = attnflow.capture(model, **with_ids(given, out[:, :-1]))
     assert [layer.name for layer in trace.layers] == [layer.name for layer in reference.layers]
     worst = max(float(np.abs(a.weights - r.weights).max()) for a, r in zip(trace.layers, reference.layers))
     assert worst < 1e-5
@@ -233,24 +315,94 @@ def test_anyres_models_are_refused_with_the_reason():
     assert len(trace.layers) == 2 and not trace.links
 
 
-def test_qwen2_vl_merge_windows_follow_the_patch_merger():
-    """Qwen2-VL's vision tower hides its weights (issue 21, point 4), so its trace is built elsewhere; the fixed
-    map it would be linked through is checked here against the PatchMerger's own Jacobian."""
-    from attnflow.adapters import _vision_language as vl
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
+QWEN = ["qwen2_vl", "qwen2_5_vl"]
 
-    torch.manual_seed(0)
-    merger = PatchMerger(dim=24, context_dim=10, spatial_merge_size=2).eval()
-    x = torch.randn(24, 10, requires_grad=True)  # one image of 4x6 patches, window by window
-    out = merger(x)
-    found = vl.ImageMap(vl.MERGE_WINDOW, IMAGE_TOKEN, scale=2)
-    sources = vl.token_sources(found, 24, (4, 6))
-    for k in range(out.shape[0]):
-        (grad,) = torch.autograd.grad(out[k].square().sum(), x, retain_graph=True)
-        np.testing.assert_array_equal(np.flatnonzero(grad.abs().sum(-1).numpy()), sources[k])
-    ids = np.full((1, 9), 3)
-    ids[0, 2:8] = IMAGE_TOKEN
-    weights = vl.link_weights(found, ids, 24, 1)
-    assert weights.shape == (1, 9, 24) and np.allclose(weights[0, 2:8].sum(-1), 1) and not weights[0, :2].any()
-    assert vl.describe(type("M", (), {"config": transformers.Qwen2VLConfig(image_token_id=IMAGE_TOKEN)})())[
-        "image_links"]["map"] == "merge_window"
+
+@pytest.fixture(scope="module")
+def qwen_models():
+    return {family: FAMILIES[family][0]() for family in QWEN}
+
+
+def qwen_vision_reference(model, given):
+    """Each vision block's ``(images, heads, patches, patches)``, recomputed from the inputs of its attention module:
+    softmax(q kᵀ / √d) of its qkv projection with the rotary embedding (rotate-half), within each cu_seqlens span,
+    put in row-major patch order by :func:`qwen_order`; 0 across spans and images."""
+    visual = model.model.visual
+    seen = []
+    hook = lambda m, args, kwargs: seen.append((args[0], kwargs["cu_seqlens"], kwargs["position_embeddings"]))  # noqa: E731
+    handles = [block.attn.register_forward_pre_hook(hook, with_kwargs=True) for block in visual.blocks]
+    try:
+        with torch.no_grad():
+            model(**given)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grid = given["image_grid_thw"]
+    order, patches, heads = qwen_order(model, grid), int(grid[0].prod()), visual.config.num_heads
+    layers = []
+    for x, cu_seqlens, (cos, sin) in seen:
+        n = x.shape[0]
+        q, k, _ = visual.blocks[len(layers)].attn.qkv(x).reshape(n, 3, heads, -1).unbind(1)
+
+        def rotate(t, cos=cos, sin=sin):
+            first, second = t.chunk(2, dim=-1)
+            return t * cos[:, None] + torch.cat([-second, first], dim=-1) * sin[:, None]
+
+        q, k = rotate(q.double()), rotate(k.double())
+        packed = np.zeros((heads, n, n))
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            scores = torch.einsum("qhd,khd->hqk", q[start:end], k[start:end]) * q.shape[-1] ** -0.5
+            packed[:, start:end, start:end] = scores.softmax(-1).detach().numpy()
+        full = np.zeros_like(packed)
+        full[:, order[:, None], order[None, :]] = packed
+        split = full.reshape(heads, 2, patches, 2, patches)
+        assert not split[:, 0, :, 1].any() and not split[:, 1, :, 0].any()
+        layers.append(np.stack([split[:, b, :, b] for b in range(2)]))
+    return layers
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_vision_blocks_equal_their_recomputed_probabilities(family, qwen_models):
+    """Qwen2-VL's vision attention returns no weights: attnflow records each window's softmax and assembles the
+    images' layers; they equal the probabilities recomputed here, and the text layers equal eager's."""
+    model = qwen_models[family]
+    given = inputs(family)
+    trace = attnflow.capture(model, **given)
+    vision = [layer for layer in trace.layers if layer.query_stream == "vision"]
+    text = [layer for layer in trace.layers if layer.query_stream == "text"]
+    assert [layer.name for layer in vision] == [f"model.visual.blocks.{i}.attn" for i in range(3)]
+    for layer, expected in zip(vision, qwen_vision_reference(model, given), strict=True):
+        patches = int(np.prod(FAMILIES[family][3]))
+        assert layer.weights.shape == expected.shape == (2, 4, patches, patches)
+        np.testing.assert_allclose(layer.weights, expected, atol=2e-6)
+    if family == "qwen2_5_vl":  # blocks 0 and 2 attend within each 4x4 window, block 1 over the image
+        half = (np.arange(32) % 8) >= 4
+        assert ((vision[0].weights > 0) == (half[:, None] == half[None, :])).all()
+        assert (vision[1].weights > 0).all()
+    rows, cols = FAMILIES[family][3][1:]
+    assert trace.streams["vision"].grid == (rows, cols) and not trace.streams["vision"].special.any()
+    with torch.no_grad():
+        expected = eager(model)(**given, output_attentions=True).attentions
+    assert len(text) == len(expected) == 2
+    for layer, ref in zip(text, expected):
+        assert layer.weights.shape == (2, 3, given["input_ids"].shape[1], given["input_ids"].shape[1])
+        np.testing.assert_allclose(layer.weights, ref.numpy(), atol=1e-6)
+    assert trace.metadata["image_links"]["map"] == "merge_window"
+
+
+def test_qwen_refusals_name_the_cause(qwen_models):
+    model = qwen_models["qwen2_vl"]
+    given = inputs("qwen2_vl")
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with pytest.raises(attnflow.AdapterError, match=r"Attention gradients \(target=...\) are not available for "
+                       r"model.visual.blocks.0.attn .* Capture the language model's gradients alone"):
+        attnflow.capture(model, **given, target=3)
+    sizes = dict(given, image_grid_thw=torch.tensor([[1, 4, 6], [1, 6, 4]]))
+    with pytest.raises(attnflow.AdapterError, match=r"the images have different patch grids \(\[\[4, 6\], \[6, 4\]\]"):
+        attnflow.capture(model, **sizes)
+    with pytest.raises(attnflow.HiddenAttentionError, match=r"returned no attention weights under "
+                       r"attn_implementation='eager'; it splits packed images at cu_seqlens .* Leave out modules="):
+        attnflow.capture(model, **given, adapter_options={"modules": ["model.visual.blocks.*.attn"]})
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
+    assert model.config._attn_implementation != "eager"  # put back as it was loaded
