@@ -856,8 +856,11 @@ LEFT: tuple[tuple[str, str, str], ...] = (
      "linked to the sr x sr patches they pool (1/sr² each), stages linked by the overlapping patch embedding's "
      "receptive field (equal weights); rollout and flow route through the pooled keys once attnflow's network "
      "feeds a stream that is only attended to through its link (tests/test_reduced.py, strict xfail until then)"),
-    ("Qwen2-VL vision tower", "Qwen2VLForConditionalGeneration",
-     "returns no weights even under eager: softmax-level capture (issue 21, point 4), tested outside this matrix"),
+    ("Qwen2-VL, Qwen2.5-VL", "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration",
+     "the vision blocks return no weights even under eager: each cu_seqlens window's softmax is recorded and assembled "
+     "into (images, heads, patches, patches) in row-major patch order (to 2e-6 against a recomputation from each "
+     "block's inputs; Qwen2.5-VL's windows included), image tokens linked to the patch merger's m x m blocks, "
+     "generate() stitched; one image per item, one image size per batch (tests/test_vision_language.py)"),
     ("PaliGemma, Idefics3", "PaliGemmaForConditionalGeneration, Idefics3ForConditionalGeneration",
      "image-token links (issue 21, point 5): tests/test_vision_language.py"),
     ("GPT-Neo under a static cache", "GPTNeoForCausalLM.generate(cache_implementation='static')",
