@@ -368,7 +368,9 @@ def test_qwen_vision_blocks_equal_their_recomputed_probabilities(family, qwen_mo
     images' layers; they equal the probabilities recomputed here, and the text layers equal eager's."""
     model = qwen_models[family]
     given = inputs(family)
+    given["attention_mask"][1, -1:] = 0  # item 1 right-padded
     trace = attnflow.capture(model, **given)
+    np.testing.assert_array_equal(trace.streams["text"].mask, given["attention_mask"].numpy().astype(bool))
     vision = [layer for layer in trace.layers if layer.query_stream == "vision"]
     text = [layer for layer in trace.layers if layer.query_stream == "text"]
     assert [layer.name for layer in vision] == [f"model.visual.blocks.{i}.attn" for i in range(3)]
@@ -401,6 +403,12 @@ def test_qwen_refusals_name_the_cause(qwen_models):
     sizes = dict(given, image_grid_thw=torch.tensor([[1, 4, 6], [1, 6, 4]]))
     with pytest.raises(attnflow.AdapterError, match=r"the images have different patch grids \(\[\[4, 6\], \[6, 4\]\]"):
         attnflow.capture(model, **sizes)
+    two = {key: given[key][:1] for key in ("input_ids", "attention_mask")}  # one prompt with both images
+    two["input_ids"] = torch.cat([two["input_ids"], torch.full((1, 6), IMAGE_TOKEN)], 1)
+    two.update(attention_mask=torch.ones_like(two["input_ids"]), mm_token_type_ids=(two["input_ids"] == IMAGE_TOKEN).int(),
+               pixel_values=given["pixel_values"], image_grid_thw=given["image_grid_thw"])
+    with pytest.raises(attnflow.AdapterError, match="the batch has 1 text items but the vision tower ran 2 images"):
+        attnflow.capture(model, **two)
     with pytest.raises(attnflow.HiddenAttentionError, match=r"returned no attention weights under "
                        r"attn_implementation='eager'; it splits packed images at cu_seqlens .* Leave out modules="):
         attnflow.capture(model, **given, adapter_options={"modules": ["model.visual.blocks.*.attn"]})
