@@ -48,6 +48,7 @@ import numpy as np
 from attnflow import Adapter, AdapterError, Recorder, import_optional
 from attnflow._switches import deferred_interrupts
 
+from . import _generation_jax as generation
 from . import _penzai_methods as methods
 from ._flax_common import (
     UNKNOWN,
@@ -187,6 +188,8 @@ class _PenzaiCapture:
                                        after_pass=self._after_pass if extra else None,
                                        metadata={"values_layout": "pre_ln", "penzai_value_map": self.map_name}
                                        if request.values else None)
+        # a KV-caching sampler: its calls are the steps of one generation (see adapters/_generation_jax.py)
+        self.sampling: generation.PenzaiSampling | None = None
         self.closed = False
 
     def tapped_classes(self) -> set[type]:
@@ -288,12 +291,23 @@ class _PenzaiCapture:
         """One call of a patched ``__call__``: pass boundaries for the root, a frame for an attention layer,
         the probabilities for the ``query_key_to_attn`` of the innermost frame."""
         if layer is self.root:
-            if self.collector.depth == 0:
-                self.call_of_pass, self.kept, self.shapes = (argument, dict(side_inputs)), {}, {}
             ids = _batch_seq(argument)
             ids = np.asarray(ids) if ids is not None and not is_tracer(ids) and np.issubdtype(ids.dtype, np.integer) \
                 else None
-            return self.collector.outermost(lambda: inner(argument, side_inputs), ids)
+            if self.collector.depth:
+                return self.collector.outermost(lambda: inner(argument, side_inputs), ids)
+            self.call_of_pass, self.kept, self.shapes = (argument, dict(side_inputs)), {}, {}
+            if self.sampling is None:
+                return self.collector.outermost(lambda: inner(argument, side_inputs), ids)
+            request = self.request
+            refused = [k for k, on in (("target=", request.gradients), ("values=True", request.values),
+                                       ("value_zeroing=True", request.value_zeroing)) if on]
+            self.sampling.before_call(ids, " and ".join(refused))
+            try:
+                return self.collector.outermost(lambda: inner(argument, side_inputs), ids)
+            except BaseException:
+                self.sampling.abort()  # a step missing from the middle would shift every later one
+                raise
         if id(layer) in self.taps:
             result = self._call(original, layer, argument, side_inputs, frames, inner)
             self._keep(layer, argument, result, side_inputs)
@@ -421,5 +435,8 @@ class PenzaiAdapter(Adapter):
                 captures = _ACTIVE.setdefault(threading.get_ident(), [])
                 captures.append(capture)
                 undo.callback(captures.remove, capture)
+                if generation.is_penzai_sampler(model):
+                    causal = all(_mask_of(layer, {}, pz)[1] for layer in capture.layers.values()) or None
+                    capture.sampling = undo.enter_context(generation.penzai_sampling(recorder, model, causal))
             yield
         capture.close()
