@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import attnflow
+from attnflow.recording import CaptureUnavailableError
 
 
 def _segformer():
@@ -136,3 +137,168 @@ def test_rollout_from_a_patch_reaches_the_patches_through_the_pooled_links(captu
 def test_a_stream_only_attended_to_is_fed_by_its_link():
     """Core routing: a linked stream that no layer reads as queries (pooled keys) still takes its link's mass."""
     assert _routes_key_only_links()
+
+
+# -- value-side methods on the reduced keys ------------------------------------------------------------------------
+# float64, sizes apart on every axis: batch 2, stage grids 12x6 (72 patches) and 6x3 (18), pooled keys 4x2 (8, sr 3),
+# heads 3 and 4 of size 4 and 5 (widths 12 and 20), blocks 2 + 2, Mix-FFN widths 24 and 40.
+def _segformer64():
+    import torch
+    import transformers
+
+    torch.manual_seed(2)
+    model = transformers.SegformerModel(transformers.SegformerConfig(
+        num_channels=3, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[3, 1], hidden_sizes=[12, 20],
+        patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[3, 4], mlp_ratios=[2, 2], initializer_range=0.3,
+    )).double().eval()
+    return model, torch.randn(2, 3, 48, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _block_inputs(model, pixels):
+    """Each block's input ``(hidden, height, width)``, output and own eager attention, per stage and block, from
+    hooks on a copy."""
+    import copy
+
+    import torch
+
+    reference = copy.deepcopy(model)
+    seen, handles = {}, []
+    for i, stage in enumerate(reference.stages):
+        for j, block in enumerate(stage.blocks):
+            def before(module, args, kwargs, key=(i, j)):
+                seen[key] = [args[0], args[1], args[2]]
+
+            def after(module, args, kwargs, output, key=(i, j)):
+                seen[key].append(output)
+
+            handles += [block.register_forward_pre_hook(before, with_kwargs=True),
+                        block.register_forward_hook(after, with_kwargs=True)]
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = iter(reference(pixel_values=pixels, output_attentions=True).attentions)
+    for handle in handles:
+        handle.remove()
+    for key in sorted(seen):
+        seen[key].append(next(attentions))
+    return reference, seen
+
+
+def _block_by_hand(block, x, height, width, attention):
+    """One SegFormer block of one item written out in float64 with its own attention ``(H, q, k)``: the keys pooled
+    by a stride-sr convolution and a norm, ``f^h(k_j) = v^h_j W_O^h``. Returns ``Σ_h α^h_ij f^h(k_j)``
+    ``(q, k, d)``, the stream after attention ``y`` and the block's output ``y + MixFFN(ln2(y))``; the attention
+    recomputed from the queries and keys is checked against the model's."""
+    import torch
+    import torch.nn.functional as F
+    from test_value_zeroing import layer_norm
+
+    att, width_d = block.attention, x.shape[-1]
+    h = layer_norm(x, block.layernorm_before)
+    ratio, keys = att.sequence_reduction_ratio, h
+    if ratio > 1:
+        pooling = att.sequence_reduction
+        image = h.T.reshape(1, width_d, height, width)
+        conv = F.conv2d(image, pooling.sequence_reduction.weight, pooling.sequence_reduction.bias, stride=ratio)
+        keys = layer_norm(conv.reshape(width_d, -1).T, pooling.layer_norm)
+    heads = att.num_attention_heads
+    size = width_d // heads
+    q, k = F.linear(h, att.q_proj.weight, att.q_proj.bias), F.linear(keys, att.k_proj.weight, att.k_proj.bias)
+    v = F.linear(keys, att.v_proj.weight, att.v_proj.bias)
+    cut = [slice(i * size, (i + 1) * size) for i in range(heads)]
+    own = torch.stack([torch.softmax(q[:, c] @ k[:, c].T / size ** 0.5, -1) for c in cut])
+    torch.testing.assert_close(own, attention, rtol=0, atol=1e-6)  # the model's softmax runs in float32
+    f = torch.stack([v[:, c] @ att.o_proj.weight[:, c].T for c in cut])
+    moved = torch.einsum("hij,hjd->ijd", attention, f)
+    y = x + moved.sum(1) + att.o_proj.bias
+    return moved, y, y + _mix_ffn(block, y, height, width)
+
+
+def _mix_ffn(block, y, height, width):
+    """SegFormer's Mix-FFN on ``(..., patches, d)``: fc1, a depthwise 3x3 convolution (padding 1) over the patch
+    grid, GELU, fc2, after the second norm."""
+    import torch.nn.functional as F
+    from test_value_zeroing import layer_norm
+
+    mlp, conv = block.mlp, block.mlp.dwconv.dwconv
+    inner = F.linear(layer_norm(y, block.layernorm_after), mlp.fc1.weight, mlp.fc1.bias).transpose(-1, -2)
+    padded = F.pad(inner.reshape(*inner.shape[:-1], height, width), (1, 1, 1, 1))
+    inner = conv.bias[:, None, None] + sum(conv.weight[:, 0, r, c][:, None, None] * padded[..., r:r + height, c:c + width]
+                                           for r in range(3) for c in range(3))
+    inner = inner.reshape(*inner.shape[:-2], -1).transpose(-1, -2)
+    return F.linear(F.gelu(inner), mlp.fc2.weight, mlp.fc2.bias)
+
+
+def test_norm_and_alti_on_reduced_keys_follow_the_papers():
+    """norm (Kobayashi et al., 2020) and ALTI (Ferrando et al., 2022) with the pooled keys as sources: a reduced
+    block's patch ``i`` draws ``Σ_h α^h_ij f^h(k_j)`` from pooled key ``j`` and its residual ``x_i`` as one more
+    source (``[T_i(k_j) | x_i]``, as ALTI+ decomposes a cross-attention block); rolled out through the pooling
+    (1/sr² per patch) and the stage link, against a float64 reimplementation from the block inputs."""
+    import torch
+    from test_methods import alti_rows
+
+    model, pixels = _segformer64()
+    trace = attnflow.capture(model, values=True, pixel_values=pixels)
+    assert trace.metadata["values_layout"] == "pre_ln" and trace.streams["stage0.keys1"].grid == (4, 2)
+    e = attnflow.explain(trace, ["norm", "norm_residual", "alti"])
+    last0 = attnflow.explain(trace, ["norm", "norm_residual"], stream="stage0")
+    reference, seen = _block_inputs(model, pixels)
+    pool, embed = _pool(12, 6, 3), _receptive((12, 6), (6, 3), 3, 2)
+    with torch.no_grad():
+        for b in range(2):
+            c0, c1, index = np.eye(72), np.eye(18), 0
+            for i, stage in enumerate(reference.stages):
+                for j, block in enumerate(stage.blocks):
+                    x, height, width, output, attention = seen[i, j]
+                    moved, y, out = _block_by_hand(block, x[b], height, width, attention[b])
+                    torch.testing.assert_close(out, output[b], rtol=0, atol=1e-12)  # the block written out is the model's
+                    moved, x_b, y = moved.numpy(), x[b].numpy(), y.numpy()
+                    if i == 0:  # reduced: the residual one more source, last
+                        shares = np.concatenate([moved, x_b[:, None]], axis=1)
+                        c = alti_rows(shares, y)
+                        c0 = c[:, :-1] @ pool @ c0 + c[:, -1:] * c0
+                    else:
+                        shares = moved.copy()
+                        shares[np.arange(18), np.arange(18)] += x_b
+                        c1 = alti_rows(shares, y) @ c1
+                    if j == len(stage.blocks) - 1:
+                        norm, residual = (last0["norm"]["stage0.keys1"], last0["norm_residual"]["stage0.keys1"]) \
+                            if i == 0 else (e["norm"], e["norm_residual"])
+                        np.testing.assert_allclose(norm[b], np.linalg.norm(moved, axis=-1), rtol=0, atol=1e-9)
+                        keys = moved.shape[1]  # a reduced block's residual column is no key: left out of the view
+                        np.testing.assert_allclose(residual[b], np.linalg.norm(shares, axis=-1)[:, :keys], rtol=0,
+                                                   atol=1e-9)
+                    index += 1
+            expected = c1 @ embed @ c0
+            np.testing.assert_allclose(e["alti"][b], expected, rtol=0, atol=1e-9)
+            np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-12)
+
+
+def test_value_zeroing_on_reduced_keys_is_refused_until_the_method_routes_them(monkeypatch):
+    """Value zeroing (Mohebbi et al., 2023) on SegFormer: the method normalises a cross-attention row with its
+    block's self-attention (ALTI+), which a reduced block has not, so the capture refuses, naming the methods that
+    work (a CaptureUnavailableError: methods='all' skips it with this reason). The distances are ready for a method that says it routes
+    pooled keys on their own rows (``pooled_keys = True``): each pooled key's (or patch's) values zeroed in the
+    block written out, ``1 - cos`` of every patch's block output, against the capture's."""
+    import torch
+    from test_value_zeroing import distance
+
+    model, pixels = _segformer64()
+    with pytest.raises(CaptureUnavailableError,
+                       match=r"spatial-reduction attention.*Use alti, norm or norm_residual \(values=True\)"):
+        attnflow.capture(model, value_zeroing=True, pixel_values=pixels)
+    monkeypatch.setattr(type(attnflow.get_method("value_zeroing")), "pooled_keys", True, raising=False)
+    trace = attnflow.capture(model, value_zeroing=True, pixel_values=pixels)
+    reference, seen = _block_inputs(model, pixels)
+    with torch.no_grad():
+        for index, key in enumerate(sorted(seen)):
+            x, height, width, _, attention = seen[key]
+            got = trace.layers[index].extras["value_zeroing"]
+            assert got.dtype == np.float64 and got.shape == (2, *attention.shape[-2:])
+            block = reference.stages[key[0]].blocks[key[1]]
+            for b in range(2):
+                moved, y, original = _block_by_hand(block, x[b], height, width, attention[b])
+                # key j's values zeroed (bias included): its f^h(k_j) is 0, so the stream after attention loses
+                # moved[:, j] and the Mix-FFN runs on what is left; every key at once, (keys, patches, d)
+                zeroed = y[None] - moved.transpose(0, 1)
+                expected = distance(zeroed + _mix_ffn(block, zeroed, height, width), original[None]).T
+                np.testing.assert_allclose(got[b], expected.numpy(), rtol=0, atol=1e-9)
