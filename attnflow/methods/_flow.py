@@ -73,7 +73,10 @@ def flow(
             prompt's last position); rows of tokens after an item's end of sequence are 0. Default: all
             tokens.
         all_layers: also compute flows from every selected layer's nodes to the inputs (the paper's
-            compute_flows).
+            compute_flows). Expect it to cost several times the last layer alone on encoder attention: each
+            layer's pairs are solved on the prefix of the network below it, but fewer of the middle layers' pairs
+            sit at the cheap cut bound (on MiniLM at 128 tokens, 0.3-49% of layers 3-5's pairs against 95% of
+            the last layer's), so they take 2-6x the last layer's time each (``benchmarks/bench_page.py``).
         method: ``"auto"`` (the compiled ``"dinic"`` solver when numba is installed, else ``"pruned"``),
             ``"dinic"``, ``"dinic-v1"`` (the first compiled kernel, kept as a reference: about 10x slower on
             causal attention), ``"pruned"`` (numpy + igraph on the network cut down per pair, closed forms for
