@@ -114,6 +114,16 @@ class Layout:
         size = int(np.prod(moved.shape[: len(batch)])) if batch else 1
         return moved.reshape(size, -1, *moved.shape[-2:])
 
+    def from_bhqk(self, array: Any, shape: tuple[int, ...]) -> Any:
+        """The inverse of :meth:`to_bhqk`: a ``(batch, heads, query, key)`` array (numpy or jax) laid out as the
+        module's own probabilities of shape ``shape`` (how target= adds its zero to them)."""
+        roles = self.fit(len(shape))
+        if roles is None:
+            raise AdapterError(f"Attention probabilities of shape {shape} do not fit layout={self.text!r}.")
+        order = [i for i, role in enumerate(roles) if role == "b"] + [
+            roles.index(role) for role in ("g", "h", "q", "k") if role in roles]
+        return array.reshape([shape[i] for i in order]).transpose(tuple(int(i) for i in np.argsort(order)))
+
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
@@ -228,6 +238,25 @@ def patched_attribute(owner: Any, name: str, make: Callable[[Any], Any]) -> Any:
             delattr(owner, name)
 
     return switch(("attnflow.patch", id(owner), name), turn_on, turn_off)
+
+
+class ThreadSlot:
+    """A value each thread sets for the duration of a block (an adapter's gradient or re-run pass), None outside."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        return getattr(self._local, "current", None)
+
+    @contextmanager
+    def holding(self, value: Any) -> Iterator[None]:
+        previous = self.get()
+        self._local.current = value
+        try:
+            yield
+        finally:
+            self._local.current = previous
 
 
 # -- the softmax hook -----------------------------------------------------------------------------------------

@@ -107,9 +107,11 @@ def pass_tokens(layers: Sequence[Any]) -> tuple[np.ndarray | None, bool | None]:
     return None, None
 
 
-def perturbation(shape: tuple[int, ...], delta: Any, name: str) -> Any:
+def perturbation(shape: tuple[int, ...], delta: Any, name: str, layout: Any = None) -> Any:
     """A ``perturb(output, axis)`` for :func:`attnflow.adapters._flax_common.perturbing_softmax` that adds
-    ``delta`` (laid out as the recorded ``(batch, heads, q, k)``) to the one softmax of a layer's call."""
+    ``delta`` (laid out as the recorded ``(batch, heads, q, k)``) to the one softmax of a layer's call;
+    ``layout``: the :class:`~attnflow.adapters._flax_common.Layout` of a module selected with ``modules=`` (None:
+    the softmax is laid out ``(batch, heads, q, k)`` already)."""
     seen = [0]
 
     def perturb(output: Any, axis: Any) -> Any:
@@ -124,10 +126,44 @@ def perturbation(shape: tuple[int, ...], delta: Any, name: str) -> Any:
                 f"{shape}; target= reads gradients of attention computed by jax.nn.softmax over the key axis."
             )
         seen[0] += 1
-        return output + delta.reshape(output.shape).astype(output.dtype)
+        arranged = delta.reshape(output.shape) if layout is None else layout.from_bhqk(delta, tuple(output.shape))
+        return output + arranged.astype(output.dtype)
 
     perturb.seen = seen  # type: ignore[attr-defined]
     return perturb
+
+
+def attention_gradients(layers: Sequence[Any], request: Any, forward: Any, hint: str) -> None:
+    """Add ``"attn_grad"`` to each recorded layer: the gradient (``jax.grad``) of the target score of
+    ``forward(deltas)`` (the pass's call run again with ``deltas[i]``, zeros of the recorded ``(batch, heads, q,
+    k)`` shape, added to layer ``i``'s probabilities) with respect to the deltas. ``hint``: what makes the model
+    differentiable as called, for the error of a failed gradient pass."""
+    jax = attnflow.import_optional("jax", "jax")
+    jnp = jax.numpy
+    mask, causal = pass_tokens(layers)
+    dtypes = [layer.source_dtype if layer.source_dtype in ("float32", "float64", "bfloat16", "float16") else "float32"
+              for layer in layers]
+    zeros = [jnp.zeros(layer.weights.shape, dtype) for layer, dtype in zip(layers, dtypes)]
+    raised: list[BaseException] = []  # what the model or the target raised goes to the caller unchanged
+
+    def score(deltas: list) -> Any:
+        try:
+            return target_score(forward(deltas), request, mask, causal)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    try:
+        grads = jax.grad(score)(zeros)
+    except Exception as exc:
+        if exc in raised or type(exc).__module__.startswith("attnflow"):
+            raise
+        raise attnflow.AdapterError(
+            f"target=: the gradient pass (the forward call again under jax.grad) failed: {type(exc).__name__}: "
+            f"{exc}. The model must be differentiable as called ({hint})."
+        ) from exc
+    for layer, grad in zip(layers, grads):
+        layer.extras["attn_grad"] = _array(grad)
 
 
 # -- value-side tensors ---------------------------------------------------------------------------------------
@@ -177,10 +213,11 @@ _FLAX_BERT_PORT = FlaxValueMap(
 VALUE_MAPS: dict[str, FlaxValueMap] = {"FlaxBert": _FLAX_BERT_PORT}
 
 
-def value_map(class_name: str) -> FlaxValueMap:
+def value_map(class_name: str, kind: str = "values") -> FlaxValueMap:
+    """The map registered for a root model class; ``kind``: the capture keyword that needs it (named in the error)."""
     if class_name not in VALUE_MAPS:
         raise attnflow.AdapterError(
-            f"values=True needs to know where {class_name} keeps its value vectors, output projection and norms; "
+            f"{kind}=True needs to know where {class_name} keeps its value vectors, output projection and norms; "
             f"for Flax models attnflow knows {sorted(VALUE_MAPS)} (the BERT port in examples/flax_bert.py). Describe "
             "where its layers keep them with attnflow.adapters.register_flax_value_map(class_name, "
             "attnflow.adapters.FlaxValueMap(...)) (see docs/adapters.md, 'Value maps')."
@@ -189,9 +226,10 @@ def value_map(class_name: str) -> FlaxValueMap:
 
 
 def register_flax_value_map(class_name: str, value_map: FlaxValueMap, *, replace: bool = False) -> None:
-    """The Flax twin of :func:`attnflow.adapters.register_value_map`: where the layers of the Flax NNX model class
-    ``class_name`` (the root module's class name) keep their value vectors, output projection and norms, so that
-    ``values=True`` works on it through the ``flax_nnx`` adapter.
+    """The Flax twin of :func:`attnflow.adapters.register_value_map`: where the layers of the Flax model class
+    ``class_name`` (the root module's class name, NNX or linen) keep their value vectors, output projection and
+    norms, so that ``values=True`` works on it through the ``flax_nnx`` and ``flax_linen`` adapters (and
+    ``value_zeroing=True`` through ``flax_nnx``: the layer, the map's paths' common prefix, is the block re-run).
 
     Raises:
         attnflow.OptionError: the map is malformed (the message names the field), or ``class_name`` has one and
@@ -227,11 +265,49 @@ def _array(value: Any) -> np.ndarray:
 
 
 def _parameter(module: Any, name: str) -> np.ndarray | None:
-    variable = getattr(module, name, None)
+    """Parameter ``name`` of an NNX module (a ``Variable`` attribute) or of a linen module (its ``params`` as a
+    mapping)."""
+    variable = module.get(name) if isinstance(module, Mapping) else getattr(module, name, None)
     if variable is None:
         return None
     value = variable.get_value() if hasattr(variable, "get_value") else getattr(variable, "value", variable)
     return _array(value)
+
+
+def require_eager(collector: Any) -> None:
+    """target=, values= and value_zeroing= re-run or read the pass's own calls: its attention must have been
+    concrete (a pass whose layers were sent out of traced code is refused)."""
+    current = collector.current
+    if current is not None and current.pending:
+        raise attnflow.AdapterError(
+            "target=, values= and value_zeroing= need the forward pass to run eagerly: this one ran its attention as "
+            "JAX tracers (under jax.vmap, jax.grad, scan or remat). Capture the model called directly."
+        )
+
+
+def add_value_extras(layers: Sequence[Any], layout: FlaxValueMap, modules: Mapping[str, Any],
+                     kept: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """Add the value extras (:func:`extras`) to every recorded self-attention layer the map names (in call order:
+    a layer called twice in one pass takes its second kept inputs the second time)."""
+    calls: dict[str, int] = {}
+    matched = 0
+    for layer in layers:
+        path = layer_of(layer.name, layout) if layer.kind == "self" else None
+        if path is None:
+            continue
+        call = calls[path] = calls.get(path, -1) + 1
+        layer.extras.update(extras(layout, modules, path, kept.get(path, {}), call, layer.weights.shape[1]))
+        matched += 1
+    if layers and not matched:
+        raise attnflow.AdapterError(
+            f"values=True: no recorded self-attention layer ({layers[0].name!r}...) is the {layout.attention!r} "
+            "module its path map names."
+        )
+
+
+def _epsilon(norm: Any) -> float:
+    epsilon = norm.get("epsilon") if isinstance(norm, Mapping) else getattr(norm, "epsilon", None)
+    return 1e-6 if epsilon is None else float(epsilon)
 
 
 def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: Mapping[str, list[Any]], call: int,
@@ -253,6 +329,10 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
     value = value.transpose(0, 2, 1, 3)  # (batch, kv_heads, keys, d_head)
     if kv_heads != heads:
         value = np.repeat(value, heads // kv_heads, axis=1)  # query head h reads KV head h // group
+    absent = [path for path in (layout.out, layout.norm) if path is not None and f"{layer}/{path}" not in modules]
+    if absent:
+        raise attnflow.AdapterError(f"values=True: layer {layer!r} has no module {absent[0]!r} that its value map names "
+                                    "(or it did not run during the forward pass).")
     out = modules[f"{layer}/{layout.out}"]
     kernel = cast(np.ndarray, _parameter(out, "kernel"))  # an output projection has a kernel
     d_head = value.shape[-1]
@@ -261,19 +341,95 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
     found = {
         "value": value,
         "out_weight": matrix[None],
-        "out_bias": (np.zeros(matrix.shape[-1], np.float32) if bias is None else bias.reshape(-1))[None],
+        "out_bias": (np.zeros(matrix.shape[-1], matrix.dtype) if bias is None else bias.reshape(-1))[None],
         "residual": _array(kept["residual"][call]),
     }
     if layout.norm is not None:
         norm = modules[f"{layer}/{layout.norm}"]
+        kind = norm.get("class", "") if isinstance(norm, Mapping) else type(norm).__name__
+        if "RMS" in str(kind):
+            raise attnflow.AdapterError(
+                f"values=True: the value map puts {kind} {layout.norm!r} after the attention of layer {layer!r} "
+                "(post_ln), but norm-based methods decompose a post-LN block through a LayerNorm (mean removed); "
+                "an RMSNorm before attention is a 'pre_ln' map: FlaxValueMap(layout='pre_ln', block_output=...) "
+                "naming the module whose input is the residual stream after attention."
+            )
         scale, shift = _parameter(norm, "scale"), _parameter(norm, "bias")
         width = matrix.shape[-1]
         found.update(
             norm_input=_array(kept["norm_input"][call]), norm_output=_array(kept["norm_output"][call]),
-            norm_weight=(np.ones(width, np.float32) if scale is None else scale)[None],
-            norm_bias=(np.zeros(width, np.float32) if shift is None else shift)[None],
-            norm_eps=np.array([float(getattr(norm, "epsilon", 1e-6))], np.float64),
+            norm_weight=(np.ones(width, matrix.dtype) if scale is None else scale)[None],
+            norm_bias=(np.zeros(width, matrix.dtype) if shift is None else shift)[None],
+            norm_eps=np.array([_epsilon(norm)], np.float64),
         )
     else:
         found["block_output"] = _array(kept["block_output"][call])
     return found
+
+
+# -- value zeroing ---------------------------------------------------------------------------------------------
+#: Zeroed variants of one item run through a layer at a time (bounds the memory of long inputs).
+ZEROING_CHUNK = 64
+
+
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def variants(value: Any, b: int, batch: int, count: int) -> Any:
+    """Item ``b`` of every batch-first array in ``value`` (tuples, lists and dicts searched), repeated ``count``
+    times along the batch axis; arrays every item shares (batch axis 1) are repeated too, 0-d and 1-d arrays
+    (positions) and everything else are kept."""
+    jnp = attnflow.import_optional("jax.numpy", "jax")
+    shape = getattr(value, "shape", None)
+    if shape is not None and getattr(value, "ndim", 0) >= 2:
+        if shape[0] == batch and batch > 1:
+            value = value[b : b + 1]
+        return jnp.broadcast_to(value, (count, *value.shape[1:])) if value.shape[0] == 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(variants(item, b, batch, count) for item in value)
+    if isinstance(value, Mapping):
+        return {key: variants(item, b, batch, count) for key, item in value.items()}
+    return value
+
+
+def value_zeroing(rerun: Any, args: tuple, kwargs: dict, original: Any, keys: np.ndarray | None,
+                  causal: bool | None) -> np.ndarray:
+    """Value zeroing (Mohebbi et al., 2023) of one self-attention layer: ``(batch, queries, keys)`` float64
+    cosine distances ``1 - cos(output_i, original output_i)`` (as ``‖â - b̂‖² / 2`` of the unit vectors) of the
+    layer's outputs with each real key token's value vectors zeroed in turn; 0 on padding and, when ``causal``,
+    on future keys.
+
+    ``rerun(args, kwargs, keep)`` runs the layer (the block: attention, feed-forward, norms) on the given
+    arguments, ``(count, keys)`` ``keep`` multiplying its value vectors (variant ``k`` zeroes one token);
+    ``args``/``kwargs``: the layer's recorded call, ``original``: its recorded output; ``keys``: the real-token
+    mask ``(batch, keys)`` (None: every token is real).
+    """
+    jax = attnflow.import_optional("jax", "jax")
+    reference_all = np.asarray(jax.device_get(_first(original)), np.float64)
+    batch, length = reference_all.shape[:2]
+    out = np.zeros((batch, length, length))
+    distances = np.zeros((length, length))  # [i, j]: every position zeroed, padding too (the same shapes each
+    # time, so that the re-runs reuse what jax compiled for the first), then cropped to the real tokens
+    for b in range(batch):
+        real = np.arange(length) if keys is None else np.flatnonzero(np.asarray(keys[b]))
+        reference = reference_all[b] / np.linalg.norm(reference_all[b], axis=-1, keepdims=True)
+        for start in range(0, length, ZEROING_CHUNK):
+            positions = np.arange(start, min(start + ZEROING_CHUNK, length))
+            keep = np.ones((positions.size, length))
+            keep[np.arange(positions.size), positions] = 0.0
+            result = rerun(variants(args, b, batch, positions.size), variants(kwargs, b, batch, positions.size), keep)
+            hidden = np.asarray(jax.device_get(_first(result)), np.float64)  # (variants, queries, d)
+            unit = hidden / np.linalg.norm(hidden, axis=-1, keepdims=True)
+            distances[:, positions] = 0.5 * ((unit - reference[None]) ** 2).sum(-1).T  # (queries i, variants j)
+        out[b][np.ix_(real, real)] = distances[np.ix_(real, real)]
+        if causal:
+            out[b] = np.tril(out[b])  # j > i: a future token, which a causal layer cannot read
+    return out
+
+
+def zeroed(output: Any, keep: Any) -> Any:
+    """A value module's output ``(variants, keys, ...)`` with ``keep`` ``(variants, keys)`` multiplied in."""
+    jnp = attnflow.import_optional("jax.numpy", "jax")
+    factor = jnp.asarray(keep, output.dtype)
+    return output * factor.reshape(*factor.shape, *(1,) * (output.ndim - 2))

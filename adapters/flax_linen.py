@@ -55,11 +55,12 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, cast
 
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
 from attnflow.recording import deferred_interrupts, switch
 
+from . import _flax_methods as methods
 from ._flax_common import (
     OPTIONS,
     UNKNOWN,
@@ -68,15 +69,18 @@ from ._flax_common import (
     Selection,
     Settings,
     SoftmaxFrame,
+    ThreadSlot,
     check_options,
     entered,
     find_input_ids,
+    is_tracer,
     jit_disabled,
     left,
     module_listing,
     no_attention_hint,
     no_softmax_error,
     outermost_prefix,
+    perturbing_softmax,
     softmax_hook,
     undoing,
     watching_softmax,
@@ -122,13 +126,22 @@ class _CallInfo:
 
 
 class _LinenCapture:
-    def __init__(self, recorder: Recorder, settings: Settings, adapter: LinenAdapter):
+    def __init__(self, recorder: Recorder, settings: Settings, adapter: LinenAdapter,
+                 value_map: methods.FlaxValueMap | None = None):
         self.adapter = adapter
         self.selection = settings.selection
+        self.request = recorder.request
+        self.value_map = value_map  # values=True: where the model's layers keep values, projection, norm
         self.collector = PassCollector(
             recorder, api="linen", cross=settings.cross, repeat_prefix=self._repeat_prefix,
             no_attention=self._no_attention,
+            after_pass=self._after_pass if self.request.gradients or value_map is not None else None,
+            metadata={"values_layout": value_map.layout} if value_map is not None else None,
         )
+        self.call: tuple[Any, str, tuple, dict] | None = None  # the root call of the open pass (target=)
+        self.kept: dict[str, dict[str, list[Any]]] = {}  # values=True: layer -> slot -> arrays, this pass
+        self.parameters: dict[str, dict[str, Any]] = {}  # values=True: path -> params of projections and norms
+        self.keeping: set[int] = set()  # modules whose outermost call is running (values=True)
         self.calls: dict[int, _CallInfo] = {}
         self.selected: set[int] = set()  # selected modules whose call is running
         self.taps: list[tuple[str, str, SoftmaxFrame]] = []  # selected calls (path, tap) waiting for the tap's output
@@ -140,11 +153,25 @@ class _LinenCapture:
         module = context.module
         if module.scope is None or context.method_name == "setup" or module.is_initializing():
             return next_fun(*args, **kwargs)
+        injection = _injection()
+        if injection is not None:  # attnflow's gradient pass: nothing is recorded
+            if injection.capture is self and module.scope.path:
+                return injection.call(module, _name(module), next_fun, args, kwargs, context)
+            return next_fun(*args, **kwargs)
         if module.scope.path:
-            return self._call(module, next_fun, args, kwargs, context)
+            if self.value_map is None or id(module) in self.keeping or context.method_name != "__call__":
+                return self._call(module, next_fun, args, kwargs, context)
+            self.keeping.add(id(module))
+            try:
+                result = self._call(module, next_fun, args, kwargs, context)
+            finally:
+                self.keeping.discard(id(module))
+            self._keep(module, args, kwargs, result)
+            return result
         if self.collector.depth == 0:
             self.ran.clear()
             self.scopes.clear()
+            self.call, self.kept, self.parameters = (module, context.method_name, args, kwargs), {}, {}
         ids = self.adapter.input_ids(args, kwargs)
         return self.collector.outermost(
             lambda: self._call(module, next_fun, args, kwargs, context), ids,
@@ -284,6 +311,52 @@ class _LinenCapture:
 
         return sow
 
+    # -- what the methods need beside the weights (target=, values=True) -------------------------------------
+    def _keep(self, module: Any, args: tuple, kwargs: dict, result: Any) -> None:
+        """Keep the module inputs and outputs, and the parameters, that the value map names."""
+        layout = cast(methods.FlaxValueMap, self.value_map)  # called when there is one
+        path = _name(module)
+        for slot, (relative, which) in layout.taps().items():
+            layer = _layer_path(path, relative)
+            if layer is None:
+                continue
+            value = result if which == "output" else (args[0] if args else next(iter(kwargs.values()), None))
+            if value is not None and not is_tracer(value):
+                self.kept.setdefault(layer, {}).setdefault(slot, []).append(value)
+        if any(_layer_path(path, relative) is not None for relative in (layout.out, layout.norm) if relative):
+            params = dict(module.variables.get("params", {}))
+            if not any(is_tracer(value) for value in params.values()):
+                self.parameters[path] = {**params, "epsilon": getattr(module, "epsilon", None),
+                                         "class": type(module).__name__}
+
+    def _after_pass(self, layers: list) -> None:
+        try:
+            methods.require_eager(self.collector)
+            if self.value_map is not None:
+                methods.add_value_extras(layers, self.value_map, self.parameters, self.kept)
+            if self.request.gradients and layers:
+                methods.attention_gradients(
+                    layers, self.request, functools.partial(self._rerun, layers),
+                    "deterministic: dropout off (deterministic=True), no mutable collections such as batch_stats "
+                    "updated in training mode, no rngs")
+        finally:
+            self.kept, self.parameters = {}, {}
+
+    def _rerun(self, layers: list, deltas: list) -> Any:
+        """The pass's root call again (``apply`` of the root module on its own variables), nothing recorded, with
+        ``deltas[i]`` added to the probabilities of recorded layer ``i``."""
+        if self.call is None:
+            raise AdapterError("target=: the forward call of the pass is unknown (attention ran outside a call of "
+                               "the captured model); call the model itself inside the block.")
+        root, method, args, kwargs = self.call
+        layout = self.selection.layout if self.selection is not None else None
+        injection = _Injection(self, [layer.name for layer in layers], deltas, layout)
+        unbound, variables = root.unbind()
+        with _injecting(injection):
+            output = unbound.apply(variables, *args, method=method, **kwargs)
+        injection.check()
+        return output
+
     # -- naming and errors -----------------------------------------------------------------------------
     def _repeat_prefix(self, name: str, count: int) -> str | None:
         return outermost_prefix(name, {path: len(scopes) for path, scopes in self.scopes.items()})
@@ -297,6 +370,63 @@ class _LinenCapture:
 
     def close(self) -> None:
         self.collector.close()
+
+
+def _layer_path(path: str, relative: str) -> str | None:
+    """The layer path of a module at ``path`` that is ``relative`` to its layer (None: it is not)."""
+    if path == relative:
+        return ""
+    return path[: -len(relative) - 1] if path.endswith("/" + relative) else None
+
+
+# -- the gradient pass: nothing is recorded, a zero is added to each recorded layer's probabilities ---------------
+_INJECTION = ThreadSlot()  # this thread's gradient (or re-run) pass
+
+
+def _injection() -> _Injection | None:
+    return _INJECTION.get()
+
+
+def _injecting(injection: _Injection) -> Any:
+    return _INJECTION.holding(injection)
+
+
+class _Injection:
+    """The gradient pass of one capture: the ``i``-th call of a recorded layer's module adds ``deltas[i]`` to the
+    one ``jax.nn.softmax`` it computes (layers in the order the recorded pass ran them; ``layout``: that of the
+    modules selected with ``modules=``, None for Flax's attention and modules that sow their weights)."""
+
+    def __init__(self, capture: _LinenCapture, names: list[str], deltas: list[Any], layout: Layout | None):
+        self.capture, self.names, self.deltas, self.layout = capture, names, deltas, layout
+        self.used = 0
+        self.running: set[int] = set()
+
+    def call(self, module: Any, path: str, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        if (context.method_name != "__call__" or id(module) in self.running or self.used >= len(self.names)
+                or self.names[self.used] != path):
+            return next_fun(*args, **kwargs)
+        delta = self.deltas[self.used]
+        self.used += 1
+        perturb = methods.perturbation(tuple(delta.shape), delta, path, self.layout)
+        self.running.add(id(module))
+        try:
+            with perturbing_softmax(perturb):
+                result = next_fun(*args, **kwargs)
+        finally:
+            self.running.discard(id(module))
+        if not perturb.seen[0]:
+            raise AdapterError(
+                f"target=: {path!r} computed its attention without jax.nn.softmax, so the gradient of its "
+                "probabilities cannot be read; use nn.dot_product_attention (Flax's default attention_fn)."
+            )
+        return result
+
+    def check(self) -> None:
+        if self.used != len(self.names):
+            raise AdapterError(
+                f"target=: {self.names[self.used]!r} did not run in the gradient pass (the root call again with the "
+                "same inputs); the model's forward must run the same layers each time it is called."
+            )
 
 
 def _name(module: Any) -> str:
@@ -323,7 +453,7 @@ class LinenAdapter(Adapter):
     extra = "jax"
     priority = 0
     options = OPTIONS
-    captures = Adapter.captures | {"input_gradients", "ablation"}
+    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values"}
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _linen().Module) is not None
@@ -361,11 +491,16 @@ class LinenAdapter(Adapter):
         if not callable(model):
             raise AdapterError(f"The {self.name} adapter needs a linen Module or a callable, got {type(model).__name__}.")
         settings = self.settings(options)
-        capture = _LinenCapture(recorder, settings, self)
+        request = recorder.request
+        value_map = None
+        if request.values:
+            root = root_module(model, nn.Module)
+            value_map = methods.value_map(type(root if root is not None else model).__name__)
+        capture = _LinenCapture(recorder, settings, self, value_map)
         with undoing() as undo:
             with deferred_interrupts():
                 undo.enter_context(jit_disabled(jax))
-                if settings.selection is not None and settings.selection.needs_softmax:
+                if request.gradients or (settings.selection is not None and settings.selection.needs_softmax):
                     undo.enter_context(softmax_hook())
                 # one interceptor per thread for every attach, so that attaches may end in any order
                 thread = threading.get_ident()

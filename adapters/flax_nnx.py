@@ -58,8 +58,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-import numpy as np
-
 from attnflow import Adapter, AdapterError, HiddenAttentionError, OptionError, Recorder, import_optional
 from attnflow.recording import deferred_interrupts, switch
 
@@ -71,6 +69,7 @@ from ._flax_common import (
     Selection,
     Settings,
     SoftmaxFrame,
+    ThreadSlot,
     check_options,
     find_input_ids,
     is_tracer,
@@ -86,6 +85,8 @@ from ._flax_common import (
 from .flax_linen import root_module
 
 _ATTENTION_NAME = "attention_weights"
+#: value_zeroing=True: the slots that keep each block's call (args, kwargs) and output.
+_VZ_CALL, _VZ_OUTPUT = "block_call", "block_result"
 
 
 def _nnx() -> Any:
@@ -103,7 +104,7 @@ class _NNXCapture:
         self.collector = PassCollector(
             recorder, api="nnx", cross=settings.cross, repeat_prefix=self._repeat_prefix,
             no_attention=self._no_attention, after_pass=self._after_pass if extra else None,
-            metadata={"values_layout": value_map.layout} if value_map is not None else None,
+            metadata={"values_layout": value_map.layout} if value_map is not None and self.request.values else None,
         )
         self.closed = False  # copies made by nnx.split inside the block outlive it: they pass through
         self.call: tuple[Any, Any, tuple, dict] | None = None  # the outermost forward call of the open pass
@@ -118,77 +119,57 @@ class _NNXCapture:
     # -- what the methods need beside the weights (target=, values=True) ------------------------------------
     def _after_pass(self, layers: list) -> None:
         try:
-            current = self.collector.current
-            if current is not None and current.pending:
-                raise AdapterError(
-                    "target= and values= need the forward pass to run eagerly: this one ran its attention as JAX "
-                    "tracers (under jax.vmap, jax.grad, nnx.scan or remat). Capture the model called directly."
-                )
-            if self.value_map is not None:
-                self._values(layers)
+            methods.require_eager(self.collector)
+            if self.request.values:
+                methods.add_value_extras(layers, cast(methods.FlaxValueMap, self.value_map), self.modules, self.kept)
             if self.request.gradients and layers:
                 self._gradients(layers)
+            if self.request.value_zeroing:
+                self._value_zeroing(layers)
         finally:
             self.kept = {}
 
-    def _values(self, layers: list) -> None:
+    def _gradients(self, layers: list) -> None:
+        """One more run of the pass's call under ``jax.grad``, nothing recorded, with a zero added to each
+        layer's attention probabilities (see ``adapters/_flax_methods.py``)."""
+        if self.call is None:
+            raise AdapterError("target=: the forward call of the pass is unknown (attention ran outside a call of "
+                               "the captured model); call the model itself inside the block.")
+        method, instance, args, kwargs = self.call
+
+        def forward(deltas: list) -> Any:
+            injection = _Injection(self, [layer.name for layer in layers], deltas)
+            with _injecting(injection):
+                output = method(instance, *args, **kwargs)
+            injection.check()
+            return output
+
+        methods.attention_gradients(layers, self.request, forward,
+                                    "no state it mutates, e.g. dropout in training mode: call model.eval() first")
+
+    def _value_zeroing(self, layers: list) -> None:
+        """Each value-mapped self-attention layer's block run again per item with each token's values zeroed in
+        turn (see ``adapters/_flax_methods.py``), nothing recorded: extra ``"value_zeroing"``."""
         layout = cast(methods.FlaxValueMap, self.value_map)  # called when there is one
         calls: dict[str, int] = {}
-        matched = 0
         for layer in layers:
             path = methods.layer_of(layer.name, layout) if layer.kind == "self" else None
             if path is None:
                 continue
             call = calls[path] = calls.get(path, -1) + 1
-            layer.extras.update(methods.extras(layout, self.modules, path, self.kept.get(path, {}), call,
-                                               layer.weights.shape[1]))
-            matched += 1
-        if layers and not matched:
-            raise AdapterError(
-                f"values=True: no recorded self-attention layer ({layers[0].name!r}...) is the {layout.attention!r} "
-                "module its path map names."
-            )
+            kept = self.kept.get(path, {})
+            if len(kept.get(_VZ_CALL, ())) <= call or len(kept.get(_VZ_OUTPUT, ())) <= call:
+                raise AdapterError(f"value_zeroing=True: the block {path!r} of {layer.name!r} did not run eagerly during "
+                                   "the forward pass; call the model directly (not under jax.vmap, jax.grad or nnx.scan).")
+            block, value = self.modules[path], self.modules[f"{path}/{layout.value}"]
+            args, kwargs = kept[_VZ_CALL][call]
 
-    def _gradients(self, layers: list) -> None:
-        """One more run of the pass's call under ``jax.grad``, nothing recorded, with a zero added to each
-        layer's attention probabilities (see ``adapters/_flax_methods.py``)."""
-        jax = import_optional("jax", "jax")
-        jnp = import_optional("jax.numpy", "jax")
-        if self.call is None:
-            raise AdapterError("target=: the forward call of the pass is unknown (attention ran outside a call of "
-                               "the captured model); call the model itself inside the block.")
-        method, instance, args, kwargs = self.call
-        mask, causal = methods.pass_tokens(layers)
-        dtypes = [layer.source_dtype if layer.source_dtype in ("float32", "float64", "bfloat16", "float16")
-                  else "float32" for layer in layers]
-        zeros = [jnp.zeros(layer.weights.shape, dtype) for layer, dtype in zip(layers, dtypes)]
-        request = self.request
-        raised: list[BaseException] = []  # what the model or the target raised goes to the caller unchanged
+            def rerun(a: tuple, k: dict, keep: Any, block: Any = block, value: Any = value) -> Any:
+                with _injecting(_Rerun(self, value, keep)):
+                    return block(*a, **k)
 
-        def score(deltas: list) -> Any:
-            injection = _Injection(self, [layer.name for layer in layers], deltas)
-            try:
-                with _injecting(injection):
-                    output = method(instance, *args, **kwargs)
-                injection.check()
-                return methods.target_score(output, request, mask, causal)
-            except BaseException as exc:
-                raised.append(exc)
-                raise
-
-        try:
-            grads = jax.grad(score)(zeros)
-        except Exception as exc:
-            if exc in raised or type(exc).__module__.startswith("attnflow"):
-                raise
-            raise AdapterError(
-                f"target=: the gradient pass (the forward call again under jax.grad) failed: {type(exc).__name__}: "
-                f"{exc}. The model must be differentiable as called (no state it mutates, e.g. dropout in training "
-                "mode: call model.eval() first)."
-            ) from exc
-        for layer, grad in zip(layers, grads):
-            array = np.asarray(jax.device_get(grad))
-            layer.extras["attn_grad"] = array.astype(np.float32) if array.dtype != np.float64 else array
+            layer.extras["value_zeroing"] = methods.value_zeroing(rerun, args, kwargs, kept[_VZ_OUTPUT][call],
+                                                                  layer.keys, layer.causal)
 
     def _repeat_prefix(self, name: str, count: int) -> str | None:
         """The stacked module on ``name``'s path: every parameter has ``count`` layers on its first axis."""
@@ -242,21 +223,15 @@ def _selected_listeners(module: Any) -> list[tuple[_NNXCapture, str]]:
 
 
 # -- the gradient pass: nothing is recorded, a zero is added to each recorded layer's probabilities ---------------
-_injecting_local = threading.local()
+_INJECTION = ThreadSlot()  # this thread's gradient (or re-run) pass
 
 
-def _injection() -> _Injection | None:
-    return getattr(_injecting_local, "current", None)
+def _injection() -> _Injection | _Rerun | None:
+    return _INJECTION.get()
 
 
-@contextmanager
-def _injecting(injection: _Injection) -> Iterator[None]:
-    previous = _injection()
-    _injecting_local.current = injection
-    try:
-        yield
-    finally:
-        _injecting_local.current = previous
+def _injecting(injection: _Injection | _Rerun) -> Any:
+    return _INJECTION.holding(injection)
 
 
 class _Injection:
@@ -300,6 +275,18 @@ class _Injection:
                 "nnx.MultiHeadAttention layers (their attention_fn), not from modules that sow 'attention_weights' "
                 "themselves. Capture such models without target=."
             )
+
+
+class _Rerun:
+    """A value-zeroing re-run of one block (``value_zeroing=True``): nothing is recorded, attention is computed
+    as in the recorded pass, and the output of the ``value`` module is multiplied by ``keep``."""
+
+    def __init__(self, capture: _NNXCapture, value: Any, keep: Any):
+        self.capture, self.value, self.keep = capture, value, keep
+
+    def call(self, owner: Any, original: Any, args: tuple, module: Any, kwargs: dict) -> Any:
+        # a module= makes Flax compute the probabilities as the recorded pass did (its explicit-weights path)
+        return original(*args, module=_SowProxy([], forward=module, mask=None, is_causal=False), **kwargs)
 
 
 def _selected_class(module: Any) -> type:
@@ -348,14 +335,19 @@ def _tap_class(module: Any) -> type:
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = cls.__call__(self, *args, **kwargs)
-        if _injection() is None:
+        injection = _injection()
+        if injection is None:
             for capture, layer, slot, which in _TAPS.get(id(owner), ()):
                 if capture.closed:
                     continue
                 if which == "output":
                     capture.keep(layer, slot, result)
+                elif which == "call":
+                    capture.keep(layer, slot, (args, kwargs))
                 elif args or kwargs:
                     capture.keep(layer, slot, args[0] if args else next(iter(kwargs.values())))
+        elif isinstance(injection, _Rerun) and injection.value is owner:
+            result = methods.zeroed(result, injection.keep)
         return result
 
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": __call__,
@@ -375,9 +367,12 @@ def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any)
             f"values=True: no nnx.MultiHeadAttention of the model is at the path its value map names "
             f"('<layer>/{layout.attention}'); attention modules are at {list(capture.modules)[:8]}..."
         )
+    taps = layout.taps()
+    if capture.request.value_zeroing:  # the block's call and output, to run it again with values zeroed
+        taps.update({_VZ_CALL: ("", "call"), _VZ_OUTPUT: ("", "output")})
     for layer in layers:
-        for slot, (relative, which) in layout.taps().items():
-            module = capture.modules.get(f"{layer}/{relative}")
+        for slot, (relative, which) in taps.items():
+            module = capture.modules.get(f"{layer}/{relative}" if relative else layer)
             if module is None:
                 raise AdapterError(f"values=True: layer {layer!r} has no module {relative!r} where its value map keeps {slot!r}.")
             for extra in (layout.out, layout.norm):
@@ -549,7 +544,7 @@ class NNXAdapter(Adapter):
     extra = "jax"
     priority = 0
     options = OPTIONS
-    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values"}
+    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values", "value_zeroing"}
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _nnx().Module) is not None
@@ -580,15 +575,16 @@ class NNXAdapter(Adapter):
             for path, module in nnx.iter_modules(root)
         }
         request = recorder.request
-        if selection is not None and (request.gradients or request.values):
+        if selection is not None and (request.gradients or request.values or request.value_zeroing):
             raise OptionError(
-                "target= and values= read nnx.MultiHeadAttention layers (the Flax BERT port in examples/flax_bert.py "
-                "and models like it); they cannot be combined with modules=. Capture the selected modules' weights "
-                "alone, or leave out modules=."
+                "target=, values= and value_zeroing= read nnx.MultiHeadAttention layers (the Flax BERT port in "
+                "examples/flax_bert.py and models like it); they cannot be combined with modules=. Capture the "
+                "selected modules' weights alone, or leave out modules=."
             )
         value_map = None
-        if request.values:
-            value_map = methods.value_map(getattr(type(root), "__attnflow_root__", type(root)).__name__)
+        if request.values or request.value_zeroing:
+            value_map = methods.value_map(getattr(type(root), "__attnflow_root__", type(root)).__name__,
+                                          "value_zeroing" if not request.values else "values")
         capture = _NNXCapture(recorder, settings, modules, value_map)
         # the switch undoes everything even when an exception (a signal handler's) arrives as undoing() ends
         with undoing() as undo, switch(("flax_nnx.undo", id(undo)), lambda: undo, contextlib.ExitStack.close):

@@ -638,3 +638,160 @@ def test_modules_option_errors(hand):
         attnflow.capture(model, variables, x, valid, adapter_options={"modules": ["decoder/*"]})
     with pytest.raises(AdapterError, match="more than one attention"):
         attnflow.capture(model, variables, x, valid, adapter_options={"modules": [HandModel], "layout": "btgns"})
+
+
+# -- target= and values= (issue 25): a Llama-style pre-LN RMSNorm decoder, float64 -------------------------------------
+# Its own distinct sizes: batch 2, layers 3, heads 4, tokens 5, width 12 (head dim 3), vocabulary 7, MLP 16.
+RB, RL, RH, RT, RDH, RV, RF = 2, 3, 4, 5, 3, 7, 16
+RD = RH * RDH
+RMS_MAP = dict(attention="attn", value="attn/value", out="attn/out", residual="attn_norm", block_output="mlp_norm")
+
+
+def _f64(cls, **kwargs):
+    return cls(param_dtype=jnp.float64, dtype=jnp.float64, **kwargs)
+
+
+class RMSBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask):
+        h = _f64(nn.RMSNorm, epsilon=1e-5, name="attn_norm")(x)
+        x = x + _f64(nn.MultiHeadDotProductAttention, num_heads=RH, use_bias=False, name="attn")(h, mask=mask)
+        h = _f64(nn.RMSNorm, epsilon=1e-5, name="mlp_norm")(x)
+        return x + _f64(nn.Dense, features=RD, name="down")(nn.silu(_f64(nn.Dense, features=RF, name="up")(h)))
+
+
+class RMSDecoder(nn.Module):
+    @nn.compact
+    def __call__(self, ids, valid):
+        x = _f64(nn.Embed, num_embeddings=RV, features=RD, name="embed")(ids)
+        mask = nn.combine_masks(nn.make_causal_mask(ids), nn.make_attention_mask(valid, valid))
+        for i in range(RL):
+            x = RMSBlock(name=f"layers_{i}")(x, mask)
+        return _f64(nn.Dense, features=RV, name="lm_head")(_f64(nn.RMSNorm, epsilon=1e-5, name="final_norm")(x))
+
+
+def rms_reference(params, ids, valid, deltas, xp):
+    """The decoder written out (``xp``: numpy, or jax.numpy under jax.grad) with ``deltas[l]`` added to layer
+    ``l``'s probabilities: its logits and, per layer, what values=True records."""
+
+    def rms(x, p):
+        return x / xp.sqrt((x**2).mean(-1, keepdims=True) + 1e-5) * p["scale"]
+
+    def softmax(s):
+        e = xp.exp(s - s.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    t = ids.shape[1]
+    allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :].astype(bool) & valid[:, :, None].astype(bool)
+    x = params["embed"]["embedding"][ids]
+    kept = []
+    for i in range(RL):
+        p = params[f"layers_{i}"]
+        a = p["attn"]
+        h = rms(x, p["attn_norm"])
+        q, k, v = (xp.einsum("btd,dhe->bthe", h, a[n]["kernel"]) for n in ("query", "key", "value"))
+        scores = xp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(RDH)
+        probs = softmax(xp.where(allowed[:, None], scores, np.finfo(np.float64).min)) + deltas[i]
+        moved = xp.einsum("bhqk,bkhe,hed->bqd", probs, v, a["out"]["kernel"])
+        kept.append({"value": v.transpose(0, 2, 1, 3), "out_weight": a["out"]["kernel"][None], "residual": x,
+                     "block_output": x + moved, "weights": probs})
+        x = x + moved
+        up = xp.einsum("btd,df->btf", rms(x, p["mlp_norm"]), p["up"]["kernel"]) + p["up"]["bias"]
+        silu = up / (1 + xp.exp(-up))
+        x = x + xp.einsum("btf,fd->btd", silu, p["down"]["kernel"]) + p["down"]["bias"]
+    logits = xp.einsum("btd,dv->btv", rms(x, params["final_norm"]), params["lm_head"]["kernel"]) + params["lm_head"]["bias"]
+    return logits, kept
+
+
+def pre_ln_blocks(kept, keep, b):
+    """Per layer of item ``b`` over its real tokens ``keep``: ``(Σ_h α f moved (q, k, d), residual x, block output y)``
+    from the written-out forward (Kobayashi et al., 2020; Ferrando et al., 2022, pre-LN)."""
+    for layer in kept:
+        a = layer["weights"][b][:, keep][:, :, keep]
+        f = np.einsum("hke,hed->hkd", layer["value"][b][:, keep], layer["out_weight"][0])
+        yield np.einsum("hqk,hkd->qkd", a, f), layer["residual"][b][keep], layer["block_output"][b][keep]
+
+
+def check_pre_ln_methods(trace, kept, valid, atol):
+    """norm, norm_residual and ALTI of a pre-LN trace against the papers' formulas on the written-out forward."""
+    e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
+    for b in range(valid.shape[0]):
+        keep = np.flatnonzero(valid[b])
+        joint = np.eye(keep.size)
+        for li, (moved, x, y) in enumerate(pre_ln_blocks(kept, keep, b)):
+            shares = moved.copy()
+            shares[np.arange(keep.size), np.arange(keep.size)] += x  # T_i(x_j) = Σ_h α f + δ_ij x_i
+            c = np.maximum(0.0, np.abs(y).sum(-1)[:, None] - np.abs(y[:, None] - shares).sum(-1))
+            total = c.sum(-1, keepdims=True)  # a row whose shares all clip to 0 stays 0
+            joint = np.divide(c, total, out=np.zeros_like(c), where=total > 0) @ joint
+            window = np.ix_(keep, keep)
+            np.testing.assert_allclose(e.layers("norm")[li, b][window], np.linalg.norm(moved, axis=-1), atol=atol)
+            np.testing.assert_allclose(e.layers("norm_residual")[li, b][window], np.linalg.norm(shares, axis=-1),
+                                       atol=atol)
+            np.testing.assert_allclose(e.layers("alti")[li, b][window], joint, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def rms_decoder():
+    from attnflow.adapters import FlaxValueMap, _flax_methods
+
+    saved = dict(_flax_methods.VALUE_MAPS)
+    attnflow.adapters.register_flax_value_map("RMSDecoder", FlaxValueMap(layout="pre_ln", **RMS_MAP))
+    ids = np.array([[1, 3, 5, 2, 6], [4, 0, 2, 1, 0]])
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with jax.enable_x64(True):
+        model = RMSDecoder()
+        variables = model.init(jax.random.PRNGKey(3), ids, valid)
+        trace = attnflow.capture(model, variables, ids, valid, target=3, values=True)
+        by_callable = attnflow.capture(model, variables, ids, valid, target=lambda out: out[:, 1, 2] - out[:, 0, 4])
+        params = jax.tree.map(np.asarray, variables["params"])
+        zeros = [np.zeros((RB, RH, RT, RT))] * RL
+
+        def score(deltas, pick):
+            logits, _ = rms_reference(params, ids, valid, deltas, jnp)
+            return pick(logits).sum()
+
+        gradient = jax.jit(jax.grad(score), static_argnums=1)  # compiled: faster than op by op
+        last = gradient(zeros, lambda out: out[np.arange(RB), valid.sum(1) - 1, 3])  # the last real token's
+        chosen = gradient(zeros, lambda out: out[:, 1, 2] - out[:, 0, 4])
+    yield model, variables, ids, valid, trace, by_callable, [np.asarray(g) for g in last], [np.asarray(g) for g in chosen]
+    _flax_methods.VALUE_MAPS.clear()
+    _flax_methods.VALUE_MAPS.update(saved)
+
+
+def test_linen_target_and_values_equal_a_float64_recomputation(rms_decoder):
+    model, variables, ids, valid, trace, by_callable, last, chosen = rms_decoder
+    params = jax.tree.map(np.asarray, variables["params"])
+    _, kept = rms_reference(params, ids, valid, [0.0] * RL, np)
+    assert trace.metadata["values_layout"] == "pre_ln" and [layer.name for layer in trace.layers] == [
+        f"layers_{i}/attn" for i in range(RL)]
+    for li, layer in enumerate(trace.layers):
+        np.testing.assert_allclose(layer.weights, kept[li]["weights"], atol=1e-12)
+        assert layer.extras["attn_grad"].dtype == np.float64 and layer.extras["attn_grad"].shape == (RB, RH, RT, RT)
+        np.testing.assert_allclose(layer.extras["attn_grad"], last[li], atol=1e-10)  # int: vocabulary logit, causal
+        np.testing.assert_allclose(by_callable.layers[li].extras["attn_grad"], chosen[li], atol=1e-10)
+        for name in ("value", "out_weight", "residual", "block_output"):
+            np.testing.assert_allclose(layer.extras[name], kept[li][name], atol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(layer.extras["out_bias"], np.zeros((1, RD)))  # the projection has no bias
+    assert min(float(np.abs(g).max()) for g in last) > 1e-3 and "value" not in by_callable.layers[0].extras
+    check_pre_ln_methods(trace, kept, valid, 1e-10)
+
+
+def test_linen_values_errors_name_the_fix(rms_decoder, setup):
+    from attnflow.adapters import FlaxValueMap, register_flax_value_map
+
+    model, variables, ids, valid, *_ = rms_decoder
+    other, other_variables, x, _ = setup
+    with jax.enable_x64(True):
+        register_flax_value_map("RMSDecoder", FlaxValueMap(layout="post_ln", norm="mlp_norm", **{
+            k: v for k, v in RMS_MAP.items() if k != "block_output"}), replace=True)
+        try:  # an RMSNorm after attention: norm-based methods decompose a post-LN block through a LayerNorm
+            with pytest.raises(AdapterError, match=r"RMSNorm.*layout='pre_ln'"):
+                attnflow.capture(model, variables, ids, valid, values=True)
+        finally:
+            register_flax_value_map("RMSDecoder", FlaxValueMap(layout="pre_ln", **RMS_MAP), replace=True)
+        with pytest.raises(AdapterError, match=r"values=True needs to know where Model.*register_flax_value_map"):
+            attnflow.capture(other, other_variables, x, values=True)
+        with pytest.raises(attnflow.OptionError, match="not an index of the model's 7 outputs"):
+            attnflow.capture(model, variables, ids, valid, target=7)
+        assert attnflow.capture(model, variables, ids, valid).layers[0].extras == {}  # the next capture is plain
