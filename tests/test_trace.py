@@ -227,3 +227,45 @@ def test_select_keeps_one_item():
     np.testing.assert_array_equal(one.layers[0].weights[0], trace.layers[0].weights[1])
     with pytest.raises(TraceError, match="out of range"):
         trace.select(2)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-6)])
+def test_rows_are_judged_on_their_exact_sums_and_masses(dtype, tol):
+    """Validation screens rows in one float32 (float64) pass and sums the rows outside half the tolerance again
+    exactly: a row within the tolerance passes, one beyond it fails, for the sums, padding and the future."""
+    seq = SEQ
+    causal = np.tril(np.ones((seq, seq)))
+    base = np.broadcast_to(causal / causal.sum(-1, keepdims=True), (BATCH, HEADS, seq, seq)).astype(dtype)
+    mask = np.ones((BATCH, seq), bool)
+    mask[1, -2:] = False
+
+    def build(change, amount):
+        w = np.array(base)
+        w[1, :, :, -2:] = 0.0  # item 1: the last two keys are padding
+        w[1] /= w[1].sum(-1, keepdims=True)
+        change(w, amount * tol)
+        return AttentionTrace.from_arrays([w, w.copy()], mask=mask, causal=True, names=["a", "b"])
+
+    def scale_row(w, x):  # the row of (batch 0, head 2, query 4) sums to 1 + x
+        w[0, 2, 4] *= 1 + x
+
+    def onto_padding(w, x):  # query 2 of item 1 puts x on a padded key
+        w[1, 1, 2, -1] = x
+        w[1, 1, 2, :-2] *= 1 - x
+
+    def onto_later(w, x):  # query 1 of item 0 puts x on key 3
+        w[0, 0, 1, 3] = x
+        w[0, 0, 1, :2] *= 1 - x
+
+    for change, message in ((scale_row, "sums to"), (onto_padding, "padding"), (onto_later, "later tokens")):
+        assert build(change, 0.75).num_layers == 2
+        with pytest.raises(TraceError, match=message):
+            build(change, 1.5)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_weights_are_refused(value):
+    weights = random_weights(np.random.default_rng(11))
+    weights[1][1, 0, 3, 2] = value
+    with pytest.raises(TraceError, match=r"Layer 1 .*NaN or Inf \(first at batch, head, query, key = \(1, 0, 3, 2\)\)"):
+        AttentionTrace.from_arrays(weights)

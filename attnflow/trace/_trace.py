@@ -181,12 +181,13 @@ class AttentionTrace:
         # heads fused by max or min at capture: rows need not sum to 1 (rollout renormalises them, as it does
         # when it fuses heads itself); they still put nothing on padding or, if causal, on later tokens
         sums = fusion not in ("max", "min")
+        forbidden: dict[Any, np.ndarray] = {}
         for index, layer in enumerate(self._layers):
             _check_extras(index, layer)
             if check_rows:
                 query, key = layer_streams(layer)
                 _check_rows(index, layer, completed[query]._completed(), completed[key]._completed(),
-                            causal=query == key and bool(completed[query].causal), sums=sums)
+                            causal=query == key and bool(completed[query].causal), sums=sums, forbidden=forbidden)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -682,14 +683,16 @@ def _checked_weights(index: int, layer: LayerAttention) -> np.ndarray:
         )
     elif w.dtype.name not in _WEIGHT_DTYPES:
         raise TraceError(f"{where}: weights of dtype {w.dtype} cannot be stored; pass float16, float32 or float64.")
-    finite = np.isfinite(w)
-    if not finite.all():
-        pos = tuple(int(x) for x in np.argwhere(~finite)[0])
+    # two passes that make no temporary of the weights' size (NaN carries into both); the positions are looked
+    # for only when one fails
+    low, high = w.min(), w.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        pos = tuple(int(x) for x in np.argwhere(~np.isfinite(w))[0])
         raise TraceError(
             f"{where}: weights contain NaN or Inf (first at batch, head, query, key = {pos}). "
             "The model's forward pass overflowed or a mask row was fully masked."
         )
-    if (w < 0).any():
+    if low < 0:
         pos = tuple(int(x) for x in np.argwhere(w < 0)[0])
         raise TraceError(
             f"{where}: weights contain negative values (first {float(w[pos]):.3g} at batch, head, query, "
@@ -883,33 +886,59 @@ def _row_mass(w: np.ndarray, where: np.ndarray) -> np.ndarray:
 
 def _check_rows(
     index: int, layer: LayerAttention, query_mask: np.ndarray, key_mask: np.ndarray, *, causal: bool, sums: bool,
+    forbidden: dict[Any, np.ndarray],
 ) -> None:
     """Rows sum to 1 (``sums``; not for heads fused by max or min), put no more than the tolerance on keys the
-    mask marks as padding and, in a ``causal`` self-attention layer, on later real keys. Two passes over the
-    weights: the row sums, and the mass on forbidden keys (padding and, if causal, the future)."""
+    mask marks as padding and, in a ``causal`` self-attention layer, on later real keys. At most two passes over
+    the weights, neither with a temporary of their size: the row sums, and the mass on forbidden keys (padding
+    and, if causal, the future; skipped where no key is forbidden). ``forbidden`` caches the keys' indicator
+    between the layers of one trace.
+
+    Both passes run in float32 (float64 for float64 weights) over non-negative values (checked before), so each
+    row's result is within ``n·2⁻²⁴`` of its exact value, relatively (the row sums, along the contiguous key
+    axis, are summed pairwise by numpy: within ``(16 + log2 n)·2⁻²⁴``); a row is passed only with a margin of
+    half the tolerance, and the few rows outside it are summed again exactly, in float64, before one is refused."""
     w = layer.weights
     tol = max(ROW_SUM_TOLERANCE.get(layer.source_dtype, _DEFAULT_ROW_TOL),
               ROW_SUM_TOLERANCE.get(str(w.dtype), _DEFAULT_ROW_TOL))
     valid_q = query_mask[:, None, :]
+    accumulate = np.promote_types(w.dtype, np.float32)
     if sums:
-        row_sums = w.sum(axis=-1, dtype=np.float64)  # (batch, heads, query)
-        bad = (np.abs(row_sums - 1.0) > tol) & valid_q
-        if bad.any():
-            b, h, q = (int(x) for x in np.argwhere(bad)[0])
-            raise TraceError(
-                f"Layer {index} ({layer.name!r}): attention row (batch={b}, head={h}, query={q}) sums to "
-                f"{row_sums[b, h, q]:.6g}, not 1 (tolerance {tol:g} for {layer.source_dtype}). Pass softmax "
-                "probabilities over keys (last axis); if the axes are swapped, transpose to (batch, heads, query, "
-                "key). Weights converted from bfloat16 or float16 need from_arrays(..., source_dtype='bfloat16')."
-            )
+        approx = np.add.reduce(w, axis=-1, dtype=accumulate)  # (batch, heads, query)
+        suspect = np.argwhere(~(np.abs(approx - 1.0) <= tol / 2) & valid_q)
+        if suspect.size:
+            row_sums = np.asarray(w[suspect[:, 0], suspect[:, 1], suspect[:, 2]], dtype=np.float64).sum(-1)
+            over = np.flatnonzero(~(np.abs(row_sums - 1.0) <= tol))
+            if over.size:
+                b, h, q = (int(x) for x in suspect[over[0]])
+                raise TraceError(
+                    f"Layer {index} ({layer.name!r}): attention row (batch={b}, head={h}, query={q}) sums to "
+                    f"{row_sums[over[0]]:.6g}, not 1 (tolerance {tol:g} for {layer.source_dtype}). Pass softmax "
+                    "probabilities over keys (last axis); if the axes are swapped, transpose to (batch, heads, "
+                    "query, key). Weights converted from bfloat16 or float16 need from_arrays(..., "
+                    "source_dtype='bfloat16')."
+                )
     n_q, n_k = w.shape[-2:]
-    padding = np.broadcast_to(~key_mask[:, None, :], (w.shape[0], n_q, n_k))
-    later = _later_keys(n_q)[None] & key_mask[:, None, :] if causal else None
-    forbidden = padding if later is None else padding | later
-    suspect = np.argwhere((_row_mass(w, forbidden) > tol) & valid_q)
+    padded = not key_mask.all()
+    if not padded and not causal:
+        return  # no key is forbidden
+    cached = (id(key_mask), causal, n_q, accumulate)
+    if cached not in forbidden:
+        keys = ~key_mask[:, None, :]  # (batch, 1, key): padding
+        if causal:
+            keys = keys | (_later_keys(n_q)[None] & key_mask[:, None, :])  # (batch, query, key)
+        forbidden[cached] = keys.astype(accumulate)
+    indicator = forbidden[cached]
+    if indicator.shape[1] == 1:
+        mass = np.einsum("bhqk,bk->bhq", w, indicator[:, 0])
+    else:
+        mass = np.einsum("bhqk,bqk->bhq", w, indicator)
+    suspect = np.argwhere((mass > tol / 2) & valid_q)
     if not suspect.size:
         return
-    # the few rows over the tolerance, again, each part alone (a row may have a little of both)
+    # the few rows over the margin, again, in float64, each part alone (a row may have a little of both)
+    padding = np.broadcast_to(~key_mask[:, None, :], (w.shape[0], n_q, n_k))
+    later = _later_keys(n_q)[None] & key_mask[:, None, :] if causal else None
     rows = np.asarray(w[suspect[:, 0], suspect[:, 1], suspect[:, 2]], dtype=np.float64)  # (rows, key)
     leaked = (rows * padding[suspect[:, 0], suspect[:, 2]]).sum(-1)
     ahead = np.zeros_like(leaked) if later is None else (rows * later[suspect[:, 0], suspect[:, 2]]).sum(-1)
