@@ -7,6 +7,7 @@ function that needs torch receives it or imports it lazily.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 
 import attnflow
 from attnflow.recording import deferred_interrupts, module_selector, switch
+from attnflow.trace._arrays import adopt
 
 from ._hf_families import pick_key_stream
 
@@ -29,6 +31,34 @@ def to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
     if source_dtype == "bfloat16":
         data = data.float()
     return data.cpu().numpy(), source_dtype
+
+
+def _one_holder() -> int:
+    """What ``sys.getrefcount`` says, in `claim`'s frame, of an object one container holds (calibrated here, not
+    assumed: the count an interpreter reports for a local differs between Python versions)."""
+    holder = [object()]
+    item = holder[0]
+    return sys.getrefcount(item)
+
+
+_ONE_HOLDER = _one_holder()
+
+
+def claim(array: np.ndarray) -> None:
+    """Hand ``array`` to the trace without a copy when it is a numpy view of a CPU tensor's whole storage that
+    nothing but the array can reach (the model has dropped its attention tensor by the end of the pass, and no
+    other tensor, view or Python reference shares the storage); otherwise the trace copies it, as it copies
+    every array it is given. Saves a copy of every layer's ``(batch, heads, q, k)`` weights."""
+    torch = sys.modules.get("torch")
+    use_count = getattr(getattr(torch, "_C", None), "_storage_Use_Count", None)
+    base = array.base
+    if torch is None or use_count is None or not isinstance(base, torch.Tensor):
+        return
+    if sys.getrefcount(base) != _ONE_HOLDER or base._base is not None or base.device.type != "cpu":
+        return  # held elsewhere too (the array's reference, this frame's), or a view of another tensor
+    storage = base.untyped_storage()
+    if use_count(storage._cdata) == 2 and storage.nbytes() == array.nbytes:  # base's and `storage`'s own
+        adopt(array)
 
 
 def reduced(weights: Any, request: Any) -> Any:
@@ -113,6 +143,7 @@ class TorchPass:
         self.layer_counts: dict[str | None, int] = {}  # stream -> layers of it recorded in this pass
         self.state = PassState()  # what hooks learn during the pass, for the finishing steps
         self.finishers: list[Callable[[TorchPass], None]] = []
+        self.borrowed: list[np.ndarray] = []  # this pass's weights, still viewing the model's tensors
 
     @property
     def active(self) -> bool:
@@ -121,7 +152,7 @@ class TorchPass:
     def reset(self) -> None:
         """Forget the last pass's details (before an outermost call is described); while generating, the
         streams seen so far (an encoder run once before the decoder's steps) stay known."""
-        self.state, self.layer_counts = PassState(), {}
+        self.state, self.layer_counts, self.borrowed = PassState(), {}, []
         if not self.generating:
             self.seen = {}
 
@@ -146,11 +177,15 @@ class TorchPass:
             self.paused = False
             if self.depth == 0:
                 self._restore_grad_mode()
+                borrowed, self.borrowed = self.borrowed, []
+                for array in borrowed:  # the model is done with its tensors: those only the trace holds move
+                    claim(array)
         self.recorder.end_call()
 
     def abort(self) -> None:
         if self.depth > 0:
             self.depth = 0
+            self.borrowed = []
             self._restore_grad_mode()
             self.recorder.abort_call()
 
@@ -172,6 +207,7 @@ class TorchPass:
         if self.paused or self.muted:
             return -1
         array, source_dtype = to_numpy(reduced(weights, self.request))
+        self.borrowed.append(array)
         query = self.stream_of(path)
         key = None
         if kind == "cross" and query is not None:

@@ -162,3 +162,40 @@ def test_unknown_stream_fields_are_refused():
     rec.start_call()
     with pytest.raises(TypeError, match="unknown fields"):
         rec.describe_stream("text", colour="red")
+
+
+def test_captured_weights_are_kept_without_a_copy_only_when_nothing_else_holds_them(tiny_hf, sizes):
+    """The model drops its attention tensors by the end of the pass: the trace keeps their memory (read-only)
+    instead of copying it. Tensors the caller still holds (output_attentions=True) are copied: changing them
+    afterwards leaves the trace as captured."""
+    import torch
+    from attnflow.adapters._torch_common import claim
+
+    from attnflow.trace._arrays import frozen
+
+    model = tiny_hf("bert", "eager")
+    ids = torch.randint(2, sizes.vocab, (sizes.batch, sizes.seq), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = [t.numpy().copy() for t in model(input_ids=ids, output_attentions=True).attentions]
+    trace = attnflow.capture(model, input_ids=ids)
+    for layer, want in zip(trace.layers, expected, strict=True):
+        np.testing.assert_array_equal(layer.weights, want)
+        assert isinstance(layer.weights.base, torch.Tensor) and not layer.weights.flags.writeable
+    with attnflow.attach(model) as rec, torch.no_grad():
+        held = model(input_ids=ids, output_attentions=True).attentions
+    for tensor in held:
+        tensor.mul_(0.5)
+    for layer, want in zip(rec.trace.layers, expected, strict=True):
+        np.testing.assert_array_equal(layer.weights, want)
+
+    probabilities = torch.softmax(torch.randn(BATCH, HEADS, 4, 6), dim=-1)
+    array = probabilities.numpy()
+    claim(array)  # the tensor is still alive: copied
+    assert frozen(array) is not array
+    view = probabilities[0]
+    del probabilities
+    claim(array)  # a view still shares the storage: copied
+    assert frozen(array) is not array
+    del view
+    claim(array)  # nothing else can reach it: kept
+    assert frozen(array) is array and not array.flags.writeable

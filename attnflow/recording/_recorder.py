@@ -21,6 +21,7 @@ from .._errors import AdapterError, OptionError, TraceError
 from .._kinds import KINDS
 from ..methods._registry import SKIPPED
 from ..trace import AttentionTrace, LayerAttention, Link, Stream
+from ..trace._arrays import adopt
 from ..trace._stream import DEFAULT_STREAM, MEMORY_STREAM
 from ._generation import GenerationStep, StepLayer
 from ._generation import stitch as stitch_layers
@@ -221,10 +222,11 @@ class Recorder:
             ))
             return len(current.layers) - 1
 
-    def _stored(self, array: np.ndarray, source_dtype: str) -> tuple[np.ndarray, str]:
+    def _stored(self, given: np.ndarray, source_dtype: str) -> tuple[np.ndarray, str]:
         """The weights as the request keeps them: heads fused, in the storage dtype (adapters may do both
-        on the device first; doing them again here is then a no-op)."""
-        request = self.request
+        on the device first; doing them again here is then a no-op). An array made here is the trace's to keep
+        (`adopt`): it is not copied again."""
+        request, array = self.request, given
         if request.head_fusion and array.ndim == 4 and array.shape[1] > 1:
             fused = getattr(array.astype(np.float32, copy=False), request.head_fusion)(axis=1, keepdims=True)
             array = fused.astype(array.dtype, copy=False)
@@ -233,9 +235,11 @@ class Recorder:
                 import ml_dtypes  # a dependency of attnflow for exactly this
 
                 array = array.astype(ml_dtypes.bfloat16)
-            return array.astype(np.float32), "bfloat16"
-        if request.dtype and array.dtype.name != request.dtype:
+            array, source_dtype = array.astype(np.float32), "bfloat16"
+        elif request.dtype and array.dtype.name != request.dtype:
             array = array.astype(request.dtype)
+        if array is not given and array.flags.owndata and array.flags.c_contiguous:
+            adopt(array)
         return array, source_dtype
 
     def add_extras(self, index: int, **arrays: np.ndarray) -> None:

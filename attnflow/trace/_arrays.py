@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
 
 from .._errors import TraceError
 
+#: Arrays handed over with `adopt`, by id (an entry goes when its array does).
+_ADOPTED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def adopt(array: np.ndarray) -> np.ndarray:
+    """Hand ``array`` to attnflow: the caller vouches that nothing else holds or will write its memory (an array
+    it has just made, or a view of a tensor whose storage nothing else references), so that a trace keeps it
+    as it is instead of copying it (`frozen`). It is made read-only; returned for convenience."""
+    array.setflags(write=False)
+    _ADOPTED[id(array)] = array
+    return array
+
 
 def frozen(array: Any, dtype: Any = None) -> np.ndarray:
     """A read-only array the caller cannot change afterwards: ``array`` itself when it already owns its
-    read-only data, else a copy (in native byte order, ``dtype`` if given)."""
+    read-only data or was handed over with `adopt`, else a copy (in native byte order, ``dtype`` if given)."""
     if (
-        isinstance(array, np.ndarray) and not array.flags.writeable and array.flags.owndata
+        isinstance(array, np.ndarray) and not array.flags.writeable
+        and (array.flags.owndata or _ADOPTED.get(id(array)) is array)
         and array.flags.c_contiguous and array.dtype.isnative and (dtype is None or array.dtype == dtype)
     ):
         return array
