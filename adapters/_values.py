@@ -53,12 +53,12 @@ class ValueMap:
         residual: the module whose input is the residual stream the attention block adds to.
         norm: post-LN: the norm after attention. block_output: pre-LN: the module whose input is the residual
             stream after attention (the second norm).
+        cross: the map of an encoder-decoder's cross-attention block (and of the reduced-key blocks that
+            SegFormer records as attention to their pooled keys).
         parallel_residual: True where the block adds attention and feed-forward to the same residual stream,
             ``x + attn(ln1(x)) + mlp(ln2(x))`` (GPT-NeoX, GPT-J): the stream after attention is then the
             residual plus ``out``'s output, and ``block_output`` is not read; a string names the config flag
             that says so per model (``"use_parallel_residual"``), ``block_output`` serving where it is false.
-        cross: the map of an encoder-decoder's cross-attention block (and of the reduced-key blocks that
-            SegFormer records as attention to their pooled keys).
     """
 
     attention: str
@@ -70,8 +70,8 @@ class ValueMap:
     out_kind: str = "linear"
     norm: str | None = None
     block_output: str | None = None
-    parallel_residual: bool | str = False
     cross: ValueMap | None = None
+    parallel_residual: bool | str = False
 
 
 _BERT = ValueMap(
@@ -112,6 +112,11 @@ _GPT_NEOX = ValueMap(
     residual="input_layernorm", block_output="post_attention_layernorm", parallel_residual="use_parallel_residual",
     layout="pre_ln",
 )
+# GPT-J: one norm feeds attention and feed-forward side by side, x + attn(ln_1(x)) + mlp(ln_1(x)); no biases.
+_GPTJ = ValueMap(
+    attention="attn", value="attn.v_proj", out="attn.out_proj", residual="ln_1", parallel_residual=True,
+    layout="pre_ln",
+)
 # SegFormer: pre-LN; a block with sr > 1 is recorded as cross-attention from the patches to its pooled keys, whose
 # values v_proj computes from the pooled (convolved, normalised) patches: the same paths serve both kinds.
 _SEGFORMER_BLOCK = ValueMap(
@@ -125,7 +130,7 @@ VALUE_MAPS: dict[str, ValueMap] = {
     "gpt2": _GPT2,
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
     "bart": _BART, "marian": _BART, "mbart": _MBART,
-    "gpt_neox": _GPT_NEOX, "segformer": _SEGFORMER,
+    "gpt_neox": _GPT_NEOX, "gptj": _GPTJ, "segformer": _SEGFORMER,
 }
 
 

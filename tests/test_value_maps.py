@@ -54,17 +54,45 @@ def test_a_registered_map_serves_the_value_methods(distilbert):
     register_value_map("distilbert", DISTILBERT, replace=True)
 
 
-@pytest.mark.parametrize("parallel", [True, False], ids=["parallel-residual", "sequential"])
-def test_gpt_neox_fused_per_head_values_follow_the_papers(parallel):
+def gptj():
+    """GPT-J: batch 3, tokens 7 (items with 7, 4, 6 real), heads 4 of size 5 (hidden 20, rotary 2), layers 2, ffn 9."""
+    import torch
+    import transformers
+    from test_value_zeroing import right_padded
+
+    torch.manual_seed(0)
+    config = transformers.GPTJConfig(vocab_size=13, n_positions=16, n_embd=20, n_layer=2, n_head=4, rotary_dim=2,
+                                     n_inner=9, initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    return transformers.GPTJModel(config).double().eval(), right_padded(7, [7, 4, 6])
+
+
+def _neox(parallel):
+    from test_value_zeroing import gpt_neox, neox_values
+
+    return gpt_neox(parallel), lambda m: m.layers, neox_values, lambda layer: layer.attention.dense
+
+
+def _gptj():
+    import torch.nn.functional as F
+    from test_value_zeroing import layer_norm
+
+    return gptj(), lambda m: m.h, lambda layer, x: F.linear(layer_norm(x, layer.ln_1), layer.attn.v_proj.weight), \
+        lambda layer: layer.attn.out_proj
+
+
+@pytest.mark.parametrize("family", ["gpt_neox-parallel", "gpt_neox-sequential", "gptj"])
+def test_parallel_and_fused_per_head_values_follow_the_papers(family):
     """GPT-NeoX (``query_key_value`` laid out per head as [q_h | k_h | v_h]; with use_parallel_residual the
-    attention block's output is ``x + attn(ln1(x))`` beside the feed-forward, else the second norm's input):
-    norm (Kobayashi et al., 2020), norm_residual and ALTI (Ferrando et al., 2022) against a float64
-    reimplementation from the model's own eager attention and hidden states."""
+    attention block's output is ``x + attn(ln1(x))`` beside the feed-forward, else the second norm's input) and
+    GPT-J (``x + attn(ln_1(x)) + mlp(ln_1(x))``, no biases): norm (Kobayashi et al., 2020), norm_residual and
+    ALTI (Ferrando et al., 2022) against a float64 reimplementation from the model's own eager attention and
+    hidden states."""
     import torch
     from test_methods import alti_rows
-    from test_value_zeroing import gpt_neox, neox_values, run_eager
+    from test_value_zeroing import run_eager
 
-    model, kwargs = gpt_neox(parallel)
+    builders = {"gpt_neox-parallel": lambda: _neox(True), "gpt_neox-sequential": lambda: _neox(False), "gptj": _gptj}
+    (model, kwargs), layers, values_of, out_of = builders[family]()
     trace = attnflow.capture(model, values=True, **kwargs)
     assert trace.metadata["values_layout"] == "pre_ln"
     e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
@@ -74,17 +102,19 @@ def test_gpt_neox_fused_per_head_values_follow_the_papers(parallel):
         for b in range(kwargs["input_ids"].shape[0]):
             keep = np.flatnonzero(kwargs["attention_mask"][b].numpy())
             joint = np.eye(keep.size)
-            for li, layer in enumerate(reference.layers):
+            for li, layer in enumerate(layers(reference)):
                 x = out.hidden_states[li][b][keep]
                 a = out.attentions[li][b][:, keep][:, :, keep].numpy()
-                v = neox_values(layer, x).numpy()
+                v = values_of(layer, x).numpy()
                 size = v.shape[-1] // heads
-                w_o = layer.attention.dense.weight.numpy().T  # rows: heads x head size
+                dense = out_of(layer)
+                w_o = dense.weight.numpy().T  # rows: heads x head size
                 f = np.stack([v[:, h * size:(h + 1) * size] @ w_o[h * size:(h + 1) * size] for h in range(heads)])
                 moved = np.einsum("hij,hjd->ijd", a, f)
                 shares = moved.copy()
                 shares[np.arange(keep.size), np.arange(keep.size)] += x.numpy()
-                y = x.numpy() + moved.sum(1) + layer.attention.dense.bias.numpy()  # the stream after attention
+                bias = 0.0 if dense.bias is None else dense.bias.numpy()
+                y = x.numpy() + moved.sum(1) + bias  # the stream after attention
                 cell = np.ix_(keep, keep)
                 np.testing.assert_allclose(e.layers("norm")[li, b][cell], np.linalg.norm(moved, axis=-1), atol=1e-9)
                 np.testing.assert_allclose(e.layers("norm_residual")[li, b][cell], np.linalg.norm(shares, axis=-1),
