@@ -15,6 +15,13 @@ encoder token's values zeroed in its cross-attention too, so the cross-attention
 ``(batch, decoder queries, encoder keys)`` distances of the same layer output; the method
 (``attnflow.methods._contributions.ValueZeroing``) normalises each decoder row over both parts together.
 Cache arguments are left out of the re-runs, so a cache the model returns is not touched.
+
+A fused projection has only its value part zeroed: the last third (GPT-2's ``[q | k | v]``) or, laid out per
+head (GPT-NeoX's ``[q_h, k_h, v_h]``), the last third of each head's slice. SegFormer's spatial-reduction
+blocks, recorded as attention from the patches to their pooled keys, would have each pooled key's values zeroed
+(the key count read from the value module in one probe run of the block), but they are refused at capture
+(``CaptureUnavailableError``) until the value_zeroing method declares ``pooled_keys = True``: it pairs each
+cross-attention row with its block's self-attention (ALTI+), which a reduced block has not.
 """
 
 from __future__ import annotations
