@@ -520,3 +520,138 @@ def test_modules_option_records_hand_written_attention():
     with pytest.raises(HiddenAttentionError, match=r"layout='bqkh' \(it computed softmaxes of shapes \[\(2, 6, 3, 6\)\]"):
         attnflow.capture(model, x, adapter_options={"modules": [HandAttention], "layout": "bqkh"})
     assert_unchanged(model, before)
+
+
+# -- values=True and value_zeroing=True on a GPT-2-style pre-LN decoder, float64 (issue 25) -----------------------------
+# Its own distinct sizes: batch 3, layers 2, heads 4, tokens 6, head dim 5 (width 20), vocabulary 9, MLP 7.
+GB, GL, GH, GT, GDH, GV, GF = 3, 2, 4, 6, 5, 9, 7
+GD = GH * GDH
+
+
+class GPTBlock(nnx.Module):
+    def __init__(self, rngs):
+        f64 = dict(param_dtype=jnp.float64, dtype=jnp.float64, rngs=rngs)
+        self.ln_1 = nnx.LayerNorm(GD, epsilon=1e-5, **f64)
+        self.attn = nnx.MultiHeadAttention(num_heads=GH, in_features=GD, decode=False, **f64)
+        self.ln_2 = nnx.LayerNorm(GD, epsilon=1e-5, **f64)
+        self.fc = nnx.Linear(GD, GF, **f64)
+        self.proj = nnx.Linear(GF, GD, **f64)
+
+    def __call__(self, x, mask):
+        x = x + self.attn(self.ln_1(x), mask=mask)
+        return x + self.proj(nnx.gelu(self.fc(self.ln_2(x))))
+
+
+class TinyGPT(nnx.Module):
+    def __init__(self, rngs):
+        self.wte = nnx.Embed(GV, GD, param_dtype=jnp.float64, dtype=jnp.float64, rngs=rngs)
+        self.h = nnx.List([GPTBlock(rngs) for _ in range(GL)])
+        self.ln_f = nnx.LayerNorm(GD, param_dtype=jnp.float64, dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, ids, valid):
+        mask = nnx.combine_masks(nnx.make_causal_mask(ids), nnx.make_attention_mask(valid, valid))
+        x = self.wte(ids)
+        for block in self.h:
+            x = block(x, mask)
+        return self.wte.attend(self.ln_f(x))
+
+
+def gpt_block_reference(block, x, allowed, keep=None):
+    """One block written out in float64 numpy, the value vectors multiplied by ``keep`` (batch, keys): the block's
+    output and what values=True records."""
+
+    def p(module, name):
+        return np.asarray(getattr(module, name)[...], np.float64)
+
+    def norm(z, module):
+        centred = z - z.mean(-1, keepdims=True)
+        return centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * p(module, "scale") + p(module, "bias")
+
+    a = block.attn
+    h = norm(x, block.ln_1)
+    q, k, v = (np.einsum("btd,dhe->bthe", h, p(m, "kernel")) + p(m, "bias") for m in (a.query, a.key, a.value))
+    if keep is not None:
+        v = v * keep[:, :, None, None]
+    scores = np.where(allowed[:, None], np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(GDH), np.finfo(np.float64).min)
+    probs = softmax(scores)
+    moved = np.einsum("bhqk,bkhe,hed->bqd", probs, v, p(a.out, "kernel"))
+    y = x + moved + p(a.out, "bias")
+    up = np.einsum("btd,df->btf", norm(y, block.ln_2), p(block.fc, "kernel")) + p(block.fc, "bias")
+    gelu = 0.5 * up * (1 + np.tanh(np.sqrt(2 / np.pi) * (up + 0.044715 * up**3)))  # nnx.gelu: tanh approximation
+    out = y + np.einsum("btf,fd->btd", gelu, p(block.proj, "kernel")) + p(block.proj, "bias")
+    kept = {"value": v.transpose(0, 2, 1, 3), "out_weight": p(a.out, "kernel")[None], "out_bias": p(a.out, "bias")[None],
+            "residual": x, "block_output": y, "weights": probs}
+    return out, kept
+
+
+def zeroing_reference(block, x, allowed, valid):
+    """Value zeroing (Mohebbi et al., 2023) of one block: 1 - cos(output_i, output_i with token j's values zeroed),
+    real tokens only, causal (j <= i)."""
+    out = np.zeros((GB, GT, GT))
+    for b in range(GB):
+        original, _ = gpt_block_reference(block, x[b : b + 1], allowed[b : b + 1])
+        for j in np.flatnonzero(valid[b]):
+            keep = np.ones((1, GT))
+            keep[0, j] = 0.0
+            zeroed, _ = gpt_block_reference(block, x[b : b + 1], allowed[b : b + 1], keep)
+            cos = (zeroed * original).sum(-1) / np.linalg.norm(zeroed, axis=-1) / np.linalg.norm(original, axis=-1)
+            for i in np.flatnonzero(valid[b]):
+                out[b, i, j] = (1.0 - cos[0, i]) if j <= i else 0.0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    from attnflow.adapters import FlaxValueMap, _flax_methods
+
+    saved = dict(_flax_methods.VALUE_MAPS)
+    attnflow.adapters.register_flax_value_map("TinyGPT", FlaxValueMap(
+        attention="attn", value="attn/value", out="attn/out", residual="ln_1", block_output="ln_2", layout="pre_ln"))
+    ids = np.array([[1, 3, 5, 2, 6, 7], [4, 0, 2, 1, 0, 0], [8, 8, 2, 1, 3, 0]])
+    valid = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
+    with jax.enable_x64(True):
+        model = TinyGPT(nnx.Rngs(2))
+        before = snapshot(model)
+        trace = attnflow.capture(model, ids, valid, values=True, value_zeroing=True)
+    yield model, before, ids, valid, trace
+    _flax_methods.VALUE_MAPS.clear()
+    _flax_methods.VALUE_MAPS.update(saved)
+
+
+def test_pre_ln_values_and_value_zeroing_equal_a_float64_recomputation(tiny_gpt):
+    from test_flax_linen import check_pre_ln_methods
+
+    model, before, ids, valid, trace = tiny_gpt
+    assert_unchanged(model, before)
+    allowed = np.tril(np.ones((GT, GT), bool))[None] & valid[:, None, :].astype(bool) & valid[:, :, None].astype(bool)
+    x = np.asarray(model.wte.embedding[...], np.float64)[ids]
+    kept = []
+    assert trace.metadata["values_layout"] == "pre_ln" and trace.layer_names == ["h/0/attn", "h/1/attn"]
+    for layer, block in zip(trace.layers, model.h):
+        expected = zeroing_reference(block, x, allowed, valid)
+        x_next, found = gpt_block_reference(block, x, allowed)
+        kept.append(found)
+        np.testing.assert_allclose(layer.weights, found["weights"], atol=1e-12)
+        for name in ("value", "out_weight", "out_bias", "residual", "block_output"):
+            np.testing.assert_allclose(layer.extras[name], found[name], atol=1e-12, err_msg=name)
+        zeroing = layer.extras["value_zeroing"]
+        assert zeroing.dtype == np.float64 and zeroing.shape == (GB, GT, GT) and expected.max() > 1e-3
+        np.testing.assert_allclose(zeroing, expected, atol=1e-12)
+        x = x_next
+    check_pre_ln_methods(trace, kept, valid, 1e-10)
+    vz = attnflow.explain(trace, ["value_zeroing"], sources=[3])["value_zeroing"]
+    assert vz.shape == (GB, 1, GT) and not vz[1, 0, 4:].any()  # item 1's padding gets nothing
+
+
+def test_value_zeroing_alone_and_its_errors(tiny_gpt, setup):
+    model, before, ids, valid, trace = tiny_gpt
+    with jax.enable_x64(True):
+        alone = attnflow.capture(model, ids, valid, value_zeroing=True)
+    assert "values_layout" not in alone.metadata and sorted(alone.layers[0].extras) == ["value_zeroing"]
+    np.testing.assert_array_equal(alone.layers[1].extras["value_zeroing"], trace.layers[1].extras["value_zeroing"])
+    assert_unchanged(model, before)
+    other = setup[0]
+    with pytest.raises(AdapterError, match=r"value_zeroing=True needs to know where Model.*register_flax_value_map"):
+        attnflow.capture(other, np.ones((1, SEQ, FEATURES), np.float32), value_zeroing=True)
+    with pytest.raises(attnflow.OptionError, match="value_zeroing= .*leave out modules="):
+        attnflow.capture(model, ids, valid, value_zeroing=True, adapter_options={"modules": [nnx.MultiHeadAttention]})
