@@ -111,6 +111,7 @@ class TransformersAdapter(attnflow.Adapter):
             targets, generic = self._targets(model, transformers, torch, modules, output_index)
             plan = families.plan_streams([path for path, *_ in targets], getattr(model.config, "model_type", None))
         passes = common.TorchPass(recorder, plan.streams)
+        crops = _vision_language.Crops.install(model, passes, torch) if plan.multi and not modules else None
         causal = _causal_streams(targets, plan)
         signature = _signature(model)
         inject = generic and _takes(signature, "output_attentions")
@@ -122,6 +123,8 @@ class TransformersAdapter(attnflow.Adapter):
             ids = common.int_ids(named.get("input_ids"), torch)
             call: dict[str, Any] = {"metadata": {"attn_implementation": str(original), "captured_with": _EAGER}}
             call["metadata"].update(_vision_language.describe(model))
+            if crops is not None and (named.get("image_sizes") is not None or not passes.generating):
+                crops.start(named.get("image_sizes"))  # generate() keeps its own (below) for its prefill
             if recorder.request.values:
                 call["metadata"]["values_layout"] = _values.value_map(model).layout
             passes.state.target_tokens = (mask, causal.get(None))
@@ -154,7 +157,7 @@ class TransformersAdapter(attnflow.Adapter):
                 for path, module, kind, index in targets if not (swin or reduced) else []:
                     if path not in windowed:
                         common.register(handles, module.register_forward_hook,
-                                        _layer_hook(path, kind, index, passes, torch, hint))
+                                        _layer_hook(path, kind, index, passes, torch, hint, crops))
                 _qwen_vision.install(windowed, vision_tower, passes, torch, handles, watch)
                 for path, block, stream in swin:
                     hook = _swin.block_hook(path, stream, passes, torch)
@@ -174,13 +177,14 @@ class TransformersAdapter(attnflow.Adapter):
                     hook = _tower_hook(stream, _signature(towers[tower]), passes, torch)
                     common.register(handles, towers[tower].register_forward_pre_hook, hook, with_kwargs=True)
                 if plan.multi:
-                    passes.finishers.append(lambda p: _finish_streams(p, model, plan, towers))
+                    passes.finishers.append(lambda p: _finish_streams(p, model, plan, towers, crops))
                 elif not (swin or reduced):
                     passes.finishers.append(lambda p: _finish_single_vision(p, model))
                 common.install_pass_hooks(model, passes, describe_call, handles, after=after)
-            listener = _generation_torch.Listener(
+            listener = _CropsListener(
                 model, passes, recorder.request.generation_mode, _generated_streams(model, plan, causal),
             )
+            listener.crops = crops
             with _generation_torch.wrap_generate(model, listener):
                 yield
 
@@ -403,6 +407,18 @@ class TransformersAdapter(attnflow.Adapter):
         return model, inputs
 
 
+class _CropsListener(_generation_torch.Listener):
+    """The generate() listener, telling LLaVA-Next's anyres crops the call's ``image_sizes``: ``generate()`` encodes
+    the images before its first forward call and hands that call no ``image_sizes``."""
+
+    crops: _vision_language.Crops | None = None
+
+    def before(self, call: _generation_torch.GenerateCall) -> None:
+        super().before(call)
+        if self.crops is not None and self.mode == "stitch":
+            self.crops.start(call.kwargs.get("image_sizes"))
+
+
 # -- helpers -------------------------------------------------------------------------------------------
 def _declared_attention_modules(model: Any, transformers: Any) -> list[tuple[str, Any, str, int]]:
     """The modules whose outputs ``output_attentions=True`` would collect, found the way transformers'
@@ -552,7 +568,10 @@ def _no_weights_hint(model: Any, original: Any) -> str:
     )
 
 
-def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torch: Any, hint: str) -> Any:
+def _layer_hook(
+    path: str, kind: str, index: int, passes: common.TorchPass, torch: Any, hint: str,
+    crops: _vision_language.Crops | None = None,
+) -> Any:
     def hook(module: Any, args: tuple, output: Any) -> None:
         if _banded.is_banded(module):
             weights = _banded.dense(path, module, output, _mask_length(passes, passes.stream_of(path)), torch)
@@ -580,6 +599,8 @@ def _layer_hook(path: str, kind: str, index: int, passes: common.TorchPass, torc
                 f"{path} ({type(module).__name__}) returned {shape} as its attention; expected (batch, heads, "
                 "query, key). Pass adapter_options={'output_index': ...} if the weights sit elsewhere."
             )
+        if crops is not None and passes.stream_of(path) == "vision" and not (passes.muted or passes.paused):
+            weights = crops.group(path, weights, passes.request.gradients)  # LLaVA-Next: crops into images
         _fit_frame_mask(module, path, kind, int(weights.shape[-1]), passes, torch)
         if passes.stream_of(path) is None:
             if passes.state.single_length is None:  # an image's patch count, below
@@ -810,13 +831,19 @@ def _tower_hook(stream: str, signature: inspect.Signature | None, passes: common
     return hook
 
 
-def _finish_streams(passes: common.TorchPass, model: Any, plan: families.StreamPlan, towers: dict[str, Any]) -> None:
-    """What is known only once every layer ran: vision streams' patch grids, the root's ids for a stream
-    that got embeddings (LLaVA's language model), and LLaVA-style links from image tokens to patches."""
+def _finish_streams(
+    passes: common.TorchPass, model: Any, plan: families.StreamPlan, towers: dict[str, Any],
+    crops: _vision_language.Crops | None = None,
+) -> None:
+    """What is known only once every layer ran: vision streams' patch grids (LLaVA-Next's crops: their labels),
+    the root's ids for a stream that got embeddings (LLaVA's language model), and LLaVA-style links from image
+    tokens to patches."""
     recorder = passes.recorder
     root = passes.state.root or {}
     for stream, length in passes.seen.items():
-        if stream in passes.state.pixels:
+        if crops is not None and stream == "vision" and stream in passes.state.pixels:
+            crops.describe(passes, passes.state.pixels[stream][1])
+        elif stream in passes.state.pixels:
             shape, tower = passes.state.pixels[stream]
             config = getattr(tower, "config", None) or getattr(model.config, "vision_config", None)
             layout = families.vision_layout(length, shape, getattr(config, "patch_size", None))

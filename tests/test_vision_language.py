@@ -80,12 +80,28 @@ def qwen_vl(version="2"):
         vision_config=vision, text_config=text, **special)).eval()
 
 
+def llava_next(pinpoints=((8, 16),)):
+    """LLaVA-Next with one anyres grid of 1x2 tiles (8x16 pixels): each image runs 3 crops (the base image and 2
+    tiles) of 2x2-pixel patches, 4x4 per crop plus CLS; images of 4x16 and 5x16 pixels unpad the tiles' 4x8
+    patches to their middle 2 rows, each closed by a newline token: 16 + 2 x (8 + 1) = 34 image tokens."""
+    torch.manual_seed(0)
+    return transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=20, intermediate_size=14, num_hidden_layers=3,
+                           num_attention_heads=2, image_size=8, patch_size=2),
+        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=24, intermediate_size=18,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1),
+        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[list(p) for p in pinpoints], vision_feature_layer=-1,
+    )).eval()
+
+
 # family -> (builder, image tokens, start of the image tokens per item, pixel shape per item; for Qwen: the
 # image's (frames, rows, columns) of patches, whose pixels the processor packs as one row of 3*2*2*2 per patch)
 FAMILIES = {
     "paligemma": (paligemma, 9, (0, 0), (3, 12, 12)),
     "idefics3": (idefics3, 4, (2, 3), (1, 3, 16, 16)),
     "llava": (llava, 9, (1, 4), (3, 12, 12)),
+    "llava_next": (llava_next, 34, (2, 0), (3, 3, 8, 8)),
     "qwen2_vl": (qwen_vl, 6, (1, 3), (1, 4, 6)),
     "qwen2_5_vl": (lambda: qwen_vl("2.5"), 8, (0, 4), (1, 4, 8)),
 }
@@ -105,6 +121,8 @@ def inputs(family, extra=5):
         given["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
     else:
         given["pixel_values"] = torch.randn(2, *pixel_shape, generator=generator)
+    if family == "llava_next":
+        given["image_sizes"] = torch.tensor([[4, 16], [5, 16]])
     return given
 
 
@@ -149,6 +167,8 @@ def projector_pattern(family, model, pixels):
     inner = model.model
     if family.startswith("qwen"):
         return qwen_projector_pattern(model, pixels)
+    if family == "llava_next":
+        return llava_next_projector_pattern(model, pixels)
     with torch.no_grad():
         if family == "idefics3":
             hidden = inner.vision_model(pixel_values=pixels[:, 0]).last_hidden_state
@@ -181,19 +201,47 @@ def test_links_follow_the_projector(family):
     assert (link.stream, link.source) == ("text", "vision")
     vision_layers = sum(layer.query_stream == "vision" for layer in trace.layers)
     assert link.depth == (vision_layers - 1 if family == "llava" else vision_layers)
-    pattern = projector_pattern(family, model, given if family.startswith("qwen") else given["pixel_values"])
+    packed = family.startswith("qwen") or family == "llava_next"
+    pattern = projector_pattern(family, model, given if packed else given["pixel_values"])
     ids = given["input_ids"].numpy()
     for b in range(2):
         positions = np.flatnonzero(ids[b] == IMAGE_TOKEN)
         expected = np.zeros_like(link.weights[b])
-        expected[positions] = pattern[b] / pattern[b].sum(-1, keepdims=True)
+        expected[positions] = pattern[b] / np.maximum(pattern[b].sum(-1, keepdims=True), 1)
         np.testing.assert_array_equal(link.weights[b], expected)
-    per_token = {"paligemma": 1, "idefics3": 4, "llava": 1}.get(family, 4)
+    per_token = {"paligemma": 1, "idefics3": 4, "llava": 1, "llava_next": 1}.get(family, 4)
+    if family == "llava_next":  # the newline closing each of the 2 rows of tiles is fed by nothing
+        assert (pattern.sum(-1) == 0).sum(-1).tolist() == [2, 2]
+        pattern = pattern[pattern.sum(-1) > 0]
     assert (pattern.sum(-1) == per_token).all()
     described = trace.metadata["image_links"]
     assert described["linked"] and described["patches_per_token"] == per_token
-    maps = {"idefics3": "pixel_shuffle", "qwen2_vl": "merge_window", "qwen2_5_vl": "merge_window"}
+    maps = {"idefics3": "pixel_shuffle", "qwen2_vl": "merge_window", "qwen2_5_vl": "merge_window",
+            "llava_next": "anyres_tiles"}
     assert described["map"] == maps.get(family, "one_to_one")
+
+
+def llava_next_projector_pattern(model, given):
+    """LLaVA-Next: the image features' dependence on the last vision layer's output (every crop's tokens), through
+    the model's own get_image_features (projector, tile unpadding, newlines), as ``(batch, image tokens, crops x
+    tokens per crop)``: crop c's token j is vision position c * tokens + j of its image."""
+    encoder = model.model.vision_tower.encoder
+    kept = []
+    handle = encoder.layers[-1].register_forward_hook(lambda m, a, out: kept.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        features = model.model.get_image_features(given["pixel_values"], given["image_sizes"]).pooler_output
+    finally:
+        handle.remove()
+    hidden = kept[0]
+    crops, per_crop = hidden.shape[0] // 2, hidden.shape[1]
+    pattern = np.zeros((2, features[0].shape[0], crops * per_crop), bool)
+    for b in range(2):
+        for k in range(features[b].shape[0]):
+            (grad,) = torch.autograd.grad(features[b][k].square().sum(), hidden, retain_graph=True)
+            depends = grad.abs().sum(-1).numpy() > 0
+            pattern[b, k] = depends[b * crops:(b + 1) * crops].reshape(-1)
+            assert not depends[(1 - b) * crops:(2 - b) * crops].any()  # no image feeds another item's tokens
+    return pattern
 
 
 def qwen_projector_pattern(model, given):
@@ -293,23 +341,34 @@ def test_paligemma_prefix_generation_reruns_with_its_token_types():
     np.testing.assert_array_equal(a.links[0].weights, b.links[0].weights)
 
 
-def test_anyres_models_are_refused_with_the_reason():
+def test_anyres_refusals_name_the_cause():
+    """LLaVA-Next: images whose sizes pick different tile grids, and attention gradients, are refused with the
+    reason; LLaVA-OneVision (pooled anyres) is not linked, and its language model alone is captured, as the message
+    says."""
+    model = llava_next(pinpoints=((8, 8), (8, 16)))  # an 8x8 image runs 2 crops, a 4x16 one 3
+    given = inputs("llava_next")
+    given["image_sizes"] = torch.tensor([[8, 8], [4, 16]])
+    with pytest.raises(attnflow.AdapterError, match=r"the images of this call run \[2, 3\] crops each"):
+        attnflow.capture(model, **given)
+    given = inputs("llava_next")
+    with pytest.raises(attnflow.AdapterError, match=r"Attention gradients \(target=...\) are not available for "
+                       r"LlavaNextForConditionalGeneration's vision tower"):
+        attnflow.capture(llava_next(), **given, target=3)
     torch.manual_seed(0)
-    model = transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=20, intermediate_size=14, num_hidden_layers=3,
-                           num_attention_heads=2, image_size=8, patch_size=4),
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=24, intermediate_size=18,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, pad_token_id=0),
-        image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[8, 8]], vision_feature_layer=-1,
+    model = transformers.LlavaOnevisionForConditionalGeneration(transformers.LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=20, intermediate_size=14, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=8, patch_size=2),
+        text_config=dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=24, intermediate_size=18,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1),
+        image_token_index=IMAGE_TOKEN, video_token_index=59, image_grid_pinpoints=[[8, 16]], vision_feature_layer=-1,
     )).eval()
-    pixels, sizes = torch.randn(2, 2, 3, 8, 8), torch.tensor([[8, 8], [8, 8]])
+    pixels, sizes = given["pixel_values"], given["image_sizes"]
     tokens = model.model.get_image_features(pixels, sizes).pooler_output[0].shape[0]
-    ids = torch.randint(2, IMAGE_TOKEN - 1, (2, tokens + 5))
-    ids[:, 2:2 + tokens] = IMAGE_TOKEN
-    with pytest.raises(attnflow.AdapterError, match="anyres: the vision tower runs on several crops"):
+    ids = torch.randint(2, IMAGE_TOKEN - 2, (2, tokens + 3))
+    ids[:, 1:1 + tokens] = IMAGE_TOKEN
+    with pytest.raises(attnflow.AdapterError, match="anyres: the vision tower runs on several crops .* not linked"):
         attnflow.capture(model, input_ids=ids, pixel_values=pixels, image_sizes=sizes)
-    # the language model alone is captured, as the message says
     trace = attnflow.capture(model, input_ids=ids, pixel_values=pixels, image_sizes=sizes,
                              adapter_options={"modules": ["model.language_model.layers.*.self_attn"]})
     assert len(trace.layers) == 2 and not trace.links
