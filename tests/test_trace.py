@@ -264,8 +264,10 @@ def test_rows_are_judged_on_their_exact_sums_and_masses(dtype, tol):
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf])
-def test_infinite_weights_are_refused(value):
+@pytest.mark.parametrize("check_rows", [True, False])
+def test_infinite_weights_are_refused(value, check_rows):
     weights = random_weights(np.random.default_rng(11))
     weights[1][1, 0, 3, 2] = value
+    layers = [attnflow.LayerAttention(weights=w, name=f"layer.{i}") for i, w in enumerate(weights)]
     with pytest.raises(TraceError, match=r"Layer 1 .*NaN or Inf \(first at batch, head, query, key = \(1, 0, 3, 2\)\)"):
-        AttentionTrace.from_arrays(weights)
+        AttentionTrace(layers, check_rows=check_rows)

@@ -188,6 +188,8 @@ class AttentionTrace:
                 query, key = layer_streams(layer)
                 _check_rows(index, layer, completed[query]._completed(), completed[key]._completed(),
                             causal=query == key and bool(completed[query].causal), sums=sums, forbidden=forbidden)
+            else:
+                _check_finite(index, layer)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -683,15 +685,12 @@ def _checked_weights(index: int, layer: LayerAttention) -> np.ndarray:
         )
     elif w.dtype.name not in _WEIGHT_DTYPES:
         raise TraceError(f"{where}: weights of dtype {w.dtype} cannot be stored; pass float16, float32 or float64.")
-    # two passes that make no temporary of the weights' size (NaN carries into both); the positions are looked
-    # for only when one fails
-    low, high = w.min(), w.max()
-    if not (np.isfinite(low) and np.isfinite(high)):
-        pos = tuple(int(x) for x in np.argwhere(~np.isfinite(w))[0])
-        raise TraceError(
-            f"{where}: weights contain NaN or Inf (first at batch, head, query, key = {pos}). "
-            "The model's forward pass overflowed or a mask row was fully masked."
-        )
+    # one pass without a temporary of the weights' size, for NaN (it carries into the minimum), -inf and negative
+    # values; +inf is caught by the row sums (`_check_rows`, or `_check_finite` where rows are not checked).
+    # The positions are looked for only when a check fails.
+    low = w.min()
+    if not np.isfinite(low):
+        _refuse_non_finite(where, w)
     if low < 0:
         pos = tuple(int(x) for x in np.argwhere(w < 0)[0])
         raise TraceError(
@@ -699,6 +698,20 @@ def _checked_weights(index: int, layer: LayerAttention) -> np.ndarray:
             f"key = {pos}). Attention probabilities are softmax outputs; pass them, not raw scores."
         )
     return w
+
+
+def _refuse_non_finite(where: str, w: np.ndarray) -> None:
+    pos = tuple(int(x) for x in np.argwhere(~np.isfinite(w))[0])
+    raise TraceError(
+        f"{where}: weights contain NaN or Inf (first at batch, head, query, key = {pos}). "
+        "The model's forward pass overflowed or a mask row was fully masked."
+    )
+
+
+def _check_finite(index: int, layer: LayerAttention) -> None:
+    """No +inf in a layer whose rows are not checked (NaN, -inf and negatives are refused before)."""
+    if not np.isfinite(layer.weights.max()):
+        _refuse_non_finite(f"Layer {index} ({layer.name!r})", layer.weights)
 
 
 def _source_dtype(layer: LayerAttention) -> str:
@@ -888,11 +901,11 @@ def _check_rows(
     index: int, layer: LayerAttention, query_mask: np.ndarray, key_mask: np.ndarray, *, causal: bool, sums: bool,
     forbidden: dict[Any, np.ndarray],
 ) -> None:
-    """Rows sum to 1 (``sums``; not for heads fused by max or min), put no more than the tolerance on keys the
-    mask marks as padding and, in a ``causal`` self-attention layer, on later real keys. At most two passes over
-    the weights, neither with a temporary of their size: the row sums, and the mass on forbidden keys (padding
-    and, if causal, the future; skipped where no key is forbidden). ``forbidden`` caches the keys' indicator
-    between the layers of one trace.
+    """Rows hold no +inf and sum to 1 (``sums``; not for heads fused by max or min), put no more than the
+    tolerance on keys the mask marks as padding and, in a ``causal`` self-attention layer, on later real keys.
+    At most two passes over the weights, neither with a temporary of their size: the row sums, and the mass on
+    forbidden keys (padding and, if causal, the future; skipped where no key is forbidden). ``forbidden`` caches
+    the keys' indicator between the layers of one trace.
 
     Both passes run in float32 (float64 for float64 weights) over non-negative values (checked before), so each
     row's result is within ``n·2⁻²⁴`` of its exact value, relatively (the row sums, along the contiguous key
@@ -903,8 +916,10 @@ def _check_rows(
               ROW_SUM_TOLERANCE.get(str(w.dtype), _DEFAULT_ROW_TOL))
     valid_q = query_mask[:, None, :]
     accumulate = np.promote_types(w.dtype, np.float32)
+    approx = np.add.reduce(w, axis=-1, dtype=accumulate)  # (batch, heads, query)
+    if not np.isfinite(approx).all():  # a +inf (the weights are non-negative, checked before)
+        _refuse_non_finite(f"Layer {index} ({layer.name!r})", w)
     if sums:
-        approx = np.add.reduce(w, axis=-1, dtype=accumulate)  # (batch, heads, query)
         suspect = np.argwhere(~(np.abs(approx - 1.0) <= tol / 2) & valid_q)
         if suspect.size:
             row_sums = np.asarray(w[suspect[:, 0], suspect[:, 1], suspect[:, 2]], dtype=np.float64).sum(-1)
