@@ -861,8 +861,12 @@ LEFT: tuple[tuple[str, str, str], ...] = (
      "into (images, heads, patches, patches) in row-major patch order (to 2e-6 against a recomputation from each "
      "block's inputs; Qwen2.5-VL's windows included), image tokens linked to the patch merger's m x m blocks, "
      "generate() stitched; one image per item, one image size per batch (tests/test_vision_language.py)"),
-    ("PaliGemma, Idefics3", "PaliGemmaForConditionalGeneration, Idefics3ForConditionalGeneration",
-     "image-token links (issue 21, point 5): tests/test_vision_language.py"),
+    ("PaliGemma, Idefics3, LLaVA-Next", "PaliGemmaForConditionalGeneration, Idefics3ForConditionalGeneration, "
+     "LlavaNextForConditionalGeneration",
+     "image-token links (issue 21, point 5); LLaVA-Next's anyres crops grouped into one vision item per image (each "
+     "crop's block on the diagonal, equal to eager) and each image token linked to the crop patch pack_image_features "
+     "puts there (newline tokens unlinked); LLaVA-OneVision's pooled anyres is refused with the reason "
+     "(tests/test_vision_language.py)"),
     ("GPT-Neo under a static cache", "GPTNeoForCausalLM.generate(cache_implementation='static')",
      "refused before generate() runs (issue 21, point 6): tests/test_generation_safety.py"),
     ("TransformerLens, nnsight", "HookedTransformer, NNsight/LanguageModel",

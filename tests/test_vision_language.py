@@ -213,6 +213,16 @@ def test_links_follow_the_projector(family):
     if family == "llava_next":  # the newline closing each of the 2 rows of tiles is fed by nothing
         assert (pattern.sum(-1) == 0).sum(-1).tolist() == [2, 2]
         pattern = pattern[pattern.sum(-1) > 0]
+        crops = given["pixel_values"].flatten(0, 1)  # each image's 3 crops, image by image
+        with torch.no_grad():
+            own = eager(model).model.vision_tower(crops, output_attentions=True).attentions
+        vision = [layer for layer in trace.layers if layer.query_stream == "vision"]
+        for layer, ref in zip(vision, own, strict=True):  # (6 crops, 2 heads, 17, 17) -> (2 images, 2, 51, 51)
+            expected = np.zeros((2, 2, 51, 51), np.float32)
+            for c in range(6):
+                expected[c // 3, :, (c % 3) * 17:(c % 3 + 1) * 17, (c % 3) * 17:(c % 3 + 1) * 17] = ref[c].numpy()
+            np.testing.assert_allclose(layer.weights, expected, atol=1e-6)
+        assert trace.streams["vision"].special[0].nonzero()[0].tolist() == [0, 17, 34]  # each crop's CLS
     assert (pattern.sum(-1) == per_token).all()
     described = trace.metadata["image_links"]
     assert described["linked"] and described["patches_per_token"] == per_token
