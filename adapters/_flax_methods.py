@@ -15,7 +15,12 @@ Value-side tensors: a family of models names its submodules in a :class:`FlaxVal
 (``attnflow.adapters._values``); the adapter keeps the inputs and outputs of those modules during the pass and
 adds the same extras the PyTorch adapters add (``value``, ``out_weight``, ``out_bias``, ``residual``, and
 post-LN ``norm_input``, ``norm_output``, ``norm_weight``, ``norm_bias``, ``norm_eps``; pre-LN
-``block_output``) and ``values_layout`` to the trace's metadata.
+``block_output``) and ``values_layout`` to the trace's metadata. The linen adapter keeps them from its method
+interceptor (parameters from each module's ``params``), the NNX adapter from per-instance class swaps.
+
+Value zeroing (NNX, ``value_zeroing=True``; Mohebbi et al., 2023): the layer module of each map (the block: the
+attention, its norms and feed-forward) runs again on its recorded call, per item with each token's value vectors
+zeroed in turn (:func:`value_zeroing`), as ``attnflow.adapters._value_zeroing`` does for PyTorch.
 """
 
 from __future__ import annotations

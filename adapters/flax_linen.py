@@ -28,6 +28,12 @@ inside ``nn.scan`` is numbered after the scanned module's path (``"layers/attn"`
 ``"layers/1/attn"``...), so a scanned model and its unrolled twin (``"layers_0/attn"``) pair in
 ``attnflow.compare(a, b, align="names")``; a shared module called twice is numbered at the end.
 
+Beside the weights: ``target=`` (extra ``"attn_grad"``: after the recorded pass the root call runs once more
+as ``apply`` on the root module's own variables under ``jax.grad``, nothing recorded, with a zero added to the
+``jax.nn.softmax`` output of each recorded layer's call; the target rules are the other JAX adapters', see
+``adapters/_flax_methods.py``) and ``values=True`` (value vectors, output projection, residual and norms, read
+from the module inputs, outputs and parameters a Flax value map names, ``register_flax_value_map``).
+
 How: an interceptor (``nn.intercept_methods``) sees every module method call. For attention modules
 it passes ``sow_weights=True``; for the duration of each module call it shadows that module's
 ``sow`` with a function that takes the ``'attention_weights'`` value to attnflow (and hands every

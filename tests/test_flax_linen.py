@@ -741,19 +741,23 @@ def rms_decoder():
     valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     with jax.enable_x64(True):
         model = RMSDecoder()
-        variables = model.init(jax.random.PRNGKey(3), ids, valid)
+        rng = np.random.default_rng(3)  # random parameters of init's shapes (init itself runs op by op: slower)
+        variables = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape),
+                                 jax.eval_shape(model.init, jax.random.PRNGKey(3), ids, valid))
         trace = attnflow.capture(model, variables, ids, valid, target=3, values=True)
         by_callable = attnflow.capture(model, variables, ids, valid, target=lambda out: out[:, 1, 2] - out[:, 0, 4])
         params = jax.tree.map(np.asarray, variables["params"])
         zeros = [np.zeros((RB, RH, RT, RT))] * RL
 
-        def score(deltas, pick):
+        def score(deltas, weights):
             logits, _ = rms_reference(params, ids, valid, deltas, jnp)
-            return pick(logits).sum()
+            return (logits * weights).sum()
 
-        gradient = jax.jit(jax.grad(score), static_argnums=1)  # compiled: faster than op by op
-        last = gradient(zeros, lambda out: out[np.arange(RB), valid.sum(1) - 1, 3])  # the last real token's
-        chosen = gradient(zeros, lambda out: out[:, 1, 2] - out[:, 0, 4])
+        gradient = jax.jit(jax.grad(score))  # compiled once: faster than op by op
+        last, chosen = np.zeros((RB, RT, RV)), np.zeros((RB, RT, RV))
+        last[np.arange(RB), valid.sum(1) - 1, 3] = 1.0  # target=3: that logit at each item's last real token
+        chosen[:, 1, 2], chosen[:, 0, 4] = 1.0, -1.0  # the callable below
+        last, chosen = gradient(zeros, last), gradient(zeros, chosen)
     yield model, variables, ids, valid, trace, by_callable, [np.asarray(g) for g in last], [np.asarray(g) for g in chosen]
     _flax_methods.VALUE_MAPS.clear()
     _flax_methods.VALUE_MAPS.update(saved)

@@ -610,7 +610,9 @@ def tiny_gpt():
     ids = np.array([[1, 3, 5, 2, 6, 7], [4, 0, 2, 1, 0, 0], [8, 8, 2, 1, 3, 0]])
     valid = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
     with jax.enable_x64(True):
-        model = TinyGPT(nnx.Rngs(2))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: TinyGPT(nnx.Rngs(2))))
+        rng = np.random.default_rng(2)  # random parameters of the model's shapes (initialising runs op by op: slower)
+        model = nnx.merge(graphdef, jax.tree.map(lambda s: rng.normal(0.0, 0.4, s.shape), state))
         before = snapshot(model)
         trace = attnflow.capture(model, ids, valid, values=True, value_zeroing=True)
     yield model, before, ids, valid, trace
