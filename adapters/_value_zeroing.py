@@ -18,10 +18,9 @@ Cache arguments are left out of the re-runs, so a cache the model returns is not
 
 A fused projection has only its value part zeroed: the last third (GPT-2's ``[q | k | v]``) or, laid out per
 head (GPT-NeoX's ``[q_h, k_h, v_h]``), the last third of each head's slice. SegFormer's spatial-reduction
-blocks, recorded as attention from the patches to their pooled keys, would have each pooled key's values zeroed
-(the key count read from the value module in one probe run of the block), but they are refused at capture
-(``CaptureUnavailableError``) until the value_zeroing method declares ``pooled_keys = True``: it pairs each
-cross-attention row with its block's self-attention (ALTI+), which a reduced block has not.
+blocks, recorded as attention from the patches to their pooled keys, have each pooled key's values zeroed (the
+key count read from the value module in one probe run of the block); the method normalises those rows on their
+own, as a block with no self-attention partner.
 """
 
 from __future__ import annotations
@@ -72,14 +71,6 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         if not path.endswith("." + layout.attention):
             continue
         layer = path[: -len(layout.attention) - 1]
-        if kind == "cross" and _reduced.BLOCK.fullmatch(path) and not _routes_pooled_keys():
-            raise CaptureUnavailableError(
-                f"value_zeroing=True: {type(model).__name__}'s {path!r} is spatial-reduction attention, recorded as "
-                "attention from the stage's patches to its pooled keys; the value_zeroing method normalises such a "
-                "row together with its block's self-attention (ALTI+, for encoder-decoders), which this block has "
-                "not, so its distances could not be rolled out. Use alti, norm or norm_residual (values=True), "
-                "which decompose these blocks exactly, or rollout and flow.", kind="value_zeroing",
-            )
         value = modules.get(f"{layer}.{layout.value}")
         if value is None:
             raise attnflow.AdapterError(f"value_zeroing=True: layer {layer!r} has no {layout.value!r} module.")
@@ -126,15 +117,6 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
                         p.recorder.add_extras(recorded[call], value_zeroing=scores)
 
     passes.finishers.append(finish)
-
-
-def _routes_pooled_keys() -> bool:
-    """Whether the registered value_zeroing method rolls out a cross-attention layer over pooled keys (a key
-    stream linked to its own query stream) on its own rows, as it says with ``pooled_keys = True``."""
-    try:
-        return bool(getattr(attnflow.get_method("value_zeroing"), "pooled_keys", False))
-    except attnflow.AttnflowError:
-        return False
 
 
 def _token_masks(p: common.TorchPass, target: _Zeroed, original: Any, layer: Any, args: tuple, kwargs: dict,

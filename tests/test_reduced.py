@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import attnflow
-from attnflow.recording import CaptureUnavailableError
 
 
 def _segformer():
@@ -273,32 +272,36 @@ def test_norm_and_alti_on_reduced_keys_follow_the_papers():
             np.testing.assert_allclose(expected.sum(-1), 1.0, atol=1e-12)
 
 
-def test_value_zeroing_on_reduced_keys_is_refused_until_the_method_routes_them(monkeypatch):
-    """Value zeroing (Mohebbi et al., 2023) on SegFormer: the method normalises a cross-attention row with its
-    block's self-attention (ALTI+), which a reduced block has not, so the capture refuses, naming the methods that
-    work (a CaptureUnavailableError: methods='all' skips it with this reason). The distances are ready for a method that says it routes
-    pooled keys on their own rows (``pooled_keys = True``): each pooled key's (or patch's) values zeroed in the
-    block written out, ``1 - cos`` of every patch's block output, against the capture's."""
+def test_value_zeroing_on_reduced_keys_follows_the_paper():
+    """Value zeroing (Mohebbi et al., 2023) on SegFormer: each pooled key's (or patch's) values zeroed in the block
+    written out, ``1 - cos`` of every patch's block output, against the capture's; then the method's rollout: a
+    reduced block's rows (no self-attention partner, no residual column) normalised on their own and routed through
+    the pooling (1/sr² per patch) and the stage link, plain products as in the paper's code."""
     import torch
     from test_value_zeroing import distance
 
     model, pixels = _segformer64()
-    with pytest.raises(CaptureUnavailableError,
-                       match=r"spatial-reduction attention.*Use alti, norm or norm_residual \(values=True\)"):
-        attnflow.capture(model, value_zeroing=True, pixel_values=pixels)
-    monkeypatch.setattr(type(attnflow.get_method("value_zeroing")), "pooled_keys", True, raising=False)
     trace = attnflow.capture(model, value_zeroing=True, pixel_values=pixels)
+    explained = attnflow.explain(trace, ["value_zeroing"])["value_zeroing"]
     reference, seen = _block_inputs(model, pixels)
+    pool, embed = _pool(12, 6, 3), _receptive((12, 6), (6, 3), 3, 2)
     with torch.no_grad():
-        for index, key in enumerate(sorted(seen)):
-            x, height, width, _, attention = seen[key]
-            got = trace.layers[index].extras["value_zeroing"]
-            assert got.dtype == np.float64 and got.shape == (2, *attention.shape[-2:])
-            block = reference.stages[key[0]].blocks[key[1]]
-            for b in range(2):
+        for b in range(2):
+            c0, c1 = np.eye(72), np.eye(18)
+            for index, key in enumerate(sorted(seen)):
+                x, height, width, _, attention = seen[key]
+                got = trace.layers[index].extras["value_zeroing"]
+                assert got.dtype == np.float64 and got.shape == (2, *attention.shape[-2:])
+                block = reference.stages[key[0]].blocks[key[1]]
                 moved, y, original = _block_by_hand(block, x[b], height, width, attention[b])
                 # key j's values zeroed (bias included): its f^h(k_j) is 0, so the stream after attention loses
                 # moved[:, j] and the Mix-FFN runs on what is left; every key at once, (keys, patches, d)
                 zeroed = y[None] - moved.transpose(0, 1)
-                expected = distance(zeroed + _mix_ffn(block, zeroed, height, width), original[None]).T
-                np.testing.assert_allclose(got[b], expected.numpy(), rtol=0, atol=1e-9)
+                expected = distance(zeroed + _mix_ffn(block, zeroed, height, width), original[None]).T.numpy()
+                np.testing.assert_allclose(got[b], expected, rtol=0, atol=1e-9)
+                rows = expected / expected.sum(-1, keepdims=True)
+                if key[0] == 0:
+                    c0 = rows @ pool @ c0
+                else:
+                    c1 = rows @ c1
+            np.testing.assert_allclose(explained[b], c1 @ embed @ c0, rtol=0, atol=1e-9)

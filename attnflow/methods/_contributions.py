@@ -9,7 +9,7 @@ import numpy as np
 
 from .._errors import MethodError
 from ..network._network import EdgeWeights, explained_stream
-from ..trace import AttentionTrace
+from ..trace import AttentionTrace, LayerAttention
 from ..trace._trace import layer_streams
 from ._decompose import Block, alti, layer_matrices, normalise_rows
 from ._flow import local_sources
@@ -317,13 +317,19 @@ class ValueZeroing(Method):
         def weights(index: int, b: int) -> np.ndarray:
             layer = trace.layers[index]
             own = _zeroing_distances(trace, index, b)
-            if layer.kind != "cross":
+            if layer.kind != "cross" or _pooled(trace, layer):
                 return normalise_rows(own)
             partner = _self_partner(trace, index)
             residual = _zeroing_distances(trace, partner, b).sum(axis=-1, keepdims=True)
             return normalise_rows(np.concatenate([own, residual], axis=1))  # the residual's share last, as ALTI+
 
         return weights
+
+
+def _pooled(trace: AttentionTrace, layer: LayerAttention) -> bool:
+    """Whether a cross-attention layer reads keys pooled from its own queries (SegFormer's spatial reduction: the key
+    stream is linked from the query stream), so that its block has no self-attention partner to share rows with."""
+    return any(link.stream == layer.key_stream and link.source == layer.query_stream for link in trace.links)
 
 
 def _zeroing_distances(trace: AttentionTrace, index: int, b: int) -> np.ndarray:
