@@ -586,8 +586,10 @@ def _layer_hook(
             fix = hint.replace("{modules!r}", repr(re.sub(r"\.\d+(\.|$)", r".*\1", path)))
             if _qwen_vision.packs_windows(module):
                 fix = (
-                    "it splits packed images at cu_seqlens and returns only its output. Leave out modules=: the "
-                    "transformers adapter records each window's probabilities of such a vision tower itself."
+                    "it splits packed images at cu_seqlens and returns only its output. For Qwen2-VL and Qwen2.5-VL, "
+                    "leave out modules=: the transformers adapter then records such a vision tower window by window "
+                    "itself; for another family, capture its language model alone, e.g. adapter_options={'modules': "
+                    "['model.language_model.layers.*.self_attn']}."
                 )
             raise attnflow.HiddenAttentionError(
                 f"{path} ({type(module).__name__}) returned no attention weights under attn_implementation="

@@ -479,7 +479,7 @@ def test_qwen_refusals_name_the_cause(qwen_models):
     with pytest.raises(attnflow.AdapterError, match="the batch has 1 text items but the vision tower ran 2 images"):
         attnflow.capture(model, **two)
     with pytest.raises(attnflow.HiddenAttentionError, match=r"returned no attention weights under "
-                       r"attn_implementation='eager'; it splits packed images at cu_seqlens .* Leave out modules="):
+                       r"attn_implementation='eager'; it splits packed images at cu_seqlens .* For Qwen2-VL and Qwen2.5-VL, leave out modules="):
         attnflow.capture(model, **given, adapter_options={"modules": ["model.visual.blocks.*.attn"]})
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
     assert model.config._attn_implementation != "eager"  # put back as it was loaded
