@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -187,9 +187,7 @@ def penzai_sampling(recorder: Recorder, sampler: Any, causal: bool | None) -> It
     ``temperature_sample_pyloop`` returning, or at the end of the block); undone on exit. ``causal``: whether
     every attention layer of the sampler masks causally."""
     sampling = PenzaiSampling(recorder, sampler, causal)
-    per_thread = _SAMPLINGS.setdefault(threading.get_ident(), {})
-    per_thread.setdefault(id(sampler), []).append(sampling)
-    try:
+    with _registered(_SAMPLINGS, sampler, sampling):
         loop_module = sys.modules.get(_LOOP_MODULE)
         if loop_module is None:
             import importlib
@@ -202,10 +200,191 @@ def penzai_sampling(recorder: Recorder, sampler: Any, causal: bool | None) -> It
                 sampling.abort()
                 raise
             sampling.finish()
-    finally:
-        held = per_thread.get(id(sampler), [])
-        if sampling in held:
-            held.remove(sampling)
-        if not held:
-            per_thread.pop(id(sampler), None)
 
+
+@contextmanager
+def _registered(table: dict[int, dict[int, list[Any]]], model: Any, item: Any) -> Iterator[None]:
+    """``item`` listed under ``model`` in ``table`` (per thread) for the block, and removed after it."""
+    per_thread = table.setdefault(threading.get_ident(), {})
+    per_thread.setdefault(id(model), []).append(item)
+    try:
+        yield
+    finally:
+        held = per_thread.get(id(model), [])
+        if item in held:
+            held.remove(item)
+        if not held:
+            per_thread.pop(id(model), None)
+
+
+# -- gemma (gm.text.Sampler) ------------------------------------------------------------------------------------
+_PREFILL_MODULE = "gemma.gm.text._prefill"
+_LOOP_CLASS = ("gemma.gm.text._sampler_loop", "SamplerLoop")
+
+
+class GemmaSampling:
+    """The generation under way through ``gm.text.Sampler.sample`` on one attached gemma model.
+
+    gemma's sampler right-pads the prompts to the longest, ``L`` tokens (BOS included), runs a prefill over
+    them, then runs the prompt's last slot again (its first step re-computes the last prompt token, at slot
+    ``L - 1``, to predict the first token), and writes each later token at the next slot of its fixed-length
+    cache. attnflow lays each item out left-padded (its real prompt tokens moved to the end of the ``L`` slots,
+    on queries and keys: the order of real tokens and their attention are unchanged), keeps the first ``L - 1``
+    prefill rows (the padding queries' rows zeroed) and takes row ``L - 1`` from the first step (the query that
+    predicted the first token), so that the core stitches one causal trace over the left-padded prompt and the
+    generated tokens, as a PyTorch ``generate()`` over a left-padded prompt gives.
+    """
+
+    def __init__(self, recorder: Recorder, model: Any):
+        self.recorder = recorder
+        self.model = model
+        self.prompt: np.ndarray | None = None  # (batch, L) right-padded prompt ids of the generation under way
+        self.order: np.ndarray | None = None  # (batch, L) the right-padded slot each left-padded slot comes from
+        self.passes = 0  # passes of the model recorded so far in this generation
+
+    @property
+    def running(self) -> bool:
+        return self.prompt is not None
+
+    def start(self, text: Any, length: int, has_images: bool, last_state: Any) -> None:
+        if has_images or last_state is not None:
+            what = "images" if has_images else "last_state= (a later turn: its cache holds earlier turns)"
+            raise OptionError(
+                f"attnflow stitches gemma's Sampler.sample over one text prompt, not with {what}; sample without "
+                "it, or capture the finished sequence with one model.apply over it."
+            )
+        prompt = np.asarray(text)[:, :length]
+        real = prompt != 0
+        counts = real.sum(axis=1)
+        if not all(real[b, :n].all() for b, n in enumerate(counts)):
+            raise AdapterError("gemma's sampler handed attnflow a prompt that is not right-padded with id 0.")
+        self.order = np.stack([np.concatenate([np.arange(n, length), np.arange(n)]) for n in counts])
+        self.prompt, self.passes = prompt, 0
+        self.recorder.start_generation()
+
+    def relayout(self, weights: np.ndarray) -> np.ndarray:
+        """One recorded layer of the current pass, laid out left-padded (see the class docstring)."""
+        order, length = self.order, int(self.prompt.shape[1])  # type: ignore[union-attr]
+        batch = np.arange(weights.shape[0])[:, None]
+        keys = np.array(weights)
+        keys[..., :length] = np.moveaxis(np.moveaxis(weights[..., :length], -1, 1)[batch, order], 1, -1)
+        if self.passes:
+            return keys
+        rows = np.moveaxis(np.moveaxis(keys[:, :, :length], 2, 1)[batch, order], 1, 2)
+        rows[:, :, :length][np.broadcast_to((self.prompt[batch, order] == 0)[:, None, :], rows.shape[:3])] = 0  # type: ignore[index]
+        return rows[:, :, : length - 1]
+
+    def finish(self, predicted: Any, steps: int, eos: tuple[int, ...]) -> None:
+        """``predicted``: the sampler's ``(batch, max_out_length)`` output buffer, ``steps`` of it written."""
+        if self.prompt is None:
+            return
+        prompt, self.prompt = self.prompt, None
+        generated = np.asarray(predicted)[:, :steps]
+        real = prompt != 0
+        left = np.stack([np.concatenate([np.zeros((~r).sum(), row.dtype), row[r]]) for row, r in zip(prompt, real)])
+        left_mask = left != 0
+        first = int(prompt.shape[1])
+        full = np.concatenate([left, generated], axis=1)
+        mask = generated_mask(left_mask, first, generated[:, :-1], eos)
+        metadata = generation_metadata(full, first, eos)
+        self.recorder.end_generation(streams={None: {"input_ids": full[:, :-1], "mask": mask, "causal": True}},
+                                     metadata=metadata)
+
+    def abort(self) -> None:
+        if self.prompt is not None:
+            self.prompt = None
+            self.recorder.abort_generation()
+
+
+class StepRecorder:
+    """The recorder as the gemma adapter's capture sees it: while a sampler's generation runs, each recorded
+    layer is laid out by :meth:`GemmaSampling.relayout` and each pass counted; otherwise the recorder itself."""
+
+    def __init__(self, recorder: Recorder, sampling: GemmaSampling):
+        self._recorder = recorder
+        self._sampling = sampling
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._recorder, name)
+
+    def record(self, name: str, weights: np.ndarray, **options: Any) -> int:
+        if self._sampling.running:
+            weights = self._sampling.relayout(weights)
+        return self._recorder.record(name, weights, **options)
+
+    def end_call(self) -> None:
+        self._recorder.end_call()
+        if self._sampling.running and not self._recorder.in_call:
+            self._sampling.passes += 1
+
+
+#: Per thread, the attached gemma models' generations (``id(model)`` -> generations, in attach order).
+_GEMMA: dict[int, dict[int, list[GemmaSampling]]] = {}
+
+
+def _gemma_of(model: Any) -> list[GemmaSampling]:
+    return list(_GEMMA.get(threading.get_ident(), {}).get(id(model), ()))
+
+
+def _wrapped_prefill(original: Callable[..., Any]) -> Callable[..., Any]:
+    def prefill(**kwargs: Any) -> Any:
+        samplings = _gemma_of(kwargs.get("model"))
+        if not samplings:
+            return original(**kwargs)
+        source = kwargs["input"]
+        for sampling in samplings:
+            sampling.start(source.text, int(source.length_with_mm), source.images is not None,
+                           kwargs.get("last_state"))
+        try:
+            return original(**kwargs)
+        except BaseException:
+            for sampling in samplings:
+                sampling.abort()
+            raise
+
+    prefill.__wrapped__ = original  # type: ignore[attr-defined]
+    return prefill
+
+
+def _wrapped_sample(original: Callable[..., Any]) -> Callable[..., Any]:
+    def sample(self: Any, **kwargs: Any) -> Any:
+        samplings = [s for s in _gemma_of(self.model) if s.running]
+        if not samplings:
+            return original(self, **kwargs)
+        if kwargs.get("stream"):
+            for sampling in samplings:
+                sampling.abort()
+            raise OptionError("attnflow stitches gemma's Sampler.sample(stream=False); sample without stream=True "
+                              "inside attach.")
+        try:
+            state = original(self, **kwargs)
+        except BaseException:
+            for sampling in samplings:
+                sampling.abort()
+            raise
+        for sampling in samplings:
+            sampling.finish(state.predicted_tokens, int(state.step), tuple(int(t) for t in self.end_tokens))
+        return state
+
+    sample.__wrapped__ = original  # type: ignore[attr-defined]
+    return sample
+
+
+@contextmanager
+def gemma_sampling(recorder: Recorder, model: Any) -> Iterator[StepRecorder]:
+    """While held: ``gm.text.Sampler.sample`` on ``model`` records one stitched trace on ``recorder``; yields
+    the recorder the adapter's capture must record through. Nothing is patched when gemma's sampler was never
+    imported (the model cannot be sampling then)."""
+    sampling = GemmaSampling(recorder, model)
+    with _registered(_GEMMA, model, sampling), ExitStack() as patches:
+        prefill_module = sys.modules.get(_PREFILL_MODULE)
+        loop = getattr(sys.modules.get(_LOOP_CLASS[0]), _LOOP_CLASS[1], None)
+        if prefill_module is not None and loop is not None:
+            patches.enter_context(patched_attribute(prefill_module, "prefill", _wrapped_prefill))
+            patches.enter_context(patched_attribute(loop, "sample", _wrapped_sample))
+        try:
+            yield StepRecorder(recorder, sampling)
+        except BaseException:
+            sampling.abort()
+            raise
+        sampling.abort()  # a generation the sampler did not finish

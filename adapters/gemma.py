@@ -29,6 +29,15 @@ jit: ``Transformer.__call__`` is wrapped in ``nn.jit``; while attached jit is di
 eagerly and the interception sees every layer (a cached compiled call would run no Python). The first
 eager call compiles each operation once (seconds); later calls are fast.
 
+``target=`` (an int: that vocabulary logit at each item's last real token, or a callable of the output, as for
+every adapter): the forward runs once more under ``jax.grad`` with a zero added to each layer's
+``attention_weights`` output, and each layer's gradient is its ``attn_grad`` extra ``(batch, heads, query, key)``,
+for ``grad_rollout`` and ``attn_grad``. ``values=True`` is not available: Gemma 2 and 3 normalise the attention
+output (``post_attention_norm``) before the residual, which the norm-based decompositions do not model.
+
+Generation: ``gm.text.Sampler(model=model, ...).sample(prompts, ...)`` inside ``attnflow.attach(model)`` gives one
+causal trace over the prompt (laid out left-padded) and the generated tokens (``docs/generation.md``).
+
 Faithfulness (``attnflow.faithfulness(model, explanation, {"params": params}, ids, ...)`` / ``attnflow
 evaluate``): the Flax probe, blanking and differentiating the output of ``Embedder.encode`` (the token
 embedding times ``sqrt(embed_dim)``, before any multimodal merge). Blanking by id 0 would make the token
@@ -37,12 +46,15 @@ padding, so ``blank="zero"`` or another token id is the usual choice.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
 
-from attnflow import Adapter
+from attnflow import Adapter, Recorder, import_optional
 
 from ._flax_common import UNKNOWN
-from .flax_linen import LinenFamilyAdapter
+from ._generation_jax import gemma_sampling
+from .flax_linen import LinenFamilyAdapter, root_module
 
 
 class GemmaAdapter(LinenFamilyAdapter):
@@ -57,7 +69,8 @@ class GemmaAdapter(LinenFamilyAdapter):
     attention = {"gemma.gm.nn._modules:Attention": "attention_weights", "gemma.modules:Attention": None}
     layout = "btns"
     ids = ("tokens",)
-    captures = Adapter.captures | {"input_gradients", "ablation"}
+    #: target= through the linen gradient pass (an additive zero on each attention_weights output, jax.grad)
+    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad"}
 
     def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         """The Flax probe on the output of ``Embedder.encode`` (the embedding already scaled by
@@ -71,6 +84,15 @@ class GemmaAdapter(LinenFamilyAdapter):
             embedder = getattr(sys.modules.get("gemma.modules"), "Embedder", None)
         return probe(model, request, args, kwargs, embedding_method=(embedder, "encode") if embedder else None,
                      no_inner_jit=True)
+
+    @contextmanager
+    def hooks(self, model: Any, recorder: Recorder, **options: Any) -> Iterator[None]:
+        """The linen family's hooks, recording through the sampler's step recorder: ``gm.text.Sampler.sample``
+        on the attached model inside the block gives one stitched trace (``adapters/_generation_jax.py``)."""
+        root = root_module(model, import_optional("flax.linen", "flax").Module)
+        with gemma_sampling(recorder, root if root is not None else model) as stepped, \
+                super().hooks(model, cast(Recorder, stepped), **options):
+            yield
 
     @staticmethod
     def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:

@@ -210,3 +210,48 @@ def test_the_adapter_takes_no_options():
     with pytest.raises(attnflow.OptionError, match="gemma"):
         with attnflow.attach(model, modules=["layer_*/attn"]):
             pass
+
+
+def attention_gradients_reference(kv_heads: int, ids: jax.Array, target: int) -> list[np.ndarray]:
+    """d(logit ``target`` at each item's last real token, summed over items) / d(each layer's probabilities), in
+    float64: gemma's own model with float64 parameters, a zero added (here, by a plain ``nn.intercept_methods``)
+    to the output of each Attention's ``attention_weights`` identity layer, differentiated by ``jax.grad``."""
+    ids_np = np.asarray(ids)
+    last = (ids_np != 0).sum(axis=1) - 1
+    with jax.enable_x64(True):
+        model = gm.nn.Transformer(config=config(kv_heads), dtype=jnp.float64)
+        variables = {"params": jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params(kv_heads))}
+        shape = (ids_np.shape[0], ids_np.shape[1], HEADS, ids_np.shape[1])  # gemma's BTNS
+
+        def score(deltas):
+            def add(next_fun, args, kwargs, context):
+                out = next_fun(*args, **kwargs)
+                path = context.module.path
+                if path and path[-1] == "attention_weights":
+                    return out + deltas[path[0]]
+                return out
+
+            with nn.intercept_methods(add):
+                logits = model.apply(variables, ids).logits
+            return logits[np.arange(len(last)), last, target].sum()
+
+        # compiled: the interceptor runs while jax traces score (gemma's own nn.jit traces inside it)
+        grads = jax.jit(jax.grad(score))({f"layer_{i}": jnp.zeros(shape, jnp.float64) for i in range(2)})
+        return [np.asarray(grads[f"layer_{i}"]).transpose(0, 2, 1, 3) for i in range(2)]
+
+
+def test_target_gives_attention_gradients_equal_to_a_float64_recomputation():
+    """target=5 (the vocabulary logit at each item's last real token) on the grouped-query model: each layer's
+    attn_grad equals the float64 gradient computed here, and grad_rollout runs on it."""
+    model, ids = make_model(2), tokens()
+    trace = attnflow.capture(model, {"params": params(2)}, ids, target=5)
+    expected = attention_gradients_reference(2, ids, 5)
+    real = np.asarray(ids) != 0
+    pairs = real[:, None, :, None] & real[:, None, None, :]
+    for layer, reference_grad in zip(trace.layers, expected, strict=True):
+        grad = layer.extras["attn_grad"]
+        assert grad.shape == (BATCH, HEADS, SEQ, SEQ)
+        scale = np.abs(reference_grad).max()
+        assert scale > 0
+        assert np.abs(np.where(pairs, grad - reference_grad, 0)).max() <= 1e-5 * scale
+    assert np.isfinite(np.asarray(attnflow.explain(trace, ["grad_rollout"])["grad_rollout"])).all()

@@ -172,3 +172,64 @@ def test_penzai_sampler_refusals(neox):
     with pytest.raises(attnflow.AdapterError, match="already holds 5 tokens"):
         with attnflow.attach(sampler):
             sampler(_named(_prompt()[:, -1:]))
+
+
+# -- gemma: gm.text.Sampler ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma_sampled():
+    """gm.text.Sampler (greedy) on test_gemma.py's tiny gm.nn.Transformer (2 layers: a sliding window of 3 and a
+    global one, 6 query heads in 2 key/value groups, width 36, vocabulary 67), 3 prompts of 4, 2 and 3 tokens
+    (gemma adds BOS and right-pads them to 5), 4 new tokens; the tokenizer is a subclass written here that reads
+    ids from the text (gemma's own fetches its vocabulary remotely)."""
+    import test_gemma as tiny
+
+    gm = tiny.gm
+    model, params = tiny.make_model(2), tiny.params(2)
+    sampler = gm.text.Sampler(model=model, params=params, tokenizer=_ids_tokenizer(), cache_length=CACHE + 2,
+                              max_out_length=NEW + 2, pad_length=None)
+    with attnflow.attach(model) as rec:
+        out = sampler.sample(["5 6 7 8", "9 10", "11 12 13"], max_new_tokens=NEW, return_state=True)
+    return tiny, model, params, rec, np.asarray(out.state.predicted_tokens)[:, :NEW]
+
+
+def _ids_tokenizer():
+    """A gemma tokenizer (Gemma 3's special ids) whose pieces are the ids written in the text."""
+    import test_gemma as tiny
+
+    @dataclasses.dataclass(frozen=True)
+    class Ids(tiny.gm.text.Tokenizer):
+        path: str = ""
+        special_tokens = tiny.gm.text.Gemma3Tokenizer.special_tokens
+        VERSION = 0
+
+        def encode(self, text, *, add_bos=False, add_eos=False):
+            return [2] * add_bos + [int(t) for t in text.split()] + [1] * add_eos
+
+        def decode(self, ids):
+            return " ".join(str(int(i)) for i in np.asarray(ids).reshape(-1))
+
+    return Ids()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract")  # the reference's fully masked rows
+def test_gemma_sampler_is_stitched_into_the_teacher_forced_trace(gemma_sampled):
+    tiny, model, params, rec, generated = gemma_sampled
+    prompts = [[2, 5, 6, 7, 8], [2, 9, 10], [2, 11, 12, 13]]
+    width = max(map(len, prompts))
+    left = np.array([[0] * (width - len(p)) + p for p in prompts])  # the stitched trace's left-padded layout
+    sequences = np.concatenate([left, generated], axis=1)
+    assert len(rec.traces) == 1 and len(rec.steps) == NEW + 1  # prefill, the prompt's last token again, 3 more
+    trace = rec.trace
+    length = width + NEW - 1
+    ended = np.cumsum(np.isin(generated[:, :-1], (1, 106)), axis=1) - np.isin(generated[:, :-1], (1, 106))
+    expected_mask = np.concatenate([left != 0, ended == 0], axis=1)
+    np.testing.assert_array_equal(trace.stream().mask, expected_mask)
+    assert [list(labels) for labels in trace.stream().tokens] == [[str(t) for t in row] for row in sequences[:, :-1]]
+    assert trace.metadata["generation"]["first_generated"] == width and trace.causal
+    # gemma's own attention over the left-padded sequences, re-derived in float64 by test_gemma.py's reference
+    reference = tiny.reference(model, (({"params": params}, jnp.asarray(sequences[:, :-1], jnp.int32)), {}))
+    assert len(trace.layers) == len(reference) == 2
+    for layer, expected in zip(trace.layers, reference, strict=True):
+        assert layer.weights.shape == (BATCH, tiny.HEADS, length, length)
+        assert_same_real(layer.weights, expected, expected_mask, atol=1e-6)
+    assert attnflow.flow(trace, sources="generated").shape == (BATCH, NEW, length)
