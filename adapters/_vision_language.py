@@ -22,8 +22,9 @@ in every trace's metadata (``metadata["image_links"]``):
   stream holds one item per image: its crops one after another, each crop attending within itself (a
   block-diagonal layer, 0 between crops), CLS of each crop special. Each image token is linked (weight 1) to the
   one patch of one crop it is projected from (the projector maps patches one to one), found by running the
-  model's own ``pack_image_features`` on patch indices: the tiles unpadded to the image's aspect ratio, then the
-  base crop first. The learned newline token closing each row of tiles is fed by nothing (an input of its own).
+  model's own ``pack_image_features`` on patch indices: the base crop's patches first, then the tiles' patches
+  row by row over the tile grid, unpadded to the image's aspect ratio. The learned newline token closing each
+  row of tiles is fed by nothing (an input of its own).
 * ``anyres`` (LLaVA-OneVision, LLaVA-Next-Video): not linked. Their packing adds pooling and video frames that
   attnflow does not map; one trace holds one vision item per text item, so attnflow refuses with that reason
   (capture the language model alone with ``adapter_options={"modules": [...]}``).
@@ -77,7 +78,7 @@ class ImageMap:
     """How one family's projector feeds image tokens from vision tokens.
 
     Attributes:
-        kind: ``one_to_one``, ``pixel_shuffle``, ``merge_window`` or ``anyres`` (not linked).
+        kind: ``one_to_one``, ``pixel_shuffle``, ``merge_window``, ``anyres_tiles`` or ``anyres`` (not linked).
         image_token: the id of the language model's image placeholder token.
         layer: the vision layer whose output is projected, as ``hidden_states[layer]`` (negative from the
             end); None: the tower's last layer.
