@@ -799,3 +799,35 @@ def test_linen_values_errors_name_the_fix(rms_decoder, setup):
         with pytest.raises(attnflow.OptionError, match="not an index of the model's 7 outputs"):
             attnflow.capture(model, variables, ids, valid, target=7)
         assert attnflow.capture(model, variables, ids, valid).layers[0].extras == {}  # the next capture is plain
+
+
+def test_target_through_modules_adds_its_zero_in_the_modules_own_layout(hand):
+    """Grouped-query attention selected with modules= and layout='btgns': the gradient with respect to the recorded
+    (batch, heads, q, k) probabilities, heads group-major, against jax.grad of the model written out in jax.numpy."""
+    model, variables, x, valid = hand
+    p = variables["params"]
+    seq = x.shape[1]
+    allowed = jnp.tril(jnp.ones((seq, seq), bool))[None] & valid[:, None, :]
+
+    def score(deltas):  # deltas: (batch, groups, heads per group, q, k) per layer
+        h = x
+        for i, delta in enumerate(deltas):
+            a = p[f"layers_{i}"]["attn"]
+            q = jnp.einsum("btf,fgnd->btgnd", h, a["q"]["kernel"]) + a["q"]["bias"]
+            k = jnp.einsum("bsf,fgd->bsgd", h, a["k"]["kernel"]) + a["k"]["bias"]
+            v = jnp.einsum("bsf,fgd->bsgd", h, a["v"]["kernel"]) + a["v"]["bias"]
+            logits = jnp.where(allowed[:, None, None], jnp.einsum("btgnd,bsgd->bgnts", q, k) / np.sqrt(HEAD_DIM), -1e9)
+            probs = jax.nn.softmax(logits, axis=-1) + delta
+            h = h + jnp.einsum("bgnts,bsgd->btgnd", probs, v).reshape(*h.shape[:2], -1) @ a["out"]["kernel"] \
+                + a["out"]["bias"]
+            mlp = p[f"layers_{i}"]["mlp"]
+            h = h + nn.gelu(h) @ mlp["kernel"] + mlp["bias"]
+        return h[np.arange(BATCH), valid.sum(1) - 1, 2].sum()  # target=2 at each item's last real token (causal)
+
+    expected = jax.jit(jax.grad(score))([jnp.zeros((BATCH, GROUPS, GROUP_HEADS, seq, seq))] * 2)
+    trace = attnflow.capture(model, variables, x, valid, target=2,
+                             adapter_options={"modules": [HandAttention], "layout": "btgns"})
+    for layer, grad in zip(trace.layers, expected, strict=True):
+        reference = np.asarray(grad).reshape(BATCH, GROUPS * GROUP_HEADS, seq, seq)
+        np.testing.assert_allclose(layer.extras["attn_grad"], reference, atol=1e-5, rtol=1e-4)
+    assert max(float(np.abs(g).max()) for g in expected) > 1e-3
