@@ -50,7 +50,7 @@ def _check(layer: LayerAttention, names: tuple[str, ...]) -> None:
             f"Norm-based methods need {missing} for {what}, which this trace lacks. Capture with "
             "attnflow.capture(model, ..., values=True) (value tensors are recorded for the self-attention layers "
             "of the families with a value path map (attnflow.adapters.register_value_map), and for the cross-attention layers of those "
-            "whose map has a cross part: BART, Marian, mBART; T5 has none yet)."
+            "whose map has a cross part: BART, Marian, mBART and SegFormer's reduced keys; T5 has none yet)."
         )
 
 
