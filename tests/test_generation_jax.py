@@ -49,7 +49,7 @@ class _Keep(pz.nn.Layer):
     """Stores the attention probabilities it passes through (batch, heads, query, key) in ``_KEPT``."""
 
     def __call__(self, x, **side_inputs):
-        _KEPT.append(np.asarray(x.untag("batch", "heads", "seq", "kv_seq").unwrap(), dtype=np.float64))
+        _KEPT.append(x.untag("batch", "heads", "seq", "kv_seq").unwrap())
         return x
 
 
@@ -64,10 +64,14 @@ def penzai_reference(model: pz.nn.Layer, sequences: np.ndarray) -> list[np.ndarr
             attention, query_key_to_attn=pz.nn.Sequential([attention.query_key_to_attn, _Keep()])))
     real = sequences != 0
     positions = np.where(real, np.cumsum(real, axis=1) - 1, -1)
-    _KEPT.clear()
-    kept(_named(sequences), token_positions=_named(positions))
-    out, _KEPT[:] = list(_KEPT), []
-    return out
+
+    def run(tokens, token_positions):  # compiled once (eager penzai would compile each operation)
+        _KEPT.clear()
+        kept(pz.nx.wrap(tokens).tag("batch", "seq"), token_positions=pz.nx.wrap(token_positions).tag("batch", "seq"))
+        out, _KEPT[:] = list(_KEPT), []
+        return out
+
+    return [np.asarray(p, np.float64) for p in jax.jit(run)(jnp.asarray(sequences), jnp.asarray(positions))]
 
 
 def assert_same_real(weights: np.ndarray, reference: np.ndarray, mask: np.ndarray, atol: float) -> None:
@@ -192,6 +196,31 @@ def gemma_sampled():
     return tiny, model, params, rec, np.asarray(out.state.predicted_tokens)[:, :NEW]
 
 
+def _gemma_layer_inputs(tiny, model, params, ids: np.ndarray) -> list[tuple[str, tuple[np.ndarray, ...]]]:
+    """Each Attention layer's inputs (x, positions, mask), read by a plain flax interceptor while jax compiles
+    the call (once: eager gemma would compile each operation)."""
+    from flax import linen as nn
+
+    names: list[str] = []
+    seen: list[tuple[np.ndarray, ...]] = []
+
+    def spy(next_fun, args, kwargs, context):
+        if isinstance(context.module, tiny._modules.Attention) and context.method_name == "__call__":
+            x, positions, _, mask = args
+            names.append(context.module.path[0])  # the inputs arrive when the compiled call runs (gemma's nn.jit)
+            jax.debug.callback(lambda *arrays: seen.append(tuple(np.asarray(a) for a in arrays)), x, positions, mask,
+                               ordered=True)
+        return next_fun(*args, **kwargs)
+
+    def run(tokens):
+        with nn.intercept_methods(spy):
+            return model.apply({"params": params}, tokens).logits
+
+    jax.block_until_ready(jax.jit(run)(jnp.asarray(ids, jnp.int32)))
+    jax.effects_barrier()
+    return list(zip(names, seen, strict=True))
+
+
 def _ids_tokenizer():
     """A gemma tokenizer (Gemma 3's special ids) whose pieces are the ids written in the text."""
     import test_gemma as tiny
@@ -227,7 +256,8 @@ def test_gemma_sampler_is_stitched_into_the_teacher_forced_trace(gemma_sampled):
     assert [list(labels) for labels in trace.stream().tokens] == [[str(t) for t in row] for row in sequences[:, :-1]]
     assert trace.metadata["generation"]["first_generated"] == width and trace.causal
     # gemma's own attention over the left-padded sequences, re-derived in float64 by test_gemma.py's reference
-    reference = tiny.reference(model, (({"params": params}, jnp.asarray(sequences[:, :-1], jnp.int32)), {}))
+    reference = [tiny.attention_reference(params[layer]["attn"], *inputs, sliding=i == 0, kv_heads=2)
+                 for i, (layer, inputs) in enumerate(_gemma_layer_inputs(tiny, model, params, sequences[:, :-1]))]
     assert len(trace.layers) == len(reference) == 2
     for layer, expected in zip(trace.layers, reference, strict=True):
         assert layer.weights.shape == (BATCH, tiny.HEADS, length, length)
