@@ -229,7 +229,7 @@ def test_select_keeps_one_item():
         trace.select(2)
 
 
-@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-4), (np.float64, 1e-6)])
+@pytest.mark.parametrize("dtype, tol", [(np.float16, 1e-2), (np.float32, 1e-4), (np.float64, 1e-6)])
 def test_rows_are_judged_on_their_exact_sums_and_masses(dtype, tol):
     """Validation screens rows in one float32 (float64) pass and sums the rows outside half the tolerance again
     exactly: a row within the tolerance passes, one beyond it fails, for the sums, padding and the future."""
@@ -263,11 +263,19 @@ def test_rows_are_judged_on_their_exact_sums_and_masses(dtype, tol):
             build(change, 1.5)
 
 
-@pytest.mark.parametrize("value", [np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["<f2", ">f4", "<f8"])
 @pytest.mark.parametrize("check_rows", [True, False])
-def test_infinite_weights_are_refused(value, check_rows):
-    weights = random_weights(np.random.default_rng(11))
-    weights[1][1, 0, 3, 2] = value
-    layers = [attnflow.LayerAttention(weights=w, name=f"layer.{i}") for i, w in enumerate(weights)]
-    with pytest.raises(TraceError, match=r"Layer 1 .*NaN or Inf \(first at batch, head, query, key = \(1, 0, 3, 2\)\)"):
-        AttentionTrace(layers, check_rows=check_rows)
+def test_non_finite_and_negative_weights_are_refused_in_every_dtype_and_byte_order(dtype, check_rows):
+    """The value check reads the bits (NaN, ±inf, negatives at or above +inf's bits): each is found, with its
+    position, in float16/32/64 of either byte order, also where rows are not checked; -0.0 is a zero."""
+    for value, message in ((np.inf, "NaN or Inf"), (-np.inf, "NaN or Inf"), (np.nan, "NaN or Inf"),
+                           (-1e-3, "negative values")):
+        weights = [w.astype(dtype) for w in random_weights(np.random.default_rng(11))]
+        weights[1][1, 0, 3, 2] = value
+        layers = [attnflow.LayerAttention(weights=w, name=f"layer.{i}") for i, w in enumerate(weights)]
+        with pytest.raises(TraceError, match=rf"Layer 1 .*{message}.*\(1, 0, 3, 2\)"):
+            AttentionTrace(layers, check_rows=check_rows)
+    weights = [w.astype(dtype) for w in random_weights(np.random.default_rng(11))]
+    weights[1][1, 0, 3, 1] += weights[1][1, 0, 3, 2]  # the row keeps its sum
+    weights[1][1, 0, 3, 2] = -0.0
+    assert AttentionTrace.from_arrays(weights).num_layers == LAYERS

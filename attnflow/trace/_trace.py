@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -24,6 +24,8 @@ HEAD_FUSIONS = ("mean", "max", "min")
 #: How a generate() call became the trace (``metadata["generation"]["mode"]``).
 GENERATION_MODES = ("stitch", "rerun")
 _WEIGHT_DTYPES = ("float16", "float32", "float64")
+#: By item size, the bits of +inf of float16/32/64 read as an unsigned integer.
+_INF_BITS = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -188,8 +190,6 @@ class AttentionTrace:
                 query, key = layer_streams(layer)
                 _check_rows(index, layer, completed[query]._completed(), completed[key]._completed(),
                             causal=query == key and bool(completed[query].causal), sums=sums, forbidden=forbidden)
-            else:
-                _check_finite(index, layer)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -685,33 +685,25 @@ def _checked_weights(index: int, layer: LayerAttention) -> np.ndarray:
         )
     elif w.dtype.name not in _WEIGHT_DTYPES:
         raise TraceError(f"{where}: weights of dtype {w.dtype} cannot be stored; pass float16, float32 or float64.")
-    # one pass without a temporary of the weights' size, for NaN (it carries into the minimum), -inf and negative
-    # values; +inf is caught by the row sums (`_check_rows`, or `_check_finite` where rows are not checked).
-    # The positions are looked for only when a check fails.
-    low = w.min()
-    if not np.isfinite(low):
-        _refuse_non_finite(where, w)
-    if low < 0:
+    # one pass, without a temporary of the weights' size, over the values' bits read as unsigned integers: a
+    # non-negative finite value (sign bit clear, exponent not all ones) is below the bits of +inf, and NaN, ±inf
+    # and negative values (and -0.0, which is allowed) are not. The values are looked at only when one is not.
+    if w.view(w.dtype.str.replace("f", "u")).max() < _INF_BITS[w.dtype.itemsize]:
+        return w
+    finite = np.isfinite(w)
+    if not finite.all():
+        pos = tuple(int(x) for x in np.argwhere(~finite)[0])
+        raise TraceError(
+            f"{where}: weights contain NaN or Inf (first at batch, head, query, key = {pos}). "
+            "The model's forward pass overflowed or a mask row was fully masked."
+        )
+    if (w < 0).any():
         pos = tuple(int(x) for x in np.argwhere(w < 0)[0])
         raise TraceError(
             f"{where}: weights contain negative values (first {float(w[pos]):.3g} at batch, head, query, "
             f"key = {pos}). Attention probabilities are softmax outputs; pass them, not raw scores."
         )
     return w
-
-
-def _refuse_non_finite(where: str, w: np.ndarray) -> None:
-    pos = tuple(int(x) for x in np.argwhere(~np.isfinite(w))[0])
-    raise TraceError(
-        f"{where}: weights contain NaN or Inf (first at batch, head, query, key = {pos}). "
-        "The model's forward pass overflowed or a mask row was fully masked."
-    )
-
-
-def _check_finite(index: int, layer: LayerAttention) -> None:
-    """No +inf in a layer whose rows are not checked (NaN, -inf and negatives are refused before)."""
-    if not np.isfinite(layer.weights.max()):
-        _refuse_non_finite(f"Layer {index} ({layer.name!r})", layer.weights)
 
 
 def _source_dtype(layer: LayerAttention) -> str:
@@ -894,15 +886,43 @@ def _row_mass(w: np.ndarray, where: np.ndarray) -> np.ndarray:
     """``(batch, heads, query)``: per row, the sum of the weights at the ``(batch, query, key)`` positions
     ``where`` marks, in one pass over the weights (no product array of their size)."""
     indicator = where.astype(np.promote_types(w.dtype, np.float32))
-    return np.einsum("bhqk,bqk->bhq", w, indicator)
+    return _per_row(w, lambda block, items: np.einsum("bhqk,bqk->bhq", block, indicator[items]))
+
+
+#: float16 weights are checked in float32 blocks of at most this many values: numpy's float16 reductions and
+#: einsum run 10-40 times slower than float32's (a block holds one batch item and a run of its heads).
+_FLOAT16_BLOCK = 1 << 22
+_FLOAT16_TABLE: list[np.ndarray] = []  # every float16 bit pattern's float32 value, made on first use
+
+
+def _float32(block: np.ndarray) -> np.ndarray:
+    """float16 values as float32, exactly, by table (numpy's own cast is several times slower, and slower still on
+    the subnormal values small attention weights often are)."""
+    if not _FLOAT16_TABLE:
+        _FLOAT16_TABLE.append(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32))
+    return np.take(_FLOAT16_TABLE[0], block.view(block.dtype.str.replace("f", "u")))
+
+
+def _per_row(w: np.ndarray, compute: Callable[[np.ndarray, slice], np.ndarray]) -> np.ndarray:
+    """``(batch, heads, query)``: ``compute(block, items)`` of the weights, where ``block`` is ``w[items]`` (float32
+    or float64), or for float16 weights a float32 copy of one item's run of heads, a block at a time."""
+    if w.dtype != np.float16:
+        return compute(w, slice(None))
+    batch, heads, n_q, n_k = w.shape
+    run = max(1, _FLOAT16_BLOCK // (n_q * n_k))
+    out = np.empty((batch, heads, n_q), np.float32)
+    for b in range(batch):
+        for h in range(0, heads, run):
+            out[b:b + 1, h:h + run] = compute(_float32(w[b:b + 1, h:h + run]), slice(b, b + 1))
+    return out
 
 
 def _check_rows(
     index: int, layer: LayerAttention, query_mask: np.ndarray, key_mask: np.ndarray, *, causal: bool, sums: bool,
     forbidden: dict[Any, np.ndarray],
 ) -> None:
-    """Rows hold no +inf and sum to 1 (``sums``; not for heads fused by max or min), put no more than the
-    tolerance on keys the mask marks as padding and, in a ``causal`` self-attention layer, on later real keys.
+    """Rows sum to 1 (``sums``; not for heads fused by max or min), put no more than the tolerance on keys the
+    mask marks as padding and, in a ``causal`` self-attention layer, on later real keys.
     At most two passes over the weights, neither with a temporary of their size: the row sums, and the mass on
     forbidden keys (padding and, if causal, the future; skipped where no key is forbidden). ``forbidden`` caches
     the keys' indicator between the layers of one trace.
@@ -916,10 +936,8 @@ def _check_rows(
               ROW_SUM_TOLERANCE.get(str(w.dtype), _DEFAULT_ROW_TOL))
     valid_q = query_mask[:, None, :]
     accumulate = np.promote_types(w.dtype, np.float32)
-    approx = np.add.reduce(w, axis=-1, dtype=accumulate)  # (batch, heads, query)
-    if not np.isfinite(approx).all():  # a +inf (the weights are non-negative, checked before)
-        _refuse_non_finite(f"Layer {index} ({layer.name!r})", w)
     if sums:
+        approx = _per_row(w, lambda block, _: np.add.reduce(block, axis=-1, dtype=accumulate))  # (batch, heads, query)
         suspect = np.argwhere(~(np.abs(approx - 1.0) <= tol / 2) & valid_q)
         if suspect.size:
             row_sums = np.asarray(w[suspect[:, 0], suspect[:, 1], suspect[:, 2]], dtype=np.float64).sum(-1)
@@ -945,9 +963,9 @@ def _check_rows(
         forbidden[cached] = keys.astype(accumulate)
     indicator = forbidden[cached]
     if indicator.shape[1] == 1:
-        mass = np.einsum("bhqk,bk->bhq", w, indicator[:, 0])
+        mass = _per_row(w, lambda block, items: np.einsum("bhqk,bk->bhq", block, indicator[items, 0]))
     else:
-        mass = np.einsum("bhqk,bqk->bhq", w, indicator)
+        mass = _per_row(w, lambda block, items: np.einsum("bhqk,bqk->bhq", block, indicator[items]))
     suspect = np.argwhere((mass > tol / 2) & valid_q)
     if not suspect.size:
         return
