@@ -65,7 +65,7 @@ def decoder(implementation: str) -> tuple[str, Any]:
         vocab_size=2000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
         num_key_value_heads=4, max_position_embeddings=512, attn_implementation=implementation,
     )
-    return "random Llama (8 layers, 16 heads, width 1024)", transformers.LlamaForCausalLM(config).eval()
+    return "random Llama (width 1024)", transformers.LlamaForCausalLM(config).eval()
 
 
 def inputs(batch: int, tokens: int, vocab: int, lengths: tuple[int, ...] | None = None) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def main() -> None:
     if args.only in (None, "decoder"):
         (name, eager), (_, sdpa) = decoder("eager"), decoder("sdpa")
         batch = inputs(1, 256, eager.config.vocab_size)
-        report(f"{name[:22]} 1 x 256", measure(eager, sdpa, batch, args.repeats))
+        report(f"{name} 1 x 256", measure(eager, sdpa, batch, args.repeats))
 
 
 if __name__ == "__main__":
