@@ -6,9 +6,10 @@ default 5; ``--value-zeroing`` adds value_zeroing=True, which re-runs every laye
 
 One process, one model: all-MiniLM-L6-v2 from the packaged checkpoint (``attnflow.packaged_model_dir()``), on a
 padded batch of three sentences, as the Flax NNX port of ``examples/flax_bert.py`` (JAX) and as the transformers
-model (PyTorch, CPU). For each setting the first call (in this process: for JAX it includes tracing and compiling
-what the call runs for the first time; settings run in the order printed, so a later first call reuses what an
-earlier one compiled) and the median of ``--repeat`` warm calls, in seconds:
+model (PyTorch, CPU), each on one thread (``XLA_FLAGS`` and ``torch.set_num_threads(1)``). For each setting the
+first call (in this process: for JAX it includes tracing and compiling what the call runs for the first time;
+settings run in the order printed, so a later first call reuses what an earlier one compiled) and the median of
+``--repeat`` warm calls, in seconds, wall and process CPU time:
 
 * JAX: the plain forward jitted (``nnx.jit``) and eager (op by op, as a capture runs it: attnflow disables jit while
   attached so that the weights are concrete), then ``attnflow.capture`` with the weights alone, ``values=True``,
@@ -32,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; nothing is downloaded
+# One thread on each side (set before jax is imported): on a shared machine, thread pools that spin while they wait
+# for a busy core make the wall times meaningless (PyTorch's forward measured 0.9 s with 2 threads, 0.06 s with 1).
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import numpy as np
 
@@ -100,6 +104,7 @@ def torch_rows(model_dir: Path, batch: dict, direction: np.ndarray, repeat: int,
     import torch
     from transformers import AutoModel
 
+    torch.set_num_threads(1)
     model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     inputs = {name: torch.from_numpy(value) for name, value in batch.items()}
     along = torch.from_numpy(direction)
@@ -140,8 +145,8 @@ def main() -> None:
     direction = np.random.default_rng(0).standard_normal(384).astype(np.float32)
     direction /= np.linalg.norm(direction)
     print(f"all-MiniLM-L6-v2, batch {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on CPU "
-          f"({torch.get_num_threads()} threads); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on CPU, "
+          f"one thread each; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat} warm calls\n")
     results = {"JAX (Flax NNX port)": jax_rows(model_dir, batch, direction, args.repeat, args.value_zeroing),
                "PyTorch (transformers)": torch_rows(model_dir, batch, direction, args.repeat, args.value_zeroing)}
