@@ -247,6 +247,13 @@ class GemmaSampling:
         return self.prompt is not None
 
     def start(self, text: Any, length: int, has_images: bool, last_state: Any) -> None:
+        request = self.recorder.request
+        if request.gradients or request.values or request.value_zeroing:
+            raise OptionError(
+                "attnflow cannot stitch gemma's sampler steps with target=, values= or value_zeroing=: they need one "
+                "forward pass over the whole sequence. Sample first, then capture the model on the finished "
+                "sequences with attnflow.capture(model, {'params': params}, ids, target=...)."
+            )
         if has_images or last_state is not None:
             what = "images" if has_images else "last_state= (a later turn: its cache holds earlier turns)"
             raise OptionError(

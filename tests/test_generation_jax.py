@@ -263,3 +263,13 @@ def test_gemma_sampler_is_stitched_into_the_teacher_forced_trace(gemma_sampled):
         assert layer.weights.shape == (BATCH, tiny.HEADS, length, length)
         assert_same_real(layer.weights, expected, expected_mask, atol=1e-6)
     assert attnflow.flow(trace, sources="generated").shape == (BATCH, NEW, length)
+
+
+def test_gemma_sampler_refusals(gemma_sampled):
+    """target= needs one pass over the sequence: refused before the prefill runs."""
+    tiny, model, params, _, _ = gemma_sampled
+    sampler = tiny.gm.text.Sampler(model=model, params=params, tokenizer=_ids_tokenizer(), cache_length=CACHE + 2,
+                                   max_out_length=NEW + 2, pad_length=None)
+    with pytest.raises(attnflow.OptionError, match="capture the model on the finished sequences"):
+        with attnflow.attach(model, target=5):
+            sampler.sample(["5 6"], max_new_tokens=2)
