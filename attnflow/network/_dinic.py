@@ -23,12 +23,35 @@ from the last token) about half the sinks need those phases, and their cost is d
 but by the number of augmenting paths: the minimum cut of a far sink is a staircase (tokens at or after a
 threshold per layer, the threshold falling by the reach of one layer) crossed by ~1e4-1e6 small arcs that each
 need a path of their own, for every sink anew.
+
+Warm push-relabel across sinks (the default solver's answer to that, issue 24): the sinks of one source are
+taken from the last to the first, and a sink that `_phase_one` does not certify is solved by the first phase of
+FIFO push-relabel (`_warm_push_relabel`) on one preflow that is *kept* from sink to sink (``wres``, a private
+copy of the capacities made on first use, and the excesses ``ex``): every arc out of the source is saturated
+once; a node's excess is pushed along admissible residual arcs (forward down a row, reverse up a column),
+labels are exact after each global relabel (`_global_labels`, a BFS from the sink reading rows only, at the
+start of every sink and after as many relabels as there are nodes). When the sink moves from ``j'`` to ``j``,
+``(0, j')`` becomes an ordinary node whose excess (the flow it received) is pushed back and rerouted; nothing
+else changes, so only the part of the flow that must change is touched. Exactness: a preflow is a preflow for
+any sink, and the first phase of push-relabel from any preflow with valid labels ends with the maximum preflow,
+whose excess at the sink is the max-flow value (min cut: the nodes that cannot reach the sink in the residual
+network, arcs with at most ``eps`` left counting as saturated, as in the Dinic phases); it also stops once the
+sink's excess is within ``tol`` of the `live_bound`. Nodes: those reachable from the source that reach the sink
+or hold flow from an earlier sink (`_warm_nodes`). Once a sink goes to the warm solver, the next ``_RETRY - 1``
+sinks go straight there (phase one would mostly fall short again); then phase one is tried again.
+Measured at 12 x 512 tokens, flow from the last token, peaked/local heads (``benchmarks/bench_causal.py`` kind b):
+22 s against 60-80 s for phase one plus Dinic phases (on a loaded 2-core machine); on near-uniform and mixed heads
+phase one certifies almost every sink and little changes. Where the time still goes on kind b: FIFO discharges
+(~1.2e5 pushes per far sink, ~4,000 relabels each scanning every arc of the node); highest-label selection was
+measured 2x slower here, more frequent global relabels slower too.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+_RETRY = 16  # see `pruned_source_flows`
 
 # The hot loops below are written out by hand, without helper functions taking arrays: numba would add an
 # atomic reference-count increment and decrement around every such call, which cost about half the run time.
@@ -301,7 +324,7 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work):
                         break
         for p in range(start, end):  # reverse arcs into the frontier, pushed from it
             lv = ql[p]
-            if lv < 2:
+            if lv < 1:
                 continue
             kv = qi[p]
             base = (lv - 1) * n
@@ -456,6 +479,37 @@ def layer_bound(q, h, top, j):
 
 
 @njit(cache=True, nogil=True)
+def _sharpen_and_finish(cap, res, top, s, j, reach, q, chain, col, total, bound, eps, tol, work, log, log_len, row_bfs):
+    """After `_phase_one` fell short of ``bound``: sharpen it with the sink's chain (`layer_bound`) and, if the
+    flow still falls short, copy phase one's sink column ``col`` into ``res`` and run `_later_phases`.
+    Returns ``(value, log_len)``."""
+    sharper = layer_bound(q, chain, top, j)
+    if sharper < bound:
+        bound = sharper
+    if total < bound - tol:
+        for k in range(cap.shape[1]):
+            res[0, k, j] = col[k]
+        total, log_len = _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, row_bfs)
+    return total, log_len
+
+
+@njit(cache=True, nogil=True)
+def _restore(cap, res, top, j, log, log_len):
+    """Set ``res`` back to ``cap`` after a pair: the sink's column, then every logged entry (all of layers
+    ``0..top - 1`` when the log overflowed, ``log_len < 0``)."""
+    n = cap.shape[1]
+    for k in range(n):
+        res[0, k, j] = cap[0, k, j]
+    if log_len < 0:
+        res[:top] = cap[:top]
+    else:
+        flat_res = res.reshape(-1)
+        flat_cap = cap.reshape(-1)
+        for p in range(log_len):
+            flat_res[log[p]] = flat_cap[log[p]]
+
+
+@njit(cache=True, nogil=True)
 def pair_flow(cap, res, top, s, j, reach, span, bound, eps, tol, work, fwork, log, q, hc, hdone):
     """Exact max-flow value from ``(top, s)`` to ``(0, j)``; ``res == cap`` on entry and again on return.
 
@@ -470,7 +524,6 @@ def pair_flow(cap, res, top, s, j, reach, span, bound, eps, tol, work, fwork, lo
     """
     if bound <= eps or not reach[top, s]:
         return 0.0
-    n = cap.shape[1]
     col = fwork[2]
     lim = fwork[0]
     got = fwork[1]
@@ -479,24 +532,10 @@ def pair_flow(cap, res, top, s, j, reach, span, bound, eps, tol, work, fwork, lo
         if not hdone[j]:
             sink_chain(cap, j, hc[j])
             hdone[j] = True
-        sharper = layer_bound(q, hc[j], top, j)
-        if sharper < bound:
-            bound = sharper
-        if total < bound - tol:
-            for k in range(n):
-                res[0, k, j] = col[k]
-            total, log_len = _later_phases(
-                cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, False
-            )
-    for k in range(n):
-        res[0, k, j] = cap[0, k, j]
-    if log_len < 0:
-        res[:top] = cap[:top]
-    else:
-        flat_res = res.reshape(-1)
-        flat_cap = cap.reshape(-1)
-        for p in range(log_len):
-            flat_res[log[p]] = flat_cap[log[p]]
+        total, log_len = _sharpen_and_finish(
+            cap, res, top, s, j, reach, q, hc[j], col, total, bound, eps, tol, work, log, log_len, False
+        )
+    _restore(cap, res, top, j, log, log_len)
     return total
 
 
@@ -685,15 +724,148 @@ def pruned_sink_chain(cap, j, reach, h, rel, cnt):
 
 
 @njit(cache=True, nogil=True)
+def _warm_nodes(top, j, reach, q, touched, rel, cnt):
+    """Per layer ``0..top - 1`` the nodes the warm push-relabel works on: reachable from the source (``q > 0``)
+    and either reaching the sink ``(0, j)`` or holding flow or excess from an earlier sink (``touched``)."""
+    n = q.shape[1]
+    for lay in range(top):
+        c = 0
+        for i in range(n):
+            if q[lay, i] > 0.0 and (reach[lay, i] or touched[lay * n + i] != 0):
+                rel[lay * n + c] = i
+                c += 1
+        cnt[lay] = c
+    cnt[top] = 0
+
+
+@njit(cache=True, nogil=True)
+def _global_labels(cap, res, top, s, j, eps, big, work):
+    """Exact distances to the sink ``(0, j)`` in the residual network over the nodes of `_warm_nodes`, ``big``
+    for those that cannot reach it: `_row_bfs_labels` (rows only), which runs to the end here because the
+    source is not among the nodes (and layer-0 nodes other than the sink, which hold an earlier sink's flow,
+    are labelled through their reverse arcs)."""
+    n = cap.shape[1]
+    d, rel, cnt = work[0], work[7], work[8]
+    _row_bfs_labels(cap, res, top, s, j, eps, work)
+    for lay in range(top):
+        for p in range(cnt[lay]):
+            v = lay * n + rel[lay * n + p]
+            if d[v] < 0:
+                d[v] = big
+
+
+@njit(cache=True, nogil=True)
+def _warm_push_relabel(cap, res, top, s, j, bound, eps, tol, work, ex, touched):
+    """The first phase of FIFO push-relabel towards the sink ``(0, j)``, from the preflow in ``res``/``ex``
+    (left by earlier sinks of the same source): returns the excess at the sink when no node that can reach it
+    has excess left (the max-flow value), or as soon as it is within ``tol`` of ``bound``."""
+    n = cap.shape[1]
+    d, cur, qu, inq, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
+    big = 1
+    for lay in range(top):
+        big += cnt[lay]
+    nq = (top + 1) * n
+    relabels = big
+    head = 0
+    tail = 0
+    size = 0
+    while ex[j] < bound - tol:
+        if relabels >= big:
+            relabels = 0
+            _global_labels(cap, res, top, s, j, eps, big, work)
+            head = 0
+            tail = 0
+            size = 0
+            for lay in range(top):
+                for p in range(cnt[lay]):
+                    v = lay * n + rel[lay * n + p]
+                    cur[v] = 0
+                    inq[v] = 0
+                    if v != j and ex[v] > 0.0 and d[v] < big:
+                        qu[tail] = v
+                        tail += 1
+                        size += 1
+                        inq[v] = 1
+        if size == 0:
+            break
+        u = qu[head]
+        head += 1
+        if head == nq:
+            head = 0
+        size -= 1
+        inq[u] = 0
+        lu = u // n
+        iu = u - lu * n
+        down = cnt[lu - 1] if lu >= 1 else 0
+        up = cnt[lu + 1] if lu + 1 < top else 0
+        while d[u] < big:
+            a = cur[u]
+            want = d[u] - 1
+            while a < down + up:
+                if a < down:  # forward arc (lu, iu) -> (lu - 1, k)
+                    k = rel[(lu - 1) * n + a]
+                    v = (lu - 1) * n + k
+                    r = res[lu - 1, iu, k] if d[v] == want else 0.0
+                else:  # reverse arc (lu, iu) -> (lu + 1, k): cancels flow on (lu + 1, k) -> (lu, iu)
+                    k = rel[(lu + 1) * n + a - down]
+                    v = (lu + 1) * n + k
+                    r = cap[lu, k, iu] - res[lu, k, iu] if d[v] == want else 0.0
+                if r > eps:
+                    e = ex[u]
+                    amt = e if e < r else r
+                    if a < down:
+                        res[lu - 1, iu, k] = r - amt
+                    else:
+                        res[lu, k, iu] += amt
+                    ex[u] = e - amt
+                    ex[v] += amt
+                    touched[v] = 1
+                    if v != j and inq[v] == 0:
+                        qu[tail] = v
+                        tail += 1
+                        if tail == nq:
+                            tail = 0
+                        size += 1
+                        inq[v] = 1
+                    if ex[u] <= 0.0:
+                        break
+                a += 1
+            cur[u] = a
+            if ex[u] <= 0.0 or ex[j] >= bound - tol:
+                break
+            m = big  # relabel: one more than the lowest neighbour over a residual arc
+            for a in range(down + up):
+                if a < down:
+                    k = rel[(lu - 1) * n + a]
+                    v = (lu - 1) * n + k
+                    r = res[lu - 1, iu, k] if d[v] < m else 0.0
+                else:
+                    k = rel[(lu + 1) * n + a - down]
+                    v = (lu + 1) * n + k
+                    r = cap[lu, k, iu] - res[lu, k, iu] if d[v] < m else 0.0
+                if r > eps:
+                    m = d[v]
+            d[u] = m + 1 if m + 1 < big else big
+            cur[u] = 0
+            relabels += 1
+            if relabels >= big:  # u, if still active, is queued again by the global relabel
+                break
+    return ex[j]
+
+
+@njit(cache=True, nogil=True)
 def pruned_source_flows(
-    cap, res, top, s, span, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done
+    cap, res, top, s, span, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done, mode
 ):
     """``out[j]`` = max-flow from ``(top, s)`` to ``(0, j)`` for every ``j`` in ``sinks``; ``res == cap`` on
     entry and again on return.
 
-    Per sink: the nodes that reach it (`reach_to_sink`), a cut bound from the source chain over them
-    (`live_bound`), then `_phase_one` up to that bound; only when its flow falls short, the
-    `pruned_sink_chain` sharpens the bound and `_later_phases` finish the proof. Per-sink data is
+    Sinks are taken in reverse order. Per sink: the nodes that reach it (`reach_to_sink`), a cut bound from the
+    source chain over them (`live_bound`), then `_phase_one` up to that bound; only when its flow falls short,
+    ``mode`` 0 sharpens the bound with the `pruned_sink_chain` and finishes with `_later_phases` (Dinic from
+    phase one's flow); ``mode`` 1 (the default solver) hands the sink, and the next ``_RETRY - 1`` ones without
+    trying phase one, to `_warm_push_relabel` on the preflow kept across sinks (see the module doc); ``mode``
+    2 sends every sink there. Per-sink data is
     kept across calls on the same ``cap`` when the arrays have one entry per sink, else recomputed in entry 0:
     ``reaches`` ``(n or 1, L + 1, n)`` bool, ``lives`` ``(n or 1, L + 1)`` int64, ``chains`` ``(n or 1, L, n)``,
     ``done`` ``(n or 1, 2)`` bool (reach, chain computed). ``q`` is ``(L, n)``, ``diag`` ``(L, n)`` the
@@ -709,7 +881,11 @@ def pruned_source_flows(
     for m in range(1, top):
         for k in range(n):
             qsum[m] += q[m, k]
-    for p in range(sinks.size):
+    wres = np.empty((0, n, n))  # the warm preflow, made on first use
+    ex = np.zeros((top + 1) * n)
+    touched = np.zeros((top + 1) * n, dtype=np.int64)
+    skip = 0  # sinks left to send straight to the warm push-relabel (mode 1) after phase one fell short
+    for p in range(sinks.size - 1, -1, -1):
         j = sinks[p]
         c = j if cached else 0
         reach = reaches[c]
@@ -720,27 +896,29 @@ def pruned_source_flows(
         if bound <= eps or not reach[top, s]:
             out[j] = 0.0
             continue
-        total, log_len = _phase_one(cap, res, top, s, j, reach, span, bound, tol, work, lim, got, col, log)
-        if total < bound - tol:
-            if not (cached and done[c, 1]):
-                pruned_sink_chain(cap, j, reach, chains[c], work[7], work[8])
-                done[c, 1] = cached
-            sharper = layer_bound(q, chains[c], top, j)
-            if sharper < bound:
-                bound = sharper
-            if total < bound - tol:
-                for k in range(n):
-                    res[0, k, j] = col[k]
-                total, log_len = _later_phases(
-                    cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, True
+        warm = mode == 2 or (mode == 1 and skip > 0)
+        if not warm:
+            total, log_len = _phase_one(cap, res, top, s, j, reach, span, bound, tol, work, lim, got, col, log)
+            if total < bound - tol and mode == 0:
+                if not (cached and done[c, 1]):
+                    pruned_sink_chain(cap, j, reach, chains[c], work[7], work[8])
+                    done[c, 1] = cached
+                total, log_len = _sharpen_and_finish(
+                    cap, res, top, s, j, reach, q, chains[c], col, total, bound, eps, tol, work, log, log_len, True
                 )
-        for k in range(n):
-            res[0, k, j] = cap[0, k, j]
-        if log_len < 0:
-            res[:top] = cap[:top]
-        else:
-            flat_res = res.reshape(-1)
-            flat_cap = cap.reshape(-1)
-            for e in range(log_len):
-                flat_res[log[e]] = flat_cap[log[e]]
-        out[j] = total
+            _restore(cap, res, top, j, log, log_len)
+            if mode == 0 or total >= bound - tol:
+                out[j] = total
+                continue
+            skip = _RETRY
+        skip -= 1
+        if wres.shape[0] == 0:
+            wres = cap[:top].copy()
+            for k in range(n):
+                r = cap[top - 1, s, k]
+                if r > 0.0:
+                    wres[top - 1, s, k] = 0.0
+                    ex[(top - 1) * n + k] += r
+                    touched[(top - 1) * n + k] = 1
+        _warm_nodes(top, j, reach, q, touched, work[7], work[8])
+        out[j] = _warm_push_relabel(cap, wres, top, s, j, bound, eps, tol, work, ex, touched)

@@ -12,8 +12,11 @@ tokens. The flow value ``F[s, j]`` is the max-flow from ``(L, s)`` to ``(0, j)``
              nodes that can reach its sink (under causal attention the tokens at or after it), and its first
              bound is cheap (``O(L n)``: the source's tree bounds summed over those nodes, layer by layer);
              the sharper bound from the sink's own tree bounds (``O(L n^2)`` per sink) is computed only for
-             the pairs the first one does not settle, and kept across sources. Sources run in ``n_jobs``
-             threads (the kernel releases the GIL).
+             the pairs the first one does not settle, and kept across sources. A sink that phase one does
+             not certify (and the next 15, without trying) goes to push-relabel on one preflow kept from
+             sink to sink of the same source (warm starts: only the part of the flow that must change for
+             the next sink is touched; see `attnflow.network._dinic`). Sources run in ``n_jobs`` threads
+             (the kernel releases the GIL).
 ``"dinic-v1"`` the first compiled kernel, kept as the speed reference: the same phases on the whole network,
              with the sink tree bounds computed for every sink it meets (``O(L n^3)`` for one source: about
              ten times slower on causal attention, as fast on encoder attention).
@@ -65,6 +68,10 @@ _DINIC_V1_SECONDS = 3e-7
 _IGRAPH_EDGE_SECONDS = 0.6e-7
 _IGRAPH_CAUSAL = 0.3
 _PAIR_OVERHEAD_SECONDS = 1e-6
+# What "dinic" does with a sink that phase one does not certify: 0 Dinic phases from phase one's flow (the
+# pruned solver as it was before the warm starts), 1 warm push-relabel across sinks (default), 2 warm
+# push-relabel for every sink. Tests set it to check each path.
+_SINK_STRATEGY = 1
 
 
 def max_flow_values(
@@ -364,6 +371,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
             kernel.pruned_source_flows(
                 adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
+                _SINK_STRATEGY,
             )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
