@@ -78,7 +78,8 @@ class AttentionTrace:
 
     Build one with [`from_arrays`][attnflow.AttentionTrace.from_arrays] (no model needed) or get one from [`attnflow.capture`][attnflow.recording.capture].
     Construction validates everything and copies the arrays (read-only afterwards): a trace that exists
-    is well-formed and cannot change.
+    is well-formed and cannot change. (A capture hands over, without a copy, the arrays nothing else can
+    reach: its own conversions, and the model's attention tensors once the model has dropped them.)
 
     Attributes:
         layers: tuple of [`LayerAttention`][attnflow.LayerAttention], in the order the model ran them.
