@@ -831,3 +831,65 @@ def test_target_through_modules_adds_its_zero_in_the_modules_own_layout(hand):
         reference = np.asarray(grad).reshape(BATCH, GROUPS * GROUP_HEADS, seq, seq)
         np.testing.assert_allclose(layer.extras["attn_grad"], reference, atol=1e-5, rtol=1e-4)
     assert max(float(np.abs(g).max()) for g in expected) > 1e-3
+
+
+class PostLNBlock(nn.Module):
+    """A BERT-style post-LN block (LayerNorm after the attention's residual sum)."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        x = nn.LayerNorm(epsilon=1e-6, name="attention_norm")(x + nn.MultiHeadDotProductAttention(
+            num_heads=4, name="attention")(x, mask=mask))
+        return nn.LayerNorm(name="output_norm")(x + nn.Dense(8, name="mlp")(nn.gelu(x)))
+
+
+class PostLN(nn.Module):
+    @nn.compact
+    def __call__(self, x, valid):
+        mask = nn.make_attention_mask(valid, valid)
+        for i in range(2):
+            x = PostLNBlock(name=f"layer_{i}")(x, mask)
+        return x
+
+
+def test_linen_post_ln_values_equal_a_numpy_recomputation():
+    """values=True through a post-LN map (batch 3, layers 2, heads 4, tokens 5, width 8): the norm's input, output
+    and parameters read from linen's params, against the blocks written out in float64 numpy."""
+    from attnflow.adapters import FlaxValueMap, _flax_methods, register_flax_value_map
+
+    saved = dict(_flax_methods.VALUE_MAPS)
+    register_flax_value_map("PostLN", FlaxValueMap(attention="attention", value="attention/value", out="attention/out",
+                                                   residual="attention", norm="attention_norm", layout="post_ln"))
+    x = np.random.default_rng(4).normal(size=(3, 5, 8)).astype(np.float32)
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    model = PostLN()
+    rng = np.random.default_rng(5)
+    variables = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32),
+                             jax.eval_shape(model.init, jax.random.PRNGKey(0), x, valid))
+    try:
+        trace = attnflow.capture(model, variables, x, valid, values=True)
+    finally:
+        _flax_methods.VALUE_MAPS.clear()
+        _flax_methods.VALUE_MAPS.update(saved)
+
+    def layer_norm(z, p, eps):
+        centred = z - z.mean(-1, keepdims=True)
+        return centred / np.sqrt((centred**2).mean(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
+
+    h = x.astype(np.float64)
+    mask = (valid[:, None, :, None] & valid[:, None, None, :]).astype(bool)
+    assert trace.metadata["values_layout"] == "post_ln"
+    for i, layer in enumerate(trace.layers):
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"][f"layer_{i}"])
+        _, moved = mha_reference(p["attention"], h, h, mask)
+        z = h + moved
+        y = layer_norm(z, p["attention_norm"], 1e-6)
+        v = np.einsum("bkf,fhd->bhkd", h, p["attention"]["value"]["kernel"]) + p["attention"]["value"]["bias"][:, None]
+        expected = {"value": v, "out_weight": p["attention"]["out"]["kernel"][None], "residual": h, "norm_input": z,
+                    "norm_output": y, "norm_weight": p["attention_norm"]["scale"][None],
+                    "norm_bias": p["attention_norm"]["bias"][None], "out_bias": p["attention"]["out"]["bias"][None],
+                    "norm_eps": np.array([1e-6])}
+        for name, value in expected.items():
+            np.testing.assert_allclose(layer.extras[name], value, atol=2e-5, rtol=1e-5, err_msg=name)
+        gelu = np.asarray(nn.gelu(jnp.asarray(y, jnp.float32)), np.float64)
+        h = layer_norm(y + gelu @ p["mlp"]["kernel"] + p["mlp"]["bias"], p["output_norm"], 1e-6)
