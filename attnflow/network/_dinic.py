@@ -25,25 +25,28 @@ threshold per layer, the threshold falling by the reach of one layer) crossed by
 need a path of their own, for every sink anew.
 
 Warm push-relabel across sinks (the default solver's answer to that, issue 24): the sinks of one source are
-taken from the last to the first, and a sink that `_phase_one` does not certify is solved by the first phase of
-FIFO push-relabel (`_warm_push_relabel`) on one preflow that is *kept* from sink to sink (``wres``, a private
-copy of the capacities made on first use, and the excesses ``ex``): every arc out of the source is saturated
-once; a node's excess is pushed along admissible residual arcs (forward down a row, reverse up a column),
-labels are exact after each global relabel (`_global_labels`, a BFS from the sink reading rows only, at the
-start of every sink and after as many relabels as there are nodes). When the sink moves from ``j'`` to ``j``,
-``(0, j')`` becomes an ordinary node whose excess (the flow it received) is pushed back and rerouted; nothing
-else changes, so only the part of the flow that must change is touched. Exactness: a preflow is a preflow for
-any sink, and the first phase of push-relabel from any preflow with valid labels ends with the maximum preflow,
-whose excess at the sink is the max-flow value (min cut: the nodes that cannot reach the sink in the residual
-network, arcs with at most ``eps`` left counting as saturated, as in the Dinic phases); it also stops once the
-sink's excess is within ``tol`` of the `live_bound`. Nodes: those reachable from the source that reach the sink
-or hold flow from an earlier sink (`_warm_nodes`). Once a sink goes to the warm solver, the next ``_RETRY - 1``
-sinks go straight there (phase one would mostly fall short again); then phase one is tried again.
-Measured at 12 x 512 tokens, flow from the last token, peaked/local heads (``benchmarks/bench_causal.py`` kind b):
-22 s against 60-80 s for phase one plus Dinic phases (on a loaded 2-core machine); on near-uniform and mixed heads
-phase one certifies almost every sink and little changes. Where the time still goes on kind b: FIFO discharges
-(~1.2e5 pushes per far sink, ~4,000 relabels each scanning every arc of the node); highest-label selection was
-measured 2x slower here, more frequent global relabels slower too.
+taken from the last to the first, and phase one (run here with residuals down to ``eps`` counted: far sinks of
+peaked, local heads otherwise fall short by ~1e-11, the sum of the arcs below ``tol``) still settles most of
+them. A sink it does not certify gets Dinic phases from phase one's flow, unless it is the third such sink in a
+row and its network has at least ``warm_nodes`` nodes: then it, and the next ``_RETRY - 1`` sinks without
+trying phase one, go to the first phase of FIFO push-relabel (`_warm_push_relabel`) on one preflow *kept* from
+sink to sink (``wres``, a private copy of the capacities made on first use, and the excesses ``ex``). Every arc
+out of the source is saturated once; a node's excess is pushed along admissible residual arcs (forward down a
+row, reverse up a column); labels are exact after each global relabel (`_global_labels`: `_row_bfs_labels`,
+rows only, at the start of every sink and after as many relabels as there are nodes). When the sink moves from
+``j'`` to ``j``, ``(0, j')`` becomes an ordinary node whose excess (the flow it received) is pushed back and
+rerouted; nothing else changes, so only the part of the flow that must change is touched. Exactness: a preflow
+for one sink is a preflow for any other, and the first phase of push-relabel from any preflow with valid labels
+ends with a maximum preflow, whose excess at the sink is the max-flow value (the min cut: the nodes that cannot
+reach the sink in the residual network, arcs with at most ``eps`` left counting as saturated, as in the Dinic
+phases); it also stops once the sink's excess is within ``tol`` of the `live_bound`. Nodes: those reachable from
+the source that reach the sink or hold flow from an earlier sink (`_warm_nodes`).
+Measured (12 layers, flow from the last token, one loaded 2-core machine; ``benchmarks/bench_causal.py``): on
+peaked, local heads at 512 tokens 15-18 s against 60-80 s for phase one plus Dinic phases (phase one alone, over
+every sink, costs ~13 s there: each far sink's flow spreads over ~1e5 small arcs, cold); near-uniform and mixed
+heads at 1,024 tokens are unchanged (~1.1 s). Tried and slower: highest-label selection (2x), more frequent
+global relabels, warm Dinic (the flow moved to the next sink, the excess cancelled back to the source, then
+Dinic phases: 1.5x slower than cold), cold push-relabel per sink (1.6x slower than Dinic phases).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import numpy as np
 from numba import njit
 
 _RETRY = 16  # see `pruned_source_flows`
+_STREAK = 2
 
 # The hot loops below are written out by hand, without helper functions taking arrays: numba would add an
 # atomic reference-count increment and decrement around every such call, which cost about half the run time.
@@ -855,7 +859,7 @@ def _warm_push_relabel(cap, res, top, s, j, bound, eps, tol, work, ex, touched):
 
 @njit(cache=True, nogil=True)
 def pruned_source_flows(
-    cap, res, top, s, span, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done, mode
+    cap, res, top, s, span, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done, mode, warm_nodes
 ):
     """``out[j]`` = max-flow from ``(top, s)`` to ``(0, j)`` for every ``j`` in ``sinks``; ``res == cap`` on
     entry and again on return.
@@ -884,7 +888,8 @@ def pruned_source_flows(
     wres = np.empty((0, n, n))  # the warm preflow, made on first use
     ex = np.zeros((top + 1) * n)
     touched = np.zeros((top + 1) * n, dtype=np.int64)
-    skip = 0  # sinks left to send straight to the warm push-relabel (mode 1) after phase one fell short
+    skip = 0  # sinks left to send straight to the warm push-relabel (mode 1)
+    streak = 0  # sinks in a row that phase one did not certify (mode 1)
     for p in range(sinks.size - 1, -1, -1):
         j = sinks[p]
         c = j if cached else 0
@@ -898,8 +903,18 @@ def pruned_source_flows(
             continue
         warm = mode == 2 or (mode == 1 and skip > 0)
         if not warm:
-            total, log_len = _phase_one(cap, res, top, s, j, reach, span, bound, tol, work, lim, got, col, log)
-            if total < bound - tol and mode == 0:
+            # mode 1: residuals down to eps count (more sinks certified: far sinks of peaked, local heads fall
+            # short by ~1e-11 when the arcs below tol are left out)
+            low = tol if mode == 0 else eps
+            total, log_len = _phase_one(cap, res, top, s, j, reach, span, bound, low, work, lim, got, col, log)
+            streak = streak + 1 if total < bound - tol else 0
+            if streak > _STREAK and mode == 1:  # big enough for the warm solver to pay?
+                size = 0
+                for lay in range(1, top):
+                    size += lives[c, lay]
+                if size < warm_nodes:
+                    streak = _STREAK
+            if total < bound - tol and (mode == 0 or streak <= _STREAK):
                 if not (cached and done[c, 1]):
                     pruned_sink_chain(cap, j, reach, chains[c], work[7], work[8])
                     done[c, 1] = cached
@@ -907,7 +922,7 @@ def pruned_source_flows(
                     cap, res, top, s, j, reach, q, chains[c], col, total, bound, eps, tol, work, log, log_len, True
                 )
             _restore(cap, res, top, j, log, log_len)
-            if mode == 0 or total >= bound - tol:
+            if mode == 0 or streak <= _STREAK:
                 out[j] = total
                 continue
             skip = _RETRY

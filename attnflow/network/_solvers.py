@@ -12,10 +12,11 @@ tokens. The flow value ``F[s, j]`` is the max-flow from ``(L, s)`` to ``(0, j)``
              nodes that can reach its sink (under causal attention the tokens at or after it), and its first
              bound is cheap (``O(L n)``: the source's tree bounds summed over those nodes, layer by layer);
              the sharper bound from the sink's own tree bounds (``O(L n^2)`` per sink) is computed only for
-             the pairs the first one does not settle, and kept across sources. A sink that phase one does
-             not certify (and the next 15, without trying) goes to push-relabel on one preflow kept from
-             sink to sink of the same source (warm starts: only the part of the flow that must change for
-             the next sink is touched; see `attnflow.network._dinic`). Sources run in ``n_jobs`` threads
+             the pairs the first one does not settle, and kept across sources. The sinks phase one does
+             not certify get Dinic phases, except in long runs of such sinks on large networks (far sinks of
+             peaked, local heads): those go to push-relabel on one preflow kept from sink to sink of the same
+             source (warm starts: only the part of the flow that must change for the next sink is touched;
+             see `attnflow.network._dinic`). Sources run in ``n_jobs`` threads
              (the kernel releases the GIL).
 ``"dinic-v1"`` the first compiled kernel, kept as the speed reference: the same phases on the whole network,
              with the sink tree bounds computed for every sink it meets (``O(L n^3)`` for one source: about
@@ -72,6 +73,10 @@ _PAIR_OVERHEAD_SECONDS = 1e-6
 # pruned solver as it was before the warm starts), 1 warm push-relabel across sinks (default), 2 warm
 # push-relabel for every sink. Tests set it to check each path.
 _SINK_STRATEGY = 1
+# Strategy 1 sends a sink to the warm solver only when its network (the nodes that reach it, layers 1..T-1) has
+# at least this many nodes: on smaller ones Dinic phases from phase one's flow are cheaper (measured on
+# near-uniform causal heads at 12 x 1,024, whose uncertified sinks are the ~100 next to the source).
+_WARM_NODES = 2048
 
 
 def max_flow_values(
@@ -371,7 +376,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
             kernel.pruned_source_flows(
                 adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
-                _SINK_STRATEGY,
+                _SINK_STRATEGY, _WARM_NODES,
             )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
