@@ -28,7 +28,7 @@ Warm push-relabel across sinks (the default solver's answer to that, issue 24): 
 taken from the last to the first, and phase one (run here with residuals down to ``eps`` counted: far sinks of
 peaked, local heads otherwise fall short by ~1e-11, the sum of the arcs below ``tol``) still settles most of
 them. A sink it does not certify gets Dinic phases from phase one's flow, unless it is the third such sink in a
-row and its network has at least ``warm_nodes`` nodes: then it, and the next ``_RETRY - 1`` sinks without
+row and its network is at least ``warm_width`` nodes wide on average over layers ``1..top - 1``: then it, and the next ``_RETRY - 1`` sinks without
 trying phase one, go to the first phase of FIFO push-relabel (`_warm_push_relabel`) on one preflow *kept* from
 sink to sink (``wres``, a private copy of the capacities made on first use, and the excesses ``ex``). Every arc
 out of the source is saturated once; a node's excess is pushed along admissible residual arcs (forward down a
@@ -859,7 +859,7 @@ def _warm_push_relabel(cap, res, top, s, j, bound, eps, tol, work, ex, touched):
 
 @njit(cache=True, nogil=True)
 def pruned_source_flows(
-    cap, res, top, s, span, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done, mode, warm_nodes
+    cap, res, top, s, span, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done, mode, warm_width
 ):
     """``out[j]`` = max-flow from ``(top, s)`` to ``(0, j)`` for every ``j`` in ``sinks``; ``res == cap`` on
     entry and again on return.
@@ -908,11 +908,11 @@ def pruned_source_flows(
             low = tol if mode == 0 else eps
             total, log_len = _phase_one(cap, res, top, s, j, reach, span, bound, low, work, lim, got, col, log)
             streak = streak + 1 if total < bound - tol else 0
-            if streak > _STREAK and mode == 1:  # big enough for the warm solver to pay?
+            if streak > _STREAK and mode == 1:  # wide enough for the warm solver to pay?
                 size = 0
                 for lay in range(1, top):
                     size += lives[c, lay]
-                if size < warm_nodes:
+                if size < warm_width * (top - 1):
                     streak = _STREAK
             if total < bound - tol and (mode == 0 or streak <= _STREAK):
                 if not (cached and done[c, 1]):

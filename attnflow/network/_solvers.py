@@ -73,10 +73,10 @@ _PAIR_OVERHEAD_SECONDS = 1e-6
 # pruned solver as it was before the warm starts), 1 warm push-relabel across sinks (default), 2 warm
 # push-relabel for every sink. Tests set it to check each path.
 _SINK_STRATEGY = 1
-# Strategy 1 sends a sink to the warm solver only when its network (the nodes that reach it, layers 1..T-1) has
-# at least this many nodes: on smaller ones Dinic phases from phase one's flow are cheaper (measured on
-# near-uniform causal heads at 12 x 1,024, whose uncertified sinks are the ~100 next to the source).
-_WARM_NODES = 2048
+# Strategy 1 sends a sink to the warm solver only when its network (the nodes that reach it, layers 1..T-1) is
+# at least this many nodes wide on average: on narrower ones Dinic phases from phase one's flow are cheaper
+# (measured on near-uniform causal heads at 12 x 1,024, whose uncertified sinks are the ~120 next to the source).
+_WARM_WIDTH = 192
 
 
 def max_flow_values(
@@ -376,7 +376,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
             kernel.pruned_source_flows(
                 adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
-                _SINK_STRATEGY, _WARM_NODES,
+                _SINK_STRATEGY, _WARM_WIDTH,
             )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
