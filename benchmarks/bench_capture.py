@@ -7,7 +7,9 @@ Ratios, one thread, runs interleaved (eager, sdpa, capture, fused capture, ... i
   and the trace's validation add to the pass that computes the same weights;
 * ``fused / eager``: the same capture with ``head_fusion="mean"`` (one map per layer);
 * ``fused16 / eager``: ``head_fusion="mean", dtype="float16"``;
-* ``capture / sdpa``: against the model's default fused attention, which never materialises the weights.
+* ``capture / sdpa``: against the model's default fused attention, which never materialises the weights;
+* ``capture / eager0``: against the same eager forward without ``output_attentions`` (the weights are computed
+  but not returned: transformers' collection of them costs time of its own, up to a fifth at 4 x 512).
 
 Models: the packaged MiniLM (all-MiniLM-L6-v2: 6 layers, 12 heads, width 384) at 4 x 512, 8 x 128 and 1 x 256
 tokens (random token ids; the 4 x 512 batch is padded: items of 512, 448, 384 and 300 real tokens), and a
@@ -82,8 +84,10 @@ def inputs(batch: int, tokens: int, vocab: int, lengths: tuple[int, ...] | None 
 
 def timed(run: Callable[[], Any]) -> float:
     start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    result = run()
+    seconds = time.perf_counter() - start
+    del result
+    return seconds
 
 
 def measure(eager: Any, sdpa: Any, batch: dict[str, Any], repeats: int) -> dict[str, float]:
@@ -98,6 +102,7 @@ def measure(eager: Any, sdpa: Any, batch: dict[str, Any], repeats: int) -> dict[
 
     contestants = {
         "eager": forward(eager, output_attentions=True),
+        "eager0": forward(eager),
         "sdpa": forward(sdpa),
         "capture": lambda: attnflow.capture(eager, **batch),
         "fused": lambda: attnflow.capture(eager, head_fusion="mean", **batch),
@@ -108,7 +113,7 @@ def measure(eager: Any, sdpa: Any, batch: dict[str, Any], repeats: int) -> dict[
     times: dict[str, list[float]] = {name: [] for name in contestants}
     for _ in range(repeats):
         for name, run in contestants.items():
-            times[name].append(timed(run))
+            times[name].append(timed(run))  # what run() returned is freed after the clock stops
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -117,7 +122,8 @@ def report(label: str, seconds: dict[str, float]) -> None:
     print(
         f"{label:<34} eager {eager:7.3f} s  sdpa {sdpa:7.3f} s | capture/eager {seconds['capture'] / eager:5.2f}x  "
         f"fused/eager {seconds['fused'] / eager:5.2f}x  fused16/eager {seconds['fused16'] / eager:5.2f}x | "
-        f"capture/sdpa {seconds['capture'] / sdpa:5.2f}x  fused/sdpa {seconds['fused'] / sdpa:5.2f}x",
+        f"capture/sdpa {seconds['capture'] / sdpa:5.2f}x  fused/sdpa {seconds['fused'] / sdpa:5.2f}x | "
+        f"capture/eager0 {seconds['capture'] / seconds['eager0']:5.2f}x",
         flush=True,
     )
 
