@@ -7,12 +7,10 @@ attnflow captures both sides (the ``transformers`` adapter on one, the ``penzai`
 same padded batch, with ``target=`` (a vocabulary logit at each item's last real token), ``values=True`` and
 ``value_zeroing=True`` where the side can, and compares every method both sides can compute, after every
 layer: the attention of every layer and head, rollout, flow, and ``attn_grad``, ``grad_rollout``, ``norm``,
-``norm_residual``, ``alti``, ``value_zeroing``, ``effective_attention`` (GPT-NeoX: the transformers adapter has
-no value map for its fused, per-head interleaved query-key-value projection and parallel residual, so its
-value-side methods are compared in ``tests/test_penzai_methods.py`` against tensors read from the Hugging Face
-modules instead). Each comparison runs in float64 on both sides (tolerance 1e-9) and in float32 (1e-5; value
-zeroing :data:`VALUE_ZEROING_FLOAT32`, measured; and the value-side methods in float64 :data:`FLOAT32_EXTRAS`, as the
-transformers adapter stores value tensors in float32). Run it: ``python examples/compare_hf_penzai.py`` (prints the table;
+``norm_residual``, ``alti``, ``value_zeroing``, ``effective_attention`` (GPT-NeoX's fused, per-head
+interleaved query-key-value projection and parallel residual through the transformers adapter's GPT-NeoX value
+map). Each comparison runs in float64 on both sides (tolerance 1e-9) and in float32 (1e-5; value
+zeroing :data:`VALUE_ZEROING_FLOAT32`, measured). Run it: ``python examples/compare_hf_penzai.py`` (prints the table;
 exit status 0 when every difference is within its tolerance).
 
 penzai's converters know float32 and bfloat16 models only: the float64 penzai model is the float32 conversion
@@ -64,11 +62,6 @@ TOLERANCE = {"float64": 1e-9, "float32": 1e-5}
 #: The float32 tolerance of value zeroing: measured 1.0e-7 on these models (a cosine distance of outputs that
 #: differ little is a small difference of nearly equal float32 numbers), allowed ten times that.
 VALUE_ZEROING_FLOAT32 = 1e-6
-#: Methods whose float64 comparison is bounded by the transformers adapter: it stores the value-side extras in
-#: float32 whatever the model's dtype (``.float()`` in ``adapters/_values.py``), so these differ by float32
-#: rounding (measured 1.9e-8); the penzai side's float64 extras match float64 tensors read from the Hugging Face
-#: modules to 1e-12 (``tests/test_penzai_methods.py``).
-FLOAT32_EXTRAS = {"norm": 1e-7, "norm_residual": 1e-7, "alti": 1e-7, "effective_attention": 1e-7}
 TARGET = 5  # the vocabulary logit whose gradient target= records
 _UNKNOWN_TO_PENZAI = ("rope_parameters", "dtype", "to_dict")  # transformers-5 config keys the converter refuses
 
@@ -234,9 +227,7 @@ def penzai_inputs(ids: np.ndarray, real: np.ndarray) -> tuple[tuple, dict]:
 
 def capture_pair(hf_model: torch.nn.Module, penzai_model: pz.nn.Layer, ids: np.ndarray, real: np.ndarray,
                  methods: Sequence[str] = METHODS) -> tuple[attnflow.AttentionTrace, attnflow.AttentionTrace]:
-    """Both sides captured on the same batch, each with what ``methods`` need that it can capture (the
-    transformers adapter records values and value zeroing for the families it has a value map for)."""
-    value_side = isinstance(hf_model, (transformers.MistralForCausalLM, transformers.LlamaForCausalLM))
+    """Both sides captured on the same batch, each with what ``methods`` need."""
     wanted = {"values": any(m in methods for m in ("norm", "norm_residual", "alti", "effective_attention")),
               "value_zeroing": "value_zeroing" in methods}
     target = {"target": TARGET} if any(m in methods for m in ("attn_grad", "grad_rollout")) else {}
@@ -244,7 +235,7 @@ def capture_pair(hf_model: torch.nn.Module, penzai_model: pz.nn.Layer, ids: np.n
     with in_float64:
         torch_trace = attnflow.capture(hf_model, input_ids=torch.from_numpy(ids),
                                        attention_mask=torch.from_numpy(real.astype(np.int64)), **target,
-                                       **{k: v and value_side for k, v in wanted.items()})
+                                       **wanted)
     args, kwargs = penzai_inputs(ids, real)
     jax_trace = attnflow.capture(penzai_model, *args, **kwargs, **target, **wanted)
     return torch_trace, jax_trace
@@ -283,7 +274,7 @@ def compare(name: str, hf_model: torch.nn.Module, penzai_model: pz.nn.Layer, ids
 
 def tolerance(method: str, dtype: str) -> float:
     if dtype == "float64":
-        return FLOAT32_EXTRAS.get(method, TOLERANCE[dtype])
+        return TOLERANCE[dtype]
     return VALUE_ZEROING_FLOAT32 if method == "value_zeroing" else TOLERANCE[dtype]
 
 
