@@ -148,3 +148,17 @@ def python_sigint():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="module")
+def jax_quick_compile():
+    """XLA compiles with most optimisations off (``jax_disable_most_optimizations``) for a module's tests, put
+    back afterwards: the tiny models here run in microseconds and JAX compiles every new shape, often op by op,
+    so compilation dominates and its optimisation passes are wasted (about a quarter less CPU time on
+    tests/test_faithfulness_jax.py). Results stay within float rounding (no fast-math either way)."""
+    import jax
+
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

@@ -27,6 +27,7 @@ from test_flaxmodels import _JaxNumpyWithNewshape  # flaxmodels 0.1.3's newshape
 import attnflow
 
 TARGET = 5  # the vocabulary logit explained, at each item's last real token
+pytestmark = pytest.mark.usefixtures("jax_quick_compile")  # compilation is most of these tests' time
 
 
 def _replacing(kind, method, embeds, name=None):
@@ -50,10 +51,11 @@ def _check(report, mask, score, embedded):
     def direct(b, e):
         return float(score(b, e))
 
+    gradient = jax.jit(jax.grad(score, argnums=1))  # compiled once for every item (b is traced, as in score)
     for b in range(mask.shape[0]):
         n = int(mask[b].sum())
         e = embedded[b]
-        grad = jax.grad(lambda x, b=b: score(b, x))(e)
+        grad = gradient(b, e)
         base = direct(b, e)
         assert report.base[b] == pytest.approx(base, rel=1e-5, abs=1e-5)
         for j in range(n):
