@@ -17,6 +17,10 @@ Private to attnflow.adapters; torch is passed in. Per recorded attention layer i
                                                  parallel residual, GPT-NeoX's ``x + attn(ln1(x)) +
                                                  mlp(ln2(x))``: ``residual`` plus the attention block's
                                                  output, the feed-forward branch left out)
+``post_norm_input``  (batch, queries, d_model)   sandwich pre-LN only (Gemma 2/3): the input of the norm
+                                                 the attention output passes before the residual add;
+                                                 ``post_norm_weight`` (1, d_model) its effective scale
+                                                 (``offset + weight``), ``post_norm_eps`` (1,)
 =================  ===========================  =====================================================
 
 and ``values_layout`` (``"post_ln"`` or ``"pre_ln"``) to the trace's metadata. Cross-attention layers
@@ -59,6 +63,9 @@ class ValueMap:
             ``x + attn(ln1(x)) + mlp(ln2(x))`` (GPT-NeoX, GPT-J): the stream after attention is then the
             residual plus ``out``'s output, and ``block_output`` is not read; a string names the config flag
             that says so per model (``"use_parallel_residual"``), ``block_output`` serving where it is false.
+        post_attention_norm: pre-LN "sandwich" blocks (Gemma 2 and 3): the RMSNorm the attention output passes
+            before the residual add, ``y = x + rms_norm(attn(ln1(x)))`` (``"post_attention_layernorm"``); its
+            scale is ``post_attention_norm_offset + weight`` (Gemma's convention ``1 + weight``: offset 1.0).
     """
 
     attention: str
@@ -72,6 +79,8 @@ class ValueMap:
     block_output: str | None = None
     cross: ValueMap | None = None
     parallel_residual: bool | str = False
+    post_attention_norm: str | None = None
+    post_attention_norm_offset: float = 0.0
 
 
 _BERT = ValueMap(
@@ -124,6 +133,13 @@ _SEGFORMER_BLOCK = ValueMap(
     block_output="layernorm_after", layout="pre_ln",
 )
 _SEGFORMER = dataclasses.replace(_SEGFORMER_BLOCK, cross=_SEGFORMER_BLOCK)
+# Gemma 2 and 3: pre-LN with a "sandwich" RMSNorm (x / rms(x) * (1 + weight)) on the attention output before the
+# residual add; the stream after attention enters pre_feedforward_layernorm.
+_GEMMA2 = ValueMap(
+    attention="self_attn", value="self_attn.v_proj", out="self_attn.o_proj", residual="input_layernorm",
+    block_output="pre_feedforward_layernorm", post_attention_norm="post_attention_layernorm",
+    post_attention_norm_offset=1.0, layout="pre_ln",
+)
 #: ``config.model_type`` -> where its layers keep values, projections and norms (add one: register_value_map).
 VALUE_MAPS: dict[str, ValueMap] = {
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
@@ -131,6 +147,7 @@ VALUE_MAPS: dict[str, ValueMap] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
     "bart": _BART, "marian": _BART, "mbart": _MBART,
     "gpt_neox": _GPT_NEOX, "gptj": _GPTJ, "segformer": _SEGFORMER,
+    "gemma2": _GEMMA2, "gemma3_text": _GEMMA2,
 }
 
 
@@ -173,6 +190,7 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
         parts = {name: _find(modules, layer, relative) for name, relative in (
             ("value", layout.value), ("out", layout.out), ("residual", layout.residual),
             ("norm", layout.norm), ("block_output", None if parallel else layout.block_output),
+            ("post_norm", layout.post_attention_norm),
         ) if relative is not None}
         missing = [name for name, module in parts.items() if module is None]
         if missing:
@@ -202,6 +220,8 @@ def install(model: Any, targets: list[tuple[str, Any, str, int]], passes: common
             common.register(handles, parts["block_output"].register_forward_pre_hook, keep(layer, "block_output", True))
         elif "norm" not in parts:  # a parallel residual: the stream after attention is the residual plus this
             common.register(handles, parts["out"].register_forward_hook, keep(layer, "attention_output", False))
+        if "post_norm" in parts:
+            common.register(handles, parts["post_norm"].register_forward_pre_hook, keep(layer, "post_norm_input", True))
 
     def finish(p: common.TorchPass) -> None:
         kept = p.state.values
@@ -296,6 +316,13 @@ def _extras(layout: ValueMap, parts: dict[str, Any], seen: dict[str, list[Any]],
         extras["block_output"] = take("block_output").cpu().numpy()
     else:  # a parallel residual: x + attn(ln1(x)), the feed-forward branch left out
         extras["block_output"] = (take("residual") + take("attention_output")).cpu().numpy()
+    if "post_norm" in parts:
+        norm = parts["post_norm"]
+        extras.update(
+            post_norm_input=take("post_norm_input").cpu().numpy(),
+            post_norm_weight=(layout.post_attention_norm_offset + _wide(norm.weight.detach()).cpu().numpy())[None],
+            post_norm_eps=np.array([float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))], np.float64),
+        )
     return extras
 
 
@@ -359,6 +386,18 @@ def _check_map(value_map: Any, where: str) -> None:
             f"{where}: a {value_map.layout} map needs {needed} (see ValueMap's docstring)"
             + (" for the models whose parallel_residual flag is false." if parallel else ".")
         )
+    if value_map.post_attention_norm is not None and (value_map.layout != "pre_ln" or parallel):
+        raise attnflow.OptionError(
+            f"{where}: post_attention_norm describes a sandwich pre-LN block, x + norm(attn(ln1(x))) (Gemma 2/3); "
+            "use layout='pre_ln' without parallel_residual, or leave post_attention_norm None."
+        )
+    if value_map.post_attention_norm is not None and not isinstance(value_map.post_attention_norm, str):
+        raise attnflow.OptionError(f"{where}: post_attention_norm must be a module path relative to the layer, got "
+                                   f"{value_map.post_attention_norm!r}.")
+    if not isinstance(value_map.post_attention_norm_offset, (int, float)) or isinstance(
+            value_map.post_attention_norm_offset, bool):
+        raise attnflow.OptionError(f"{where}: post_attention_norm_offset must be a number (Gemma's 1 + weight: 1.0), "
+                                   f"got {value_map.post_attention_norm_offset!r}.")
     if value_map.value_part not in _PARTS:
         raise attnflow.OptionError(f"{where}: value_part must be one of {list(_PARTS)}, got {value_map.value_part!r}.")
     if value_map.out_kind not in ("linear", "conv1d"):

@@ -140,6 +140,10 @@ def test_parallel_and_fused_per_head_values_follow_the_papers(family):
      "parallel_residual describes a pre-LN block"),
     (ValueMap(attention="a", value="v", out="o", residual="r", layout="pre_ln", parallel_residual="use_parallel"),
      "needs block_output .*for the models whose parallel_residual flag is false"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="post_ln", norm="n", post_attention_norm="p"),
+     "post_attention_norm describes a sandwich pre-LN block"),
+    (ValueMap(attention="a", value="v", out="o", residual="r", layout="pre_ln", block_output="b",
+              post_attention_norm="p", post_attention_norm_offset="1"), "post_attention_norm_offset must be a number"),
 ])
 def test_malformed_maps_are_refused_naming_the_field(value_map, message):
     with pytest.raises(attnflow.OptionError, match=message):
@@ -170,3 +174,115 @@ def test_flax_twin_validates_and_registers():
     finally:
         _flax_methods.VALUE_MAPS.clear()
         _flax_methods.VALUE_MAPS.update(saved)
+
+
+@pytest.fixture(scope="module")
+def gemma2():
+    """A tiny Gemma 2 in float64: batch 2 (7 and 5 real tokens, right-padded), 3 layers (sliding and global),
+    4 query heads over 2 KV heads of size 6, hidden 20, feed-forward 11; soft-capping at its defaults."""
+    import torch
+    import transformers
+
+    torch.manual_seed(5)
+    config = transformers.Gemma2Config(
+        vocab_size=31, hidden_size=20, intermediate_size=11, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=6, max_position_embeddings=16, sliding_window=3, pad_token_id=0,
+        initializer_range=0.3, attn_implementation="eager",
+    )
+    model = transformers.Gemma2ForCausalLM(config).double().eval()
+    with torch.no_grad():  # Gemma's norms scale by (1 + weight): weights away from 0, so the offset matters
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(-0.5, 0.5)
+    kwargs = {"input_ids": torch.tensor([[3, 9, 4, 17, 22, 8, 5], [6, 11, 27, 2, 14, 0, 0]]),
+              "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])}
+    return model, kwargs
+
+
+def _rms(x, scale, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+
+
+def test_gemma2_sandwich_norm_follows_the_papers(gemma2):
+    """Gemma 2: pre-LN with the attention output through an RMSNorm (scale 1 + weight) before the residual add,
+    y_i = x_i + g ⊙ a_i / rms(a_i); the norm's denominator a constant of the pass (Kobayashi et al., 2021), so
+    T_i(x_j) = Σ_h α^h_ij g ⊙ f^h(x_j) / rms(a_i) + δ_ij x_i. norm, norm_residual and ALTI against a float64
+    reimplementation from the model's own eager attention and hidden states, grouped-query heads."""
+    import torch
+    from test_methods import alti_rows
+
+    model, kwargs = gemma2
+    trace = attnflow.capture(model, values=True, **kwargs)
+    assert trace.metadata["values_layout"] == "pre_ln"
+    e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
+    with torch.no_grad():
+        out = model(**kwargs, output_attentions=True, output_hidden_states=True)
+    config, tol = model.config, 2e-6  # Gemma's norms and softmax compute in float32 inside the float64 model
+    heads, kv_heads, size = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    for b in range(2):
+        keep = np.flatnonzero(kwargs["attention_mask"][b].numpy())
+        joint = np.eye(keep.size)
+        for li, layer in enumerate(model.model.layers):
+            p = {name: t.detach().numpy() for name, t in layer.named_parameters()}
+            x = out.hidden_states[li][b][keep].numpy()
+            a = out.attentions[li][b][:, keep][:, :, keep].numpy()
+            h = _rms(x, 1 + p["input_layernorm.weight"], config.rms_norm_eps)
+            v = (h @ p["self_attn.v_proj.weight"].T).reshape(-1, kv_heads, size)
+            w_o = p["self_attn.o_proj.weight"].T.reshape(heads, size, -1)
+            f = np.stack([v[:, q // (heads // kv_heads)] @ w_o[q] for q in range(heads)])  # (H, keys, d)
+            attention_output = np.einsum("hij,hjd->id", a, f)
+            rho = np.sqrt((attention_output ** 2).mean(-1) + config.rms_norm_eps)
+            g = 1 + p["post_attention_layernorm.weight"]
+            moved = np.einsum("hij,hjd->ijd", a, f) * g / rho[:, None, None]
+            shares = moved.copy()
+            shares[np.arange(keep.size), np.arange(keep.size)] += x
+            y = x + attention_output * g / rho[:, None]  # the stream after attention
+            cell = np.ix_(keep, keep)
+            np.testing.assert_allclose(e.layers("norm")[li, b][cell], np.linalg.norm(moved, axis=-1), atol=tol)
+            np.testing.assert_allclose(e.layers("norm_residual")[li, b][cell], np.linalg.norm(shares, axis=-1),
+                                       atol=tol)
+            joint = alti_rows(shares, y) @ joint
+            np.testing.assert_allclose(e.layers("alti")[li, b][cell], joint, atol=tol)
+            total, output = decomposition_identity(trace, li, b)
+            np.testing.assert_allclose(total, output, atol=tol)  # Σ_j T_i(x_j) = the recorded stream after attention
+            np.testing.assert_allclose(output, y, atol=tol)
+
+
+def test_gemma2_value_zeroing_equals_zeroing_each_token_in_the_model(gemma2):
+    """value_zeroing (Mohebbi et al., 2023) on Gemma 2: each layer's output with token j's value vectors zeroed
+    (a hook on v_proj in the test), as 1 - cosine to the original output."""
+    import torch
+
+    model, kwargs = gemma2
+    trace = attnflow.capture(model, value_zeroing=True, **kwargs)
+    tokens = kwargs["input_ids"].shape[1]
+
+    def layer_outputs(li, zero=None):
+        layer, seen = model.model.layers[li], []
+        hooks = [layer.register_forward_hook(lambda m, args, output: seen.append(output[0] if isinstance(
+            output, tuple) else output))]
+        if zero is not None:
+            def zeroing(module, args, output):
+                output = output.clone()
+                output[:, zero] = 0.0
+                return output
+            hooks.append(layer.self_attn.v_proj.register_forward_hook(zeroing))
+        try:
+            with torch.no_grad():
+                model(**kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen[0].numpy()
+
+    for li in range(model.config.num_hidden_layers):
+        original = layer_outputs(li)
+        zeroed = np.stack([layer_outputs(li, j) for j in range(tokens)], axis=-2)  # (batch, queries, zeroed j, d)
+        with np.errstate(invalid="ignore", divide="ignore"):  # padded rows may be zero: cropped below
+            cosine = (zeroed * original[:, :, None]).sum(-1) / np.linalg.norm(zeroed, axis=-1) / np.linalg.norm(
+                original, axis=-1)[..., None]
+        for b in range(2):
+            keep = np.flatnonzero(kwargs["attention_mask"][b].numpy())
+            expected = np.tril(np.maximum(1 - cosine[b], 0))[np.ix_(keep, keep)]
+            np.testing.assert_allclose(trace.layers[li].extras["value_zeroing"][b][np.ix_(keep, keep)], expected,
+                                       atol=1e-6)

@@ -9,6 +9,13 @@ For item ``b`` of a layer with value extras (see ``attnflow.adapters._values``),
   ``L(z) = (z - mean(z)) ⊙ γ`` and ``σ_i`` the norm's standard deviation of token ``i``; pre-LN, the residual
   stream itself: ``T_i(x_j) = Σ_h α^h_ij f^h(x_j) + δ_ij x_i``. Then ``Σ_j T_i(x_j) + bias terms`` is the
   block's output ``y_i`` (the norm's output, or the residual stream before the second norm).
+* "Sandwich" pre-LN (Gemma 2 and 3): the attention output ``a_i = Σ_j Σ_h α^h_ij f^h(x_j) + b_O`` passes an
+  RMSNorm before the residual add, ``y_i = x_i + g ⊙ a_i / ρ_i`` with ``ρ_i = sqrt(mean(a_i²) + ε)``. As
+  Kobayashi et al. (2021) treat a norm's denominator as a constant of the forward pass, it is linear in the
+  terms: ``f^h(x_j)`` becomes ``g ⊙ f^h(x_j) / ρ_i`` (in ``moved``, so ``norm`` measures what reaches the
+  residual stream) and ``T_i(x_j) = Σ_h α^h_ij g ⊙ f^h(x_j) / ρ_i + δ_ij x_i``; the bias term ``g ⊙ b_O / ρ_i``.
+  Recorded as the extras ``post_norm_input`` (``a``), ``post_norm_weight`` (``g``, the effective scale: Gemma's
+  ``1 + weight`` already added) and ``post_norm_eps``.
 
 A cross-attention layer (an encoder-decoder's decoder) mixes the key stream's vectors (the encoder's output
 ``e_j``) into the query stream's residual ``x_i``: as in ALTI+ (Ferrando et al., 2022b) the residual is one
@@ -87,10 +94,18 @@ class Block:
         else:
             _check(layer, ("block_output",))
             self.output = item("block_output")[rows]
+        self.post_scale: np.ndarray | None = None  # g / ρ_i of a sandwich norm: (q, d_model)
+        if "post_norm_input" in e:
+            _check(layer, ("post_norm_weight", "post_norm_eps"))
+            a = item("post_norm_input")[rows]
+            rho = np.sqrt((a * a).mean(axis=-1) + float(item("post_norm_eps")))
+            self.post_scale = item("post_norm_weight")[None, :] / rho[:, None]
 
     def moved(self, rows: slice) -> np.ndarray:
-        """``Σ_h α^h_ij f^h(x_j)`` for query rows ``rows``: ``(rows, keys, d_model)``."""
-        return np.einsum("hqk,hke->qke", self.attention[:, rows], self.transformed)
+        """``Σ_h α^h_ij f^h(x_j)`` for query rows ``rows``: ``(rows, keys, d_model)`` (through a sandwich norm's
+        ``g / ρ_i`` where there is one)."""
+        moved = np.einsum("hqk,hke->qke", self.attention[:, rows], self.transformed)
+        return moved if self.post_scale is None else moved * self.post_scale[rows][:, None, :]
 
     def shares(self, rows: slice) -> np.ndarray:
         """``T_i(x_j)`` for query rows ``rows``: ``(rows, keys, d_model)``; for a cross-attention layer
@@ -109,6 +124,8 @@ class Block:
     def bias_terms(self) -> np.ndarray:
         """What the block's output has beside ``Σ_j T_i(x_j)``: ``(queries, d_model)``."""
         if self.layout == "pre_ln":
+            if self.post_scale is not None:
+                return self.out_bias * self.post_scale
             return np.broadcast_to(self.out_bias, self.output.shape)
         centred = self.out_bias - self.out_bias.mean()
         return centred * self.norm_weight / self.sigma[:, None] + self.norm_bias
