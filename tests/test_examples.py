@@ -54,8 +54,8 @@ def _example_process(cwd: Path, argv: list[str]):
         torch.random.set_rng_state(rng)
         torch.set_num_threads(threads)
         np.set_printoptions(**printoptions)
-        for name in set(sys.modules) - saved_modules:  # the example's own modules (train_decoder, flax_bert, sva)
-            if str(EXAMPLES_DIR) in str(getattr(sys.modules[name], "__file__", None) or ""):
+        for name in set(sys.modules) - saved_modules:  # the modules next to it (train_decoder, flax_bert, sva)
+            if Path(getattr(sys.modules[name], "__file__", None) or "/").resolve().parent == Path(argv[0]).resolve().parent:
                 del sys.modules[name]
 
 
