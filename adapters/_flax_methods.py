@@ -15,7 +15,8 @@ Value-side tensors: a family of models names its submodules in a :class:`FlaxVal
 (``attnflow.adapters._values``); the adapter keeps the inputs and outputs of those modules during the pass and
 adds the same extras the PyTorch adapters add (``value``, ``out_weight``, ``out_bias``, ``residual``, and
 post-LN ``norm_input``, ``norm_output``, ``norm_weight``, ``norm_bias``, ``norm_eps``; pre-LN
-``block_output``) and ``values_layout`` to the trace's metadata. The linen adapter keeps them from its method
+``block_output``, and with a sandwich norm ``post_norm_input``, ``post_norm_weight``, ``post_norm_eps``) and
+``values_layout`` to the trace's metadata. The linen adapter keeps them from its method
 interceptor (parameters from each module's ``params``), the NNX adapter from per-instance class swaps.
 
 Value zeroing (NNX, ``value_zeroing=True``; Mohebbi et al., 2023): the layer module of each map (the block: the
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -180,12 +181,20 @@ class FlaxValueMap:
     Attributes:
         attention: the recorded attention module (``"attention"``, an ``nnx.MultiHeadAttention``).
         value: the module whose output holds the values, ``(batch, keys, kv_heads, d_head)`` (Flax's
-            ``LinearGeneral``) or ``(batch, keys, kv_heads * d_head)``, bias included.
-        out: the output projection, a ``kernel`` ``(heads, d_head, d_model)`` or ``(heads * d_head, d_model)``
-            (``y = x W + b``) and an optional ``bias``.
+            ``LinearGeneral``) or ``(batch, keys, kv_heads * d_head)``, bias included; ``|``-separated
+            alternatives: the first that ran (gemma: ``kv_einsum`` or, with as many KV heads as query heads,
+            ``qkv_einsum``).
+        value_index: where the value module stacks several projections on its first axis (gemma's
+            ``kv_einsum``: ``(2, batch, keys, kv_heads, d_head)``, keys then values; ``qkv_einsum``: 3), the
+            index of the values there (``-1``: the last, both of gemma's); None: the output is the values.
+        out: the output projection, a parameter ``out_parameter`` (``"kernel"``; gemma's ``Einsum``: ``"w"``)
+            ``(heads, d_head, d_model)`` or ``(heads * d_head, d_model)`` (``y = x W + b``) and an optional ``bias``.
         residual: the module whose first input is the residual stream the attention block adds to.
         layout: ``"post_ln"`` (BERT) or ``"pre_ln"``.
-        norm: post-LN: the ``LayerNorm`` after attention (``scale``, ``bias``, ``epsilon``).
+        norm: the norm the attention output passes (parameter ``scale``, ``epsilon`` else 1e-6): post-LN, the
+            ``LayerNorm`` after the residual add (``scale``, ``bias``, ``epsilon``); pre-LN, a "sandwich" RMSNorm
+            before it, ``x + norm(attn(ln1(x)))`` (Gemma 2 and 3's ``post_attention_norm``), where the layer has
+            one (Gemma 1's layers have none), its scale ``norm_scale_offset + scale`` (gemma: ``1 + scale``).
         block_output: pre-LN: the module whose first input is the residual stream after attention.
     """
 
@@ -196,16 +205,24 @@ class FlaxValueMap:
     layout: str
     norm: str | None = None
     block_output: str | None = None
+    value_index: int | None = None
+    out_parameter: str = "kernel"
+    norm_scale_offset: float = 0.0
 
     def taps(self) -> dict[str, tuple[str, str]]:
         """slot -> (relative module path, ``"input"`` or ``"output"``)."""
-        taps = {"value": (self.value, "output"), "residual": (self.residual, "input")}
+        taps = {_value_slot(i): (path, "output") for i, path in enumerate(self.value.split("|"))}
+        taps["residual"] = (self.residual, "input")
         if self.norm is not None:
             taps["norm_input"] = (self.norm, "input")
             taps["norm_output"] = (self.norm, "output")
         if self.block_output is not None:
             taps["block_output"] = (self.block_output, "input")
         return taps
+
+
+def _value_slot(alternative: int) -> str:
+    return "value" if alternative == 0 else f"value#{alternative}"
 
 
 #: The Flax NNX port of BERT in ``examples/flax_bert.py`` (``encoder/layer/{i}`` with ``attention``, an
@@ -248,6 +265,17 @@ def register_flax_value_map(class_name: str, value_map: FlaxValueMap, *, replace
         if not isinstance(getattr(value_map, field), str) or not getattr(value_map, field):
             raise attnflow.OptionError(f"The Flax value map for {class_name!r}: {field} must be a module path, got "
                                        f"{getattr(value_map, field)!r}.")
+    if value_map.value_index is not None and (not isinstance(value_map.value_index, int)
+                                              or isinstance(value_map.value_index, bool)):
+        raise attnflow.OptionError(f"The Flax value map for {class_name!r}: value_index must be an int (the values' "
+                                   f"index on the value module's first axis) or None, got {value_map.value_index!r}.")
+    if not isinstance(value_map.out_parameter, str) or not value_map.out_parameter:
+        raise attnflow.OptionError(f"The Flax value map for {class_name!r}: out_parameter must name the output "
+                                   f"projection's parameter ('kernel', 'w'), got {value_map.out_parameter!r}.")
+    offset = value_map.norm_scale_offset
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool):
+        raise attnflow.OptionError(f"The Flax value map for {class_name!r}: norm_scale_offset must be a number "
+                                   f"(gemma's 1 + scale: 1.0), got {offset!r}.")
     needed = {"post_ln": "norm", "pre_ln": "block_output"}.get(value_map.layout)
     if needed is None or not getattr(value_map, needed):
         raise attnflow.OptionError(f"The Flax value map for {class_name!r}: layout must be 'post_ln' (with norm) or "
@@ -319,14 +347,21 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
            heads: int) -> dict[str, np.ndarray]:
     """The value extras of call ``call`` of ``layer`` (see the module docstring), from the kept module inputs
     and outputs and the modules' parameters; ``heads``: the recorded attention's query heads."""
-    missing = [slot for slot in layout.taps() if len(kept.get(slot, ())) <= call]
+    ran = [slot for slot in layout.taps() if len(kept.get(slot, ())) > call]
+    missing = [slot for slot in layout.taps() if slot not in ran and not slot.startswith("value")
+               and not (layout.layout == "pre_ln" and slot.startswith("norm_"))]  # a sandwich norm where there is one
+    values = [slot for slot in ran if slot.startswith("value")]
+    if not values:
+        missing.insert(0, "value")
     if missing:
         raise attnflow.AdapterError(
             f"values=True: {missing} of layer {layer!r} were not seen during the forward pass: the modules its path "
             "map names did not run there (or ran as JAX tracers: values= needs the forward pass to run eagerly, "
             "not under jax.vmap, jax.grad or nnx.scan)."
         )
-    value = _array(kept["value"][call])
+    value = _array(kept[values[0]][call])
+    if layout.value_index is not None:
+        value = value[layout.value_index]  # one of the projections stacked on the first axis
     batch, tokens = value.shape[:2]
     if value.ndim == 3:  # (batch, keys, heads * d_head): one KV head per query head
         value = value.reshape(batch, tokens, heads, -1)
@@ -334,12 +369,17 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
     value = value.transpose(0, 2, 1, 3)  # (batch, kv_heads, keys, d_head)
     if kv_heads != heads:
         value = np.repeat(value, heads // kv_heads, axis=1)  # query head h reads KV head h // group
-    absent = [path for path in (layout.out, layout.norm) if path is not None and f"{layer}/{path}" not in modules]
+    sandwich = layout.layout == "pre_ln" and layout.norm is not None and "norm_input" in ran
+    norm_path = layout.norm if layout.layout == "post_ln" or sandwich else None
+    absent = [path for path in (layout.out, norm_path) if path is not None and f"{layer}/{path}" not in modules]
     if absent:
         raise attnflow.AdapterError(f"values=True: layer {layer!r} has no module {absent[0]!r} that its value map names "
                                     "(or it did not run during the forward pass).")
     out = modules[f"{layer}/{layout.out}"]
-    kernel = cast(np.ndarray, _parameter(out, "kernel"))  # an output projection has a kernel
+    kernel = _parameter(out, layout.out_parameter)
+    if kernel is None:
+        raise attnflow.AdapterError(f"values=True: the output projection {layout.out!r} of layer {layer!r} has no "
+                                    f"parameter {layout.out_parameter!r} (FlaxValueMap.out_parameter names it).")
     d_head = value.shape[-1]
     matrix = kernel.reshape(heads, d_head, kernel.shape[-1])
     bias = _parameter(out, "bias")
@@ -349,7 +389,19 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
         "out_bias": (np.zeros(matrix.shape[-1], matrix.dtype) if bias is None else bias.reshape(-1))[None],
         "residual": _array(kept["residual"][call]),
     }
-    if layout.norm is not None:
+    if layout.layout == "pre_ln":
+        found["block_output"] = _array(kept["block_output"][call])
+        if sandwich:
+            norm = modules[f"{layer}/{layout.norm}"]
+            scale = _parameter(norm, "scale")
+            width = matrix.shape[-1]
+            found.update(
+                post_norm_input=_array(kept["norm_input"][call]),
+                post_norm_weight=(layout.norm_scale_offset + (np.zeros(width, matrix.dtype) if scale is None
+                                                              else scale))[None],
+                post_norm_eps=np.array([_epsilon(norm)], np.float64),
+            )
+    else:
         norm = modules[f"{layer}/{layout.norm}"]
         kind = norm.get("class", "") if isinstance(norm, Mapping) else type(norm).__name__
         if "RMS" in str(kind):
@@ -367,8 +419,6 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
             norm_bias=(np.zeros(width, matrix.dtype) if shift is None else shift)[None],
             norm_eps=np.array([_epsilon(norm)], np.float64),
         )
-    else:
-        found["block_output"] = _array(kept["block_output"][call])
     return found
 
 

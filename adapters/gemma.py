@@ -32,8 +32,17 @@ eager call compiles each operation once (seconds); later calls are fast.
 ``target=`` (an int: that vocabulary logit at each item's last real token, or a callable of the output, as for
 every adapter): the forward runs once more under ``jax.grad`` with a zero added to each layer's
 ``attention_weights`` output, and each layer's gradient is its ``attn_grad`` extra ``(batch, heads, query, key)``,
-for ``grad_rollout`` and ``attn_grad``. ``values=True`` is not available: Gemma 2 and 3 normalise the attention
-output (``post_attention_norm``) before the residual, which the norm-based decompositions do not model.
+for ``grad_rollout`` and ``attn_grad``.
+
+``values=True`` (norm, norm_residual, alti, effective_attention): the linen family's value capture through the
+Flax value map :data:`GEMMA_VALUE_MAP` (values at index 1 of ``kv_einsum``'s stacked ``(k, v)`` output, or 2
+of ``qkv_einsum``'s with as many KV heads as query heads; the output projection ``attn_vec_einsum``'s ``w``
+``(heads, d_head, d_model)``; the residual stream entering ``pre_attention_norm`` and, after attention,
+``pre_ffw_norm``). Gemma 2 and 3 pass the attention output through ``post_attention_norm``, an RMSNorm scaled
+by ``1 + scale``, before the residual add: recorded as the sandwich norm the decomposition applies (its
+denominator a constant of the pass, as Kobayashi et al., 2021 treat LayerNorm's); layers without one (Gemma 1)
+decompose as plain pre-LN blocks. The map serves every root class of ``gm.nn`` (``Transformer``,
+``Gemma3_1B``...) unless one of that name is registered with ``register_flax_value_map``.
 
 Generation: ``gm.text.Sampler(model=model, ...).sample(prompts, ...)`` inside ``attnflow.attach(model)`` gives one
 causal trace over the prompt (laid out left-padded) and the generated tokens (``docs/generation.md``).
@@ -52,9 +61,17 @@ from typing import Any, cast
 
 from attnflow import Adapter, Recorder, import_optional
 
+from . import _flax_methods
 from ._flax_common import UNKNOWN
 from ._generation_jax import gemma_sampling
 from .flax_linen import LinenFamilyAdapter, root_module
+
+#: Where gemma's ``gm.nn`` Block (``layer_{i}``) keeps what value-side methods need (module docstring).
+GEMMA_VALUE_MAP = _flax_methods.FlaxValueMap(
+    attention="attn", value="attn/kv_einsum|attn/qkv_einsum", value_index=-1, out="attn/attn_vec_einsum",
+    out_parameter="w", residual="pre_attention_norm", block_output="pre_ffw_norm", norm="post_attention_norm",
+    norm_scale_offset=1.0, layout="pre_ln",
+)
 
 
 class GemmaAdapter(LinenFamilyAdapter):
@@ -70,7 +87,7 @@ class GemmaAdapter(LinenFamilyAdapter):
     layout = "btns"
     ids = ("tokens",)
     #: target= through the linen gradient pass (an additive zero on each attention_weights output, jax.grad)
-    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad"}
+    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values"}
 
     def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         """The Flax probe on the output of ``Embedder.encode`` (the embedding already scaled by
@@ -90,9 +107,17 @@ class GemmaAdapter(LinenFamilyAdapter):
         """The linen family's hooks, recording through the sampler's step recorder: ``gm.text.Sampler.sample``
         on the attached model inside the block gives one stitched trace (``adapters/_generation_jax.py``)."""
         root = root_module(model, import_optional("flax.linen", "flax").Module)
-        with gemma_sampling(recorder, root if root is not None else model) as stepped, \
-                super().hooks(model, cast(Recorder, stepped), **options):
-            yield
+        name = type(root if root is not None else model).__name__
+        lent = recorder.request.values and name not in _flax_methods.VALUE_MAPS  # gm.nn's map, for this capture
+        if lent:
+            _flax_methods.VALUE_MAPS[name] = GEMMA_VALUE_MAP
+        try:
+            with gemma_sampling(recorder, root if root is not None else model) as stepped, \
+                    super().hooks(model, cast(Recorder, stepped), **options):
+                yield
+        finally:
+            if lent:
+                _flax_methods.VALUE_MAPS.pop(name, None)
 
     @staticmethod
     def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:

@@ -255,3 +255,74 @@ def test_target_gives_attention_gradients_equal_to_a_float64_recomputation():
         assert scale > 0
         assert np.abs(np.where(pairs, grad - reference_grad, 0)).max() <= 1e-5 * scale
     assert np.isfinite(np.asarray(attnflow.explain(trace, ["grad_rollout"])["grad_rollout"])).all()
+
+
+def value_reference(kv_heads: int, ids: jax.Array) -> list[dict[str, np.ndarray]]:
+    """Per layer, in float64 from the model's parameters and each Block's input (read with a plain
+    ``nn.intercept_methods``): x, the probabilities, f^h(x_j) = v_j^h W_O^h per item (batch, heads, keys, d), and
+    the sandwich norm's g / rms(a_i) (batch, queries, d), following gemma's Block: y = x + post_attention_norm(
+    attn(pre_attention_norm(x)))."""
+    model, variables = make_model(kv_heads), {"params": params(kv_heads)}
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+        if isinstance(context.module, _modules.Block) and context.method_name == "__call__":
+            x, positions, _, mask = args
+            seen.append((context.module.path[0], np.asarray(x, np.float64), np.asarray(positions), np.asarray(mask)))
+        return next_fun(*args, **kwargs)
+
+    with jax.disable_jit(), nn.intercept_methods(spy):
+        model.apply(variables, ids)
+    layers = []
+    for i, (name, x, positions, mask) in enumerate(seen):
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"][name])
+        attn = p["attn"]
+        probs = attention_reference(attn, rms(x, p["pre_attention_norm"]["scale"]), positions, mask, i == 0, kv_heads)
+        h = rms(x, p["pre_attention_norm"]["scale"])
+        if "qkv_einsum" in attn:
+            v = np.einsum("btd,sndh->sbtnh", h, attn["qkv_einsum"]["w"])[2]
+        else:
+            v = np.einsum("bsd,ckdh->cbskh", h, attn["kv_einsum"]["w"])[1]
+        v = np.repeat(v, HEADS // kv_heads, axis=2)  # query head n reads KV head n // group
+        f = np.einsum("bsnh,nhd->bnsd", v, attn["attn_vec_einsum"]["w"])
+        a = np.einsum("bnts,bnsd->btd", probs, f)
+        scale = (1 + p["post_attention_norm"]["scale"]) / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6)
+        layers.append({"x": x, "probs": probs, "f": f, "scale": scale, "y": x + a * scale})
+    return layers
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6], ids=["grouped-query-kv_einsum", "multi-head-qkv_einsum"])
+def test_values_give_norm_and_alti_through_the_sandwich_norm(kv_heads):
+    """values=True: norm (Kobayashi et al., 2020), norm_residual and ALTI (Ferrando et al., 2022) through gemma's
+    post_attention_norm (T_i(x_j) = Σ_h α^h_ij g ⊙ f^h(x_j) / rms(a_i) + δ_ij x_i, the norm's denominator a
+    constant of the pass) against the float64 recomputation; the terms sum to the stream after attention."""
+    from test_methods import alti_rows
+
+    from attnflow.methods._contributions import decomposition_identity
+
+    model, ids = make_model(kv_heads), tokens()
+    trace = attnflow.capture(model, {"params": params(kv_heads)}, ids, values=True)
+    assert trace.metadata["values_layout"] == "pre_ln"
+    assert "Transformer" not in attnflow.adapters._flax_methods.VALUE_MAPS  # lent for the capture only
+    e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
+    expected = value_reference(kv_heads, ids)
+    real = np.asarray(ids) != 0
+    for b in range(BATCH):
+        keep = np.flatnonzero(real[b])
+        cell, joint = np.ix_(keep, keep), np.eye(keep.size)
+        for li, layer in enumerate(expected):
+            x = layer["x"][b][keep]
+            moved = np.einsum("nij,njd->ijd", layer["probs"][b][:, keep][:, :, keep], layer["f"][b][:, keep])
+            moved *= layer["scale"][b][keep][:, None]
+            shares = moved.copy()
+            shares[np.arange(keep.size), np.arange(keep.size)] += x
+            y = layer["y"][b][keep]
+            norms = np.linalg.norm(moved, axis=-1)
+            np.testing.assert_allclose(e.layers("norm")[li, b][cell], norms, atol=2e-5 * norms.max())
+            norms = np.linalg.norm(shares, axis=-1)
+            np.testing.assert_allclose(e.layers("norm_residual")[li, b][cell], norms, atol=2e-5 * norms.max())
+            joint = alti_rows(shares, y) @ joint
+            np.testing.assert_allclose(e.layers("alti")[li, b][cell], joint, atol=2e-5)
+            total, output = decomposition_identity(trace, li, b)
+            np.testing.assert_allclose(output, y, atol=2e-5 * np.abs(y).max())
+            np.testing.assert_allclose(total, output, atol=2e-5 * np.abs(y).max())
