@@ -176,20 +176,22 @@ def test_flax_twin_validates_and_registers():
         _flax_methods.VALUE_MAPS.update(saved)
 
 
-@pytest.fixture(scope="module")
-def gemma2():
-    """A tiny Gemma 2 in float64: batch 2 (7 and 5 real tokens, right-padded), 3 layers (sliding and global),
-    4 query heads over 2 KV heads of size 6, hidden 20, feed-forward 11; soft-capping at its defaults."""
+def _gemma(family="gemma2"):
+    """A tiny Gemma 2 (or Gemma 3's text model) in float64: batch 2 (7 and 5 real tokens, right-padded), 3 layers
+    (sliding and global), 4 query heads over 2 KV heads of size 6, hidden 20, feed-forward 11; soft-capping (Gemma 2)
+    and query/key norms (Gemma 3) at their defaults."""
     import torch
     import transformers
 
     torch.manual_seed(5)
-    config = transformers.Gemma2Config(
-        vocab_size=31, hidden_size=20, intermediate_size=11, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=6, max_position_embeddings=16, sliding_window=3, pad_token_id=0,
-        initializer_range=0.3, attn_implementation="eager",
-    )
-    model = transformers.Gemma2ForCausalLM(config).double().eval()
+    sizes = dict(vocab_size=31, hidden_size=20, intermediate_size=11, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=6, max_position_embeddings=16, sliding_window=3, pad_token_id=0,
+                 initializer_range=0.3, attn_implementation="eager")
+    if family == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**sizes))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**sizes))
+    model = model.double().eval()
     with torch.no_grad():  # Gemma's norms scale by (1 + weight): weights away from 0, so the offset matters
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -199,19 +201,26 @@ def gemma2():
     return model, kwargs
 
 
+@pytest.fixture(scope="module")
+def gemma2():
+    return _gemma("gemma2")
+
+
 def _rms(x, scale, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
 
 
-def test_gemma2_sandwich_norm_follows_the_papers(gemma2):
-    """Gemma 2: pre-LN with the attention output through an RMSNorm (scale 1 + weight) before the residual add,
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_sandwich_norm_follows_the_papers(gemma2, family):
+    """Gemma 2 and 3: pre-LN with the attention output through an RMSNorm (scale 1 + weight) before the residual add,
     y_i = x_i + g ⊙ a_i / rms(a_i); the norm's denominator a constant of the pass (Kobayashi et al., 2021), so
     T_i(x_j) = Σ_h α^h_ij g ⊙ f^h(x_j) / rms(a_i) + δ_ij x_i. norm, norm_residual and ALTI against a float64
     reimplementation from the model's own eager attention and hidden states, grouped-query heads."""
     import torch
     from test_methods import alti_rows
 
-    model, kwargs = gemma2
+    model, kwargs = gemma2 if family == "gemma2" else _gemma(family)
+    assert model.config.model_type == family
     trace = attnflow.capture(model, values=True, **kwargs)
     assert trace.metadata["values_layout"] == "pre_ln"
     e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
@@ -286,3 +295,19 @@ def test_gemma2_value_zeroing_equals_zeroing_each_token_in_the_model(gemma2):
             expected = np.tril(np.maximum(1 - cosine[b], 0))[np.ix_(keep, keep)]
             np.testing.assert_allclose(trace.layers[li].extras["value_zeroing"][b][np.ix_(keep, keep)], expected,
                                        atol=1e-6)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("value_index", "1", "value_index must be an int"),
+    ("out_parameter", "", "out_parameter must name"),
+    ("norm_scale_offset", True, "norm_scale_offset must be a number"),
+])
+def test_flax_map_fields_for_stacked_projections_and_sandwich_norms_are_checked(field, value, message):
+    import dataclasses
+
+    good = FlaxValueMap(attention="attn", value="attn/kv|attn/qkv", value_index=-1, out="attn/o", out_parameter="w",
+                        residual="ln1", block_output="ln2", norm="post_norm", norm_scale_offset=1.0, layout="pre_ln")
+    with pytest.raises(attnflow.OptionError, match=message):
+        register_flax_value_map("Stacked", dataclasses.replace(good, **{field: value}))
+    assert "Stacked" not in _flax_methods.VALUE_MAPS
+    assert good.taps()["value#1"] == ("attn/qkv", "output")  # each alternative a tap of its own
