@@ -38,18 +38,18 @@ BATCH, SEQ, HEADS, HEAD_DIM, EMBED, HIDDEN, VOCAB, WINDOW, SOFT_CAP = 3, 7, 6, 1
 LOCAL, GLOBAL = 10_000, 100_000
 
 
-def config(kv_heads: int):
+def config(kv_heads: int, post_norm: bool = True):
     return gm.nn.config.TransformerConfig(
         num_embed=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, num_heads=HEADS, head_dim=HEAD_DIM,
-        num_kv_heads=kv_heads, final_logit_softcap=30.0, use_post_attn_norm=True, use_post_ffw_norm=True,
+        num_kv_heads=kv_heads, final_logit_softcap=30.0, use_post_attn_norm=post_norm, use_post_ffw_norm=post_norm,
         attention_types=(gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL),
         attn_logits_soft_cap=SOFT_CAP, sliding_window_size=WINDOW, use_qk_norm=True,
         local_base_frequency=LOCAL, global_base_frequency=GLOBAL,
     )
 
 
-def make_model(kv_heads: int = 2):
-    return gm.nn.Transformer(config=config(kv_heads), dtype=jnp.float32)  # float32: the default is bfloat16
+def make_model(kv_heads: int = 2, post_norm: bool = True):
+    return gm.nn.Transformer(config=config(kv_heads, post_norm), dtype=jnp.float32)  # float32: the default is bfloat16
 
 
 def tokens() -> jax.Array:
@@ -60,10 +60,10 @@ def tokens() -> jax.Array:
 
 
 @functools.cache
-def params(kv_heads: int = 2):
+def params(kv_heads: int = 2, post_norm: bool = True):
     """Random parameters of the model's own shapes (norm scales too, which gemma initialises to zero), made
     once per configuration (gemma's own init compiles for half a minute on two cores)."""
-    shapes = jax.eval_shape(make_model(kv_heads).init, jax.random.key(0), tokens())["params"]
+    shapes = jax.eval_shape(make_model(kv_heads, post_norm).init, jax.random.key(0), tokens())["params"]
     rng = np.random.default_rng(kv_heads)
     return jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), jnp.float32), shapes)
 
@@ -257,12 +257,12 @@ def test_target_gives_attention_gradients_equal_to_a_float64_recomputation():
     assert np.isfinite(np.asarray(attnflow.explain(trace, ["grad_rollout"])["grad_rollout"])).all()
 
 
-def value_reference(kv_heads: int, ids: jax.Array) -> list[dict[str, np.ndarray]]:
+def value_reference(kv_heads: int, ids: jax.Array, post_norm: bool = True) -> list[dict[str, np.ndarray]]:
     """Per layer, in float64 from the model's parameters and each Block's input (read with a plain
     ``nn.intercept_methods``): x, the probabilities, f^h(x_j) = v_j^h W_O^h per item (batch, heads, keys, d), and
     the sandwich norm's g / rms(a_i) (batch, queries, d), following gemma's Block: y = x + post_attention_norm(
-    attn(pre_attention_norm(x)))."""
-    model, variables = make_model(kv_heads), {"params": params(kv_heads)}
+    attn(pre_attention_norm(x))) (without post_norm, Gemma 1's block: y = x + attn(pre_attention_norm(x)))."""
+    model, variables = make_model(kv_heads, post_norm), {"params": params(kv_heads, post_norm)}
     seen = []
 
     def spy(next_fun, args, kwargs, context):
@@ -286,26 +286,31 @@ def value_reference(kv_heads: int, ids: jax.Array) -> list[dict[str, np.ndarray]
         v = np.repeat(v, HEADS // kv_heads, axis=2)  # query head n reads KV head n // group
         f = np.einsum("bsnh,nhd->bnsd", v, attn["attn_vec_einsum"]["w"])
         a = np.einsum("bnts,bnsd->btd", probs, f)
-        scale = (1 + p["post_attention_norm"]["scale"]) / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6)
+        scale = np.ones_like(a)
+        if post_norm:
+            scale = (1 + p["post_attention_norm"]["scale"]) / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6)
         layers.append({"x": x, "probs": probs, "f": f, "scale": scale, "y": x + a * scale})
     return layers
 
 
-@pytest.mark.parametrize("kv_heads", [2, 6], ids=["grouped-query-kv_einsum", "multi-head-qkv_einsum"])
-def test_values_give_norm_and_alti_through_the_sandwich_norm(kv_heads):
+@pytest.mark.parametrize(("kv_heads", "post_norm"), [(2, True), (6, True), (1, False)],
+                         ids=["grouped-query-kv_einsum", "multi-head-qkv_einsum", "multi-query-no-sandwich"])
+def test_values_give_norm_and_alti_through_the_sandwich_norm(kv_heads, post_norm):
     """values=True: norm (Kobayashi et al., 2020), norm_residual and ALTI (Ferrando et al., 2022) through gemma's
     post_attention_norm (T_i(x_j) = Σ_h α^h_ij g ⊙ f^h(x_j) / rms(a_i) + δ_ij x_i, the norm's denominator a
-    constant of the pass) against the float64 recomputation; the terms sum to the stream after attention."""
+    constant of the pass) against the float64 recomputation; the terms sum to the stream after attention. A
+    model without post_attention_norm (Gemma 1's blocks) decomposes as a plain pre-LN block."""
     from test_methods import alti_rows
 
     from attnflow.methods._contributions import decomposition_identity
 
-    model, ids = make_model(kv_heads), tokens()
-    trace = attnflow.capture(model, {"params": params(kv_heads)}, ids, values=True)
+    model, ids = make_model(kv_heads, post_norm), tokens()
+    trace = attnflow.capture(model, {"params": params(kv_heads, post_norm)}, ids, values=True)
     assert trace.metadata["values_layout"] == "pre_ln"
+    assert ("post_norm_input" in trace.layers[0].extras) == post_norm
     assert "Transformer" not in attnflow.adapters._flax_methods.VALUE_MAPS  # lent for the capture only
     e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
-    expected = value_reference(kv_heads, ids)
+    expected = value_reference(kv_heads, ids, post_norm)
     real = np.asarray(ids) != 0
     for b in range(BATCH):
         keep = np.flatnonzero(real[b])
