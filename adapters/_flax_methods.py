@@ -409,7 +409,8 @@ def extras(layout: FlaxValueMap, modules: Mapping[str, Any], layer: str, kept: M
                 f"values=True: the value map puts {kind} {layout.norm!r} after the attention of layer {layer!r} "
                 "(post_ln), but norm-based methods decompose a post-LN block through a LayerNorm (mean removed); "
                 "an RMSNorm before attention is a 'pre_ln' map: FlaxValueMap(layout='pre_ln', block_output=...) "
-                "naming the module whose input is the residual stream after attention."
+                "naming the module whose input is the residual stream after attention (and norm=... for an RMSNorm "
+                "on the attention output before the residual add, Gemma 2/3's sandwich post_attention_norm)."
             )
         scale, shift = _parameter(norm, "scale"), _parameter(norm, "bias")
         width = matrix.shape[-1]
