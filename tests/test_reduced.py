@@ -305,3 +305,22 @@ def test_value_zeroing_on_reduced_keys_follows_the_paper():
                 else:
                     c1 = rows @ c1
             np.testing.assert_allclose(explained[b], c1 @ embed @ c0, rtol=0, atol=1e-9)
+
+
+def test_a_last_stage_over_pooled_keys_is_the_default_stream():
+    """A SegFormer whose last stage pools its keys (sr 2 on a one-stage model): the stage feeds only its own pooled
+    keys, so it is still the stream rollout and flow explain by default (no stream= needed), and that default
+    equals the explicit one."""
+    import torch
+    import transformers
+
+    torch.manual_seed(4)
+    model = transformers.SegformerModel(transformers.SegformerConfig(
+        num_channels=3, num_encoder_blocks=1, depths=[2], sr_ratios=[2], hidden_sizes=[8], patch_sizes=[7],
+        strides=[4], num_attention_heads=[2], mlp_ratios=[2],
+    )).eval()
+    trace = attnflow.capture(model, pixel_values=torch.randn(3, 3, 20, 28, generator=torch.Generator().manual_seed(5)))
+    pooled = [name for name in trace.streams if name != "stage0"]
+    assert pooled and all(link.source == "stage0" for link in trace.links)
+    assert trace.default_stream() == "stage0"
+    np.testing.assert_array_equal(attnflow.rollout(trace), attnflow.rollout(trace, stream="stage0"))

@@ -465,7 +465,7 @@ class AttentionTrace:
         an encoder-decoder, the language model of a LLaVA-style model, the only stream of a single-stream
         trace). Raises [`TraceError`][attnflow.TraceError] where several qualify (e.g. CLIP's two towers)."""
         drawn = {layer.key_stream for layer in self._layers if layer.kind == "cross"}
-        drawn |= {link.source for link in self._links}
+        drawn |= {link.source for link in self._links if not self._own_keys(link)}
         candidates = [name for name in self._streams if name not in drawn]
         if len(candidates) != 1:
             raise TraceError(
@@ -474,6 +474,12 @@ class AttentionTrace:
                 f"stream={(candidates or list(self._streams))[0]!r}."
             )
         return candidates[0]
+
+    def _own_keys(self, link: Link) -> bool:
+        """Whether ``link`` feeds keys that only its own source attends to (SegFormer's spatial reduction pools a
+        stage's patches into keys for that stage's queries): such a source is not drawn on by another stream."""
+        readers = {layer.query_stream for layer in self._layers if layer.key_stream == link.stream}
+        return readers == {link.source} and all(layer.query_stream != link.stream for layer in self._layers)
 
     def stack(self, dtype: Any = np.float64) -> np.ndarray:
         """Self-attention weights of a single-stream trace: ``(layers, batch, heads, seq, seq)``; needs equal
