@@ -226,29 +226,32 @@ def inputs():
 
 
 def direct_blankout(model, inputs, score, blank):
-    """base - score(edited input), one token at a time, the model called once per variant (no attnflow)."""
+    """base - score(edited input), one token at a time, the model called directly (no attnflow) on a batch per
+    item: row 0 the item as it is, row 1 + j the item with token j blanked (``zero``: the (rows, positions)
+    whose input embedding ``score`` sets to zero). ``score`` returns one score per row."""
     import torch
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     out = np.full(ids.shape, np.nan)
     with torch.no_grad():
         for b in range(ids.shape[0]):
-            base = score(model, ids[b : b + 1], mask[b : b + 1], None, b)
-            for j in range(int(mask[b].sum())):
-                edited = ids[b : b + 1].clone()
-                zero = None
-                if blank == "zero":
-                    zero = j
-                else:
-                    edited[0, j] = blank
-                out[b, j] = base - score(model, edited, mask[b : b + 1], zero, b)
+            n = int(mask[b].sum())
+            edited = ids[b : b + 1].repeat(n + 1, 1)
+            rows, positions = torch.arange(1, n + 1), torch.arange(n)
+            zero = None
+            if blank == "zero":
+                zero = (rows, positions)
+            else:
+                edited[rows, positions] = blank
+            scores = score(model, edited, mask[b : b + 1].repeat(n + 1, 1), zero, b).double().numpy()
+            out[b, :n] = scores[0] - scores[1:]
     return out
 
 
 def embeds(model, ids, zero=None):
     e = model.get_input_embeddings()(ids).detach()
     if zero is not None:
-        e[:, zero] = 0.0
+        e[zero] = 0.0
     return e
 
 
@@ -262,7 +265,7 @@ def test_blankout_and_gradients_of_a_classifier_match_direct_computations(bert_c
         classes = model(**inputs).logits.argmax(-1)  # target=None: each item's argmax on the unablated input
 
     def logit(model, ids, mask, zero, b):
-        return float(model(inputs_embeds=embeds(model, ids, zero), attention_mask=mask).logits[0, classes[b]])
+        return model(inputs_embeds=embeds(model, ids, zero), attention_mask=mask).logits[:, classes[b]]
 
     for blank, blank_id in (("unk", UNK_ID), ("zero", "zero"), ("mask", MASK_ID)):
         report = attnflow.faithfulness(model, explanation, blank=blank, tokenizer=TOKENIZER, curves=blank == "mask",
@@ -330,7 +333,7 @@ def test_embedding_target_matches_the_jacobian_computed_directly(tiny_hf, inputs
     base = [pooled(model, embeds(model, inputs["input_ids"][b : b + 1]), mask[b : b + 1]).detach() for b in range(BATCH)]
 
     def cosine(model, ids, m, zero, b):
-        return float(torch.nn.functional.cosine_similarity(pooled(model, embeds(model, ids, zero), m), base[b]))
+        return torch.nn.functional.cosine_similarity(pooled(model, embeds(model, ids, zero), m), base[b])
 
     np.testing.assert_allclose(report.importances["blankout"], direct_blankout(model, inputs, cosine, MASK_ID),
                                atol=2e-5)
@@ -338,7 +341,8 @@ def test_embedding_target_matches_the_jacobian_computed_directly(tiny_hf, inputs
         n = int(mask[b].sum())
         e = embeds(model, inputs["input_ids"][b : b + 1, :n])
         real = mask[b : b + 1, :n]
-        jacobian = torch.autograd.functional.jacobian(lambda x, real=real: pooled(model, x, real)[0], e)[:, 0]
+        jacobian = torch.autograd.functional.jacobian(lambda x, real=real: pooled(model, x, real)[0], e,
+                                                      vectorize=True)[:, 0]  # one batched backward pass
         u = base[b][0] / base[b][0].norm()
         projected = jacobian - torch.einsum("d,te->dte", u, torch.einsum("dte,d->te", jacobian, u))  # (D, n, E)
         np.testing.assert_allclose(report.importances["grad_norm"][b, :n], projected.pow(2).sum((0, 2)).sqrt(),
@@ -413,9 +417,9 @@ def test_plain_torch_model_with_its_own_embedding(inputs):
     def logit(model, ids, mask, zero, b):
         x = model.words(ids)
         if zero is not None:
-            x[:, zero] = 0.0
+            x[zero] = 0.0
         hidden = model.encoder(x + model.places.weight[None], src_key_padding_mask=mask == 0)
-        return float(model.head(hidden[:, 0])[0, labels[b]])
+        return model.head(hidden[:, 0])[:, labels[b]]
 
     np.testing.assert_allclose(report.importances["blankout"], direct_blankout(model, inputs, logit, "zero"), atol=2e-5)
     assert report.settings["adapter"] == "torch"
