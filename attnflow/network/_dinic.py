@@ -47,6 +47,20 @@ every sink, costs ~13 s there: each far sink's flow spreads over ~1e5 small arcs
 heads at 1,024 tokens are unchanged (~1.1 s). Tried and slower: highest-label selection (2x), more frequent
 global relabels, warm Dinic (the flow moved to the next sink, the excess cancelled back to the source, then
 Dinic phases: 1.5x slower than cold), cold push-relabel per sink (1.6x slower than Dinic phases).
+
+Encoder attention, flow at every layer (issue 24 point 3; packaged MiniLM, 6 layers x 128 tokens, every source and
+sink, one thread, levels 3/4/5): phase one certifies 2.3%/2.4%/27% of the pairs and falls short of the maximum by a
+median 3.0%/3.8%/4.8%; the rest take 0.9/2.0/2.9 Dinic phases with augmenting paths of ~6/8/10 arcs (reverse arcs
+included), and 83%/64%/14% of them end with the proof BFS (no bound is met), so the residual phases are ~85% of the
+1.3/3.4/3.9 s. A BFS over such a residual network costs 18/27/33 us; every pair needs a few sweeps of its whole
+network. Tried there, exact and not faster: the warm push-relabel across sinks (``_WARM_WIDTH`` 0: 7.1/16.9/12.2 s;
+every sink, ``mode`` 2: 7.4/14.7/14.9 s); multi-push blocking flows in the residual phases (unchanged to 1%); the
+bound ``sum_k min(cap[top - 1, s, k], F_{top-1}(k, j))`` from the exact flows one level down (tight for 3%/12%/44%
+of the pairs, all of which `layer_bound` already settles); the previous source's minimum cut for the same sink,
+re-evaluated in O(n) for the next source with the top layer re-chosen per node (certifies 1.8e3/1.4e3/87 more
+pairs, time unchanged); sink-major warm starts across sources (the previous source's flow kept, its source arcs
+capped to the new source's capacities, the excess outflow cancelled down the flow arcs layer by layer, then phase
+one on that residual and Dinic phases: 1.8/3.9/3.3 s). The work per pair is a few sweeps of an O(L n^2) network.
 """
 
 from __future__ import annotations
