@@ -22,13 +22,13 @@ EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
 LIBRARY_ONLY = {"flax_bert.py"}  # a module other examples import, run by its own tests
 #: run by tests of their own below, which also read what they print or write
 OWN_TEST = {"compare_hf_penzai.py", "export_graphml.py"}
-#: Arguments that keep an example short here: the decoder examples train a few steps into the test's directory
-#: (the real run, 3,000 steps, takes about half an hour and is what the README's numbers come from).
-#: explain_generation.py explains with the decoder that train_decoder.py's run here trained (fixture ``decoder``).
+#: Arguments that keep an example short here. train_decoder.py trains 2 steps (each about 0.8 s here; the real
+#: run, 3,000 steps, takes about half an hour and is what the README's numbers come from) and
+#: explain_generation.py explains with that model (fixture ``decoder``) instead of training its own.
 #: Examples that compile JAX code: compiled with XLA's optimisations off here (fixture ``jax_quick_compile``).
 JAX = {"compare_torch_jax.py"}
 ARGS = {
-    "explain_generation.py": ["--steps", "12", "--new-tokens", "4"],
+    "explain_generation.py": ["--new-tokens", "4"],
 }
 
 
@@ -73,9 +73,9 @@ def run_example(script: Path, cwd: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
-    """train_decoder.py's run (12 steps): its directory and what it printed."""
+    """train_decoder.py's run (2 steps): its directory and what it printed."""
     cwd = tmp_path_factory.mktemp("train_decoder")
-    out = run_example(EXAMPLES_DIR / "train_decoder.py", cwd, "--out", "decoder", "--steps", "12")
+    out = run_example(EXAMPLES_DIR / "train_decoder.py", cwd, "--out", "decoder", "--steps", "2")
     return cwd / "decoder", out
 
 
