@@ -355,6 +355,9 @@ def _hidden_states(output: Any, torch: Any) -> Any:
     hidden = getattr(output, "last_hidden_state", None)
     if hidden is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         hidden = output[0]
+    if isinstance(hidden, torch.Tensor) and hidden.ndim == 4 and getattr(output, "last_hidden_state", None) is hidden:
+        # a convolutional-style feature map (batch, channels, height, width), as SegFormer's: positions as tokens
+        hidden = hidden.flatten(2).transpose(1, 2)
     return hidden if isinstance(hidden, torch.Tensor) and hidden.ndim == 3 else None
 
 
@@ -364,7 +367,8 @@ def embedding_score(output: Any, target_tokens: Any, torch: Any) -> Any:
     hidden = _hidden_states(output, torch)
     if hidden is None:
         raise attnflow.OptionError(
-            f"target='embedding' needs the model's last hidden state, (batch, tokens, width); the output "
+            f"target='embedding' needs the model's last hidden state, (batch, tokens, width) or a feature map (batch, "
+            f"channels, height, width); the output "
             f"({type(output).__name__}) has none. Pass target=a callable that maps the output to per-item scores."
         )
     mask = None if target_tokens is None else target_tokens[0]

@@ -324,3 +324,23 @@ def test_a_last_stage_over_pooled_keys_is_the_default_stream():
     assert pooled and all(link.source == "stage0" for link in trace.links)
     assert trace.default_stream() == "stage0"
     np.testing.assert_array_equal(attnflow.rollout(trace), attnflow.rollout(trace, stream="stage0"))
+
+
+def test_a_model_without_logits_gets_the_embedding_target_over_its_feature_map():
+    """SegformerModel returns a (batch, channels, height, width) feature map and no logits: gradient methods take
+    the embedding target, ⟨h, h₀/‖h₀‖⟩ of each item's mean over the map's positions, written out here from the
+    model's own output; methods="all" skips nothing for want of a target."""
+    import torch
+    from attnflow.adapters._torch_common import embedding_score
+
+    model, pixels = _segformer64()
+    output = model(pixel_values=pixels)
+    hidden = output.last_hidden_state
+    assert hidden.ndim == 4
+    pooled = hidden.mean(dim=(2, 3))
+    expected = (pooled * pooled / pooled.norm(dim=-1, keepdim=True)).sum()
+    torch.testing.assert_close(embedding_score(output, None, torch), expected, rtol=1e-12, atol=0)
+    trace = attnflow.capture(model, methods="all", pixel_values=pixels)
+    skipped = trace.metadata.get("skipped_methods") or {}
+    assert not any("target" in str(reason) or "logits" in str(reason) for reason in dict(skipped).values()), skipped
+    assert all("attn_grad" in layer.extras for layer in trace.layers)
