@@ -352,10 +352,10 @@ EMBEDDING = "embedding"
 
 
 def _hidden_states(output: Any, torch: Any) -> Any:
-    hidden = getattr(output, "last_hidden_state", None)
+    hidden: Any = getattr(output, "last_hidden_state", None)
     if hidden is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         hidden = output[0]
-    if isinstance(hidden, torch.Tensor) and hidden.ndim == 4 and getattr(output, "last_hidden_state", None) is hidden:
+    elif isinstance(hidden, torch.Tensor) and hidden.ndim == 4:
         # a convolutional-style feature map (batch, channels, height, width), as SegFormer's: positions as tokens
         hidden = hidden.flatten(2).transpose(1, 2)
     return hidden if isinstance(hidden, torch.Tensor) and hidden.ndim == 3 else None
