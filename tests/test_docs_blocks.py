@@ -152,7 +152,7 @@ SETUPS = {
 
 
 def test_value_map_block():
-    from attnflow.adapters import _values
+    from attnflow.adapters._torch import _values
 
     saved = dict(_values.VALUE_MAPS)
     try:

@@ -492,7 +492,7 @@ def _load_example(name: str):
 def test_flax_nnx_probe_matches_its_pytorch_twin(tmp_path, inputs, jax_quick_compile):
     import torch
     import transformers
-    from attnflow.adapters.flax_nnx import NNXAdapter
+    from attnflow.adapters._jax.flax_nnx import NNXAdapter
 
     flax_bert = _load_example("flax_bert")
     torch.manual_seed(0)
@@ -521,7 +521,7 @@ def test_flax_linen_probe_matches_jax_computed_directly(jax_quick_compile):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from attnflow.adapters.flax_linen import LinenAdapter
+    from attnflow.adapters._jax.flax_linen import LinenAdapter
 
     class Model(nn.Module):
         @nn.compact

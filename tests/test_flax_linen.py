@@ -496,7 +496,7 @@ def test_unknown_option_is_refused(setup):
 
 def test_import_attnflow_imports_no_framework():
     code = (
-        "import sys, attnflow, attnflow.adapters.flax_linen, attnflow.adapters.flax_nnx, attnflow._compare, "
+        "import sys, attnflow, attnflow.adapters._jax.flax_linen, attnflow.adapters._jax.flax_nnx, attnflow._compare, "
         "attnflow.cli._compare; bad = [m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -733,7 +733,8 @@ def check_pre_ln_methods(trace, kept, valid, atol):
 
 @pytest.fixture(scope="module")
 def rms_decoder():
-    from attnflow.adapters import FlaxValueMap, _flax_methods
+    from attnflow.adapters import FlaxValueMap
+    from attnflow.adapters._jax import _flax_methods
 
     saved = dict(_flax_methods.VALUE_MAPS)
     attnflow.adapters.register_flax_value_map("RMSDecoder", FlaxValueMap(layout="pre_ln", **RMS_MAP))
@@ -855,7 +856,8 @@ class PostLN(nn.Module):
 def test_linen_post_ln_values_equal_a_numpy_recomputation():
     """values=True through a post-LN map (batch 3, layers 2, heads 4, tokens 5, width 8): the norm's input, output
     and parameters read from linen's params, against the blocks written out in float64 numpy."""
-    from attnflow.adapters import FlaxValueMap, _flax_methods, register_flax_value_map
+    from attnflow.adapters import FlaxValueMap, register_flax_value_map
+    from attnflow.adapters._jax import _flax_methods
 
     saved = dict(_flax_methods.VALUE_MAPS)
     register_flax_value_map("PostLN", FlaxValueMap(attention="attention", value="attention/value", out="attention/out",

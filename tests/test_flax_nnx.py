@@ -602,7 +602,8 @@ def zeroing_reference(block, x, allowed, valid):
 
 @pytest.fixture(scope="module")
 def tiny_gpt():
-    from attnflow.adapters import FlaxValueMap, _flax_methods
+    from attnflow.adapters import FlaxValueMap
+    from attnflow.adapters._jax import _flax_methods
 
     saved = dict(_flax_methods.VALUE_MAPS)
     attnflow.adapters.register_flax_value_map("TinyGPT", FlaxValueMap(

@@ -308,7 +308,7 @@ def test_values_give_norm_and_alti_through_the_sandwich_norm(kv_heads, post_norm
     trace = attnflow.capture(model, {"params": params(kv_heads, post_norm)}, ids, values=True)
     assert trace.metadata["values_layout"] == "pre_ln"
     assert ("post_norm_input" in trace.layers[0].extras) == post_norm
-    assert "Transformer" not in attnflow.adapters._flax_methods.VALUE_MAPS  # lent for the capture only
+    assert "Transformer" not in attnflow.adapters._jax._flax_methods.VALUE_MAPS  # lent for the capture only
     e = attnflow.explain(trace, ["norm", "norm_residual", "alti"], all_layers=True)
     expected = value_reference(kv_heads, ids, post_norm)
     real = np.asarray(ids) != 0

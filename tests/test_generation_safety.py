@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from attnflow.adapters import _generation_torch
+from attnflow.adapters._torch import _generation_torch
 
 import attnflow
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformer_lens
 import transformers
-from attnflow.adapters.transformer_lens import TransformerLensAdapter
+from attnflow.adapters._torch.transformer_lens import TransformerLensAdapter
 
 import attnflow
 from attnflow.testing import AdapterConformance

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("python_sigint")
 
 import torch  # noqa: E402  (make test installs both: a missing one fails the suite)
 import transformers  # noqa: E402
-from attnflow.adapters import (  # noqa: E402
+from attnflow.adapters._torch import (  # noqa: E402
     _generation_torch,
     _torch_common,
     _values,
@@ -466,7 +466,7 @@ def test_the_traced_functions_exist():
 
 def test_flax_nnx_at_every_line(alarm_handler):
     import jax
-    from attnflow.adapters import _flax_common, flax_nnx
+    from attnflow.adapters._jax import _flax_common, flax_nnx
     from flax import nnx
 
     class Model(nnx.Module):

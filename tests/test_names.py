@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 import attnflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +94,28 @@ def test_replacing_the_recorded_head_fusion_checks_the_rows_again():
     with pytest.raises(attnflow.TraceError, match="sums to"):
         fused.replace(metadata={})
     assert fused.replace(metadata={"head_fusion": "max", "note": 1}).metadata["note"] == 1
+
+
+def test_adapter_modules_grouped_by_framework_keep_their_old_paths():
+    """adapters/ is grouped into _torch/ and _jax/ (issue 22, point 8): each module's path from before the grouping
+    imports the very module at its new path, its own spec kept; the built-in entry points name the new paths;
+    nothing framework-specific is left between the two groups."""
+    import importlib.metadata
+
+    import attnflow.adapters as adapters
+
+    root = Path(adapters.__file__).parent
+    for group in ("_torch", "_jax"):
+        names = sorted(p.stem for p in (root / group).glob("*.py") if p.stem != "__init__")
+        assert names, group
+        for name in names:
+            new = importlib.import_module(f"attnflow.adapters.{group}.{name}")
+            old = importlib.import_module(f"attnflow.adapters.{name}")
+            assert old is new and old.__spec__.name == new.__name__ == f"attnflow.adapters.{group}.{name}"
+    assert sorted(p.stem for p in root.glob("*.py")) == ["__init__", "_hf_families", "_layout"]
+    built_in = {e.name: e.value for e in importlib.metadata.entry_points(group="attnflow.adapters")
+                if e.value.startswith("attnflow.adapters.")}
+    assert len(built_in) >= 10 and all(v.startswith(("attnflow.adapters._torch.", "attnflow.adapters._jax."))
+                                       for v in built_in.values()), built_in
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("attnflow.adapters.no_such_adapter")

@@ -287,7 +287,8 @@ def test_values_refused_where_no_penzai_map_fits():
 def test_penzai_value_maps_are_registered_through_the_public_api():
     """attnflow.adapters.register_penzai_value_map is the adapter's registry: a new name is kept, a taken name
     needs replace=True, a map whose attention is outside its branch is refused with the field named."""
-    from attnflow.adapters import PenzaiValueMap, _penzai_methods, register_penzai_value_map
+    from attnflow.adapters import PenzaiValueMap, register_penzai_value_map
+    from attnflow.adapters._jax import _penzai_methods
 
     custom = PenzaiValueMap(attention="sublayers/0/delta/sublayers/1", branch="sublayers/0/delta")
     try:

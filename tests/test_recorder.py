@@ -169,7 +169,7 @@ def test_captured_weights_are_kept_without_a_copy_only_when_nothing_else_holds_t
     instead of copying it. Tensors the caller still holds (output_attentions=True) are copied: changing them
     afterwards leaves the trace as captured."""
     import torch
-    from attnflow.adapters._torch_common import claim
+    from attnflow.adapters._torch._torch_common import claim
 
     from attnflow.trace._arrays import frozen
 

@@ -331,7 +331,7 @@ def test_a_model_without_logits_gets_the_embedding_target_over_its_feature_map()
     the embedding target, ⟨h, h₀/‖h₀‖⟩ of each item's mean over the map's positions, written out here from the
     model's own output; methods="all" skips nothing for want of a target."""
     import torch
-    from attnflow.adapters._torch_common import embedding_score
+    from attnflow.adapters._torch._torch_common import embedding_score
 
     model, pixels = _segformer64()
     output = model(pixel_values=pixels)

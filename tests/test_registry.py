@@ -163,7 +163,7 @@ def test_entry_point_plugins_are_loaded_warned_and_skipped(fresh_registry, tmp_p
     assert "broken" not in names and "claims() and hooks()" in messages
     assert "missing" not in names and "attnflow_fake_plugin_no_such_module" in messages
     # the built-in torch adapter survived the shadowing attempt
-    assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters.torch_hooks"
+    assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters._torch.torch_hooks"
 
 
 def test_builtin_adapters_come_from_entry_points():
@@ -236,7 +236,7 @@ def test_interrupt_during_the_first_load_leaves_a_registry_that_loads_later(fres
     names = set(attnflow.list_adapters())
     assert names >= BUILTIN
     assert set(attnflow.list_adapters()) == names  # loaded once, complete
-    assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters.torch_hooks"
+    assert type(attnflow.get_adapter("torch")).__module__ == "attnflow.adapters._torch.torch_hooks"
 
 
 def test_declarations_are_validated_once_naming_the_adapter(fresh_registry):

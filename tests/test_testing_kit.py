@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from attnflow.adapters.torch_hooks import TorchAdapter
+from attnflow.adapters._torch.torch_hooks import TorchAdapter
 from test_conformance import mha_reference
 
 import attnflow
@@ -112,7 +112,7 @@ def test_broken_adapters_fail_the_kit_saying_why(adapter, check, message):
 def test_an_adapter_module_that_imports_a_framework_fails_the_light_import_check(tmp_path, monkeypatch):
     (tmp_path / "heavy_adapter_mod.py").write_text(textwrap.dedent("""
         import torch  # at module level: every attnflow import would load torch
-        from attnflow.adapters.torch_hooks import TorchAdapter
+        from attnflow.adapters._torch.torch_hooks import TorchAdapter
 
         class Heavy(TorchAdapter):
             name = "heavy"

@@ -8,11 +8,11 @@ import pytest
 from attnflow.adapters import (
     FlaxValueMap,
     ValueMap,
-    _flax_methods,
-    _values,
     register_flax_value_map,
     register_value_map,
 )
+from attnflow.adapters._jax import _flax_methods
+from attnflow.adapters._torch import _values
 
 import attnflow
 from attnflow.methods._contributions import decomposition_identity

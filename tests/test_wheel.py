@@ -43,7 +43,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert wheel.name.startswith(f"attnflow-{attnflow.__version__}-")
     names = zipfile.ZipFile(wheel).namelist()
     for packaged in ("attnflow/html/view.js", "attnflow/html/view.css", "attnflow/py.typed",
-                     "attnflow/adapters/hf_transformers.py"):
+                     "attnflow/adapters/_torch/hf_transformers.py"):
         assert packaged in names, packaged
     assert not any(name.startswith(("tests/", "examples/")) for name in names)
 

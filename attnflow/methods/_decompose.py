@@ -1,6 +1,6 @@
 """The attention block of one layer, decomposed by source token: what norm-based methods measure.
 
-For item ``b`` of a layer with value extras (see ``attnflow.adapters._values``), over its real tokens:
+For item ``b`` of a layer with value extras (see ``attnflow.adapters._torch._values``), over its real tokens:
 
 * ``f^h(x_j) = v_j^h W_O^h`` (value vector, bias included, times the head's output projection);
 * ``Σ_h α^h_ij f^h(x_j)``: what the attention moves from token ``j`` to token ``i`` (Kobayashi et al., 2020);

@@ -188,7 +188,7 @@ class _PenzaiCapture:
                                        after_pass=self._after_pass if extra else None,
                                        metadata={"values_layout": "pre_ln", "penzai_value_map": self.map_name}
                                        if request.values else None)
-        # a KV-caching sampler: its calls are the steps of one generation (see adapters/_generation_jax.py)
+        # a KV-caching sampler: its calls are the steps of one generation (see adapters/_jax/_generation_jax.py)
         self.sampling: generation.PenzaiSampling | None = None
         self.closed = False
 
@@ -252,7 +252,7 @@ class _PenzaiCapture:
 
     def _gradients(self, layers: list) -> None:
         """The forward call once more under ``jax.grad`` (compiled), nothing recorded, with a zero added to each
-        recorded layer's probabilities (see ``adapters/_penzai_methods.py``)."""
+        recorded layer's probabilities (see ``adapters/_jax/_penzai_methods.py``)."""
         if self.call_of_pass is None:
             raise AdapterError("target=: the forward call of the pass is unknown; call the model itself inside the "
                                "block.")

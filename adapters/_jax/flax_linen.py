@@ -31,7 +31,7 @@ inside ``nn.scan`` is numbered after the scanned module's path (``"layers/attn"`
 Beside the weights: ``target=`` (extra ``"attn_grad"``: after the recorded pass the root call runs once more
 as ``apply`` on the root module's own variables under ``jax.grad``, nothing recorded, with a zero added to the
 ``jax.nn.softmax`` output of each recorded layer's call; the target rules are the other JAX adapters', see
-``adapters/_flax_methods.py``) and ``values=True`` (value vectors, output projection, residual and norms, read
+``adapters/_jax/_flax_methods.py``) and ``values=True`` (value vectors, output projection, residual and norms, read
 from the module inputs, outputs and parameters a Flax value map names, ``register_flax_value_map``).
 
 How: an interceptor (``nn.intercept_methods``) sees every module method call. For attention modules
@@ -465,7 +465,7 @@ class LinenAdapter(Adapter):
         return root_module(model, _linen().Module) is not None
 
     def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        """Blank-out and input gradients in JAX for :func:`attnflow.faithfulness` (``adapters/_faithfulness_flax.py``)."""
+        """Blank-out and input gradients in JAX for :func:`attnflow.faithfulness` (``adapters/_jax/_faithfulness_flax.py``)."""
         from ._faithfulness_flax import probe
 
         return probe(model, request, args, kwargs)
@@ -525,7 +525,7 @@ class LinenFamilyAdapter(LinenAdapter):
     ``package`` and records the modules of ``attention`` (``"module.path:ClassName"``, from an already
     imported library), each taken at its ``tap`` (a child module's output) or else at its softmax, laid out
     as ``layout``; ``call_mask`` reads the mask from each attention call's arguments (see
-    :class:`~attnflow.adapters._flax_common.Selection`). Takes no options."""
+    :class:`~attnflow.adapters._jax._flax_common.Selection`). Takes no options."""
 
     priority = 10
     options = ()

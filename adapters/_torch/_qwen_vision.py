@@ -30,9 +30,9 @@ import numpy as np
 import attnflow
 from attnflow.recording import deferred_interrupts
 
+from .._layout import Layout
 from . import _torch_common as common
 from . import torch_hooks
-from ._flax_common import Layout
 
 _LAYOUT = Layout("bhqk", ("b", "h", "q", "k"))
 

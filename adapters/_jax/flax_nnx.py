@@ -131,7 +131,7 @@ class _NNXCapture:
 
     def _gradients(self, layers: list) -> None:
         """One more run of the pass's call under ``jax.grad``, nothing recorded, with a zero added to each
-        layer's attention probabilities (see ``adapters/_flax_methods.py``)."""
+        layer's attention probabilities (see ``adapters/_jax/_flax_methods.py``)."""
         if self.call is None:
             raise AdapterError("target=: the forward call of the pass is unknown (attention ran outside a call of "
                                "the captured model); call the model itself inside the block.")
@@ -149,7 +149,7 @@ class _NNXCapture:
 
     def _value_zeroing(self, layers: list) -> None:
         """Each value-mapped self-attention layer's block run again per item with each token's values zeroed in
-        turn (see ``adapters/_flax_methods.py``), nothing recorded: extra ``"value_zeroing"``."""
+        turn (see ``adapters/_jax/_flax_methods.py``), nothing recorded: extra ``"value_zeroing"``."""
         layout = cast(methods.FlaxValueMap, self.value_map)  # called when there is one
         calls: dict[str, int] = {}
         for layer in layers:
@@ -550,7 +550,7 @@ class NNXAdapter(Adapter):
         return root_module(model, _nnx().Module) is not None
 
     def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        """Blank-out and input gradients in JAX for :func:`attnflow.faithfulness` (``adapters/_faithfulness_flax.py``)."""
+        """Blank-out and input gradients in JAX for :func:`attnflow.faithfulness` (``adapters/_jax/_faithfulness_flax.py``)."""
         from ._faithfulness_flax import probe
 
         return probe(model, request, args, kwargs)

@@ -16,7 +16,7 @@ stage's ``H x W`` patches and its keys from those patches pooled by a convolutio
   patches inside its overlapping patch embedding's receptive field (kernel ``patch_sizes[i+1]``, stride
   ``strides[i+1]``, padding ``kernel // 2``; positions in the padding are left out).
 
-``values=True`` (SegFormer's map in ``attnflow.adapters._values``) records a reduced block as it does a
+``values=True`` (SegFormer's map in ``attnflow.adapters._torch._values``) records a reduced block as it does a
 cross-attention block: the pooled keys' values and the patches' residual stream; norm-based methods then give
 each patch its pooled keys plus its own residual as sources, routed to the patches through the pooling links.
 """

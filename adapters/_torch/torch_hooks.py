@@ -31,9 +31,9 @@ from typing import Any
 import attnflow
 from attnflow.recording import deferred_interrupts, switch
 
+from .._hf_families import pick_key_stream, plan_streams
+from .._layout import Layout
 from . import _torch_common as common
-from ._flax_common import Layout
-from ._hf_families import pick_key_stream, plan_streams
 
 # torch.nn.MultiheadAttention.forward's parameters, in order (to rewrite them when passed positionally).
 _MHA_PARAMS = (
@@ -294,7 +294,7 @@ class TorchAdapter(attnflow.Adapter):
 
         common.register(handles, module.register_forward_hook, hook)
 
-    # -- faithfulness (attnflow.faithfulness): blank-out and input gradients, in adapters/_faithfulness_torch.py
+    # -- faithfulness (attnflow.faithfulness): blank-out and input gradients, in adapters/_torch/_faithfulness_torch.py
     captures = captures | {"input_gradients", "ablation"}
 
     def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:

@@ -18,7 +18,7 @@ import attnflow
 from attnflow.recording import deferred_interrupts, module_selector, switch
 from attnflow.trace._arrays import adopt
 
-from ._hf_families import pick_key_stream
+from .._hf_families import pick_key_stream
 
 
 def to_numpy(tensor: Any) -> tuple[np.ndarray, str]:

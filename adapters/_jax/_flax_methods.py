@@ -12,7 +12,7 @@ record it. The target is read as they read it (:func:`target_score`).
 
 Value-side tensors: a family of models names its submodules in a :class:`FlaxValueMap` (keyed in
 :data:`VALUE_MAPS` by the model's class name), as the PyTorch side does per ``model_type``
-(``attnflow.adapters._values``); the adapter keeps the inputs and outputs of those modules during the pass and
+(``attnflow.adapters._torch._values``); the adapter keeps the inputs and outputs of those modules during the pass and
 adds the same extras the PyTorch adapters add (``value``, ``out_weight``, ``out_bias``, ``residual``, and
 post-LN ``norm_input``, ``norm_output``, ``norm_weight``, ``norm_bias``, ``norm_eps``; pre-LN
 ``block_output``, and with a sandwich norm ``post_norm_input``, ``post_norm_weight``, ``post_norm_eps``) and
@@ -21,7 +21,7 @@ interceptor (parameters from each module's ``params``), the NNX adapter from per
 
 Value zeroing (NNX, ``value_zeroing=True``; Mohebbi et al., 2023): the layer module of each map (the block: the
 attention, its norms and feed-forward) runs again on its recorded call, per item with each token's value vectors
-zeroed in turn (:func:`value_zeroing`), as ``attnflow.adapters._value_zeroing`` does for PyTorch.
+zeroed in turn (:func:`value_zeroing`), as ``attnflow.adapters._torch._value_zeroing`` does for PyTorch.
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def pass_tokens(layers: Sequence[Any]) -> tuple[np.ndarray | None, bool | None]:
 
 
 def perturbation(shape: tuple[int, ...], delta: Any, name: str, layout: Any = None) -> Any:
-    """A ``perturb(output, axis)`` for :func:`attnflow.adapters._flax_common.perturbing_softmax` that adds
+    """A ``perturb(output, axis)`` for :func:`attnflow.adapters._jax._flax_common.perturbing_softmax` that adds
     ``delta`` (laid out as the recorded ``(batch, heads, q, k)``) to the one softmax of a layer's call;
-    ``layout``: the :class:`~attnflow.adapters._flax_common.Layout` of a module selected with ``modules=`` (None:
+    ``layout``: the :class:`~attnflow.adapters._jax._flax_common.Layout` of a module selected with ``modules=`` (None:
     the softmax is laid out ``(batch, heads, q, k)`` already)."""
     seen = [0]
 

@@ -2,7 +2,7 @@
 token with that token's value vectors zeroed.
 
 Private to attnflow.adapters; torch is passed in. For each recorded attention module of a family in
-:data:`attnflow.adapters._values.VALUE_MAPS`, the inputs and output of its layer (the whole transformer
+:data:`attnflow.adapters._torch._values.VALUE_MAPS`, the inputs and output of its layer (the whole transformer
 block: attention, feed-forward, norms) are kept during the forward pass; at its end, for every item and real
 key token ``j``, the layer is run again on that item's inputs (the variants in batches of :data:`CHUNK`) with
 a hook that zeroes ``j``'s value vectors in that module, and the cosine distance ``1 - cos(output_i, original
@@ -34,9 +34,9 @@ import numpy as np
 import attnflow
 from attnflow.recording import CaptureUnavailableError, deferred_interrupts
 
+from .._hf_families import pick_key_stream
 from . import _reduced
 from . import _torch_common as common
-from ._hf_families import pick_key_stream
 from ._values import heads_of, value_map
 
 _CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache")

@@ -22,7 +22,7 @@ Value-side tensors: a :class:`PenzaiValueMap` says where the layers of a family 
 attention branch; the adapter keeps, during the recorded pass, the output of each attention's
 ``input_to_value`` (the value vectors), the input of its branch (the residual stream: pre-LN, the branch
 starts with the norm) and the branch's output, and adds the extras the PyTorch adapters add
-(``attnflow.adapters._values``): ``value`` ``(batch, heads, keys, d_head)`` (a grouped-query KV head repeated
+(``attnflow.adapters._torch._values``): ``value`` ``(batch, heads, keys, d_head)`` (a grouped-query KV head repeated
 for its query heads), ``out_weight`` ``(1, heads, d_head, d_model)`` and ``out_bias`` ``(1, d_model)`` from the
 ``Linear`` and ``AddBias`` of ``attn_value_to_output``, ``residual`` and ``block_output`` ``(batch, queries,
 d_model)`` (``residual + branch output``: the residual stream after attention; for a model whose attention and
@@ -344,7 +344,7 @@ def value_blocks(model: Any, attentions: list[str], kind: str = "values") -> tup
         f"residual stream it is added to, its value vectors and output projection); no penzai value map fits it "
         f"(attnflow knows {sorted(VALUE_MAPS)}; its attention layers are at {attentions[:3]}...). A branch must end "
         "with the attention (Gemma 2's post-attention norm does not fit). Describe it with "
-        "attnflow.adapters.penzai.register_penzai_value_map(name, PenzaiValueMap(attention=..., branch=...)).",
+        "attnflow.adapters._jax.penzai.register_penzai_value_map(name, PenzaiValueMap(attention=..., branch=...)).",
         kind=kind,
     )
 

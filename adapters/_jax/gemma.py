@@ -105,7 +105,7 @@ class GemmaAdapter(LinenFamilyAdapter):
     @contextmanager
     def hooks(self, model: Any, recorder: Recorder, **options: Any) -> Iterator[None]:
         """The linen family's hooks, recording through the sampler's step recorder: ``gm.text.Sampler.sample``
-        on the attached model inside the block gives one stitched trace (``adapters/_generation_jax.py``)."""
+        on the attached model inside the block gives one stitched trace (``adapters/_jax/_generation_jax.py``)."""
         root = root_module(model, import_optional("flax.linen", "flax").Module)
         name = type(root if root is not None else model).__name__
         lent = recorder.request.values and name not in _flax_methods.VALUE_MAPS  # gm.nn's map, for this capture

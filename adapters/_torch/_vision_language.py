@@ -43,7 +43,7 @@ import numpy as np
 
 import attnflow
 
-from . import _hf_families as families
+from .. import _hf_families as families
 from . import _qwen_vision
 
 ONE_TO_ONE, PIXEL_SHUFFLE, MERGE_WINDOW, ANYRES = "one_to_one", "pixel_shuffle", "merge_window", "anyres"

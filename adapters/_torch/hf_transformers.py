@@ -33,8 +33,8 @@ import numpy as np
 import attnflow
 from attnflow.recording import deferred_interrupts, switch
 
+from .. import _hf_families as families
 from . import _banded, _generation_torch, _qwen_vision, _reduced, _swin, _value_zeroing, _values, _vision_language
-from . import _hf_families as families
 from . import _torch_common as common
 
 _EAGER = "eager"
@@ -368,7 +368,7 @@ class TransformersAdapter(attnflow.Adapter):
         )
         return dict(encoded)
 
-    # -- faithfulness (attnflow.faithfulness): blank-out and input gradients, in adapters/_faithfulness_torch.py
+    # -- faithfulness (attnflow.faithfulness): blank-out and input gradients, in adapters/_torch/_faithfulness_torch.py
     captures = captures | {"input_gradients", "ablation"}
 
     def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -884,7 +884,7 @@ def is_image_model(config: Any) -> bool:
 
 def _link_image_tokens(passes: common.TorchPass, model: Any, input_ids: Any) -> None:
     """Vision-language models: the vision patches feeding each image token, as a link (see
-    :mod:`attnflow.adapters._vision_language`)."""
+    :mod:`attnflow.adapters._torch._vision_language`)."""
     _vision_language.link_image_tokens(passes, model, input_ids)
 
 

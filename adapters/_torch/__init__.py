@@ -1,0 +1,1 @@
+"""PyTorch adapters (plain modules, transformers, timm, TransformerLens, nnsight) and the code their methods share."""
