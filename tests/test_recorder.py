@@ -199,3 +199,36 @@ def test_captured_weights_are_kept_without_a_copy_only_when_nothing_else_holds_t
     del view
     claim(array)  # nothing else can reach it: kept
     assert frozen(array) is array and not array.flags.writeable
+
+
+def test_weights_in_memory_torch_did_not_allocate_are_copied():
+    """A module that writes its probabilities into a workspace it owns (a numpy buffer seen through
+    torch.from_numpy) and rewrites it on the next call: the trace copies them, so a later pass leaves it as
+    captured."""
+    import torch
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.workspace = np.zeros(64, np.float32)
+
+        def forward(self, x):
+            n = x.shape[1]
+            weights = torch.from_numpy(self.workspace[: n * n]).view(1, 1, n, n)
+            weights.copy_(torch.softmax((x @ x.transpose(1, 2))[:, None], -1))
+            return (weights @ x[:, None])[:, 0], weights
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+
+        def forward(self, x):
+            return self.attention(x)[0]
+
+    model, options = Model(), {"modules": [Attention]}
+    with torch.no_grad():
+        first = attnflow.capture(model, torch.randn(1, 5, 3), adapter_options=options)
+        captured = first.layers[0].weights.copy()
+        attnflow.capture(model, 5 * torch.randn(1, 5, 3), adapter_options=options)
+    np.testing.assert_array_equal(first.layers[0].weights, captured)

@@ -206,8 +206,14 @@ class TorchPass:
         module's path, the key stream of a cross layer from the streams this pass has run (or ``key_stream``)."""
         if self.paused or self.muted:
             return -1
-        array, source_dtype = to_numpy(reduced(weights, self.request))
-        self.borrowed.append(array)
+        tensor = reduced(weights, self.request)
+        # only memory torch allocated itself may move to the trace: a storage over memory it did not (from_numpy,
+        # frombuffer, dlpack, a mapped file; not resizable) may be written by its owner later. Asked before
+        # .numpy(), which makes every storage it views unresizable.
+        own = getattr(tensor, "is_cpu", False) and tensor.untyped_storage().resizable()
+        array, source_dtype = to_numpy(tensor)
+        if own:
+            self.borrowed.append(array)
         query = self.stream_of(path)
         key = None
         if kind == "cross" and query is not None:
