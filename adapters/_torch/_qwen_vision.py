@@ -96,7 +96,6 @@ class Tower:
 
     def layer(self, path: str, found: list[Any], cu_seqlens: Any) -> Any:
         """The block's ``(images, heads, patches, patches)`` layer from its per-span probabilities."""
-        torch = self.torch
         bounds = [int(x) for x in cu_seqlens.tolist()]
         spans = list(zip(bounds[:-1], bounds[1:]))
         sizes = [(t * h * w) for t, h, w in self.grid]
@@ -118,20 +117,29 @@ class Tower:
                 "attnflow's vision stream holds one grid. Resize the images to one size (the image processor's "
                 "min_pixels = max_pixels) or capture them one at a time."
             )
-        heads = int(found[0].shape[1])
-        total = bounds[-1]
-        packed = found[0].new_zeros(heads, total, total)
+        heads, size = int(found[0].shape[1]), sizes[0]
+        # one (heads, patches, patches) block per image, never one over the whole batch (images² times larger)
+        images = found[0].new_zeros(len(sizes), heads, size, size)
         for (start, end), probabilities in zip(spans, found):
             if tuple(probabilities.shape) != (1, heads, end - start, end - start):
                 raise attnflow.AdapterError(
                     f"{path}: the window over patches {start}..{end - 1} computed probabilities of shape "
                     f"{tuple(probabilities.shape)}, expected {(1, heads, end - start, end - start)}."
                 )
-            packed[:, start:end, start:end] = probabilities[0]
-        index = self.order.to(packed.device)
-        packed = packed[:, index][:, :, index]
-        size = sizes[0]
-        return torch.stack([packed[:, i * size:(i + 1) * size, i * size:(i + 1) * size] for i in range(len(sizes))])
+            image, first = divmod(start, size)
+            if (end - 1) // size != image:
+                raise attnflow.AdapterError(
+                    f"{path}: the window over patches {start}..{end - 1} spans two images of {size} patches each; "
+                    "attnflow assembles each image's windows within that image."
+                )
+            images[image, :, first:first + end - start, first:first + end - start] = probabilities[0]
+        index = self.order.to(images.device)
+        for image in range(len(sizes)):
+            local = index[image * size:(image + 1) * size] - image * size
+            if bool((local < 0).any() or (local >= size).any()):
+                raise attnflow.AdapterError(f"{path}: the patch order mixes the patches of different images.")
+            images[image] = images[image][:, local][:, :, local]
+        return images
 
     def pixel_shape(self) -> tuple[int, ...] | None:
         """``(images, channels, height, width)`` of the images as the tower sees them (rows and columns of patches
