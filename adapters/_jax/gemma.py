@@ -56,10 +56,12 @@ padding, so ``blank="zero"`` or another token id is the usual choice.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any, cast
 
 from attnflow import Adapter, Recorder, import_optional
+from attnflow.recording import switch
 
 from . import _flax_methods
 from ._flax_common import UNKNOWN
@@ -108,16 +110,12 @@ class GemmaAdapter(LinenFamilyAdapter):
         on the attached model inside the block gives one stitched trace (``adapters/_jax/_generation_jax.py``)."""
         root = root_module(model, import_optional("flax.linen", "flax").Module)
         name = type(root if root is not None else model).__name__
-        lent = recorder.request.values and name not in _flax_methods.VALUE_MAPS  # gm.nn's map, for this capture
-        if lent:
-            _flax_methods.VALUE_MAPS[name] = GEMMA_VALUE_MAP
-        try:
-            with gemma_sampling(recorder, root if root is not None else model) as stepped, \
-                    super().hooks(model, cast(Recorder, stepped), **options):
-                yield
-        finally:
-            if lent:
-                _flax_methods.VALUE_MAPS.pop(name, None)
+        with ExitStack() as stack:
+            if recorder.request.values:  # gm.nn's map while some capture asks for values, unless one is registered
+                stack.enter_context(switch(("gemma value map", name), partial(_lend_map, name), partial(_take_back, name)))
+            stepped = stack.enter_context(gemma_sampling(recorder, root if root is not None else model))
+            stack.enter_context(super().hooks(model, cast(Recorder, stepped), **options))
+            yield
 
     @staticmethod
     def call_mask(args: tuple, kwargs: dict) -> tuple[Any, bool]:
@@ -127,3 +125,17 @@ class GemmaAdapter(LinenFamilyAdapter):
         if mask is None:
             return UNKNOWN, False
         return mask[:, None], False
+
+
+def _lend_map(name: str) -> bool:
+    """Register gemma's value map under the model's class name unless a map is registered there already."""
+    if name in _flax_methods.VALUE_MAPS:
+        return False
+    _flax_methods.VALUE_MAPS[name] = GEMMA_VALUE_MAP
+    return True
+
+
+def _take_back(name: str, lent: bool) -> None:
+    """Remove the lent map, not one registered under the name meanwhile."""
+    if lent and _flax_methods.VALUE_MAPS.get(name) is GEMMA_VALUE_MAP:
+        del _flax_methods.VALUE_MAPS[name]
