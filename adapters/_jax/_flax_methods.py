@@ -27,12 +27,14 @@ zeroed in turn (:func:`value_zeroing`), as ``attnflow.adapters._torch._value_zer
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 import attnflow
+
+from ._flax_common import perturbing_softmax
 
 
 # -- the target score ---------------------------------------------------------------------------------------
@@ -137,6 +139,21 @@ def perturbation(shape: tuple[int, ...], delta: Any, name: str, layout: Any = No
 
     perturb.seen = seen  # type: ignore[attr-defined]
     return perturb
+
+
+def perturbed_call(run: Callable[[], Any], delta: Any, name: str, attention_fn: str, layout: Any = None) -> Any:
+    """``run()``, one layer's call in the gradient pass, with ``delta`` added to its softmax (`perturbation`);
+    a call that computed no ``jax.nn.softmax`` is refused, naming the attention function that does
+    (``attention_fn``, e.g. ``"nn.dot_product_attention"``)."""
+    perturb = perturbation(tuple(delta.shape), delta, name, layout)
+    with perturbing_softmax(perturb):
+        result = run()
+    if not perturb.seen[0]:
+        raise attnflow.AdapterError(
+            f"target=: {name!r} computed its attention without jax.nn.softmax, so the gradient of its "
+            f"probabilities cannot be read; use {attention_fn} (Flax's default attention_fn)."
+        )
+    return result
 
 
 def attention_gradients(layers: Sequence[Any], request: Any, forward: Any, hint: str) -> None:

@@ -86,7 +86,6 @@ from ._flax_common import (
     no_attention_hint,
     no_softmax_error,
     outermost_prefix,
-    perturbing_softmax,
     softmax_hook,
     undoing,
     watching_softmax,
@@ -413,19 +412,12 @@ class _Injection:
             return next_fun(*args, **kwargs)
         delta = self.deltas[self.used]
         self.used += 1
-        perturb = methods.perturbation(tuple(delta.shape), delta, path, self.layout)
         self.running.add(id(module))
         try:
-            with perturbing_softmax(perturb):
-                result = next_fun(*args, **kwargs)
+            return methods.perturbed_call(lambda: next_fun(*args, **kwargs), delta, path, "nn.dot_product_attention",
+                                          self.layout)
         finally:
             self.running.discard(id(module))
-        if not perturb.seen[0]:
-            raise AdapterError(
-                f"target=: {path!r} computed its attention without jax.nn.softmax, so the gradient of its "
-                "probabilities cannot be read; use nn.dot_product_attention (Flax's default attention_fn)."
-            )
-        return result
 
     def check(self) -> None:
         if self.used != len(self.names):

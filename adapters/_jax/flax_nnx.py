@@ -77,7 +77,6 @@ from ._flax_common import (
     module_listing,
     no_attention_hint,
     no_softmax_error,
-    perturbing_softmax,
     softmax_hook,
     undoing,
     watching_softmax,
@@ -254,18 +253,10 @@ class _Injection:
                 "forward must run the same layers when called again with the same inputs."
             )
         self.used += 1
-        delta = self.deltas[index]
-        perturb = methods.perturbation(tuple(delta.shape), delta, name)
         # a module= makes Flax compute the probabilities with jax.nn.softmax, as the recorded pass did
         proxy = _SowProxy([], forward=module, mask=None, is_causal=False)
-        with perturbing_softmax(perturb):
-            result = original(*args, module=proxy, **kwargs)
-        if not perturb.seen[0]:
-            raise AdapterError(
-                f"target=: {name!r} computed its attention without jax.nn.softmax, so the gradient of its "
-                "probabilities cannot be read; use nnx.dot_product_attention (Flax's default attention_fn)."
-            )
-        return result
+        return methods.perturbed_call(lambda: original(*args, module=proxy, **kwargs), self.deltas[index], name,
+                                      "nnx.dot_product_attention")
 
     def check(self) -> None:
         if self.used != len(self.names):
