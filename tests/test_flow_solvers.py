@@ -598,6 +598,38 @@ def test_estimate_seconds_is_cheap_and_monotone():
     assert estimate_seconds(0, 10, 1) == 0.0
 
 
+# (layers, tokens, sources, causal) as measured by benchmarks/bench_estimate.py with all_layers=True
+ALL_LAYERS_MEASURED = [(6, 128, 128, False), (12, 512, 1, False), (12, 1024, 1, True)]
+
+
+def _estimate(layers, n, sources, causal, **kwargs):
+    widths = [n] * sources if not causal else list(range(n - sources + 1, n + 1))  # the last tokens
+    return estimate_seconds(layers, n, sources, widths=widths, causal=causal, method="dinic", **kwargs)
+
+
+@pytest.mark.parametrize("layers, n, sources, causal", ALL_LAYERS_MEASURED)
+def test_all_layers_estimate_costs_its_shallow_levels(layers, n, sources, causal):
+    """Flow from every layer's nodes is dearer than the top level alone by more than its number of levels
+    suggests: each shallow level (3, 4, ...) costs more than the top one (measured 1.3-50x: few layers to mix
+    through leave most sinks to residual Dinic phases), so all_layers costs >= 4x the top level (measured
+    5.5-50x). The old model, cost growing like T^0.47 with the level T, gave 3.4x at 6 layers. None timed."""
+    top = _estimate(layers, n, sources, causal)
+    assert _estimate(layers, n, sources, causal, tops=[3]) > top
+    assert _estimate(layers, n, sources, causal, all_layers=True) >= 4 * top
+
+
+@pytest.mark.parametrize("layers, n, sources, causal", ALL_LAYERS_MEASURED + [(24, 256, 3, True)])
+def test_all_layers_estimate_is_the_sum_of_its_levels(monkeypatch, layers, n, sources, causal):
+    """The levels are solved one after another on one network: with the per-call and per-capacity overheads
+    set aside, all_layers costs what its levels cost alone, each level the same in any call."""
+    monkeypatch.setattr(solvers, "_PASS_SECONDS", 0.0)
+    monkeypatch.setattr(solvers, "_CALL_SECONDS", 0.0)
+    levels = [_estimate(layers, n, sources, causal, tops=[t]) for t in range(1, layers + 1)]
+    assert min(levels[2:]) > 0
+    assert _estimate(layers, n, sources, causal, all_layers=True) >= sum(levels) * (1 - 1e-12)
+    assert _estimate(layers, n, sources, causal, tops=[3, layers]) == pytest.approx(levels[2] + levels[-1])
+
+
 def test_process_workers_are_not_forked_from_a_jax_process(tmp_path):
     """Forking a process that runs JAX can deadlock; with JAX loaded, workers start fresh (and say nothing)."""
     import subprocess

@@ -52,17 +52,25 @@ METHODS = ("auto", "dinic", "dinic-v1", "pruned", "igraph")
 EPS = 2.0**-50
 TOL = 1e-12
 
-# Cost model of estimate_seconds, fitted by benchmarks/bench_estimate.py on a 2-core x86 VM (causal attention with
-# an attention sink, softmax encoder attention at two temperatures, real MiniLM attention; 6-32 layers, 64-2048
-# tokens; one source and all of them). "dinic": per source at level T whose flow can reach m tokens per layer,
-# _DINIC_SECONDS * T^_DINIC_LAYERS * m^_DINIC_TOKENS, plus _PASS_SECONDS per capacity for building, copying and
-# scanning the (L, n, n) network, plus _CALL_SECONDS, once per item. "dinic-v1": per (source, sink) pair
+# Cost model of estimate_seconds, fitted by benchmarks/bench_estimate.py --fit on a 2-core x86 VM (causal attention
+# with an attention sink, softmax encoder attention at two temperatures, real MiniLM attention; 6-24 layers, 128-1024
+# tokens; one source and all of them; the top level alone and every level with all_layers=True). "dinic": per
+# source at level T (>= 3) whose flow can reach m tokens per layer, _DINIC_SECONDS * T^_DINIC_LAYERS *
+# m^_DINIC_TOKENS (the deep levels: phase one's flow meets a cut bound for most sinks) plus _SHALLOW_SECONDS *
+# m^_SHALLOW_TOKENS * _SHALLOW_DECAY^(T - 3) (the shallow levels, measured 3-50x dearer than the top one: with
+# few layers to mix through, phase one falls short of the cut bounds for most sinks, which then need residual
+# Dinic phases ending in a proof; see the kernel header of attnflow.network._dinic), plus _PASS_SECONDS per
+# capacity for building, copying and scanning the (L, n, n) network, plus _CALL_SECONDS, once per item. Levels
+# are solved one by one, so all_layers=True costs the sum of its levels. "dinic-v1": per (source, sink) pair
 # _DINIC_V1_SECONDS * sqrt(T) * n^1.5 (an upper envelope: causal 1.4-4x faster, encoders 4-28x). igraph methods:
 # per pair _IGRAPH_EDGE_SECONDS * T * m^2, times _IGRAPH_CAUSAL under causal attention (half the edges, and the
 # flows are found sooner).
-_DINIC_SECONDS = 5.6e-9
-_DINIC_LAYERS = 0.47
-_DINIC_TOKENS = 2.64
+_DINIC_SECONDS = 1.0e-8
+_DINIC_LAYERS = 0.57
+_DINIC_TOKENS = 2.41
+_SHALLOW_SECONDS = 1.4e-9
+_SHALLOW_TOKENS = 3.32
+_SHALLOW_DECAY = 0.43
 _PASS_SECONDS = 1.5e-8
 _CALL_SECONDS = 3e-3
 _DINIC_V1_SECONDS = 3e-7
@@ -148,8 +156,13 @@ def estimate_seconds(
     source levels as in `max_flow_values`. ``widths``: per source, how many tokens of each layer its flow
     can reach (default ``n``); under causal attention (``causal=True``) a source at position ``p`` reaches
     ``p + 1``, which is what the ``"dinic"`` solver's work follows: per source and level ``T`` about
-    ``T^0.5 * width^2.6``. The igraph methods grow like ``T * width^2`` per pair; layers 1 and 2 have closed
-    forms except for ``"igraph"``.
+    ``T^0.57 * width^2.4`` plus, for the shallow levels, ``0.43^(T - 3) * width^3.3`` (level 3 costs 3-50x
+    the top level of a 6-24 layer network; levels 3-5 of MiniLM at 128 tokens 1.3/3.5/4.0 s against 1.0 s for
+    level 6). ``all_layers=True`` costs the sum of its levels (9.6 s on MiniLM at 128 tokens, every source,
+    against 1.0 s for the top level alone). The igraph methods grow like ``T * width^2`` per pair; layers 1
+    and 2 have closed forms except for ``"igraph"``. The attention itself moves the cost: at one size, real
+    MiniLM attention took 5.5x longer with ``all_layers=True`` than diffuse random attention, and the estimate
+    sits between them.
     Not included: the first compiled call in a process that finds no kernel in numba's on-disk cache compiles
     it (10-20 s; ``make install`` fills the cache).
     """
@@ -166,11 +179,13 @@ def estimate_seconds(
     deep = [top for top in tops if top >= 3]
     pairs = num_sources * n
     if method == "dinic":
+        closed = pairs * _PAIR_OVERHEAD_SECONDS * (len(tops) - len(deep))  # levels 1 and 2
         if not deep:
-            return float(pairs * _PAIR_OVERHEAD_SECONDS * len(tops))
-        per_level = float((sized**_DINIC_TOKENS).sum()) * _DINIC_SECONDS
-        solve = sum(top**_DINIC_LAYERS for top in deep) * per_level
-        return float(solve + max(deep) * n * n * _PASS_SECONDS + _CALL_SECONDS)
+            return float(closed)
+        deep_level = float((sized**_DINIC_TOKENS).sum()) * _DINIC_SECONDS
+        shallow_level = float((sized**_SHALLOW_TOKENS).sum()) * _SHALLOW_SECONDS
+        solve = sum(top**_DINIC_LAYERS * deep_level + _SHALLOW_DECAY ** (top - 3) * shallow_level for top in deep)
+        return float(closed + solve + max(deep) * n * n * _PASS_SECONDS + _CALL_SECONDS)
     if method == "dinic-v1":
         per_pair = sum(math.sqrt(top) * n**1.5 for top in deep) * _DINIC_V1_SECONDS
     else:
