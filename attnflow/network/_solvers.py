@@ -160,9 +160,11 @@ def estimate_seconds(
     the top level of a 6-24 layer network; levels 3-5 of MiniLM at 128 tokens 1.3/3.5/4.0 s against 1.0 s for
     level 6). ``all_layers=True`` costs the sum of its levels (9.6 s on MiniLM at 128 tokens, every source,
     against 1.0 s for the top level alone). The igraph methods grow like ``T * width^2`` per pair; layers 1
-    and 2 have closed forms except for ``"igraph"``. The attention itself moves the cost: at one size, real
-    MiniLM attention took 5.5x longer with ``all_layers=True`` than diffuse random attention, and the estimate
-    sits between them.
+    and 2 have closed forms except for ``"igraph"``. The attention itself moves the cost, most on the shallow
+    levels: at one size, real MiniLM attention took 5.5x longer with ``all_layers=True`` than diffuse random
+    attention (the estimate sits between, 2.1x under and 2.6x over), and one level 4 alone took 0.05 s or
+    5.4 s (12 x 512, one source, random attention at two temperatures; estimated 0.69 s): on a network of only
+    3-5 layers the estimate can be 10x off either way.
     Not included: the first compiled call in a process that finds no kernel in numba's on-disk cache compiles
     it (10-20 s; ``make install`` fills the cache).
     """
