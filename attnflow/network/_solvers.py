@@ -84,6 +84,8 @@ _SINK_STRATEGY = 1
 # Strategy 1 sends a sink to the warm solver only when its network (the nodes that reach it, layers 1..T-1) is
 # at least this many nodes wide on average: on narrower ones Dinic phases from phase one's flow are cheaper
 # (measured on near-uniform causal heads at 12 x 1,024, whose uncertified sinks are the ~120 next to the source).
+# Only causal networks (no arc to a later token) use it: on encoder attention the warm solver was 1.2-6x slower
+# than Dinic phases at every width measured (6 x 128 to 12 x 512, levels 3-5; `_dinic` module doc).
 _WARM_WIDTH = 192
 
 
@@ -372,6 +374,8 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
     else:
         span = kernel.spans(adj)
         diag = np.diagonal(adj, axis1=1, axis2=2).copy()  # writable and C-ordered, as the cached kernel takes
+        causal = bool((span[..., 1] <= np.arange(n)).all())
+        warm_width = _WARM_WIDTH if causal else n + 1  # n + 1: no network is that wide
     # split the sinks when there are too few (source, layer) rows to keep n_jobs threads busy
     blocks = 1 if n_jobs == 1 else max(1, min(n, math.ceil(4 * n_jobs / (rows.size * len(rest)))))
     sink_sets = [np.ascontiguousarray(part, dtype=np.int64) for part in np.array_split(np.arange(n), blocks)]
@@ -393,7 +397,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
             kernel.pruned_source_flows(
                 adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
-                _SINK_STRATEGY, _WARM_WIDTH,
+                _SINK_STRATEGY, warm_width,
             )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
