@@ -73,6 +73,9 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_first_call.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_estimate.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_memory.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_capture.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_page.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_jax_capture.py
 
 # The long-input figures (tens of minutes on 2 cores): 32 x 2048 causal flow, 4096-token capture.
 bench-long: install
