@@ -18,12 +18,13 @@ torch and transformers are imported inside methods only.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import json
 import os
 import re
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -98,8 +99,9 @@ class TransformersAdapter(attnflow.Adapter):
             )
         if not isinstance(output_index, int) or isinstance(output_index, bool):
             raise attnflow.OptionError(f"Adapter 'transformers': output_index must be an int, got {output_index!r}.")
-        swin = _swin.swin_blocks(model) if modules is None else []
-        reduced = _reduced.segformer_blocks(model) if modules is None and not swin else []
+        shape = _Shape(model) if modules is None else None
+        swin = shape.swin() if shape is not None else []
+        reduced = shape.reduced() if shape is not None and not swin else []
         if swin:
             targets, generic = [(path, block, "self", 1) for path, block, _ in swin], False
             plan = families.StreamPlan({path: stream for path, _, stream in swin}, {})
@@ -108,14 +110,15 @@ class TransformersAdapter(attnflow.Adapter):
             generic = False
             plan = families.StreamPlan({path: _reduced.stream_of(stage) for path, _, stage, _, _ in reduced}, {})
         else:
-            targets, generic = self._targets(model, transformers, torch, modules, output_index)
+            targets, generic = self._targets(model, transformers, torch, modules, output_index, shape)
             plan = families.plan_streams([path for path, *_ in targets], getattr(model.config, "model_type", None))
         passes = common.TorchPass(recorder, plan.streams)
         crops = _vision_language.Crops.install(model, passes, torch) if plan.multi and not modules else None
         causal = _causal_streams(targets, plan)
         signature = _signature(model)
         inject = generic and _takes(signature, "output_attentions")
-        towers = dict(model.named_modules())
+        towers = dict(model.named_modules()) if plan.towers or plan.multi else {}  # read only for those
+        every = shape.modules() if shape is not None else list(model.modules())
 
         def describe_call(args: tuple, kwargs: dict) -> dict[str, Any]:
             named = _bind(signature, args, kwargs)
@@ -151,13 +154,13 @@ class TransformersAdapter(attnflow.Adapter):
         vision_tower = next((towers[t] for t, stream in plan.towers.items() if stream == "vision"), None)
         handles: list[Any] = []
         watch = _qwen_vision.watch()
-        with _eager(model, targets, transformers) as original, common.removing(handles), watch.closing():
+        with _eager(model, targets, transformers, every) as original, common.removing(handles), watch.closing():
             hint = _no_weights_hint(model, original)
             with deferred_interrupts():
                 for path, module, kind, index in targets if not (swin or reduced) else []:
                     if path not in windowed:
                         common.register(handles, module.register_forward_hook,
-                                        _layer_hook(path, kind, index, passes, torch, hint, crops))
+                                        _layer_hook(path, module, kind, index, passes, torch, hint, crops))
                 _qwen_vision.install(windowed, vision_tower, passes, torch, handles, watch)
                 for path, block, stream in swin:
                     hook = _swin.block_hook(path, stream, passes, torch)
@@ -189,10 +192,12 @@ class TransformersAdapter(attnflow.Adapter):
                 yield
 
     def _targets(
-        self, model: Any, transformers: Any, torch: Any, modules: Any, output_index: int
+        self, model: Any, transformers: Any, torch: Any, modules: Any, output_index: int, shape: _Shape | None,
     ) -> tuple[list[tuple[str, Any, str, int]], bool]:
         """``(path, module, kind, output index)`` of every attention module to hook, and whether they were
-        found by the generic search (the model declares no attention outputs)."""
+        found by the generic search (the model declares no attention outputs). Without ``modules``, the search
+        runs once per module tree (``shape`` keeps what it found); the family checks, which also read the modules'
+        and the config's settings, run on every attach."""
         if modules is not None:
             match = common.selector_matcher(self.name, modules, torch)
             found = [
@@ -201,12 +206,10 @@ class TransformersAdapter(attnflow.Adapter):
             if not found:
                 raise common.no_match_error(self.name, model, modules)
             return found, False
-        found = _family_targets(model, _declared_attention_modules(model, transformers))
-        if found:
-            _note_frame_owners(model, found)
-            return found, False
-        found = _family_targets(model, _generic_attention_modules(model))
-        _note_frame_owners(model, found)
+        shape = shape or _Shape(model)
+        searched, generic = shape.targets(transformers)
+        found = _family_targets(model, searched)
+        shape.note_frame_owners(found)
         if not found:
             raise attnflow.AdapterError(
                 f"{type(model).__name__} declares no attention outputs (its class has no "
@@ -215,7 +218,7 @@ class TransformersAdapter(attnflow.Adapter):
                 "adapter_options={'modules': ['path.*.glob']} (they must return (output, weights)), or use "
                 "adapter='torch' with the same option."
             )
-        return found, True
+        return found, generic
 
     # -- loading ------------------------------------------------------------------------------------
     def load_model(self, location: str, *, trust_remote_code: bool = False, generate: bool = False) -> tuple[Any, Any]:
@@ -420,6 +423,118 @@ class _CropsListener(_generation_torch.Listener):
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+class _Kept:
+    """What the searches found in one module tree, by position in its walk (never the modules themselves: a module
+    holding its model would keep the model alive through the cache); None: not searched yet."""
+
+    __slots__ = ("tree", "swin", "reduced", "targets", "generic", "owners")
+
+    def __init__(self, walk: tuple[tuple[str, Any], ...]):
+        self.tree = tuple((path, weakref.ref(module), type(module)) for path, module in walk)
+        self.swin: list[tuple[Any, ...]] | None = None
+        self.reduced: list[tuple[Any, ...]] | None = None
+        self.targets: list[tuple[Any, ...]] | None = None
+        self.generic = False
+        self.owners: list[tuple[int, int]] | None = None  # (attention module, the model reducing its mask)
+
+    def fits(self, walk: tuple[tuple[str, Any], ...]) -> bool:
+        return len(self.tree) == len(walk) and all(
+            path == kept and ref() is module and type(module) is cls
+            for (kept, ref, cls), (path, module) in zip(self.tree, walk)
+        )
+
+
+#: model -> what the searches found in its module tree as it was then (checked against the tree on every attach).
+_KEPT: weakref.WeakKeyDictionary[Any, _Kept] = weakref.WeakKeyDictionary()
+
+
+class _Shape:
+    """A model's module tree at attach time, and what searching it finds: searched once per tree, not per attach.
+
+    The searches (Swin blocks, SegFormer's reductions, the declared or the generic attention modules, the audio
+    models that reduce a mask to frames) walk the whole tree several times, which costs more than a short forward
+    pass's hooks. What they find is kept per model in a ``WeakKeyDictionary`` keyed by the model object: an entry
+    goes when its model is freed, so a new model at the same address never finds an old entry (an ``id`` key
+    could). Each attach walks the tree once (``named_modules(remove_duplicate=False)``: every path, also a module
+    shared at a second path) and reuses the entry only if every module is the same object (a weak reference: a
+    freed module never matches, not even one whose address a new module took), of the same class, at the same
+    path: a module replaced, added, removed or shared anew, or a class swapped, is searched again. The searches
+    read nothing else that can change on a built model: class declarations (``_can_record_outputs``), the methods
+    marking Swin blocks and audio models, SegFormer's reduction ratios (the kernel of its pooling convolution).
+    What can change between attaches (configs and their attention implementations, ``attention_type``,
+    ``is_causal``, the family checks) is read on every attach."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.walk = tuple(model.named_modules(remove_duplicate=False))
+        try:
+            kept = _KEPT.get(model)
+        except TypeError:  # an unhashable model (a class defining __eq__ alone): searched on every attach
+            kept = None
+        if kept is None or not kept.fits(self.walk):
+            kept = _Kept(self.walk)
+            with contextlib.suppress(TypeError):
+                _KEPT[model] = kept
+        self.kept = kept
+        self._positions: dict[str, int] | None = None
+
+    def modules(self) -> list[Any]:
+        """Every module once, in ``model.modules()``'s order."""
+        return list({id(module): module for _, module in self.walk}.values())
+
+    def swin(self) -> list[tuple[str, Any, str]]:
+        found = self._found("swin", lambda: _swin.swin_blocks(self.model))
+        return cast(list[tuple[str, Any, str]], found)
+
+    def reduced(self) -> list[tuple[str, Any, int, int, int]]:
+        found = self._found("reduced", lambda: _reduced.segformer_blocks(self.model))
+        return cast(list[tuple[str, Any, int, int, int]], found)
+
+    def targets(self, transformers: Any) -> tuple[list[tuple[str, Any, str, int]], bool]:
+        """The declared attention modules (else the generic search's), before the family checks; and whether
+        they come from the generic search."""
+
+        def search() -> list[tuple[str, Any, str, int]]:
+            declared = _declared_attention_modules(self.model, transformers)
+            self.kept.generic = not declared
+            return declared or _generic_attention_modules(self.model)
+
+        found = self._found("targets", search)
+        return cast(list[tuple[str, Any, str, int]], found), self.kept.generic
+
+    def note_frame_owners(self, found: list[tuple[str, Any, str, int]]) -> None:
+        """Note each found attention module's frame owner (:func:`_frame_owners`), again on every attach: another
+        model sharing the module may have noted its own since."""
+        if self.kept.owners is None:
+            pairs = _frame_owners(self.model, found)
+            positions = [(self._position(p, m), self._position(q, o)) for p, m, q, o in pairs]
+            if any(i is None or j is None for i, j in positions):
+                for _, module, _, owner in pairs:
+                    _FRAME_OWNERS[module] = weakref.ref(owner)
+                return
+            self.kept.owners = cast(list[tuple[int, int]], positions)
+        for module, owner in self.kept.owners:
+            _FRAME_OWNERS[self.walk[module][1]] = weakref.ref(self.walk[owner][1])
+
+    def _found(self, slot: str, search: Callable[[], list[Any]]) -> list[tuple[Any, ...]]:
+        """``search()``'s ``(path, module, ...)`` items, or what it found in this tree before; kept as ``(position
+        in the walk, ...)`` unless an item is not in the walk at its path (then the next attach searches again)."""
+        kept = getattr(self.kept, slot)
+        if kept is not None:
+            return [(*self.walk[position], *rest) for position, *rest in kept]
+        found = search()
+        positions = [self._position(path, module) for path, module, *_ in found]
+        if None not in positions:
+            setattr(self.kept, slot, [(i, *rest) for i, (_, _, *rest) in zip(positions, found)])
+        return found
+
+    def _position(self, path: str, module: Any) -> int | None:
+        if self._positions is None:
+            self._positions = {p: i for i, (p, _) in enumerate(self.walk)}
+        position = self._positions.get(path)
+        return position if position is not None and self.walk[position][1] is module else None
+
+
 def _declared_attention_modules(model: Any, transformers: Any) -> list[tuple[str, Any, str, int]]:
     """The modules whose outputs ``output_attentions=True`` would collect, found the way transformers'
     own output capturing does (each nested PreTrainedModel uses its own declaration)."""
@@ -467,12 +582,12 @@ def _specs(model: Any) -> list[tuple[str, Any, str | None, str | None, int]]:
     return specs
 
 
-def _implementations(model: Any, transformers: Any) -> list[tuple[Any, Any]]:
-    """Every config the model's attention dispatch reads (sub-configs and nested models' configs), with
-    its current implementation, to put back on exit."""
+def _configs(model: Any, transformers: Any, modules: list[Any]) -> list[Any]:
+    """Every config the model's attention dispatch reads (sub-configs and nested models' configs); ``modules``: the
+    model's modules (one walk of the tree serves the whole attach)."""
     configs: dict[int, Any] = {}
     pending = [model.config] + [
-        m.config for m in model.modules() if isinstance(m, transformers.PreTrainedModel) and hasattr(m, "config")
+        m.config for m in modules if isinstance(m, transformers.PreTrainedModel) and hasattr(m, "config")
     ]
     while pending:
         config = pending.pop()
@@ -481,7 +596,7 @@ def _implementations(model: Any, transformers: Any) -> list[tuple[Any, Any]]:
         configs[id(config)] = config
         for key in getattr(config, "sub_configs", None) or {}:
             pending.append(getattr(config, key, None))
-    return [(config, config._attn_implementation) for config in configs.values()]
+    return list(configs.values())
 
 
 def _restore(saved: list[tuple[Any, Any]]) -> None:
@@ -492,10 +607,13 @@ def _restore(saved: list[tuple[Any, Any]]) -> None:
 
 
 @contextmanager
-def _eager(model: Any, targets: list[tuple[str, Any, str, int]], transformers: Any) -> Iterator[Any]:
+def _eager(
+    model: Any, targets: list[tuple[str, Any, str, int]], transformers: Any, modules: list[Any],
+) -> Iterator[Any]:
     """The model on eager attention for the block; yields the implementation its config had before any
     attach. Each config's implementation is a reference-counted switch, so overlapping attaches on one
-    model (or on a model and its base model) leave every config as the first of them found it."""
+    model (or on a model and its base model) leave every config as the first of them found it. ``modules``: the
+    model's modules."""
     # `again` closes `held` (again) when an exception (a signal handler's) arrives as the block is left, before
     # `held` is closed; both on one line, so that nothing can arrive between the two exits
     with ExitStack() as again, ExitStack() as held:
@@ -507,19 +625,21 @@ def _eager(model: Any, targets: list[tuple[str, Any, str, int]], transformers: A
                 lambda config=config: config._attn_implementation,  # type: ignore[misc]
                 lambda implementation, config=config: _restore([(config, implementation)]),  # type: ignore[misc]
             ))
-            for config, _ in _implementations(model, transformers)
+            for config in _configs(model, transformers, modules)
         }
-        _switch_to_eager(model, targets, transformers)
+        _switch_to_eager(model, targets, transformers, modules)
         yield originals[id(model.config)]
 
 
-def _switch_to_eager(model: Any, targets: list[tuple[str, Any, str, int]], transformers: Any) -> None:
+def _switch_to_eager(
+    model: Any, targets: list[tuple[str, Any, str, int]], transformers: Any, modules: list[Any],
+) -> None:
     before = model.config._attn_implementation
     try:
         model.set_attn_implementation(_EAGER)
     except (ValueError, ImportError, KeyError) as exc:
         raise _hidden_error(model, before, f"set_attn_implementation('eager') failed: {exc}") from exc
-    for config, _ in _implementations(model, transformers):
+    for config in _configs(model, transformers, modules):
         # some classes (Falcon) only log that they cannot switch; their attention reads the config at call time
         if config._attn_implementation != _EAGER:
             config._attn_implementation_internal = _EAGER
@@ -569,18 +689,21 @@ def _no_weights_hint(model: Any, original: Any) -> str:
 
 
 def _layer_hook(
-    path: str, kind: str, index: int, passes: common.TorchPass, torch: Any, hint: str,
+    path: str, module: Any, kind: str, index: int, passes: common.TorchPass, torch: Any, hint: str,
     crops: _vision_language.Crops | None = None,
 ) -> Any:
+    # what the module is does not change while attached: looked up once per attach, not per call
+    banded, scores, main_rows = _banded.is_banded(module), module in _SCORES, _MAIN_ROWS.get(module)
+
     def hook(module: Any, args: tuple, output: Any) -> None:
-        if _banded.is_banded(module):
+        if banded:
             weights = _banded.dense(path, module, output, _mask_length(passes, passes.stream_of(path)), torch)
         else:
             weights = _weights_at(output, index, torch)
-            if module in _SCORES and isinstance(weights, torch.Tensor):
+            if scores and isinstance(weights, torch.Tensor):
                 weights = torch.softmax(weights, dim=-1)  # the module returned its scores (ProphetNet)
-                if module in _MAIN_ROWS:
-                    weights = weights[:, :, : weights.shape[2] // _MAIN_ROWS[module]]  # the main stream's queries
+                if main_rows is not None:
+                    weights = weights[:, :, : weights.shape[2] // main_rows]  # the main stream's queries
         if weights is None:
             implementation = getattr(getattr(module, "config", None), "_attn_implementation", "unknown")
             fix = hint.replace("{modules!r}", repr(re.sub(r"\.\d+(\.|$)", r".*\1", path)))
@@ -674,17 +797,21 @@ def _family_targets(model: Any, found: list[tuple[str, Any, str, int]]) -> list[
 _FRAME_OWNERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def _note_frame_owners(model: Any, found: list[tuple[str, Any, str, int]]) -> None:
-    """Remember, for each attention module, the innermost model on its path that reduces a per-sample
-    ``attention_mask`` to its frames (``_get_feature_vector_attention_mask``), for :func:`_fit_frame_mask`."""
+def _frame_owners(model: Any, found: list[tuple[str, Any, str, int]]) -> list[tuple[str, Any, str, Any]]:
+    """``(path, module, owner's path, owner)``: for each attention module found, the innermost model on its path
+    that reduces a per-sample ``attention_mask`` to its frames (``_get_feature_vector_attention_mask``), for
+    :func:`_fit_frame_mask`; modules without one are left out."""
     modules = dict(model.named_modules())
+    owners = []
     for path, module, _, _ in found:
         parts = path.split(".")
         for end in range(len(parts), -1, -1):
-            owner = modules.get(".".join(parts[:end]))
+            prefix = ".".join(parts[:end])
+            owner = modules.get(prefix)
             if callable(getattr(owner, "_get_feature_vector_attention_mask", None)):
-                _FRAME_OWNERS[module] = weakref.ref(owner)
+                owners.append((path, module, prefix, owner))
                 break
+    return owners
 
 
 def _fit_frame_mask(module: Any, path: str, kind: str, keys: int, passes: common.TorchPass, torch: Any) -> None:
