@@ -1,9 +1,9 @@
 """Attention flow on decoder-length inputs: the flow from the last token on three kinds of synthetic causal
 attention and a trained decoder's, today's solver against the first, side by side in one process.
 
-Run: ``.venv/bin/python benchmarks/bench_causal.py`` (12 x 1,024 on kinds a-c plus the decoder row: about 17
-minutes on a loaded 2-core machine, most of it kind b: 2 minutes for the default solver, 4.5 for the first
-kernel), ``--quick`` for a smoke test (12 x 128), ``--long`` to add the 32 x 2,048 row (kind a; the default solver only unless ``--v1-large``, which adds about 10 minutes),
+Run: ``.venv/bin/python benchmarks/bench_causal.py`` (12 x 1,024 on kinds a-c plus the decoder row: about 6
+minutes on an idle 2-core machine, most of it kind b: 1 minute for the default solver, 3.6 for the first
+kernel; plus training the decoder once if it is not cached), ``--quick`` for a smoke test (12 x 128), ``--long`` to add the 32 x 2,048 row (kind a; the default solver only unless ``--v1-large``, which adds about 10 minutes),
 ``--stretch`` to add 32 x 4,096 (kind a, the default solver only, about 9 GB of memory).
 
 Input: synthetic causal attention, per layer 4-8 heads (drawn), softmax under the causal mask, stored as float32
