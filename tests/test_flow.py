@@ -298,6 +298,8 @@ def test_estimate_costs_a_causal_source_by_its_prefix():
     def cost(trace, sources):
         return estimate_flow_seconds(trace, options, stream=None, sources=sources, all_layers=False)
 
-    assert cost(causal, [0]) < cost(causal, [150]) < cost(causal, [-1]) == pytest.approx(cost(encoder, [-1]))
+    # the last token reaches every token, as an encoder's does; shallow causal levels are priced lower (Dinic
+    # phases there, not the warm solver)
+    assert cost(causal, [0]) < cost(causal, [150]) < cost(causal, [-1]) < cost(encoder, [-1])
     assert cost(encoder, [0]) == pytest.approx(cost(encoder, [-1]))
     assert cost(causal, None) < cost(encoder, None) / 2

@@ -415,14 +415,17 @@ def local_cases():
 @pytest.mark.parametrize("name", ["local", "mixed", "padded"])
 def test_every_sink_strategy_matches_igraph(local_cases, name, strategy, warm_width, monkeypatch):
     """Each way the default solver finishes a sink that phase one does not certify (0: Dinic phases from
-    phase one's flow; 1, the default: the same, except after two such sinks in a row, for a network at least
-    ``warm_width`` nodes wide: warm push-relabel on a preflow kept across sinks, for that sink and the next
+    phase one's flow; 1, the default: the same, except after two such sinks in a row, for a causal network at
+    least ``warm_width`` nodes wide and ``_WARM_LEVEL`` levels deep (3 with ``warm_width`` 0): warm push-relabel
+    on a preflow kept across sinks, for that sink and the next
     ones; 2: warm push-relabel for every sink) gives every pair's max-flow, to 1e-9 against igraph: two
     sources at two levels (per-sink data kept), one source alone, and the sinks split over two threads (each
     thread's preflow starts afresh at its first sink)."""
     adj, sources, tops, reference = local_cases[name]
     monkeypatch.setattr(solvers, "_SINK_STRATEGY", strategy)
     monkeypatch.setattr(solvers, "_WARM_WIDTH", warm_width)
+    if warm_width == 0:  # every network wide and deep enough for the warm solver
+        monkeypatch.setattr(solvers, "_WARM_LEVEL", 3)
     got = max_flow_values(adj, sources, method="dinic", tops=tops)
     np.testing.assert_allclose(got, reference, rtol=0, atol=ATOL)
     alone = max_flow_values(adj, sources[:1], method="dinic")

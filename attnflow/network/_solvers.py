@@ -71,6 +71,9 @@ _DINIC_TOKENS = 2.41
 _SHALLOW_SECONDS = 1.4e-9
 _SHALLOW_TOKENS = 3.32
 _SHALLOW_DECAY = 0.43
+# Causal networks' shallow levels cost a tenth of that (Dinic phases there, see _WARM_LEVEL; from the last token,
+# 3 x 1,024: near-uniform heads with a sink 0.56 s, mixed heads 3.3 s; 3 x 2,048: 5.4 s).
+_SHALLOW_CAUSAL = 0.1
 _PASS_SECONDS = 1.5e-8
 _CALL_SECONDS = 3e-3
 _DINIC_V1_SECONDS = 3e-7
@@ -87,6 +90,11 @@ _SINK_STRATEGY = 1
 # Only causal networks (no arc to a later token) use it: on encoder attention the warm solver was 1.2-6x slower
 # than Dinic phases at every width measured (6 x 128 to 12 x 512, levels 3-5; `_dinic` module doc).
 _WARM_WIDTH = 192
+# ... and only from this source level up: on shallower causal networks Dinic phases were faster on every kind of
+# head measured (12 x 512 and 1,024 from the last token, levels 3-5: near-uniform heads with a sink 1.2-12x,
+# mixed heads 1.6-3.5x; peaked, local heads within 0.7-1.4x), deeper the warm starts pay on peaked, local heads
+# (level 6: 23 s against 31 s at 1,024 tokens; level 12: about 4x).
+_WARM_LEVEL = 6
 
 
 def max_flow_values(
@@ -189,7 +197,7 @@ def estimate_seconds(
         if not deep:
             return float(closed)
         deep_level = float((sized**_DINIC_TOKENS).sum()) * _DINIC_SECONDS
-        shallow_level = float((sized**_SHALLOW_TOKENS).sum()) * _SHALLOW_SECONDS
+        shallow_level = float((sized**_SHALLOW_TOKENS).sum()) * _SHALLOW_SECONDS * (_SHALLOW_CAUSAL if causal else 1.0)
         solve = sum(top**_DINIC_LAYERS * deep_level + _SHALLOW_DECAY ** (top - 3) * shallow_level for top in deep)
         return float(closed + solve + max(deep) * n * n * _PASS_SECONDS + _CALL_SECONDS)
     if method == "dinic-v1":
@@ -399,7 +407,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
             kernel.pruned_source_flows(
                 adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
-                _SINK_STRATEGY, warm_width,
+                _SINK_STRATEGY, warm_width if tops[t] >= _WARM_LEVEL else n + 1,
             )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
