@@ -18,7 +18,6 @@ torch and transformers are imported inside methods only.
 from __future__ import annotations
 
 import collections
-import contextlib
 import inspect
 import json
 import os
@@ -458,23 +457,19 @@ class _Shape:
     could). Each attach walks the tree once (``named_modules(remove_duplicate=False)``: every path, also a module
     shared at a second path) and reuses the entry only if every module is the same object (a weak reference: a
     freed module never matches, not even one whose address a new module took), of the same class, at the same
-    path: a module replaced, added, removed or shared anew, or a class swapped, is searched again. The searches
-    read nothing else that can change on a built model: class declarations (``_can_record_outputs``), the methods
-    marking Swin blocks and audio models, SegFormer's reduction ratios (the kernel of its pooling convolution).
-    What can change between attaches (configs and their attention implementations, ``attention_type``,
-    ``is_causal``, the family checks) is read on every attach."""
+    path: a module replaced, added, removed or shared anew, or a class swapped, is searched again. Besides the tree,
+    the searches read class declarations (``_can_record_outputs``), the methods marking Swin blocks and audio
+    models, and two module attributes set when a model is built and not meant to change: an attention module's
+    ``is_cross_attention`` and SegFormer's ``sequence_reduction_ratio`` (setting either on a built model keeps
+    the earlier search's answer until the tree changes). What can change between attaches (configs and their
+    attention implementations, ``attention_type``, ``is_causal``, the family checks) is read on every attach."""
 
     def __init__(self, model: Any):
         self.model = model
         self.walk = tuple(model.named_modules(remove_duplicate=False))
-        try:
-            kept = _KEPT.get(model)
-        except TypeError:  # an unhashable model (a class defining __eq__ alone): searched on every attach
-            kept = None
+        kept = _KEPT.get(model)  # (an unhashable module cannot be walked by named_modules above either)
         if kept is None or not kept.fits(self.walk):
-            kept = _Kept(self.walk)
-            with contextlib.suppress(TypeError):
-                _KEPT[model] = kept
+            kept = _KEPT[model] = _Kept(self.walk)
         self.kept = kept
         self._positions: dict[str, int] | None = None
 

@@ -43,7 +43,8 @@ phases); it also stops once the sink's excess is within ``tol`` of the `live_bou
 the source that reach the sink or hold flow from an earlier sink (`_warm_nodes`).
 Two details of that loop carry much of its speed: the flows are kept a second time, transposed (``flo[l, k, i]``
 is the flow on ``(l + 1, i) -> (l, k)``, always set to ``cap - res`` of that arc so that both agree to the bit),
-so that the reverse arcs out of a node are one row (a column of ``res`` is a cache miss per arc); and a relabel
+so that the reverse arcs out of a node are one row (a column of ``res`` is a cache miss per arc; the price is one
+more ``(T, n, n)`` float64 array per thread while a source uses the warm solver: 1 GiB at 32 x 2,048); and a relabel
 stops at the first neighbour at ``d[u] + 1`` (every arc changes layer by one, so exact labels have the parity of
 the layer, and after a discharge found no neighbour at ``d[u] - 1`` none lies lower), its discharge going on from
 that arc. On peaked, local heads at 12 x 1,024 (``bench_causal.py`` kind b) the relabels' scans fell from 11.0e9
