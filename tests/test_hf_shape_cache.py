@@ -109,3 +109,25 @@ def test_the_kept_search_keeps_no_model_alive(ids):
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_an_unchanged_model_is_searched_once(ids, monkeypatch):
+    """The point of keeping the search: a second capture of the same, unchanged model does not search again; a
+    changed tree does."""
+    from attnflow.adapters._torch import hf_transformers
+
+    calls = []
+    search = hf_transformers._declared_attention_modules
+
+    def counted(*args):
+        calls.append(args[0])
+        return search(*args)
+
+    monkeypatch.setattr(hf_transformers, "_declared_attention_modules", counted)
+    model = _gpt2(seed=6, layers=2)
+    _assert_captured(model, ids)
+    _assert_captured(model, ids)
+    assert len(calls) == 1
+    model.h[1].probe = torch.nn.Identity()
+    _assert_captured(model, ids)
+    assert len(calls) == 2
