@@ -10,11 +10,10 @@ import weakref
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 import attnflow
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 BATCH, TOKENS = 3, 7  # 4 layers, 2 heads, width 10 (below): a different size on every axis
 
