@@ -385,7 +385,6 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
         span = kernel.spans(adj)
         diag = np.diagonal(adj, axis1=1, axis2=2).copy()  # writable and C-ordered, as the cached kernel takes
         causal = bool((span[..., 1] <= np.arange(n)).all())
-        warm_width = _WARM_WIDTH if causal else n + 1  # n + 1: no network is that wide
     # split the sinks when there are too few (source, layer) rows to keep n_jobs threads busy
     blocks = 1 if n_jobs == 1 else max(1, min(n, math.ceil(4 * n_jobs / (rows.size * len(rest)))))
     sink_sets = [np.ascontiguousarray(part, dtype=np.int64) for part in np.array_split(np.arange(n), blocks)]
@@ -407,7 +406,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
             kernel.pruned_source_flows(
                 adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
-                _SINK_STRATEGY, warm_width if tops[t] >= _WARM_LEVEL else n + 1,
+                _SINK_STRATEGY, _WARM_WIDTH if causal and tops[t] >= _WARM_LEVEL else n + 1,  # n + 1: never
             )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
