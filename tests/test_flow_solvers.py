@@ -478,7 +478,7 @@ def test_row_wise_labels_equal_the_queue_labels(seed):
     adj = peaked_local(rng, 6, 23, mixed=bool(seed % 2))
     num_layers, n, _ = adj.shape
     top, s = num_layers, n - 1
-    span = kernel.spans(adj)
+    span = kernel.spans(adj, 0.0)
     diag = np.diagonal(adj, axis1=1, axis2=2).copy()
     q = np.empty((num_layers, n))
     kernel.source_chain(adj, top, s, q)
@@ -494,12 +494,18 @@ def test_row_wise_labels_equal_the_queue_labels(seed):
         kernel._phase_one(adj, res, top, s, j, reach, span, 1.0, 1e-12, work, fwork[0], fwork[1], fwork[2], log)
         res[0, :, j] = fwork[2][:n]
         kernel._relevant_nodes(top, s, j, reach, q, work[7], work[8])
+        pos = np.zeros((top + 1, n + 1), dtype=np.int64)
+        kernel._positions(top, work[7], work[8], pos)
+        unwindowed = np.zeros((1, 1, 2), dtype=np.int64)
         for eps in (2.0**-50, 1e-3):
-            queue, rows = work.copy(), work.copy()
+            queue, rows, windows = work.copy(), work.copy(), work.copy()
             found = kernel._bfs_labels(adj, res, top, s, j, eps, queue)
-            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows) == found
+            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, unwindowed, unwindowed[0]) == found
+            # the warm solver's windows: each row's arcs with more than eps of capacity
+            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, windows, kernel.spans(adj, eps), pos) == found
             size = (top + 1) * n
             np.testing.assert_array_equal(rows[0, :size], queue[0, :size])
+            np.testing.assert_array_equal(windows[0, :size], queue[0, :size])
             compared += int((queue[0, :size] >= 0).sum())
     assert compared > 100
 

@@ -382,7 +382,8 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
         reach = kernel.reach_to_sinks(adj, span)
         bounds = {t: cut_bounds(adj, rows, tops[t]) for t in rest}
     else:
-        span = kernel.spans(adj)
+        span = kernel.spans(adj, 0.0)
+        espan = kernel.spans(adj, eps)  # the arcs the kernel may ever use (more than eps of capacity)
         diag = np.diagonal(adj, axis1=1, axis2=2).copy()  # writable and C-ordered, as the cached kernel takes
         causal = bool((span[..., 1] <= np.arange(n)).all())
     # split the sinks when there are too few (source, layer) rows to keep n_jobs threads busy
@@ -404,7 +405,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
             )
         else:
             kernel.pruned_source_flows(
-                adj, space.res, tops[t], int(rows[r]), span, diag, sink_sets[b], eps, tol, out[t, r],
+                adj, space.res, tops[t], int(rows[r]), span, espan, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
                 _SINK_STRATEGY, _WARM_WIDTH if causal and tops[t] >= _WARM_LEVEL else n + 1,  # n + 1: never
             )
