@@ -58,7 +58,10 @@ pushes over the same spans. Causal rows end at the diagonal and recency-biased r
 3.4e9, relabels' to 1.4e9, and the solve (`max_flow_values`, flow from the last token) from 49.6 s to 28.9 s with
 the same pushes, labels and values to the bit; phase one takes the same spans (2 s of it). The BFS then lists
 each layer's frontier in token order so that a node pulls over the frontier nodes in its window only (28.5 s
--> 26.1 s). Tried there and not faster: nearest arcs first (2x slower: twice the relabels), the gap heuristic (16
+-> 26.1 s). Left at 12 x 1,024 kind b (perf): this loop ~18 s, the global relabels ~5 s, phase one ~4 s. Not
+faster there: reading a reverse push's capacity from a transposed copy of ``cap`` (a row, not a column: one cache
+miss less on half the pushes; 28.4 s vs 29.1 s), scanning windows by token instead of through the node lists
+(dense, non-listed nodes labelled ``big``: 5% slower), ``_RETRY`` 48, global relabels twice as often. Tried there and not faster: nearest arcs first (2x slower: twice the relabels), the gap heuristic (16
 gaps at 512 tokens), global relabels twice or half as often (fewer scans, more BFS; within 5%), and a perfect
 upper bound would have saved a third of the discharges (the sink's excess reaches its value after two thirds).
 Measured (12 layers, flow from the last token, one loaded 2-core machine; ``benchmarks/bench_causal.py``): on
