@@ -33,7 +33,7 @@ trying phase one, go to the first phase of FIFO push-relabel (`_warm_push_relabe
 sink to sink (``wres``, a private copy of the capacities made on first use, and the excesses ``ex``). Every arc
 out of the source is saturated once; a node's excess is pushed along admissible residual arcs (forward down a
 row, reverse up a column); labels are exact after each global relabel (`_global_labels`: `_row_bfs_labels`,
-rows only, at the start of every sink and after as many relabels as there are nodes). When the sink moves from
+rows only, at the start of every sink and after as many relabels as half the nodes). When the sink moves from
 ``j'`` to ``j``, ``(0, j')`` becomes an ordinary node whose excess (the flow it received) is pushed back and
 rerouted; nothing else changes, so only the part of the flow that must change is touched. Exactness: a preflow
 for one sink is a preflow for any other, and the first phase of push-relabel from any preflow with valid labels
@@ -58,12 +58,16 @@ pushes over the same spans. Causal rows end at the diagonal and recency-biased r
 3.4e9, relabels' to 1.4e9, and the solve (`max_flow_values`, flow from the last token) from 49.6 s to 28.9 s with
 the same pushes, labels and values to the bit; phase one takes the same spans (2 s of it). The BFS then lists
 each layer's frontier in token order so that a node pulls over the frontier nodes in its window only (28.5 s
--> 26.1 s). Left at 12 x 1,024 kind b (perf): this loop ~18 s, the global relabels ~5 s, phase one ~4 s. Not
-faster there: reading a reverse push's capacity from a transposed copy of ``cap`` (a row, not a column: one cache
-miss less on half the pushes; 28.4 s vs 29.1 s), scanning windows by token instead of through the node lists
-(dense, non-listed nodes labelled ``big``: 5% slower), ``_RETRY`` 48, global relabels twice as often. Tried there and not faster: nearest arcs first (2x slower: twice the relabels), the gap heuristic (16
-gaps at 512 tokens), global relabels twice or half as often (fewer scans, more BFS; within 5%), and a perfect
-upper bound would have saved a third of the discharges (the sink's excess reaches its value after two thirds).
+-> 26.1 s). With the BFS that cheap, global relabels pay more often: after half as many relabels as nodes instead
+of as many, 26.8 s -> 22.2 s at 1,024 (two runs each, interleaved; a quarter: 21.7 s; an eighth: 24 s), unchanged at
+512 (4.1 s; a quarter there: 8% slower). Left at 12 x 1,024 kind b (perf, before that change): this loop ~18 s, the
+global relabels ~5 s, phase one ~4 s. Not faster there: reading a reverse push's capacity from a transposed copy of
+``cap`` (a row, not a column: one cache miss less on half the pushes; 28.4 s vs 29.1 s), scanning windows by token
+instead of through the node lists (dense, non-listed nodes labelled ``big``: 5% slower), ``_RETRY`` 48, stopping
+once the excess left on nodes that reach the sink is within ``tol`` (no gain). Tried before the windows and not
+faster: nearest arcs first (2x slower: twice the relabels), the gap heuristic (16 gaps at 512 tokens), global
+relabels twice or half as often (fewer scans, more BFS; within 5%), and a perfect upper bound would have saved a
+third of the discharges (the sink's excess reaches its value after two thirds).
 Measured (12 layers, flow from the last token, one loaded 2-core machine; ``benchmarks/bench_causal.py``): on
 peaked, local heads at 512 tokens 15-18 s against 60-80 s for phase one plus Dinic phases (phase one alone, over
 every sink, costs ~13 s there: each far sink's flow spreads over ~1e5 small arcs, cold); near-uniform and mixed
@@ -875,12 +879,13 @@ def _warm_push_relabel(cap, res, flo, top, s, j, bound, eps, tol, work, ex, touc
     for lay in range(top):
         big += cnt[lay]
     nq = (top + 1) * n
-    relabels = big
+    every = (big + 1) // 2  # relabels between global relabels
+    relabels = every
     head = 0
     tail = 0
     size = 0
     while ex[j] < bound - tol:
-        if relabels >= big:
+        if relabels >= every:
             relabels = 0
             _global_labels(cap, res, top, s, j, eps, big, work, rsp, pos)
             head = 0
@@ -987,7 +992,7 @@ def _warm_push_relabel(cap, res, flo, top, s, j, bound, eps, tol, work, ex, touc
             d[u] = m + 1 if m + 1 < big else big
             cur[u] = first
             relabels += 1
-            if relabels >= big:  # u, if still active, is queued again by the global relabel
+            if relabels >= every:  # u, if still active, is queued again by the global relabel
                 break
     return ex[j]
 
