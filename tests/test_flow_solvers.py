@@ -500,9 +500,14 @@ def test_row_wise_labels_equal_the_queue_labels(seed):
         for eps in (2.0**-50, 1e-3):
             queue, rows, windows = work.copy(), work.copy(), work.copy()
             found = kernel._bfs_labels(adj, res, top, s, j, eps, queue)
-            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, unwindowed, unwindowed[0]) == found
-            # the warm solver's windows: each row's arcs with more than eps of capacity
-            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, windows, kernel.spans(adj, eps), pos) == found
+            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, unwindowed, unwindowed[0], unwindowed, res) == found
+            # the warm solver's windows (each row's and column's arcs with more than eps of capacity) and its
+            # transposed flows (reverse arcs pulled as rows)
+            row_windows, column_windows = kernel.spans(adj, eps), kernel._column_spans(adj, top, eps)
+            flows = np.ascontiguousarray((adj - res).transpose(0, 2, 1))
+            assert kernel._row_bfs_labels(
+                adj, res, top, s, j, eps, windows, row_windows, pos, column_windows, flows
+            ) == found
             size = (top + 1) * n
             np.testing.assert_array_equal(rows[0, :size], queue[0, :size])
             np.testing.assert_array_equal(windows[0, :size], queue[0, :size])

@@ -322,7 +322,7 @@ def _bfs_labels(cap, res, top, s, j, eps, work):
 
 
 @njit(cache=True, nogil=True)
-def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos):
+def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos, csp, flo):
     """`_bfs_labels` (the same exact distance-to-sink labels over the same arcs), level by level with
     every access along a row of ``res``: a forward arc ``(l + 1, i) -> (l, k)`` is *pulled* (each unlabelled
     node scans its own row over the frontier of the layer below and stops at the first arc with spare
@@ -331,10 +331,12 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos):
     miss per arc. Scratch: ``work[1]`` (frontier sizes per layer) and ``work[4]`` (frontier lists).
 
     Windows (the warm solver): with ``pos`` of more than one row, ``rsp[l, i]`` holds the first and last ``k``
-    with ``cap[l, i, k] > eps`` (`spans`) and ``pos[l, k]`` the number of nodes of layer ``l`` in ``rel``
-    before token ``k`` (`_positions`); arcs outside a row's window never have more than ``eps`` left, so a
-    node pulls over the frontier nodes inside its window only (the frontier listed in token order, in
-    ``work[2]``, which the warm solver rebuilds after a relabel) and pushes over its window only."""
+    with ``cap[l, i, k] > eps`` (`spans`), ``csp[l, k]`` the first and last ``i`` of that column
+    (`_column_spans`), and ``flo[l, k, i]`` the flow on ``(l + 1, i) -> (l, k)``; arcs outside those windows
+    never have more than ``eps`` left. Then reverse arcs are pulled too (an unlabelled node scans its row of
+    ``flo``), and every pull runs over the frontier nodes inside the puller's window only (each layer's
+    frontier listed in token order in ``work[2]``, which the warm solver rebuilds after a global relabel).
+    Otherwise ``rsp``, ``pos``, ``csp`` and ``flo`` are not read."""
     n = cap.shape[1]
     w = n + 1
     windowed = pos.shape[0] > 1
@@ -357,15 +359,12 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos):
             fcnt[lay] += 1
         tail = end
         level += 1
-        for lay in range(top):  # forward arcs into the frontier, pulled by the layer above
-            c = fcnt[lay]
-            if c == 0:
-                continue
-            base = (lay + 1) * n
-            fb = lay * w
-            if windowed:  # the frontier (labelled level - 1) in token order, so a node pulls over its window only
+        if windowed:
+            fpos = work[2]  # [0, n]: frontier nodes of one layer before each token; [w, w + c): that frontier
+            for lay in range(top):
+                if fcnt[lay] == 0:
+                    continue
                 lb = lay * n
-                fpos = work[2]  # [0, n]: frontier nodes before each token; [w, w + c): the frontier
                 got = 0
                 for k in range(n):
                     fpos[k] = got
@@ -373,6 +372,7 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos):
                         fpos[w + got] = k
                         got += 1
                 fpos[n] = got
+                base = (lay + 1) * n  # forward arcs (lay + 1, i) -> (lay, k), pulled by the layer above
                 for p in range(cnt[lay + 1]):
                     i = rel[base + p]
                     if d[base + i] >= 0:
@@ -384,7 +384,29 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos):
                             qi[tail] = i
                             tail += 1
                             break
+                if lay == 0:
+                    continue
+                base = (lay - 1) * n  # reverse arcs (lay - 1, i) -> (lay, k), pulled by the layer below
+                for p in range(cnt[lay - 1]):
+                    i = rel[base + p]
+                    if d[base + i] >= 0:
+                        continue
+                    for r in range(fpos[csp[lay - 1, i, 0]], fpos[csp[lay - 1, i, 1] + 1]):
+                        if flo[lay - 1, i, fpos[w + r]] > eps:
+                            d[base + i] = level
+                            ql[tail] = lay - 1
+                            qi[tail] = i
+                            tail += 1
+                            break
+            start = end
+            end = tail
+            continue
+        for lay in range(top):  # forward arcs into the frontier, pulled by the layer above
+            c = fcnt[lay]
+            if c == 0:
                 continue
+            base = (lay + 1) * n
+            fb = lay * w
             for p in range(cnt[lay + 1]):
                 i = rel[base + p]
                 if d[base + i] >= 0:
@@ -402,10 +424,7 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos):
                 continue
             kv = qi[p]
             base = (lv - 1) * n
-            first, stop = 0, cnt[lv - 1]
-            if windowed:
-                first, stop = pos[lv - 1, rsp[lv - 1, kv, 0]], pos[lv - 1, rsp[lv - 1, kv, 1] + 1]
-            for r in range(first, stop):
+            for r in range(cnt[lv - 1]):
                 i = rel[base + r]
                 if d[base + i] < 0 and cap[lv - 1, kv, i] - res[lv - 1, kv, i] > eps:
                     d[base + i] = level
@@ -428,7 +447,7 @@ def _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, l
     _relevant_nodes(top, s, j, reach, q, rel, cnt)
     unwindowed = np.zeros((1, 1, 2), dtype=np.int64)
     while (
-        _row_bfs_labels(cap, res, top, s, j, eps, work, unwindowed, unwindowed[0])
+        _row_bfs_labels(cap, res, top, s, j, eps, work, unwindowed, unwindowed[0], unwindowed, res)
         if row_bfs
         else _bfs_labels(cap, res, top, s, j, eps, work)
     ):
@@ -819,14 +838,14 @@ def _warm_nodes(top, j, reach, q, touched, rel, cnt):
 
 
 @njit(cache=True, nogil=True)
-def _global_labels(cap, res, top, s, j, eps, big, work, rsp, pos):
+def _global_labels(cap, res, top, s, j, eps, big, work, rsp, pos, csp, flo):
     """Exact distances to the sink ``(0, j)`` in the residual network over the nodes of `_warm_nodes`, ``big``
     for those that cannot reach it: `_row_bfs_labels` (rows only), which runs to the end here because the
     source is not among the nodes (and layer-0 nodes other than the sink, which hold an earlier sink's flow,
     are labelled through their reverse arcs)."""
     n = cap.shape[1]
     d, rel, cnt = work[0], work[7], work[8]
-    _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos)
+    _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos, csp, flo)
     for lay in range(top):
         for p in range(cnt[lay]):
             v = lay * n + rel[lay * n + p]
@@ -887,7 +906,7 @@ def _warm_push_relabel(cap, res, flo, top, s, j, bound, eps, tol, work, ex, touc
     while ex[j] < bound - tol:
         if relabels >= every:
             relabels = 0
-            _global_labels(cap, res, top, s, j, eps, big, work, rsp, pos)
+            _global_labels(cap, res, top, s, j, eps, big, work, rsp, pos, csp, flo)
             head = 0
             tail = 0
             size = 0
