@@ -60,7 +60,15 @@ the same pushes, labels and values to the bit; phase one takes the same spans (2
 each layer's frontier in token order so that a node pulls over the frontier nodes in its window only (28.5 s
 -> 26.1 s). With the BFS that cheap, global relabels pay more often: after half as many relabels as nodes instead
 of as many, 26.8 s -> 22.2 s at 1,024 (two runs each, interleaved; a quarter: 21.7 s; an eighth: 24 s), unchanged at
-512 (4.1 s; a quarter there: 8% slower). Left at 12 x 1,024 kind b (perf, before that change): this loop ~18 s, the
+512 (4.1 s; a quarter there: 8% slower). Then the BFS pulls reverse arcs as well (each unlabelled node scans its
+row of ``flo`` over the frontier inside its column window, where each frontier node used to push over its row
+window: 2.7e9 scans at 1,024): 21.9 s -> 20.3 s. With that, a quarter of the nodes between global relabels is
+faster at 1,024 (19.2 s -> 17.2-18.0 s; an eighth 17.9 s) and equal at 512 (3.7 s). Last, phase one's *cost*
+counts, not only its failures: on (b) the near sinks it certifies change a median 3.8e4 arcs (90th percentile
+6.5e5; the 1 << 20 log overflows, forcing a full restore), on (a), (c) and the trained decoder at most 1.3e4,
+1.9e4 and 3.2e3 (``n * top`` = 12,288 and 3,072); a sink certified after more than ``_HEAVY = 2`` arcs per node
+counts toward the streak that hands sinks to the warm solver (17.2-18.0 s -> 16.9 s; (a), (c), (d) unchanged to
+the millisecond, same values). Left at 12 x 1,024 kind b (perf, before that change): this loop ~18 s, the
 global relabels ~5 s, phase one ~4 s. Not faster there: reading a reverse push's capacity from a transposed copy of
 ``cap`` (a row, not a column: one cache miss less on half the pushes; 28.4 s vs 29.1 s), scanning windows by token
 instead of through the node lists (dense, non-listed nodes labelled ``big``: 5% slower), ``_RETRY`` 48, stopping
@@ -96,6 +104,7 @@ import numpy as np
 from numba import njit
 
 _RETRY = 16  # see `pruned_source_flows`
+_HEAVY = 2
 _STREAK = 2
 
 # The hot loops below are written out by hand, without helper functions taking arrays: numba would add an
@@ -898,7 +907,7 @@ def _warm_push_relabel(cap, res, flo, top, s, j, bound, eps, tol, work, ex, touc
     for lay in range(top):
         big += cnt[lay]
     nq = (top + 1) * n
-    every = (big + 1) // 2  # relabels between global relabels
+    every = (big + 3) // 4  # relabels between global relabels
     relabels = every
     head = 0
     tail = 0
@@ -1027,9 +1036,12 @@ def pruned_source_flows(
     Sinks are taken in reverse order. Per sink: the nodes that reach it (`reach_to_sink`), a cut bound from the
     source chain over them (`live_bound`), then `_phase_one` up to that bound; only when its flow falls short,
     ``mode`` 0 sharpens the bound with the `pruned_sink_chain` and finishes with `_later_phases` (Dinic from
-    phase one's flow); ``mode`` 1 (the default solver) hands the sink, and the next ``_RETRY - 1`` ones without
-    trying phase one, to `_warm_push_relabel` on the preflow kept across sinks (see the module doc); ``mode``
-    2 sends every sink there. Per-sink data is
+    phase one's flow); ``mode`` 1 (the default solver) does the same, except on the third sink in a row that
+    phase one either did not certify or certified only after changing more than ``_HEAVY`` arcs per node (and a
+    network at least ``warm_width`` nodes wide): then the next ``_RETRY - 1`` sinks (and that one, if not
+    certified) go without trying phase one to `_warm_push_relabel` on the preflow kept across sinks (see the
+    module doc); ``mode`` 2 sends every sink there. ``espan`` is `spans` of ``cap`` above ``eps`` (the only
+    arcs that can carry flow). Per-sink data is
     kept across calls on the same ``cap`` when the arrays have one entry per sink, else recomputed in entry 0:
     ``reaches`` ``(n or 1, L + 1, n)`` bool, ``lives`` ``(n or 1, L + 1)`` int64, ``chains`` ``(n or 1, L, n)``,
     ``done`` ``(n or 1, 2)`` bool (reach, chain computed). ``q`` is ``(L, n)``, ``diag`` ``(L, n)`` the
@@ -1070,14 +1082,19 @@ def pruned_source_flows(
             # short by ~1e-11 when the arcs below tol are left out)
             low = tol if mode == 0 else eps
             total, log_len = _phase_one(cap, res, top, s, j, reach, espan, bound, low, work, lim, got, col, log)
-            streak = streak + 1 if total < bound - tol else 0
+            certified = total >= bound - tol
+            # a certified sink whose phase one changed more than _HEAVY arcs per node counts as a miss too: on
+            # peaked, local heads the near sinks' cold flows spread over ~1e5-1e6 arcs, which the warm solver
+            # mostly keeps from sink to sink
+            heavy = log_len < 0 or log_len > _HEAVY * n * top
+            streak = streak + 1 if not certified or (heavy and mode == 1) else 0
             if streak > _STREAK and mode == 1:  # wide enough for the warm solver to pay?
                 size = 0
                 for lay in range(1, top):
                     size += lives[c, lay]
                 if size < warm_width * (top - 1):
                     streak = _STREAK
-            if total < bound - tol and (mode == 0 or streak <= _STREAK):
+            if not certified and (mode == 0 or streak <= _STREAK):
                 if not (cached and done[c, 1]):
                     pruned_sink_chain(cap, j, reach, chains[c], work[7], work[8])
                     done[c, 1] = cached
@@ -1085,8 +1102,10 @@ def pruned_source_flows(
                     cap, res, top, s, j, reach, q, chains[c], col, total, bound, eps, tol, work, log, log_len, True
                 )
             _restore(cap, res, top, j, log, log_len)
-            if mode == 0 or streak <= _STREAK:
+            if mode == 0 or streak <= _STREAK or certified:
                 out[j] = total
+                if mode == 1 and streak > _STREAK:  # the next sinks go to the warm solver
+                    skip = _RETRY
                 continue
             skip = _RETRY
         skip -= 1
