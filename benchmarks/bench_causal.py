@@ -2,7 +2,7 @@
 attention and a trained decoder's, today's solver against the first, side by side in one process.
 
 Run: ``.venv/bin/python benchmarks/bench_causal.py`` (12 x 1,024 on kinds a-c plus the decoder row: about 6
-minutes on an idle 2-core machine, most of it kind b: 23 s for the default solver, 3.3 minutes for the first
+minutes on an idle 2-core machine, most of it kind b: 18 s for the default solver, 3.3 minutes for the first
 kernel; plus training the decoder once if it is not cached), ``--quick`` for a smoke test (12 x 128), ``--long`` to add the 32 x 2,048 row (kind a; the default solver only unless ``--v1-large``, which adds about 10 minutes),
 ``--stretch`` to add 32 x 4,096 (kind a, the default solver only, about 9 GB of memory).
 
