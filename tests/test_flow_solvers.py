@@ -436,6 +436,50 @@ def test_every_sink_strategy_matches_igraph(local_cases, name, strategy, warm_wi
         assert np.all(got[..., :3] == 0.0)
 
 
+def test_sinks_phase_one_certifies_at_a_high_cost_hand_over_to_the_warm_solver(local_cases, monkeypatch):
+    """A sink that phase one certifies only after changing more than ``_HEAVY`` arcs per node counts toward the
+    streak that sends the next sinks to the warm push-relabel. Run as plain Python (``py_func``, so the module's
+    constants are read at run time) with ``_HEAVY = 0``, where every certified sink counts: the warm solver is
+    entered after certified sinks, and every value still matches igraph; 6 layers x 37 tokens."""
+    from attnflow.network import _dinic as kernel
+
+    adj, sources, tops, reference = local_cases["local"]
+    num_layers, n, _ = adj.shape
+    top, s = tops[0], sources[0]
+    eps, tol = solvers.EPS * adj.max(), solvers.TOL * adj.max()
+    warm = []
+    plain = kernel._warm_push_relabel
+
+    def counted(*args):
+        warm.append(args[5])
+        return plain(*args)
+
+    monkeypatch.setattr(kernel, "_HEAVY", 0)
+    monkeypatch.setattr(kernel, "_warm_push_relabel", counted)
+    certified_before = []
+    phase_one = kernel._phase_one
+
+    def noted(cap, res, top_, s_, j, reach, span, bound, low, *rest):
+        total, log_len = phase_one(cap, res, top_, s_, j, reach, span, bound, low, *rest)
+        if total >= bound - tol and log_len != 0:
+            certified_before.append(j)
+        return total, log_len
+
+    monkeypatch.setattr(kernel, "_phase_one", noted)
+    out = np.zeros(n)
+    kernel.pruned_source_flows.py_func(
+        adj, adj.copy(), top, s, kernel.spans(adj, 0.0), kernel.spans(adj, eps),
+        np.diagonal(adj, axis1=1, axis2=2).copy(), np.arange(n, dtype=np.int64), eps, tol, out,
+        np.zeros((9, (num_layers + 1) * (n + 1)), dtype=np.int64), np.zeros((3, (num_layers + 1) * (n + 1))),
+        np.empty(adj.size, dtype=np.int64), np.zeros((num_layers, n)), np.zeros((1, num_layers + 1, n), dtype=bool),
+        np.zeros((1, num_layers + 1), dtype=np.int64), np.zeros((1, num_layers, n)), np.zeros((1, 2), dtype=bool),
+        1, 0,
+    )
+    np.testing.assert_allclose(out, reference[0, 0], rtol=0, atol=ATOL)
+    # sinks go from the last to the first: three certified ones in a row, then the warm solver
+    assert warm and any(all(k in certified_before for k in (j + 1, j + 2, j + 3)) for j in warm)
+
+
 def test_local_cases_need_more_than_the_cheap_bounds(local_cases):
     """The networks above are not settled by trivial cut bounds alone (so the warm solver has work to do)."""
     for adj, sources, _, reference in local_cases.values():
@@ -500,7 +544,8 @@ def test_row_wise_labels_equal_the_queue_labels(seed):
         for eps in (2.0**-50, 1e-3):
             queue, rows, windows = work.copy(), work.copy(), work.copy()
             found = kernel._bfs_labels(adj, res, top, s, j, eps, queue)
-            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, unwindowed, unwindowed[0], unwindowed, res) == found
+            unwindowed_args = (unwindowed, unwindowed[0], unwindowed, res)
+            assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, *unwindowed_args) == found
             # the warm solver's windows (each row's and column's arcs with more than eps of capacity) and its
             # transposed flows (reverse arcs pulled as rows)
             row_windows, column_windows = kernel.spans(adj, eps), kernel._column_spans(adj, top, eps)

@@ -33,7 +33,7 @@ trying phase one, go to the first phase of FIFO push-relabel (`_warm_push_relabe
 sink to sink (``wres``, a private copy of the capacities made on first use, and the excesses ``ex``). Every arc
 out of the source is saturated once; a node's excess is pushed along admissible residual arcs (forward down a
 row, reverse up a column); labels are exact after each global relabel (`_global_labels`: `_row_bfs_labels`,
-rows only, at the start of every sink and after as many relabels as half the nodes). When the sink moves from
+rows only, at the start of every sink and after as many relabels as a quarter of the nodes). When the sink moves from
 ``j'`` to ``j``, ``(0, j')`` becomes an ordinary node whose excess (the flow it received) is pushed back and
 rerouted; nothing else changes, so only the part of the flow that must change is touched. Exactness: a preflow
 for one sink is a preflow for any other, and the first phase of push-relabel from any preflow with valid labels
@@ -52,8 +52,8 @@ to 3.0e9 arcs and the run from 63 s to 49 s (standalone, one thread); what is le
 (9.7e9 arcs, ~19e6 discharges and 4.9e8 pushes over 606 sinks), i.e. about one full scan of a node's arcs per
 relabel. Third: **windows**. An arc with at most ``eps`` of capacity never has more than ``eps`` left either
 way, so it is never admissible; each node scans only the span of its row (forward) and of its column (reverse)
-with more than ``eps`` (`spans` with ``above = eps``, `_column_spans`), and the global relabels' BFS pulls and
-pushes over the same spans. Causal rows end at the diagonal and recency-biased rows begin ~280 tokens back at
+with more than ``eps`` (`spans` with ``above = eps``, `_column_spans`), and the global relabels' BFS works
+over the same spans. Causal rows end at the diagonal and recency-biased rows begin ~280 tokens back at
 1,024 (``exp(-0.1 d)`` falls below 2**-50), so at 12 x 1,024 kind b the discharges' scans fell from 9.7e9 to
 3.4e9, relabels' to 1.4e9, and the solve (`max_flow_values`, flow from the last token) from 49.6 s to 28.9 s with
 the same pushes, labels and values to the bit; phase one takes the same spans (2 s of it). The BFS then lists
@@ -1038,9 +1038,9 @@ def pruned_source_flows(
     ``mode`` 0 sharpens the bound with the `pruned_sink_chain` and finishes with `_later_phases` (Dinic from
     phase one's flow); ``mode`` 1 (the default solver) does the same, except on the third sink in a row that
     phase one either did not certify or certified only after changing more than ``_HEAVY`` arcs per node (and a
-    network at least ``warm_width`` nodes wide): then the next ``_RETRY - 1`` sinks (and that one, if not
-    certified) go without trying phase one to `_warm_push_relabel` on the preflow kept across sinks (see the
-    module doc); ``mode`` 2 sends every sink there. ``espan`` is `spans` of ``cap`` above ``eps`` (the only
+    network at least ``warm_width`` nodes wide): then that sink, if not certified, and the next ``_RETRY - 1``
+    ones (the next ``_RETRY`` if it was certified) go without trying phase one to `_warm_push_relabel` on the
+    preflow kept across sinks (see the module doc); ``mode`` 2 sends every sink there. ``espan`` is `spans` of ``cap`` above ``eps`` (the only
     arcs that can carry flow). Per-sink data is
     kept across calls on the same ``cap`` when the arrays have one entry per sink, else recomputed in entry 0:
     ``reaches`` ``(n or 1, L + 1, n)`` bool, ``lives`` ``(n or 1, L + 1)`` int64, ``chains`` ``(n or 1, L, n)``,
@@ -1064,7 +1064,7 @@ def pruned_source_flows(
     ex = np.zeros((top + 1) * n)
     touched = np.zeros((top + 1) * n, dtype=np.int64)
     skip = 0  # sinks left to send straight to the warm push-relabel (mode 1)
-    streak = 0  # sinks in a row that phase one did not certify (mode 1)
+    streak = 0  # sinks in a row that phase one did not certify, or certified at a high cost (mode 1)
     for p in range(sinks.size - 1, -1, -1):
         j = sinks[p]
         c = j if cached else 0
