@@ -13,11 +13,11 @@ tokens. The flow value ``F[s, j]`` is the max-flow from ``(L, s)`` to ``(0, j)``
              bound is cheap (``O(L n)``: the source's tree bounds summed over those nodes, layer by layer);
              the sharper bound from the sink's own tree bounds (``O(L n^2)`` per sink) is computed only for
              the pairs the first one does not settle, and kept across sources. The sinks phase one does
-             not certify get Dinic phases, except in long runs of such sinks on large networks (far sinks of
-             peaked, local heads): those go to push-relabel on one preflow kept from sink to sink of the same
-             source (warm starts: only the part of the flow that must change for the next sink is touched;
-             see `attnflow.network._dinic`). Sources run in ``n_jobs`` threads
-             (the kernel releases the GIL).
+             not certify get Dinic phases, except in long runs of such sinks, or of sinks certified only after
+             many changed arcs, on large causal networks (peaked, local heads): those go to push-relabel on one
+             preflow kept from sink to sink of the same source (warm starts: only the part of the flow that
+             must change for the next sink is touched; see `attnflow.network._dinic`). Sources run in
+             ``n_jobs`` threads (the kernel releases the GIL).
 ``"dinic-v1"`` the first compiled kernel, kept as the speed reference: the same phases on the whole network,
              with the sink tree bounds computed for every sink it meets (``O(L n^3)`` for one source: about
              ten times slower on causal attention, as fast on encoder attention).
@@ -175,7 +175,7 @@ def estimate_seconds(
     attention (the estimate sits between, 2.1x under and 2.6x over), and one level 4 alone took 0.05 s or
     5.4 s (12 x 512, one source, random attention at two temperatures; estimated 0.69 s): on a network of only
     3-5 layers the estimate can be 10x off either way. The worst case measured is causal: peaked, local heads
-    (``benchmarks/bench_causal.py`` kind b), whose far sinks are cut by a staircase of ~1e5-1e6 arcs, took 60 s
+    (``benchmarks/bench_causal.py`` kind b), whose far sinks are cut by a staircase of ~1e5-1e6 arcs, take 17 s
     at 12 x 1,024 from the last token against 0.94 s estimated.
     Not included: the first compiled call in a process that finds no kernel in numba's on-disk cache compiles
     it (10-20 s; ``make install`` fills the cache).
