@@ -174,7 +174,9 @@ def attention_weights(
         w = layer.weights[b : b + 1]
         if index in heads:
             w = w[:, list(heads[index])]
-        fused = fuse_heads(w, head_fusion)[0][np.ix_(rows, cols)]
+        fused = fuse_heads(w, head_fusion)[0]
+        if rows.size < fused.shape[0] or cols.size < fused.shape[1]:  # padding: keep the real tokens
+            fused = fused[np.ix_(rows, cols)]
         return discard_lowest(fused, discard_ratio) if discard_ratio else fused
 
     return weights

@@ -121,8 +121,12 @@ def explained_stream(trace: AttentionTrace, stream: str | None) -> str:
 def mix_residual(matrix: np.ndarray, residual: float) -> np.ndarray:
     """``(1 - r) A + r I`` with rows renormalised to sum 1; ``(n, n)`` -> ``(n, n)``. All-zero rows stay 0."""
     mixed = (1.0 - residual) * matrix
-    mixed[np.diag_indices(matrix.shape[-1])] += residual
-    return _normalise_rows(mixed)
+    mixed.flat[:: matrix.shape[-1] + 1] += residual
+    sums = mixed.sum(axis=-1, keepdims=True)
+    if (sums > 0).all():  # the common case, in place (the masked divide below is ~6x slower at 256 tokens)
+        mixed /= sums
+        return mixed
+    return np.divide(mixed, sums, out=np.zeros_like(mixed), where=sums > 0)
 
 
 def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
