@@ -20,7 +20,8 @@ the same network and the trace needs less memory). Three kinds of heads:
   positions; trained on CPU and cached in ``examples/out/docstring-gpt2`` on first use, which takes a few minutes
   to ~20 on a loaded machine; the benchmark fails, never skips, when it cannot be trained or loaded), on a
   256-token prompt of Python standard-library source (as long as its positions allow), captured with
-  ``attnflow.capture``. Printed with the 12 x 1,024 rows (and with ``--quick``); igraph checks every sink.
+  ``attnflow.capture``. Printed with the 12 x 1,024 rows (and with ``--quick``); igraph checks every sink; its
+  times are medians of 15 runs of each solver (one run is tens of milliseconds).
 
 Timed through ``attnflow.flow(trace, sources=[-1])`` (head fusion, the network, the solve), one after the other
 in one run: ``method="dinic"`` (the default), ``method="dinic-v1"`` (the first compiled kernel, kept as the
@@ -47,6 +48,7 @@ import attnflow  # noqa: E402
 
 DECODER = ROOT / "examples" / "out" / "docstring-gpt2"
 DECODER_STEPS = 300
+DECODER_REPEAT = 15  # the decoder's row takes tens of milliseconds: medians of this many runs of each solver
 
 KINDS = {
     "a": "near-uniform + sink",
@@ -166,7 +168,7 @@ def case(layers: int, n: int, kind: str, *, v1: bool, igraph_sinks: int, repeat:
     if kind == "d":
         trace, label = decoder_trace()
         n = int(trace.layers[0].shape[-1])
-        return measure(trace, label, n, v1=v1, igraph_sinks=n, repeat=repeat)
+        return measure(trace, label, n, v1=v1, igraph_sinks=n, repeat=max(repeat, DECODER_REPEAT))
     fuse = layers * n >= 32 * 2048
     trace = causal_trace(layers, n, kind, fuse=fuse)
     label = f"({kind}) {KINDS[kind]}, {layers} x {n}" + (" (heads fused)" if fuse else "")
@@ -178,7 +180,7 @@ def measure(trace: attnflow.AttentionTrace, label: str, n: int, *, v1: bool, igr
     fast, row["dinic"] = timed(lambda: flow(trace, "dinic"), repeat)
     fast = np.asarray(fast).reshape(-1)
     if v1:
-        old, row["dinic-v1"] = timed(lambda: flow(trace, "dinic-v1"))
+        old, row["dinic-v1"] = timed(lambda: flow(trace, "dinic-v1"), repeat)
         row["diff v1"] = float(np.abs(np.asarray(old).reshape(-1) - fast).max())
     if igraph_sinks:
         rng = np.random.default_rng(1234)
@@ -219,14 +221,15 @@ def main() -> None:
     for layers, n, kinds, v1, sinks, repeat in plan:
         for kind in kinds:
             r = case(layers, n, kind, v1=v1, igraph_sinks=sinks, repeat=repeat)
-            old = f"{r['dinic-v1']:.2f} s" if "dinic-v1" in r else "not run"
+            old = f"{r['dinic-v1']:.3g} s" if "dinic-v1" in r else "not run"
             speedup = f"{r['dinic-v1'] / r['dinic']:.1f}x" if "dinic-v1" in r else ""
             graph = f"{r['diff igraph']:.1e} ({r['igraph sinks']})" if "diff igraph" in r else "not run"
             print(
-                f"| {r['case']} | {r['dinic']:.2f} s | {old} | {speedup} | {r['rollout']:.2f} s | "
+                f"| {r['case']} | {r['dinic']:.3g} s | {old} | {speedup} | {r['rollout']:.3g} s | "
                 f"{r.get('diff v1', float('nan')):.1e} | {graph} |", flush=True
             )
-    print("(wall clock, n_jobs=1, one run each, in the order dinic, dinic-v1, igraph, rollout)")
+    print(f"(wall clock, n_jobs=1, one run each (the decoder: medians of {DECODER_REPEAT}), in the order dinic, dinic-v1, "
+          "igraph, rollout)")
 
 
 if __name__ == "__main__":
