@@ -513,7 +513,7 @@ def test_warm_push_relabel_matches_igraph_on_random_networks(layers, n, seed, da
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_row_wise_labels_equal_the_queue_labels(seed):
+def test_row_wise_labels_equal_the_queue_labels(seed, monkeypatch):
     """The pruned solver's row-wise BFS gives the same distance labels as the first kernel's queue BFS on
     residual networks that carry flow (after the first phase, for several sinks); 6 layers x 23 tokens."""
     from attnflow.network import _dinic as kernel
@@ -546,6 +546,12 @@ def test_row_wise_labels_equal_the_queue_labels(seed):
             found = kernel._bfs_labels(adj, res, top, s, j, eps, queue)
             unwindowed_args = (unwindowed, unwindowed[0], unwindowed, res)
             assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, *unwindowed_args) == found
+            # networks wider than _PULL_WIDTH push reverse arcs instead of pulling them (plain Python here, so
+            # that the module constant is read at run time)
+            pushed = work.copy()
+            with monkeypatch.context() as patch:
+                patch.setattr(kernel, "_PULL_WIDTH", 0)
+                assert kernel._row_bfs_labels.py_func(adj, res, top, s, j, eps, pushed, *unwindowed_args) == found
             # the warm solver's windows (each row's and column's arcs with more than eps of capacity) and its
             # transposed flows (reverse arcs pulled as rows)
             row_windows, column_windows = kernel.spans(adj, eps), kernel._column_spans(adj, top, eps)
@@ -555,6 +561,7 @@ def test_row_wise_labels_equal_the_queue_labels(seed):
             ) == found
             size = (top + 1) * n
             np.testing.assert_array_equal(rows[0, :size], queue[0, :size])
+            np.testing.assert_array_equal(pushed[0, :size], queue[0, :size])
             np.testing.assert_array_equal(windows[0, :size], queue[0, :size])
             compared += int((queue[0, :size] >= 0).sum())
     assert compared > 100
