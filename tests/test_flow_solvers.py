@@ -538,13 +538,11 @@ def test_row_wise_labels_equal_the_queue_labels(seed, monkeypatch):
         kernel._phase_one(adj, res, top, s, j, reach, span, 1.0, 1e-12, work, fwork[0], fwork[1], fwork[2], log)
         res[0, :, j] = fwork[2][:n]
         kernel._relevant_nodes(top, s, j, reach, q, work[7], work[8])
-        pos = np.zeros((top + 1, n + 1), dtype=np.int64)
-        kernel._positions(top, work[7], work[8], pos)
         unwindowed = np.zeros((1, 1, 2), dtype=np.int64)
         for eps in (2.0**-50, 1e-3):
             queue, rows, windows = work.copy(), work.copy(), work.copy()
             found = kernel._bfs_labels(adj, res, top, s, j, eps, queue)
-            unwindowed_args = (unwindowed, unwindowed[0], unwindowed, res)
+            unwindowed_args = (False, unwindowed, unwindowed, res)
             assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, *unwindowed_args) == found
             # networks wider than _PULL_WIDTH push reverse arcs instead of pulling them (plain Python here, so
             # that the module constant is read at run time)
@@ -557,7 +555,7 @@ def test_row_wise_labels_equal_the_queue_labels(seed, monkeypatch):
             row_windows, column_windows = kernel.spans(adj, eps), kernel._column_spans(adj, top, eps)
             flows = np.ascontiguousarray((adj - res).transpose(0, 2, 1))
             assert kernel._row_bfs_labels(
-                adj, res, top, s, j, eps, windows, row_windows, pos, column_windows, flows
+                adj, res, top, s, j, eps, windows, True, row_windows, column_windows, flows
             ) == found
             size = (top + 1) * n
             np.testing.assert_array_equal(rows[0, :size], queue[0, :size])

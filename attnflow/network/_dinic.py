@@ -336,24 +336,24 @@ def _bfs_labels(cap, res, top, s, j, eps, work):
 
 
 @njit(cache=True, nogil=True)
-def _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos, csp, flo):
+def _row_bfs_labels(cap, res, top, s, j, eps, work, windowed, rsp, csp, flo):
     """`_bfs_labels` (the same exact distance-to-sink labels over the same arcs), level by level with
     every access along a row of ``res``: a forward arc ``(l + 1, i) -> (l, k)`` is *pulled* (each unlabelled
     node scans its own row over the frontier of the layer below and stops at the first arc with spare
-    capacity; on dense attention that is almost always the first one), a reverse arc is *pushed* (each
-    frontier node scans its own row of flows). The queue-driven version reads a column per node, one cache
-    miss per arc. Scratch: ``work[1]`` (frontier sizes per layer) and ``work[4]`` (frontier lists).
+    capacity; on dense attention that is almost always the first one); a reverse arc is *pushed* (each
+    frontier node scans its own row of flows), or on networks up to ``_PULL_WIDTH`` tokens pulled too (each
+    unlabelled node reads a column of ``res`` over the frontier of the layer above). The queue-driven version
+    reads a column per node, one cache miss per arc. Scratch: ``work[1]`` (frontier sizes per layer) and
+    ``work[4]`` (frontier lists).
 
-    Windows (the warm solver): with ``pos`` of more than one row, ``rsp[l, i]`` holds the first and last ``k``
-    with ``cap[l, i, k] > eps`` (`spans`), ``csp[l, k]`` the first and last ``i`` of that column
-    (`_column_spans`), and ``flo[l, k, i]`` the flow on ``(l + 1, i) -> (l, k)``; arcs outside those windows
-    never have more than ``eps`` left. Then reverse arcs are pulled too (an unlabelled node scans its row of
-    ``flo``), and every pull runs over the frontier nodes inside the puller's window only (each layer's
-    frontier listed in token order in ``work[2]``, which the warm solver rebuilds after a global relabel).
-    Otherwise ``rsp``, ``pos``, ``csp`` and ``flo`` are not read."""
+    ``windowed`` (the warm solver): ``rsp[l, i]`` holds the first and last ``k`` with ``cap[l, i, k] > eps``
+    (`spans`), ``csp[l, k]`` the first and last ``i`` of that column (`_column_spans`), and ``flo[l, k, i]`` the
+    flow on ``(l + 1, i) -> (l, k)``; arcs outside those windows never have more than ``eps`` left. Both kinds
+    of arc are pulled (reverse ones along a row of ``flo``), each over the frontier nodes inside the puller's
+    window only (each layer's frontier listed in token order in ``work[2]``, which the warm solver rebuilds
+    after a global relabel). Otherwise ``rsp``, ``csp`` and ``flo`` are not read."""
     n = cap.shape[1]
     w = n + 1
-    windowed = pos.shape[0] > 1
     d, fcnt, flist, ql, qi, rel, cnt = work[0], work[1], work[4], work[5], work[6], work[7], work[8]
     for v in range((top + 1) * n):
         d[v] = -1
@@ -481,9 +481,9 @@ def _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, l
     n = cap.shape[1]
     d, cur, sl, si, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
     _relevant_nodes(top, s, j, reach, q, rel, cnt)
-    unwindowed = np.zeros((1, 1, 2), dtype=np.int64)
+    unwindowed = np.zeros((1, 1, 2), dtype=np.int64)  # windows the BFS does not read
     while (
-        _row_bfs_labels(cap, res, top, s, j, eps, work, unwindowed, unwindowed[0], unwindowed, res)
+        _row_bfs_labels(cap, res, top, s, j, eps, work, False, unwindowed, unwindowed, res)
         if row_bfs
         else _bfs_labels(cap, res, top, s, j, eps, work)
     ):
@@ -874,14 +874,14 @@ def _warm_nodes(top, j, reach, q, touched, rel, cnt):
 
 
 @njit(cache=True, nogil=True)
-def _global_labels(cap, res, top, s, j, eps, big, work, rsp, pos, csp, flo):
+def _global_labels(cap, res, top, s, j, eps, big, work, rsp, csp, flo):
     """Exact distances to the sink ``(0, j)`` in the residual network over the nodes of `_warm_nodes`, ``big``
     for those that cannot reach it: `_row_bfs_labels` (rows only), which runs to the end here because the
     source is not among the nodes (and layer-0 nodes other than the sink, which hold an earlier sink's flow,
     are labelled through their reverse arcs)."""
     n = cap.shape[1]
     d, rel, cnt = work[0], work[7], work[8]
-    _row_bfs_labels(cap, res, top, s, j, eps, work, rsp, pos, csp, flo)
+    _row_bfs_labels(cap, res, top, s, j, eps, work, True, rsp, csp, flo)
     for lay in range(top):
         for p in range(cnt[lay]):
             v = lay * n + rel[lay * n + p]
@@ -942,7 +942,7 @@ def _warm_push_relabel(cap, res, flo, top, s, j, bound, eps, tol, work, ex, touc
     while ex[j] < bound - tol:
         if relabels >= every:
             relabels = 0
-            _global_labels(cap, res, top, s, j, eps, big, work, rsp, pos, csp, flo)
+            _global_labels(cap, res, top, s, j, eps, big, work, rsp, csp, flo)
             head = 0
             tail = 0
             size = 0
@@ -1067,10 +1067,9 @@ def pruned_source_flows(
     phase one either did not certify or certified only after changing more than ``_HEAVY`` arcs per node (and a
     network at least ``warm_width`` nodes wide): then that sink, if not certified, and the next ``_RETRY - 1``
     ones (the next ``_RETRY`` if it was certified) go without trying phase one to `_warm_push_relabel` on the
-    preflow kept across sinks (see the module doc); ``mode`` 2 sends every sink there. ``espan`` is `spans` of ``cap`` above ``eps`` (the only
-    arcs that can carry flow). Per-sink data is
-    kept across calls on the same ``cap`` when the arrays have one entry per sink, else recomputed in entry 0:
-    ``reaches`` ``(n or 1, L + 1, n)`` bool, ``lives`` ``(n or 1, L + 1)`` int64, ``chains`` ``(n or 1, L, n)``,
+    preflow kept across sinks (see the module doc); ``mode`` 2 sends every sink there. ``espan`` is `spans` of
+    ``cap`` above ``eps`` (the only arcs that can carry flow). Per-sink data is kept across calls on the same
+    ``cap`` when the arrays have one entry per sink, else recomputed in entry 0: ``reaches`` ``(n or 1, L + 1, n)`` bool, ``lives`` ``(n or 1, L + 1)`` int64, ``chains`` ``(n or 1, L, n)``,
     ``done`` ``(n or 1, 2)`` bool (reach, chain computed). ``q`` is ``(L, n)``, ``diag`` ``(L, n)`` the
     diagonals of ``cap``; other arguments as in `pair_flow`.
     """
