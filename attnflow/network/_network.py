@@ -122,15 +122,16 @@ def mix_residual(matrix: np.ndarray, residual: float) -> np.ndarray:
     """``(1 - r) A + r I`` with rows renormalised to sum 1; ``(n, n)`` -> ``(n, n)``. All-zero rows stay 0."""
     mixed = (1.0 - residual) * matrix
     mixed.flat[:: matrix.shape[-1] + 1] += residual
-    sums = mixed.sum(axis=-1, keepdims=True)
-    if (sums > 0).all():  # the common case, in place: 0.07 ms at 256 tokens, where the general path took 0.5 ms
-        mixed /= sums
-        return mixed
-    return np.divide(mixed, sums, out=np.zeros_like(mixed), where=sums > 0)
+    return _normalise_rows(mixed)
 
 
 def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows divided by their sums, all-zero rows left 0; in place when no row sums to zero (callers pass an array
+    they own: a fresh (n, n) result costs 0.5 ms at 256 tokens, the in-place divide 0.07 ms)."""
     sums = matrix.sum(axis=-1, keepdims=True)
+    if (sums > 0).all():
+        matrix /= sums
+        return matrix
     return np.divide(matrix, sums, out=np.zeros_like(matrix), where=sums > 0)
 
 
