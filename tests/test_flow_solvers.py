@@ -660,6 +660,11 @@ def test_estimate_seconds_is_cheap_and_monotone():
     assert estimate_seconds(6, 128, 128, method="igraph") > estimate_seconds(6, 128, 128, method="dinic")
     assert estimate_seconds(2, 512, 512, method="pruned") < 60  # closed form
     assert estimate_seconds(0, 10, 1) == 0.0
+    assert estimate_seconds(6, 128, 1, tops=[3]) > estimate_seconds(6, 128, 1, tops=[6])  # shallow levels cost more
+    with pytest.raises(OptionError, match="not both"):
+        estimate_seconds(6, 32, 1, tops=[2], all_layers=True)
+    with pytest.raises(OptionError, match="tops must be levels"):
+        estimate_seconds(6, 32, 1, tops=[7])
 
 
 # (layers, tokens, sources, causal) as measured by benchmarks/bench_estimate.py with all_layers=True

@@ -126,12 +126,8 @@ def max_flow_values(
     adj = _check_adj(adj)
     num_layers, n, _ = adj.shape
     rows = _check_sources(sources, n)
-    if tops is not None:
-        if all_layers:
-            raise OptionError("Give all_layers=True or tops=, not both.")
-        tops = [int(t) for t in tops]
-        if not tops or any(not 1 <= t <= num_layers for t in tops):
-            raise OptionError(f"tops must be levels in [1, {num_layers}], got {tops!r}.")
+    explicit = tops is not None
+    tops = _check_tops(tops, all_layers, num_layers)
     if not (isinstance(n_jobs, (int, np.integer)) and n_jobs >= 1):
         raise OptionError(f"n_jobs must be a positive int, got {n_jobs!r}.")
     requested, method = method, resolve_method(method)
@@ -142,9 +138,6 @@ def max_flow_values(
             if requested != "auto":
                 raise MissingDependencyError(f"method={method!r} could not import numba: {exc}") from exc
             method = "pruned"
-    explicit = tops is not None
-    if tops is None:
-        tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
     out = np.zeros((len(tops), rows.size, n))
     report = progress if progress is not None else (lambda k: None)
     if rows.size and n:
@@ -183,8 +176,7 @@ def estimate_seconds(
     method = resolve_method(method)
     if num_layers <= 0 or n <= 0 or num_sources <= 0:
         return 0.0
-    if tops is None:
-        tops = list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    tops = _check_tops(tops, all_layers, num_layers)
     if widths is None:
         widths = [n] * num_sources
     if len(widths) != num_sources:
@@ -206,6 +198,18 @@ def estimate_seconds(
         edges = float((sized**2).mean()) * (_IGRAPH_CAUSAL if causal else 1.0) * _IGRAPH_EDGE_SECONDS
         per_pair = sum(top for top in (deep if method == "pruned" else tops)) * edges
     return float(pairs * (per_pair + _PAIR_OVERHEAD_SECONDS * len(tops)))
+
+
+def _check_tops(tops: Sequence[int] | None, all_layers: bool, num_layers: int) -> list[int]:
+    """The source levels: ``tops`` checked, else every level (``all_layers``) or the top one."""
+    if tops is None:
+        return list(range(1, num_layers + 1)) if all_layers else [num_layers]
+    if all_layers:
+        raise OptionError("Give all_layers=True or tops=, not both.")
+    levels = [int(t) for t in tops]
+    if not levels or any(not 1 <= t <= num_layers for t in levels):
+        raise OptionError(f"tops must be levels in [1, {num_layers}], got {levels!r}.")
+    return levels
 
 
 def resolve_method(method: str) -> str:
