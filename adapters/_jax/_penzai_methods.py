@@ -27,7 +27,11 @@ for its query heads), ``out_weight`` ``(1, heads, d_head, d_model)`` and ``out_b
 ``Linear`` and ``AddBias`` of ``attn_value_to_output``, ``residual`` and ``block_output`` ``(batch, queries,
 d_model)`` (``residual + branch output``: the residual stream after attention; for a model whose attention and
 feed-forward run in parallel, as GPT-NeoX, the stream the attention alone gives), and ``values_layout``
-``"pre_ln"`` in the trace's metadata.
+``"pre_ln"`` in the trace's metadata. Where the branch ends with an RMSNorm after the attention (Gemma 2's
+``post_attention_norm``: ``x + post_norm(attn(pre_norm(x)))``, :attr:`PenzaiValueMap.post_attention_norm`), the
+extras of the core's "sandwich" norm (``attnflow.methods._decompose``) too: ``post_norm_input`` ``(batch, queries,
+d_model)`` (the attention's output, kept as the norm's input), ``post_norm_weight`` ``(1, d_model)`` (the scale
+the norm multiplies by: penzai's Gemma converter stores Gemma's ``1 + scale`` in it) and ``post_norm_eps`` ``(1,)``.
 
 Value zeroing (Mohebbi et al., 2023): each block (the layer the map names: attention, feed-forward, norms) is
 run again on its recorded input, for every item with each token's value vectors zeroed in turn (one batch of
@@ -253,6 +257,10 @@ class PenzaiValueMap:
         out: relative to ``attention``: the layer that holds the output projection, one ``pz.nn.Linear`` and
             at most one ``pz.nn.AddBias`` (``attn_value_to_output``).
         layout: ``"pre_ln"`` (penzai's transformer variants all normalise before attention).
+        post_attention_norm: a "sandwich" norm on the attention's output before the residual add, where the
+            branch has one (Gemma 2's): the branch's last sublayer, right after ``attention``, an RMSNorm
+            (``pz.nn.RMSLayerNorm``: ``RMSStandardize``, then a ``Linear`` scale); decomposed with its denominator
+            held constant (Kobayashi et al., 2021). None: the branch ends with ``attention``.
     """
 
     attention: str
@@ -260,18 +268,20 @@ class PenzaiValueMap:
     value: str = "input_to_value"
     out: str = "attn_value_to_output"
     layout: str = "pre_ln"
+    post_attention_norm: str | None = None
 
 
 #: penzai's GPT-NeoX (``gpt_neox.build_gpt_neox_transformer``): attention and feed-forward in parallel branches of
 #: a ``BranchAndAddTogether`` whose first branch is the identity.
 _GPT_NEOX = PenzaiValueMap(attention="sublayers/0/branches/1/sublayers/1", branch="sublayers/0/branches/1")
 #: penzai's Llama, Mistral and Gemma (``llamalike_common.build_llamalike_transformer``): ``Residual`` blocks whose
-#: ``delta`` is the norm and the attention (Gemma 2's post-attention norm does not fit: the branch does not end
-#: with the attention).
+#: ``delta`` is the norm and the attention.
 _LLAMALIKE = PenzaiValueMap(attention="sublayers/0/delta/sublayers/1", branch="sublayers/0/delta")
+#: penzai's Gemma 2 (``use_post_attn_norm=True``): the same blocks, whose ``delta`` ends with the post-attention norm.
+_GEMMA2 = dataclasses.replace(_LLAMALIKE, post_attention_norm="sublayers/0/delta/sublayers/2")
 #: Name -> where a family of penzai models keeps its attention branch; the first map that fits the model serves.
 VALUE_MAPS: dict[str, PenzaiValueMap] = {"gpt_neox": _GPT_NEOX, "llama": _LLAMALIKE, "mistral": _LLAMALIKE,
-                                         "gemma": _LLAMALIKE}
+                                         "gemma": _LLAMALIKE, "gemma2": _GEMMA2}
 
 
 def register_penzai_value_map(name: str, value_map: PenzaiValueMap, *, replace: bool = False) -> None:
@@ -295,9 +305,25 @@ def register_penzai_value_map(name: str, value_map: PenzaiValueMap, *, replace: 
     if not value_map.attention.startswith(value_map.branch + "/"):
         raise attnflow.OptionError(f"The penzai value map {name!r}: the attention ({value_map.attention!r}) must be "
                                    f"inside the branch ({value_map.branch!r}).")
+    _check_post_attention_norm(name, value_map)
     if name in VALUE_MAPS and not replace:
         raise attnflow.OptionError(f"A penzai value map {name!r} is already registered; pass replace=True.")
     VALUE_MAPS[name] = value_map
+
+
+def _check_post_attention_norm(name: str, value_map: PenzaiValueMap) -> None:
+    norm = value_map.post_attention_norm
+    if norm is None:
+        return
+    if not isinstance(norm, str) or not norm:
+        raise attnflow.OptionError(f"The penzai value map {name!r}: post_attention_norm must be a layer path or None, "
+                                   f"got {norm!r}.")
+    if not norm.startswith(value_map.branch + "/") or norm == value_map.attention \
+            or norm.startswith(value_map.attention + "/"):
+        raise attnflow.OptionError(
+            f"The penzai value map {name!r}: post_attention_norm ({norm!r}) must be a layer of the branch "
+            f"({value_map.branch!r}) after the attention ({value_map.attention!r}), not the attention or inside it."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,25 +335,34 @@ class Block:
     branch: str
     value: str
     out: Any  # the output projection's layer (its Linear and AddBias are read from it)
+    post_norm: str | None = None  # the path of the branch's post-attention norm, where it has one
+    post_norm_layer: Any = None
+
+
+def _ends_branch(branch: Any, inside: list[str]) -> bool:
+    """Whether ``branch`` is a Sequential whose last sublayers are at the paths ``inside`` (relative to it), in order."""
+    count = len(getattr(branch, "sublayers", ()))
+    return inside == [f"sublayers/{i}" for i in range(count - len(inside), count)]
 
 
 def _fits(value_map: PenzaiValueMap, layers: Mapping[str, Any], attentions: list[str], pz: Any) -> list[Block] | None:
     suffix = "/" + value_map.attention
+    ends = [value_map.attention, *([value_map.post_attention_norm] if value_map.post_attention_norm else [])]
+    inside = [path[len(value_map.branch) + 1:] for path in ends]
     blocks = []
     for name in attentions:
         if not name.endswith(suffix):
             return None
         block = name[: -len(suffix)]
-        branch = layers.get(_join(block, value_map.branch))
-        inside = value_map.attention[len(value_map.branch) + 1:]
-        sublayers = list(getattr(branch, "sublayers", ()))
-        # the branch ends with the attention (a Sequential whose last sublayer is the attention)
-        if branch is None or not sublayers or sublayers[-1] is not layers[name] or inside != f"sublayers/{len(sublayers) - 1}":
+        branch = _join(block, value_map.branch)
+        # the branch ends with the attention, then its post-attention norm where the map has one
+        if not _ends_branch(layers.get(branch), inside) or layers.get(_join(branch, inside[0])) is not layers[name]:
             return None
         value, out = _join(name, value_map.value), layers.get(_join(name, value_map.out))
         if value not in layers or out is None:
             return None
-        blocks.append(Block(block, name, _join(block, value_map.branch), value, out))
+        norm = _join(block, ends[1]) if len(ends) > 1 else None
+        blocks.append(Block(block, name, branch, value, out, norm, layers.get(norm) if norm else None))
     return blocks or None
 
 
@@ -343,8 +378,9 @@ def value_blocks(model: Any, attentions: list[str], kind: str = "values") -> tup
         f"{kind}=True needs to know where the blocks of this penzai model keep their attention branch (the "
         f"residual stream it is added to, its value vectors and output projection); no penzai value map fits it "
         f"(attnflow knows {sorted(VALUE_MAPS)}; its attention layers are at {attentions[:3]}...). A branch must end "
-        "with the attention (Gemma 2's post-attention norm does not fit). Describe it with "
-        "attnflow.adapters._jax.penzai.register_penzai_value_map(name, PenzaiValueMap(attention=..., branch=...)).",
+        "with the attention, or with the attention then an RMSNorm (post_attention_norm=..., as Gemma 2's). "
+        "Describe it with attnflow.adapters.register_penzai_value_map(name, PenzaiValueMap(attention=..., "
+        "branch=...)).",
         kind=kind,
     )
 
@@ -374,9 +410,11 @@ def _stream(named: Any) -> np.ndarray:
 
 
 def value_extras(block: Block, kept: Mapping[str, Any], heads: int) -> dict[str, np.ndarray]:
-    """The value extras of one block's call from what was kept (``value``, ``residual``, ``branch``)."""
+    """The value extras of one block's call from what was kept (``value``, ``residual``, ``branch``, and
+    ``post_norm_input`` where the branch has a post-attention norm)."""
     pz = _pz()
-    missing = [slot for slot in ("value", "residual", "branch") if kept.get(slot) is None]
+    slots = ("value", "residual", "branch", *(("post_norm_input",) if block.post_norm else ()))
+    missing = [slot for slot in slots if kept.get(slot) is None]
     if missing:
         raise attnflow.AdapterError(
             f"values=True: {missing} of block {block.path!r} were not seen during the forward pass (they ran as JAX "
@@ -408,13 +446,60 @@ def value_extras(block: Block, kept: Mapping[str, Any], heads: int) -> dict[str,
     matrix = matrix.reshape(heads, matrix.shape[-2], matrix.shape[-1])
     bias = _numpy(biases[0].bias.value.untag(width[0]).unwrap()) if biases else np.zeros(matrix.shape[-1], matrix.dtype)
     residual = _stream(kept["residual"])
-    return {
+    found = {
         "value": array,
         "out_weight": matrix[None],
         "out_bias": bias[None],
         "residual": residual,
         "block_output": residual + _stream(kept["branch"]),
     }
+    if block.post_norm:
+        found.update(_sandwich_extras(block, kept["post_norm_input"]))
+    return found
+
+
+def _sandwich_extras(block: Block, norm_input: Any) -> dict[str, np.ndarray]:
+    """``post_norm_input`` ``(batch, queries, d_model)``, ``post_norm_weight`` ``(1, d_model)`` and
+    ``post_norm_eps`` ``(1,)`` of a branch's post-attention RMSNorm, from its input during the pass."""
+    stream = _stream(norm_input)
+    epsilon, scale = _rms_norm(block, _model_axis(norm_input))
+    return {
+        "post_norm_input": stream,
+        "post_norm_weight": (np.ones(stream.shape[-1]) if scale is None else scale).astype(stream.dtype)[None],
+        "post_norm_eps": np.array([epsilon], np.float64),
+    }
+
+
+def _rms_norm(block: Block, axis: str) -> tuple[float, np.ndarray | None]:
+    """``(epsilon, scale (d_model,) or None)`` of a block's post-attention norm, which must be an RMSNorm across
+    the model axis ``axis``: ``RMSStandardize``, then at most one ``Linear`` whose weights are over that axis
+    alone (``pz.nn.RMSLayerNorm``'s scale, which multiplies)."""
+    sublayers = list(getattr(block.post_norm_layer, "sublayers", ()))
+    if not _is_rms_norm(sublayers, axis):
+        raise attnflow.AdapterError(
+            f"values=True: the post-attention norm {block.post_norm!r} is a {type(block.post_norm_layer).__name__} of "
+            f"{[type(layer).__name__ for layer in sublayers]}; norm-based methods decompose an RMSNorm there "
+            f"(pz.nn.RMSLayerNorm: RMSStandardize across {axis!r}, then a Linear scale over it). Point the value map's "
+            "post_attention_norm at such a layer, or capture without values=True (value_zeroing=True re-runs any "
+            "block)."
+        )
+    epsilon = float(np.asarray(sublayers[0].epsilon))
+    return epsilon, (_numpy(sublayers[1].weights.value.unwrap(axis)) if len(sublayers) == 2 else None)
+
+
+def _is_rms_norm(sublayers: list[Any], axis: str) -> bool:
+    """Whether ``sublayers`` are an ``RMSStandardize`` across ``axis`` and at most one ``Linear`` scale over it."""
+    pz = _pz()
+    if not 1 <= len(sublayers) <= 2 or not isinstance(sublayers[0], pz.nn.RMSStandardize):
+        return False
+    across = sublayers[0].across
+    if ((across,) if isinstance(across, str) else tuple(across)) != (axis,):
+        return False
+    if len(sublayers) == 1:
+        return True
+    scale = getattr(getattr(sublayers[1], "weights", None), "value", None)
+    return (isinstance(sublayers[1], pz.nn.Linear) and scale is not None and tuple(scale.named_shape) == (axis,)
+            and not scale.positional_shape)
 
 
 # -- value_zeroing=True -----------------------------------------------------------------------------------------

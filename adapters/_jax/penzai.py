@@ -175,6 +175,8 @@ class _PenzaiCapture:
                 wanted: list[tuple[Any, str | None, str | None]] = []
                 if request.values:
                     wanted += [(everything[block.value], None, "value"), (everything[block.branch], "residual", "branch")]
+                    if block.post_norm:  # a sandwich norm: its input is the attention's output
+                        wanted.append((block.post_norm_layer, "post_norm_input", None))
                 if request.value_zeroing:
                     wanted.append((everything[block.path], "block_input", "block_output"))
                 for layer, before, after in wanted:
