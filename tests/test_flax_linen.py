@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import warnings
 
 import jax
@@ -670,37 +671,71 @@ class RMSDecoder(nn.Module):
         return _f64(nn.Dense, features=RV, name="lm_head")(_f64(nn.RMSNorm, epsilon=1e-5, name="final_norm")(x))
 
 
-def rms_reference(params, ids, valid, deltas, xp):
-    """The decoder written out (``xp``: numpy, or jax.numpy under jax.grad) with ``deltas[l]`` added to layer
-    ``l``'s probabilities: its logits and, per layer, what values=True records."""
+def causal_pairs(valid):
+    """(batch, queries, keys): the pairs a causal layer reads, real tokens only."""
+    t = valid.shape[1]
+    return np.tril(np.ones((t, t), bool))[None] & valid[:, None, :].astype(bool) & valid[:, :, None].astype(bool)
 
-    def rms(x, p):
-        return x / xp.sqrt((x**2).mean(-1, keepdims=True) + 1e-5) * p["scale"]
+
+def rms_norm(z, norm, xp):
+    return z / xp.sqrt((z**2).mean(-1, keepdims=True) + 1e-5) * norm["scale"]
+
+
+def rms_block(p, x, allowed, delta, xp, keep=None):
+    """One RMSBlock written out (``xp``: numpy, or jax.numpy under jax.grad) with ``delta`` added to its
+    probabilities and its value vectors multiplied by ``keep`` (batch, keys): its output and what values=True
+    records."""
 
     def softmax(s):
         e = xp.exp(s - s.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
-    t = ids.shape[1]
-    allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :].astype(bool) & valid[:, :, None].astype(bool)
+    a = p["attn"]
+    h = rms_norm(x, p["attn_norm"], xp)
+    q, k, v = (xp.einsum("btd,dhe->bthe", h, a[n]["kernel"]) for n in ("query", "key", "value"))
+    if keep is not None:
+        v = v * keep[:, :, None, None]
+    scores = xp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(RDH)
+    probs = softmax(xp.where(allowed[:, None], scores, np.finfo(np.float64).min)) + delta
+    moved = xp.einsum("bhqk,bkhe,hed->bqd", probs, v, a["out"]["kernel"])
+    kept = {"value": v.transpose(0, 2, 1, 3), "out_weight": a["out"]["kernel"][None], "residual": x,
+            "block_output": x + moved, "weights": probs}
+    x = x + moved
+    up = xp.einsum("btd,df->btf", rms_norm(x, p["mlp_norm"], xp), p["up"]["kernel"]) + p["up"]["bias"]
+    silu = up / (1 + xp.exp(-up))
+    return x + xp.einsum("btf,fd->btd", silu, p["down"]["kernel"]) + p["down"]["bias"], kept
+
+
+def rms_reference(params, ids, valid, deltas, xp):
+    """The decoder written out (``xp``: numpy, or jax.numpy under jax.grad) with ``deltas[l]`` added to layer
+    ``l``'s probabilities: its logits and, per layer, what values=True records."""
+    allowed = causal_pairs(valid)
     x = params["embed"]["embedding"][ids]
     kept = []
     for i in range(RL):
-        p = params[f"layers_{i}"]
-        a = p["attn"]
-        h = rms(x, p["attn_norm"])
-        q, k, v = (xp.einsum("btd,dhe->bthe", h, a[n]["kernel"]) for n in ("query", "key", "value"))
-        scores = xp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(RDH)
-        probs = softmax(xp.where(allowed[:, None], scores, np.finfo(np.float64).min)) + deltas[i]
-        moved = xp.einsum("bhqk,bkhe,hed->bqd", probs, v, a["out"]["kernel"])
-        kept.append({"value": v.transpose(0, 2, 1, 3), "out_weight": a["out"]["kernel"][None], "residual": x,
-                     "block_output": x + moved, "weights": probs})
-        x = x + moved
-        up = xp.einsum("btd,df->btf", rms(x, p["mlp_norm"]), p["up"]["kernel"]) + p["up"]["bias"]
-        silu = up / (1 + xp.exp(-up))
-        x = x + xp.einsum("btf,fd->btd", silu, p["down"]["kernel"]) + p["down"]["bias"]
-    logits = xp.einsum("btd,dv->btv", rms(x, params["final_norm"]), params["lm_head"]["kernel"]) + params["lm_head"]["bias"]
+        x, found = rms_block(params[f"layers_{i}"], x, allowed, deltas[i], xp)
+        kept.append(found)
+    final = rms_norm(x, params["final_norm"], xp)
+    logits = xp.einsum("btd,dv->btv", final, params["lm_head"]["kernel"]) + params["lm_head"]["bias"]
     return logits, kept
+
+
+def zeroing_reference(run, valid):
+    """Value zeroing (Mohebbi et al., 2023) of one block written out: ``[b, i, j]`` = 1 - cos(output_i, output_i
+    with token j's value vectors zeroed), real tokens only, causal (j <= i); ``run(b, keep)``: the block's output on
+    item ``b`` (1, tokens, width) with its value vectors multiplied by ``keep`` (1, tokens)."""
+    batch, t = valid.shape
+    out = np.zeros((batch, t, t))
+    for b in range(batch):
+        original = run(b, np.ones((1, t)))[0]
+        real = np.flatnonzero(valid[b])
+        for j in real:
+            keep = np.ones((1, t))
+            keep[0, j] = 0.0
+            zeroed = run(b, keep)[0]
+            cos = (zeroed * original).sum(-1) / np.linalg.norm(zeroed, axis=-1) / np.linalg.norm(original, axis=-1)
+            out[b, real, j] = np.where(real >= j, 1.0 - cos[real], 0.0)
+    return out
 
 
 def pre_ln_blocks(kept, keep, b):
@@ -745,7 +780,7 @@ def rms_decoder():
         rng = np.random.default_rng(3)  # random parameters of init's shapes (init itself runs op by op: slower)
         variables = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape),
                                  jax.eval_shape(model.init, jax.random.PRNGKey(3), ids, valid))
-        trace = attnflow.capture(model, variables, ids, valid, target=3, values=True)
+        trace = attnflow.capture(model, variables, ids, valid, target=3, values=True, value_zeroing=True)
         by_callable = attnflow.capture(model, variables, ids, valid, target=lambda out: out[:, 1, 2] - out[:, 0, 4])
         params = jax.tree.map(np.asarray, variables["params"])
         zeros = [np.zeros((RB, RH, RT, RT))] * RL
@@ -800,6 +835,110 @@ def test_linen_values_errors_name_the_fix(rms_decoder, setup):
         with pytest.raises(attnflow.OptionError, match="not an index of the model's 7 outputs"):
             attnflow.capture(model, variables, ids, valid, target=7)
         assert attnflow.capture(model, variables, ids, valid).layers[0].extras == {}  # the next capture is plain
+
+
+def test_linen_value_zeroing_equals_a_float64_recomputation(rms_decoder):
+    """value_zeroing=True (beside target= and values=) on the causal, padded decoder (batch 2, heads 4, tokens 5,
+    head dim 3, width 12): each layer's distances against its block written out in float64 numpy with token j's
+    value vectors zeroed in turn, and the method's rows (normalised, rolled out) against the same."""
+    model, variables, ids, valid, trace, *_ = rms_decoder
+    params = jax.tree.map(np.asarray, variables["params"])
+    _, kept = rms_reference(params, ids, valid, [0.0] * RL, np)
+    allowed, future = causal_pairs(valid), np.triu_indices(RT, 1)
+    rolled = attnflow.explain(trace, ["value_zeroing"], all_layers=True).layers("value_zeroing")
+    joints = [np.eye(int(row.sum())) for row in valid]
+    for li, layer in enumerate(trace.layers):
+        def run(b, keep, p=params[f"layers_{li}"], x=kept[li]["residual"]):
+            return rms_block(p, x[b : b + 1], allowed[b : b + 1], 0.0, np, keep)[0]
+
+        expected, zeroing = zeroing_reference(run, valid), layer.extras["value_zeroing"]
+        assert zeroing.dtype == np.float64 and zeroing.shape == (RB, RT, RT) and expected.max() > 1e-3
+        np.testing.assert_allclose(zeroing, expected, atol=1e-10, rtol=0)
+        assert not zeroing[:, future[0], future[1]].any()  # causal: token i's row only over j <= i
+        assert not zeroing[1, 4].any() and not zeroing[1, :, 4].any() and zeroing[1, 3, :4].all()  # item 1's padding
+        for b, joint in enumerate(joints):
+            real = np.ix_(np.flatnonzero(valid[b]), np.flatnonzero(valid[b]))
+            joints[b] = expected[b][real] / expected[b][real].sum(-1, keepdims=True) @ joint
+            np.testing.assert_allclose(rolled[li, b][real], joints[b], atol=1e-10)
+
+
+class OddBlock(nn.Module):
+    """A layer value zeroing cannot run again: one in training mode (dropout needs rngs), or one run through another
+    method than ``__call__``."""
+
+    def setup(self):
+        self.attn = nn.MultiHeadDotProductAttention(num_heads=2)
+        self.drop = nn.Dropout(0.5, deterministic=False)
+
+    def __call__(self, x, mask):
+        return x + self.drop(self.attn(x, mask=mask))
+
+    def step(self, x, mask):
+        return x + self.attn(x, mask=mask)
+
+
+class OddDecoder(nn.Module):
+    method: str = "__call__"
+
+    @nn.compact
+    def __call__(self, x, valid):
+        mask = nn.make_attention_mask(valid, valid)
+        for i in range(2):
+            x = getattr(OddBlock(name=f"layers_{i}"), self.method)(x, mask)
+        return x
+
+
+def test_linen_value_zeroing_alone_and_its_errors_name_the_fix(rms_decoder, setup):
+    from attnflow.adapters import FlaxValueMap, register_flax_value_map
+    from attnflow.adapters._jax import _flax_methods, flax_linen
+
+    from attnflow.recording import CaptureUnavailableError
+
+    model, variables, ids, valid, trace, *_ = rms_decoder
+    other, other_variables, x, _ = setup
+    with jax.enable_x64(True):
+        alone = attnflow.capture(model, variables, ids, valid, value_zeroing=True)
+        assert "values_layout" not in alone.metadata and sorted(alone.layers[0].extras) == ["value_zeroing"]
+        np.testing.assert_array_equal(alone.layers[2].extras["value_zeroing"], trace.layers[2].extras["value_zeroing"])
+        with pytest.raises(AdapterError, match="value_zeroing= need the forward pass to run eagerly"):
+            with attnflow.attach(model, value_zeroing=True):
+                jax.vmap(lambda i, v: model.apply(variables, i[None], v[None]))(ids, valid)
+        for wrong, message in [(dict(value="attn/values"), r"no value module the value map names \('attn/values'\) "
+                                                           r"ran in the block 'layers_0'; FlaxValueMap.value must"),
+                               (dict(attention="attention"), r"value_zeroing=True: no recorded self-attention layer "
+                                                             r"\('layers_0/attn'...\) is the 'attention' module")]:
+            register_flax_value_map("RMSDecoder", FlaxValueMap(layout="pre_ln", **{**RMS_MAP, **wrong}), replace=True)
+            try:
+                with pytest.raises(AdapterError, match=message):
+                    attnflow.capture(model, variables, ids, valid, value_zeroing=True)
+            finally:
+                register_flax_value_map("RMSDecoder", FlaxValueMap(layout="pre_ln", **RMS_MAP), replace=True)
+    with pytest.raises(CaptureUnavailableError, match=r"value_zeroing=True needs to know where Model.*register_flax"):
+        attnflow.capture(other, other_variables, x, value_zeroing=True)
+    skipped = attnflow.capture(other, other_variables, x, methods="all").metadata["skipped_methods"]
+    assert "value_zeroing=True needs to know where Model" in skipped["value_zeroing"]  # methods="all" goes on
+
+    saved = dict(_flax_methods.VALUE_MAPS)
+    register_flax_value_map("OddDecoder", FlaxValueMap(attention="attn", value="attn/value", out="attn/out",
+                                                       residual="attn", block_output="attn", layout="pre_ln"))
+    x, keep = x[:, :4, :8], valid[:, :4]
+    odd = jax.eval_shape(OddDecoder().init, {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, keep)
+    odd = jax.tree.map(lambda s: jnp.asarray(np.random.default_rng(6).normal(0.0, 0.5, s.shape), jnp.float32), odd)
+    depth = len(linen_module._global_interceptor_stack)
+    try:
+        with pytest.raises(AdapterError, match=r"running the block 'layers_0' again alone .* failed: InvalidRngError.* "
+                                               r"must be deterministic: dropout off \(deterministic=True\)"):
+            attnflow.capture(OddDecoder(), odd, x, keep, rngs={"dropout": jax.random.key(2)}, value_zeroing=True)
+        with pytest.raises(AdapterError, match=r"the block 'layers_0' of 'layers_0/attn' was not seen as one eager "
+                                               r"__call__.*another method than __call__"):
+            attnflow.capture(OddDecoder("step"), odd, x, keep, value_zeroing=True)
+    finally:
+        _flax_methods.VALUE_MAPS.clear()
+        _flax_methods.VALUE_MAPS.update(saved)
+    # nothing left behind by the failed re-runs: no interceptor, no re-run switched on, jit back on
+    assert len(linen_module._global_interceptor_stack) == depth and not flax_linen._ACTIVE.get(threading.get_ident())
+    assert flax_linen._injection() is None and not jax.config.jax_disable_jit
+    assert attnflow.capture(OddDecoder("step"), odd, x, keep).layers[0].extras == {}
 
 
 def test_target_through_modules_adds_its_zero_in_the_modules_own_layout(hand):

@@ -175,14 +175,3 @@ def test_errors_name_the_fix_and_undo_everything(models, hf_inputs):
     with pytest.raises(attnflow.AdapterError, match=r"register_flax_value_map.*FlaxValueMap"):
         attnflow.capture(Other(), np.ones((1, 3, 4), np.float32), values=True)
     assert attnflow.capture(port, ids, mask).layers[0].extras == {}  # and the next capture is plain again
-
-
-def test_linen_says_which_adapters_capture_value_zeroing():
-    import jax
-    from flax import linen
-
-    model = linen.MultiHeadDotProductAttention(num_heads=2)
-    x = np.ones((1, 3, 4), np.float32)
-    variables = model.init(jax.random.PRNGKey(0), x)
-    with pytest.raises(attnflow.AdapterError, match=r"'flax_linen' cannot capture \['value_zeroing'\].*flax_nnx"):
-        attnflow.capture(model, variables, x, value_zeroing=True)

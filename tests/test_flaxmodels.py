@@ -142,3 +142,11 @@ def test_names_mask_causality_and_labels():
     expected = reference(model, ((variables(model),), {"input_ids": ids, "attn_mask": jnp.ones((BATCH, SEQ))}))
     for layer, want in zip(unpadded.layers, expected, strict=True):
         np.testing.assert_allclose(layer.weights, want, atol=1e-5)
+
+
+def test_says_which_adapters_capture_what_it_cannot():
+    model = fm_gpt2.GPT2Model(config=CONFIG)
+    ids, real = inputs()
+    with pytest.raises(attnflow.AdapterError,
+                       match=r"'flaxmodels' cannot capture \['value_zeroing'\].*flax_linen, flax_nnx"):
+        attnflow.capture(model, variables(model), input_ids=ids, attn_mask=real, value_zeroing=True)

@@ -257,11 +257,9 @@ def test_target_gives_attention_gradients_equal_to_a_float64_recomputation():
     assert np.isfinite(np.asarray(attnflow.explain(trace, ["grad_rollout"])["grad_rollout"])).all()
 
 
-def value_reference(kv_heads: int, ids: jax.Array, post_norm: bool = True) -> list[dict[str, np.ndarray]]:
-    """Per layer, in float64 from the model's parameters and each Block's input (read with a plain
-    ``nn.intercept_methods``): x, the probabilities, f^h(x_j) = v_j^h W_O^h per item (batch, heads, keys, d), and
-    the sandwich norm's g / rms(a_i) (batch, queries, d), following gemma's Block: y = x + post_attention_norm(
-    attn(pre_attention_norm(x))) (without post_norm, Gemma 1's block: y = x + attn(pre_attention_norm(x)))."""
+def block_inputs(kv_heads: int, ids: jax.Array, post_norm: bool = True) -> list[tuple]:
+    """Per layer, its parameters and each Block's input (read with a plain ``nn.intercept_methods``), in float64:
+    ``(params, x, positions, mask)``."""
     model, variables = make_model(kv_heads, post_norm), {"params": params(kv_heads, post_norm)}
     seen = []
 
@@ -273,24 +271,43 @@ def value_reference(kv_heads: int, ids: jax.Array, post_norm: bool = True) -> li
 
     with jax.disable_jit(), nn.intercept_methods(spy):
         model.apply(variables, ids)
-    layers = []
-    for i, (name, x, positions, mask) in enumerate(seen):
-        p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"][name])
-        attn = p["attn"]
-        probs = attention_reference(attn, rms(x, p["pre_attention_norm"]["scale"]), positions, mask, i == 0, kv_heads)
-        h = rms(x, p["pre_attention_norm"]["scale"])
-        if "qkv_einsum" in attn:
-            v = np.einsum("btd,sndh->sbtnh", h, attn["qkv_einsum"]["w"])[2]
-        else:
-            v = np.einsum("bsd,ckdh->cbskh", h, attn["kv_einsum"]["w"])[1]
-        v = np.repeat(v, HEADS // kv_heads, axis=2)  # query head n reads KV head n // group
-        f = np.einsum("bsnh,nhd->bnsd", v, attn["attn_vec_einsum"]["w"])
-        a = np.einsum("bnts,bnsd->btd", probs, f)
-        scale = np.ones_like(a)
-        if post_norm:
-            scale = (1 + p["post_attention_norm"]["scale"]) / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6)
-        layers.append({"x": x, "probs": probs, "f": f, "scale": scale, "y": x + a * scale})
-    return layers
+    return [(jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"][name]), x, positions, mask)
+            for name, x, positions, mask in seen]
+
+
+def block_reference(p, x, positions, mask, sliding: bool, kv_heads: int, post_norm: bool = True, keep=None):
+    """One gemma Block in float64 numpy, its value vectors multiplied by ``keep`` (batch, keys): its output and, for
+    values=True, x, the probabilities, f^h(x_j) = v_j^h W_O^h (batch, heads, keys, d), the sandwich norm's
+    g / rms(a_i) (batch, queries, d) and the stream after attention y = x + post_attention_norm(attn(
+    pre_attention_norm(x))) (without post_norm, Gemma 1's block: y = x + attn(pre_attention_norm(x)))."""
+    attn = p["attn"]
+    h = rms(x, p["pre_attention_norm"]["scale"])
+    probs = attention_reference(attn, h, positions, mask, sliding, kv_heads)
+    if "qkv_einsum" in attn:
+        v = np.einsum("btd,sndh->sbtnh", h, attn["qkv_einsum"]["w"])[2]
+    else:
+        v = np.einsum("bsd,ckdh->cbskh", h, attn["kv_einsum"]["w"])[1]
+    if keep is not None:
+        v = v * keep[:, :, None, None]
+    v = np.repeat(v, HEADS // kv_heads, axis=2)  # query head n reads KV head n // group
+    f = np.einsum("bsnh,nhd->bnsd", v, attn["attn_vec_einsum"]["w"])
+    a = np.einsum("bnts,bnsd->btd", probs, f)
+    scale = np.ones_like(a)
+    if post_norm:
+        scale = (1 + p["post_attention_norm"]["scale"]) / np.sqrt((a * a).mean(-1, keepdims=True) + 1e-6)
+    y = x + a * scale
+    gate = np.einsum("btf,nfh->btnh", rms(y, p["pre_ffw_norm"]["scale"]), p["mlp"]["gating_einsum"])
+    gelu = 0.5 * gate[..., 0, :] * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate[..., 0, :] + 0.044715 * gate[..., 0, :] ** 3)))
+    out = (gelu * gate[..., 1, :]) @ p["mlp"]["linear"]  # nn.gelu: the tanh approximation
+    if post_norm:
+        out = rms(out, p["post_ffw_norm"]["scale"])
+    return y + out, {"x": x, "probs": probs, "f": f, "scale": scale, "y": y}
+
+
+def value_reference(kv_heads: int, ids: jax.Array, post_norm: bool = True) -> list[dict[str, np.ndarray]]:
+    """Per layer, what values=True records, from :func:`block_reference` on each Block's input."""
+    return [block_reference(p, x, positions, mask, i == 0, kv_heads, post_norm)[1]
+            for i, (p, x, positions, mask) in enumerate(block_inputs(kv_heads, ids, post_norm))]
 
 
 @pytest.mark.parametrize(("kv_heads", "post_norm"), [(2, True), (6, True), (1, False)],
@@ -331,3 +348,29 @@ def test_values_give_norm_and_alti_through_the_sandwich_norm(kv_heads, post_norm
             total, output = decomposition_identity(trace, li, b)
             np.testing.assert_allclose(output, y, atol=2e-5 * np.abs(y).max())
             np.testing.assert_allclose(total, output, atol=2e-5 * np.abs(y).max())
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6], ids=["grouped-query-kv_einsum", "multi-head-qkv_einsum"])
+def test_value_zeroing_equals_a_float64_recomputation(kv_heads):
+    """value_zeroing=True (Mohebbi et al., 2023) through gemma's map: each Block run again alone with one token's
+    values (index 1 of kv_einsum's stacked output, 2 of qkv_einsum's) zeroed at a time, against the Block (norms,
+    attention, sandwich norm, gated feed-forward) written out in float64 numpy: causal, padded, and 0 outside the
+    sliding window of the local layer."""
+    from test_flax_linen import zeroing_reference
+
+    model, ids = make_model(kv_heads), tokens()
+    trace = attnflow.capture(model, {"params": params(kv_heads)}, ids, value_zeroing=True)
+    assert "Transformer" not in attnflow.adapters._jax._flax_methods.VALUE_MAPS  # lent for the capture only
+    real = np.asarray(ids) != 0
+    for i, (layer, inputs) in enumerate(zip(trace.layers, block_inputs(kv_heads, ids), strict=True)):
+        def run(b, keep, p=inputs[0], x=inputs[1], positions=inputs[2], mask=inputs[3], sliding=i == 0):
+            return block_reference(p, x[b : b + 1], positions[b : b + 1], mask[b : b + 1], sliding, kv_heads,
+                                   keep=keep)[0]
+
+        expected, zeroing = zeroing_reference(run, real), layer.extras["value_zeroing"]
+        assert zeroing.shape == (BATCH, SEQ, SEQ) and expected.max() > 1e-3
+        np.testing.assert_allclose(zeroing, expected, atol=1e-6, rtol=0)
+    q, k = np.indices((SEQ, SEQ))
+    outside = q - k >= WINDOW  # beyond the local layer's window: float32 rounding alone (of variants run batched)
+    assert trace.layers[0].extras["value_zeroing"][:, outside].max() < 1e-10
+    assert trace.layers[1].extras["value_zeroing"][0, outside].min() > 1e-5

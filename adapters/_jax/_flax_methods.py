@@ -19,15 +19,16 @@ post-LN ``norm_input``, ``norm_output``, ``norm_weight``, ``norm_bias``, ``norm_
 ``values_layout`` to the trace's metadata. The linen adapter keeps them from its method
 interceptor (parameters from each module's ``params``), the NNX adapter from per-instance class swaps.
 
-Value zeroing (NNX, ``value_zeroing=True``; Mohebbi et al., 2023): the layer module of each map (the block: the
-attention, its norms and feed-forward) runs again on its recorded call, per item with each token's value vectors
-zeroed in turn (:func:`value_zeroing`), as ``attnflow.adapters._torch._value_zeroing`` does for PyTorch.
+Value zeroing (``value_zeroing=True``, NNX and linen; Mohebbi et al., 2023): the layer module of each map (the
+block: the attention, its norms and feed-forward) runs again on its recorded call, per item with each token's value
+vectors zeroed in turn (:func:`value_zeroing`), as ``attnflow.adapters._torch._value_zeroing`` does for PyTorch. The
+NNX adapter calls the block itself, the linen adapter ``apply``-s an unbound copy of it on its own variables.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -253,13 +254,17 @@ VALUE_MAPS: dict[str, FlaxValueMap] = {"FlaxBert": _FLAX_BERT_PORT}
 
 
 def value_map(class_name: str, kind: str = "values") -> FlaxValueMap:
-    """The map registered for a root model class; ``kind``: the capture keyword that needs it (named in the error)."""
+    """The map registered for a root model class; ``kind``: the capture keyword that needs it (named in the error,
+    a :class:`~attnflow.recording.CaptureUnavailableError` of that kind, so that ``methods="all"`` skips its
+    methods)."""
     if class_name not in VALUE_MAPS:
-        raise attnflow.AdapterError(
+        from attnflow.recording import CaptureUnavailableError
+
+        raise CaptureUnavailableError(
             f"{kind}=True needs to know where {class_name} keeps its value vectors, output projection and norms; "
             f"for Flax models attnflow knows {sorted(VALUE_MAPS)} (the BERT port in examples/flax_bert.py). Describe "
             "where its layers keep them with attnflow.adapters.register_flax_value_map(class_name, "
-            "attnflow.adapters.FlaxValueMap(...)) (see docs/adapters.md, 'Value maps')."
+            "attnflow.adapters.FlaxValueMap(...)) (see docs/adapters.md, 'Value maps').", kind=kind,
         )
     return VALUE_MAPS[class_name]
 
@@ -268,7 +273,7 @@ def register_flax_value_map(class_name: str, value_map: FlaxValueMap, *, replace
     """The Flax twin of :func:`attnflow.adapters.register_value_map`: where the layers of the Flax model class
     ``class_name`` (the root module's class name, NNX or linen) keep their value vectors, output projection and
     norms, so that ``values=True`` works on it through the ``flax_nnx`` and ``flax_linen`` adapters (and
-    ``value_zeroing=True`` through ``flax_nnx``: the layer, the map's paths' common prefix, is the block re-run).
+    ``value_zeroing=True`` through both: the layer, the map's paths' common prefix, is the block re-run).
 
     Raises:
         attnflow.OptionError: the map is malformed (the message names the field), or ``class_name`` has one and
@@ -308,6 +313,24 @@ def layer_of(name: str, layout: FlaxValueMap) -> str | None:
     return name[: -len(suffix)] if name.endswith(suffix) else None
 
 
+def mapped_layers(layers: Sequence[Any], layout: FlaxValueMap) -> Iterator[tuple[Any, str, int]]:
+    """``(layer, layer path, call)`` for every recorded self-attention layer the map names, in call order; ``call``:
+    which call of that layer in the pass it is (a layer called twice in one pass takes its second kept inputs)."""
+    calls: dict[str, int] = {}
+    for layer in layers:
+        path = layer_of(layer.name, layout) if layer.kind == "self" else None
+        if path is not None:
+            calls[path] = calls.get(path, -1) + 1
+            yield layer, path, calls[path]
+
+
+def value_alternative(layout: FlaxValueMap, kept: Mapping[str, list[Any]], call: int) -> str | None:
+    """The value module (path relative to the layer) of the map's ``|`` alternatives that call ``call`` of a layer
+    ran first in map order, from the arrays kept at its taps; None: none ran."""
+    alternatives = layout.value.split("|")
+    return next((path for i, path in enumerate(alternatives) if len(kept.get(_value_slot(i), ())) > call), None)
+
+
 def _array(value: Any) -> np.ndarray:
     jax = attnflow.import_optional("jax", "jax")
     array = np.asarray(jax.device_get(value))
@@ -339,20 +362,21 @@ def add_value_extras(layers: Sequence[Any], layout: FlaxValueMap, modules: Mappi
                      kept: Mapping[str, Mapping[str, list[Any]]]) -> None:
     """Add the value extras (:func:`extras`) to every recorded self-attention layer the map names (in call order:
     a layer called twice in one pass takes its second kept inputs the second time)."""
-    calls: dict[str, int] = {}
     matched = 0
-    for layer in layers:
-        path = layer_of(layer.name, layout) if layer.kind == "self" else None
-        if path is None:
-            continue
-        call = calls[path] = calls.get(path, -1) + 1
+    for layer, path, call in mapped_layers(layers, layout):
         layer.extras.update(extras(layout, modules, path, kept.get(path, {}), call, layer.weights.shape[1]))
         matched += 1
     if layers and not matched:
-        raise attnflow.AdapterError(
-            f"values=True: no recorded self-attention layer ({layers[0].name!r}...) is the {layout.attention!r} "
-            "module its path map names."
-        )
+        raise unmapped_error("values", layers, layout)
+
+
+def unmapped_error(kind: str, layers: Sequence[Any], layout: FlaxValueMap) -> Exception:
+    """The error of a pass none of whose recorded self-attention layers is the map's attention module; ``kind``:
+    the capture keyword (``"values"``, ``"value_zeroing"``)."""
+    return attnflow.AdapterError(
+        f"{kind}=True: no recorded self-attention layer ({layers[0].name!r}...) is the {layout.attention!r} module "
+        "its path map names (FlaxValueMap.attention: the attention module's path relative to its layer)."
+    )
 
 
 def _epsilon(norm: Any) -> float:
@@ -501,8 +525,12 @@ def value_zeroing(rerun: Any, args: tuple, kwargs: dict, original: Any, keys: np
     return out
 
 
-def zeroed(output: Any, keep: Any) -> Any:
-    """A value module's output ``(variants, keys, ...)`` with ``keep`` ``(variants, keys)`` multiplied in."""
+def zeroed(output: Any, keep: Any, index: int | None = None) -> Any:
+    """A value module's output ``(variants, keys, ...)`` with ``keep`` ``(variants, keys)`` multiplied in;
+    ``index`` (:attr:`FlaxValueMap.value_index`): the output stacks several projections on its first axis,
+    ``(stack, variants, keys, ...)``, and only the values at ``index`` there are multiplied."""
     jnp = attnflow.import_optional("jax.numpy", "jax")
+    if index is not None:
+        return output.at[index].set(zeroed(output[index], keep))
     factor = jnp.asarray(keep, output.dtype)
     return output * factor.reshape(*factor.shape, *(1,) * (output.ndim - 2))

@@ -32,7 +32,11 @@ Beside the weights: ``target=`` (extra ``"attn_grad"``: after the recorded pass 
 as ``apply`` on the root module's own variables under ``jax.grad``, nothing recorded, with a zero added to the
 ``jax.nn.softmax`` output of each recorded layer's call; the target rules are the other JAX adapters', see
 ``adapters/_jax/_flax_methods.py``) and ``values=True`` (value vectors, output projection, residual and norms, read
-from the module inputs, outputs and parameters a Flax value map names, ``register_flax_value_map``).
+from the module inputs, outputs and parameters a Flax value map names, ``register_flax_value_map``) and
+``value_zeroing=True`` (extra ``"value_zeroing"``, Mohebbi et al., 2023: through the same map, each layer's block,
+the module the map's paths are relative to, is kept with its call and output during the pass; afterwards an unbound
+copy of it is ``apply``-ed on its own variables and the kept call, per item, once per token with that token's
+value vectors, the output of the map's value module, zeroed; nothing is recorded during these runs).
 
 How: an interceptor (``nn.intercept_methods``) sees every module method call. For attention modules
 it passes ``sow_weights=True``; for the duration of each module call it shadows that module's
@@ -63,6 +67,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any, cast
 
+import numpy as np
+
 from attnflow import Adapter, AdapterError, HiddenAttentionError, Recorder, import_optional
 from attnflow.recording import deferred_interrupts, switch
 
@@ -92,6 +98,8 @@ from ._flax_common import (
 )
 
 _ATTENTION_NAME = "attention_weights"
+#: value_zeroing=True: the slots that keep each layer block's call (bound module, args, kwargs) and output.
+_VZ_CALL, _VZ_OUTPUT = "block_call", "block_result"
 
 
 def _linen() -> Any:
@@ -136,15 +144,15 @@ class _LinenCapture:
         self.adapter = adapter
         self.selection = settings.selection
         self.request = recorder.request
-        self.value_map = value_map  # values=True: where the model's layers keep values, projection, norm
+        self.value_map = value_map  # values=True, value_zeroing=True: where the model's layers keep values...
         self.collector = PassCollector(
             recorder, api="linen", cross=settings.cross, repeat_prefix=self._repeat_prefix,
             no_attention=self._no_attention,
             after_pass=self._after_pass if self.request.gradients or value_map is not None else None,
-            metadata={"values_layout": value_map.layout} if value_map is not None else None,
+            metadata={"values_layout": value_map.layout} if value_map is not None and self.request.values else None,
         )
         self.call: tuple[Any, str, tuple, dict] | None = None  # the root call of the open pass (target=)
-        self.kept: dict[str, dict[str, list[Any]]] = {}  # values=True: layer -> slot -> arrays, this pass
+        self.kept: dict[str, dict[str, list[Any]]] = {}  # values=, value_zeroing=: layer -> slot -> kept, this pass
         self.parameters: dict[str, dict[str, Any]] = {}  # values=True: path -> params of projections and norms
         self.keeping: set[int] = set()  # modules whose outermost call is running (values=True)
         self.calls: dict[int, _CallInfo] = {}
@@ -159,7 +167,7 @@ class _LinenCapture:
         if module.scope is None or context.method_name == "setup" or module.is_initializing():
             return next_fun(*args, **kwargs)
         injection = _injection()
-        if injection is not None:  # attnflow's gradient pass: nothing is recorded
+        if injection is not None:  # attnflow's gradient pass or value-zeroing re-run: nothing is recorded
             if injection.capture is self and module.scope.path:
                 return injection.call(module, _name(module), next_fun, args, kwargs, context)
             return next_fun(*args, **kwargs)
@@ -328,22 +336,34 @@ class _LinenCapture:
             value = result if which == "output" else (args[0] if args else next(iter(kwargs.values()), None))
             if value is not None and not is_tracer(value):
                 self.kept.setdefault(layer, {}).setdefault(slot, []).append(value)
-        if any(_layer_path(path, relative) is not None for relative in (layout.out, layout.norm) if relative):
+        if self.request.values and any(_layer_path(path, relative) is not None
+                                       for relative in (layout.out, layout.norm) if relative):
             params = dict(module.variables.get("params", {}))
             if not any(is_tracer(value) for value in params.values()):
                 self.parameters[path] = {**params, "epsilon": getattr(module, "epsilon", None),
                                          "class": type(module).__name__}
+        if self.request.value_zeroing and f"{path}/{layout.attention}" in self.ran:  # a layer's block
+            self._keep_block(module, path, args, kwargs, result)
+
+    def _keep_block(self, module: Any, path: str, args: tuple, kwargs: dict, result: Any) -> None:
+        """value_zeroing=True: a layer block's call, the bound module with its arguments, and its output (a call
+        that ran as JAX tracers is left out: the re-run then says that it needs an eager forward pass)."""
+        jax = import_optional("jax", "jax")
+        if not any(is_tracer(leaf) for leaf in jax.tree.leaves((args, kwargs, result))):
+            kept = self.kept.setdefault(path, {})
+            kept.setdefault(_VZ_CALL, []).append((module, args, kwargs))
+            kept.setdefault(_VZ_OUTPUT, []).append(result)
 
     def _after_pass(self, layers: list) -> None:
         try:
             methods.require_eager(self.collector)
-            if self.value_map is not None:
-                methods.add_value_extras(layers, self.value_map, self.parameters, self.kept)
+            if self.request.values:
+                methods.add_value_extras(layers, cast(methods.FlaxValueMap, self.value_map), self.parameters, self.kept)
             if self.request.gradients and layers:
-                methods.attention_gradients(
-                    layers, self.request, functools.partial(self._rerun, layers),
-                    "deterministic: dropout off (deterministic=True), no mutable collections such as batch_stats "
-                    "updated in training mode, no rngs")
+                methods.attention_gradients(layers, self.request, functools.partial(self._rerun, layers),
+                                            _DETERMINISTIC)
+            if self.request.value_zeroing and layers:
+                self._value_zeroing(layers)
         finally:
             self.kept, self.parameters = {}, {}
 
@@ -362,6 +382,57 @@ class _LinenCapture:
         injection.check()
         return output
 
+    def _value_zeroing(self, layers: list) -> None:
+        """Extra ``"value_zeroing"`` ``(batch, queries, keys)`` of each value-mapped self-attention layer: its block
+        run again per item with each token's values zeroed in turn (``adapters/_jax/_flax_methods.py``)."""
+        layout = cast(methods.FlaxValueMap, self.value_map)  # called when there is one
+        matched = 0
+        for layer, path, call in methods.mapped_layers(layers, layout):
+            layer.extras["value_zeroing"] = self._zero_block(layout, layer, path, call)
+            matched += 1
+        if not matched:
+            raise methods.unmapped_error("value_zeroing", layers, layout)
+
+    def _zero_block(self, layout: methods.FlaxValueMap, layer: Any, path: str, call: int) -> np.ndarray:
+        """The value-zeroing distances of call ``call`` of the block at ``path``: an unbound copy of the bound block
+        ``apply``-ed on its own variables and the kept call, the map's value module's output zeroed per token."""
+        kept = self.kept.get(path, {})
+        if len(kept.get(_VZ_CALL, ())) <= call or len(kept.get(_VZ_OUTPUT, ())) <= call:
+            raise AdapterError(
+                f"value_zeroing=True: the block {path!r} of {layer.name!r} was not seen as one eager __call__ during "
+                "the forward pass: it ran as JAX tracers (under jax.vmap, jax.grad, nn.scan or nn.remat) or through "
+                "another method than __call__. Call the model directly, each layer as a module (layer(x, ...)); "
+                "value zeroing runs that call again."
+            )
+        value = methods.value_alternative(layout, kept, call)
+        if value is None:
+            raise AdapterError(
+                f"value_zeroing=True: no value module the value map names ({layout.value!r}) ran in the block "
+                f"{path!r}; FlaxValueMap.value must name the module, relative to the layer, whose output is the "
+                "values (a Dense or DenseGeneral: nn.MultiHeadDotProductAttention's 'value')."
+            )
+        block, args, kwargs = kept[_VZ_CALL][call]
+        unbound, variables = block.unbind()
+
+        def rerun(a: tuple, k: dict, keep: Any) -> Any:
+            zeroing = _Rerun(self, value, layout.value_index, keep)
+            try:
+                with _injecting(zeroing):
+                    result = unbound.apply(variables, *a, **k)
+            except Exception as exc:
+                if type(exc).__module__.startswith("attnflow"):
+                    raise
+                raise AdapterError(
+                    f"value_zeroing=True: running the block {path!r} again alone (an unbound copy apply-ed on its own "
+                    f"variables, with its recorded arguments) failed: {type(exc).__name__}: {str(exc).rstrip('.')}. The "
+                    f"block must be {_DETERMINISTIC}."
+                ) from exc
+            zeroing.check(path)
+            return _hidden(result, path)
+
+        return methods.value_zeroing(rerun, args, kwargs, _hidden(kept[_VZ_OUTPUT][call], path), layer.keys,
+                                     layer.causal)
+
     # -- naming and errors -----------------------------------------------------------------------------
     def _repeat_prefix(self, name: str, count: int) -> str | None:
         return outermost_prefix(name, {path: len(scopes) for path, scopes in self.scopes.items()})
@@ -377,6 +448,25 @@ class _LinenCapture:
         self.collector.close()
 
 
+#: What the gradient pass and the value-zeroing re-runs need of a model's call, for their errors.
+_DETERMINISTIC = ("deterministic: dropout off (deterministic=True), no mutable collections such as batch_stats "
+                  "updated in training mode, no rngs")
+
+
+def _hidden(output: Any, block: str) -> Any:
+    """The hidden states ``(batch, tokens, width)`` a block returned: its output, or the first 3-D array of the
+    tuple it returned (gemma's Block returns ``(cache, x)``)."""
+    found = next((item for item in (output if isinstance(output, (tuple, list)) else (output,))
+                  if getattr(item, "ndim", None) == 3), None)
+    if found is None:
+        raise AdapterError(
+            f"value_zeroing=True: the block {block!r} returned {type(output).__name__}, not hidden states "
+            "(batch, tokens, width) or a tuple holding them; value zeroing compares the block's output per token, so "
+            "the value map's layer (its paths' common prefix) must be the module that returns them."
+        )
+    return found
+
+
 def _layer_path(path: str, relative: str) -> str | None:
     """The layer path of a module at ``path`` that is ``relative`` to its layer (None: it is not)."""
     if path == relative:
@@ -388,11 +478,11 @@ def _layer_path(path: str, relative: str) -> str | None:
 _INJECTION = ThreadSlot()  # this thread's gradient (or re-run) pass
 
 
-def _injection() -> _Injection | None:
+def _injection() -> _Injection | _Rerun | None:
     return _INJECTION.get()
 
 
-def _injecting(injection: _Injection) -> Any:
+def _injecting(injection: _Injection | _Rerun) -> Any:
     return _INJECTION.holding(injection)
 
 
@@ -427,6 +517,30 @@ class _Injection:
             )
 
 
+class _Rerun:
+    """A value-zeroing re-run of one block (``value_zeroing=True``), nothing recorded: the output of the module at
+    ``value`` (its path in the block) multiplied by ``keep`` ``(variants, keys)``, at ``index`` of a stacked output."""
+
+    def __init__(self, capture: _LinenCapture, value: str, index: int | None, keep: Any):
+        self.capture, self.value, self.index, self.keep = capture, value, index, keep
+        self.seen = False
+
+    def call(self, module: Any, path: str, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        result = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or path != self.value:
+            return result
+        self.seen = True  # a nested call of the same module multiplies by keep again: the same zeros
+        return methods.zeroed(result, self.keep, self.index)
+
+    def check(self, block: str) -> None:
+        if not self.seen:
+            raise AdapterError(
+                f"value_zeroing=True: the value module {self.value!r} ran in the forward pass but not when the block "
+                f"{block!r} ran again alone; the block must run the same modules when called again with the same "
+                "arguments."
+            )
+
+
 def _name(module: Any) -> str:
     """The module path, ``"encoder/layer_3/attention"``; the class name for the root module."""
     return "/".join(str(part) for part in module.path) or type(module).__name__
@@ -451,7 +565,7 @@ class LinenAdapter(Adapter):
     extra = "jax"
     priority = 0
     options = OPTIONS
-    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values"}
+    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values", "value_zeroing"}
 
     def claims(self, model: Any) -> bool:
         return root_module(model, _linen().Module) is not None
@@ -491,9 +605,10 @@ class LinenAdapter(Adapter):
         settings = self.settings(options)
         request = recorder.request
         value_map = None
-        if request.values:
+        if request.values or request.value_zeroing:
             root = root_module(model, nn.Module)
-            value_map = methods.value_map(type(root if root is not None else model).__name__)
+            value_map = methods.value_map(type(root if root is not None else model).__name__,
+                                          "values" if request.values else "value_zeroing")
         capture = _LinenCapture(recorder, settings, self, value_map)
         with undoing() as undo:
             with deferred_interrupts():

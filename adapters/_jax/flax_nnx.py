@@ -150,12 +150,7 @@ class _NNXCapture:
         """Each value-mapped self-attention layer's block run again per item with each token's values zeroed in
         turn (see ``adapters/_jax/_flax_methods.py``), nothing recorded: extra ``"value_zeroing"``."""
         layout = cast(methods.FlaxValueMap, self.value_map)  # called when there is one
-        calls: dict[str, int] = {}
-        for layer in layers:
-            path = methods.layer_of(layer.name, layout) if layer.kind == "self" else None
-            if path is None:
-                continue
-            call = calls[path] = calls.get(path, -1) + 1
+        for layer, path, call in methods.mapped_layers(layers, layout):
             kept = self.kept.get(path, {})
             if len(kept.get(_VZ_CALL, ())) <= call or len(kept.get(_VZ_OUTPUT, ())) <= call:
                 raise AdapterError(f"value_zeroing=True: the block {path!r} of {layer.name!r} did not run eagerly during "

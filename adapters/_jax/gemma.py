@@ -44,6 +44,11 @@ denominator a constant of the pass, as Kobayashi et al., 2021 treat LayerNorm's)
 decompose as plain pre-LN blocks. The map serves every root class of ``gm.nn`` (``Transformer``,
 ``Gemma3_1B``...) unless one of that name is registered with ``register_flax_value_map``.
 
+``value_zeroing=True`` (value_zeroing, Mohebbi et al., 2023): the linen family's re-runs through the same map: each
+``Block`` (``layer_{i}``: norms, attention, feed-forward) runs again alone on its recorded call, per item once per
+token with that token's values (index 1 of ``kv_einsum``'s output, 2 of ``qkv_einsum``'s) zeroed; the distances
+compare the hidden states of the ``(cache, x)`` it returns.
+
 Generation: ``gm.text.Sampler(model=model, ...).sample(prompts, ...)`` inside ``attnflow.attach(model)`` gives one
 causal trace over the prompt (laid out left-padded) and the generated tokens (``docs/generation.md``).
 
@@ -88,8 +93,9 @@ class GemmaAdapter(LinenFamilyAdapter):
     attention = {"gemma.gm.nn._modules:Attention": "attention_weights", "gemma.modules:Attention": None}
     layout = "btns"
     ids = ("tokens",)
-    #: target= through the linen gradient pass (an additive zero on each attention_weights output, jax.grad)
-    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values"}
+    #: target= through the linen gradient pass (an additive zero on each attention_weights output, jax.grad);
+    #: values= and value_zeroing= through the linen family's capture and gemma's value map
+    captures = Adapter.captures | {"input_gradients", "ablation", "attn_grad", "values", "value_zeroing"}
 
     def probe(self, model: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
         """The Flax probe on the output of ``Embedder.encode`` (the embedding already scaled by
@@ -111,7 +117,7 @@ class GemmaAdapter(LinenFamilyAdapter):
         root = root_module(model, import_optional("flax.linen", "flax").Module)
         name = type(root if root is not None else model).__name__
         with ExitStack() as stack:
-            if recorder.request.values:  # gm.nn's map while some capture asks for values, unless one is registered
+            if recorder.request.values or recorder.request.value_zeroing:  # gm.nn's map, unless one is registered
                 stack.enter_context(switch(("gemma value map", name), partial(_lend_map, name), partial(_take_back, name)))
             stepped = stack.enter_context(gemma_sampling(recorder, root if root is not None else model))
             stack.enter_context(super().hooks(model, cast(Recorder, stepped), **options))
