@@ -35,6 +35,7 @@ import numpy as np
 
 import attnflow
 
+from .._maps import require_paths
 from ._flax_common import perturbing_softmax
 
 
@@ -283,10 +284,8 @@ def register_flax_value_map(class_name: str, value_map: FlaxValueMap, *, replace
         raise attnflow.OptionError(f"class_name must be the root model's class name, got {class_name!r}.")
     if not isinstance(value_map, FlaxValueMap):
         raise attnflow.OptionError(f"value_map must be an attnflow.adapters.FlaxValueMap, got {type(value_map).__name__}.")
-    for field in ("attention", "value", "out", "residual"):
-        if not isinstance(getattr(value_map, field), str) or not getattr(value_map, field):
-            raise attnflow.OptionError(f"The Flax value map for {class_name!r}: {field} must be a module path, got "
-                                       f"{getattr(value_map, field)!r}.")
+    require_paths(value_map, ("attention", "value", "out", "residual"), f"The Flax value map for {class_name!r}",
+                  "a module path")
     if value_map.value_index is not None and (not isinstance(value_map.value_index, int)
                                               or isinstance(value_map.value_index, bool)):
         raise attnflow.OptionError(f"The Flax value map for {class_name!r}: value_index must be an int (the values' "

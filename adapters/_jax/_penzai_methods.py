@@ -53,8 +53,9 @@ from typing import Any
 import numpy as np
 
 import attnflow
-from attnflow._errors import CaptureUnavailableError
+from attnflow.recording import CaptureUnavailableError
 
+from .._maps import require_paths
 from ._flax_methods import callable_score, logit_score
 
 _HEAD_ORDER = ("head_groups", "query_heads", "heads")
@@ -296,10 +297,7 @@ def register_penzai_value_map(name: str, value_map: PenzaiValueMap, *, replace: 
         raise attnflow.OptionError(f"name must be a non-empty string, got {name!r}.")
     if not isinstance(value_map, PenzaiValueMap):
         raise attnflow.OptionError(f"value_map must be a PenzaiValueMap, got {type(value_map).__name__}.")
-    for field in ("attention", "branch", "value", "out"):
-        if not isinstance(getattr(value_map, field), str) or not getattr(value_map, field):
-            raise attnflow.OptionError(f"The penzai value map {name!r}: {field} must be a layer path, got "
-                                       f"{getattr(value_map, field)!r}.")
+    require_paths(value_map, ("attention", "branch", "value", "out"), f"The penzai value map {name!r}", "a layer path")
     if value_map.layout != "pre_ln":
         raise attnflow.OptionError(f"The penzai value map {name!r}: layout must be 'pre_ln', got {value_map.layout!r}.")
     if not value_map.attention.startswith(value_map.branch + "/"):

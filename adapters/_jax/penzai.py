@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from attnflow import Adapter, AdapterError, Recorder, import_optional
-from attnflow._switches import deferred_interrupts
+from attnflow.recording import deferred_interrupts
 
 from . import _generation_jax as generation
 from . import _penzai_methods as methods

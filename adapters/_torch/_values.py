@@ -40,6 +40,7 @@ import numpy as np
 import attnflow
 from attnflow.recording import CaptureUnavailableError
 
+from .._maps import require_paths
 from . import _torch_common as common
 
 
@@ -363,10 +364,7 @@ def register_value_map(model_type: str, value_map: ValueMap, *, replace: bool = 
 def _check_map(value_map: Any, where: str) -> None:
     if not isinstance(value_map, ValueMap):
         raise attnflow.OptionError(f"{where} must be an attnflow.adapters.ValueMap, got {type(value_map).__name__}.")
-    for field in ("attention", "value", "out", "residual"):
-        if not isinstance(getattr(value_map, field), str) or not getattr(value_map, field):
-            raise attnflow.OptionError(f"{where}: {field} must be a module path relative to the layer, got "
-                                       f"{getattr(value_map, field)!r}.")
+    require_paths(value_map, ("attention", "value", "out", "residual"), where, "a module path relative to the layer")
     if value_map.layout not in _LAYOUTS:
         raise attnflow.OptionError(f"{where}: layout must be one of {list(_LAYOUTS)}, got {value_map.layout!r}.")
     parallel = value_map.parallel_residual
