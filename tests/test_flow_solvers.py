@@ -473,7 +473,7 @@ def test_sinks_phase_one_certifies_at_a_high_cost_hand_over_to_the_warm_solver(l
         np.zeros((9, (num_layers + 1) * (n + 1)), dtype=np.int64), np.zeros((3, (num_layers + 1) * (n + 1))),
         np.empty(adj.size, dtype=np.int64), np.zeros((num_layers, n)), np.zeros((1, num_layers + 1, n), dtype=bool),
         np.zeros((1, num_layers + 1), dtype=np.int64), np.zeros((1, num_layers, n)), np.zeros((1, 2), dtype=bool),
-        1, 0,
+        1, 0, solvers._NO_BITS,
     )
     np.testing.assert_allclose(out, reference[0, 0], rtol=0, atol=ATOL)
     # sinks go from the last to the first: three certified ones in a row, then the warm solver
@@ -512,8 +512,48 @@ def test_warm_push_relabel_matches_igraph_on_random_networks(layers, n, seed, da
     np.testing.assert_allclose(got, reference, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("layers, n", [(5, 37), (4, 64), (6, 70), (3, 131)])
+def test_dinic_phases_over_bitsets_equal_the_row_scans_and_igraph(layers, n, monkeypatch):
+    """Networks up to ``_BIT_WIDTH`` tokens take their Dinic phases over bitsets of candidate arcs
+    (`_bit_phases`); wider ones scan rows (`_later_phases`). Forcing each on the same networks (encoder attention,
+    sparse bottlenecked capacities; one and several 64-bit words per row, token counts that are and are not
+    powers of two) gives the same values to the bit, equal to igraph; the residuals and the flow bits are clean
+    after every pair, also when the change log overflows (every bit set, then every bit cleared)."""
+    from attnflow.network import _dinic as kernel
+
+    rng = np.random.default_rng(layers * n)
+    for adj in (peaked(rng, layers, n, heads=2, temp=0.5), bottlenecked(rng, layers, n)):
+        sources = [0, n // 2, n - 1]
+        reference = igraph_flows(adj, sources, layers)
+        bits = max_flow_values(adj, sources, method="dinic")
+        monkeypatch.setattr(solvers, "_BIT_WIDTH", 0)
+        rows = max_flow_values(adj, sources, method="dinic")
+        monkeypatch.undo()
+        np.testing.assert_array_equal(bits, rows)
+        np.testing.assert_allclose(bits, reference, rtol=0, atol=ATOL)
+        eps, tol = solvers.EPS * adj.max(), solvers.TOL * adj.max()
+        words = (n + 63) // 64
+        for log_size in (adj.size, 5):  # 5: the log overflows on the first pair
+            space = solvers._Workspace(adj, 2, True, bits=True)
+            space.log = np.empty(log_size, dtype=np.int64)
+            avail = kernel.arc_bits(adj, eps)
+            assert avail.shape == (layers, n, words)
+            out = np.zeros(n)
+            for r, s in enumerate(sources):
+                kernel.pruned_source_flows(
+                    adj, space.res, layers, s, kernel.spans(adj, 0.0), kernel.spans(adj, eps),
+                    np.diagonal(adj, axis1=1, axis2=2).copy(), np.arange(n, dtype=np.int64), eps, tol, out,
+                    space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone, 1,
+                    n + 1, (avail, space.flow, space.lv, space.fr),
+                )
+                np.testing.assert_array_equal(out, bits[r])
+                np.testing.assert_array_equal(space.res, adj)
+                assert not space.flow.any()
+            np.testing.assert_array_equal(avail, kernel.arc_bits(adj, eps))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_row_wise_labels_equal_the_queue_labels(seed, monkeypatch):
+def test_row_wise_labels_equal_the_queue_labels(seed):
     """The pruned solver's row-wise BFS gives the same distance labels as the first kernel's queue BFS on
     residual networks that carry flow (after the first phase, for several sinks); 6 layers x 23 tokens."""
     from attnflow.network import _dinic as kernel
@@ -544,12 +584,6 @@ def test_row_wise_labels_equal_the_queue_labels(seed, monkeypatch):
             found = kernel._bfs_labels(adj, res, top, s, j, eps, queue)
             unwindowed_args = (False, unwindowed, unwindowed, res)
             assert kernel._row_bfs_labels(adj, res, top, s, j, eps, rows, *unwindowed_args) == found
-            # networks wider than _PULL_WIDTH push reverse arcs instead of pulling them (plain Python here, so
-            # that the module constant is read at run time)
-            pushed = work.copy()
-            with monkeypatch.context() as patch:
-                patch.setattr(kernel, "_PULL_WIDTH", 0)
-                assert kernel._row_bfs_labels.py_func(adj, res, top, s, j, eps, pushed, *unwindowed_args) == found
             # the warm solver's windows (each row's and column's arcs with more than eps of capacity) and its
             # transposed flows (reverse arcs pulled as rows)
             row_windows, column_windows = kernel.spans(adj, eps), kernel._column_spans(adj, top, eps)
@@ -559,7 +593,6 @@ def test_row_wise_labels_equal_the_queue_labels(seed, monkeypatch):
             ) == found
             size = (top + 1) * n
             np.testing.assert_array_equal(rows[0, :size], queue[0, :size])
-            np.testing.assert_array_equal(pushed[0, :size], queue[0, :size])
             np.testing.assert_array_equal(windows[0, :size], queue[0, :size])
             compared += int((queue[0, :size] >= 0).sum())
     assert compared > 100

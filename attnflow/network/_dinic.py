@@ -100,15 +100,15 @@ one on that residual and Dinic phases: 1.8/3.9/3.3 s). The work per pair is a fe
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba.core import types
+from numba.core.extending import intrinsic
 
 _RETRY = 16  # see `pruned_source_flows`
-# `_row_bfs_labels` without windows: up to this many tokens, an unlabelled node pulls its reverse arcs (a column of
-# res, stopping at the first arc with flow) instead of each frontier node pushing over its whole row: the page's
-# every-layer flow (MiniLM, 128 tokens, levels 3/4/5) 1.24/3.38/3.77 s -> 1.12/2.97/2.94 s; at 1,024 tokens the
-# column reads cost more than they save (near-uniform causal heads 0.52 -> 0.58 s); at 256 and 512 equal.
-_PULL_WIDTH = 256
 _HEAVY = 2
 _STREAK = 2
 
@@ -341,9 +341,9 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, windowed, rsp, csp, flo):
     every access along a row of ``res``: a forward arc ``(l + 1, i) -> (l, k)`` is *pulled* (each unlabelled
     node scans its own row over the frontier of the layer below and stops at the first arc with spare
     capacity; on dense attention that is almost always the first one); a reverse arc is *pushed* (each
-    frontier node scans its own row of flows), or on networks up to ``_PULL_WIDTH`` tokens pulled too (each
-    unlabelled node reads a column of ``res`` over the frontier of the layer above). The queue-driven version
-    reads a column per node, one cache miss per arc. Scratch: ``work[1]`` (frontier sizes per layer) and
+    frontier node scans its own row of flows; networks up to 256 tokens wide take `_bit_phases` instead, where
+    reverse arcs are pulled over bitsets). The queue-driven version reads a column per node, one cache miss per
+    arc. Scratch: ``work[1]`` (frontier sizes per layer) and
     ``work[4]`` (frontier lists).
 
     ``windowed`` (the warm solver): ``rsp[l, i]`` holds the first and last ``k`` with ``cap[l, i, k] > eps``
@@ -432,28 +432,6 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, windowed, rsp, csp, flo):
                         qi[tail] = i
                         tail += 1
                         break
-        if n <= _PULL_WIDTH:  # reverse arcs into the frontier, pulled by the layer below (see _PULL_WIDTH)
-            for lay in range(1, top + 1):
-                c = fcnt[lay]
-                if c == 0:
-                    continue
-                base = (lay - 1) * n
-                fb = lay * w
-                for p in range(cnt[lay - 1]):
-                    i = rel[base + p]
-                    if d[base + i] >= 0:
-                        continue
-                    for r in range(c):
-                        kv = flist[fb + r]
-                        if cap[lay - 1, kv, i] - res[lay - 1, kv, i] > eps:
-                            d[base + i] = level
-                            ql[tail] = lay - 1
-                            qi[tail] = i
-                            tail += 1
-                            break
-            start = end
-            end = tail
-            continue
         for p in range(start, end):  # reverse arcs into the frontier, pushed from it
             lv = ql[p]
             if lv < 1:
@@ -614,7 +592,7 @@ def layer_bound(q, h, top, j):
 
 
 @njit(cache=True, nogil=True)
-def _sharpen_and_finish(cap, res, top, s, j, reach, q, chain, col, total, bound, eps, tol, work, log, log_len, row_bfs):
+def _sharpen_and_finish(cap, res, top, s, j, reach, q, chain, col, total, bound, eps, tol, work, log, log_len, row_bfs, bits):
     """After `_phase_one` fell short of ``bound``: sharpen it with the sink's chain (`layer_bound`) and, if the
     flow still falls short, copy phase one's sink column ``col`` into ``res`` and run `_later_phases`.
     Returns ``(value, log_len)``."""
@@ -624,7 +602,13 @@ def _sharpen_and_finish(cap, res, top, s, j, reach, q, chain, col, total, bound,
     if total < bound - tol:
         for k in range(cap.shape[1]):
             res[0, k, j] = col[k]
-        total, log_len = _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, row_bfs)
+        avail, flow, lv, fr = bits
+        if row_bfs and lv.shape[0] > 0:
+            total, log_len = _bit_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len,
+                                         avail, flow, lv, fr)
+        else:
+            total, log_len = _later_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len,
+                                           row_bfs)
     return total, log_len
 
 
@@ -668,7 +652,7 @@ def pair_flow(cap, res, top, s, j, reach, span, bound, eps, tol, work, fwork, lo
             sink_chain(cap, j, hc[j])
             hdone[j] = True
         total, log_len = _sharpen_and_finish(
-            cap, res, top, s, j, reach, q, hc[j], col, total, bound, eps, tol, work, log, log_len, False
+            cap, res, top, s, j, reach, q, hc[j], col, total, bound, eps, tol, work, log, log_len, False, _no_bits()
         )
     _restore(cap, res, top, j, log, log_len)
     return total
@@ -1055,7 +1039,7 @@ def _warm_push_relabel(cap, res, flo, top, s, j, bound, eps, tol, work, ex, touc
 @njit(cache=True, nogil=True)
 def pruned_source_flows(
     cap, res, top, s, span, espan, diag, sinks, eps, tol, out, work, fwork, log, q, reaches, lives, chains, done, mode,
-    warm_width,
+    warm_width, bits,
 ):
     """``out[j]`` = max-flow from ``(top, s)`` to ``(0, j)`` for every ``j`` in ``sinks``; ``res == cap`` on
     entry and again on return.
@@ -1125,7 +1109,7 @@ def pruned_source_flows(
                     pruned_sink_chain(cap, j, reach, chains[c], work[7], work[8])
                     done[c, 1] = cached
                 total, log_len = _sharpen_and_finish(
-                    cap, res, top, s, j, reach, q, chains[c], col, total, bound, eps, tol, work, log, log_len, True
+                    cap, res, top, s, j, reach, q, chains[c], col, total, bound, eps, tol, work, log, log_len, True, bits
                 )
             _restore(cap, res, top, j, log, log_len)
             if mode == 0 or streak <= _STREAK or certified:
@@ -1150,3 +1134,298 @@ def pruned_source_flows(
         _warm_nodes(top, j, reach, q, touched, work[7], work[8])
         _positions(top, work[7], work[8], pos)
         out[j] = _warm_push_relabel(cap, wres, wflo, top, s, j, bound, eps, tol, work, ex, touched, espan, csp, pos)
+
+
+
+def _ctz_typing(typingctx, x):
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return sig, codegen
+
+
+#: Index of the lowest set bit of a nonzero uint64 (LLVM's cttz), inside compiled code.
+_ctz: Any = intrinsic(_ctz_typing)
+
+
+_ONE = np.uint64(1)
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@njit(cache=True, nogil=True)
+def arc_bits(cap, eps):
+    """``(L, n, W)`` uint64, ``W = ceil(n / 64)``: bit ``k`` of ``[l, i]`` set when ``cap[l, i, k] > eps``."""
+    num_layers, n, _ = cap.shape
+    words = (n + 63) // 64
+    out = np.zeros((num_layers, n, words), dtype=np.uint64)
+    for lay in range(num_layers):
+        for i in range(n):
+            for k in range(n):
+                if cap[lay, i, k] > eps:
+                    out[lay, i, k >> 6] |= _ONE << np.uint64(k & 63)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _bit_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log, log_len, avail, flow, lv, fr):
+    """`_later_phases` with candidate arcs from bitsets, each checked against ``res`` as there (so the labels,
+    paths and values are the same): ``avail[l, i]`` bit ``k`` when ``cap[l, i, k] > eps`` (a forward arc that
+    can be usable; read only), ``flow[l, k]`` bit ``i`` when the arc ``(l + 1, i) -> (l, k)`` may carry flow (a
+    usable reverse arc): set for every arc the pair changed (phase one's, from the log, the sink's column, and
+    each augmentation's) and cleared again before returning. ``lv`` ``((L + 1) n + 1, L + 1, W)``: per label
+    and layer the labelled nodes still alive; ``fr`` ``(L + 1, W)``: a level's frontier."""
+    n = cap.shape[1]
+    words = avail.shape[2]
+    d, cur, sl, si, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
+    ql, qi, fcnt = work[5], work[6], work[4]
+    _relevant_nodes(top, s, j, reach, q, rel, cnt)
+    pow2 = (n & (n - 1)) == 0
+    shift = 0
+    while (1 << shift) < n:
+        shift += 1
+    mask = n - 1
+    if log_len < 0:
+        for lay in range(top):
+            for i in range(n):
+                for w in range(words):
+                    flow[lay, i, w] = _ALL
+    else:
+        for p in range(log_len):
+            e = log[p]
+            if pow2:
+                row = e >> shift
+                k = e & mask
+                lay = row >> shift
+                i = row & mask
+            else:
+                row = e // n
+                k = e - row * n
+                lay = row // n
+                i = row - lay * n
+            flow[lay, k, i >> 6] |= _ONE << np.uint64(i & 63)
+    for w in range(words):
+        flow[0, j, w] = _ALL
+    src = top * n + s
+    while True:
+        # ---- labels: exact distances to the sink over usable arcs, layer-synchronous, bitset frontiers
+        for lay in range(top + 1):
+            base = lay * n
+            for p in range(cnt[lay]):
+                d[base + rel[base + p]] = -1
+        d[j] = 0
+        ql[0] = 0
+        qi[0] = j
+        start = 0
+        end = 1
+        level = 0
+        while start < end and d[src] < 0:
+            for lay in range(top + 1):
+                fcnt[lay] = 0
+                for w in range(words):
+                    fr[lay, w] = np.uint64(0)
+            for p in range(start, end):
+                lay = ql[p]
+                k = qi[p]
+                fr[lay, k >> 6] |= _ONE << np.uint64(k & 63)
+                fcnt[lay] += 1
+            tail = end
+            level += 1
+            for lay in range(top):  # forward arcs (lay + 1, i) -> (lay, k) into the frontier
+                if fcnt[lay] == 0:
+                    continue
+                base = (lay + 1) * n
+                for p in range(cnt[lay + 1]):
+                    i = rel[base + p]
+                    if d[base + i] >= 0:
+                        continue
+                    hit = False
+                    for w in range(words):
+                        m = avail[lay, i, w] & fr[lay, w]
+                        while m:
+                            k = (w << 6) + _ctz(m)
+                            if res[lay, i, k] > eps:
+                                hit = True
+                                break
+                            m &= m - _ONE
+                        if hit:
+                            break
+                    if hit:
+                        d[base + i] = level
+                        ql[tail] = lay + 1
+                        qi[tail] = i
+                        tail += 1
+            for lay in range(1, top + 1):  # reverse arcs (lay - 1, i) -> (lay, k) into the frontier
+                if fcnt[lay] == 0:
+                    continue
+                base = (lay - 1) * n
+                for p in range(cnt[lay - 1]):
+                    i = rel[base + p]
+                    if d[base + i] >= 0:
+                        continue
+                    hit = False
+                    for w in range(words):
+                        m = flow[lay - 1, i, w] & fr[lay, w]
+                        while m:
+                            k = (w << 6) + _ctz(m)
+                            if cap[lay - 1, k, i] - res[lay - 1, k, i] > eps:
+                                hit = True
+                                break
+                            m &= m - _ONE
+                        if hit:
+                            break
+                    if hit:
+                        d[base + i] = level
+                        ql[tail] = lay - 1
+                        qi[tail] = i
+                        tail += 1
+            start = end
+            end = tail
+        if d[src] < 0:
+            break
+        top_label = d[src]
+        for t in range(top_label):
+            for lay in range(top + 1):
+                for w in range(words):
+                    lv[t, lay, w] = np.uint64(0)
+        for lay in range(top + 1):
+            base = lay * n
+            for p in range(cnt[lay]):
+                i = rel[base + p]
+                t = d[base + i]
+                if 0 <= t < top_label:
+                    lv[t, lay, i >> 6] |= _ONE << np.uint64(i & 63)
+                cur[base + i] = 0
+        # ---- blocking flow: DFS along admissible arcs, one augmenting path at a time (the augmentation is written
+        # out as in `_later_phases`: as a helper taking the arrays it made the page's levels 3-5 10% slower)
+        depth = 0
+        sl[0] = top
+        si[0] = s
+        while depth >= 0:
+            lu = sl[depth]
+            iu = si[depth]
+            if lu == 0:
+                delta = np.inf
+                cutp = 0
+                for p in range(depth):
+                    if sl[p + 1] < sl[p]:
+                        r = res[sl[p + 1], si[p], si[p + 1]]
+                    else:
+                        r = cap[sl[p], si[p + 1], si[p]] - res[sl[p], si[p + 1], si[p]]
+                    if r < delta:
+                        delta = r
+                        cutp = p
+                for p in range(depth):
+                    la, ia, lb, ib = sl[p], si[p], sl[p + 1], si[p + 1]
+                    if lb < la:
+                        lay, i, k = lb, ia, ib
+                        res[lay, i, k] = 0.0 if p == cutp else res[lay, i, k] - delta
+                    else:
+                        lay, i, k = la, ib, ia
+                        res[lay, i, k] = cap[lay, i, k] if p == cutp else res[lay, i, k] + delta
+                    flow[lay, k, i >> 6] |= _ONE << np.uint64(i & 63)
+                    if 0 <= log_len < log.size:
+                        log[log_len] = (lay * n + i) * n + k
+                        log_len += 1
+                    else:
+                        log_len = -1
+                total += delta
+                if total >= bound - tol:
+                    _clear_flow_bits(top, j, log, log_len, flow)
+                    return total, log_len
+                depth = cutp
+                continue
+            u = lu * n + iu
+            want = d[u] - 1
+            found = -1
+            pos = cur[u]
+            if pos < n:  # forward arcs to layer lu - 1
+                w = pos >> 6
+                m = avail[lu - 1, iu, w] & lv[want, lu - 1, w] & (_ALL << np.uint64(pos & 63))
+                while True:
+                    while m:
+                        k = (w << 6) + _ctz(m)
+                        if res[lu - 1, iu, k] > eps:
+                            found = (lu - 1) * n + k
+                            pos = k
+                            break
+                        m &= m - _ONE
+                    if found >= 0:
+                        break
+                    w += 1
+                    if w >= words:
+                        break
+                    m = avail[lu - 1, iu, w] & lv[want, lu - 1, w]
+                if found < 0:
+                    pos = n
+            if found < 0 and lu < top:  # reverse arcs to layer lu + 1
+                off = pos - n
+                w = off >> 6
+                m = flow[lu, iu, w] & lv[want, lu + 1, w] & (_ALL << np.uint64(off & 63))
+                while True:
+                    while m:
+                        k = (w << 6) + _ctz(m)
+                        if cap[lu, k, iu] - res[lu, k, iu] > eps:
+                            found = (lu + 1) * n + k
+                            pos = n + k
+                            break
+                        m &= m - _ONE
+                    if found >= 0:
+                        break
+                    w += 1
+                    if w >= words:
+                        break
+                    m = flow[lu, iu, w] & lv[want, lu + 1, w]
+                if found < 0:
+                    pos = 2 * n
+            cur[u] = pos
+            if found >= 0:
+                depth += 1
+                sl[depth] = found // n
+                si[depth] = found - sl[depth] * n
+            else:
+                lv[d[u], lu, iu >> 6] &= ~(_ONE << np.uint64(iu & 63))
+                d[u] = -1
+                depth -= 1
+    _clear_flow_bits(top, j, log, log_len, flow)
+    return total, log_len
+
+
+@njit(cache=True, nogil=True)
+def _clear_flow_bits(top, j, log, log_len, flow):
+    """Clear the flow bits of every arc a pair changed (of all layers ``0..top - 1`` if the log overflowed)."""
+    n = flow.shape[1]
+    words = flow.shape[2]
+    if log_len < 0:
+        for lay in range(top):
+            for i in range(n):
+                for w in range(words):
+                    flow[lay, i, w] = np.uint64(0)
+        return
+    pow2 = (n & (n - 1)) == 0
+    shift = 0
+    while (1 << shift) < n:
+        shift += 1
+    mask = n - 1
+    for p in range(log_len):
+        e = log[p]
+        if pow2:
+            row = e >> shift
+            k = e & mask
+            i = row & mask
+            lay = row >> shift
+        else:
+            row = e // n
+            k = e - row * n
+            lay = row // n
+            i = row - lay * n
+        flow[lay, k, i >> 6] = np.uint64(0)
+    for w in range(words):
+        flow[0, j, w] = np.uint64(0)
+
+
+@njit(cache=True, nogil=True)
+def _no_bits():
+    e3 = np.empty((0, 0, 0), dtype=np.uint64)
+    return (e3, e3, e3, np.empty((0, 0), dtype=np.uint64))
