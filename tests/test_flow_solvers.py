@@ -714,7 +714,7 @@ def test_all_layers_estimate_costs_its_shallow_levels(layers, n, sources, causal
     """Flow from every layer's nodes is dearer than the top level alone by more than its number of levels
     suggests: each shallow level (3, 4, ...) costs more than the top one (measured 1.3-50x: few layers to mix
     through leave most sinks to residual Dinic phases), so all_layers costs >= 4x the top level (measured
-    5.5-50x). The old model, cost growing like T^0.47 with the level T, gave 3.4x at 6 layers. None timed."""
+    5-50x). The old model, cost growing like T^0.47 with the level T, gave 3.4x at 6 layers. None timed."""
     top = _estimate(layers, n, sources, causal)
     assert _estimate(layers, n, sources, causal, tops=[3]) > top
     assert _estimate(layers, n, sources, causal, all_layers=True) >= 4 * top

@@ -68,7 +68,9 @@ TOL = 1e-12
 _DINIC_SECONDS = 1.0e-8
 _DINIC_LAYERS = 0.57
 _DINIC_TOKENS = 2.41
-_SHALLOW_SECONDS = 1.4e-9
+# (fitted as 1.4e-9; halved by hand when the Dinic phases took bitsets on networks up to 256 tokens, which made the
+# shallow levels of MiniLM at 128 tokens 2x faster: all_layers=True there 9.6 s -> 4.9 s)
+_SHALLOW_SECONDS = 0.7e-9
 _SHALLOW_TOKENS = 3.32
 _SHALLOW_DECAY = 0.43
 # Causal networks' shallow levels cost a tenth of that (Dinic phases there, see _WARM_LEVEL; from the last token,
@@ -163,13 +165,14 @@ def estimate_seconds(
     source levels as in `max_flow_values`. ``widths``: per source, how many tokens of each layer its flow
     can reach (default ``n``); under causal attention (``causal=True``) a source at position ``p`` reaches
     ``p + 1``, which is what the ``"dinic"`` solver's work follows: per source and level ``T`` about
-    ``T^0.57 * width^2.4`` plus, for the shallow levels, ``0.43^(T - 3) * width^3.3`` (level 3 costs 3-50x
-    the top level of a 6-24 layer network; levels 3-5 of MiniLM at 128 tokens 1.3/3.5/4.0 s against 1.0 s for
-    level 6). ``all_layers=True`` costs the sum of its levels (9.6 s on MiniLM at 128 tokens, every source,
-    against 1.0 s for the top level alone). The igraph methods grow like ``T * width^2`` per pair; layers 1
-    and 2 have closed forms except for ``"igraph"``. The attention itself moves the cost, most on the shallow
-    levels: at one size, real MiniLM attention took 5.5x longer with ``all_layers=True`` than diffuse random
-    attention (the estimate sits between, 2.1x under and 2.6x over), and one level 4 alone took 0.05 s or
+    ``T^0.57 * width^2.4`` plus, for the shallow levels, ``0.43^(T - 3) * width^3.3`` (level 3 cost 3-50x
+    the top level of 6-24 layer networks measured 512 tokens wide; levels 3-5 of MiniLM at 128 tokens take
+    0.56/1.5/1.8 s against 0.96 s for level 6). ``all_layers=True`` costs the sum of its levels (4.9 s on MiniLM at
+    128 tokens, every source, against 0.96 s for the top level alone). The igraph methods grow like
+    ``T * width^2`` per pair; layers 1 and 2 have closed forms except for ``"igraph"``. The attention itself moves
+    the cost, most on the shallow levels: at one size, real MiniLM attention took 3.9x longer with
+    ``all_layers=True`` than diffuse random attention (the estimate sits between, 1.7x under and 2.3x over), and
+    one level 4 alone took 0.05 s or
     5.4 s (12 x 512, one source, random attention at two temperatures; estimated 0.69 s): on a network of only
     3-5 layers the estimate can be 10x off either way. The worst case measured is causal: peaked, local heads
     (``benchmarks/bench_causal.py`` kind b), whose far sinks are cut by a staircase of ~1e5-1e6 arcs, take 17 s
