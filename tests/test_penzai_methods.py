@@ -533,6 +533,9 @@ def test_gemma_value_zeroing_equals_a_float64_rerun_of_the_block(name, request):
     ("sublayers/1/delta/sublayers/2", r"post_attention_norm \('sublayers/1/delta/sublayers/2'\) must be a layer of the branch"),
     ("sublayers/0/delta/sublayers/1", "post_attention_norm .* must be a layer of the branch .* not the attention"),
     ("sublayers/0/delta/sublayers/1/attn_value_to_output", "post_attention_norm .* not the attention or inside it"),
+    ("sublayers/0/delta/sublayers/0", r"post_attention_norm .* must be the branch's sublayer right after the attention "
+                                      r"\('sublayers/0/delta/sublayers/2'"),
+    ("sublayers/0/delta/sublayers/2/scale", "post_attention_norm .* must be the branch's sublayer right after"),
 ])
 def test_a_malformed_post_attention_norm_is_refused_naming_the_field(value, message):
     from attnflow.adapters import PenzaiValueMap, register_penzai_value_map

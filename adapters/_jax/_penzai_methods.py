@@ -322,6 +322,13 @@ def _check_post_attention_norm(name: str, value_map: PenzaiValueMap) -> None:
             f"The penzai value map {name!r}: post_attention_norm ({norm!r}) must be a layer of the branch "
             f"({value_map.branch!r}) after the attention ({value_map.attention!r}), not the attention or inside it."
         )
+    head, _, index = value_map.attention[len(value_map.branch) + 1:].rpartition("/")
+    after = f"{value_map.branch}/{head}/{int(index) + 1}" if head == "sublayers" and index.isdigit() else None
+    if norm != after:
+        raise attnflow.OptionError(
+            f"The penzai value map {name!r}: post_attention_norm ({norm!r}) must be the branch's sublayer right after "
+            f"the attention ({after!r}: the branch ends with the attention, then the norm)."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +361,8 @@ def _fits(value_map: PenzaiValueMap, layers: Mapping[str, Any], attentions: list
         block = name[: -len(suffix)]
         branch = _join(block, value_map.branch)
         # the branch ends with the attention, then its post-attention norm where the map has one
-        if not _ends_branch(layers.get(branch), inside) or layers.get(_join(branch, inside[0])) is not layers[name]:
+        sublayers = getattr(layers.get(branch), "sublayers", ())
+        if not _ends_branch(layers.get(branch), inside) or sublayers[-len(inside)] is not layers[name]:
             return None
         value, out = _join(name, value_map.value), layers.get(_join(name, value_map.out))
         if value not in layers or out is None:

@@ -26,7 +26,9 @@ def compile_kernel() -> dict[str, int]:
     adj = rng.dirichlet(np.ones(4), size=(3, 4))
     max_flow_values(adj, [0], method="dinic")  # one source: per-sink data recomputed
     max_flow_values(adj, [0, 3], method="dinic", all_layers=True)  # several: kept
-    entry_points: dict[str, Any] = {"spans": _dinic.spans, "pruned_source_flows": _dinic.pruned_source_flows}  # numba dispatchers
+    entry_points: dict[str, Any] = {  # numba dispatchers
+        "spans": _dinic.spans, "arc_bits": _dinic.arc_bits, "pruned_source_flows": _dinic.pruned_source_flows,
+    }
     return {name: sum(fn.stats.cache_misses.values()) for name, fn in entry_points.items()}
 
 

@@ -1187,7 +1187,7 @@ def _bit_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log
     paths and values are the same): ``avail[l, i]`` bit ``k`` when ``cap[l, i, k] > eps`` (a forward arc that
     can be usable; read only), ``flow[l, k]`` bit ``i`` when the arc ``(l + 1, i) -> (l, k)`` may carry flow (a
     usable reverse arc): set for every arc the pair changed (phase one's, from the log, the sink's column, and
-    each augmentation's) and cleared again before returning. ``lv`` ``((L + 1) n + 1, L + 1, W)``: per label
+    each augmentation's) and cleared again before returning. ``lv`` ``((L + 1) n, L + 1, W)``: per label
     and layer the labelled nodes still alive; ``fr`` ``(L + 1, W)``: a level's frontier."""
     n = cap.shape[1]
     words = avail.shape[2]

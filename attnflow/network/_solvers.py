@@ -68,9 +68,10 @@ TOL = 1e-12
 _DINIC_SECONDS = 1.0e-8
 _DINIC_LAYERS = 0.57
 _DINIC_TOKENS = 2.41
-# (fitted as 1.4e-9; halved by hand when the Dinic phases took bitsets on networks up to 256 tokens, which made the
-# shallow levels of MiniLM at 128 tokens 2x faster: all_layers=True there 9.6 s -> 4.9 s)
-_SHALLOW_SECONDS = 0.7e-9
+_SHALLOW_SECONDS = 1.4e-9
+# ... times this on networks up to _BIT_WIDTH tokens, whose Dinic phases take bitsets (set by hand, not fitted: the
+# shallow levels of MiniLM at 128 tokens became 2x faster, all_layers=True there 9.6 s -> 4.9 s)
+_SHALLOW_BITS = 0.5
 _SHALLOW_TOKENS = 3.32
 _SHALLOW_DECAY = 0.43
 # Causal networks' shallow levels cost a tenth of that (Dinic phases there, see _WARM_LEVEL; from the last token,
@@ -99,7 +100,7 @@ _WARM_WIDTH = 192
 _WARM_LEVEL = 6
 # Networks up to this many tokens wide take their Dinic phases over bitsets of candidate arcs (`_dinic._bit_phases`:
 # 64 arcs to a machine word, each candidate checked against the residuals): the page's every-layer flow (MiniLM,
-# 128 tokens, levels 3/4/5) 1.16/3.06/3.05 s -> 0.55/1.50/1.82 s, same values to the bit.
+# 128 tokens, levels 3/4/5) 1.16/3.06/3.05 s -> 0.55/1.53/1.81 s (one run each), same values to the bit.
 _BIT_WIDTH = 256
 
 
@@ -197,6 +198,7 @@ def estimate_seconds(
             return float(closed)
         deep_level = float((sized**_DINIC_TOKENS).sum()) * _DINIC_SECONDS
         shallow_level = float((sized**_SHALLOW_TOKENS).sum()) * _SHALLOW_SECONDS * (_SHALLOW_CAUSAL if causal else 1.0)
+        shallow_level *= _SHALLOW_BITS if n <= _BIT_WIDTH else 1.0
         solve = sum(top**_DINIC_LAYERS * deep_level + _SHALLOW_DECAY ** (top - 3) * shallow_level for top in deep)
         return float(closed + solve + max(deep) * n * n * _PASS_SECONDS + _CALL_SECONDS)
     if method == "dinic-v1":
