@@ -112,7 +112,7 @@ def test_adapter_modules_grouped_by_framework_keep_their_old_paths():
             new = importlib.import_module(f"attnflow.adapters.{group}.{name}")
             old = importlib.import_module(f"attnflow.adapters.{name}")
             assert old is new and old.__spec__.name == new.__name__ == f"attnflow.adapters.{group}.{name}"
-    assert sorted(p.stem for p in root.glob("*.py")) == ["__init__", "_hf_families", "_layout"]
+    assert sorted(p.stem for p in root.glob("*.py")) == ["__init__", "_hf_families", "_layout", "_maps"]
     built_in = {e.name: e.value for e in importlib.metadata.entry_points(group="attnflow.adapters")
                 if e.value.startswith("attnflow.adapters.")}
     assert len(built_in) >= 10 and all(v.startswith(("attnflow.adapters._torch.", "attnflow.adapters._jax."))
