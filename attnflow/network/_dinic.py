@@ -97,7 +97,7 @@ pairs, time unchanged); sink-major warm starts across sources (the previous sour
 capped to the new source's capacities, the excess outflow cancelled down the flow arcs layer by layer, then phase
 one on that residual and Dinic phases: 1.8/3.9/3.3 s). The work per pair is a few sweeps of an O(L n^2) network.
 
-Bitsets (`_bit_phases`, networks up to 256 tokens): those sweeps were mostly checks of arcs that cannot be used
+Bitsets (`_bit_phases`, networks up to 512 tokens): those sweeps were mostly checks of arcs that cannot be used
 (counted per pair at level 4: ~35,000 reverse-arc checks in the BFS, an unlabelled node reading its column
 against the frontier where few arcs carry flow, and ~33,000 in the DFS). Candidates now come 64 to a word:
 forward arcs from `arc_bits` (``cap > eps`` per row, read only, shared by the threads), reverse arcs from per-node
@@ -354,7 +354,7 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, windowed, rsp, csp, flo):
     every access along a row of ``res``: a forward arc ``(l + 1, i) -> (l, k)`` is *pulled* (each unlabelled
     node scans its own row over the frontier of the layer below and stops at the first arc with spare
     capacity; on dense attention that is almost always the first one); a reverse arc is *pushed* (each
-    frontier node scans its own row of flows; networks up to 256 tokens wide take `_bit_phases` instead, where
+    frontier node scans its own row of flows; networks up to 512 tokens wide take `_bit_phases` instead, where
     reverse arcs are pulled over bitsets). The queue-driven version reads a column per node, one cache miss per
     arc. Scratch: ``work[1]`` (frontier sizes per layer) and
     ``work[4]`` (frontier lists).
@@ -1187,8 +1187,9 @@ def _bit_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log
     paths and values are the same): ``avail[l, i]`` bit ``k`` when ``cap[l, i, k] > eps`` (a forward arc that
     can be usable; read only), ``flow[l, k]`` bit ``i`` when the arc ``(l + 1, i) -> (l, k)`` may carry flow (a
     usable reverse arc): set for every arc the pair changed (phase one's, from the log, the sink's column, and
-    each augmentation's) and cleared again before returning. ``lv`` ``((L + 1) n, L + 1, W)``: per label
-    and layer the labelled nodes still alive; ``fr`` ``(L + 1, W)``: a level's frontier."""
+    each augmentation's) and cleared again before returning. ``lv`` ``(rows, L + 1, W)``: per label and layer
+    the labelled nodes still alive (a bigger one is made for a phase whose source label is ``rows`` or more);
+    ``fr`` ``(L + 1, W)``: a level's frontier."""
     n = cap.shape[1]
     words = avail.shape[2]
     d, cur, sl, si, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
@@ -1298,6 +1299,8 @@ def _bit_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log
         if d[src] < 0:
             break
         top_label = d[src]
+        if top_label >= lv.shape[0]:  # more labels than the workspace holds sets for (rare): a bigger one, here
+            lv = np.zeros((top_label + 1, top + 1, words), dtype=np.uint64)
         for t in range(top_label):
             for lay in range(top + 1):
                 for w in range(words):

@@ -100,8 +100,10 @@ _WARM_WIDTH = 192
 _WARM_LEVEL = 6
 # Networks up to this many tokens wide take their Dinic phases over bitsets of candidate arcs (`_dinic._bit_phases`:
 # 64 arcs to a machine word, each candidate checked against the residuals): the page's every-layer flow (MiniLM,
-# 128 tokens, levels 3/4/5) 1.16/3.06/3.05 s -> 0.55/1.53/1.81 s (one run each), same values to the bit.
-_BIT_WIDTH = 256
+# 128 tokens, levels 3/4/5) 1.16/3.06/3.05 s -> 0.55/1.53/1.81 s (one run each), same values to the bit; 12 x 512
+# softmax encoders, one source, all_layers=True: 3.7 -> 2.6 s (temperature 0.3), 2.1 -> 1.8 s (1.0); peaked, local
+# causal heads 12 x 512 from the last token unchanged (3.5 s). Wider ones scan rows (not measured with bitsets).
+_BIT_WIDTH = 512
 
 
 def max_flow_values(
@@ -456,7 +458,8 @@ class _Workspace:
         if bits:  # `_dinic._bit_phases`: flow bits (kept zero between pairs), label sets, a frontier
             words = (n + 63) // 64
             self.flow = np.zeros((num_layers, n, words), dtype=np.uint64)
-            self.lv = np.zeros(((num_layers + 1) * n, num_layers + 1, words), dtype=np.uint64)
+            # label sets for labels up to 8 per level (labels past that, rare, get a bigger array per phase)
+            self.lv = np.zeros((8 * (num_layers + 1), num_layers + 1, words), dtype=np.uint64)
             self.fr = np.zeros((num_layers + 1, words), dtype=np.uint64)
         self.hc = np.empty((kept, num_layers, n))
         self.hdone = np.zeros((kept, 2), dtype=bool)
