@@ -473,7 +473,7 @@ def test_sinks_phase_one_certifies_at_a_high_cost_hand_over_to_the_warm_solver(l
         np.zeros((9, (num_layers + 1) * (n + 1)), dtype=np.int64), np.zeros((3, (num_layers + 1) * (n + 1))),
         np.empty(adj.size, dtype=np.int64), np.zeros((num_layers, n)), np.zeros((1, num_layers + 1, n), dtype=bool),
         np.zeros((1, num_layers + 1), dtype=np.int64), np.zeros((1, num_layers, n)), np.zeros((1, 2), dtype=bool),
-        1, 0, solvers._NO_BITS,
+        1, 0, kernel._no_bits(),
     )
     np.testing.assert_allclose(out, reference[0, 0], rtol=0, atol=ATOL)
     # sinks go from the last to the first: three certified ones in a row, then the warm solver

@@ -356,8 +356,7 @@ def _row_bfs_labels(cap, res, top, s, j, eps, work, windowed, rsp, csp, flo):
     capacity; on dense attention that is almost always the first one); a reverse arc is *pushed* (each
     frontier node scans its own row of flows; networks up to 512 tokens wide take `_bit_phases` instead, where
     reverse arcs are pulled over bitsets). The queue-driven version reads a column per node, one cache miss per
-    arc. Scratch: ``work[1]`` (frontier sizes per layer) and
-    ``work[4]`` (frontier lists).
+    arc. Scratch: ``work[1]`` (frontier sizes per layer) and ``work[4]`` (frontier lists).
 
     ``windowed`` (the warm solver): ``rsp[l, i]`` holds the first and last ``k`` with ``cap[l, i, k] > eps``
     (`spans`), ``csp[l, k]`` the first and last ``i`` of that column (`_column_spans`), and ``flo[l, k, i]`` the
@@ -607,7 +606,8 @@ def layer_bound(q, h, top, j):
 @njit(cache=True, nogil=True)
 def _sharpen_and_finish(cap, res, top, s, j, reach, q, chain, col, total, bound, eps, tol, work, log, log_len, row_bfs, bits):
     """After `_phase_one` fell short of ``bound``: sharpen it with the sink's chain (`layer_bound`) and, if the
-    flow still falls short, copy phase one's sink column ``col`` into ``res`` and run `_later_phases`.
+    flow still falls short, copy phase one's sink column ``col`` into ``res`` and run `_bit_phases` (``bits``:
+    ``(avail, flow, lv, fr)`` as it takes them, with ``row_bfs``) or else `_later_phases`.
     Returns ``(value, log_len)``."""
     sharper = layer_bound(q, chain, top, j)
     if sharper < bound:
@@ -1195,29 +1195,15 @@ def _bit_phases(cap, res, top, s, j, reach, q, total, bound, eps, tol, work, log
     d, cur, sl, si, rel, cnt = work[0], work[1], work[2], work[3], work[7], work[8]
     ql, qi, fcnt = work[5], work[6], work[4]
     _relevant_nodes(top, s, j, reach, q, rel, cnt)
-    pow2 = (n & (n - 1)) == 0
-    shift = 0
-    while (1 << shift) < n:
-        shift += 1
-    mask = n - 1
     if log_len < 0:
         for lay in range(top):
             for i in range(n):
                 for w in range(words):
                     flow[lay, i, w] = _ALL
     else:
+        shift = _token_shift(n)
         for p in range(log_len):
-            e = log[p]
-            if pow2:
-                row = e >> shift
-                k = e & mask
-                lay = row >> shift
-                i = row & mask
-            else:
-                row = e // n
-                k = e - row * n
-                lay = row // n
-                i = row - lay * n
+            lay, i, k = _logged_arc(log[p], n, shift)
             flow[lay, k, i >> 6] |= _ONE << np.uint64(i & 63)
     for w in range(words):
         flow[0, j, w] = _ALL
@@ -1419,29 +1405,38 @@ def _clear_flow_bits(top, j, log, log_len, flow):
                 for w in range(words):
                     flow[lay, i, w] = np.uint64(0)
         return
-    pow2 = (n & (n - 1)) == 0
-    shift = 0
-    while (1 << shift) < n:
-        shift += 1
-    mask = n - 1
+    shift = _token_shift(n)
     for p in range(log_len):
-        e = log[p]
-        if pow2:
-            row = e >> shift
-            k = e & mask
-            i = row & mask
-            lay = row >> shift
-        else:
-            row = e // n
-            k = e - row * n
-            lay = row // n
-            i = row - lay * n
+        lay, i, k = _logged_arc(log[p], n, shift)
         flow[lay, k, i >> 6] = np.uint64(0)
     for w in range(words):
         flow[0, j, w] = np.uint64(0)
 
 
 @njit(cache=True, nogil=True)
+def _token_shift(n):
+    """``log2(n)`` when ``n`` is a power of two (log entries then decode with shifts), else -1."""
+    if n & (n - 1):
+        return -1
+    shift = 0
+    while (1 << shift) < n:
+        shift += 1
+    return shift
+
+
+@njit(cache=True, nogil=True)
+def _logged_arc(e, n, shift):
+    """``(l, i, k)`` of the log entry ``e = (l n + i) n + k`` (``shift``: `_token_shift` of ``n``)."""
+    if shift >= 0:
+        row = e >> shift
+        return row >> shift, row & (n - 1), e & (n - 1)
+    row = e // n
+    lay = row // n
+    return lay, row - lay * n, e - row * n
+
+
+@njit(cache=True, nogil=True)
 def _no_bits():
+    """Empty bitsets: `_sharpen_and_finish` then takes `_later_phases`."""
     e3 = np.empty((0, 0, 0), dtype=np.uint64)
     return (e3, e3, e3, np.empty((0, 0), dtype=np.uint64))

@@ -425,7 +425,7 @@ def _solve_compiled(adj, rows, tops, out, n_jobs, report, *, version: int) -> No
                 adj, space.res, tops[t], int(rows[r]), span, espan, diag, sink_sets[b], eps, tol, out[t, r],
                 space.work, space.fwork, space.log, space.q, space.reach, space.live, space.hc, space.hdone,
                 _SINK_STRATEGY, _WARM_WIDTH if causal and tops[t] >= _WARM_LEVEL else n + 1,  # n + 1: never
-                (avail, space.flow, space.lv, space.fr) if avail is not None else _NO_BITS,
+                (avail, space.flow, space.lv, space.fr) if avail is not None else kernel._no_bits(),
             )
 
     tracker = _Progress(np.full(rows.size, len(rest) * len(sink_sets)), report)
@@ -465,9 +465,6 @@ class _Workspace:
         self.hdone = np.zeros((kept, 2), dtype=bool)
         self.reach = np.zeros((kept, num_layers + 1, n), dtype=bool)
         self.live = np.zeros((kept, num_layers + 1), dtype=np.int64)
-
-
-_NO_BITS = (np.empty((0, 0, 0), np.uint64),) * 3 + (np.empty((0, 0), np.uint64),)
 
 
 def _spans(adj: np.ndarray) -> np.ndarray:
