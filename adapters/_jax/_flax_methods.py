@@ -240,6 +240,10 @@ class FlaxValueMap:
         return taps
 
 
+#: value_zeroing=True: the slots where the NNX and linen adapters keep each layer block's call and output.
+BLOCK_CALL, BLOCK_OUTPUT = "block_call", "block_result"
+
+
 def _value_slot(alternative: int) -> str:
     return "value" if alternative == 0 else f"value#{alternative}"
 

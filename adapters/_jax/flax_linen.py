@@ -98,8 +98,6 @@ from ._flax_common import (
 )
 
 _ATTENTION_NAME = "attention_weights"
-#: value_zeroing=True: the slots that keep each layer block's call (bound module, args, kwargs) and output.
-_VZ_CALL, _VZ_OUTPUT = "block_call", "block_result"
 
 
 def _linen() -> Any:
@@ -351,8 +349,8 @@ class _LinenCapture:
         jax = import_optional("jax", "jax")
         if not any(is_tracer(leaf) for leaf in jax.tree.leaves((args, kwargs, result))):
             kept = self.kept.setdefault(path, {})
-            kept.setdefault(_VZ_CALL, []).append((module, args, kwargs))
-            kept.setdefault(_VZ_OUTPUT, []).append(result)
+            kept.setdefault(methods.BLOCK_CALL, []).append((module, args, kwargs))
+            kept.setdefault(methods.BLOCK_OUTPUT, []).append(result)
 
     def _after_pass(self, layers: list) -> None:
         try:
@@ -397,7 +395,7 @@ class _LinenCapture:
         """The value-zeroing distances of call ``call`` of the block at ``path``: an unbound copy of the bound block
         ``apply``-ed on its own variables and the kept call, the map's value module's output zeroed per token."""
         kept = self.kept.get(path, {})
-        if len(kept.get(_VZ_CALL, ())) <= call or len(kept.get(_VZ_OUTPUT, ())) <= call:
+        if len(kept.get(methods.BLOCK_CALL, ())) <= call or len(kept.get(methods.BLOCK_OUTPUT, ())) <= call:
             raise AdapterError(
                 f"value_zeroing=True: the block {path!r} of {layer.name!r} was not seen as one eager __call__ during "
                 "the forward pass: it ran as JAX tracers (under jax.vmap, jax.grad, nn.scan or nn.remat) or through "
@@ -411,7 +409,7 @@ class _LinenCapture:
                 f"{path!r}; FlaxValueMap.value must name the module, relative to the layer, whose output is the "
                 "values (a Dense or DenseGeneral: nn.MultiHeadDotProductAttention's 'value')."
             )
-        block, args, kwargs = kept[_VZ_CALL][call]
+        block, args, kwargs = kept[methods.BLOCK_CALL][call]
         unbound, variables = block.unbind()
 
         def rerun(a: tuple, k: dict, keep: Any) -> Any:
@@ -430,7 +428,7 @@ class _LinenCapture:
             zeroing.check(path)
             return _hidden(result, path)
 
-        return methods.value_zeroing(rerun, args, kwargs, _hidden(kept[_VZ_OUTPUT][call], path), layer.keys,
+        return methods.value_zeroing(rerun, args, kwargs, _hidden(kept[methods.BLOCK_OUTPUT][call], path), layer.keys,
                                      layer.causal)
 
     # -- naming and errors -----------------------------------------------------------------------------

@@ -84,8 +84,6 @@ from ._flax_common import (
 from .flax_linen import root_module
 
 _ATTENTION_NAME = "attention_weights"
-#: value_zeroing=True: the slots that keep each block's call (args, kwargs) and output.
-_VZ_CALL, _VZ_OUTPUT = "block_call", "block_result"
 
 
 def _nnx() -> Any:
@@ -152,17 +150,17 @@ class _NNXCapture:
         layout = cast(methods.FlaxValueMap, self.value_map)  # called when there is one
         for layer, path, call in methods.mapped_layers(layers, layout):
             kept = self.kept.get(path, {})
-            if len(kept.get(_VZ_CALL, ())) <= call or len(kept.get(_VZ_OUTPUT, ())) <= call:
+            if len(kept.get(methods.BLOCK_CALL, ())) <= call or len(kept.get(methods.BLOCK_OUTPUT, ())) <= call:
                 raise AdapterError(f"value_zeroing=True: the block {path!r} of {layer.name!r} did not run eagerly during "
                                    "the forward pass; call the model directly (not under jax.vmap, jax.grad or nnx.scan).")
             block, value = self.modules[path], self.modules[f"{path}/{layout.value}"]
-            args, kwargs = kept[_VZ_CALL][call]
+            args, kwargs = kept[methods.BLOCK_CALL][call]
 
             def rerun(a: tuple, k: dict, keep: Any, block: Any = block, value: Any = value) -> Any:
                 with _injecting(_Rerun(self, value, keep)):
                     return block(*a, **k)
 
-            layer.extras["value_zeroing"] = methods.value_zeroing(rerun, args, kwargs, kept[_VZ_OUTPUT][call],
+            layer.extras["value_zeroing"] = methods.value_zeroing(rerun, args, kwargs, kept[methods.BLOCK_OUTPUT][call],
                                                                   layer.keys, layer.causal)
 
     def _repeat_prefix(self, name: str, count: int) -> str | None:
@@ -355,7 +353,7 @@ def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any)
         )
     taps = layout.taps()
     if capture.request.value_zeroing:  # the block's call and output, to run it again with values zeroed
-        taps.update({_VZ_CALL: ("", "call"), _VZ_OUTPUT: ("", "output")})
+        taps.update({methods.BLOCK_CALL: ("", "call"), methods.BLOCK_OUTPUT: ("", "output")})
     for layer in layers:
         for slot, (relative, which) in taps.items():
             module = capture.modules.get(f"{layer}/{relative}" if relative else layer)
