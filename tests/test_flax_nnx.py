@@ -658,3 +658,32 @@ def test_value_zeroing_alone_and_its_errors(tiny_gpt, setup):
         attnflow.capture(other, np.ones((1, SEQ, FEATURES), np.float32), value_zeroing=True)
     with pytest.raises(attnflow.OptionError, match="value_zeroing= .*leave out modules="):
         attnflow.capture(model, ids, valid, value_zeroing=True, adapter_options={"modules": [nnx.MultiHeadAttention]})
+
+
+def test_value_map_alternatives_take_the_one_each_layer_has(tiny_gpt):
+    """FlaxValueMap.value's ``|`` alternatives: a layer need have one of them (here the second), and value zeroing
+    zeroes the output of the one that ran; a map none of whose alternatives a layer has is an error naming it."""
+    from attnflow.adapters import FlaxValueMap, register_flax_value_map
+
+    model, before, ids, valid, trace = tiny_gpt
+    paths = dict(attention="attn", out="attn/out", residual="ln_1", block_output="ln_2", layout="pre_ln")
+    try:
+        register_flax_value_map("TinyGPT", FlaxValueMap(value="attn/nothing|attn/value", **paths), replace=True)
+        with jax.enable_x64(True):
+            either = attnflow.capture(model, ids, valid, values=True, value_zeroing=True)
+        register_flax_value_map("TinyGPT", FlaxValueMap(value="attn/nothing|attn/none", **paths), replace=True)
+        with pytest.raises(AdapterError, match=r"value_zeroing=True: layer 'h/0' has no value module the value map "
+                                               r"names \('attn/nothing\|attn/none'\)"), jax.enable_x64(True):
+            attnflow.capture(model, ids, valid, value_zeroing=True)
+    finally:
+        register_flax_value_map("TinyGPT", FlaxValueMap(value="attn/value", **paths), replace=True)
+    assert_unchanged(model, before)
+    allowed = np.tril(np.ones((GT, GT), bool))[None] & valid[:, None, :].astype(bool) & valid[:, :, None].astype(bool)
+    x = np.asarray(model.wte.embedding[...], np.float64)[ids]
+    assert either.layer_names == trace.layer_names == ["h/0/attn", "h/1/attn"]
+    for layer, plain, block in zip(either.layers, trace.layers, model.h):
+        for name in ("value", "value_zeroing"):
+            np.testing.assert_array_equal(layer.extras[name], plain.extras[name], err_msg=name)
+        np.testing.assert_allclose(layer.extras["value_zeroing"], zeroing_reference(block, x, allowed, valid),
+                                   atol=1e-12)
+        x, _ = gpt_block_reference(block, x, allowed)

@@ -422,8 +422,10 @@ class _LinenCapture:
                     raise
                 raise AdapterError(
                     f"value_zeroing=True: running the block {path!r} again alone (an unbound copy apply-ed on its own "
-                    f"variables, with its recorded arguments) failed: {type(exc).__name__}: {str(exc).rstrip('.')}. The "
-                    f"block must be {_DETERMINISTIC}."
+                    f"variables, with its recorded arguments) failed: {type(exc).__name__}: {str(exc).rstrip('.')}. Value "
+                    "zeroing runs each block again alone, the output of its value module zeroed per token: the block "
+                    f"must be {_DETERMINISTIC}, and callable again with the arguments it got; check also the value "
+                    "map's value and value_index (an output (batch, keys, ...), or several stacked on its first axis)."
                 ) from exc
             zeroing.check(path)
             return _hidden(result, path)

@@ -153,11 +153,18 @@ class _NNXCapture:
             if len(kept.get(methods.BLOCK_CALL, ())) <= call or len(kept.get(methods.BLOCK_OUTPUT, ())) <= call:
                 raise AdapterError(f"value_zeroing=True: the block {path!r} of {layer.name!r} did not run eagerly during "
                                    "the forward pass; call the model directly (not under jax.vmap, jax.grad or nnx.scan).")
-            block, value = self.modules[path], self.modules[f"{path}/{layout.value}"]
+            relative = methods.value_alternative(layout, kept, call)  # the one of the map's | alternatives that ran
+            if relative is None:
+                raise AdapterError(
+                    f"value_zeroing=True: no value module the value map names ({layout.value!r}) ran in the block "
+                    f"{path!r}; FlaxValueMap.value must name the module, relative to the layer, whose output is the "
+                    "values (a LinearGeneral: nnx.MultiHeadAttention's 'value')."
+                )
+            block, value = self.modules[path], self.modules[f"{path}/{relative}"]
             args, kwargs = kept[methods.BLOCK_CALL][call]
 
             def rerun(a: tuple, k: dict, keep: Any, block: Any = block, value: Any = value) -> Any:
-                with _injecting(_Rerun(self, value, keep)):
+                with _injecting(_Rerun(self, value, layout.value_index, keep)):
                     return block(*a, **k)
 
             layer.extras["value_zeroing"] = methods.value_zeroing(rerun, args, kwargs, kept[methods.BLOCK_OUTPUT][call],
@@ -263,10 +270,11 @@ class _Injection:
 
 class _Rerun:
     """A value-zeroing re-run of one block (``value_zeroing=True``): nothing is recorded, attention is computed
-    as in the recorded pass, and the output of the ``value`` module is multiplied by ``keep``."""
+    as in the recorded pass, and the output of the ``value`` module is multiplied by ``keep`` ``(variants, keys)``,
+    at ``index`` of a stacked output (:attr:`FlaxValueMap.value_index`)."""
 
-    def __init__(self, capture: _NNXCapture, value: Any, keep: Any):
-        self.capture, self.value, self.keep = capture, value, keep
+    def __init__(self, capture: _NNXCapture, value: Any, index: int | None, keep: Any):
+        self.capture, self.value, self.index, self.keep = capture, value, index, keep
 
     def call(self, owner: Any, original: Any, args: tuple, module: Any, kwargs: dict) -> Any:
         # a module= makes Flax compute the probabilities as the recorded pass did (its explicit-weights path)
@@ -331,7 +339,7 @@ def _tap_class(module: Any) -> type:
                 elif args or kwargs:
                     capture.keep(layer, slot, args[0] if args else next(iter(kwargs.values())))
         elif isinstance(injection, _Rerun) and injection.value is owner:
-            result = methods.zeroed(result, injection.keep)
+            result = methods.zeroed(result, injection.keep, injection.index)
         return result
 
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__call__": __call__,
@@ -352,11 +360,22 @@ def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any)
             f"('<layer>/{layout.attention}'); attention modules are at {list(capture.modules)[:8]}..."
         )
     taps = layout.taps()
+    keyword = "values" if capture.request.values else "value_zeroing"
     if capture.request.value_zeroing:  # the block's call and output, to run it again with values zeroed
         taps.update({methods.BLOCK_CALL: ("", "call"), methods.BLOCK_OUTPUT: ("", "output")})
-    for layer in layers:
+    values = [slot for slot in taps if slot.startswith("value")]  # the slots of the value module's | alternatives
+    for layer in layers:  # each layer has one of the alternatives (at least): the absent ones are not tapped
+        if not any(f"{layer}/{taps[slot][0]}" in capture.modules for slot in values):
+            raise AdapterError(
+                f"{keyword}=True: layer {layer!r} has no value module the value map names ({layout.value!r}); "
+                "FlaxValueMap.value must name the module, relative to the layer, whose output is the values (a "
+                "LinearGeneral: nnx.MultiHeadAttention's 'value'), or '|'-separated alternatives of which each "
+                "layer has one."
+            )
         for slot, (relative, which) in taps.items():
             module = capture.modules.get(f"{layer}/{relative}" if relative else layer)
+            if module is None and slot in values:
+                continue  # another alternative is this layer's value module
             if module is None:
                 raise AdapterError(f"values=True: layer {layer!r} has no module {relative!r} where its value map keeps {slot!r}.")
             for extra in (layout.out, layout.norm):
