@@ -687,3 +687,76 @@ def test_value_map_alternatives_take_the_one_each_layer_has(tiny_gpt):
         np.testing.assert_allclose(layer.extras["value_zeroing"], zeroing_reference(block, x, allowed, valid),
                                    atol=1e-12)
         x, _ = gpt_block_reference(block, x, allowed)
+
+
+class _StackedValues(nnx.Module):
+    """A value module whose output stacks two projections on its first axis (``value_index=1`` picks the values)."""
+
+    def __init__(self, features: int, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(features, features, rngs=rngs)
+
+    def __call__(self, h):
+        v = self.lin(h)
+        return jnp.stack([3.0 * v, v])
+
+
+class _StackedBlock(nnx.Module):
+    """Pre-LN block whose attention reads stacked[1] as values and adds stacked[0] to the residual, so that zeroing
+    the wrong part of the stack, or all of it, changes the output differently from zeroing the values alone."""
+
+    def __init__(self, features: int, heads: int, stacked: bool, rngs: nnx.Rngs):
+        self.ln_1 = nnx.LayerNorm(features, rngs=rngs)
+        self.kv = _StackedValues(features, rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=features, decode=False, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(features, rngs=rngs)
+        self.stacked = stacked
+
+    def __call__(self, x):
+        h = self.ln_1(x)
+        if self.stacked:
+            both = self.kv(h)
+            values, side = both[1], both[0]
+        else:  # the twin: values from the value module itself, the side term past it (never zeroed)
+            values, side = self.kv(h)[1], 3.0 * self.kv.lin(h)
+        x = x + self.attn(h, h, values) + 0.1 * side
+        return x + self.ln_2(x)
+
+
+def test_value_index_zeroes_only_the_values_of_a_stacked_value_module():
+    """FlaxValueMap.value_index on NNX: value zeroing multiplies only the stacked output's entry at the index (here
+    1, the values; entry 0 feeds the residual), so it equals a twin whose side term never passes the value module;
+    the ``|`` alternative that exists is taken. Sizes: batch 4, tokens 5, features 12, heads 2 (head size 6), 3
+    layers."""
+    from attnflow.adapters import FlaxValueMap, register_flax_value_map
+    from attnflow.adapters._jax import _flax_methods
+
+    def model(name: str, stacked: bool) -> nnx.Module:
+        class Model(nnx.Module):
+            def __init__(self, rngs: nnx.Rngs):
+                self.h = nnx.List([_StackedBlock(12, 2, stacked, rngs) for _ in range(3)])
+
+            def __call__(self, x):
+                for block in self.h:
+                    x = block(x)
+                return x
+
+        Model.__name__ = Model.__qualname__ = name
+        return Model(nnx.Rngs(3))
+
+    paths = dict(attention="attn", out="attn/out", residual="ln_1", block_output="ln_2", layout="pre_ln")
+    saved = dict(_flax_methods.VALUE_MAPS)
+    x = np.random.default_rng(4).normal(size=(4, 5, 12))
+    try:
+        register_flax_value_map("StackedValues", FlaxValueMap(value="nothing|kv", value_index=1, **paths))
+        register_flax_value_map("TwinValues", FlaxValueMap(value="kv", value_index=1, **paths))
+        with jax.enable_x64(True):
+            stacked = attnflow.capture(model("StackedValues", True), x, value_zeroing=True)
+            twin = attnflow.capture(model("TwinValues", False), x, value_zeroing=True)
+    finally:
+        _flax_methods.VALUE_MAPS.clear()
+        _flax_methods.VALUE_MAPS.update(saved)
+    assert stacked.layer_names == twin.layer_names == ["h/0/attn", "h/1/attn", "h/2/attn"]
+    for a, b in zip(stacked.layers, twin.layers):
+        assert a.extras["value_zeroing"].shape == (4, 5, 5)
+        assert np.abs(b.extras["value_zeroing"]).max() > 1e-4  # zeroing the values moves the output
+        np.testing.assert_allclose(a.extras["value_zeroing"], b.extras["value_zeroing"], rtol=1e-10, atol=1e-13)
