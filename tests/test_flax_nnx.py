@@ -675,6 +675,15 @@ def test_value_map_alternatives_take_the_one_each_layer_has(tiny_gpt):
         with pytest.raises(AdapterError, match=r"value_zeroing=True: layer 'h/0' has no value module the value map "
                                                r"names \('attn/nothing\|attn/none'\)"), jax.enable_x64(True):
             attnflow.capture(model, ids, valid, value_zeroing=True)
+        # the other map errors name the keyword the capture was given, too
+        register_flax_value_map("TinyGPT", FlaxValueMap(value="attn/value", **{**paths, "out": "attn/gone"}),
+                                replace=True)
+        with pytest.raises(AdapterError, match=r"^value_zeroing=True: layer 'h/0' has no module 'attn/gone'"):
+            attnflow.capture(model, ids, valid, value_zeroing=True)
+        register_flax_value_map("TinyGPT", FlaxValueMap(value="attn/value", **{**paths, "attention": "nowhere"}),
+                                replace=True)
+        with pytest.raises(AdapterError, match=r"^value_zeroing=True: no nnx.MultiHeadAttention"):
+            attnflow.capture(model, ids, valid, value_zeroing=True)
     finally:
         register_flax_value_map("TinyGPT", FlaxValueMap(value="attn/value", **paths), replace=True)
     assert_unchanged(model, before)

@@ -354,13 +354,13 @@ def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any)
     nnx = _nnx()
     layers = [path for path in (methods.layer_of(name, layout) for name, module in capture.modules.items()
                                 if isinstance(module, nnx.MultiHeadAttention)) if path is not None]
+    keyword = "values" if capture.request.values else "value_zeroing"  # the keyword the user gave, for errors
     if not layers:
         raise AdapterError(
-            f"values=True: no nnx.MultiHeadAttention of the model is at the path its value map names "
+            f"{keyword}=True: no nnx.MultiHeadAttention of the model is at the path its value map names "
             f"('<layer>/{layout.attention}'); attention modules are at {list(capture.modules)[:8]}..."
         )
     taps = layout.taps()
-    keyword = "values" if capture.request.values else "value_zeroing"
     if capture.request.value_zeroing:  # the block's call and output, to run it again with values zeroed
         taps.update({methods.BLOCK_CALL: ("", "call"), methods.BLOCK_OUTPUT: ("", "output")})
     values = [slot for slot in taps if slot.startswith("value")]  # the slots of the value module's | alternatives
@@ -377,10 +377,10 @@ def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any)
             if module is None and slot in values:
                 continue  # another alternative is this layer's value module
             if module is None:
-                raise AdapterError(f"values=True: layer {layer!r} has no module {relative!r} where its value map keeps {slot!r}.")
+                raise AdapterError(f"{keyword}=True: layer {layer!r} has no module {relative!r} where its value map keeps {slot!r}.")
             for extra in (layout.out, layout.norm):
                 if extra is not None and f"{layer}/{extra}" not in capture.modules:
-                    raise AdapterError(f"values=True: layer {layer!r} has no module {extra!r} that its value map names.")
+                    raise AdapterError(f"{keyword}=True: layer {layer!r} has no module {extra!r} that its value map names.")
             if id(module) not in _TAPS:
                 undo.enter_context(switch(("flax_nnx.tap_class", id(module)),
                                           # misc ignored: no type inferred for a lambda whose default binds the module
