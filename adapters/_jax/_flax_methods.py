@@ -228,9 +228,13 @@ class FlaxValueMap:
     out_parameter: str = "kernel"
     norm_scale_offset: float = 0.0
 
+    def value_taps(self) -> dict[str, str]:
+        """slot -> relative path of each of :attr:`value`'s ``|`` alternatives, in map order."""
+        return {_value_slot(i): path for i, path in enumerate(self.value.split("|"))}
+
     def taps(self) -> dict[str, tuple[str, str]]:
         """slot -> (relative module path, ``"input"`` or ``"output"``)."""
-        taps = {_value_slot(i): (path, "output") for i, path in enumerate(self.value.split("|"))}
+        taps = {slot: (path, "output") for slot, path in self.value_taps().items()}
         taps["residual"] = (self.residual, "input")
         if self.norm is not None:
             taps["norm_input"] = (self.norm, "input")
@@ -327,11 +331,18 @@ def mapped_layers(layers: Sequence[Any], layout: FlaxValueMap) -> Iterator[tuple
             yield layer, path, calls[path]
 
 
-def value_alternative(layout: FlaxValueMap, kept: Mapping[str, list[Any]], call: int) -> str | None:
-    """The value module (path relative to the layer) of the map's ``|`` alternatives that call ``call`` of a layer
-    ran first in map order, from the arrays kept at its taps; None: none ran."""
-    alternatives = layout.value.split("|")
-    return next((path for i, path in enumerate(alternatives) if len(kept.get(_value_slot(i), ())) > call), None)
+def value_alternative(layout: FlaxValueMap, kept: Mapping[str, list[Any]], call: int, block: str, example: str) -> str:
+    """The value module (path relative to the layer) of the map's ``|`` alternatives that call ``call`` of the layer
+    block at ``block`` ran first in map order, from the arrays kept at its taps. None ran: an AdapterError, whose
+    hint names ``example``, the module the framework's own attention keeps its values in."""
+    ran = next((path for slot, path in layout.value_taps().items() if len(kept.get(slot, ())) > call), None)
+    if ran is None:
+        raise attnflow.AdapterError(
+            f"value_zeroing=True: no value module the value map names ({layout.value!r}) ran in the block "
+            f"{block!r}; FlaxValueMap.value must name the module, relative to the layer, whose output is the "
+            f"values ({example})."
+        )
+    return ran
 
 
 def _array(value: Any) -> np.ndarray:

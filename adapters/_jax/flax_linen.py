@@ -402,13 +402,9 @@ class _LinenCapture:
                 "another method than __call__. Call the model directly, each layer as a module (layer(x, ...)); "
                 "value zeroing runs that call again."
             )
-        value = methods.value_alternative(layout, kept, call)
-        if value is None:
-            raise AdapterError(
-                f"value_zeroing=True: no value module the value map names ({layout.value!r}) ran in the block "
-                f"{path!r}; FlaxValueMap.value must name the module, relative to the layer, whose output is the "
-                "values (a Dense or DenseGeneral: nn.MultiHeadDotProductAttention's 'value')."
-            )
+        value = methods.value_alternative(
+            layout, kept, call, path, "a Dense or DenseGeneral: nn.MultiHeadDotProductAttention's 'value'"
+        )
         block, args, kwargs = kept[methods.BLOCK_CALL][call]
         unbound, variables = block.unbind()
 

@@ -153,13 +153,9 @@ class _NNXCapture:
             if len(kept.get(methods.BLOCK_CALL, ())) <= call or len(kept.get(methods.BLOCK_OUTPUT, ())) <= call:
                 raise AdapterError(f"value_zeroing=True: the block {path!r} of {layer.name!r} did not run eagerly during "
                                    "the forward pass; call the model directly (not under jax.vmap, jax.grad or nnx.scan).")
-            relative = methods.value_alternative(layout, kept, call)  # the one of the map's | alternatives that ran
-            if relative is None:
-                raise AdapterError(
-                    f"value_zeroing=True: no value module the value map names ({layout.value!r}) ran in the block "
-                    f"{path!r}; FlaxValueMap.value must name the module, relative to the layer, whose output is the "
-                    "values (a LinearGeneral: nnx.MultiHeadAttention's 'value')."
-                )
+            relative = methods.value_alternative(  # the one of the map's | alternatives that ran
+                layout, kept, call, path, "a LinearGeneral: nnx.MultiHeadAttention's 'value'"
+            )
             block, value = self.modules[path], self.modules[f"{path}/{relative}"]
             args, kwargs = kept[methods.BLOCK_CALL][call]
 
@@ -363,9 +359,9 @@ def _install_taps(capture: _NNXCapture, layout: methods.FlaxValueMap, undo: Any)
     taps = layout.taps()
     if capture.request.value_zeroing:  # the block's call and output, to run it again with values zeroed
         taps.update({methods.BLOCK_CALL: ("", "call"), methods.BLOCK_OUTPUT: ("", "output")})
-    values = [slot for slot in taps if slot.startswith("value")]  # the slots of the value module's | alternatives
+    values = layout.value_taps()  # the slots of the value module's | alternatives
     for layer in layers:  # each layer has one of the alternatives (at least): the absent ones are not tapped
-        if not any(f"{layer}/{taps[slot][0]}" in capture.modules for slot in values):
+        if not any(f"{layer}/{relative}" in capture.modules for relative in values.values()):
             raise AdapterError(
                 f"{keyword}=True: layer {layer!r} has no value module the value map names ({layout.value!r}); "
                 "FlaxValueMap.value must name the module, relative to the layer, whose output is the values (a "
